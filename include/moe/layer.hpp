@@ -1,0 +1,116 @@
+// The MoE layer of SPEC §2–§4: router, capacity and dropping, sparse dispatch to stacked
+// experts, weighted combine, balancing and z losses — forward and backward.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moe/router.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe {
+
+enum class ExpertKind { linear_relu, mlp, swiglu };
+enum class Activation { relu, gelu, silu };
+enum class DropPolicy { position, probs };
+
+ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu"
+Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
+DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs"
+const char* to_string(ExpertKind v);
+const char* to_string(Activation v);
+const char* to_string(DropPolicy v);
+
+struct MoEConfig {
+  int64_t d_model = 0;
+  int64_t n_experts = 0;
+  int64_t k = 2;
+  ExpertKind expert = ExpertKind::mlp;
+  int64_t d_ff = 0;   // hidden width of mlp / swiglu; 0 means 4·d_model
+  int64_t d_out = 0;  // output width; 0 means d_model
+  Activation activation = Activation::relu;
+  bool expert_bias = true;                 // b1 (and b2 for mlp); swiglu has none
+  std::optional<double> capacity_factor;   // nullopt: dropless; must be > 0 when set
+  DropPolicy drop_policy = DropPolicy::position;
+  Noise noise = Noise::learned;
+  NoiseScale noise_scale = NoiseScale::softplus;
+  float noise_stddev = 1.0f;
+  float aux_alpha = 0.01f;
+  float z_alpha = 0.0f;
+  bool normalize_by_k = false;
+  bool residual = false;  // y = x + MoE(x); needs d_out == d_model
+  TieBreak tie_break = TieBreak::high;
+  bool router_bias = false;       // b_g
+  float router_init_std = 0.0f;   // 0: W_g and W_noise start at zero (Shazeer et al.)
+  uint64_t seed = 0;              // initialisation and generated noise
+
+  void validate() const;  // throws moe::Error naming the bad field
+  int64_t hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
+  int64_t out_dim() const { return d_out > 0 ? d_out : d_model; }
+  RouterConfig router() const;
+  // C = ceil(k·T/E·cf), or -1 when dropless.
+  int64_t capacity(int64_t T) const;
+};
+
+struct ForwardOptions {
+  bool training = true;
+  const float* noise = nullptr;  // caller-given ε (T, E), else generated
+  uint64_t step = 0;             // noise counter
+  int64_t token_offset = 0;      // global index of this batch's first token
+};
+
+struct MoEStats {
+  int64_t tokens = 0;
+  int64_t capacity = -1;                  // -1: dropless
+  std::vector<int64_t> load_before;       // (E) assignments routed to each expert
+  std::vector<int64_t> load_after;        // (E) assignments kept after capacity
+  int64_t dropped_assignments = 0;
+  int64_t dropped_tokens = 0;             // tokens all of whose assignments were dropped
+  int64_t experts_evaluated = 0;          // experts that received at least one row
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
+};
+
+class MoELayer {
+ public:
+  explicit MoELayer(const MoEConfig& cfg);  // validates cfg, initialises from cfg.seed
+  ~MoELayer();
+  MoELayer(MoELayer&&) noexcept;
+  MoELayer& operator=(MoELayer&&) noexcept;
+
+  const MoEConfig& config() const;
+
+  // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?
+  std::vector<std::string> parameter_names() const;
+  Tensor& param(const std::string& name);  // throws moe::Error on an unknown name
+  const Tensor& param(const std::string& name) const;
+  Tensor& grad(const std::string& name);
+  void zero_grad();
+
+  // y is (T, d_out), x is (T, d_model). Saves what backward needs.
+  void forward(float* y, const float* x, int64_t T, const ForwardOptions& opt = {});
+  // dy is (T, d_out); dx (T, d_model) is assigned. Parameter gradients accumulate and
+  // include the terms of aux_loss and z_loss (added to the caller's objective).
+  void backward(float* dx, const float* dy);
+
+  const MoEStats& stats() const;
+  double aux_loss() const;
+  double z_loss() const;
+  const RouterState& routing() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// SPEC §2 balancing loss on its own: indices (T, k), probs (T, E). Returns
+// α·E·Σ f_i·P_i; when dprobs (T, E) is non-null it is assigned ∂L/∂probs.
+double load_balancing_loss(float* dprobs, const int32_t* indices, const float* probs, int64_t T,
+                           int64_t k, int64_t E, double alpha, bool normalize_by_k);
+
+// SPEC §2 z-loss: c_z·(1/T)·Σ_t logsumexp(h_t)². dlogits (T, E) assigned when non-null.
+double router_z_loss(float* dlogits, const float* logits, int64_t T, int64_t E, double c_z);
+
+}  // namespace moe

@@ -1,0 +1,103 @@
+// The router of SPEC §1: raw logits h = x·W_g (+ b_g), optional noise, KeepTopK with a
+// documented tie-break, and softmax over the kept logits.
+//
+// Conventions (for every forward/backward pair in libmoe): outputs first, then saved state,
+// then inputs, then sizes. Parameter gradients accumulate (+=); activation gradients
+// assign (=).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+enum class Noise { none, fixed, learned };
+enum class NoiseScale { softplus, linear };
+enum class TieBreak { high, low };
+
+Noise parse_noise(const std::string& s);            // "none" | "fixed" | "learned"
+NoiseScale parse_noise_scale(const std::string& s);  // "softplus" | "linear"
+TieBreak parse_tie_break(const std::string& s);      // "high" | "low"
+const char* to_string(Noise v);
+const char* to_string(NoiseScale v);
+const char* to_string(TieBreak v);
+
+struct RouterConfig {
+  int64_t d_model = 0;
+  int64_t n_experts = 0;
+  int64_t k = 1;
+  Noise noise = Noise::none;
+  NoiseScale noise_scale = NoiseScale::softplus;
+  float noise_stddev = 1.0f;  // σ of Noise::fixed
+  TieBreak tie_break = TieBreak::high;
+  bool use_bias = false;      // b_g present
+
+  void validate() const;  // throws moe::Error naming the bad field
+};
+
+// Parameters by pointer; W_g is (d, E), b_g is (E) or null, W_noise is (d, E) for learned.
+struct RouterParams {
+  const float* W_g = nullptr;
+  const float* b_g = nullptr;
+  const float* W_noise = nullptr;
+};
+
+// Where ε comes from. eps (T, E) given by the caller wins; otherwise ε is drawn from the
+// counter-based generator keyed by (seed, step, token_offset + t, expert), so a token gets
+// the same noise whatever the thread count, batch split or process layout.
+struct NoiseSource {
+  const float* eps = nullptr;
+  uint64_t seed = 0;
+  uint64_t step = 0;
+  int64_t token_offset = 0;
+};
+
+// Everything routing produces, and what its backward needs. Buffers are resized on use and
+// reused across calls (no allocation in steady state for a fixed T).
+struct RouterState {
+  int64_t T = 0, E = 0, k = 0;
+  bool training = false;
+  std::vector<int32_t> indices;  // (T, k), best first
+  std::vector<float> weights;    // (T, k), softmax over the kept noisy logits
+  std::vector<float> logits;     // h (T, E)
+  std::vector<float> noisy;      // H (T, E); equals h when no noise is applied
+  std::vector<float> probs;      // softmax(H) over all E (T, E)
+  std::vector<float> eps;        // ε (T, E), when noise was applied
+  std::vector<float> noise_pre;  // x·W_noise (T, E), learned noise only
+
+  std::vector<float> dense_gates() const;  // (T, E), zeros off the kept experts
+};
+
+struct RouterGrads {
+  float* dW_g = nullptr;      // (d, E), accumulated
+  float* db_g = nullptr;      // (E), accumulated, when use_bias
+  float* dW_noise = nullptr;  // (d, E), accumulated, learned noise only
+};
+
+// Fast path: one GEMM against [W_g | W_noise], OpenMP over tokens, partial selection.
+// x is (T, d). Throws moe::Error on a non-finite value in x, h or H naming the first bad
+// token (its global index, token_offset + t).
+void router_forward(RouterState& out, const float* x, const RouterParams& p,
+                    const RouterConfig& cfg, int64_t T, bool training, const NoiseSource& noise);
+
+// Plain loops, the test oracle. Same results as router_forward up to GEMM rounding.
+void router_forward_ref(RouterState& out, const float* x, const RouterParams& p,
+                        const RouterConfig& cfg, int64_t T, bool training,
+                        const NoiseSource& noise);
+
+// dweights is (T, k): ∂L/∂weights. dprobs is (T, E) or null: ∂L/∂probs (balancing loss).
+// dlogits is (T, E) or null: an extra ∂L/∂h (z-loss). KeepTopK is piecewise constant.
+// dx (T, d) is assigned when non-null.
+void router_backward(float* dx, RouterGrads& g, const float* dweights, const float* dprobs,
+                     const float* dlogits, const RouterState& saved, const float* x,
+                     const RouterParams& p, const RouterConfig& cfg);
+
+// ε for one (seed, step, global token, expert): Philox-4x32-10 and Box–Muller.
+float philox_normal(uint64_t seed, uint64_t step, int64_t token, int64_t expert);
+
+// SPEC §5 `moe gate`: logits (T, E) → dense gates (T, E) of noisy top-k gating with fixed
+// noise σ (none at evaluation), ties to the higher index.
+std::vector<float> noisy_top_k_gating(const float* logits, int64_t T, int64_t E, int64_t k,
+                                      float noise_stddev, bool training, uint64_t seed);
+
+}  // namespace moe

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against the tree that scripts/setup.sh built: the C++ suite
+# under ctest, then the Python suite under Debian's /usr/bin/python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+status=0
+ctest --test-dir build --output-on-failure -j2 || status=1
+PYTHONPATH="$PWD/build/python" /usr/bin/python3 -m pytest -q tests/python || status=1
+exit $status

@@ -1,0 +1,41 @@
+// Row-major single-precision GEMM: C (M, N) = alpha·op(A)·op(B) + beta·C, with op(A) (M, K)
+// and op(B) (K, N). The fast version runs on oneDNN; the reference is obvious loops on any
+// scalar type and is the oracle in tests.
+//
+// Determinism: gemm_f32 splits C into fixed-size row blocks (or column blocks when M is
+// small), independent of the thread count, and calls oneDNN's sgemm serially on each block.
+// The reduction dimension K is never split, so every element is summed in the same order
+// whatever OMP_NUM_THREADS is.
+#pragma once
+#include <cstdint>
+
+namespace moe::detail {
+
+void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+              const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+              int64_t ldc);
+
+// One thread, no parallel split: for callers already inside a parallel region.
+void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                     float* C, int64_t ldc);
+
+template <typename S>
+void gemm_ref(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A,
+              int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      S acc = 0;
+      for (int64_t p = 0; p < K; ++p) {
+        const S a = trans_a ? A[p * lda + i] : A[i * lda + p];
+        const S b = trans_b ? B[j * ldb + p] : B[p * ldb + j];
+        acc += a * b;
+      }
+      C[i * ldc + j] = alpha * acc + (beta == S(0) ? S(0) : beta * C[i * ldc + j]);
+    }
+}
+
+// Number of OpenMP threads a parallel region would use here.
+int max_threads();
+
+}  // namespace moe::detail
