@@ -1,10 +1,19 @@
 #include "perf/suite.hpp"
 
 #include <cmath>
+#include <cstdio>
 
 namespace moe::perf {
 
 namespace {
+
+// snprintf rather than string concatenation: GCC 12 warns falsely (-Wrestrict) on the
+// inlined std::string copies of "E" + std::to_string(E).
+std::string label(const char* prefix, int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%s%lld", prefix, static_cast<long long>(v));
+  return buf;
+}
 
 // B1 of issue 5: T=4096, d=1024, d_ff=2048, E=16, k=2, mlp relu, cf=1.25, learned noise.
 BenchCase b1(bool quick) {
@@ -44,7 +53,7 @@ std::vector<BenchCase> bench_cases(bool quick) {
   // Inference routes without noise and without a capacity limit (nothing is dropped).
   for (int64_t T : {1, 4, 16}) {
     BenchCase c;
-    c.name = "B3-T" + std::to_string(T);
+    c.name = label("B3-T", T);
     c.group = "B3";
     c.T = T;
     c.training = false;
@@ -70,7 +79,7 @@ std::vector<BenchCase> bench_cases(bool quick) {
   // so rows per expert, T·k/E) changes.
   for (int64_t E : {8, 64, 256, 1024}) {
     BenchCase c = b1(quick);
-    c.name = "E" + std::to_string(E);
+    c.name = label("E", E);
     c.group = "E-sweep";
     c.cfg.n_experts = E;
     out.push_back(c);
