@@ -14,11 +14,6 @@
 #include "common/check.hpp"
 #include "moe/moe.hpp"
 
-// The layer (src/layer, src/losses) lands separately; until then its bindings stay out.
-#ifndef MOE_PY_HAVE_LAYER
-#define MOE_PY_HAVE_LAYER 0
-#endif
-
 namespace py = pybind11;
 using moe::detail::cat;
 
@@ -56,7 +51,7 @@ FArray as_f32_2d(const py::handle& obj, const char* name, const char* dims) {
 }
 
 // Integer array (T, k) → C-contiguous int32, checked against 0..n-1 before narrowing.
-[[maybe_unused]] IArray as_index_2d(const py::handle& obj, const char* name, const char* dims,
+IArray as_index_2d(const py::handle& obj, const char* name, const char* dims,
                                     int64_t n) {
   if (obj.is_none()) throw moe::Error(cat(name, ": expected an array, got None"));
   py::array a = py::array::ensure(obj);
@@ -183,7 +178,6 @@ RouteResult py_route(const py::object& X_, const py::object& W_g_, int64_t k,
   return routing_of(s);
 }
 
-#if MOE_PY_HAVE_LAYER
 double py_load_balancing_loss(const py::object& indices_, const py::object& probs_,
                               int64_t n_experts, double alpha, bool normalize_by_k) {
   MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
@@ -196,10 +190,8 @@ double py_load_balancing_loss(const py::object& indices_, const py::object& prob
   return moe::load_balancing_loss(nullptr, idx.data(), probs.data(), T, k, n_experts, alpha,
                                   normalize_by_k);
 }
-#endif
 
 
-#if MOE_PY_HAVE_LAYER
 // ---- the layer ---------------------------------------------------------------------------
 
 // Every parameter name any expert kind can have; a layer has the subset its config gives.
@@ -453,7 +445,6 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
                ", expert='", moe::to_string(c.expert), "')");
   });
 }
-#endif
 
 }  // namespace
 
@@ -494,10 +485,8 @@ PYBIND11_MODULE(_moe, m) {
         "Route tokens X (T, d) with W_g (d, E): learned noise when W_noise is given (noise is "
         "a given ε (T, E), else drawn from the seed), KeepTopK(k), softmax over the kept.");
 
-#if MOE_PY_HAVE_LAYER
   m.def("load_balancing_loss", &py_load_balancing_loss, py::arg("indices"), py::arg("probs"),
         py::arg("n_experts"), py::arg("alpha") = 0.01, py::arg("normalize_by_k") = false,
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
   bind_layer(m);
-#endif
 }
