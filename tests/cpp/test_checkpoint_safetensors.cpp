@@ -54,8 +54,8 @@ const std::vector<uint8_t> k8Zeros(8, 0);
 
 TEST(Safetensors, RoundTripsEveryShapeIncludingScalarsAndEmpty) {
   ScratchDir dir;
-  std::vector<Tensor> ts = {filled({}, 1),        filled({0}, 2),     filled({5}, 3),
-                            filled({2, 3}, 4),    filled({2, 0, 4}, 5), filled({1, 1, 1, 1, 7}, 6),
+  std::vector<Tensor> ts = {filled({}, 1),       filled({0}, 2),       filled({5}, 3),
+                            filled({2, 3}, 4),   filled({2, 0, 4}, 5), filled({1, 1, 1, 1, 7}, 6),
                             filled({3, 4, 5}, 7)};
   // Values whose bits a careless writer would change: -0, a subnormal, ±inf, a NaN payload.
   ts[2].data = {-0.0f, std::numeric_limits<float>::denorm_min(),
@@ -65,9 +65,10 @@ TEST(Safetensors, RoundTripsEveryShapeIncludingScalarsAndEmpty) {
   for (size_t i = 0; i < ts.size(); ++i) named.emplace_back("t" + std::to_string(i), &ts[i]);
   // Insertion order is not alphabetical on purpose: the file keeps the caller's order.
   std::swap(named[0], named[3]);
-  const std::map<std::string, std::string> meta = {
-      {"plain", "value"}, {"quotes \" and \\ and \n", "ctrl \x01 end"}, {"unicode", "µ→∑ 😀"},
-      {"empty", ""}};
+  const std::map<std::string, std::string> meta = {{"plain", "value"},
+                                                   {"quotes \" and \\ and \n", "ctrl \x01 end"},
+                                                   {"unicode", "µ→∑ 😀"},
+                                                   {"empty", ""}};
   moe::save_safetensors(dir.file("a.safetensors"), named, meta);
 
   const auto f = moe::load_safetensors(dir.file("a.safetensors"));
@@ -101,10 +102,9 @@ TEST(Safetensors, WritesExactlyTheDocumentedBytes) {
   s.data = {0.5f};
   moe::save_safetensors(dir.file("x.safetensors"), {{"a", &a}, {"s", &s}}, {{"k", "v"}});
 
-  std::string header =
-      R"({"__metadata__":{"k":"v"},)"
-      R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-      R"("s":{"dtype":"F32","shape":[],"data_offsets":[8,12]}})";
+  std::string header = R"({"__metadata__":{"k":"v"},)"
+                       R"("a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                       R"("s":{"dtype":"F32","shape":[],"data_offsets":[8,12]}})";
   while (header.size() % 8 != 0) header += ' ';
   const std::vector<uint8_t> data = {0x00, 0x00, 0x80, 0x3f,   // 1.0f
                                      0x00, 0x00, 0x00, 0xc0,   // -2.0f
@@ -132,10 +132,9 @@ TEST(Safetensors, ReadsOtherFloatDtypesAsFloat32) {
   // BF16: 1.0, -0.5 (the top halves of the float32 bits)
   const uint16_t bf[2] = {0x3f80, 0xbf00};
   put(bf, sizeof bf);  // [26, 30)
-  const std::string header =
-      R"({"d":{"dtype":"F64","shape":[2],"data_offsets":[0,16]},)"
-      R"("h":{"dtype":"F16","shape":[5],"data_offsets":[16,26]},)"
-      R"("b":{"dtype":"BF16","shape":[2],"data_offsets":[26,30]}})";
+  const std::string header = R"({"d":{"dtype":"F64","shape":[2],"data_offsets":[0,16]},)"
+                             R"("h":{"dtype":"F16","shape":[5],"data_offsets":[16,26]},)"
+                             R"("b":{"dtype":"BF16","shape":[2],"data_offsets":[26,30]}})";
   const auto f = parse(st_bytes(header, data));
   ASSERT_EQ(f.tensors.size(), 3u);
   EXPECT_EQ(f.tensors[0].dtype, "F64");
@@ -150,9 +149,8 @@ TEST(Safetensors, ReadsOtherFloatDtypesAsFloat32) {
 
 TEST(Safetensors, AcceptsGapsBetweenTensorsAndEmptyTensorsAnywhere) {
   // Not our writer's layout, but other writers may align tensors; gaps hold no tensor.
-  const std::string header =
-      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},)"
-      R"("e":{"dtype":"F32","shape":[0,3],"data_offsets":[6,6]}})";
+  const std::string header = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},)"
+                             R"("e":{"dtype":"F32","shape":[0,3],"data_offsets":[6,6]}})";
   const auto f = parse(st_bytes(header, k8Zeros));
   ASSERT_EQ(f.tensors.size(), 2u);
   EXPECT_EQ(f.tensors[1].tensor.shape, (std::vector<int64_t>{0, 3}));
@@ -185,10 +183,10 @@ TEST(SafetensorsLoad, FileShorterThanEightBytes) {
 TEST(SafetensorsLoad, MissingFileAndFolderNameTheProblem) {
   ScratchDir dir;
   EXPECT_TRUE(throws_error_with([&] { moe::load_safetensors(dir.file("none")); }, "cannot open"));
-  EXPECT_TRUE(throws_error_with([&] { moe::load_safetensors(dir.path().string()); },
-                                "not a regular file"));
-  EXPECT_TRUE(throws_error_with([&] { moe::load_safetensors(dir.file("none")); },
-                                dir.file("none")));
+  EXPECT_TRUE(
+      throws_error_with([&] { moe::load_safetensors(dir.path().string()); }, "not a regular file"));
+  EXPECT_TRUE(
+      throws_error_with([&] { moe::load_safetensors(dir.file("none")); }, dir.file("none")));
 }
 
 TEST(SafetensorsLoad, HeaderLengthPastEndOfFile) {
@@ -240,8 +238,7 @@ TEST(SafetensorsLoad, MetadataNotStrings) {
 TEST(SafetensorsLoad, UnknownDtype) {
   EXPECT_TRUE(refuses(R"({"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}})", k8Zeros,
                       "unsupported dtype 'I32'"));
-  EXPECT_TRUE(refuses(R"({"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}})", k8Zeros,
-                      "'dtype'"));
+  EXPECT_TRUE(refuses(R"({"w":{"dtype":7,"shape":[2],"data_offsets":[0,8]}})", k8Zeros, "'dtype'"));
   EXPECT_TRUE(refuses(R"({"w":{"shape":[2],"data_offsets":[0,8]}})", k8Zeros, "'dtype'"));
 }
 
@@ -250,25 +247,24 @@ TEST(SafetensorsLoad, BadShapes) {
                       "not a whole number >= 0"));
   EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", k8Zeros,
                       "not a whole number >= 0"));
-  EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":"2","data_offsets":[0,8]}})", k8Zeros,
-                      "'shape'"));
+  EXPECT_TRUE(
+      refuses(R"({"w":{"dtype":"F32","shape":"2","data_offsets":[0,8]}})", k8Zeros, "'shape'"));
   // 2^32 · 2^32 elements overflow 64 bits; 2^62 elements fit but not their bytes.
-  EXPECT_TRUE(refuses(
-      R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", k8Zeros,
-      "more elements than fit"));
-  EXPECT_TRUE(refuses(
-      R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,8]}})", k8Zeros,
-      "needs"));
-  EXPECT_TRUE(refuses(
-      R"({"w":{"dtype":"F32","shape":[99999999999999999999],"data_offsets":[0,8]}})", k8Zeros,
-      "not a whole number"));
+  EXPECT_TRUE(
+      refuses(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
+              k8Zeros, "more elements than fit"));
+  EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,8]}})",
+                      k8Zeros, "needs"));
+  EXPECT_TRUE(
+      refuses(R"({"w":{"dtype":"F32","shape":[99999999999999999999],"data_offsets":[0,8]}})",
+              k8Zeros, "not a whole number"));
 }
 
 TEST(SafetensorsLoad, DataOffsetsNotTwoIntegers) {
   for (const char* offs : {"[0]", "[0,4,8]", "[\"0\",8]", "[0,8.5]", "{}", "[-8,0]"}) {
-    EXPECT_TRUE(refuses(std::string(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":)") +
-                            offs + "}}",
-                        k8Zeros, "'data_offsets' must be two whole numbers"))
+    EXPECT_TRUE(
+        refuses(std::string(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":)") + offs + "}}",
+                k8Zeros, "'data_offsets' must be two whole numbers"))
         << offs;
   }
   EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":[2]}})", k8Zeros, "got nothing"));
@@ -282,16 +278,16 @@ TEST(SafetensorsLoad, EndBeforeBegin) {
 TEST(SafetensorsLoad, OffsetsPastTheData) {
   EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", k8Zeros,
                       "run past the end of the data section (8 bytes)"));
-  EXPECT_TRUE(refuses(
-      R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551608,0]}})", k8Zeros,
-      "'data_offsets'"));
+  EXPECT_TRUE(
+      refuses(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551608,0]}})",
+              k8Zeros, "'data_offsets'"));
 }
 
 TEST(SafetensorsLoad, SizeDoesNotMatchShape) {
   EXPECT_TRUE(refuses(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", k8Zeros,
                       "hold 8 bytes but shape [3] of F32 needs 3 x 4"));
-  EXPECT_TRUE(refuses(R"({"w":{"dtype":"F64","shape":[2],"data_offsets":[0,8]}})", k8Zeros,
-                      "needs 2 x 8"));
+  EXPECT_TRUE(
+      refuses(R"({"w":{"dtype":"F64","shape":[2],"data_offsets":[0,8]}})", k8Zeros, "needs 2 x 8"));
 }
 
 TEST(SafetensorsLoad, OverlappingRanges) {
@@ -345,22 +341,31 @@ TEST(SafetensorsSave, RefusesBadInputWithoutTouchingTheFile) {
 
   Tensor bad({2, 2});
   bad.data.resize(3);
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"bad", &bad}}); },
-                                "holds 3 values"));
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"a", &a}, {"a", &a}}); },
-                                "given twice"));
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"n", nullptr}}); },
-                                "is null"));
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"__metadata__", &a}}); },
-                                "reserved"));
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"\xff", &a}}); },
-                                "UTF-8"));
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {}, {{"k", "\xc3"}}); },
-                                "UTF-8"));
+  EXPECT_TRUE(throws_error_with(
+      [&] {
+        moe::save_safetensors(path, {{"bad", &bad}});
+      },
+      "holds 3 values"));
+  EXPECT_TRUE(throws_error_with(
+      [&] {
+        moe::save_safetensors(path, {{"a", &a}, {"a", &a}});
+      },
+      "given twice"));
+  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"n", nullptr}}); }, "is null"));
+  EXPECT_TRUE(throws_error_with(
+      [&] {
+        moe::save_safetensors(path, {{"__metadata__", &a}});
+      },
+      "reserved"));
+  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"\xff", &a}}); }, "UTF-8"));
+  EXPECT_TRUE(throws_error_with(
+      [&] {
+        moe::save_safetensors(path, {}, {{"k", "\xc3"}});
+      },
+      "UTF-8"));
   Tensor neg;
   neg.shape = {-1};
-  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"neg", &neg}}); },
-                                "negative"));
+  EXPECT_TRUE(throws_error_with([&] { moe::save_safetensors(path, {{"neg", &neg}}); }, "negative"));
   EXPECT_EQ(read_bytes(path), before);
   EXPECT_EQ(dir.listing(), std::vector<std::string>{"keep.safetensors"});
 }
@@ -369,7 +374,9 @@ TEST(SafetensorsSave, MissingFolderThrowsAndLeavesNothing) {
   ScratchDir dir;
   Tensor a = filled({2}, 1);
   EXPECT_TRUE(throws_error_with(
-      [&] { moe::save_safetensors(dir.file("no/such/dir/x.safetensors"), {{"a", &a}}); },
+      [&] {
+        moe::save_safetensors(dir.file("no/such/dir/x.safetensors"), {{"a", &a}});
+      },
       "no/such/dir/x.safetensors"));
   EXPECT_TRUE(dir.listing().empty());
 }
