@@ -3,7 +3,14 @@
 NumPy arrays in and out; any float dtype or memory layout is accepted and converted to
 C-contiguous float32 at the boundary. Every validation failure raises ``moe.Error``, a
 subclass of ``ValueError`` carrying the library's message.
+
+    import numpy as np, moe
+    layer = moe.MoE(d_model=16, n_experts=4, k=2, capacity_factor=1.25)
+    y = layer.forward(np.random.randn(32, 16))
+    dx = layer.backward(np.ones_like(y))
+    layer.stats, layer.aux_loss, layer.grads["W1"]
 """
+from . import _moe
 from ._moe import (  # noqa: F401
     Error,
     Routing,
@@ -22,9 +29,9 @@ __all__ = [
     "set_num_threads",
 ]
 
-try:  # lands with the layer
-    from ._moe import load_balancing_loss  # noqa: F401
-
-    __all__.append("load_balancing_loss")
-except ImportError:
-    pass
+# Parts that land with the layer, checkpoints and optimizers.
+for _name in ("MoE", "load_balancing_loss", "SGD", "Adam", "AdamW", "clip_grad_norm"):
+    if hasattr(_moe, _name):
+        globals()[_name] = getattr(_moe, _name)
+        __all__.append(_name)
+del _name
