@@ -1,35 +1,18 @@
-// Per-token pieces of routing shared by the reference and the fast router.
+// The fast router's per-token part (everything after the GEMM) and its selection kernels.
 #pragma once
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 #include "moe/router.hpp"
+#include "router/router_ref.hpp"
 
 namespace moe::detail {
 
-// softplus(z) = max(z, 0) + log1p(exp(-|z|)): never overflows.
+// Partial selection, O(E·k), for small k: a sorted list of the k best so far; a candidate
+// that beats the current k-th is inserted in place. Most candidates cost one comparison.
 template <typename S>
-inline S softplus(S z) {
-  return std::max(z, S(0)) + std::log1p(std::exp(-std::abs(z)));
-}
-template <typename S>
-inline S sigmoid(S z) {
-  return z >= S(0) ? S(1) / (S(1) + std::exp(-z)) : std::exp(z) / (S(1) + std::exp(z));
-}
-
-// a outranks b: larger value, ties to the higher (or lower) expert index.
-template <typename S>
-inline bool outranks(S va, int32_t ia, S vb, int32_t ib, bool tie_high) {
-  if (va != vb) return va > vb;
-  return tie_high ? ia > ib : ia < ib;
-}
-
-// Partial selection, O(E·k): a sorted list of the k best so far; each candidate that beats
-// the current k-th is inserted in place.
-template <typename S>
-inline void select_topk_partial(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
-                                bool tie_high) {
+inline void select_topk_insert(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                               bool tie_high) {
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e) {
     const S v = row[e];
@@ -46,44 +29,61 @@ inline void select_topk_partial(int32_t* idx, S* val, const S* row, int64_t E, i
   }
 }
 
-// Softmax over the kept values (val[0] is the largest), stable; w may alias val.
+// Selection for large k, O(E·log k), in the output itself: a heap of the k best indices with
+// the worst on top, then sorted best first. No scratch beyond idx.
 template <typename S>
-inline void softmax_kept(S* w, const S* val, int64_t k) {
-  const S top = val[0];
-  S sum = 0;
-  for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(val[j] - top));
-  for (int64_t j = 0; j < k; ++j) w[j] /= sum;
-}
-
-template <typename S>
-inline void softmax_row(S* p, const S* row, int64_t E) {
-  S mx = row[0];
-  for (int64_t e = 1; e < E; ++e) mx = std::max(mx, row[e]);
-  S sum = 0;
-  for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(row[e] - mx));
-  const S inv = S(1) / sum;
-  for (int64_t e = 0; e < E; ++e) p[e] *= inv;
-}
-
-template <typename S>
-inline bool all_finite(const S* row, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(row[i])) return false;
-  return true;
-}
-
-// H = h + noise for one row. pre is x·W_noise (learned) or null.
-template <typename S>
-inline void noisy_row(S* H, const S* h, const S* eps, const S* pre, int64_t E,
-                      const RouterConfig& cfg) {
-  for (int64_t e = 0; e < E; ++e) {
-    S scale;
-    if (cfg.noise == Noise::fixed)
-      scale = static_cast<S>(cfg.noise_stddev);
-    else
-      scale = cfg.noise_scale == NoiseScale::softplus ? softplus(pre[e]) : pre[e];
-    H[e] = h[e] + scale * eps[e];
+inline void select_topk_heap(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                             bool tie_high) {
+  auto before = [&](int32_t a, int32_t b) { return outranks(row[a], a, row[b], b, tie_high); };
+  for (int64_t e = 0; e < k; ++e) idx[e] = static_cast<int32_t>(e);
+  std::make_heap(idx, idx + k, before);  // top: the kept index every other one outranks
+  for (int64_t e = k; e < E; ++e) {
+    const int32_t ie = static_cast<int32_t>(e);
+    if (!before(ie, idx[0])) continue;
+    std::pop_heap(idx, idx + k, before);
+    idx[k - 1] = ie;
+    std::push_heap(idx, idx + k, before);
   }
+  std::sort_heap(idx, idx + k, before);
+  for (int64_t j = 0; j < k; ++j) val[j] = row[idx[j]];
 }
+
+// Above this k the heap beats insertion.
+constexpr int64_t kInsertMaxK = 16;
+
+// What router_rows_f32 reads: the GEMM's raw products with their row strides.
+struct RouterRowsInput {
+  const float* h = nullptr;    // x·W_g (T, ldh), before the bias; may alias state.logits
+  int64_t ldh = 0;
+  const float* pre = nullptr;  // x·W_noise (T, ldpre), learned noise in training, else null
+  int64_t ldpre = 0;
+  const float* b_g = nullptr;  // (E) or null
+  const float* x = nullptr;    // (T, d) or null: tells a bad x from a bad W_g in errors
+  int64_t d = 0;
+  const char* h_name = "router logits h";  // how errors call h
+};
+
+// C (T, ldc) = x (T, d) · B (d, N) such that every row's bits depend on that row alone, not
+// on T, the thread count or where the row sits in the batch: routing a batch whole or in
+// parts with token offsets must give the same bits. oneDNN's sgemm sums a row differently
+// in an M-tail of 1–3 rows than in a full micro-tile, and threads internally when called
+// outside a parallel region; so every call here is serial, inside our own parallel loop,
+// with M a multiple of kGemmTile (the tail is zero-padded). pad holds
+// gemm_row_invariant_scratch(d, N) floats.
+constexpr int64_t kGemmTile = 48;    // a multiple of the 6-, 8-, 16-, 24- and 48-row kernels
+constexpr int64_t kGemmRows = 192;   // rows per call
+inline int64_t gemm_row_invariant_scratch(int64_t d, int64_t N) { return kGemmRows * (d + N); }
+void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
+                            int64_t d, int64_t N, float* pad);
+
+// Sizes s for T tokens under cfg (no allocation when T, E, k and the noise mode repeat).
+void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy);
+
+// Everything per token after the GEMM: bias, ε, H, finiteness, KeepTopK, the kept softmax
+// and probs. OpenMP over blocks of tokens; each token's result depends on nothing but its own
+// inputs and global index, so it is the same for any thread count or batch split. Throws
+// moe::Error naming the first bad token.
+void router_rows_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                     bool noisy, const NoiseSource& noise);
 
 }  // namespace moe::detail
