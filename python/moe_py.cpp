@@ -1,2 +1,492 @@
+// The `moe` Python package's native part (SPEC §5): NumPy arrays in and out, any float
+// dtype or layout accepted by converting to C-contiguous float32 once at the boundary.
+// moe::Error becomes moe.Error, a subclass of ValueError carrying the same message.
+#include <omp.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-PYBIND11_MODULE(_moe, m) { m.doc() = "libmoe"; }
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/check.hpp"
+#include "moe/moe.hpp"
+
+namespace py = pybind11;
+using moe::detail::cat;
+
+namespace {
+
+using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+std::string shape_of(const py::array& a) {
+  std::vector<int64_t> s(a.shape(), a.shape() + a.ndim());
+  return moe::shape_str(s);
+}
+
+// Any array-like of numbers → C-contiguous float32 (a copy only when needed).
+FArray as_f32(const py::handle& obj, const char* name) {
+  if (obj.is_none()) throw moe::Error(cat(name, ": expected an array, got None"));
+  py::array a;
+  try {
+    a = py::array::ensure(obj);
+  } catch (const py::error_already_set&) {
+  }
+  if (!a) throw moe::Error(cat(name, ": expected a numeric array"));
+  const char kind = a.dtype().kind();
+  if (kind != 'f' && kind != 'i' && kind != 'u' && kind != 'b')
+    throw moe::Error(cat(name, ": expected a numeric array, got dtype ",
+                         std::string(py::str(a.dtype()))));
+  return FArray::ensure(a);
+}
+
+FArray as_f32_2d(const py::handle& obj, const char* name, const char* dims) {
+  FArray a = as_f32(obj, name);
+  if (a.ndim() != 2)
+    throw moe::Error(cat(name, ": expected a 2-D array ", dims, ", got shape ", shape_of(a)));
+  return a;
+}
+
+// Integer array (T, k) → C-contiguous int32, checked against 0..n-1 before narrowing.
+IArray as_index_2d(const py::handle& obj, const char* name, const char* dims,
+                                    int64_t n) {
+  if (obj.is_none()) throw moe::Error(cat(name, ": expected an array, got None"));
+  py::array a = py::array::ensure(obj);
+  if (!a) throw moe::Error(cat(name, ": expected an integer array"));
+  const char kind = a.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw moe::Error(cat(name, ": expected an integer array, got dtype ",
+                         std::string(py::str(a.dtype()))));
+  if (a.ndim() != 2)
+    throw moe::Error(cat(name, ": expected a 2-D array ", dims, ", got shape ", shape_of(a)));
+  using LArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  LArray wide = LArray::ensure(a);
+  if (!wide) throw moe::Error(cat(name, ": values do not fit in int64"));
+  const int64_t cols = wide.shape(1);
+  const int64_t* v = wide.data();
+  for (int64_t i = 0; i < wide.size(); ++i)
+    MOE_REQUIRE(v[i] >= 0 && v[i] < n, name, ": expert index out of range 0..", n - 1,
+                " at token ", i / cols, ", got ", v[i]);
+  return IArray::ensure(wide);
+}
+
+void require_shape(const py::array& a, const char* name, std::vector<int64_t> want,
+                   const char* dims) {
+  std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != want)
+    throw moe::Error(cat(name, ": expected shape ", moe::shape_str(want), " ", dims, ", got ",
+                         moe::shape_str(got)));
+}
+
+uint64_t as_seed(const py::int_& seed) {
+  if (seed < py::int_(0)) throw moe::Error(cat("seed: must be >= 0, got ", std::string(py::str(py::object(seed)))));
+  return seed.cast<uint64_t>();
+}
+
+py::array_t<float> to_numpy(const float* p, std::vector<py::ssize_t> shape) {
+  py::array_t<float> a(shape);
+  std::copy(p, p + a.size(), a.mutable_data());
+  return a;
+}
+
+py::array_t<float> to_numpy(const std::vector<float>& v, std::vector<py::ssize_t> shape) {
+  return to_numpy(v.data(), std::move(shape));
+}
+
+// ---- router ----------------------------------------------------------------------------
+
+py::array_t<float> py_noisy_top_k_gating(const py::object& logits, int64_t k,
+                                         double noise_stddev, bool training,
+                                         const py::int_& seed) {
+  FArray h = as_f32(logits, "logits");
+  if (h.ndim() != 1 && h.ndim() != 2)
+    throw moe::Error(cat("logits: expected a 1-D (E) or 2-D (T, E) array, got shape ",
+                         shape_of(h)));
+  const int64_t T = h.ndim() == 2 ? h.shape(0) : 1;
+  const int64_t E = h.shape(h.ndim() - 1);
+  const uint64_t s = as_seed(seed);
+  std::vector<float> g;
+  {
+    py::gil_scoped_release nogil;
+    g = moe::noisy_top_k_gating(h.data(), T, E, k, static_cast<float>(noise_stddev), training, s);
+  }
+  if (h.ndim() == 1) return to_numpy(g, {E});
+  return to_numpy(g, {T, E});
+}
+
+struct RouteResult {
+  py::array_t<float> gates, weights, probs, noisy_logits, logits;
+  py::array_t<int32_t> indices;
+  py::object eps;  // ε actually used (T, E), or None when no noise was applied
+};
+
+RouteResult routing_of(const moe::RouterState& s) {
+  RouteResult r;
+  const int64_t T = s.T, E = s.E, k = s.k;
+  r.gates = to_numpy(s.dense_gates(), {T, E});
+  r.weights = to_numpy(s.weights, {T, k});
+  r.probs = to_numpy(s.probs, {T, E});
+  r.noisy_logits = to_numpy(s.noisy, {T, E});
+  r.logits = to_numpy(s.logits, {T, E});
+  r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
+  std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());
+  r.eps = s.eps.empty() ? py::object(py::none()) : py::object(to_numpy(s.eps, {T, E}));
+  return r;
+}
+
+RouteResult py_route(const py::object& X_, const py::object& W_g_, int64_t k,
+                     const py::object& W_noise_, const py::object& noise_,
+                     const std::string& noise_scale, const std::string& tie_break, bool training,
+                     const py::int_& seed) {
+  FArray X = as_f32_2d(X_, "X", "(T, d_model)");
+  FArray W_g = as_f32_2d(W_g_, "W_g", "(d_model, n_experts)");
+  const int64_t T = X.shape(0), d = X.shape(1), E = W_g.shape(1);
+  require_shape(W_g, "W_g", {d, E}, "(d_model, n_experts)");
+  moe::RouterConfig cfg;
+  cfg.d_model = d;
+  cfg.n_experts = E;
+  cfg.k = k;
+  cfg.noise_scale = moe::parse_noise_scale(noise_scale);
+  cfg.tie_break = moe::parse_tie_break(tie_break);
+  cfg.validate();
+  moe::RouterParams p;
+  p.W_g = W_g.data();
+  FArray W_noise, eps;
+  if (!W_noise_.is_none()) {
+    W_noise = as_f32_2d(W_noise_, "W_noise", "(d_model, n_experts)");
+    require_shape(W_noise, "W_noise", {d, E}, "(d_model, n_experts)");
+    cfg.noise = moe::Noise::learned;
+    p.W_noise = W_noise.data();
+  }
+  moe::NoiseSource ns;
+  ns.seed = as_seed(seed);
+  if (!noise_.is_none()) {
+    if (W_noise_.is_none())
+      throw moe::Error("noise: given without W_noise (the noise scale comes from W_noise)");
+    eps = as_f32_2d(noise_, "noise", "(T, n_experts)");
+    require_shape(eps, "noise", {T, E}, "(T, n_experts)");
+    ns.eps = eps.data();
+  }
+  moe::RouterState s;
+  {
+    py::gil_scoped_release nogil;
+    moe::router_forward(s, X.data(), p, cfg, T, training, ns);
+  }
+  return routing_of(s);
+}
+
+double py_load_balancing_loss(const py::object& indices_, const py::object& probs_,
+                              int64_t n_experts, double alpha, bool normalize_by_k) {
+  MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
+  IArray idx = as_index_2d(indices_, "indices", "(T, k)", n_experts);
+  FArray probs = as_f32_2d(probs_, "probs", "(T, n_experts)");
+  const int64_t T = idx.shape(0), k = idx.shape(1);
+  require_shape(probs, "probs", {T, n_experts}, "(T, n_experts)");
+  MOE_REQUIRE(k >= 1 && k <= n_experts, "indices: k (columns) must be in 1..", n_experts,
+              " (n_experts), got ", k);
+  return moe::load_balancing_loss(nullptr, idx.data(), probs.data(), T, k, n_experts, alpha,
+                                  normalize_by_k);
+}
+
+
+// ---- the layer ---------------------------------------------------------------------------
+
+// Every parameter name any expert kind can have; a layer has the subset its config gives.
+const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1", "b1", "W2", "b2", "W3"};
+
+py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
+  return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
+}
+
+// moe.MoE: a MoELayer plus what the Python side needs between calls.
+struct PyMoE {
+  moe::MoELayer layer;
+  int64_t T = -1;          // tokens of the last forward, -1 before any
+  bool one_token = false;  // the last forward got a 1-D x: backward takes and gives 1-D
+  uint64_t step = 0;       // noise counter used when forward is given no step
+
+  explicit PyMoE(const moe::MoEConfig& c) : layer(c) {}
+
+  bool has(const std::string& name) const {
+    for (const auto& n : layer.parameter_names())
+      if (n == name) return true;
+    return false;
+  }
+  std::string kind() const { return moe::to_string(layer.config().expert); }
+
+  py::array_t<float> get(const std::string& name) const {
+    if (!has(name))
+      throw py::attribute_error(cat("MoE(expert='", kind(), "', noise='",
+                                    moe::to_string(layer.config().noise),
+                                    "') has no parameter ", name));
+    return tensor_to_numpy(layer.param(name));
+  }
+  void set(const std::string& name, const py::object& value) {
+    if (!has(name))
+      throw py::attribute_error(cat("MoE(expert='", kind(), "', noise='",
+                                    moe::to_string(layer.config().noise),
+                                    "') has no parameter ", name));
+    moe::Tensor& p = layer.param(name);
+    FArray a = as_f32(value, name.c_str());
+    std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+    if (got != p.shape)
+      throw moe::Error(cat(name, ": expected shape ", moe::shape_str(p.shape), ", got ",
+                           moe::shape_str(got)));
+    std::copy(a.data(), a.data() + a.size(), p.ptr());  // into the layer's own buffer
+  }
+  py::dict as_dict(bool grads) {
+    py::dict d;
+    for (const auto& n : layer.parameter_names())
+      d[py::str(n)] = tensor_to_numpy(grads ? layer.grad(n) : layer.param(n));
+    return d;
+  }
+
+  py::array_t<float> forward(const py::object& x_, const py::object& noise_, bool training,
+                             const py::object& step_, int64_t token_offset) {
+    const moe::MoEConfig& c = layer.config();
+    FArray x = as_f32(x_, "x");
+    if (x.ndim() != 1 && x.ndim() != 2)
+      throw moe::Error(cat("x: expected a 2-D array (T, d_model=", c.d_model,
+                           ") or a 1-D token, got shape ", shape_of(x)));
+    const bool one = x.ndim() == 1;
+    const int64_t T = one ? 1 : x.shape(0);
+    if (x.shape(x.ndim() - 1) != c.d_model)
+      throw moe::Error(cat("x: expected shape (T, ", c.d_model, ") with d_model = ", c.d_model,
+                           ", got ", shape_of(x)));
+    MOE_REQUIRE(token_offset >= 0, "token_offset: must be >= 0, got ", token_offset);
+    moe::ForwardOptions opt;
+    opt.training = training;
+    opt.token_offset = token_offset;
+    opt.step = step_.is_none() ? step : as_seed(step_.cast<py::int_>());
+    FArray eps;
+    if (!noise_.is_none()) {
+      MOE_REQUIRE(c.noise != moe::Noise::none,
+                  "noise: given, but the layer was made with noise='none'");
+      eps = as_f32(noise_, "noise");
+      std::vector<int64_t> want = one ? std::vector<int64_t>{c.n_experts}
+                                      : std::vector<int64_t>{T, c.n_experts};
+      require_shape(eps, "noise", want, one ? "(n_experts)" : "(T, n_experts)");
+      opt.noise = eps.data();
+    }
+    py::array_t<float> y(one ? std::vector<py::ssize_t>{c.out_dim()}
+                             : std::vector<py::ssize_t>{T, c.out_dim()});
+    this->T = -1;
+    {
+      py::gil_scoped_release nogil;
+      layer.forward(y.mutable_data(), x.data(), T, opt);
+    }
+    this->T = T;
+    one_token = one;
+    // Fresh generated noise on every training step unless the caller pins the step.
+    if (training && step_.is_none()) ++step;
+    return y;
+  }
+
+  py::array_t<float> backward(const py::object& dy_) {
+    if (T < 0) throw moe::Error("backward: called before forward (no saved state)");
+    const moe::MoEConfig& c = layer.config();
+    FArray dy = as_f32(dy_, "dy");
+    std::vector<int64_t> want = one_token ? std::vector<int64_t>{c.out_dim()}
+                                          : std::vector<int64_t>{T, c.out_dim()};
+    require_shape(dy, "dy", want, one_token ? "(d_out)" : "(T, d_out) of the last forward");
+    py::array_t<float> dx(one_token ? std::vector<py::ssize_t>{c.d_model}
+                                    : std::vector<py::ssize_t>{T, c.d_model});
+    {
+      py::gil_scoped_release nogil;
+      layer.backward(dx.mutable_data(), dy.data());
+    }
+    return dx;
+  }
+
+  py::dict stats() const {
+    const moe::MoEStats& s = layer.stats();
+    py::dict d;
+    d["tokens"] = s.tokens;
+    d["capacity"] = s.capacity < 0 ? py::object(py::none()) : py::object(py::int_(s.capacity));
+    d["load_before"] = s.load_before;
+    d["load_after"] = s.load_after;
+    d["dropped_assignments"] = s.dropped_assignments;
+    d["dropped_tokens"] = s.dropped_tokens;
+    d["experts_evaluated"] = s.experts_evaluated;
+    d["aux_loss"] = s.aux_loss;
+    d["z_loss"] = s.z_loss;
+    return d;
+  }
+
+  py::dict config() const {
+    const moe::MoEConfig& c = layer.config();
+    py::dict d;
+    d["d_model"] = c.d_model;
+    d["n_experts"] = c.n_experts;
+    d["k"] = c.k;
+    d["expert"] = moe::to_string(c.expert);
+    d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
+                                                         : py::object(py::int_(c.hidden()));
+    d["d_out"] = c.out_dim();
+    d["activation"] = moe::to_string(c.activation);
+    d["capacity_factor"] =
+        c.capacity_factor ? py::object(py::float_(*c.capacity_factor)) : py::object(py::none());
+    d["drop_policy"] = moe::to_string(c.drop_policy);
+    d["noise"] = moe::to_string(c.noise);
+    d["noise_scale"] = moe::to_string(c.noise_scale);
+    d["noise_stddev"] = c.noise_stddev;
+    d["aux_alpha"] = c.aux_alpha;
+    d["z_alpha"] = c.z_alpha;
+    d["normalize_by_k"] = c.normalize_by_k;
+    d["residual"] = c.residual;
+    d["tie_break"] = moe::to_string(c.tie_break);
+    d["expert_bias"] = c.expert_bias;
+    d["router_bias"] = c.router_bias;
+    d["router_init_std"] = c.router_init_std;
+    d["seed"] = c.seed;
+    return d;
+  }
+};
+
+std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
+                                const std::string& expert, const py::object& d_ff,
+                                const py::object& d_out, const std::string& activation,
+                                const py::object& capacity_factor,
+                                const std::string& drop_policy, const std::string& noise,
+                                const std::string& noise_scale, double noise_stddev,
+                                double aux_alpha, double z_alpha, bool normalize_by_k,
+                                bool residual, const std::string& tie_break, const py::int_& seed,
+                                bool expert_bias, bool router_bias, double router_init_std) {
+  moe::MoEConfig c;
+  c.d_model = d_model;
+  c.n_experts = n_experts;
+  c.k = k;
+  c.expert = moe::parse_expert_kind(expert);
+  if (!d_ff.is_none()) {
+    c.d_ff = d_ff.cast<int64_t>();
+    MOE_REQUIRE(c.d_ff >= 1, "d_ff: must be at least 1 (None means 4*d_model), got ", c.d_ff);
+  }
+  if (!d_out.is_none()) {
+    c.d_out = d_out.cast<int64_t>();
+    MOE_REQUIRE(c.d_out >= 1, "d_out: must be at least 1 (None means d_model), got ", c.d_out);
+  }
+  c.activation = moe::parse_activation(activation);
+  if (!capacity_factor.is_none()) c.capacity_factor = capacity_factor.cast<double>();
+  c.drop_policy = moe::parse_drop_policy(drop_policy);
+  c.noise = moe::parse_noise(noise);
+  c.noise_scale = moe::parse_noise_scale(noise_scale);
+  c.noise_stddev = static_cast<float>(noise_stddev);
+  c.aux_alpha = static_cast<float>(aux_alpha);
+  c.z_alpha = static_cast<float>(z_alpha);
+  c.normalize_by_k = normalize_by_k;
+  c.residual = residual;
+  c.tie_break = moe::parse_tie_break(tie_break);
+  c.seed = as_seed(seed);
+  c.expert_bias = expert_bias;
+  c.router_bias = router_bias;
+  c.router_init_std = static_cast<float>(router_init_std);
+  return std::make_unique<PyMoE>(c);
+}
+
+void bind_layer(py::module_& m) {
+  py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
+
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+configuration has them). Reading one gives a copy; assigning one copies the values in after
+checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
+  cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),
+          py::arg("expert") = "mlp", py::arg("d_ff") = py::none(), py::arg("d_out") = py::none(),
+          py::arg("activation") = "relu", py::arg("capacity_factor") = py::none(),
+          py::arg("drop_policy") = "position", py::arg("noise") = "learned",
+          py::arg("noise_scale") = "softplus", py::arg("noise_stddev") = 1.0,
+          py::arg("aux_alpha") = 0.01, py::arg("z_alpha") = 0.0,
+          py::arg("normalize_by_k") = false, py::arg("residual") = false,
+          py::arg("tie_break") = "high", py::arg("seed") = 0, py::arg("expert_bias") = true,
+          py::arg("router_bias") = false, py::arg("router_init_std") = 0.0);
+  for (const char* name : kParamNames) {
+    const std::string n = name;
+    cls.def_property(
+        name, [n](const PyMoE& self) { return self.get(n); },
+        [n](PyMoE& self, const py::object& v) { self.set(n, v); });
+  }
+  cls.def("forward", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
+          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0,
+          R"(y = MoE(x) (plus x with residual). x is (T, d_model) or one token (d_model).
+noise: a given ε (T, n_experts); otherwise, in training, ε is drawn from (seed, step,
+token_offset + t, expert). step defaults to a counter that advances on every training
+forward, so each step draws fresh noise; pass it to pin the draw.)");
+  cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
+          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+  cls.def("backward", &PyMoE::backward, py::arg("dy"),
+          "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
+          "loss terms) accumulate into `grads` until zero_grad().");
+  cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
+  cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
+                            "dict name → gradient (a copy)");
+  cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
+          "dict name → parameter (a copy)");
+  cls.def_property_readonly("parameter_names",
+                            [](const PyMoE& self) { return self.layer.parameter_names(); });
+  cls.def_property_readonly("aux_loss", [](const PyMoE& self) { return self.layer.aux_loss(); });
+  cls.def_property_readonly("z_loss", [](const PyMoE& self) { return self.layer.z_loss(); });
+  cls.def_property_readonly("stats", &PyMoE::stats);
+  cls.def_property_readonly("routing", [](const PyMoE& self) {
+    return routing_of(self.layer.routing());
+  }, "moe.Routing of the last forward");
+  cls.def_property_readonly("config", &PyMoE::config);
+  cls.def_property("step", [](const PyMoE& self) { return self.step; },
+                   [](PyMoE& self, const py::int_& v) { self.step = as_seed(v); },
+                   "noise counter of the next training forward that is given no step");
+  for (const char* f : {"d_model", "n_experts", "k", "d_out", "expert", "residual"}) {
+    const std::string key = f;
+    cls.def_property_readonly(f, [key](const PyMoE& self) { return py::object(self.config()[key.c_str()]); });
+  }
+  cls.def("__repr__", [](const PyMoE& self) {
+    const moe::MoEConfig& c = self.layer.config();
+    return cat("moe.MoE(d_model=", c.d_model, ", n_experts=", c.n_experts, ", k=", c.k,
+               ", expert='", moe::to_string(c.expert), "')");
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_moe, m) {
+  m.doc() = "libmoe: Mixture-of-Experts layers (native part of the `moe` package)";
+  // moe.Error is a ValueError: `except ValueError` catches every validation failure.
+  py::register_exception<moe::Error>(m, "Error", PyExc_ValueError);
+
+  m.def("set_num_threads", [](int n) {
+    MOE_REQUIRE(n >= 1, "n: number of threads must be >= 1, got ", n);
+    omp_set_num_threads(n);
+  }, py::arg("n"), "Set the number of OpenMP threads used by libmoe.");
+  m.def("get_num_threads", []() { return omp_get_max_threads(); },
+        "Number of OpenMP threads libmoe uses.");
+
+  m.def("noisy_top_k_gating", &py_noisy_top_k_gating, py::arg("logits"), py::arg("k"),
+        py::arg("noise_stddev") = 1.0, py::arg("training") = true, py::arg("seed") = 0,
+        "Dense gates of noisy top-k gating (fixed noise σ, none at evaluation), ties to the "
+        "higher expert index. logits is (E) or (T, E); returns the same shape.");
+
+  py::class_<RouteResult>(m, "Routing", "What moe.route returns.")
+      .def_readonly("gates", &RouteResult::gates, "(T, E) dense gates, k non-zero per row")
+      .def_readonly("indices", &RouteResult::indices, "(T, k) int32 expert indices, best first")
+      .def_readonly("weights", &RouteResult::weights, "(T, k) gate weights of the kept experts")
+      .def_readonly("probs", &RouteResult::probs, "(T, E) softmax over all noisy logits")
+      .def_readonly("noisy_logits", &RouteResult::noisy_logits, "(T, E) H")
+      .def_readonly("logits", &RouteResult::logits, "(T, E) h = X·W_g")
+      .def_readonly("eps", &RouteResult::eps, "(T, E) ε used, or None without noise")
+      .def("__repr__", [](const RouteResult& r) {
+        return cat("Routing(T=", r.gates.shape(0), ", E=", r.gates.shape(1),
+                   ", k=", r.indices.shape(1), ")");
+      });
+
+  m.def("route", &py_route, py::arg("X"), py::arg("W_g"), py::arg("k"),
+        py::arg("W_noise") = py::none(), py::arg("noise") = py::none(),
+        py::arg("noise_scale") = "softplus", py::arg("tie_break") = "high",
+        py::arg("training") = true, py::arg("seed") = 0,
+        "Route tokens X (T, d) with W_g (d, E): learned noise when W_noise is given (noise is "
+        "a given ε (T, E), else drawn from the seed), KeepTopK(k), softmax over the kept.");
+
+  m.def("load_balancing_loss", &py_load_balancing_loss, py::arg("indices"), py::arg("probs"),
+        py::arg("n_experts"), py::arg("alpha") = 0.01, py::arg("normalize_by_k") = false,
+        "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
+  bind_layer(m);
+}

@@ -1,0 +1,228 @@
+"""The formulas of SPEC §1–§4 written again in PyTorch (float64), as an independent oracle.
+
+Nothing here calls libmoe. Everything is plain tensor code that autograd differentiates, so
+the same functions give the reference outputs, losses, stats and gradients.
+"""
+import math
+
+import numpy as np
+import torch
+
+DT = torch.float64
+
+
+def t64(a):
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=DT)
+
+
+# ---- router (SPEC §1) ----------------------------------------------------------------------
+
+
+def topk_order(H, k, tie_break="high"):
+    """Indices (T, k) of the k largest entries of each row, best first; equal values go to
+    the higher expert index (tie_break="high") or the lower one ("low")."""
+    E = H.shape[-1]
+    if tie_break == "high":
+        # A stable descending sort keeps equal values in their given order: flip the expert
+        # axis so the higher index comes first among equals.
+        _, order = torch.sort(torch.flip(H.detach(), dims=[-1]), dim=-1, descending=True,
+                              stable=True)
+        order = E - 1 - order
+    else:
+        _, order = torch.sort(H.detach(), dim=-1, descending=True, stable=True)
+    return order[..., :k]
+
+
+def topk_margin(H, k):
+    """Per row, the gap between the k-th and (k+1)-th largest values (inf when k = E)."""
+    s, _ = torch.sort(H.detach(), dim=-1, descending=True)
+    if k >= H.shape[-1]:
+        return torch.full(H.shape[:-1], math.inf, dtype=H.dtype)
+    return s[..., k - 1] - s[..., k]
+
+
+def softplus(z):
+    return torch.clamp(z, min=0) + torch.log1p(torch.exp(-torch.abs(z)))
+
+
+def noisy_logits(x, W_g, W_noise=None, eps=None, noise_scale="softplus", b_g=None):
+    """h = x·W_g (+ b_g); H = h + scale(x·W_noise) ⊙ ε when W_noise and ε are given."""
+    h = x @ W_g
+    if b_g is not None:
+        h = h + b_g
+    if W_noise is None or eps is None:
+        return h, h
+    pre = x @ W_noise
+    scale = softplus(pre) if noise_scale == "softplus" else pre
+    return h, h + scale * eps
+
+
+def route(x, W_g, k, W_noise=None, eps=None, noise_scale="softplus", tie_break="high"):
+    """Returns dict: logits h, noisy H, indices (T, k), weights (T, k), gates (T, E), probs."""
+    h, H = noisy_logits(x, W_g, W_noise, eps, noise_scale)
+    idx = topk_order(H, k, tie_break)
+    kept = torch.gather(H, 1, idx)
+    weights = torch.softmax(kept, dim=1)
+    gates = torch.zeros_like(H).scatter(1, idx, weights)
+    probs = torch.softmax(H, dim=1)
+    return dict(logits=h, noisy=H, indices=idx, weights=weights, gates=gates, probs=probs)
+
+
+# ---- losses (SPEC §2) ------------------------------------------------------------------------
+
+
+def load_balancing_loss(indices, probs, n_experts, alpha=0.01, normalize_by_k=False):
+    """α·E·Σ f_i·P_i; f from the hard indices (no gradient), P the mean of probs."""
+    T, k = indices.shape
+    counts = torch.zeros(n_experts, dtype=DT)
+    counts.index_add_(0, indices.reshape(-1), torch.ones(T * k, dtype=DT))
+    f = counts / T
+    if normalize_by_k:
+        f = f / k
+    P = probs.mean(dim=0)
+    return alpha * n_experts * (f * P).sum()
+
+
+def z_loss(h, c_z):
+    return c_z * (torch.logsumexp(h, dim=1) ** 2).mean()
+
+
+# ---- capacity (SPEC §3) ----------------------------------------------------------------------
+
+
+def capacity(k, T, E, capacity_factor):
+    """C = ceil(k·T/E·cf) with cf taken as the decimal the caller wrote (exact arithmetic),
+    or None when dropless."""
+    if capacity_factor is None:
+        return None
+    from fractions import Fraction
+
+    return math.ceil(Fraction(k * T, E) * Fraction(repr(float(capacity_factor))))
+
+
+def keep_mask(indices, weights, n_experts, C, policy="position"):
+    """Bool (T, k): which assignments (t, j) survive capacity C.
+
+    position: an expert takes first choices in token order, then second choices, … (GShard).
+    probs: an expert keeps the C assignments of largest gate weight, ties to the lower token.
+    """
+    idx = indices.numpy()
+    w = weights.detach().numpy()
+    T, k = idx.shape
+    keep = np.ones((T, k), dtype=bool)
+    if C is None:
+        return keep
+    if policy == "position":
+        used = np.zeros(n_experts, dtype=np.int64)
+        for j in range(k):
+            for t in range(T):
+                e = idx[t, j]
+                keep[t, j] = used[e] < C
+                used[e] += 1
+    else:
+        for e in range(n_experts):
+            ts, js = np.nonzero(idx == e)
+            order = sorted(range(len(ts)), key=lambda i: (-w[ts[i], js[i]], ts[i]))
+            for i in order[C:]:
+                keep[ts[i], js[i]] = False
+    return keep
+
+
+def capacity_margin(indices, weights, n_experts, C):
+    """Smallest gap, over experts that overflow, between the C-th and (C+1)-th largest gate
+    weight (the cut of the probs policy); inf when nothing is cut."""
+    if C is None:
+        return math.inf
+    idx = indices.numpy()
+    w = weights.detach().numpy()
+    gap = math.inf
+    for e in range(n_experts):
+        ws = np.sort(w[idx == e])[::-1]
+        # Exact ties in float64 are structural (k = 1: every weight is 1) and exact in
+        # float32 too; only a small non-zero gap can order differently.
+        if len(ws) > C > 0 and ws[C - 1] != ws[C]:
+            gap = min(gap, ws[C - 1] - ws[C])
+    return gap
+
+
+# ---- experts and the layer (SPEC §4) -----------------------------------------------------------
+
+
+def activation(name):
+    return {"relu": torch.relu,
+            "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),  # exact erf form
+            "silu": lambda z: z * torch.sigmoid(z)}[name]
+
+
+def expert_forward(kind, p, e, x, act="relu"):
+    """Expert e of the stacked weights p applied to rows x (n, d)."""
+    def b(name):
+        return p[name][e] if name in p else 0
+
+    if kind == "linear_relu":
+        return torch.relu(x @ p["W1"][e] + b("b1"))
+    if kind == "mlp":
+        return activation(act)(x @ p["W1"][e] + b("b1")) @ p["W2"][e] + b("b2")
+    if kind == "swiglu":
+        a = x @ p["W1"][e]
+        return (a * torch.sigmoid(a) * (x @ p["W3"][e])) @ p["W2"][e]
+    raise ValueError(kind)
+
+
+def moe_forward(p, x, cfg, eps=None, training=True):
+    """The whole layer. p: dict name → float64 tensor (requires_grad as wanted); x (T, d);
+    cfg: dict of moe.MoE's keyword arguments (with n_experts, k); eps (T, E) the noise, used
+    only in training with noise != "none".
+
+    Returns dict: y, aux_loss, z_loss (tensors), indices, weights, keep, probs, noisy,
+    logits, stats (dict as moe.MoE.stats), margin (top-k), cut_margin (probs policy)."""
+    E, k = cfg["n_experts"], cfg["k"]
+    T = x.shape[0]
+    noise = cfg.get("noise", "learned")
+    h = x @ p["W_g"]
+    if "b_g" in p:
+        h = h + p["b_g"]
+    H = h
+    if training and noise != "none" and eps is not None:
+        if noise == "fixed":
+            H = h + cfg.get("noise_stddev", 1.0) * eps
+        else:
+            pre = x @ p["W_noise"]
+            scale = softplus(pre) if cfg.get("noise_scale", "softplus") == "softplus" else pre
+            H = h + scale * eps
+    idx = topk_order(H, k, cfg.get("tie_break", "high"))
+    weights = torch.softmax(torch.gather(H, 1, idx), dim=1)
+    probs = torch.softmax(H, dim=1)
+    C = capacity(k, T, E, cfg.get("capacity_factor"))
+    keep = keep_mask(idx, weights, E, C, cfg.get("drop_policy", "position"))
+
+    d_out = cfg.get("d_out") or cfg["d_model"]
+    y = torch.zeros(T, d_out, dtype=DT)
+    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    idx_np = idx.numpy()
+    for e in range(E):
+        ts, js = np.nonzero((idx_np == e) & keep)
+        if len(ts) == 0:
+            continue
+        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
+        out = expert_forward(kind, p, e, x[ts_t], act)
+        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
+    if cfg.get("residual", False):
+        y = y + x
+
+    alpha = cfg.get("aux_alpha", 0.01)
+    aux = load_balancing_loss(idx, probs, E, alpha, cfg.get("normalize_by_k", False)) \
+        if T > 0 else torch.zeros((), dtype=DT)
+    zl = z_loss(h, cfg.get("z_alpha", 0.0)) if T > 0 else torch.zeros((), dtype=DT)
+
+    load_before = np.bincount(idx_np.ravel(), minlength=E)
+    load_after = np.bincount(idx_np[keep], minlength=E)
+    stats = dict(tokens=T, capacity=C, load_before=load_before.tolist(),
+                 load_after=load_after.tolist(), dropped_assignments=int((~keep).sum()),
+                 dropped_tokens=int((~keep).all(axis=1).sum()) if k > 0 else 0,
+                 experts_evaluated=int((load_after > 0).sum()),
+                 aux_loss=float(aux), z_loss=float(zl))
+    margin = float(topk_margin(H, k).min()) if T > 0 else math.inf
+    return dict(y=y, aux_loss=aux, z_loss=zl, indices=idx, weights=weights, keep=keep,
+                probs=probs, noisy=H, logits=h, stats=stats, margin=margin,
+                cut_margin=capacity_margin(idx, weights, E, C))
