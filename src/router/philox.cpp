@@ -73,4 +73,13 @@ void philox_normal_rows(float* eps, int64_t ld, int64_t n_tok, int64_t E, uint64
   }
 }
 
+void philox_normal4(float out[4], uint64_t seed, uint64_t step, int64_t token, int64_t block) {
+  alignas(64) uint32_t ctr[4][kPhiloxLanes];
+  alignas(64) float z[4][kPhiloxLanes];
+  const Philox4 c = philox_counter(step, token, block);
+  for (int j = 0; j < 4; ++j) std::fill(ctr[j], ctr[j] + kPhiloxLanes, c.v[j]);
+  philox_normal_lanes(z, ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int j = 0; j < 4; ++j) out[j] = z[j][0];
+}
+
 }  // namespace moe::detail

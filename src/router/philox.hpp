@@ -58,4 +58,13 @@ void philox_normal_lanes(float z[4][kPhiloxLanes], const uint32_t ctr[4][kPhilox
 void philox_normal_rows(float* eps, int64_t ld, int64_t n_tok, int64_t E, uint64_t seed,
                         uint64_t step, int64_t token0);
 
+// Four normals for experts 4·block … 4·block+3 of one token (the words of one Philox block).
+void philox_normal4(float out[4], uint64_t seed, uint64_t step, int64_t token, int64_t block);
+
+// ε for experts [0, E) of one token into row (E).
+inline void philox_normal_row(float* row, int64_t E, uint64_t seed, uint64_t step,
+                              int64_t token) {
+  philox_normal_rows(row, E, 1, E, seed, step, token);
+}
+
 }  // namespace moe::detail

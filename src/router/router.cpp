@@ -64,13 +64,9 @@ std::vector<float> RouterState::dense_gates() const {
 float philox_normal(uint64_t seed, uint64_t step, int64_t token, int64_t expert) {
   MOE_REQUIRE(token >= 0, "token: must be >= 0, got ", token);
   MOE_REQUIRE(expert >= 0, "expert: must be >= 0, got ", expert);
-  alignas(64) uint32_t ctr[4][detail::kPhiloxLanes];
-  alignas(64) float z[4][detail::kPhiloxLanes];
-  const detail::Philox4 c = detail::philox_counter(step, token, expert / 4);
-  for (int j = 0; j < 4; ++j) std::fill(ctr[j], ctr[j] + detail::kPhiloxLanes, c.v[j]);
-  detail::philox_normal_lanes(z, ctr, static_cast<uint32_t>(seed),
-                              static_cast<uint32_t>(seed >> 32));
-  return z[expert % 4][0];
+  float z[4];
+  detail::philox_normal4(z, seed, step, token, expert / 4);
+  return z[expert % 4];
 }
 
 namespace detail {

@@ -1,12 +1,65 @@
 // The fast router's per-token part (everything after the GEMM) and its selection kernels.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "moe/router.hpp"
 #include "router/router_ref.hpp"
 
 namespace moe::detail {
+
+// Per-row helpers on any scalar type, in plain loops and libm: the layer's reference twin
+// (layer/layer_ref.hpp) and the experts' activations use them. The fast router runs its own
+// blocked float kernels (router.cpp) and is tested against these formulas.
+template <typename S>
+inline S softplus(S z) {  // max(z, 0) + log1p(exp(-|z|)): never overflows
+  return softplus_ref(z);
+}
+template <typename S>
+inline S sigmoid(S z) {
+  return z >= S(0) ? S(1) / (S(1) + std::exp(-z)) : std::exp(z) / (S(1) + std::exp(z));
+}
+
+// Softmax over the kept values (val[0] is the largest), stable; w may alias val.
+template <typename S>
+inline void softmax_kept(S* w, const S* val, int64_t k) {
+  const S top = val[0];
+  S sum = 0;
+  for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(val[j] - top));
+  for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+}
+
+template <typename S>
+inline void softmax_row(S* p, const S* row, int64_t E) {
+  S mx = row[0];
+  for (int64_t e = 1; e < E; ++e) mx = std::max(mx, row[e]);
+  S sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(row[e] - mx));
+  const S inv = S(1) / sum;
+  for (int64_t e = 0; e < E; ++e) p[e] *= inv;
+}
+
+template <typename S>
+inline bool all_finite(const S* row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(row[i])) return false;
+  return true;
+}
+
+// H = h + scale·ε for one row. pre is x·W_noise (learned) or null.
+template <typename S>
+inline void noisy_row(S* H, const S* h, const S* eps, const S* pre, int64_t E,
+                      const RouterConfig& cfg) {
+  for (int64_t e = 0; e < E; ++e) {
+    S scale;
+    if (cfg.noise == Noise::fixed)
+      scale = static_cast<S>(cfg.noise_stddev);
+    else
+      scale = cfg.noise_scale == NoiseScale::softplus ? softplus(pre[e]) : pre[e];
+    H[e] = h[e] + scale * eps[e];
+  }
+}
 
 // Partial selection, O(E·k), for small k: a sorted list of the k best so far; a candidate
 // that beats the current k-th is inserted in place. Most candidates cost one comparison.
@@ -27,6 +80,12 @@ inline void select_topk_insert(int32_t* idx, S* val, const S* row, int64_t E, in
     val[pos] = v;
     idx[pos] = ie;
   }
+}
+
+template <typename S>
+inline void select_topk_partial(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                                bool tie_high) {
+  select_topk_insert(idx, val, row, E, k, tie_high);
 }
 
 // Selection for large k, O(E·log k), in the output itself: a heap of the k best indices with
