@@ -7,12 +7,21 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "common/check.hpp"
+#include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
+#include "moe/optim.hpp"
+
+// Layer checkpoints (src/io/checkpoint.cpp) land separately; until then MoE.save/load stay out.
+#ifndef MOE_PY_HAVE_CHECKPOINT
+#define MOE_PY_HAVE_CHECKPOINT 0
+#endif
 
 namespace py = pybind11;
 using moe::detail::cat;
@@ -386,7 +395,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   return std::make_unique<PyMoE>(c);
 }
 
-void bind_layer(py::module_& m) {
+py::class_<PyMoE> bind_layer(py::module_& m) {
   py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
 
 Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
@@ -444,6 +453,196 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
     return cat("moe.MoE(d_model=", c.d_model, ", n_experts=", c.n_experts, ", k=", c.k,
                ", expert='", moe::to_string(c.expert), "')");
   });
+  return cls;
+}
+
+// ---- checkpoints and optimizers ---------------------------------------------------------
+
+std::map<std::string, std::string> as_metadata(const py::object& md) {
+  std::map<std::string, std::string> out;
+  if (md.is_none()) return out;
+  if (!py::isinstance<py::dict>(md)) throw moe::Error("metadata: expected a dict of str → str");
+  for (auto item : md.cast<py::dict>()) {
+    if (!py::isinstance<py::str>(item.first) || !py::isinstance<py::str>(item.second))
+      throw moe::Error(cat("metadata: keys and values must be str, got ",
+                           std::string(py::repr(item.first)), ": ",
+                           std::string(py::repr(item.second))));
+    out[item.first.cast<std::string>()] = item.second.cast<std::string>();
+  }
+  return out;
+}
+
+py::dict metadata_dict(const std::map<std::string, std::string>& md) {
+  py::dict d;
+  for (const auto& [k, v] : md) d[py::str(k)] = py::str(v);
+  return d;
+}
+
+std::string as_path(const py::object& path) {
+  return py::str(py::module_::import("os").attr("fspath")(path)).cast<std::string>();
+}
+
+// An optimizer over the parameters of one moe.MoE, or of a list of them (names prefixed
+// "0.", "1.", …). It keeps the layers alive: it holds pointers to their tensors.
+struct PyOptimizer {
+  std::unique_ptr<moe::Optimizer> opt;
+  py::list layers;
+};
+
+std::vector<moe::ParamRef> collect_params(const py::object& params, py::list& keep) {
+  std::vector<moe::ParamRef> refs;
+  if (py::isinstance<PyMoE>(params)) {
+    keep.append(params);
+    return moe::layer_params(params.cast<PyMoE&>().layer);
+  }
+  if (py::isinstance<py::list>(params) || py::isinstance<py::tuple>(params)) {
+    size_t i = 0;
+    for (auto item : params) {
+      if (!py::isinstance<PyMoE>(item))
+        throw moe::Error(cat("params: item ", i, " is not a moe.MoE"));
+      keep.append(item);
+      for (auto& r : moe::layer_params(item.cast<PyMoE&>().layer, cat(i, ".")))
+        refs.push_back(std::move(r));
+      ++i;
+    }
+    if (i == 0) throw moe::Error("params: empty list");
+    return refs;
+  }
+  throw moe::Error("params: expected a moe.MoE or a list of them");
+}
+
+[[maybe_unused]] moe::Optimizer* optimizer_of(const py::object& o) {
+  if (o.is_none()) return nullptr;
+  if (!py::isinstance<PyOptimizer>(o)) throw moe::Error("optimizer: expected a moe optimizer");
+  return o.cast<PyOptimizer&>().opt.get();
+}
+
+void bind_io(py::module_& m, [[maybe_unused]] py::class_<PyMoE>& cls) {
+#if MOE_PY_HAVE_CHECKPOINT
+  cls.def("save", [](const PyMoE& self, const py::object& path, const py::object& metadata,
+                     const py::object& optimizer) {
+    moe::CheckpointExtras ex;
+    ex.metadata = as_metadata(metadata);
+    ex.optimizer = optimizer_of(optimizer);
+    const std::string p = as_path(path);
+    py::gil_scoped_release nogil;
+    moe::save_checkpoint(self.layer, p, ex);
+  }, py::arg("path"), py::arg("metadata") = py::none(), py::arg("optimizer") = py::none(),
+     "Write every parameter (and the config, metadata and optimizer state) to a safetensors "
+     "file, atomically.");
+  cls.def("load", [](PyMoE& self, const py::object& path, const py::object& optimizer) {
+    moe::Optimizer* opt = optimizer_of(optimizer);
+    const std::string p = as_path(path);
+    moe::SafetensorsFile f;
+    {
+      py::gil_scoped_release nogil;
+      f = moe::load_checkpoint(self.layer, p, opt);
+    }
+    return metadata_dict(f.metadata);
+  }, py::arg("path"), py::arg("optimizer") = py::none(),
+     "Read the parameters (and the optimizer's state) from a checkpoint; the layer changes "
+     "only when the whole file checks out. Returns the file's metadata.");
+  cls.def_static("from_checkpoint", [](const py::object& path) {
+    const std::string p = as_path(path);
+    auto self = std::make_unique<PyMoE>(moe::read_checkpoint_config(p));
+    moe::load_checkpoint(self->layer, p);
+    return self;
+  }, py::arg("path"), "A layer made from the config stored in a checkpoint, with its weights.");
+#endif
+
+  m.def("load_safetensors", [](const py::object& path) {
+    moe::SafetensorsFile f = moe::load_safetensors(as_path(path));
+    py::dict tensors;
+    for (const auto& t : f.tensors) tensors[py::str(t.name)] = tensor_to_numpy(t.tensor);
+    return py::make_tuple(tensors, metadata_dict(f.metadata));
+  }, py::arg("path"), "(tensors: dict name → float32 array, metadata: dict) of a file.");
+  m.def("save_safetensors", [](const py::object& path, const py::dict& tensors,
+                               const py::object& metadata) {
+    std::vector<moe::Tensor> owned;
+    owned.reserve(tensors.size());
+    std::vector<std::pair<std::string, const moe::Tensor*>> list;
+    for (auto item : tensors) {
+      const std::string name = py::str(item.first);
+      FArray a = as_f32(item.second, name.c_str());
+      moe::Tensor t(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
+      std::copy(a.data(), a.data() + a.size(), t.ptr());
+      owned.push_back(std::move(t));
+    }
+    size_t i = 0;
+    for (auto item : tensors) list.emplace_back(py::str(item.first), &owned[i++]);
+    moe::save_safetensors(as_path(path), list, as_metadata(metadata));
+  }, py::arg("path"), py::arg("tensors"), py::arg("metadata") = py::none(),
+     "Write a dict name → array as float32 safetensors, atomically.");
+
+  py::class_<PyOptimizer> opt(m, "Optimizer", "Base of moe.SGD, moe.Adam and moe.AdamW.");
+  opt.def("step", [](PyOptimizer& self) {
+       py::gil_scoped_release nogil;
+       self.opt->step();
+     }, "One update from the current gradients.")
+      .def("zero_grad", [](PyOptimizer& self) { self.opt->zero_grad(); })
+      .def_property("lr", [](const PyOptimizer& self) { return self.opt->lr(); },
+                    [](PyOptimizer& self, double lr) { self.opt->set_lr(lr); })
+      .def_property_readonly("step_count",
+                             [](const PyOptimizer& self) { return self.opt->step_count(); })
+      .def_property_readonly("kind", [](const PyOptimizer& self) { return self.opt->kind(); })
+      .def_property_readonly("param_names", [](const PyOptimizer& self) {
+        std::vector<std::string> n;
+        for (const auto& r : self.opt->params()) n.push_back(r.name);
+        return n;
+      })
+      .def("__repr__", [](const PyOptimizer& self) {
+        return cat("moe.", self.opt->kind(), "(lr=", self.opt->lr(), ", ",
+                   self.opt->params().size(), " tensors)");
+      });
+
+  m.def("SGD", [](const py::object& params, double lr, double momentum, double dampening,
+                  bool nesterov, double weight_decay) {
+    PyOptimizer o;
+    auto refs = collect_params(params, o.layers);
+    moe::SGDConfig c;
+    c.lr = lr;
+    c.momentum = momentum;
+    c.dampening = dampening;
+    c.nesterov = nesterov;
+    c.weight_decay = weight_decay;
+    o.opt = std::make_unique<moe::SGD>(std::move(refs), c);
+    return o;
+  }, py::arg("params"), py::arg("lr") = 0.01, py::arg("momentum") = 0.0,
+     py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
+     "SGD with momentum as torch.optim.SGD, over a moe.MoE (or a list of them).");
+  auto adam = [](const py::object& params, double lr, std::pair<double, double> betas,
+                 double eps, double weight_decay, bool decoupled) {
+    PyOptimizer o;
+    auto refs = collect_params(params, o.layers);
+    moe::AdamConfig c;
+    c.lr = lr;
+    c.beta1 = betas.first;
+    c.beta2 = betas.second;
+    c.eps = eps;
+    c.weight_decay = weight_decay;
+    c.decoupled_weight_decay = decoupled;
+    o.opt = std::make_unique<moe::Adam>(std::move(refs), c);
+    return o;
+  };
+  m.def("Adam", [adam](const py::object& params, double lr, std::pair<double, double> betas,
+                       double eps, double weight_decay) {
+    return adam(params, lr, betas, eps, weight_decay, false);
+  }, py::arg("params"), py::arg("lr") = 1e-3, py::arg("betas") = std::make_pair(0.9, 0.999),
+     py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0,
+     "Adam as torch.optim.Adam (L2 weight decay added to the gradient).");
+  m.def("AdamW", [adam](const py::object& params, double lr, std::pair<double, double> betas,
+                        double eps, double weight_decay) {
+    return adam(params, lr, betas, eps, weight_decay, true);
+  }, py::arg("params"), py::arg("lr") = 1e-3, py::arg("betas") = std::make_pair(0.9, 0.999),
+     py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.01,
+     "AdamW as torch.optim.AdamW (decoupled weight decay).");
+  m.def("clip_grad_norm", [](const py::object& params, double max_norm) {
+    py::list keep;
+    auto refs = collect_params(params, keep);
+    return moe::clip_grad_norm(refs, max_norm);
+  }, py::arg("params"), py::arg("max_norm"),
+     "Scale the gradients so that their global L2 norm is at most max_norm (as "
+     "torch.nn.utils.clip_grad_norm_); returns the norm before clipping.");
 }
 
 }  // namespace
@@ -488,5 +687,6 @@ PYBIND11_MODULE(_moe, m) {
   m.def("load_balancing_loss", &py_load_balancing_loss, py::arg("indices"), py::arg("probs"),
         py::arg("n_experts"), py::arg("alpha") = 0.01, py::arg("normalize_by_k") = false,
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
-  bind_layer(m);
+  auto cls = bind_layer(m);
+  bind_io(m, cls);
 }

@@ -61,6 +61,7 @@ inline constexpr int kSafetensorsMaxJsonDepth = 64;
 // linear head, "head.W"), and an optimizer's state (tensors "optim.<slot>.<param>" plus
 // __metadata__["optim"]).
 struct CheckpointExtras {
+  CheckpointExtras() = default;  // not an aggregate: save_checkpoint(l, p, {{"k", "v"}}) is the map
   std::map<std::string, std::string> metadata;
   std::vector<std::pair<std::string, const Tensor*>> tensors;
   const Optimizer* optimizer = nullptr;

@@ -10,28 +10,38 @@ subclass of ``ValueError`` carrying the library's message.
     dx = layer.backward(np.ones_like(y))
     layer.stats, layer.aux_loss, layer.grads["W1"]
 """
-from . import _moe
 from ._moe import (  # noqa: F401
+    Adam,
+    AdamW,
     Error,
+    MoE,
+    Optimizer,
     Routing,
+    SGD,
+    clip_grad_norm,
     get_num_threads,
+    load_balancing_loss,
+    load_safetensors,
     noisy_top_k_gating,
     route,
+    save_safetensors,
     set_num_threads,
 )
 
 __all__ = [
+    "Adam",
+    "AdamW",
     "Error",
+    "MoE",
+    "Optimizer",
     "Routing",
+    "SGD",
+    "clip_grad_norm",
     "get_num_threads",
+    "load_balancing_loss",
+    "load_safetensors",
     "noisy_top_k_gating",
     "route",
+    "save_safetensors",
     "set_num_threads",
 ]
-
-# Parts that land with the layer, checkpoints and optimizers.
-for _name in ("MoE", "load_balancing_loss", "SGD", "Adam", "AdamW", "clip_grad_norm"):
-    if hasattr(_moe, _name):
-        globals()[_name] = getattr(_moe, _name)
-        __all__.append(_name)
-del _name

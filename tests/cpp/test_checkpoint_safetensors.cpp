@@ -428,3 +428,18 @@ TEST(SafetensorsSave, WriteFailingHalfwayLeavesTheOldFileIntact) {
   moe::save_safetensors(path, {{"w", &big}});
   expect_same_bits(moe::load_safetensors(path).tensors.at(0).tensor, big);
 }
+
+// ---- interoperability (driven by tests/python/test_safetensors_format.py) ------------------
+
+TEST(SafetensorsInterop, CopyFileGivenByEnvironment) {
+  // The Python test writes a file with numpy, has this test read it and write it back with
+  // our writer, then parses our output with json + numpy: both directions against an
+  // independent implementation. Without the variables it has nothing to do.
+  const char* in = std::getenv("MOE_SAFETENSORS_COPY_IN");
+  const char* out = std::getenv("MOE_SAFETENSORS_COPY_OUT");
+  if (!in || !out) GTEST_SKIP() << "run by tests/python/test_safetensors_format.py";
+  const auto f = moe::load_safetensors(in);
+  std::vector<std::pair<std::string, const Tensor*>> named;
+  for (const auto& t : f.tensors) named.emplace_back(t.name, &t.tensor);
+  moe::save_safetensors(out, named, f.metadata);
+}
