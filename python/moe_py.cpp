@@ -18,11 +18,6 @@
 #include "moe/moe.hpp"
 #include "moe/optim.hpp"
 
-// Layer checkpoints (src/io/checkpoint.cpp) land separately; until then MoE.save/load stay out.
-#ifndef MOE_PY_HAVE_CHECKPOINT
-#define MOE_PY_HAVE_CHECKPOINT 0
-#endif
-
 namespace py = pybind11;
 using moe::detail::cat;
 
@@ -511,14 +506,13 @@ std::vector<moe::ParamRef> collect_params(const py::object& params, py::list& ke
   throw moe::Error("params: expected a moe.MoE or a list of them");
 }
 
-[[maybe_unused]] moe::Optimizer* optimizer_of(const py::object& o) {
+moe::Optimizer* optimizer_of(const py::object& o) {
   if (o.is_none()) return nullptr;
   if (!py::isinstance<PyOptimizer>(o)) throw moe::Error("optimizer: expected a moe optimizer");
   return o.cast<PyOptimizer&>().opt.get();
 }
 
-void bind_io(py::module_& m, [[maybe_unused]] py::class_<PyMoE>& cls) {
-#if MOE_PY_HAVE_CHECKPOINT
+void bind_io(py::module_& m, py::class_<PyMoE>& cls) {
   cls.def("save", [](const PyMoE& self, const py::object& path, const py::object& metadata,
                      const py::object& optimizer) {
     moe::CheckpointExtras ex;
@@ -548,7 +542,6 @@ void bind_io(py::module_& m, [[maybe_unused]] py::class_<PyMoE>& cls) {
     moe::load_checkpoint(self->layer, p);
     return self;
   }, py::arg("path"), "A layer made from the config stored in a checkpoint, with its weights.");
-#endif
 
   m.def("load_safetensors", [](const py::object& path) {
     moe::SafetensorsFile f = moe::load_safetensors(as_path(path));
