@@ -28,6 +28,11 @@
 namespace {
 
 int g_rank = 0, g_size = 1, g_fail = 0, g_checks = 0;
+// Tolerances (max|a − b| ≤ tol·max|b|): the router's weight gradients are sums over ranks of
+// partial sums; after a training step everything inherits their rounding.
+constexpr double kRouterGradTol = 1e-6;
+constexpr double kAfterStepTol = 1e-5;
+double worst_router_grad = 0.0, worst_after_step0 = 0.0;
 std::string g_case;
 
 void fail(const std::string& what) {
@@ -157,10 +162,18 @@ void run_case(const Case& c) {
     std::vector<float> ri(rs.indices.begin() + off * cfg.k, rs.indices.begin() + (off + T) * cfg.k);
     std::vector<float> di(ds.indices.begin(), ds.indices.end());
     expect_exact("router indices" + at, di.data(), ri.data(), T * cfg.k);
-    expect_exact("router weights" + at, ds.weights.data(), rs.weights.data() + off * cfg.k,
-                 T * cfg.k);
-    expect_exact("y" + at, y.data(), yref.data() + off * Do, T * Do);
-    expect_exact("dx" + at, dx.data(), dxref.data() + off * d, T * d);
+    // Step 0 starts from the same parameters: bit-identical. Later steps start from router
+    // weights that differ in the last bits (their gradients are sums over ranks), so from
+    // then on the outputs are compared within kAfterStepTol.
+    auto same = [&](const std::string& what, const float* got, const float* want, int64_t n) {
+      if (step == 0)
+        expect_exact(what + at, got, want, n);
+      else
+        worst_after_step0 = std::max(worst_after_step0, expect_close(what + at, got, want, n, kAfterStepTol));
+    };
+    same("router weights", ds.weights.data(), rs.weights.data() + off * cfg.k, T * cfg.k);
+    same("y", y.data(), yref.data() + off * Do, T * Do);
+    same("dx", dx.data(), dxref.data() + off * d, T * d);
 
     const auto& a = dist.stats();
     const auto& b = ref.stats();
@@ -173,17 +186,17 @@ void run_case(const Case& c) {
     expect_true("stats.experts_evaluated" + at, a.experts_evaluated == b.experts_evaluated);
     if (c.expect_drops && step == 0)
       expect_true("the case drops assignments (capacity path exercised)", b.dropped_assignments > 0);
-    expect_close_d("aux_loss" + at, dist.aux_loss(), ref.aux_loss(), 1e-12);
-    expect_close_d("z_loss" + at, dist.z_loss(), ref.z_loss(), 1e-12);
+    expect_close_d("aux_loss" + at, dist.aux_loss(), ref.aux_loss(), step == 0 ? 1e-12 : kAfterStepTol);
+    expect_close_d("z_loss" + at, dist.z_loss(), ref.z_loss(), step == 0 ? 1e-12 : kAfterStepTol);
 
     for (const auto& n : ref.parameter_names()) {
       const moe::Tensor& gr = ref.grad(n);
       const moe::Tensor& gd = dist.grad(n);
       if (is_router(n)) {
-        expect_close("grad " + n + at, gd.ptr(), gr.ptr(), gr.numel(), 1e-6);
+        worst_router_grad = std::max(worst_router_grad, expect_close("grad " + n + at, gd.ptr(), gr.ptr(), gr.numel(), step == 0 ? kRouterGradTol : kAfterStepTol));
       } else {
         const int64_t per = gr.numel() / E;
-        expect_exact("grad " + n + at, gd.ptr(), gr.ptr() + e0 * per, gd.numel());
+        same("grad " + n, gd.ptr(), gr.ptr() + e0 * per, gd.numel());
       }
     }
 
@@ -206,8 +219,9 @@ void run_case(const Case& c) {
     if (c.steps == 1 && !is_router(n))
       expect_exact("param " + n + " after one step", wd.ptr(), wr.ptr() + first, wd.numel());
     else
-      expect_close("param " + n + " after " + std::to_string(c.steps) + " steps", wd.ptr(),
-                   wr.ptr() + first, wd.numel(), 1e-6);
+      worst_after_step0 = std::max(worst_after_step0,
+          expect_close("param " + n + " after " + std::to_string(c.steps) + " steps", wd.ptr(),
+                       wr.ptr() + first, wd.numel(), kAfterStepTol));
   }
 }
 
@@ -352,9 +366,12 @@ int main(int argc, char** argv) {
   }
   int fails = 0;
   MPI_Allreduce(&g_fail, &fails, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &worst_router_grad, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &worst_after_step0, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   if (g_rank == 0)
-    std::printf("test_dist: P=%d, %d checks per rank, %d failures over all ranks\n", g_size,
-                g_checks, fails);
+    std::printf("test_dist: P=%d, %d checks per rank, %d failures over all ranks; worst "
+                "relative error over ranks: router grads %.2g, after step 0 %.2g\n",
+                g_size, g_checks, fails, worst_router_grad, worst_after_step0);
   MPI_Finalize();
   return fails == 0 ? 0 : 1;
 }
