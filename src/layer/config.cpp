@@ -1,0 +1,94 @@
+// MoEConfig: parsing of the enum names, validation once at the boundary, capacity.
+#include <cmath>
+#include <limits>
+
+#include "common/check.hpp"
+#include "moe/layer.hpp"
+
+namespace moe {
+
+using detail::cat;
+
+ExpertKind parse_expert_kind(const std::string& s) {
+  if (s == "linear_relu") return ExpertKind::linear_relu;
+  if (s == "mlp") return ExpertKind::mlp;
+  if (s == "swiglu") return ExpertKind::swiglu;
+  throw Error(cat("expert: unknown kind '", s, "' (expected linear_relu, mlp or swiglu)"));
+}
+Activation parse_activation(const std::string& s) {
+  if (s == "relu") return Activation::relu;
+  if (s == "gelu") return Activation::gelu;
+  if (s == "silu") return Activation::silu;
+  throw Error(cat("activation: unknown value '", s, "' (expected relu, gelu or silu)"));
+}
+DropPolicy parse_drop_policy(const std::string& s) {
+  if (s == "position") return DropPolicy::position;
+  if (s == "probs") return DropPolicy::probs;
+  throw Error(cat("drop_policy: unknown value '", s, "' (expected position or probs)"));
+}
+const char* to_string(ExpertKind v) {
+  return v == ExpertKind::linear_relu ? "linear_relu" : v == ExpertKind::mlp ? "mlp" : "swiglu";
+}
+const char* to_string(Activation v) {
+  return v == Activation::relu ? "relu" : v == Activation::gelu ? "gelu" : "silu";
+}
+const char* to_string(DropPolicy v) { return v == DropPolicy::position ? "position" : "probs"; }
+
+RouterConfig MoEConfig::router() const {
+  RouterConfig r;
+  r.d_model = d_model;
+  r.n_experts = n_experts;
+  r.k = k;
+  r.noise = noise;
+  r.noise_scale = noise_scale;
+  r.noise_stddev = noise_stddev;
+  r.tie_break = tie_break;
+  r.use_bias = router_bias;
+  return r;
+}
+
+void MoEConfig::validate() const {
+  MOE_REQUIRE(d_model >= 1, "d_model: must be at least 1, got ", d_model);
+  MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
+  MOE_REQUIRE(k >= 1 && k <= n_experts, "k: must be in 1..", n_experts, " (n_experts), got ", k);
+  MOE_REQUIRE(d_ff >= 0, "d_ff: must be >= 0 (0 means 4*d_model), got ", d_ff);
+  MOE_REQUIRE(d_out >= 0, "d_out: must be >= 0 (0 means d_model), got ", d_out);
+  if (capacity_factor)
+    MOE_REQUIRE(std::isfinite(*capacity_factor) && *capacity_factor > 0.0,
+                "capacity_factor: must be finite and > 0 (omit it for dropless), got ",
+                *capacity_factor);
+  MOE_REQUIRE(std::isfinite(noise_stddev) && noise_stddev >= 0.0f,
+              "noise_stddev: must be finite and >= 0, got ", noise_stddev);
+  MOE_REQUIRE(std::isfinite(aux_alpha) && aux_alpha >= 0.0f,
+              "aux_alpha: must be finite and >= 0, got ", aux_alpha);
+  MOE_REQUIRE(std::isfinite(z_alpha) && z_alpha >= 0.0f, "z_alpha: must be finite and >= 0, got ",
+              z_alpha);
+  MOE_REQUIRE(std::isfinite(router_init_std) && router_init_std >= 0.0f,
+              "router_init_std: must be finite and >= 0, got ", router_init_std);
+  MOE_REQUIRE(!residual || out_dim() == d_model, "residual: needs d_out == d_model (", d_model,
+              "), got d_out ", out_dim());
+  // Slot indices are int32 and buffers are sized by products of these widths.
+  constexpr int64_t kMaxWidth = int64_t{1} << 24;
+  MOE_REQUIRE(d_model <= kMaxWidth, "d_model: too large, got ", d_model);
+  MOE_REQUIRE(hidden() <= kMaxWidth, "d_ff: too large, got ", hidden());
+  MOE_REQUIRE(out_dim() <= kMaxWidth, "d_out: too large, got ", out_dim());
+  router().validate();
+}
+
+int64_t MoEConfig::capacity(int64_t T) const {
+  if (!capacity_factor) return -1;
+  if (T <= 0) return 0;
+  // k·T·cf/E in double. Decimal factors are not exact in binary (1.1·10 = 11.000000000000002),
+  // so a value within a relative 1e-9 of a positive integer is taken as that integer before
+  // rounding up; otherwise ceil would hand out one slot more than the formula means.
+  const double v = static_cast<double>(k) * static_cast<double>(T) * *capacity_factor /
+                   static_cast<double>(n_experts);
+  const double r = std::round(v);
+  if (r >= 1.0 && std::abs(v - r) <= 1e-9 * r) return static_cast<int64_t>(r);
+  const double c = std::ceil(v);
+  // Huge factors: keep the value representable (any C >= T means nothing is dropped).
+  constexpr double kMax = 4.0e18;
+  return c >= kMax ? static_cast<int64_t>(kMax) : static_cast<int64_t>(c);
+}
+
+}  // namespace moe

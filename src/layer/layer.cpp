@@ -1,0 +1,257 @@
+// The fast MoE layer: router → capacity plan → gather → grouped expert GEMMs → combine, and
+// the same chain backwards. Every stage is parallel over rows or tokens and sums in a fixed
+// order, so the results are bit-identical for any thread count.
+#include "moe/layer.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "common/check.hpp"
+#include "dispatch/capacity_plan.hpp"
+#include "experts/experts.hpp"
+#include "layer/init.hpp"
+#include "layer/workspace.hpp"
+#include "losses/losses.hpp"
+
+namespace moe {
+
+using detail::cat;
+
+struct MoELayer::Impl {
+  MoEConfig cfg;
+  RouterConfig rcfg;
+  detail::ExpertShape shape;
+  std::vector<detail::ParamSpec> specs;
+  std::vector<std::string> names;
+  std::vector<Tensor> params, grads;
+  std::map<std::string, size_t> index;
+
+  // What forward saves for backward.
+  bool have_forward = false;
+  int64_t T = 0;
+  RouterState routing;
+  detail::CapacityPlan plan;
+  MoEStats stats;
+  detail::LayerWorkspace ws;
+  detail::GroupedGemm gg;
+
+  const float* p(const char* name) const {
+    auto it = index.find(name);
+    return it == index.end() ? nullptr : params[it->second].ptr();
+  }
+  float* g(const char* name) {
+    auto it = index.find(name);
+    return it == index.end() ? nullptr : grads[it->second].ptr();
+  }
+  size_t find(const std::string& name) const {
+    auto it = index.find(name);
+    if (it == index.end()) {
+      std::string known;
+      for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
+      throw Error(cat("parameter: unknown name '", name, "' (this layer has ", known, ")"));
+    }
+    return it->second;
+  }
+  RouterParams router_params() const { return {p("W_g"), p("b_g"), p("W_noise")}; }
+  detail::ExpertWeights expert_weights() const {
+    return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
+  }
+};
+
+MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
+  cfg.validate();
+  Impl& m = *impl_;
+  m.cfg = cfg;
+  m.rcfg = cfg.router();
+  m.shape = detail::ExpertShape::of(cfg);
+  m.specs = detail::parameter_specs(cfg);
+  for (auto& spec : m.specs) {
+    m.index[spec.name] = m.names.size();
+    m.names.push_back(spec.name);
+    m.params.emplace_back(spec.shape);
+    m.grads.emplace_back(spec.shape);
+  }
+  detail::init_parameters(m.params, m.names, cfg);
+}
+
+MoELayer::~MoELayer() = default;
+MoELayer::MoELayer(MoELayer&&) noexcept = default;
+MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
+
+const MoEConfig& MoELayer::config() const { return impl_->cfg; }
+std::vector<std::string> MoELayer::parameter_names() const { return impl_->names; }
+Tensor& MoELayer::param(const std::string& name) { return impl_->params[impl_->find(name)]; }
+const Tensor& MoELayer::param(const std::string& name) const {
+  return impl_->params[impl_->find(name)];
+}
+Tensor& MoELayer::grad(const std::string& name) { return impl_->grads[impl_->find(name)]; }
+void MoELayer::zero_grad() {
+  for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
+}
+const MoEStats& MoELayer::stats() const { return impl_->stats; }
+double MoELayer::aux_loss() const { return impl_->stats.aux_loss; }
+double MoELayer::z_loss() const { return impl_->stats.z_loss; }
+const RouterState& MoELayer::routing() const { return impl_->routing; }
+
+void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions& opt) {
+  Impl& m = *impl_;
+  const MoEConfig& cfg = m.cfg;
+  MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
+  MOE_REQUIRE(T * cfg.k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
+  MOE_REQUIRE(T == 0 || (x && y), "forward: x and y must not be null");
+  // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
+  const auto& specs = m.specs;
+  for (size_t i = 0; i < specs.size(); ++i)
+    MOE_REQUIRE(m.params[i].shape == specs[i].shape &&
+                    m.params[i].numel() == Tensor::numel_of(specs[i].shape),
+                specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
+                Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
+                " with ", m.params[i].numel());
+  m.have_forward = false;
+
+  const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
+  NoiseSource ns;
+  ns.eps = opt.noise;
+  ns.seed = cfg.seed;
+  ns.step = opt.step;
+  ns.token_offset = opt.token_offset;
+  router_forward(m.routing, x, m.router_params(), m.rcfg, T, opt.training, ns);
+
+  const int64_t C = cfg.capacity(T);
+  detail::build_capacity_plan(m.plan, m.routing.indices.data(), m.routing.weights.data(), T, k, E,
+                              C, cfg.drop_policy);
+  m.ws.reserve(cfg, T);
+  detail::LayerBuffers b = m.ws.carve(cfg, T);
+  m.T = T;
+
+  // Save x for the router's backward, gather the kept rows grouped by expert.
+  const detail::CapacityPlan& plan = m.plan;
+  const int64_t R = plan.n_kept;
+  std::copy(x, x + T * d, b.x);
+  const int32_t* d2s = plan.dest_to_src.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < R; ++s) {
+    const float* src = x + (d2s[s] / k) * d;
+    std::copy(src, src + d, b.xg + s * d);
+  }
+
+  detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
+  detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg);
+
+  // Combine: a k-way weighted sum per token in rank order; no atomics.
+  const int32_t* s2d = plan.src_to_dest.data();
+  const float* w = m.routing.weights.data();
+  const float* out = b.out;
+  const bool residual = cfg.residual;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = y + t * Do;
+    if (residual)
+      std::copy(x + t * d, x + (t + 1) * d, yt);
+    else
+      std::fill(yt, yt + Do, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = s2d[t * k + j];
+      if (s < 0) continue;
+      const float g = w[t * k + j];
+      const float* o = out + int64_t{s} * Do;
+      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
+    }
+  }
+
+  MoEStats& st = m.stats;
+  st.tokens = T;
+  st.capacity = C;
+  st.load_before = plan.load_before;
+  st.load_after = plan.load_after;
+  st.dropped_assignments = T * k - R;
+  st.dropped_tokens = plan.dropped_tokens;
+  st.experts_evaluated = 0;
+  for (int64_t e = 0; e < E; ++e) st.experts_evaluated += plan.load_after[e] > 0 ? 1 : 0;
+  st.aux_loss = cfg.aux_alpha > 0.0f
+                    ? detail::load_balancing_loss_t<float>(nullptr, m.routing.indices.data(),
+                                                           m.routing.probs.data(), T, k, E,
+                                                           cfg.aux_alpha, cfg.normalize_by_k)
+                    : 0.0;
+  st.z_loss = cfg.z_alpha > 0.0f ? detail::router_z_loss_t<float>(nullptr, m.routing.logits.data(),
+                                                                  T, E, cfg.z_alpha)
+                                 : 0.0;
+  m.have_forward = true;
+}
+
+void MoELayer::backward(float* dx, const float* dy) {
+  Impl& m = *impl_;
+  MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
+  const MoEConfig& cfg = m.cfg;
+  const int64_t T = m.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
+  MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");
+  if (T == 0) return;
+  detail::LayerBuffers b = m.ws.carve(cfg, T);
+  const detail::CapacityPlan& plan = m.plan;
+  const int64_t R = plan.n_kept;
+  const int32_t* s2d = plan.src_to_dest.data();
+  const int32_t* d2s = plan.dest_to_src.data();
+  const float* w = m.routing.weights.data();
+  const float* out = b.out;
+
+  // Combine backward: dG[t,j] = dy_t · out(t,j) and dout(t,j) = G[t,j]·dy_t for kept j;
+  // a dropped assignment contributed nothing, so it gets nothing back.
+  float* dG = b.dweights;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = s2d[t * k + j];
+      float acc = 0.0f;
+      if (s >= 0) {
+        const float* o = out + int64_t{s} * Do;
+        for (int64_t c = 0; c < Do; ++c) acc += dy[t * Do + c] * o[c];
+      }
+      dG[t * k + j] = acc;
+    }
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < R; ++s) {
+    const int64_t a = d2s[s];
+    const float g = w[a];
+    const float* dyt = dy + (a / k) * Do;
+    for (int64_t c = 0; c < Do; ++c) b.dout[s * Do + c] = g * dyt[c];
+  }
+
+  detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
+  detail::ExpertScratch scr{b.dh, b.da3};
+  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+  detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
+                           plan.offsets.data(), m.shape, m.gg);
+
+  // Router: gate weights, balancing loss through P, z-loss through h. dx is assigned here.
+  const float* dprobs = nullptr;
+  const float* dlogits = nullptr;
+  if (cfg.aux_alpha > 0.0f) {
+    detail::load_balancing_loss_t<float>(b.dprobs, m.routing.indices.data(), m.routing.probs.data(),
+                                         T, k, E, cfg.aux_alpha, cfg.normalize_by_k);
+    dprobs = b.dprobs;
+  }
+  if (cfg.z_alpha > 0.0f) {
+    detail::router_z_loss_t<float>(b.dlogits, m.routing.logits.data(), T, E, cfg.z_alpha);
+    dlogits = b.dlogits;
+  }
+  RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
+  router_backward(dx, rg, dG, dprobs, dlogits, m.routing, b.x, m.router_params(), m.rcfg);
+
+  // Scatter the experts' dx back per token, in rank order, plus the residual path.
+  const bool residual = cfg.residual;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* dxt = dx + t * d;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t s = s2d[t * k + j];
+      if (s < 0) continue;
+      const float* src = b.dxg + int64_t{s} * d;
+      for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
+    }
+    if (residual)
+      for (int64_t c = 0; c < d; ++c) dxt[c] += dy[t * Do + c];
+  }
+}
+
+}  // namespace moe

@@ -1,0 +1,292 @@
+// The reference twin of the MoE layer (STYLE.md item 2): forward and backward of the whole
+// layer — router, noise from a caller-given ε, KeepTopK, capacity and both drop policies,
+// experts, combine, losses, residual — as obvious loops on any scalar type. It is the oracle
+// of the fast layer's tests and, in double, the subject of the gradient checks. It shares
+// with the fast path only what must be identical: the per-row routing helpers
+// (router/router_rows.hpp), the integer capacity plan (dispatch/capacity_plan.hpp), the loss
+// formulas (losses/losses.hpp) and the activations (experts/activation.hpp).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/check.hpp"
+#include "dispatch/capacity_plan.hpp"
+#include "experts/activation.hpp"
+#include "losses/losses.hpp"
+#include "moe/layer.hpp"
+#include "router/router_rows.hpp"
+
+namespace moe::detail {
+
+// Parameters (or their gradients) with the layer's names and shapes; absent ones are empty.
+template <typename S>
+struct RefParams {
+  std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3;
+
+  std::vector<S>& get(const std::string& n) {
+    if (n == "W_g") return W_g;
+    if (n == "b_g") return b_g;
+    if (n == "W_noise") return W_noise;
+    if (n == "W1") return W1;
+    if (n == "b1") return b1;
+    if (n == "W2") return W2;
+    if (n == "b2") return b2;
+    MOE_ASSERT(n == "W3");
+    return W3;
+  }
+  const std::vector<S>& get(const std::string& n) const {
+    return const_cast<RefParams*>(this)->get(n);
+  }
+
+  // A copy of a layer's parameters in S.
+  static RefParams from(const MoELayer& layer) {
+    RefParams r;
+    for (const auto& n : layer.parameter_names()) {
+      const Tensor& t = layer.param(n);
+      r.get(n).assign(t.data.begin(), t.data.end());
+    }
+    return r;
+  }
+  // Zeros shaped like a layer's parameters.
+  static RefParams zeros_like(const MoELayer& layer) {
+    RefParams r;
+    for (const auto& n : layer.parameter_names())
+      r.get(n).assign(static_cast<size_t>(layer.param(n).numel()), S(0));
+    return r;
+  }
+};
+
+// What the reference forward keeps. Expert activations are per assignment a = t·k + j
+// (rows of dropped assignments are left at zero).
+template <typename S>
+struct RefSaved {
+  int64_t T = 0;
+  bool noisy = false;
+  std::vector<S> x;                          // (T, d)
+  std::vector<S> h, pre, eps, H, probs;      // (T, E)
+  std::vector<int32_t> indices;              // (T, k)
+  std::vector<S> weights;                    // (T, k)
+  CapacityPlan plan;
+  std::vector<S> a1, a3, hid, out;           // (T·k, width)
+  double aux_loss = 0.0, z_loss = 0.0;
+};
+
+// y is (T, d_out), x (T, d). eps (T, E) is required when training with noise.
+template <typename S>
+void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const RefParams<S>& p,
+                       const MoEConfig& cfg, int64_t T, bool training, const S* eps) {
+  cfg.validate();
+  const RouterConfig rc = cfg.router();
+  const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
+                Do = cfg.out_dim();
+  const int64_t A = T * k;
+  const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;  // width of a1
+  sv.T = T;
+  sv.noisy = training && cfg.noise != Noise::none;
+  MOE_ASSERT(!sv.noisy || T == 0 || eps != nullptr);
+  sv.x.assign(x, x + T * d);
+  sv.h.assign(static_cast<size_t>(T * E), S(0));
+  sv.pre.assign(static_cast<size_t>(T * E), S(0));
+  sv.eps.assign(static_cast<size_t>(T * E), S(0));
+  sv.H.assign(static_cast<size_t>(T * E), S(0));
+  sv.probs.assign(static_cast<size_t>(T * E), S(0));
+  sv.indices.assign(static_cast<size_t>(A), 0);
+  sv.weights.assign(static_cast<size_t>(A), S(0));
+
+  // Router.
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    const S* xt = x + t * d;
+    S* h = &sv.h[t * E];
+    S* pre = &sv.pre[t * E];
+    for (int64_t e = 0; e < E; ++e) {
+      h[e] = cfg.router_bias ? p.b_g[e] : S(0);
+      for (int64_t i = 0; i < d; ++i) h[e] += xt[i] * p.W_g[i * E + e];
+      if (sv.noisy && cfg.noise == Noise::learned)
+        for (int64_t i = 0; i < d; ++i) pre[e] += xt[i] * p.W_noise[i * E + e];
+    }
+    S* H = &sv.H[t * E];
+    if (sv.noisy) {
+      std::copy(eps + t * E, eps + (t + 1) * E, &sv.eps[t * E]);
+      noisy_row(H, h, &sv.eps[t * E], pre, E, rc);
+    } else {
+      std::copy(h, h + E, H);
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return outranks(H[a], a, H[b], b, cfg.tie_break == TieBreak::high);
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      sv.indices[t * k + j] = order[j];
+      sv.weights[t * k + j] = H[order[j]];
+    }
+    softmax_kept(&sv.weights[t * k], &sv.weights[t * k], k);
+    softmax_row(&sv.probs[t * E], H, E);
+  }
+  sv.aux_loss = load_balancing_loss_t<S>(nullptr, sv.indices.data(), sv.probs.data(), T, k, E,
+                                         cfg.aux_alpha, cfg.normalize_by_k);
+  sv.z_loss = router_z_loss_t<S>(nullptr, sv.h.data(), T, E, cfg.z_alpha);
+
+  // Capacity.
+  build_capacity_plan<S>(sv.plan, sv.indices.data(), sv.weights.data(), T, k, E,
+                         cfg.capacity(T), cfg.drop_policy);
+
+  // Experts, one kept assignment at a time.
+  sv.a1.assign(static_cast<size_t>(A * W1w), S(0));
+  sv.a3.assign(static_cast<size_t>(A * F), S(0));
+  sv.hid.assign(static_cast<size_t>(A * F), S(0));
+  sv.out.assign(static_cast<size_t>(A * Do), S(0));
+  for (int64_t a = 0; a < A; ++a) {
+    if (sv.plan.src_to_dest[a] < 0) continue;
+    const int64_t e = sv.indices[a];
+    const S* xt = x + (a / k) * d;
+    S* a1 = &sv.a1[a * W1w];
+    S* a3 = &sv.a3[a * F];
+    S* hid = &sv.hid[a * F];
+    S* out = &sv.out[a * Do];
+    const S* W1 = &p.W1[e * d * W1w];
+    for (int64_t c = 0; c < W1w; ++c) {
+      a1[c] = p.b1.empty() ? S(0) : p.b1[e * W1w + c];
+      for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * W1[i * W1w + c];
+    }
+    switch (cfg.expert) {
+      case ExpertKind::linear_relu:
+        for (int64_t c = 0; c < Do; ++c) out[c] = act_forward(Activation::relu, a1[c]);
+        continue;
+      case ExpertKind::mlp:
+        for (int64_t f = 0; f < F; ++f) hid[f] = act_forward(cfg.activation, a1[f]);
+        break;
+      case ExpertKind::swiglu:
+        for (int64_t f = 0; f < F; ++f) {
+          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * p.W3[(e * d + i) * F + f];
+          hid[f] = silu(a1[f]) * a3[f];
+        }
+        break;
+    }
+    for (int64_t c = 0; c < Do; ++c) {
+      out[c] = p.b2.empty() ? S(0) : p.b2[e * Do + c];
+      for (int64_t f = 0; f < F; ++f) out[c] += hid[f] * p.W2[(e * F + f) * Do + c];
+    }
+  }
+
+  // Combine.
+  y.assign(static_cast<size_t>(T * Do), S(0));
+  for (int64_t t = 0; t < T; ++t) {
+    if (cfg.residual)
+      for (int64_t c = 0; c < Do; ++c) y[t * Do + c] = x[t * d + c];
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t a = t * k + j;
+      if (sv.plan.src_to_dest[a] < 0) continue;
+      for (int64_t c = 0; c < Do; ++c) y[t * Do + c] += sv.weights[a] * sv.out[a * Do + c];
+    }
+  }
+}
+
+// dx (T, d) is assigned; g accumulates (its vectors must be sized like p's).
+template <typename S>
+void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const RefSaved<S>& sv,
+                        const RefParams<S>& p, const MoEConfig& cfg) {
+  const int64_t T = sv.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
+                Do = cfg.out_dim();
+  const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;
+  const S* x = sv.x.data();
+  dx.assign(static_cast<size_t>(T * d), S(0));
+  std::vector<S> dG(static_cast<size_t>(T * k), S(0));
+  std::vector<S> dout(static_cast<size_t>(Do)), dh(static_cast<size_t>(F)),
+      da1(static_cast<size_t>(W1w)), da3(static_cast<size_t>(F));
+
+  // Combine and experts, one kept assignment at a time.
+  for (int64_t a = 0; a < T * k; ++a) {
+    if (sv.plan.src_to_dest[a] < 0) continue;
+    const int64_t t = a / k, e = sv.indices[a];
+    const S* xt = x + t * d;
+    const S* dyt = dy + t * Do;
+    const S* out = &sv.out[a * Do];
+    const S* a1 = &sv.a1[a * W1w];
+    const S* a3 = &sv.a3[a * F];
+    const S* hid = &sv.hid[a * F];
+    for (int64_t c = 0; c < Do; ++c) {
+      dG[a] += dyt[c] * out[c];
+      dout[c] = sv.weights[a] * dyt[c];
+    }
+    if (cfg.expert == ExpertKind::linear_relu) {
+      for (int64_t c = 0; c < Do; ++c) da1[c] = dout[c] * act_grad(Activation::relu, a1[c]);
+    } else {
+      for (int64_t f = 0; f < F; ++f) {
+        dh[f] = 0;
+        for (int64_t c = 0; c < Do; ++c) {
+          dh[f] += dout[c] * p.W2[(e * F + f) * Do + c];
+          g.W2[(e * F + f) * Do + c] += hid[f] * dout[c];
+        }
+      }
+      if (!g.b2.empty())
+        for (int64_t c = 0; c < Do; ++c) g.b2[e * Do + c] += dout[c];
+      for (int64_t f = 0; f < F; ++f) {
+        if (cfg.expert == ExpertKind::mlp) {
+          da1[f] = dh[f] * act_grad(cfg.activation, a1[f]);
+        } else {
+          da1[f] = dh[f] * a3[f] * act_grad(Activation::silu, a1[f]);
+          da3[f] = dh[f] * silu(a1[f]);
+        }
+      }
+    }
+    for (int64_t c = 0; c < W1w; ++c) {
+      if (!g.b1.empty()) g.b1[e * W1w + c] += da1[c];
+      for (int64_t i = 0; i < d; ++i) {
+        g.W1[(e * d + i) * W1w + c] += xt[i] * da1[c];
+        dx[t * d + i] += da1[c] * p.W1[(e * d + i) * W1w + c];
+      }
+    }
+    if (cfg.expert == ExpertKind::swiglu)
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t i = 0; i < d; ++i) {
+          g.W3[(e * d + i) * F + f] += xt[i] * da3[f];
+          dx[t * d + i] += da3[f] * p.W3[(e * d + i) * F + f];
+        }
+  }
+
+  // Losses: the balancing loss through P = mean(probs) only, the z-loss through h.
+  std::vector<S> dprobs(static_cast<size_t>(T * E)), dlogits(static_cast<size_t>(T * E));
+  load_balancing_loss_t<S>(dprobs.data(), sv.indices.data(), sv.probs.data(), T, k, E,
+                           cfg.aux_alpha, cfg.normalize_by_k);
+  router_z_loss_t<S>(dlogits.data(), sv.h.data(), T, E, cfg.z_alpha);
+
+  // Router: softmax over the kept logits and the full softmax, both back to H; KeepTopK is
+  // piecewise constant, so the selection itself carries no gradient.
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<S> dH(static_cast<size_t>(E), S(0));
+    S dot = 0;
+    for (int64_t j = 0; j < k; ++j) dot += sv.weights[t * k + j] * dG[t * k + j];
+    for (int64_t j = 0; j < k; ++j)
+      dH[sv.indices[t * k + j]] += sv.weights[t * k + j] * (dG[t * k + j] - dot);
+    S pdot = 0;
+    for (int64_t e = 0; e < E; ++e) pdot += sv.probs[t * E + e] * dprobs[t * E + e];
+    for (int64_t e = 0; e < E; ++e) dH[e] += sv.probs[t * E + e] * (dprobs[t * E + e] - pdot);
+    for (int64_t e = 0; e < E; ++e) {
+      const S dhe = dH[e] + dlogits[t * E + e];  // H = h + noise: ∂H/∂h = 1
+      S dpre = 0;
+      if (sv.noisy && cfg.noise == Noise::learned) {
+        const S z = sv.pre[t * E + e];
+        const S ds = cfg.noise_scale == NoiseScale::softplus ? sigmoid(z) : S(1);
+        dpre = dH[e] * sv.eps[t * E + e] * ds;
+      }
+      if (!g.b_g.empty()) g.b_g[e] += dhe;
+      for (int64_t i = 0; i < d; ++i) {
+        g.W_g[i * E + e] += x[t * d + i] * dhe;
+        dx[t * d + i] += dhe * p.W_g[i * E + e];
+        if (sv.noisy && cfg.noise == Noise::learned) {
+          g.W_noise[i * E + e] += x[t * d + i] * dpre;
+          dx[t * d + i] += dpre * p.W_noise[i * E + e];
+        }
+      }
+    }
+  }
+  if (cfg.residual)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < d; ++c) dx[t * d + c] += dy[t * Do + c];
+}
+
+}  // namespace moe::detail

@@ -1,0 +1,153 @@
+// Shared pieces of the layer tests: random configurations, tolerance checks with a
+// zero-trust guard (STYLE.md item 7), and conversions between the fast layer and its
+// reference twin.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "layer/layer_ref.hpp"
+#include "moe/moe.hpp"
+
+namespace moe_test {
+
+// Counter-free uniform numbers for test data: a fixed LCG so that data are the same on
+// every platform (std::uniform_real_distribution is implementation-defined).
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : s_(seed * 6364136223846793005ull + 1442695040888963407ull) {}
+  double uniform() {  // [0, 1)
+    s_ = s_ * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<double>(s_ >> 11) * (1.0 / 9007199254740992.0);
+  }
+  double sym(double a) { return (2.0 * uniform() - 1.0) * a; }  // [-a, a)
+  int64_t below(int64_t n) { return static_cast<int64_t>(uniform() * static_cast<double>(n)); }
+  std::vector<float> vec(int64_t n, double a) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = static_cast<float>(sym(a));
+    return v;
+  }
+
+ private:
+  uint64_t s_;
+};
+
+// Fills every parameter of a layer with U(-a, a) scaled by 1/sqrt(fan-in)-ish widths so that
+// activations stay O(1); biases get non-zero values too, so that their paths are exercised.
+inline void randomize(moe::MoELayer& layer, Rng& rng, double a = 1.0) {
+  for (const auto& n : layer.parameter_names()) {
+    moe::Tensor& t = layer.param(n);
+    const double fan = t.shape.size() >= 2 ? static_cast<double>(t.shape[t.shape.size() - 2]) : 4.0;
+    const double scale = (n == "W_g" || n == "W_noise") ? a : a * 1.5 / std::sqrt(fan);
+    for (auto& v : t.data) v = static_cast<float>(rng.sym(scale));
+  }
+}
+
+template <typename S, typename U>
+std::vector<S> convert(const std::vector<U>& v) {
+  return std::vector<S>(v.begin(), v.end());
+}
+
+// |got - want| <= atol + rtol·|want| everywhere, nothing non-finite, and at least min_nonzero
+// of want's entries non-zero: a comparison that passes only because everything is zero
+// (dropped tokens, dead ReLUs, an output never written) must fail.
+template <typename A, typename B>
+void expect_close(const std::vector<A>& got, const std::vector<B>& want, double atol, double rtol,
+                  const std::string& what, double min_nonzero = 0.3) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int64_t nonzero = 0, bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
+    ASSERT_TRUE(std::isfinite(g)) << what << "[" << i << "] is " << g;
+    ASSERT_TRUE(std::isfinite(w)) << what << " (reference)[" << i << "] is " << w;
+    if (std::abs(w) > 1e-6) ++nonzero;
+    if (std::abs(g - w) > atol + rtol * std::abs(w)) {
+      if (++bad <= 5)
+        ADD_FAILURE() << what << "[" << i << "]: got " << g << ", want " << w << " (diff "
+                      << g - w << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " entries out of tolerance";
+  if (!got.empty()) {
+    EXPECT_GE(static_cast<double>(nonzero), min_nonzero * static_cast<double>(got.size()))
+        << what << ": only " << nonzero << " of " << got.size()
+        << " reference entries are non-zero (zero-trust)";
+  }
+}
+
+// The layer's configuration matrix used by the random tests.
+struct Case {
+  moe::ExpertKind kind;
+  moe::Activation act;
+  int64_t k;
+  std::optional<double> cf;
+  moe::DropPolicy policy;
+  bool residual;
+  moe::Noise noise;
+  moe::NoiseScale scale;
+  std::string name() const {
+    std::string s = std::string(moe::to_string(kind)) + "_" + moe::to_string(act) + "_k" +
+                    std::to_string(k) + "_cf" + (cf ? std::to_string(*cf) : "none") + "_" +
+                    moe::to_string(policy) + (residual ? "_res" : "") + "_" +
+                    moe::to_string(noise) + "_" + moe::to_string(scale);
+    return s;
+  }
+};
+
+inline std::vector<Case> all_cases() {
+  using namespace moe;
+  std::vector<Case> cases;
+  const std::pair<ExpertKind, Activation> kinds[] = {
+      {ExpertKind::linear_relu, Activation::relu}, {ExpertKind::mlp, Activation::relu},
+      {ExpertKind::mlp, Activation::gelu},         {ExpertKind::mlp, Activation::silu},
+      {ExpertKind::swiglu, Activation::relu}};
+  const std::pair<std::optional<double>, DropPolicy> caps[] = {
+      {std::nullopt, DropPolicy::position},
+      {1.0, DropPolicy::position},
+      {0.75, DropPolicy::probs},
+      {1.25, DropPolicy::probs}};
+  const std::pair<Noise, NoiseScale> noises[] = {{Noise::none, NoiseScale::softplus},
+                                                 {Noise::fixed, NoiseScale::softplus},
+                                                 {Noise::learned, NoiseScale::softplus},
+                                                 {Noise::learned, NoiseScale::linear}};
+  int i = 0;
+  for (auto [kind, act] : kinds)
+    for (int64_t k = 1; k <= 3; ++k)
+      for (auto [cf, pol] : caps)
+        for (int res = 0; res < 2; ++res) {
+          // Every noise mode for every other combination keeps the matrix small but complete.
+          auto [noise, scale] = noises[(i++) % 4];
+          cases.push_back(Case{kind, act, k, cf, pol, res == 1, noise, scale});
+        }
+  return cases;
+}
+
+inline moe::MoEConfig config_of(const Case& c, int64_t d, int64_t E, int64_t F, int64_t Do,
+                                uint64_t seed) {
+  moe::MoEConfig cfg;
+  cfg.d_model = d;
+  cfg.n_experts = E;
+  cfg.k = c.k;
+  cfg.expert = c.kind;
+  cfg.activation = c.act;
+  cfg.d_ff = F;
+  cfg.d_out = c.residual ? d : Do;
+  cfg.capacity_factor = c.cf;
+  cfg.drop_policy = c.policy;
+  cfg.noise = c.noise;
+  cfg.noise_scale = c.scale;
+  cfg.noise_stddev = 0.7f;
+  cfg.aux_alpha = 0.05f;
+  cfg.z_alpha = 0.01f;
+  cfg.residual = c.residual;
+  cfg.router_bias = true;
+  cfg.router_init_std = 1.0f;
+  cfg.seed = seed;
+  return cfg;
+}
+
+}  // namespace moe_test
