@@ -23,12 +23,10 @@
 
 #include "commands.hpp"
 #include "common/gemm.hpp"
+#include "moe/checkpoint.hpp"
 #include "moe/error.hpp"
 #include "moe/layer.hpp"
-#if __has_include("moe/checkpoint.hpp")
-#include "moe/checkpoint.hpp"
-#define MOE_CLI_HAVE_CHECKPOINT 1
-#endif
+#include "moe/optim.hpp"
 #include "progress.hpp"
 #include "run_files.hpp"
 #include "train_task.hpp"
@@ -39,41 +37,6 @@ namespace {
 
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
-
-// Adam (Kingma & Ba), local until the library's optimizer (include/moe/optim.hpp) lands.
-struct AdamConfig {
-  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
-};
-class Adam {
- public:
-  explicit Adam(const AdamConfig& c) : c_(c) {}
-  void add(const std::string&, Tensor* p, Tensor* g) {
-    slots_.push_back({p, g, std::vector<float>(p->data.size()), std::vector<float>(p->data.size())});
-  }
-  void step() {
-    ++t_;
-    const double bc1 = 1.0 - std::pow(static_cast<double>(c_.beta1), static_cast<double>(t_));
-    const double bc2 = 1.0 - std::pow(static_cast<double>(c_.beta2), static_cast<double>(t_));
-    const float a = static_cast<float>(c_.lr * std::sqrt(bc2) / bc1);
-    for (auto& s : slots_)
-      for (size_t i = 0; i < s.m.size(); ++i) {
-        const float g = s.g->data[i];
-        s.m[i] = c_.beta1 * s.m[i] + (1 - c_.beta1) * g;
-        s.v[i] = c_.beta2 * s.v[i] + (1 - c_.beta2) * g * g;
-        s.p->data[i] -= a * s.m[i] / (std::sqrt(s.v[i]) + c_.eps);
-      }
-  }
-
- private:
-  struct Slot {
-    Tensor* p;
-    Tensor* g;
-    std::vector<float> m, v;
-  };
-  AdamConfig c_;
-  std::vector<Slot> slots_;
-  int64_t t_ = 0;
-};
 
 struct TrainOptions {
   // Model.
@@ -344,12 +307,11 @@ int run_train(const TrainOptions& o) {
   const int64_t E = cfg.n_experts, K = cfg.k, T = o.batch, D = o.d_model, Dy = o.d_target;
 
   AdamConfig acfg;
-  acfg.lr = static_cast<float>(o.lr);
-  Adam adam(acfg);
-  for (const auto& name : model.layer.parameter_names())
-    adam.add(name, &model.layer.param(name), &model.layer.grad(name));
-  adam.add("head.W", &model.W_h, &model.dW_h);
-  adam.add("head.b", &model.b_h, &model.db_h);
+  acfg.lr = o.lr;
+  std::vector<ParamRef> params = layer_params(model.layer);
+  params.push_back({"head.W", &model.W_h, &model.dW_h});
+  params.push_back({"head.b", &model.b_h, &model.db_h});
+  Adam adam(params, acfg);
 
   std::fprintf(human, "moe train: %s on %lld regimes, %lld steps × %lld tokens, run folder %s\n",
                o.dense ? "dense baseline"
@@ -472,13 +434,12 @@ int run_train(const TrainOptions& o) {
   // Files. Each is complete or absent: written to a temporary name, then renamed.
   write_file_atomic(run_dir + "/metrics.csv", metrics_csv(metrics, E));
   write_file_atomic(run_dir + "/regime_expert.csv", regime_csv(counts));
-#ifdef MOE_CLI_HAVE_CHECKPOINT
   CheckpointExtras extras;
   extras.metadata["task"] = config_json(o, cfg)["task"].dump();
   extras.metadata["train"] = config_json(o, cfg)["train"].dump();
   extras.tensors = {{"head.W", &model.W_h}, {"head.b", &model.b_h}};
+  extras.optimizer = &adam;
   save_checkpoint(model.layer, run_dir + "/model.safetensors", extras);
-#endif
   const double wall = std::chrono::duration<double>(Clock::now() - t_start).count();
   summary["timing"] = {{"tokens_per_s", std::round(tokens_per_s)},
                        {"train_s", r6(train_seconds)},
@@ -553,6 +514,8 @@ void add_train_command(CLI::App& app, int& status) {
       "Train an MoE layer (residual) + linear head with MSE and Adam on a synthetic mixture of "
       "regimes (each input cluster labelled by its own hidden teacher network). With no "
       "arguments, runs the embedded default (about a minute on 2 cores).");
+  // A flag given twice takes its last value, so that scripts can append overrides.
+  sub->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   sub->add_option("--steps", o->steps, "training steps")->capture_default_str();
   sub->add_option("--batch", o->batch, "tokens per step")->capture_default_str();
   sub->add_option("--experts", o->experts, "number of experts E")->capture_default_str();
