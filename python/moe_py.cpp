@@ -364,12 +364,17 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.n_experts = n_experts;
   c.k = k;
   c.expert = moe::parse_expert_kind(expert);
+  auto as_int = [](const py::object& v, const char* name) {
+    if (py::isinstance<py::bool_>(v) || !py::hasattr(v, "__index__"))
+      throw moe::Error(cat(name, ": expected an integer or None, got ", std::string(py::repr(v))));
+    return v.cast<int64_t>();
+  };
   if (!d_ff.is_none()) {
-    c.d_ff = d_ff.cast<int64_t>();
+    c.d_ff = as_int(d_ff, "d_ff");
     MOE_REQUIRE(c.d_ff >= 1, "d_ff: must be at least 1 (None means 4*d_model), got ", c.d_ff);
   }
   if (!d_out.is_none()) {
-    c.d_out = d_out.cast<int64_t>();
+    c.d_out = as_int(d_out, "d_out");
     MOE_REQUIRE(c.d_out >= 1, "d_out: must be at least 1 (None means d_model), got ", c.d_out);
   }
   c.activation = moe::parse_activation(activation);
