@@ -18,11 +18,6 @@
 #include "moe/moe.hpp"
 #include "moe/optim.hpp"
 
-// Layer checkpoints (src/io/checkpoint.cpp) land separately; until then MoE.save/load stay out.
-#ifndef MOE_PY_HAVE_CHECKPOINT
-#define MOE_PY_HAVE_CHECKPOINT 0
-#endif
-
 namespace py = pybind11;
 using moe::detail::cat;
 
@@ -369,12 +364,17 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.n_experts = n_experts;
   c.k = k;
   c.expert = moe::parse_expert_kind(expert);
+  auto as_int = [](const py::object& v, const char* name) {
+    if (py::isinstance<py::bool_>(v) || !py::hasattr(v, "__index__"))
+      throw moe::Error(cat(name, ": expected an integer or None, got ", std::string(py::repr(v))));
+    return v.cast<int64_t>();
+  };
   if (!d_ff.is_none()) {
-    c.d_ff = d_ff.cast<int64_t>();
+    c.d_ff = as_int(d_ff, "d_ff");
     MOE_REQUIRE(c.d_ff >= 1, "d_ff: must be at least 1 (None means 4*d_model), got ", c.d_ff);
   }
   if (!d_out.is_none()) {
-    c.d_out = d_out.cast<int64_t>();
+    c.d_out = as_int(d_out, "d_out");
     MOE_REQUIRE(c.d_out >= 1, "d_out: must be at least 1 (None means d_model), got ", c.d_out);
   }
   c.activation = moe::parse_activation(activation);
@@ -511,14 +511,13 @@ std::vector<moe::ParamRef> collect_params(const py::object& params, py::list& ke
   throw moe::Error("params: expected a moe.MoE or a list of them");
 }
 
-[[maybe_unused]] moe::Optimizer* optimizer_of(const py::object& o) {
+moe::Optimizer* optimizer_of(const py::object& o) {
   if (o.is_none()) return nullptr;
   if (!py::isinstance<PyOptimizer>(o)) throw moe::Error("optimizer: expected a moe optimizer");
   return o.cast<PyOptimizer&>().opt.get();
 }
 
-void bind_io(py::module_& m, [[maybe_unused]] py::class_<PyMoE>& cls) {
-#if MOE_PY_HAVE_CHECKPOINT
+void bind_io(py::module_& m, py::class_<PyMoE>& cls) {
   cls.def("save", [](const PyMoE& self, const py::object& path, const py::object& metadata,
                      const py::object& optimizer) {
     moe::CheckpointExtras ex;
@@ -548,7 +547,6 @@ void bind_io(py::module_& m, [[maybe_unused]] py::class_<PyMoE>& cls) {
     moe::load_checkpoint(self->layer, p);
     return self;
   }, py::arg("path"), "A layer made from the config stored in a checkpoint, with its weights.");
-#endif
 
   m.def("load_safetensors", [](const py::object& path) {
     moe::SafetensorsFile f = moe::load_safetensors(as_path(path));

@@ -396,6 +396,8 @@ def test_parameter_assignment(rng):
     (dict(tie_break="coin"), "tie_break"),
     (dict(residual=True, d_out=3), "residual"),
     (dict(d_ff=0), "d_ff"),
+    (dict(d_ff=8.5), "d_ff"),
+    (dict(d_out="4"), "d_out"),
     (dict(noise_stddev=-1.0), "noise_stddev"),
     (dict(seed=-1), "seed"),
 ])
