@@ -9,5 +9,6 @@ namespace moe::cli {
 void add_gate_command(CLI::App& app, int& status);
 void add_route_command(CLI::App& app, int& status);
 void add_train_command(CLI::App& app, int& status);
+void add_bench_command(CLI::App& app, int& status);  // cmd_bench.cpp (bench helper)
 
 }  // namespace moe::cli
