@@ -387,7 +387,10 @@ int run_train(const TrainOptions& o) {
   const auto& idx = model.layer.routing().indices;
   for (int64_t t = 0; t < Te; ++t)
     for (int64_t j = 0; j < K; ++j) ++counts[re[t]][idx[t * K + j]];
-  double purity = 0.0;
+  // Specialisation: purity is the share of a regime's assignments that land on its k most
+  // used experts; top_expert the fraction of a regime's tokens that its most used expert
+  // serves (1.0: one expert sees every token of the regime).
+  double purity = 0.0, top_expert = 0.0;
   for (auto row : counts) {
     int64_t total = 0;
     for (int64_t c : row) total += c;
@@ -395,8 +398,10 @@ int run_train(const TrainOptions& o) {
     int64_t top = 0;
     for (int64_t j = 0; j < K; ++j) top += row[j];
     purity += total ? static_cast<double>(top) / static_cast<double>(total) : 1.0;
+    top_expert += total ? static_cast<double>(row[0] * K) / static_cast<double>(total) : 1.0;
   }
   purity /= static_cast<double>(o.regimes);
+  top_expert /= static_cast<double>(o.regimes);
 
   // Training-time balance over the last tenth of the run: loads summed over those steps (the
   // systematic imbalance), and the mean per-step CV (which includes sampling noise).
@@ -432,6 +437,7 @@ int run_train(const TrainOptions& o) {
   summary["eval_load_cv"] = r6(eval_load_cv);
   summary["eval_drop_rate"] = r6(eval_drop);
   summary["regime_purity"] = r6(purity);
+  summary["regime_top_expert"] = r6(top_expert);
   summary["tokens"] = o.steps * T;
   summary["params_total"] = model.params_total();
   summary["params_active"] = model.params_active();
@@ -494,8 +500,9 @@ int run_train(const TrainOptions& o) {
     std::string shares;
     for (double v : share_json) shares += fmt("%.1f ", 100.0 * v);
     row("expert share %", shares);
-    row("regime purity", fmt("%.3f", purity) + " (share of a regime's tokens on its top-" +
-                             std::to_string(K) + " experts)");
+    row("specialisation", "a regime's most used expert serves " + fmt("%.0f%%", 100 * top_expert) +
+                              " of its tokens; its top " + std::to_string(K) + " take " +
+                              fmt("%.0f%%", 100 * purity) + " of its assignments");
   }
   row("speed", fmt("%.0f", tokens_per_s) + " tokens/s (" + std::to_string(omp_get_max_threads()) +
                    " threads), " + fmt("%.1f", total_wall) + " s in all");

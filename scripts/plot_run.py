@@ -110,19 +110,23 @@ def main(argv):
         counts = []
     if counts:
         c = np.array(counts)[:, 1:]
-        frac = c / np.maximum(c.sum(1, keepdims=True), 1)
+        # Each token makes k assignments: dividing by the regime's token count gives the
+        # fraction of its tokens that use each expert (1.0: every token of the regime).
+        k = max(int(model.get("k", 1)), 1)
+        frac = c / np.maximum(c.sum(1, keepdims=True) / k, 1)
         fig, ax = plt.subplots(figsize=(1.2 + 0.55 * c.shape[1], 1.0 + 0.45 * c.shape[0]))
-        im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=max(frac.max(), 1e-9), aspect="auto")
+        im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         if c.size <= 400:
             for r in range(c.shape[0]):
                 for e in range(c.shape[1]):
                     ax.text(e, r, f"{frac[r, e]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if frac[r, e] < 0.6 * frac.max() else "black")
+                            color="white" if frac[r, e] < 0.6 else "black")
         ax.set_xticks(range(c.shape[1]))
         ax.set_yticks(range(c.shape[0]))
         ax.set_xlabel("expert")
         ax.set_ylabel("regime")
-        ax.set_title("Share of each regime's assignments per expert\n(final evaluation batch)")
+        ax.set_title(f"Fraction of each regime's tokens routed to each expert\n"
+                     f"(top-{k}, final evaluation batch)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         save(fig, os.path.join(run, "specialisation.png"))
         plt.close(fig)

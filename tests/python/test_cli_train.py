@@ -204,3 +204,14 @@ def test_bad_flags_exit_2_one_line(tmp_path, args, field):
     lines = r.stderr.strip().split("\n")
     assert len(lines) == 1 and field in lines[0], r.stderr
     assert not (tmp_path / "x" / "summary.json").exists()
+
+
+def test_missing_matplotlib_is_reported_and_the_run_completes(tmp_path):
+    fake = tmp_path / "plot_run.py"
+    fake.write_text("import sys\nsys.exit(3)  # what scripts/plot_run.py does without matplotlib\n")
+    env = dict(os.environ, MOE_PLOT_SCRIPT=str(fake))
+    r = subprocess.run([MOE, "train", *SMALL, "--steps", "5", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "matplotlib" in r.stdout
+    assert (tmp_path / "r" / "summary.json").is_file()
