@@ -31,6 +31,7 @@
 #include "moe/optim.hpp"
 #include "progress.hpp"
 #include "run_files.hpp"
+#include "train_dist.hpp"
 #include "train_task.hpp"
 
 namespace moe::cli {
@@ -63,6 +64,7 @@ struct TrainOptions {
   std::string out;
   bool json_out = false, no_plots = false;
   int64_t log_every = 0;  // 0: about twenty lines per run
+  bool expert_parallel = false;  // train_dist.cpp: experts sharded over MPI ranks
 };
 
 double cv_of(const std::vector<double>& v) {  // population std / mean
@@ -310,6 +312,10 @@ int run_train(const TrainOptions& o) {
   const std::string threads_desc =
       dynamic_threads ? detail::cat("up to ", omp_get_max_threads(), " threads, fewer when busy")
                       : detail::cat(omp_get_max_threads(), " threads");
+  if (o.expert_parallel)
+    return run_train_expert_parallel({cfg, tc, o.steps, o.batch, o.eval_tokens, o.d_target,
+                                      o.log_every > 0 ? o.log_every : std::max<int64_t>(1, o.steps / 20),
+                                      o.lr, o.out, o.json_out});
 
   // Human-readable output goes to stdout, or to stderr when stdout carries the JSON.
   std::FILE* human = o.json_out ? stderr : stdout;
@@ -591,6 +597,10 @@ void add_train_command(CLI::App& app, int& status) {
   sub->add_option("--log-every", o->log_every,
                   "steps between progress lines when not on a terminal (0: about 20 lines)")
       ->capture_default_str();
+  sub->add_flag("--expert-parallel", o->expert_parallel,
+                "run under mpirun: experts sharded over the ranks, each rank training on its "
+                "slice of the batch; the same losses as one process (metrics.csv and "
+                "summary.json only, written by rank 0)");
   sub->footer(
       "Run folder: metrics.csv (per step: loss, aux, tokens/s, load CV, drop rate, each expert's "
       "share), summary.json, regime_expert.csv, model.safetensors, and PNG plots (loss.png, "
