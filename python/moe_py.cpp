@@ -7,17 +7,16 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "common/check.hpp"
+#include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
-
-// The layer (src/layer, src/losses) lands separately; until then its bindings stay out.
-#ifndef MOE_PY_HAVE_LAYER
-#define MOE_PY_HAVE_LAYER 0
-#endif
+#include "moe/optim.hpp"
 
 namespace py = pybind11;
 using moe::detail::cat;
@@ -55,7 +54,9 @@ FArray as_f32_2d(const py::handle& obj, const char* name, const char* dims) {
   return a;
 }
 
-[[maybe_unused]] IArray as_i32_2d(const py::handle& obj, const char* name, const char* dims) {
+// Integer array (T, k) → C-contiguous int32, checked against 0..n-1 before narrowing.
+IArray as_index_2d(const py::handle& obj, const char* name, const char* dims,
+                                    int64_t n) {
   if (obj.is_none()) throw moe::Error(cat(name, ": expected an array, got None"));
   py::array a = py::array::ensure(obj);
   if (!a) throw moe::Error(cat(name, ": expected an integer array"));
@@ -65,7 +66,15 @@ FArray as_f32_2d(const py::handle& obj, const char* name, const char* dims) {
                          std::string(py::str(a.dtype()))));
   if (a.ndim() != 2)
     throw moe::Error(cat(name, ": expected a 2-D array ", dims, ", got shape ", shape_of(a)));
-  return IArray::ensure(a);
+  using LArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  LArray wide = LArray::ensure(a);
+  if (!wide) throw moe::Error(cat(name, ": values do not fit in int64"));
+  const int64_t cols = wide.shape(1);
+  const int64_t* v = wide.data();
+  for (int64_t i = 0; i < wide.size(); ++i)
+    MOE_REQUIRE(v[i] >= 0 && v[i] < n, name, ": expert index out of range 0..", n - 1,
+                " at token ", i / cols, ", got ", v[i]);
+  return IArray::ensure(wide);
 }
 
 void require_shape(const py::array& a, const char* name, std::vector<int64_t> want,
@@ -118,6 +127,20 @@ struct RouteResult {
   py::object eps;  // ε actually used (T, E), or None when no noise was applied
 };
 
+RouteResult routing_of(const moe::RouterState& s) {
+  RouteResult r;
+  const int64_t T = s.T, E = s.E, k = s.k;
+  r.gates = to_numpy(s.dense_gates(), {T, E});
+  r.weights = to_numpy(s.weights, {T, k});
+  r.probs = to_numpy(s.probs, {T, E});
+  r.noisy_logits = to_numpy(s.noisy, {T, E});
+  r.logits = to_numpy(s.logits, {T, E});
+  r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
+  std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());
+  r.eps = s.eps.empty() ? py::object(py::none()) : py::object(to_numpy(s.eps, {T, E}));
+  return r;
+}
+
 RouteResult py_route(const py::object& X_, const py::object& W_g_, int64_t k,
                      const py::object& W_noise_, const py::object& noise_,
                      const std::string& noise_scale, const std::string& tie_break, bool training,
@@ -156,36 +179,469 @@ RouteResult py_route(const py::object& X_, const py::object& W_g_, int64_t k,
     py::gil_scoped_release nogil;
     moe::router_forward(s, X.data(), p, cfg, T, training, ns);
   }
-  RouteResult r;
-  r.gates = to_numpy(s.dense_gates(), {T, E});
-  r.weights = to_numpy(s.weights, {T, k});
-  r.probs = to_numpy(s.probs, {T, E});
-  r.noisy_logits = to_numpy(s.noisy, {T, E});
-  r.logits = to_numpy(s.logits, {T, E});
-  r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
-  std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());
-  r.eps = s.eps.empty() ? py::object(py::none()) : py::object(to_numpy(s.eps, {T, E}));
-  return r;
+  return routing_of(s);
 }
 
-#if MOE_PY_HAVE_LAYER
 double py_load_balancing_loss(const py::object& indices_, const py::object& probs_,
                               int64_t n_experts, double alpha, bool normalize_by_k) {
-  IArray idx = as_i32_2d(indices_, "indices", "(T, k)");
+  MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
+  IArray idx = as_index_2d(indices_, "indices", "(T, k)", n_experts);
   FArray probs = as_f32_2d(probs_, "probs", "(T, n_experts)");
   const int64_t T = idx.shape(0), k = idx.shape(1);
-  MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
   require_shape(probs, "probs", {T, n_experts}, "(T, n_experts)");
   MOE_REQUIRE(k >= 1 && k <= n_experts, "indices: k (columns) must be in 1..", n_experts,
               " (n_experts), got ", k);
-  const int32_t* ip = idx.data();
-  for (int64_t i = 0; i < T * k; ++i)
-    MOE_REQUIRE(ip[i] >= 0 && ip[i] < n_experts, "indices: expert index out of range 0..",
-                n_experts - 1, " at token ", i / k, ", got ", ip[i]);
   return moe::load_balancing_loss(nullptr, idx.data(), probs.data(), T, k, n_experts, alpha,
                                   normalize_by_k);
 }
-#endif
+
+
+// ---- the layer ---------------------------------------------------------------------------
+
+// Every parameter name any expert kind can have; a layer has the subset its config gives.
+const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1", "b1", "W2", "b2", "W3"};
+
+py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
+  return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
+}
+
+// moe.MoE: a MoELayer plus what the Python side needs between calls.
+struct PyMoE {
+  moe::MoELayer layer;
+  int64_t T = -1;          // tokens of the last forward, -1 before any
+  bool one_token = false;  // the last forward got a 1-D x: backward takes and gives 1-D
+  uint64_t step = 0;       // noise counter used when forward is given no step
+
+  explicit PyMoE(const moe::MoEConfig& c) : layer(c) {}
+
+  bool has(const std::string& name) const {
+    for (const auto& n : layer.parameter_names())
+      if (n == name) return true;
+    return false;
+  }
+  std::string kind() const { return moe::to_string(layer.config().expert); }
+
+  py::array_t<float> get(const std::string& name) const {
+    if (!has(name))
+      throw py::attribute_error(cat("MoE(expert='", kind(), "', noise='",
+                                    moe::to_string(layer.config().noise),
+                                    "') has no parameter ", name));
+    return tensor_to_numpy(layer.param(name));
+  }
+  void set(const std::string& name, const py::object& value) {
+    if (!has(name))
+      throw py::attribute_error(cat("MoE(expert='", kind(), "', noise='",
+                                    moe::to_string(layer.config().noise),
+                                    "') has no parameter ", name));
+    moe::Tensor& p = layer.param(name);
+    FArray a = as_f32(value, name.c_str());
+    std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+    if (got != p.shape)
+      throw moe::Error(cat(name, ": expected shape ", moe::shape_str(p.shape), ", got ",
+                           moe::shape_str(got)));
+    std::copy(a.data(), a.data() + a.size(), p.ptr());  // into the layer's own buffer
+  }
+  py::dict as_dict(bool grads) {
+    py::dict d;
+    for (const auto& n : layer.parameter_names())
+      d[py::str(n)] = tensor_to_numpy(grads ? layer.grad(n) : layer.param(n));
+    return d;
+  }
+
+  py::array_t<float> forward(const py::object& x_, const py::object& noise_, bool training,
+                             const py::object& step_, int64_t token_offset) {
+    const moe::MoEConfig& c = layer.config();
+    FArray x = as_f32(x_, "x");
+    if (x.ndim() != 1 && x.ndim() != 2)
+      throw moe::Error(cat("x: expected a 2-D array (T, d_model=", c.d_model,
+                           ") or a 1-D token, got shape ", shape_of(x)));
+    const bool one = x.ndim() == 1;
+    const int64_t T = one ? 1 : x.shape(0);
+    if (x.shape(x.ndim() - 1) != c.d_model)
+      throw moe::Error(cat("x: expected shape (T, ", c.d_model, ") with d_model = ", c.d_model,
+                           ", got ", shape_of(x)));
+    MOE_REQUIRE(token_offset >= 0, "token_offset: must be >= 0, got ", token_offset);
+    moe::ForwardOptions opt;
+    opt.training = training;
+    opt.token_offset = token_offset;
+    opt.step = step_.is_none() ? step : as_seed(step_.cast<py::int_>());
+    FArray eps;
+    if (!noise_.is_none()) {
+      MOE_REQUIRE(c.noise != moe::Noise::none,
+                  "noise: given, but the layer was made with noise='none'");
+      eps = as_f32(noise_, "noise");
+      std::vector<int64_t> want = one ? std::vector<int64_t>{c.n_experts}
+                                      : std::vector<int64_t>{T, c.n_experts};
+      require_shape(eps, "noise", want, one ? "(n_experts)" : "(T, n_experts)");
+      opt.noise = eps.data();
+    }
+    py::array_t<float> y(one ? std::vector<py::ssize_t>{c.out_dim()}
+                             : std::vector<py::ssize_t>{T, c.out_dim()});
+    this->T = -1;
+    {
+      py::gil_scoped_release nogil;
+      layer.forward(y.mutable_data(), x.data(), T, opt);
+    }
+    this->T = T;
+    one_token = one;
+    // Fresh generated noise on every training step unless the caller pins the step.
+    if (training && step_.is_none()) ++step;
+    return y;
+  }
+
+  py::array_t<float> backward(const py::object& dy_) {
+    if (T < 0) throw moe::Error("backward: called before forward (no saved state)");
+    const moe::MoEConfig& c = layer.config();
+    FArray dy = as_f32(dy_, "dy");
+    std::vector<int64_t> want = one_token ? std::vector<int64_t>{c.out_dim()}
+                                          : std::vector<int64_t>{T, c.out_dim()};
+    require_shape(dy, "dy", want, one_token ? "(d_out)" : "(T, d_out) of the last forward");
+    py::array_t<float> dx(one_token ? std::vector<py::ssize_t>{c.d_model}
+                                    : std::vector<py::ssize_t>{T, c.d_model});
+    {
+      py::gil_scoped_release nogil;
+      layer.backward(dx.mutable_data(), dy.data());
+    }
+    return dx;
+  }
+
+  py::dict stats() const {
+    const moe::MoEStats& s = layer.stats();
+    py::dict d;
+    d["tokens"] = s.tokens;
+    d["capacity"] = s.capacity < 0 ? py::object(py::none()) : py::object(py::int_(s.capacity));
+    d["load_before"] = s.load_before;
+    d["load_after"] = s.load_after;
+    d["dropped_assignments"] = s.dropped_assignments;
+    d["dropped_tokens"] = s.dropped_tokens;
+    d["experts_evaluated"] = s.experts_evaluated;
+    d["aux_loss"] = s.aux_loss;
+    d["z_loss"] = s.z_loss;
+    return d;
+  }
+
+  py::dict config() const {
+    const moe::MoEConfig& c = layer.config();
+    py::dict d;
+    d["d_model"] = c.d_model;
+    d["n_experts"] = c.n_experts;
+    d["k"] = c.k;
+    d["expert"] = moe::to_string(c.expert);
+    d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
+                                                         : py::object(py::int_(c.hidden()));
+    d["d_out"] = c.out_dim();
+    d["activation"] = moe::to_string(c.activation);
+    d["capacity_factor"] =
+        c.capacity_factor ? py::object(py::float_(*c.capacity_factor)) : py::object(py::none());
+    d["drop_policy"] = moe::to_string(c.drop_policy);
+    d["noise"] = moe::to_string(c.noise);
+    d["noise_scale"] = moe::to_string(c.noise_scale);
+    d["noise_stddev"] = c.noise_stddev;
+    d["aux_alpha"] = c.aux_alpha;
+    d["z_alpha"] = c.z_alpha;
+    d["normalize_by_k"] = c.normalize_by_k;
+    d["residual"] = c.residual;
+    d["tie_break"] = moe::to_string(c.tie_break);
+    d["expert_bias"] = c.expert_bias;
+    d["router_bias"] = c.router_bias;
+    d["router_init_std"] = c.router_init_std;
+    d["seed"] = c.seed;
+    return d;
+  }
+};
+
+std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
+                                const std::string& expert, const py::object& d_ff,
+                                const py::object& d_out, const std::string& activation,
+                                const py::object& capacity_factor,
+                                const std::string& drop_policy, const std::string& noise,
+                                const std::string& noise_scale, double noise_stddev,
+                                double aux_alpha, double z_alpha, bool normalize_by_k,
+                                bool residual, const std::string& tie_break, const py::int_& seed,
+                                bool expert_bias, bool router_bias, double router_init_std) {
+  moe::MoEConfig c;
+  c.d_model = d_model;
+  c.n_experts = n_experts;
+  c.k = k;
+  c.expert = moe::parse_expert_kind(expert);
+  auto as_int = [](const py::object& v, const char* name) {
+    if (py::isinstance<py::bool_>(v) || !py::hasattr(v, "__index__"))
+      throw moe::Error(cat(name, ": expected an integer or None, got ", std::string(py::repr(v))));
+    return v.cast<int64_t>();
+  };
+  if (!d_ff.is_none()) {
+    c.d_ff = as_int(d_ff, "d_ff");
+    MOE_REQUIRE(c.d_ff >= 1, "d_ff: must be at least 1 (None means 4*d_model), got ", c.d_ff);
+  }
+  if (!d_out.is_none()) {
+    c.d_out = as_int(d_out, "d_out");
+    MOE_REQUIRE(c.d_out >= 1, "d_out: must be at least 1 (None means d_model), got ", c.d_out);
+  }
+  c.activation = moe::parse_activation(activation);
+  if (!capacity_factor.is_none()) c.capacity_factor = capacity_factor.cast<double>();
+  c.drop_policy = moe::parse_drop_policy(drop_policy);
+  c.noise = moe::parse_noise(noise);
+  c.noise_scale = moe::parse_noise_scale(noise_scale);
+  c.noise_stddev = static_cast<float>(noise_stddev);
+  c.aux_alpha = static_cast<float>(aux_alpha);
+  c.z_alpha = static_cast<float>(z_alpha);
+  c.normalize_by_k = normalize_by_k;
+  c.residual = residual;
+  c.tie_break = moe::parse_tie_break(tie_break);
+  c.seed = as_seed(seed);
+  c.expert_bias = expert_bias;
+  c.router_bias = router_bias;
+  c.router_init_std = static_cast<float>(router_init_std);
+  return std::make_unique<PyMoE>(c);
+}
+
+py::class_<PyMoE> bind_layer(py::module_& m) {
+  py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
+
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+configuration has them). Reading one gives a copy; assigning one copies the values in after
+checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
+  cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),
+          py::arg("expert") = "mlp", py::arg("d_ff") = py::none(), py::arg("d_out") = py::none(),
+          py::arg("activation") = "relu", py::arg("capacity_factor") = py::none(),
+          py::arg("drop_policy") = "position", py::arg("noise") = "learned",
+          py::arg("noise_scale") = "softplus", py::arg("noise_stddev") = 1.0,
+          py::arg("aux_alpha") = 0.01, py::arg("z_alpha") = 0.0,
+          py::arg("normalize_by_k") = false, py::arg("residual") = false,
+          py::arg("tie_break") = "high", py::arg("seed") = 0, py::arg("expert_bias") = true,
+          py::arg("router_bias") = false, py::arg("router_init_std") = 0.0);
+  for (const char* name : kParamNames) {
+    const std::string n = name;
+    cls.def_property(
+        name, [n](const PyMoE& self) { return self.get(n); },
+        [n](PyMoE& self, const py::object& v) { self.set(n, v); });
+  }
+  cls.def("forward", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
+          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0,
+          R"(y = MoE(x) (plus x with residual). x is (T, d_model) or one token (d_model).
+noise: a given ε (T, n_experts); otherwise, in training, ε is drawn from (seed, step,
+token_offset + t, expert). step defaults to a counter that advances on every training
+forward, so each step draws fresh noise; pass it to pin the draw.)");
+  cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
+          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+  cls.def("backward", &PyMoE::backward, py::arg("dy"),
+          "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
+          "loss terms) accumulate into `grads` until zero_grad().");
+  cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
+  cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
+                            "dict name → gradient (a copy)");
+  cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
+          "dict name → parameter (a copy)");
+  cls.def_property_readonly("parameter_names",
+                            [](const PyMoE& self) { return self.layer.parameter_names(); });
+  cls.def_property_readonly("aux_loss", [](const PyMoE& self) { return self.layer.aux_loss(); });
+  cls.def_property_readonly("z_loss", [](const PyMoE& self) { return self.layer.z_loss(); });
+  cls.def_property_readonly("stats", &PyMoE::stats);
+  cls.def_property_readonly("routing", [](const PyMoE& self) {
+    return routing_of(self.layer.routing());
+  }, "moe.Routing of the last forward");
+  cls.def_property_readonly("config", &PyMoE::config);
+  cls.def_property("step", [](const PyMoE& self) { return self.step; },
+                   [](PyMoE& self, const py::int_& v) { self.step = as_seed(v); },
+                   "noise counter of the next training forward that is given no step");
+  for (const char* f : {"d_model", "n_experts", "k", "d_out", "expert", "residual"}) {
+    const std::string key = f;
+    cls.def_property_readonly(f, [key](const PyMoE& self) { return py::object(self.config()[key.c_str()]); });
+  }
+  cls.def("__repr__", [](const PyMoE& self) {
+    const moe::MoEConfig& c = self.layer.config();
+    return cat("moe.MoE(d_model=", c.d_model, ", n_experts=", c.n_experts, ", k=", c.k,
+               ", expert='", moe::to_string(c.expert), "')");
+  });
+  return cls;
+}
+
+// ---- checkpoints and optimizers ---------------------------------------------------------
+
+std::map<std::string, std::string> as_metadata(const py::object& md) {
+  std::map<std::string, std::string> out;
+  if (md.is_none()) return out;
+  if (!py::isinstance<py::dict>(md)) throw moe::Error("metadata: expected a dict of str → str");
+  for (auto item : md.cast<py::dict>()) {
+    if (!py::isinstance<py::str>(item.first) || !py::isinstance<py::str>(item.second))
+      throw moe::Error(cat("metadata: keys and values must be str, got ",
+                           std::string(py::repr(item.first)), ": ",
+                           std::string(py::repr(item.second))));
+    out[item.first.cast<std::string>()] = item.second.cast<std::string>();
+  }
+  return out;
+}
+
+py::dict metadata_dict(const std::map<std::string, std::string>& md) {
+  py::dict d;
+  for (const auto& [k, v] : md) d[py::str(k)] = py::str(v);
+  return d;
+}
+
+std::string as_path(const py::object& path) {
+  return py::str(py::module_::import("os").attr("fspath")(path)).cast<std::string>();
+}
+
+// An optimizer over the parameters of one moe.MoE, or of a list of them (names prefixed
+// "0.", "1.", …). It keeps the layers alive: it holds pointers to their tensors.
+struct PyOptimizer {
+  std::unique_ptr<moe::Optimizer> opt;
+  py::list layers;
+};
+
+std::vector<moe::ParamRef> collect_params(const py::object& params, py::list& keep) {
+  std::vector<moe::ParamRef> refs;
+  if (py::isinstance<PyMoE>(params)) {
+    keep.append(params);
+    return moe::layer_params(params.cast<PyMoE&>().layer);
+  }
+  if (py::isinstance<py::list>(params) || py::isinstance<py::tuple>(params)) {
+    size_t i = 0;
+    for (auto item : params) {
+      if (!py::isinstance<PyMoE>(item))
+        throw moe::Error(cat("params: item ", i, " is not a moe.MoE"));
+      keep.append(item);
+      for (auto& r : moe::layer_params(item.cast<PyMoE&>().layer, cat(i, ".")))
+        refs.push_back(std::move(r));
+      ++i;
+    }
+    if (i == 0) throw moe::Error("params: empty list");
+    return refs;
+  }
+  throw moe::Error("params: expected a moe.MoE or a list of them");
+}
+
+moe::Optimizer* optimizer_of(const py::object& o) {
+  if (o.is_none()) return nullptr;
+  if (!py::isinstance<PyOptimizer>(o)) throw moe::Error("optimizer: expected a moe optimizer");
+  return o.cast<PyOptimizer&>().opt.get();
+}
+
+void bind_io(py::module_& m, py::class_<PyMoE>& cls) {
+  cls.def("save", [](const PyMoE& self, const py::object& path, const py::object& metadata,
+                     const py::object& optimizer) {
+    moe::CheckpointExtras ex;
+    ex.metadata = as_metadata(metadata);
+    ex.optimizer = optimizer_of(optimizer);
+    const std::string p = as_path(path);
+    py::gil_scoped_release nogil;
+    moe::save_checkpoint(self.layer, p, ex);
+  }, py::arg("path"), py::arg("metadata") = py::none(), py::arg("optimizer") = py::none(),
+     "Write every parameter (and the config, metadata and optimizer state) to a safetensors "
+     "file, atomically.");
+  cls.def("load", [](PyMoE& self, const py::object& path, const py::object& optimizer) {
+    moe::Optimizer* opt = optimizer_of(optimizer);
+    const std::string p = as_path(path);
+    moe::SafetensorsFile f;
+    {
+      py::gil_scoped_release nogil;
+      f = moe::load_checkpoint(self.layer, p, opt);
+    }
+    return metadata_dict(f.metadata);
+  }, py::arg("path"), py::arg("optimizer") = py::none(),
+     "Read the parameters (and the optimizer's state) from a checkpoint; the layer changes "
+     "only when the whole file checks out. Returns the file's metadata.");
+  cls.def_static("from_checkpoint", [](const py::object& path) {
+    const std::string p = as_path(path);
+    auto self = std::make_unique<PyMoE>(moe::read_checkpoint_config(p));
+    moe::load_checkpoint(self->layer, p);
+    return self;
+  }, py::arg("path"), "A layer made from the config stored in a checkpoint, with its weights.");
+
+  m.def("load_safetensors", [](const py::object& path) {
+    moe::SafetensorsFile f = moe::load_safetensors(as_path(path));
+    py::dict tensors;
+    for (const auto& t : f.tensors) tensors[py::str(t.name)] = tensor_to_numpy(t.tensor);
+    return py::make_tuple(tensors, metadata_dict(f.metadata));
+  }, py::arg("path"), "(tensors: dict name → float32 array, metadata: dict) of a file.");
+  m.def("save_safetensors", [](const py::object& path, const py::dict& tensors,
+                               const py::object& metadata) {
+    std::vector<moe::Tensor> owned;
+    owned.reserve(tensors.size());
+    std::vector<std::pair<std::string, const moe::Tensor*>> list;
+    for (auto item : tensors) {
+      const std::string name = py::str(item.first);
+      FArray a = as_f32(item.second, name.c_str());
+      moe::Tensor t(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
+      std::copy(a.data(), a.data() + a.size(), t.ptr());
+      owned.push_back(std::move(t));
+    }
+    size_t i = 0;
+    for (auto item : tensors) list.emplace_back(py::str(item.first), &owned[i++]);
+    moe::save_safetensors(as_path(path), list, as_metadata(metadata));
+  }, py::arg("path"), py::arg("tensors"), py::arg("metadata") = py::none(),
+     "Write a dict name → array as float32 safetensors, atomically.");
+
+  py::class_<PyOptimizer> opt(m, "Optimizer", "Base of moe.SGD, moe.Adam and moe.AdamW.");
+  opt.def("step", [](PyOptimizer& self) {
+       py::gil_scoped_release nogil;
+       self.opt->step();
+     }, "One update from the current gradients.")
+      .def("zero_grad", [](PyOptimizer& self) { self.opt->zero_grad(); })
+      .def_property("lr", [](const PyOptimizer& self) { return self.opt->lr(); },
+                    [](PyOptimizer& self, double lr) { self.opt->set_lr(lr); })
+      .def_property_readonly("step_count",
+                             [](const PyOptimizer& self) { return self.opt->step_count(); })
+      .def_property_readonly("kind", [](const PyOptimizer& self) { return self.opt->kind(); })
+      .def_property_readonly("param_names", [](const PyOptimizer& self) {
+        std::vector<std::string> n;
+        for (const auto& r : self.opt->params()) n.push_back(r.name);
+        return n;
+      })
+      .def("__repr__", [](const PyOptimizer& self) {
+        return cat("moe.", self.opt->kind(), "(lr=", self.opt->lr(), ", ",
+                   self.opt->params().size(), " tensors)");
+      });
+
+  m.def("SGD", [](const py::object& params, double lr, double momentum, double dampening,
+                  bool nesterov, double weight_decay) {
+    PyOptimizer o;
+    auto refs = collect_params(params, o.layers);
+    moe::SGDConfig c;
+    c.lr = lr;
+    c.momentum = momentum;
+    c.dampening = dampening;
+    c.nesterov = nesterov;
+    c.weight_decay = weight_decay;
+    o.opt = std::make_unique<moe::SGD>(std::move(refs), c);
+    return o;
+  }, py::arg("params"), py::arg("lr") = 0.01, py::arg("momentum") = 0.0,
+     py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0,
+     "SGD with momentum as torch.optim.SGD, over a moe.MoE (or a list of them).");
+  auto adam = [](const py::object& params, double lr, std::pair<double, double> betas,
+                 double eps, double weight_decay, bool decoupled) {
+    PyOptimizer o;
+    auto refs = collect_params(params, o.layers);
+    moe::AdamConfig c;
+    c.lr = lr;
+    c.beta1 = betas.first;
+    c.beta2 = betas.second;
+    c.eps = eps;
+    c.weight_decay = weight_decay;
+    c.decoupled_weight_decay = decoupled;
+    o.opt = std::make_unique<moe::Adam>(std::move(refs), c);
+    return o;
+  };
+  m.def("Adam", [adam](const py::object& params, double lr, std::pair<double, double> betas,
+                       double eps, double weight_decay) {
+    return adam(params, lr, betas, eps, weight_decay, false);
+  }, py::arg("params"), py::arg("lr") = 1e-3, py::arg("betas") = std::make_pair(0.9, 0.999),
+     py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0,
+     "Adam as torch.optim.Adam (L2 weight decay added to the gradient).");
+  m.def("AdamW", [adam](const py::object& params, double lr, std::pair<double, double> betas,
+                        double eps, double weight_decay) {
+    return adam(params, lr, betas, eps, weight_decay, true);
+  }, py::arg("params"), py::arg("lr") = 1e-3, py::arg("betas") = std::make_pair(0.9, 0.999),
+     py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.01,
+     "AdamW as torch.optim.AdamW (decoupled weight decay).");
+  m.def("clip_grad_norm", [](const py::object& params, double max_norm) {
+    py::list keep;
+    auto refs = collect_params(params, keep);
+    return moe::clip_grad_norm(refs, max_norm);
+  }, py::arg("params"), py::arg("max_norm"),
+     "Scale the gradients so that their global L2 norm is at most max_norm (as "
+     "torch.nn.utils.clip_grad_norm_); returns the norm before clipping.");
+}
 
 }  // namespace
 
@@ -226,9 +682,9 @@ PYBIND11_MODULE(_moe, m) {
         "Route tokens X (T, d) with W_g (d, E): learned noise when W_noise is given (noise is "
         "a given ε (T, E), else drawn from the seed), KeepTopK(k), softmax over the kept.");
 
-#if MOE_PY_HAVE_LAYER
   m.def("load_balancing_loss", &py_load_balancing_loss, py::arg("indices"), py::arg("probs"),
         py::arg("n_experts"), py::arg("alpha") = 0.01, py::arg("normalize_by_k") = false,
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
-#endif
+  auto cls = bind_layer(m);
+  bind_io(m, cls);
 }

@@ -65,6 +65,12 @@ struct RouterState {
   std::vector<float> eps;        // ε (T, E), when noise was applied
   std::vector<float> noise_pre;  // x·W_noise (T, E), learned noise only
 
+  // Scratch, not a result: the fused (T, 2E) product and [W_g | W_noise] of forward, the
+  // (T, 2E) gradient of backward. Kept here so that steady-state calls do not allocate;
+  // mutable because router_backward reads the state as const but reuses this memory (so two
+  // threads must not run backward on one state at once).
+  mutable std::vector<float> work;
+
   std::vector<float> dense_gates() const;  // (T, E), zeros off the kept experts
 };
 
@@ -92,7 +98,8 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
                      const float* dlogits, const RouterState& saved, const float* x,
                      const RouterParams& p, const RouterConfig& cfg);
 
-// ε for one (seed, step, global token, expert): Philox-4x32-10 and Box–Muller.
+// ε for one (seed, step, global token, expert): Philox-4x32-10 and Box–Muller, bit-identical
+// to the ε that routing draws. step enters the counter modulo 2^32.
 float philox_normal(uint64_t seed, uint64_t step, int64_t token, int64_t expert);
 
 // SPEC §5 `moe gate`: logits (T, E) → dense gates (T, E) of noisy top-k gating with fixed

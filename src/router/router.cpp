@@ -1,16 +1,15 @@
 #include "moe/router.hpp"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 
 #include "common/check.hpp"
 #include "common/gemm.hpp"
 #include "moe/tensor.hpp"
 #include "router/philox.hpp"
+#include "router/router_math.hpp"
+#include "router/router_ref.hpp"
 #include "router/router_rows.hpp"
 
 namespace moe {
@@ -63,25 +62,35 @@ std::vector<float> RouterState::dense_gates() const {
 }
 
 float philox_normal(uint64_t seed, uint64_t step, int64_t token, int64_t expert) {
+  MOE_REQUIRE(token >= 0, "token: must be >= 0, got ", token);
+  MOE_REQUIRE(expert >= 0, "expert: must be >= 0, got ", expert);
   float z[4];
   detail::philox_normal4(z, seed, step, token, expert / 4);
   return z[expert % 4];
 }
 
-namespace {
+namespace detail {
 
-void check_inputs(const RouterParams& p, const RouterConfig& cfg, int64_t T, bool training,
-                  const NoiseSource& noise) {
+void check_router_call(const RouterConfig& cfg, int64_t T, bool training, const void* x,
+                       const void* W_g, const void* b_g, const void* W_noise,
+                       const NoiseSource& noise) {
   cfg.validate();
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
-  MOE_REQUIRE(p.W_g != nullptr, "W_g: missing");
-  MOE_REQUIRE(!cfg.use_bias || p.b_g != nullptr, "b_g: missing (use_bias is set)");
-  MOE_REQUIRE(!(training && cfg.noise == Noise::learned) || p.W_noise != nullptr,
-              "W_noise: missing (learned noise)");
-  (void)noise;
+  MOE_REQUIRE(T == 0 || x != nullptr, "x: missing (T = ", T, ")");
+  MOE_REQUIRE(W_g != nullptr, "W_g: missing");
+  MOE_REQUIRE(!cfg.use_bias || b_g != nullptr, "b_g: missing (use_bias is set)");
+  MOE_REQUIRE(!(training && cfg.noise == Noise::learned) || W_noise != nullptr,
+              "W_noise: missing (learned noise in training)");
+  MOE_REQUIRE(noise.token_offset >= 0, "token_offset: must be >= 0, got ", noise.token_offset);
 }
 
-void resize_state(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy) {
+void throw_non_finite(const char* what, int64_t t, const NoiseSource& noise) {
+  if (noise.token_offset == 0) throw Error(cat(what, ": non-finite value at token ", t));
+  throw Error(cat(what, ": non-finite value at token ", noise.token_offset + t, " (row ", t,
+                  " of this batch, token_offset ", noise.token_offset, ")"));
+}
+
+void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy) {
   const size_t TE = static_cast<size_t>(T * cfg.n_experts);
   s.T = T;
   s.E = cfg.n_experts;
@@ -95,151 +104,261 @@ void resize_state(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy
   s.noise_pre.resize(noisy && cfg.noise == Noise::learned ? TE : 0);
 }
 
-[[noreturn]] void throw_non_finite(const char* what, int64_t token) {
-  throw Error(cat(what, ": non-finite value at token ", token));
+namespace {
+
+constexpr int kBlock = 16;   // lanes of the per-row kernels: every value runs the same code
+constexpr int64_t kChunk = 16;  // tokens per OpenMP work item (ε is drawn per chunk)
+
+enum RowCode : int { kRowOk = 0, kRowBadH = 1, kRowBadEps = 2, kRowBadNoisy = 3 };
+
+inline bool finite_f32(float v) { return v - v == 0.0f; }  // false for ±inf and NaN
+
+// H = h + scale·ε over one row, in blocks of 16 lanes (the tail padded), so every element
+// goes through the same vector code whatever its position in the row.
+template <int kMode>  // 0: fixed σ, 1: softplus(pre), 2: linear pre
+bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
+                   int64_t E) {
+  bool ok = true;
+  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
+    alignas(64) float hb[kBlock] = {}, eb[kBlock] = {}, pb[kBlock] = {}, out[kBlock];
+    std::copy(h + e0, h + e0 + n, hb);
+    std::copy(eps + e0, eps + e0 + n, eb);
+    if (kMode != 0) std::copy(pre + e0, pre + e0 + n, pb);
+#pragma omp simd
+    for (int l = 0; l < kBlock; ++l) {
+      const float scale = kMode == 0 ? sigma : kMode == 1 ? softplus_f32(pb[l]) : pb[l];
+      out[l] = hb[l] + scale * eb[l];
+    }
+    bool blk_ok = true;
+    for (int l = 0; l < n; ++l) blk_ok &= finite_f32(out[l]);
+    ok &= blk_ok;
+    std::copy(out, out + n, H + e0);
+  }
+  return ok;
 }
 
-// Noise, validation, selection and softmax for token t of a state whose logits (and
-// noise_pre) are filled. Returns 0 when fine, 1 if h is bad, 2 if H is bad.
-int finish_row(RouterState& s, const RouterConfig& cfg, int64_t t, bool noisy,
-               const NoiseSource& noise, bool partial) {
+// e^{H - max} into ex (E) and its sum, in blocks of 16 lanes; lane l sums the elements
+// e ≡ l (mod 16) and the lanes are added in a fixed order, so the sum never depends on
+// where the row sits in memory.
+float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
+  alignas(64) float acc[kBlock] = {};
+  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
+    alignas(64) float b[kBlock];
+    std::fill(b, b + kBlock, -std::numeric_limits<float>::infinity());  // e^-inf = 0
+    std::copy(H + e0, H + e0 + n, b);
+#pragma omp simd
+    for (int l = 0; l < kBlock; ++l) {
+      b[l] = exp_f32(b[l] - mx);
+      acc[l] += b[l];
+    }
+    std::copy(b, b + n, ex + e0);
+  }
+  for (int w = kBlock / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+// One token: h (with bias) → logits, ε → H, checks, KeepTopK, weights and probs.
+int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                    bool noisy, const NoiseSource& noise, int64_t t) {
   const int64_t E = s.E, k = s.k;
-  const float* h = &s.logits[t * E];
+  float* h = &s.logits[t * E];
+  const float* hsrc = in.h + t * in.ldh;
+  bool ok = true;
+  if (in.b_g) {
+    for (int64_t e = 0; e < E; ++e) h[e] = hsrc[e] + in.b_g[e];
+  } else if (h != hsrc) {
+    std::copy(hsrc, hsrc + E, h);
+  }
+  for (int64_t e = 0; e < E; ++e) ok &= finite_f32(h[e]);
+  if (!ok) return kRowBadH;
+
   float* H = &s.noisy[t * E];
-  if (!detail::all_finite(h, E)) return 1;
   if (noisy) {
     float* eps = &s.eps[t * E];
-    if (noise.eps)
-      std::copy(noise.eps + t * E, noise.eps + (t + 1) * E, eps);
-    else
-      detail::philox_normal_row(eps, E, noise.seed, noise.step, noise.token_offset + t);
-    detail::noisy_row(H, h, eps, s.noise_pre.empty() ? nullptr : &s.noise_pre[t * E], E, cfg);
-    if (!detail::all_finite(H, E)) return 2;
+    if (noise.eps) {
+      const float* src = noise.eps + t * E;
+      std::copy(src, src + E, eps);
+      for (int64_t e = 0; e < E; ++e) ok &= finite_f32(eps[e]);
+      if (!ok) return kRowBadEps;
+    }
+    if (in.pre) {
+      float* pre = &s.noise_pre[t * E];
+      std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, pre);
+      ok = cfg.noise_scale == NoiseScale::softplus
+               ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, E)
+               : noisy_row_f32<2>(H, h, eps, pre, 0.0f, E);
+    } else {
+      ok = noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E);
+    }
+    if (!ok) return kRowBadNoisy;
   } else {
     std::copy(h, h + E, H);
   }
+
   int32_t* idx = &s.indices[t * k];
   float* w = &s.weights[t * k];
   const bool high = cfg.tie_break == TieBreak::high;
-  if (partial && k <= 16) {
-    detail::select_topk_partial(idx, w, H, E, k, high);
-  } else {
-    // Reference selection: a full sort of the expert indices by rank.
-    thread_local std::vector<int32_t> order;
-    order.resize(static_cast<size_t>(E));
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-      return detail::outranks(H[a], a, H[b], b, high);
-    });
-    for (int64_t j = 0; j < k; ++j) {
-      idx[j] = order[j];
-      w[j] = H[order[j]];
-    }
-  }
-  detail::softmax_kept(w, w, k);
-  detail::softmax_row(&s.probs[t * E], H, E);
-  return 0;
-}
+  if (k <= kInsertMaxK)
+    select_topk_insert(idx, w, H, E, k, high);
+  else
+    select_topk_heap(idx, w, H, E, k, high);
 
-void check_x_finite(const float* x, int64_t T, int64_t d) {
-  int64_t bad = T;
-#pragma omp parallel for reduction(min : bad) schedule(static)
-  for (int64_t t = 0; t < T; ++t)
-    if (t < bad && !detail::all_finite(x + t * d, d)) bad = t;
-  if (bad < T) throw Error(cat("x: non-finite value at token ", bad));
-}
-
-void report_row_errors(const std::vector<int>& codes, const NoiseSource& noise) {
-  for (size_t t = 0; t < codes.size(); ++t) {
-    if (codes[t] == 1) throw_non_finite("router logits h", noise.token_offset + int64_t(t));
-    if (codes[t] == 2) throw_non_finite("noisy logits H", noise.token_offset + int64_t(t));
-  }
+  // The kept softmax reuses probs' exponentials: H[idx[0]] is the row max, so e^{H - max}
+  // at the kept experts are exactly the kept softmax's numerators.
+  float* pr = &s.probs[t * E];
+  const float all = exp_row_f32(pr, H, w[0], E);
+  float kept = 0.0f;
+  for (int64_t j = 0; j < k; ++j) kept += (w[j] = pr[idx[j]]);
+  const float inv_kept = 1.0f / kept, inv_all = 1.0f / all;
+  for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
+  for (int64_t e = 0; e < E; ++e) pr[e] *= inv_all;
+  return kRowOk;
 }
 
 }  // namespace
 
+void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
+                            int64_t d, int64_t N, float* pad) {
+  const int64_t n_full = T / kGemmRows, rem = T - n_full * kGemmRows;
+  const int64_t n_blocks = n_full + (rem > 0);
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t t0 = b * kGemmRows;
+    if (b < n_full) {
+      gemm_f32_serial(false, false, kGemmRows, N, d, 1.0f, x + t0 * d, d, B, N, 0.0f,
+                      C + t0 * ldc, ldc);
+      continue;
+    }
+    const int64_t m = (rem + kGemmTile - 1) / kGemmTile * kGemmTile;
+    float* xp = pad;
+    float* cp = pad + m * d;
+    std::copy(x + t0 * d, x + T * d, xp);
+    std::fill(xp + rem * d, xp + m * d, 0.0f);
+    gemm_f32_serial(false, false, m, N, d, 1.0f, xp, d, B, N, 0.0f, cp, N);
+    for (int64_t r = 0; r < rem; ++r) std::copy(cp + r * N, cp + (r + 1) * N, C + (t0 + r) * ldc);
+  }
+}
+
+void router_rows_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                     bool noisy, const NoiseSource& noise) {
+  const int64_t T = s.T, E = s.E;
+  const int64_t n_chunks = (T + kChunk - 1) / kChunk;
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  int64_t first_bad = kNone;  // 4·t + code of the first bad token
+#pragma omp parallel for schedule(static) reduction(min : first_bad)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t t0 = c * kChunk, t1 = std::min(T, t0 + kChunk);
+    if (noisy && !noise.eps)
+      philox_normal_rows(&s.eps[t0 * E], E, t1 - t0, E, noise.seed, noise.step,
+                         noise.token_offset + t0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int code = route_token_f32(s, in, cfg, noisy, noise, t);
+      if (code != kRowOk) first_bad = std::min(first_bad, 4 * t + code);
+    }
+  }
+  if (first_bad == kNone) return;
+  const int64_t t = first_bad / 4;
+  switch (first_bad % 4) {
+    case kRowBadH:
+      if (in.x) {
+        const float* xt = in.x + t * in.d;
+        if (!std::all_of(xt, xt + in.d, [](float v) { return std::isfinite(v); }))
+          throw_non_finite("x", t, noise);
+      }
+      throw_non_finite(in.h_name, t, noise);
+    case kRowBadEps:
+      throw_non_finite("noise eps", t, noise);
+    default:
+      throw_non_finite("noisy logits H", t, noise);
+  }
+}
+
+}  // namespace detail
+
 void router_forward_ref(RouterState& s, const float* x, const RouterParams& p,
                         const RouterConfig& cfg, int64_t T, bool training,
                         const NoiseSource& noise) {
-  check_inputs(p, cfg, T, training, noise);
-  const int64_t d = cfg.d_model, E = cfg.n_experts;
-  const bool noisy = training && cfg.noise != Noise::none;
-  resize_state(s, cfg, T, noisy);
+  detail::RouterRefOut<float> o;
+  detail::router_forward_ref_t<float>(o, x, {p.W_g, p.b_g, p.W_noise}, cfg, T, training, noise);
+  detail::router_state_resize(s, cfg, T, training && cfg.noise != Noise::none);
   s.training = training;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = x + t * d;
-    if (!detail::all_finite(xt, d)) throw Error(cat("x: non-finite value at token ", t));
-    for (int64_t e = 0; e < E; ++e) {
-      float acc = cfg.use_bias ? p.b_g[e] : 0.0f;
-      for (int64_t i = 0; i < d; ++i) acc += xt[i] * p.W_g[i * E + e];
-      s.logits[t * E + e] = acc;
-      if (!s.noise_pre.empty()) {
-        float an = 0.0f;
-        for (int64_t i = 0; i < d; ++i) an += xt[i] * p.W_noise[i * E + e];
-        s.noise_pre[t * E + e] = an;
-      }
-    }
-    const int code = finish_row(s, cfg, t, noisy, noise, /*partial=*/false);
-    if (code == 1) throw_non_finite("router logits h", noise.token_offset + t);
-    if (code == 2) throw_non_finite("noisy logits H", noise.token_offset + t);
-  }
+  s.indices = std::move(o.indices);
+  s.weights = std::move(o.weights);
+  s.logits = std::move(o.logits);
+  s.noisy = std::move(o.noisy);
+  s.probs = std::move(o.probs);
+  s.eps = std::move(o.eps);
+  s.noise_pre = std::move(o.noise_pre);
 }
 
 void router_forward(RouterState& s, const float* x, const RouterParams& p,
                     const RouterConfig& cfg, int64_t T, bool training,
                     const NoiseSource& noise) {
-  check_inputs(p, cfg, T, training, noise);
+  detail::check_router_call(cfg, T, training, x, p.W_g, p.b_g, p.W_noise, noise);
   const int64_t d = cfg.d_model, E = cfg.n_experts;
   const bool noisy = training && cfg.noise != Noise::none;
-  resize_state(s, cfg, T, noisy);
+  detail::router_state_resize(s, cfg, T, noisy);
   s.training = training;
   if (T == 0) return;
-  check_x_finite(x, T, d);
 
-  if (s.noise_pre.empty()) {
-    detail::gemm_f32(false, false, T, E, d, 1.0f, x, d, p.W_g, E, 0.0f, s.logits.data(), E);
+  detail::RouterRowsInput in;
+  in.b_g = cfg.use_bias ? p.b_g : nullptr;
+  in.x = x;
+  in.d = d;
+  const bool learned = !s.noise_pre.empty();
+  const int64_t N = learned ? 2 * E : E;
+  // Scratch: the GEMM's padded tail, then [W_g | W_noise] (d, 2E) and the (T, 2E) product.
+  const int64_t n_pad = detail::gemm_row_invariant_scratch(d, N);
+  s.work.resize(static_cast<size_t>(n_pad + (learned ? (d + T) * N : 0)));
+  float* pad = s.work.data();
+  if (!learned) {
+    detail::gemm_f32_row_invariant(s.logits.data(), E, x, p.W_g, T, d, E, pad);
+    in.h = s.logits.data();
+    in.ldh = E;
   } else {
-    // One GEMM against [W_g | W_noise] (d, 2E), then split the (T, 2E) product.
-    thread_local std::vector<float> wcat, prod;
-    wcat.resize(static_cast<size_t>(d * 2 * E));
-    prod.resize(static_cast<size_t>(T * 2 * E));
+    // One GEMM against [W_g | W_noise] (d, 2E); the rows read h and x·W_noise straight out
+    // of the (T, 2E) product.
+    float* wcat = pad + n_pad;
+    float* prod = wcat + d * N;
     for (int64_t i = 0; i < d; ++i) {
-      std::copy(p.W_g + i * E, p.W_g + (i + 1) * E, &wcat[i * 2 * E]);
-      std::copy(p.W_noise + i * E, p.W_noise + (i + 1) * E, &wcat[i * 2 * E + E]);
+      std::copy(p.W_g + i * E, p.W_g + (i + 1) * E, wcat + i * N);
+      std::copy(p.W_noise + i * E, p.W_noise + (i + 1) * E, wcat + i * N + E);
     }
-    detail::gemm_f32(false, false, T, 2 * E, d, 1.0f, x, d, wcat.data(), 2 * E, 0.0f,
-                     prod.data(), 2 * E);
-    const float* pr = prod.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy(pr + t * 2 * E, pr + t * 2 * E + E, &s.logits[t * E]);
-      std::copy(pr + t * 2 * E + E, pr + (t + 1) * 2 * E, &s.noise_pre[t * E]);
-    }
+    detail::gemm_f32_row_invariant(prod, N, x, wcat, T, d, N, pad);
+    in.h = prod;
+    in.ldh = 2 * E;
+    in.pre = prod + E;
+    in.ldpre = 2 * E;
   }
-  thread_local std::vector<int> codes;
-  codes.assign(static_cast<size_t>(T), 0);
-  int* code = codes.data();  // thread_local storage is the calling thread's: share by pointer
-  int any_bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : any_bad)
-  for (int64_t t = 0; t < T; ++t) {
-    if (cfg.use_bias)
-      for (int64_t e = 0; e < E; ++e) s.logits[t * E + e] += p.b_g[e];
-    code[t] = finish_row(s, cfg, t, noisy, noise, /*partial=*/true);
-    any_bad |= code[t];
-  }
-  if (any_bad) report_row_errors(codes, noise);
+  detail::router_rows_f32(s, in, cfg, noisy, noise);
 }
 
 void router_backward(float* dx, RouterGrads& g, const float* dweights, const float* dprobs,
                      const float* dlogits, const RouterState& s, const float* x,
                      const RouterParams& p, const RouterConfig& cfg) {
   const int64_t T = s.T, E = s.E, k = s.k, d = cfg.d_model;
-  MOE_REQUIRE(s.E == cfg.n_experts && s.k == cfg.k, "router_backward: state does not match config");
+  MOE_REQUIRE(s.E == cfg.n_experts && s.k == cfg.k,
+              "router_backward: state (E = ", s.E, ", k = ", s.k, ") does not match config (E = ",
+              cfg.n_experts, ", k = ", cfg.k, ")");
+  MOE_REQUIRE(s.indices.size() == static_cast<size_t>(T * k) &&
+                  s.probs.size() == static_cast<size_t>(T * E),
+              "router_backward: state is not the output of a forward");
+  MOE_REQUIRE(T == 0 || x != nullptr, "x: missing");
+  MOE_REQUIRE(p.W_g != nullptr, "W_g: missing");
   const bool learned = !s.noise_pre.empty();
-  const int64_t W = learned ? 2 * E : E;  // columns of [dh | d(noise_pre)]
-  thread_local std::vector<float> dcat;
-  dcat.assign(static_cast<size_t>(T * W), 0.0f);
-  float* dc = dcat.data();  // thread_local storage is the calling thread's: share by pointer
+  MOE_REQUIRE(!learned || p.W_noise != nullptr, "W_noise: missing (learned noise)");
+  if (T == 0) return;
+  const int64_t W = learned ? 2 * E : E;  // columns of [dh | d(x·W_noise)]
+
+  // Scratch: dcat (T, W), then [W_g | W_noise] (d, W) and its gradient (d, W) when learned.
+  s.work.resize(static_cast<size_t>(T * W + (learned ? 2 * d * W : d * W)));
+  float* dc = s.work.data();
+  float* wcat = dc + T * W;
+  float* dwcat = learned ? wcat + d * W : wcat;
+  std::fill(dc, dc + T * W, 0.0f);
 
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
@@ -260,42 +379,46 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
       for (int64_t e = 0; e < E; ++e) dH[e] += pr[e] * (dp[e] - dot);
     }
     if (learned) {
+      // H = h + scale(pre)·ε: ∂H/∂pre = ε·scale'(pre), scale' = sigmoid for softplus.
       const float* eps = &s.eps[t * E];
       const float* pre = &s.noise_pre[t * E];
       float* dpre = dH + E;
+      const bool sp = cfg.noise_scale == NoiseScale::softplus;
       for (int64_t e = 0; e < E; ++e) {
-        const float ds = cfg.noise_scale == NoiseScale::softplus ? detail::sigmoid(pre[e]) : 1.0f;
+        const float z = pre[e];
+        const float ds = sp ? (z >= 0.0f ? 1.0f / (1.0f + std::exp(-z))
+                                         : std::exp(z) / (1.0f + std::exp(z)))
+                            : 1.0f;
         dpre[e] = dH[e] * eps[e] * ds;
       }
     }
+    // ∂H/∂h = 1; the extra ∂L/∂h (z-loss) joins after the noise term, which it does not feed.
     if (dlogits)
       for (int64_t e = 0; e < E; ++e) dH[e] += dlogits[t * E + e];
   }
-  if (T == 0) return;
 
-  // dx = [dh | dpre] · [W_g | W_noise]ᵀ as one GEMM against the concatenated weights.
-  thread_local std::vector<float> wcat, dwcat;
+  // dx = [dh | dpre] · [W_g | W_noise]ᵀ and d[W_g | W_noise] = xᵀ · [dh | dpre], one GEMM each.
   const float* Wc = p.W_g;
   if (learned) {
-    wcat.resize(static_cast<size_t>(d * W));
     for (int64_t i = 0; i < d; ++i) {
-      std::copy(p.W_g + i * E, p.W_g + (i + 1) * E, &wcat[i * W]);
-      std::copy(p.W_noise + i * E, p.W_noise + (i + 1) * E, &wcat[i * W + E]);
+      std::copy(p.W_g + i * E, p.W_g + (i + 1) * E, wcat + i * W);
+      std::copy(p.W_noise + i * E, p.W_noise + (i + 1) * E, wcat + i * W + E);
     }
-    Wc = wcat.data();
+    Wc = wcat;
   }
-  if (dx) detail::gemm_f32(false, true, T, d, W, 1.0f, dcat.data(), W, Wc, W, 0.0f, dx, d);
-  dwcat.resize(static_cast<size_t>(d * W));
-  detail::gemm_f32(true, false, d, W, T, 1.0f, x, d, dcat.data(), W, 0.0f, dwcat.data(), W);
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t e = 0; e < E; ++e) {
-      g.dW_g[i * E + e] += dwcat[i * W + e];
-      if (learned && g.dW_noise) g.dW_noise[i * E + e] += dwcat[i * W + E + e];
-    }
+  if (dx) detail::gemm_f32(false, true, T, d, W, 1.0f, dc, W, Wc, W, 0.0f, dx, d);
+  if (g.dW_g || (learned && g.dW_noise)) {
+    detail::gemm_f32(true, false, d, W, T, 1.0f, x, d, dc, W, 0.0f, dwcat, W);
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t e = 0; e < E; ++e) {
+        if (g.dW_g) g.dW_g[i * E + e] += dwcat[i * W + e];
+        if (learned && g.dW_noise) g.dW_noise[i * E + e] += dwcat[i * W + E + e];
+      }
+  }
   if (cfg.use_bias && g.db_g)
     for (int64_t e = 0; e < E; ++e) {
       float acc = 0.0f;
-      for (int64_t t = 0; t < T; ++t) acc += dcat[t * W + e];
+      for (int64_t t = 0; t < T; ++t) acc += dc[t * W + e];
       g.db_g[e] += acc;
     }
 }
@@ -310,17 +433,17 @@ std::vector<float> noisy_top_k_gating(const float* logits, int64_t T, int64_t E,
   cfg.noise_stddev = noise_stddev;
   cfg.validate();
   MOE_REQUIRE(T >= 0, "logits: T must be >= 0, got ", T);
+  MOE_REQUIRE(T == 0 || logits != nullptr, "logits: missing");
   RouterState s;
   const bool noisy = training && noise_stddev > 0.0f;
-  resize_state(s, cfg, T, noisy);
-  std::copy(logits, logits + T * E, s.logits.begin());
+  detail::router_state_resize(s, cfg, T, noisy);
+  detail::RouterRowsInput in;
+  in.h = logits;
+  in.ldh = E;
+  in.h_name = "logits";
   NoiseSource ns;
   ns.seed = seed;
-  for (int64_t t = 0; t < T; ++t) {
-    const int code = finish_row(s, cfg, t, noisy, ns, /*partial=*/true);
-    if (code == 1) throw_non_finite("logits", t);
-    if (code == 2) throw_non_finite("noisy logits", t);
-  }
+  detail::router_rows_f32(s, in, cfg, noisy, ns);
   return s.dense_gates();
 }
 

@@ -1,49 +1,24 @@
-// Per-token pieces of routing shared by the reference and the fast router.
+// The fast router's per-token part (everything after the GEMM) and its selection kernels.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "moe/router.hpp"
+#include "router/router_ref.hpp"
 
 namespace moe::detail {
 
-// softplus(z) = max(z, 0) + log1p(exp(-|z|)): never overflows.
+// Per-row helpers on any scalar type, in plain loops and libm: the layer's reference twin
+// (layer/layer_ref.hpp) and the experts' activations use them. The fast router runs its own
+// blocked float kernels (router.cpp) and is tested against these formulas.
 template <typename S>
-inline S softplus(S z) {
-  return std::max(z, S(0)) + std::log1p(std::exp(-std::abs(z)));
+inline S softplus(S z) {  // max(z, 0) + log1p(exp(-|z|)): never overflows
+  return softplus_ref(z);
 }
 template <typename S>
 inline S sigmoid(S z) {
   return z >= S(0) ? S(1) / (S(1) + std::exp(-z)) : std::exp(z) / (S(1) + std::exp(z));
-}
-
-// a outranks b: larger value, ties to the higher (or lower) expert index.
-template <typename S>
-inline bool outranks(S va, int32_t ia, S vb, int32_t ib, bool tie_high) {
-  if (va != vb) return va > vb;
-  return tie_high ? ia > ib : ia < ib;
-}
-
-// Partial selection, O(E·k): a sorted list of the k best so far; each candidate that beats
-// the current k-th is inserted in place.
-template <typename S>
-inline void select_topk_partial(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
-                                bool tie_high) {
-  int64_t n = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const S v = row[e];
-    const int32_t ie = static_cast<int32_t>(e);
-    if (n == k && !outranks(v, ie, val[k - 1], idx[k - 1], tie_high)) continue;
-    int64_t pos = n < k ? n++ : k - 1;
-    while (pos > 0 && outranks(v, ie, val[pos - 1], idx[pos - 1], tie_high)) {
-      val[pos] = val[pos - 1];
-      idx[pos] = idx[pos - 1];
-      --pos;
-    }
-    val[pos] = v;
-    idx[pos] = ie;
-  }
 }
 
 // Softmax over the kept values (val[0] is the largest), stable; w may alias val.
@@ -72,7 +47,7 @@ inline bool all_finite(const S* row, int64_t n) {
   return true;
 }
 
-// H = h + noise for one row. pre is x·W_noise (learned) or null.
+// H = h + scale·ε for one row. pre is x·W_noise (learned) or null.
 template <typename S>
 inline void noisy_row(S* H, const S* h, const S* eps, const S* pre, int64_t E,
                       const RouterConfig& cfg) {
@@ -85,5 +60,89 @@ inline void noisy_row(S* H, const S* h, const S* eps, const S* pre, int64_t E,
     H[e] = h[e] + scale * eps[e];
   }
 }
+
+// Partial selection, O(E·k), for small k: a sorted list of the k best so far; a candidate
+// that beats the current k-th is inserted in place. Most candidates cost one comparison.
+template <typename S>
+inline void select_topk_insert(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                               bool tie_high) {
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const S v = row[e];
+    const int32_t ie = static_cast<int32_t>(e);
+    if (n == k && !outranks(v, ie, val[k - 1], idx[k - 1], tie_high)) continue;
+    int64_t pos = n < k ? n++ : k - 1;
+    while (pos > 0 && outranks(v, ie, val[pos - 1], idx[pos - 1], tie_high)) {
+      val[pos] = val[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    val[pos] = v;
+    idx[pos] = ie;
+  }
+}
+
+template <typename S>
+inline void select_topk_partial(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                                bool tie_high) {
+  select_topk_insert(idx, val, row, E, k, tie_high);
+}
+
+// Selection for large k, O(E·log k), in the output itself: a heap of the k best indices with
+// the worst on top, then sorted best first. No scratch beyond idx.
+template <typename S>
+inline void select_topk_heap(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
+                             bool tie_high) {
+  auto before = [&](int32_t a, int32_t b) { return outranks(row[a], a, row[b], b, tie_high); };
+  for (int64_t e = 0; e < k; ++e) idx[e] = static_cast<int32_t>(e);
+  std::make_heap(idx, idx + k, before);  // top: the kept index every other one outranks
+  for (int64_t e = k; e < E; ++e) {
+    const int32_t ie = static_cast<int32_t>(e);
+    if (!before(ie, idx[0])) continue;
+    std::pop_heap(idx, idx + k, before);
+    idx[k - 1] = ie;
+    std::push_heap(idx, idx + k, before);
+  }
+  std::sort_heap(idx, idx + k, before);
+  for (int64_t j = 0; j < k; ++j) val[j] = row[idx[j]];
+}
+
+// Above this k the heap beats insertion.
+constexpr int64_t kInsertMaxK = 16;
+
+// What router_rows_f32 reads: the GEMM's raw products with their row strides.
+struct RouterRowsInput {
+  const float* h = nullptr;    // x·W_g (T, ldh), before the bias; may alias state.logits
+  int64_t ldh = 0;
+  const float* pre = nullptr;  // x·W_noise (T, ldpre), learned noise in training, else null
+  int64_t ldpre = 0;
+  const float* b_g = nullptr;  // (E) or null
+  const float* x = nullptr;    // (T, d) or null: tells a bad x from a bad W_g in errors
+  int64_t d = 0;
+  const char* h_name = "router logits h";  // how errors call h
+};
+
+// C (T, ldc) = x (T, d) · B (d, N) such that every row's bits depend on that row alone, not
+// on T, the thread count or where the row sits in the batch: routing a batch whole or in
+// parts with token offsets must give the same bits. oneDNN's sgemm sums a row differently
+// in an M-tail of 1–3 rows than in a full micro-tile, and threads internally when called
+// outside a parallel region; so every call here is serial, inside our own parallel loop,
+// with M a multiple of kGemmTile (the tail is zero-padded). pad holds
+// gemm_row_invariant_scratch(d, N) floats.
+constexpr int64_t kGemmTile = 48;    // a multiple of the 6-, 8-, 16-, 24- and 48-row kernels
+constexpr int64_t kGemmRows = 192;   // rows per call
+inline int64_t gemm_row_invariant_scratch(int64_t d, int64_t N) { return kGemmRows * (d + N); }
+void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
+                            int64_t d, int64_t N, float* pad);
+
+// Sizes s for T tokens under cfg (no allocation when T, E, k and the noise mode repeat).
+void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy);
+
+// Everything per token after the GEMM: bias, ε, H, finiteness, KeepTopK, the kept softmax
+// and probs. OpenMP over blocks of tokens; each token's result depends on nothing but its own
+// inputs and global index, so it is the same for any thread count or batch split. Throws
+// moe::Error naming the first bad token.
+void router_rows_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                     bool noisy, const NoiseSource& noise);
 
 }  // namespace moe::detail

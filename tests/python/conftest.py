@@ -1,8 +1,10 @@
 """pytest setup for libmoe's Python tests.
 
-The package is built into build/python/moe. Run with PYTHONPATH=build/python; when the
-variable is unset this file adds the build folder of the checkout itself (or $MOE_BUILD_DIR).
+The package is built into build/python/moe. Run with PYTHONPATH=build/python; when `moe`
+is not importable otherwise, this file adds the build folder of the checkout itself (or
+$MOE_BUILD_DIR).
 """
+import importlib.util
 import os
 import pathlib
 import sys
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
-if not os.environ.get("PYTHONPATH"):
+if importlib.util.find_spec("moe") is None:
     _build = pathlib.Path(os.environ.get("MOE_BUILD_DIR", _ROOT / "build"))
     sys.path.insert(0, str(_build / "python"))
 # torch_ref.py sits beside the tests.

@@ -85,3 +85,144 @@ def load_balancing_loss(indices, probs, n_experts, alpha=0.01, normalize_by_k=Fa
 
 def z_loss(h, c_z):
     return c_z * (torch.logsumexp(h, dim=1) ** 2).mean()
+
+
+# ---- capacity (SPEC §3) ----------------------------------------------------------------------
+
+
+def capacity(k, T, E, capacity_factor):
+    """C = ceil(k·T/E·cf) with cf taken as the decimal the caller wrote (exact arithmetic),
+    or None when dropless."""
+    if capacity_factor is None:
+        return None
+    from fractions import Fraction
+
+    return math.ceil(Fraction(k * T, E) * Fraction(repr(float(capacity_factor))))
+
+
+def keep_mask(indices, weights, n_experts, C, policy="position"):
+    """Bool (T, k): which assignments (t, j) survive capacity C.
+
+    position: an expert takes first choices in token order, then second choices, … (GShard).
+    probs: an expert keeps the C assignments of largest gate weight, ties to the lower token.
+    """
+    idx = indices.numpy()
+    w = weights.detach().numpy()
+    T, k = idx.shape
+    keep = np.ones((T, k), dtype=bool)
+    if C is None:
+        return keep
+    if policy == "position":
+        used = np.zeros(n_experts, dtype=np.int64)
+        for j in range(k):
+            for t in range(T):
+                e = idx[t, j]
+                keep[t, j] = used[e] < C
+                used[e] += 1
+    else:
+        for e in range(n_experts):
+            ts, js = np.nonzero(idx == e)
+            order = sorted(range(len(ts)), key=lambda i: (-w[ts[i], js[i]], ts[i]))
+            for i in order[C:]:
+                keep[ts[i], js[i]] = False
+    return keep
+
+
+def capacity_margin(indices, weights, n_experts, C):
+    """Smallest gap, over experts that overflow, between the C-th and (C+1)-th largest gate
+    weight (the cut of the probs policy); inf when nothing is cut."""
+    if C is None:
+        return math.inf
+    idx = indices.numpy()
+    w = weights.detach().numpy()
+    gap = math.inf
+    for e in range(n_experts):
+        ws = np.sort(w[idx == e])[::-1]
+        # Exact ties in float64 are structural (k = 1: every weight is 1) and exact in
+        # float32 too; only a small non-zero gap can order differently.
+        if len(ws) > C > 0 and ws[C - 1] != ws[C]:
+            gap = min(gap, ws[C - 1] - ws[C])
+    return gap
+
+
+# ---- experts and the layer (SPEC §4) -----------------------------------------------------------
+
+
+def activation(name):
+    return {"relu": torch.relu,
+            "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / math.sqrt(2))),  # exact erf form
+            "silu": lambda z: z * torch.sigmoid(z)}[name]
+
+
+def expert_forward(kind, p, e, x, act="relu"):
+    """Expert e of the stacked weights p applied to rows x (n, d)."""
+    def b(name):
+        return p[name][e] if name in p else 0
+
+    if kind == "linear_relu":
+        return torch.relu(x @ p["W1"][e] + b("b1"))
+    if kind == "mlp":
+        return activation(act)(x @ p["W1"][e] + b("b1")) @ p["W2"][e] + b("b2")
+    if kind == "swiglu":
+        a = x @ p["W1"][e]
+        return (a * torch.sigmoid(a) * (x @ p["W3"][e])) @ p["W2"][e]
+    raise ValueError(kind)
+
+
+def moe_forward(p, x, cfg, eps=None, training=True):
+    """The whole layer. p: dict name → float64 tensor (requires_grad as wanted); x (T, d);
+    cfg: dict of moe.MoE's keyword arguments (with n_experts, k); eps (T, E) the noise, used
+    only in training with noise != "none".
+
+    Returns dict: y, aux_loss, z_loss (tensors), indices, weights, keep, probs, noisy,
+    logits, stats (dict as moe.MoE.stats), margin (top-k), cut_margin (probs policy)."""
+    E, k = cfg["n_experts"], cfg["k"]
+    T = x.shape[0]
+    noise = cfg.get("noise", "learned")
+    h = x @ p["W_g"]
+    if "b_g" in p:
+        h = h + p["b_g"]
+    H = h
+    if training and noise != "none" and eps is not None:
+        if noise == "fixed":
+            H = h + cfg.get("noise_stddev", 1.0) * eps
+        else:
+            pre = x @ p["W_noise"]
+            scale = softplus(pre) if cfg.get("noise_scale", "softplus") == "softplus" else pre
+            H = h + scale * eps
+    idx = topk_order(H, k, cfg.get("tie_break", "high"))
+    weights = torch.softmax(torch.gather(H, 1, idx), dim=1)
+    probs = torch.softmax(H, dim=1)
+    C = capacity(k, T, E, cfg.get("capacity_factor"))
+    keep = keep_mask(idx, weights, E, C, cfg.get("drop_policy", "position"))
+
+    d_out = cfg.get("d_out") or cfg["d_model"]
+    y = torch.zeros(T, d_out, dtype=DT)
+    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    idx_np = idx.numpy()
+    for e in range(E):
+        ts, js = np.nonzero((idx_np == e) & keep)
+        if len(ts) == 0:
+            continue
+        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
+        out = expert_forward(kind, p, e, x[ts_t], act)
+        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
+    if cfg.get("residual", False):
+        y = y + x
+
+    alpha = cfg.get("aux_alpha", 0.01)
+    aux = load_balancing_loss(idx, probs, E, alpha, cfg.get("normalize_by_k", False)) \
+        if T > 0 else torch.zeros((), dtype=DT)
+    zl = z_loss(h, cfg.get("z_alpha", 0.0)) if T > 0 else torch.zeros((), dtype=DT)
+
+    load_before = np.bincount(idx_np.ravel(), minlength=E)
+    load_after = np.bincount(idx_np[keep], minlength=E)
+    stats = dict(tokens=T, capacity=C, load_before=load_before.tolist(),
+                 load_after=load_after.tolist(), dropped_assignments=int((~keep).sum()),
+                 dropped_tokens=int((~keep).all(axis=1).sum()) if k > 0 else 0,
+                 experts_evaluated=int((load_after > 0).sum()),
+                 aux_loss=float(aux), z_loss=float(zl))
+    margin = float(topk_margin(H, k).min()) if T > 0 else math.inf
+    return dict(y=y, aux_loss=aux, z_loss=zl, indices=idx, weights=weights, keep=keep,
+                probs=probs, noisy=H, logits=h, stats=stats, margin=margin,
+                cut_margin=capacity_margin(idx, weights, E, C))

@@ -1,0 +1,85 @@
+#include "router/philox.hpp"
+
+#include <algorithm>
+
+#include "router/router_math.hpp"
+
+namespace moe::detail {
+
+// Not inline on purpose: one compiled instance of the lane arithmetic serves every caller.
+void philox_normal_lanes(float z[4][kPhiloxLanes], const uint32_t ctr[4][kPhiloxLanes],
+                         uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  alignas(64) uint32_t v0[kPhiloxLanes], v1[kPhiloxLanes], v2[kPhiloxLanes], v3[kPhiloxLanes];
+  std::copy(ctr[0], ctr[0] + kPhiloxLanes, v0);
+  std::copy(ctr[1], ctr[1] + kPhiloxLanes, v1);
+  std::copy(ctr[2], ctr[2] + kPhiloxLanes, v2);
+  std::copy(ctr[3], ctr[3] + kPhiloxLanes, v3);
+  for (int r = 0; r < 10; ++r) {
+#pragma omp simd
+    for (int l = 0; l < kPhiloxLanes; ++l) {
+      const uint64_t p0 = uint64_t{kM0} * v0[l];
+      const uint64_t p1 = uint64_t{kM1} * v2[l];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ v1[l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ v3[l] ^ k1;
+      v1[l] = static_cast<uint32_t>(p1);
+      v3[l] = static_cast<uint32_t>(p0);
+      v0[l] = n0;
+      v2[l] = n2;
+    }
+    k0 += kW0;
+    k1 += kW1;
+  }
+#pragma omp simd
+  for (int l = 0; l < kPhiloxLanes; ++l) {
+    const float ra = sqrt_f32(-2.0f * log_f32(philox_u1(v0[l])));
+    const float rb = sqrt_f32(-2.0f * log_f32(philox_u1(v2[l])));
+    float sa, ca, sb, cb;
+    sincos2pi_f32(philox_u2(v1[l]), sa, ca);
+    sincos2pi_f32(philox_u2(v3[l]), sb, cb);
+    z[0][l] = ra * ca;
+    z[1][l] = ra * sa;
+    z[2][l] = rb * cb;
+    z[3][l] = rb * sb;
+  }
+}
+
+void philox_normal_rows(float* eps, int64_t ld, int64_t n_tok, int64_t E, uint64_t seed,
+                        uint64_t step, int64_t token0) {
+  const int64_t nb = (E + 3) / 4;  // Philox blocks per token
+  const int64_t total = n_tok * nb;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  alignas(64) uint32_t ctr[4][kPhiloxLanes];
+  alignas(64) float z[4][kPhiloxLanes];
+  // (token, block) pairs are laid out token-major and cut into groups of 16 lanes, so small
+  // E does not waste lanes: E = 8 packs 8 tokens into one call.
+  int64_t tok = 0, blk = 0;
+  for (int64_t p0 = 0; p0 < total; p0 += kPhiloxLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kPhiloxLanes, total - p0));
+    int64_t t = tok, b = blk;
+    for (int l = 0; l < kPhiloxLanes; ++l) {
+      // Unused lanes repeat the last real counter; their results are discarded.
+      const Philox4 c = philox_counter(step, token0 + t, b);
+      for (int j = 0; j < 4; ++j) ctr[j][l] = c.v[j];
+      if (l + 1 < n && ++b == nb) b = 0, ++t;
+    }
+    philox_normal_lanes(z, ctr, k0, k1);
+    for (int l = 0; l < n; ++l) {
+      float* row = eps + tok * ld;
+      for (int j = 0; j < 4 && 4 * blk + j < E; ++j) row[4 * blk + j] = z[j][l];
+      if (++blk == nb) blk = 0, ++tok;
+    }
+  }
+}
+
+void philox_normal4(float out[4], uint64_t seed, uint64_t step, int64_t token, int64_t block) {
+  alignas(64) uint32_t ctr[4][kPhiloxLanes];
+  alignas(64) float z[4][kPhiloxLanes];
+  const Philox4 c = philox_counter(step, token, block);
+  for (int j = 0; j < 4; ++j) std::fill(ctr[j], ctr[j] + kPhiloxLanes, c.v[j]);
+  philox_normal_lanes(z, ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int j = 0; j < 4; ++j) out[j] = z[j][0];
+}
+
+}  // namespace moe::detail
