@@ -19,7 +19,7 @@
 namespace {
 
 // Every output of one routing call and one training step, as raw bytes.
-struct Run {
+struct Outputs {
   std::vector<char> bytes;
   template <typename T>
   void add(const std::vector<T>& v) {
@@ -46,10 +46,10 @@ std::vector<float> data(int64_t n, uint64_t seed) {
 // Routes and trains one batch: learned noise drawn from the generator, capacity with drops,
 // both losses, so that every parallel stage (GEMMs, top-k, capacity plan, grouped experts,
 // combine, backward) runs. T is off every tile size on purpose.
-Run run_once(int threads) {
+Outputs run_once(int threads) {
   const int saved = omp_get_max_threads();
   omp_set_num_threads(threads);
-  Run r;
+  Outputs r;
   moe::MoEConfig c;
   c.d_model = 24;
   c.n_experts = 6;
@@ -106,8 +106,8 @@ Run run_once(int threads) {
 }
 
 TEST(Determinism, OneAndTwoThreadsGiveTheSameBits) {
-  const Run one = run_once(1);
-  const Run two = run_once(2);
+  const Outputs one = run_once(1);
+  const Outputs two = run_once(2);
   ASSERT_EQ(one.bytes.size(), two.bytes.size());
   EXPECT_TRUE(one.bytes == two.bytes) << "results differ between 1 and 2 threads";
   // The same call twice in one process, for good measure (no state leaks between layers).
@@ -118,7 +118,7 @@ TEST(Determinism, OneAndTwoThreadsGiveTheSameBits) {
 TEST(Determinism, ChildWritesItsBits) {
   const char* out = std::getenv("MOE_DETERMINISM_OUT");
   if (!out) GTEST_SKIP() << "runs as a child of AcrossProcesses";
-  const Run r = run_once(omp_get_max_threads());
+  const Outputs r = run_once(omp_get_max_threads());
   std::ofstream f(out, std::ios::binary);
   f.write(r.bytes.data(), static_cast<std::streamsize>(r.bytes.size()));
   ASSERT_TRUE(f.good());

@@ -128,6 +128,7 @@ def test_R7_cli():
     cli("route", dict(ROUTE, tie_break="random"), "tie_break: unknown value 'random'")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_R8_non_finite_input_names_the_token():
     x = np.ones((5, 3), np.float32)
     x[3, 1] = np.nan
@@ -162,7 +163,7 @@ def test_R9_non_finite_logits_name_the_token():
 
 @needs_cli
 def test_R9_cli():
-    cli("route", dict(X=[[1, 1], [3e38, 3e38]], W_g=[[3e38, 1], [3e38, 1]], k=1),
+    cli("route", dict(X=[[0, 0], [3e38, 3e38]], W_g=[[3, 1], [3, 1]], k=1),
         "router logits h: non-finite value at token 1")
 
 
@@ -294,10 +295,10 @@ def test_L12_backward_before_forward():
 
 @needs_layer
 def test_L15_batch_too_large_for_memory():
-    # x is never read: the request is refused from the sizes alone. A broadcast view keeps
-    # the test's own memory small.
-    m = moe.MoE(64, 4, 1, d_ff=256)
-    x = np.broadcast_to(np.float32(1), (1 << 30, 64))
+    # About 64 TiB of workspace for 2^26 one-wide tokens: refused from the sizes alone, before
+    # x is read. np.zeros maps untouched zero pages, so the test itself stays small.
+    m = moe.MoE(1, 4, 1, d_ff=1 << 16)
+    x = np.zeros((1 << 26, 1), np.float32)
     with raises("forward: workspace for the batch"):
         m.forward(x)
 
@@ -311,6 +312,13 @@ def test_P1_not_a_numeric_array():
         moe.route(None, W, 2)
     with raises("logits: expected a numeric array"):
         moe.noisy_top_k_gating({"a": 1}, 1)
+
+
+def test_P8_input_too_large_to_convert():
+    # A broadcast view of 2^42 values must be copied to float32: the copy cannot be made.
+    x = np.broadcast_to(np.float64(1), (1 << 40, 4))
+    with raises("X: cannot convert", "values to a float32 array (out of memory)"):
+        moe.route(x, np.ones((4, 4), np.float32), 2)
 
 
 def test_P2_wrong_number_of_dimensions():
