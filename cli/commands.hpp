@@ -11,6 +11,7 @@ namespace moe::cli {
 void add_gate_command(CLI::App& app, int& status);
 void add_route_command(CLI::App& app, int& status);
 void add_train_command(CLI::App& app, int& status);
+void add_bench_command(CLI::App& app, int& status);  // cmd_bench.cpp (bench helper)
 
 // The work of `moe gate` / `moe route` without the process around it: JSON text in, the
 // output document's text out (no trailing newline). Bad input throws InputError or

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "moe/error.hpp"
 #include "moe/layer.hpp"
 #include "moe/tensor.hpp"
 

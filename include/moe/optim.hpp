@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "moe/error.hpp"
 #include "moe/tensor.hpp"
 
 namespace moe {

@@ -4,6 +4,7 @@
 #include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/check.hpp"
 
@@ -29,24 +30,81 @@ void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
     return;
   }
+  // Called outside a parallel region, oneDNN would thread the call itself and may split K
+  // across threads, which makes the bits depend on OMP_NUM_THREADS (and oversubscribes when
+  // we are already parallel above it). One thread keeps the blocking, and the bits, ours.
+  const int saved = omp_get_max_threads();
+  const bool limit = saved > 1 && !omp_in_parallel();
+  if (limit) omp_set_num_threads(1);
   const dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, alpha, A,
                                       lda, B, ldb, beta, C, ldc);
+  if (limit) omp_set_num_threads(saved);
   MOE_ASSERT(st == dnnl_success);
 }
+
+namespace {
+
+// One tile of C: rows [lo, lo + m) × columns [n0, n0 + n), for op(A) = A (not transposed).
+// oneDNN picks its kernel by shape, so a row's bits can depend on how many rows share the
+// call; they do not depend on where in the call the row sits or on the column range. Every
+// call therefore gets exactly kRowBlock rows: a short tail is padded with zero rows in
+// scratch. A row of C then has the same bits whatever M is — a batch split into parts (over
+// processes, say) gives the same rows as the whole batch.
+void run_row_tile(bool trans_b, int64_t lo, int64_t m, int64_t n0, int64_t n, int64_t K,
+                  float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                  float* C, int64_t ldc) {
+  const float* Bt = trans_b ? B + n0 * ldb : B + n0;
+  if (m == kRowBlock) {
+    gemm_f32_serial(false, trans_b, m, n, K, alpha, A + lo * lda, lda, Bt, ldb, beta,
+                    C + lo * ldc + n0, ldc);
+    return;
+  }
+  thread_local std::vector<float> a_pad, c_pad;
+  a_pad.assign(static_cast<size_t>(kRowBlock * std::max<int64_t>(K, 1)), 0.0f);
+  c_pad.assign(static_cast<size_t>(kRowBlock * n), 0.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy(A + (lo + i) * lda, A + (lo + i) * lda + K, &a_pad[i * K]);
+    if (beta != 0.0f) std::copy(C + (lo + i) * ldc + n0, C + (lo + i) * ldc + n0 + n, &c_pad[i * n]);
+  }
+  gemm_f32_serial(false, trans_b, kRowBlock, n, K, alpha, a_pad.data(), std::max<int64_t>(K, 1),
+                  Bt, ldb, beta, c_pad.data(), n);
+  for (int64_t i = 0; i < m; ++i)
+    std::copy(&c_pad[i * n], &c_pad[i * n] + n, C + (lo + i) * ldc + n0);
+}
+
+}  // namespace
 
 void gemm_f32(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
               int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   const bool by_rows = M >= 2 * kRowBlock || M >= N;
+  if (!trans_a) {
+    // Tiles of kRowBlock rows (padded) × all columns, or × kColBlock columns when M is small.
+    const int64_t rb = (M + kRowBlock - 1) / kRowBlock;
+    const int64_t cw = by_rows ? N : kColBlock;
+    const int64_t cb = (N + cw - 1) / cw;
+    auto run_tile = [&](int64_t t) {
+      const int64_t lo = (t / cb) * kRowBlock, n0 = (t % cb) * cw;
+      run_row_tile(trans_b, lo, std::min(kRowBlock, M - lo), n0, std::min(cw, N - n0), K, alpha,
+                   A, lda, B, ldb, beta, C, ldc);
+    };
+    if (rb * cb == 1 || omp_in_parallel()) {
+      for (int64_t t = 0; t < rb * cb; ++t) run_tile(t);
+      return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < rb * cb; ++t) run_tile(t);
+    return;
+  }
   const int64_t block = by_rows ? kRowBlock : kColBlock;
   const int64_t n_blocks = ((by_rows ? M : N) + block - 1) / block;
   const int64_t extent = by_rows ? M : N;
   auto run_block = [&](int64_t b) {
     const int64_t lo = b * block, n = std::min(block, extent - lo);
     if (by_rows)
-      gemm_f32_serial(trans_a, trans_b, n, N, K, alpha, trans_a ? A + lo : A + lo * lda, lda, B,
-                      ldb, beta, C + lo * ldc, ldc);
+      gemm_f32_serial(trans_a, trans_b, n, N, K, alpha, A + lo, lda, B, ldb, beta, C + lo * ldc,
+                      ldc);
     else
       gemm_f32_serial(trans_a, trans_b, M, n, K, alpha, A, lda, trans_b ? B + lo * ldb : B + lo,
                       ldb, beta, C + lo, ldc);

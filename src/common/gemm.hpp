@@ -6,6 +6,11 @@
 // small), independent of the thread count, and calls oneDNN's sgemm serially on each block.
 // The reduction dimension K is never split, so every element is summed in the same order
 // whatever OMP_NUM_THREADS is.
+//
+// Row independence (when op(A) is not transposed): every oneDNN call gets exactly 64 rows of
+// A, a short tail padded with zeros, so a row of C has the same bits whatever M is and
+// whichever rows share its call. A batch routed whole or in parts (as expert parallelism
+// splits it over processes) gives the same logits and the same router dx.
 #pragma once
 #include <cstdint>
 

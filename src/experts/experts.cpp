@@ -60,7 +60,7 @@ void add_weight_grad(GroupedGemm& gg, float* dW, const float* A, int64_t M, cons
 void add_bias_grad(float* db, const float* D, int64_t N, const int64_t* off, int64_t E) {
   constexpr int64_t kCols = 256;
   const int64_t nb = (N + kCols - 1) / kCols;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (off[E] * N >= kParallelMin)
   for (int64_t task = 0; task < E * nb; ++task) {
     const int64_t e = task / nb, c0 = (task % nb) * kCols, c1 = std::min(N, c0 + kCols);
     float* out = db + e * N;
@@ -85,7 +85,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       add_rowwise(gg, acts.out, Do, xg, d, w.W1, false, Do, d, 0.0f, off, E);
       gg.run();
       float* out = acts.out;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
       for (int64_t r = 0; r < R; ++r) {
         const float* b = w.b1 ? w.b1 + expert_of(off, E, r) * Do : nullptr;
         for (int64_t c = 0; c < Do; ++c) {
@@ -99,7 +99,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       add_rowwise(gg, acts.a1, F, xg, d, w.W1, false, F, d, 0.0f, off, E);
       gg.run();
       float *a1 = acts.a1, *hid = acts.hid;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t r = 0; r < R; ++r) {
         const float* b = w.b1 ? w.b1 + expert_of(off, E, r) * F : nullptr;
         for (int64_t c = 0; c < F; ++c) {
@@ -112,7 +112,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       gg.run();
       if (w.b2) {
         float* out = acts.out;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
         for (int64_t r = 0; r < R; ++r) {
           const float* b = w.b2 + expert_of(off, E, r) * Do;
           for (int64_t c = 0; c < Do; ++c) out[r * Do + c] += b[c];
@@ -125,7 +125,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       add_rowwise(gg, acts.a3, F, xg, d, w.W3, false, F, d, 0.0f, off, E);
       gg.run();
       float *a1 = acts.a1, *a3 = acts.a3, *hid = acts.hid;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) hid[i] = silu(a1[i]) * a3[i];
       add_rowwise(gg, acts.out, Do, hid, F, w.W2, false, Do, F, 0.0f, off, E);
       gg.run();
@@ -143,7 +143,7 @@ void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& sc
     case ExpertKind::linear_relu: {
       // da = dout ⊙ 1[out > 0]: out = relu(a), so out > 0 exactly where a > 0.
       const float* out = acts.out;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
       for (int64_t i = 0; i < R * Do; ++i)
         if (!(out[i] > 0.0f)) dout[i] = 0.0f;
       if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
@@ -159,7 +159,7 @@ void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& sc
       gg.run();
       float* dh = scr.dh;
       const float* a1 = acts.a1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) dh[i] *= act_grad(s.act, a1[i]);
       if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
       add_weight_grad(gg, g.dW1, xg, d, dh, F, off, E);
@@ -173,7 +173,7 @@ void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& sc
       gg.run();
       float *dh = scr.dh, *da3 = scr.da3;
       const float *a1 = acts.a1, *a3 = acts.a3;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) {
         da3[i] = dh[i] * silu(a1[i]);
         dh[i] *= a3[i] * act_grad(Activation::silu, a1[i]);  // becomes da1

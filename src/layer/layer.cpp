@@ -21,6 +21,7 @@
 namespace moe {
 
 using detail::cat;
+using detail::kParallelMin;
 
 namespace {
 
@@ -169,7 +170,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   const int64_t R = plan.n_kept;
   std::copy(x, x + T * d, b.x);
   const int32_t* d2s = plan.dest_to_src.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * d >= kParallelMin)
   for (int64_t s = 0; s < R; ++s) {
     const float* src = x + (d2s[s] / k) * d;
     std::copy(src, src + d, b.xg + s * d);
@@ -183,7 +184,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   const float* w = m.routing.weights.data();
   const float* out = b.out;
   const bool residual = cfg.residual;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     float* yt = y + t * Do;
     if (residual)
@@ -237,7 +238,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   // Combine backward: dG[t,j] = dy_t · out(t,j) and dout(t,j) = G[t,j]·dy_t for kept j;
   // a dropped assignment contributed nothing, so it gets nothing back.
   float* dG = b.dweights;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) {
       const int32_t s = s2d[t * k + j];
@@ -248,7 +249,7 @@ void MoELayer::backward(float* dx, const float* dy) {
       }
       dG[t * k + j] = acc;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
   for (int64_t s = 0; s < R; ++s) {
     const int64_t a = d2s[s];
     const float g = w[a];
@@ -279,7 +280,7 @@ void MoELayer::backward(float* dx, const float* dy) {
 
   // Scatter the experts' dx back per token, in rank order, plus the residual path.
   const bool residual = cfg.residual;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * (k + 1) * d >= kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     float* dxt = dx + t * d;
     for (int64_t j = 0; j < k; ++j) {

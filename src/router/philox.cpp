@@ -56,6 +56,24 @@ void philox_normal_rows(float* eps, int64_t ld, int64_t n_tok, int64_t E, uint64
   // E does not waste lanes: E = 8 packs 8 tokens into one call.
   int64_t tok = 0, blk = 0;
   for (int64_t p0 = 0; p0 < total; p0 += kPhiloxLanes) {
+    if (blk + kPhiloxLanes <= nb && 4 * (blk + kPhiloxLanes) <= E) {
+      // All 16 lanes in one token and every word used: counters and the scatter are plain
+      // strided loops (the common case for E ≥ 64).
+      const Philox4 c = philox_counter(step, token0 + tok, blk);
+      for (int l = 0; l < kPhiloxLanes; ++l) {
+        ctr[0][l] = c.v[0] + static_cast<uint32_t>(l);
+        ctr[1][l] = c.v[1];
+        ctr[2][l] = c.v[2];
+        ctr[3][l] = c.v[3];
+      }
+      philox_normal_lanes(z, ctr, k0, k1);
+      float* row = eps + tok * ld + 4 * blk;
+      for (int l = 0; l < kPhiloxLanes; ++l)
+        for (int j = 0; j < 4; ++j) row[4 * l + j] = z[j][l];
+      blk += kPhiloxLanes;
+      if (blk == nb) blk = 0, ++tok;
+      continue;
+    }
     const int n = static_cast<int>(std::min<int64_t>(kPhiloxLanes, total - p0));
     int64_t t = tok, b = blk;
     for (int l = 0; l < kPhiloxLanes; ++l) {

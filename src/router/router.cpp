@@ -111,7 +111,13 @@ constexpr int64_t kChunk = 16;  // tokens per OpenMP work item (ε is drawn per 
 
 enum RowCode : int { kRowOk = 0, kRowBadH = 1, kRowBadEps = 2, kRowBadNoisy = 3 };
 
-inline bool finite_f32(float v) { return v - v == 0.0f; }  // false for ±inf and NaN
+// 1 for ±inf and NaN (v - v is NaN), else 0: an int so that |= over a row vectorises.
+inline int non_finite_f32(float v) { return !(v - v == 0.0f); }
+inline bool all_finite_f32(const float* v, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= non_finite_f32(v[i]);
+  return bad == 0;
+}
 
 // H = h + scale·ε over one row, in blocks of 16 lanes (the tail padded), so every element
 // goes through the same vector code whatever its position in the row.
@@ -130,9 +136,7 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
       const float scale = kMode == 0 ? sigma : kMode == 1 ? softplus_f32(pb[l]) : pb[l];
       out[l] = hb[l] + scale * eb[l];
     }
-    bool blk_ok = true;
-    for (int l = 0; l < n; ++l) blk_ok &= finite_f32(out[l]);
-    ok &= blk_ok;
+    ok &= all_finite_f32(out, n);
     std::copy(out, out + n, H + e0);
   }
   return ok;
@@ -146,14 +150,21 @@ float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
   for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
     alignas(64) float b[kBlock];
-    std::fill(b, b + kBlock, -std::numeric_limits<float>::infinity());  // e^-inf = 0
-    std::copy(H + e0, H + e0 + n, b);
+    if (n == kBlock) {
+      for (int l = 0; l < kBlock; ++l) b[l] = H[e0 + l];
+    } else {
+      for (int l = 0; l < kBlock; ++l) b[l] = l < n ? H[e0 + l] : -INFINITY;  // e^-inf = 0
+    }
 #pragma omp simd
     for (int l = 0; l < kBlock; ++l) {
       b[l] = exp_f32(b[l] - mx);
       acc[l] += b[l];
     }
-    std::copy(b, b + n, ex + e0);
+    if (n == kBlock) {
+      for (int l = 0; l < kBlock; ++l) ex[e0 + l] = b[l];
+    } else {
+      for (int l = 0; l < n; ++l) ex[e0 + l] = b[l];
+    }
   }
   for (int w = kBlock / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
@@ -166,14 +177,12 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
   const int64_t E = s.E, k = s.k;
   float* h = &s.logits[t * E];
   const float* hsrc = in.h + t * in.ldh;
-  bool ok = true;
   if (in.b_g) {
     for (int64_t e = 0; e < E; ++e) h[e] = hsrc[e] + in.b_g[e];
   } else if (h != hsrc) {
     std::copy(hsrc, hsrc + E, h);
   }
-  for (int64_t e = 0; e < E; ++e) ok &= finite_f32(h[e]);
-  if (!ok) return kRowBadH;
+  if (!all_finite_f32(h, E)) return kRowBadH;
 
   float* H = &s.noisy[t * E];
   if (noisy) {
@@ -181,19 +190,18 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
     if (noise.eps) {
       const float* src = noise.eps + t * E;
       std::copy(src, src + E, eps);
-      for (int64_t e = 0; e < E; ++e) ok &= finite_f32(eps[e]);
-      if (!ok) return kRowBadEps;
+      if (!all_finite_f32(eps, E)) return kRowBadEps;
     }
     if (in.pre) {
       float* pre = &s.noise_pre[t * E];
       std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, pre);
-      ok = cfg.noise_scale == NoiseScale::softplus
+      const bool ok = cfg.noise_scale == NoiseScale::softplus
                ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, E)
                : noisy_row_f32<2>(H, h, eps, pre, 0.0f, E);
-    } else {
-      ok = noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E);
+      if (!ok) return kRowBadNoisy;
+    } else if (!noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E)) {
+      return kRowBadNoisy;
     }
-    if (!ok) return kRowBadNoisy;
   } else {
     std::copy(h, h + E, H);
   }
@@ -201,11 +209,21 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
   int32_t* idx = &s.indices[t * k];
   float* w = &s.weights[t * k];
   const bool high = cfg.tie_break == TieBreak::high;
-  if (k <= kInsertMaxK)
+  if (k == 1)
+    select_top1_f32(idx, w, H, E, high);
+  else if (k <= kInsertMaxK)
     select_topk_insert(idx, w, H, E, k, high);
   else
     select_topk_heap(idx, w, H, E, k, high);
 
+  if (!in.probs) {  // the kept softmax alone (benchmarks of the select+softmax part)
+    const float top = w[0];
+    float kept = 0.0f;
+    for (int64_t j = 0; j < k; ++j) kept += (w[j] = exp_f32(w[j] - top));
+    const float inv_kept = 1.0f / kept;
+    for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
+    return kRowOk;
+  }
   // The kept softmax reuses probs' exponentials: H[idx[0]] is the row max, so e^{H - max}
   // at the kept experts are exactly the kept softmax's numerators.
   float* pr = &s.probs[t * E];

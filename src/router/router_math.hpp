@@ -10,7 +10,14 @@
 
 namespace moe::detail {
 
-inline float select_f32(bool c, float a, float b) { return c ? a : b; }
+// c ? a : b without a branch. A plain ?: lets GCC sink one side's arithmetic into a branch,
+// and under the default -ftrapping-math it then refuses to if-convert (and so to vectorise)
+// a loop whose float operations became conditional.
+inline float select_f32(bool c, float a, float b) {
+  const int32_t m = -static_cast<int32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<int32_t>(a) & m) | (std::bit_cast<int32_t>(b) & ~m));
+}
+inline float abs_f32(float x) { return std::bit_cast<float>(std::bit_cast<int32_t>(x) & 0x7fffffff); }
 
 // e^x for x ≤ 0 (softmax after subtracting the row max, softplus's e^{-|z|}); e^x < 2^-126
 // (x < -87) flushes to 0 rather than to a denormal. NaN propagates.
@@ -19,7 +26,8 @@ inline float exp_f32(float x) {
   constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 with its low 13 bits cleared: n·hi is exact
   constexpr float kLn2Lo = 1.42860682030941723212e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const float xc = x >= -87.0f ? (x > 0.0f ? 0.0f : x) : -87.0f;  // NaN → -87: no UB below
+  // Clamp to [-87, 0]; NaN → -87, so that the integer conversion below is always defined.
+  const float xc = select_f32(x > 0.0f, 0.0f, select_f32(x >= -87.0f, x, -87.0f));
   const float n = (xc * kLog2e + kRound) - kRound;  // round(x / ln 2), in [-126, 0]
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;   // |r| ≤ ln2/2
   // Taylor to degree 7: the truncation error r^8/8! < 5e-9 is below float's half ulp.
@@ -67,8 +75,8 @@ inline float log1p_f32(float y) {
 
 // softplus(z) = max(z, 0) + ln(1 + e^{-|z|}), never overflowing. NaN propagates.
 inline float softplus_f32(float z) {
-  const float a = z < 0.0f ? -z : z;
-  const float pos = z > 0.0f ? z : 0.0f;
+  const float a = abs_f32(z);
+  const float pos = select_f32(z > 0.0f, z, 0.0f);
   return select_f32(z != z, z, pos + log1p_f32(exp_f32(-a)));
 }
 

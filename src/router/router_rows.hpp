@@ -62,16 +62,12 @@ inline void noisy_row(S* H, const S* h, const S* eps, const S* pre, int64_t E,
 }
 
 // Partial selection, O(E·k), for small k: a sorted list of the k best so far; a candidate
-// that beats the current k-th is inserted in place. Most candidates cost one comparison.
+// that beats the current k-th is inserted in place. After the first k, most candidates cost
+// one compare against the k-th value, held in a register.
 template <typename S>
 inline void select_topk_insert(int32_t* idx, S* val, const S* row, int64_t E, int64_t k,
                                bool tie_high) {
-  int64_t n = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const S v = row[e];
-    const int32_t ie = static_cast<int32_t>(e);
-    if (n == k && !outranks(v, ie, val[k - 1], idx[k - 1], tie_high)) continue;
-    int64_t pos = n < k ? n++ : k - 1;
+  auto insert = [&](int64_t pos, S v, int32_t ie) {
     while (pos > 0 && outranks(v, ie, val[pos - 1], idx[pos - 1], tie_high)) {
       val[pos] = val[pos - 1];
       idx[pos] = idx[pos - 1];
@@ -79,7 +75,35 @@ inline void select_topk_insert(int32_t* idx, S* val, const S* row, int64_t E, in
     }
     val[pos] = v;
     idx[pos] = ie;
+  };
+  for (int64_t e = 0; e < k; ++e) insert(e, row[e], static_cast<int32_t>(e));
+  S thr = val[k - 1];
+  for (int64_t e = k; e < E; ++e) {
+    const S v = row[e];
+    if (v < thr) continue;  // equal values go on to the exact rank test (index order)
+    const int32_t ie = static_cast<int32_t>(e);
+    if (!outranks(v, ie, thr, idx[k - 1], tie_high)) continue;
+    insert(k - 1, v, ie);
+    thr = val[k - 1];
   }
+}
+
+// k = 1: the row max (a vectorisable reduction), then its highest (or lowest) index.
+inline void select_top1_f32(int32_t* idx, float* val, const float* row, int64_t E,
+                            bool tie_high) {
+  float m = row[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t e = 0; e < E; ++e) m = row[e] > m ? row[e] : m;
+  int64_t best = tie_high ? -1 : E;
+  if (tie_high) {
+#pragma omp simd reduction(max : best)
+    for (int64_t e = 0; e < E; ++e) best = row[e] == m && e > best ? e : best;
+  } else {
+#pragma omp simd reduction(min : best)
+    for (int64_t e = 0; e < E; ++e) best = row[e] == m && e < best ? e : best;
+  }
+  idx[0] = static_cast<int32_t>(best);
+  val[0] = m;
 }
 
 template <typename S>
@@ -120,6 +144,7 @@ struct RouterRowsInput {
   const float* x = nullptr;    // (T, d) or null: tells a bad x from a bad W_g in errors
   int64_t d = 0;
   const char* h_name = "router logits h";  // how errors call h
+  bool probs = true;  // false: skip probs (left unset), only for benchmarking the kept part
 };
 
 // C (T, ldc) = x (T, d) · B (d, N) such that every row's bits depend on that row alone, not

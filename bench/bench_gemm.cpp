@@ -1,0 +1,133 @@
+// The roofs of issue 5 as Google Benchmark kernels: oneDNN sgemm at the shapes the MoE
+// benchmarks use — the dense roof GEMM [T·k, d] × [d, d_ff] and the per-expert GEMMs the
+// layer actually runs (rows = T·k/E) — called directly (oneDNN threads it) and through
+// libmoe's deterministic blocked wrapper gemm_f32; plus the streaming read bandwidth that is
+// the decode roof. Counters: GFLOP/s, GB/s.
+//
+//   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2 for the issue's goals)
+#include <benchmark/benchmark.h>
+#include <oneapi/dnnl/dnnl.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/gemm.hpp"
+#include "perf/roofline.hpp"
+
+namespace {
+
+struct Operands {
+  std::vector<float> A, B, C;
+  Operands(int64_t M, int64_t N, int64_t K)
+      : A(static_cast<size_t>(M * K)), B(static_cast<size_t>(K * N)), C(static_cast<size_t>(M * N)) {
+    for (size_t i = 0; i < A.size(); ++i) A[i] = static_cast<float>(i % 251) / 251.0f - 0.5f;
+    for (size_t i = 0; i < B.size(); ++i) B[i] = static_cast<float>(i % 241) / 241.0f - 0.5f;
+  }
+};
+
+void set_rate(benchmark::State& state, int64_t M, int64_t N, int64_t K) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(M) * static_cast<double>(N) *
+                             static_cast<double>(K) * static_cast<double>(state.iterations()) / 1e9,
+                         benchmark::Counter::kIsRate);
+}
+
+// C (M, N) = A (M, K) · B (K, N) with oneDNN's own threading: the roof.
+void BM_sgemm_dnnl(benchmark::State& state) {
+  const int64_t M = state.range(0), N = state.range(1), K = state.range(2);
+  Operands op(M, N, K);
+  for (auto _ : state) {
+    dnnl_sgemm('N', 'N', M, N, K, 1.0f, op.A.data(), K, op.B.data(), N, 0.0f, op.C.data(), N);
+    benchmark::DoNotOptimize(op.C.data());
+  }
+  set_rate(state, M, N, K);
+}
+
+// The same through gemm_f32: fixed row/column blocks, one serial sgemm per block.
+void BM_sgemm_blocked(benchmark::State& state) {
+  const int64_t M = state.range(0), N = state.range(1), K = state.range(2);
+  Operands op(M, N, K);
+  for (auto _ : state) {
+    moe::detail::gemm_f32(false, false, M, N, K, 1.0f, op.A.data(), K, op.B.data(), N, 0.0f,
+                          op.C.data(), N);
+    benchmark::DoNotOptimize(op.C.data());
+  }
+  set_rate(state, M, N, K);
+}
+
+// Shapes (M, N, K): the roof GEMMs and the per-expert GEMMs of each configuration.
+void gemm_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "N", "K"});
+  b->Args({8192, 2048, 1024});  // B1 and E-sweep roof: [T·k, d] x [d, d_ff]
+  b->Args({8192, 512, 1024});   // B2 roof
+  b->Args({512, 2048, 1024});   // B1 per expert (T·k/E = 512 rows), W1
+  b->Args({512, 1024, 2048});   // B1 per expert, W2
+  b->Args({1024, 2048, 1024});  // E8 per expert
+  b->Args({128, 2048, 1024});   // E64 per expert
+  b->Args({32, 2048, 1024});    // E256 per expert
+  b->Args({8, 2048, 1024});     // E1024 per expert
+  b->Args({32, 512, 1024});     // B2 per expert
+  b->Args({64, 256, 1024});     // one tile of the layer's grouped GEMM (64 x 256, full K), W1
+  b->Args({64, 256, 2048});     // one tile, W2
+  b->Args({1, 14336, 4096});    // B3 decode, one row per selected expert
+  b->Args({4, 14336, 4096});    // B3 T=16, about four rows per expert
+  b->UseRealTime();
+}
+
+BENCHMARK(BM_sgemm_dnnl)->Apply(gemm_shapes);
+BENCHMARK(BM_sgemm_blocked)->Apply(gemm_shapes);
+
+// The layer's expert GEMMs as it runs them (experts/grouped_gemm.cpp): E problems
+// [rows, K] x [K, N] cut into fixed tiles of tile_m x tile_n outputs, one serial sgemm per
+// tile over the full K, tiles spread over the OpenMP threads. Args: E, rows per expert, N, K,
+// tile_m, tile_n. The layer uses 64 x 256 tiles; other sizes show what the tiling costs.
+void BM_grouped_tiles(benchmark::State& state) {
+  const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3),
+                tm = state.range(4), tn = state.range(5);
+  Operands op(E * rows, N, K);
+  std::vector<float> W(static_cast<size_t>(E * K * N), 0.25f);
+  struct Tile {
+    int64_t e, m0, m, n0, n;
+  };
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m0 = 0; m0 < rows; m0 += tm)
+      for (int64_t n0 = 0; n0 < N; n0 += tn)
+        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  const auto n_tiles = static_cast<int64_t>(tiles.size());
+  for (auto _ : state) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const Tile& t = tiles[static_cast<size_t>(i)];
+      moe::detail::gemm_f32_serial(false, false, t.m, t.n, K, 1.0f,
+                                   op.A.data() + (t.e * rows + t.m0) * K, K,
+                                   W.data() + t.e * K * N + t.n0, N, 0.0f,
+                                   op.C.data() + (t.e * rows + t.m0) * N + t.n0, N);
+    }
+    benchmark::DoNotOptimize(op.C.data());
+  }
+  set_rate(state, E * rows, N, K);
+}
+BENCHMARK(BM_grouped_tiles)
+    ->ArgNames({"E", "rows", "N", "K", "tm", "tn"})
+    ->Args({16, 512, 2048, 1024, 64, 256})    // B1 W1, the layer's tiles
+    ->Args({16, 512, 2048, 1024, 512, 256})   // B1 W1, all rows of an expert per tile
+    ->Args({16, 512, 2048, 1024, 128, 1024})  // B1 W1, wider tiles
+    ->Args({256, 32, 512, 1024, 64, 256})     // B2 W1, the layer's tiles
+    ->Args({64, 8, 2048, 1024, 64, 256})      // E1024-like: 8 rows per expert (64 of them)
+    ->UseRealTime();
+
+// The memory roof: one pass of the streaming read kernel over a buffer of range(0) MiB.
+void BM_read_bandwidth(benchmark::State& state) {
+  const int64_t n = state.range(0) * (int64_t{1} << 20) / static_cast<int64_t>(sizeof(float));
+  std::vector<float> buf(static_cast<size_t>(n), 1.0f);
+  for (auto _ : state) benchmark::DoNotOptimize(moe::perf::stream_read_sum(buf.data(), n));
+  state.counters["GB/s"] = benchmark::Counter(
+      static_cast<double>(n) * sizeof(float) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_read_bandwidth)->ArgName("MiB")->Arg(16)->Arg(1024)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

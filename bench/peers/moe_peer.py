@@ -1,0 +1,172 @@
+#!/usr/bin/python3
+"""The PyTorch peer of libmoe's MoE layer, for `moe bench` (issue 5).
+
+The same layer written as a careful PyTorch user would: the router's gate and noise
+products in one matmul, noise, topk + softmax, capacity drop (rank-major "position"
+policy) without any (T, E, C) tensor, tokens sorted by expert, one gather, one matmul
+(addmm) per expert over its contiguous rows, one weighted index_add for the combine, and
+the balancing loss. Forward is timed in training mode with autograd recording (it saves
+what backward needs, as libmoe's forward does), or under inference_mode for evaluation;
+forward+backward runs autograd on (y, aux_loss) with a given dy.
+
+Usage: moe_peer.py --case '{"T": 4096, "d": 1024, ...}' [--threads N] [--repeat R]
+Prints one JSON object: fwd_s, fwdbwd_s (null when not asked), kept_rows, threads, blas.
+`moe bench` runs it with OPENBLAS_CORETYPE set in its environment.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+class PeerMoE(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, E, f, o = c["d"], c["E"], c["d_ff"], c["d_out"]
+        self.E, self.k, self.expert, self.cf = E, c["k"], c["expert"], c.get("cf")
+        self.learned_noise = c["noise"] == "learned"
+        self.act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[c["activation"]]
+        g = torch.Generator().manual_seed(c.get("seed", 0))
+
+        def param(*shape, std):
+            return torch.nn.Parameter(torch.randn(*shape, generator=g) * std)
+
+        # Gate and noise weights side by side: one product x · [W_g | W_noise].
+        self.W_router = param(d, 2 * E if self.learned_noise else E, std=c["router_std"])
+        self.W1 = param(E, d, f, std=1.0 / math.sqrt(d))
+        self.W2 = param(E, f, o, std=1.0 / math.sqrt(f))
+        self.bias = c.get("bias", True) and self.expert != "swiglu"
+        if self.bias:
+            self.b1 = torch.nn.Parameter(torch.zeros(E, f))
+            self.b2 = torch.nn.Parameter(torch.zeros(E, o))
+        if self.expert == "swiglu":
+            self.W3 = param(E, d, f, std=1.0 / math.sqrt(d))
+        self.d_out = o
+        self.alpha = c.get("aux_alpha", 0.01)
+
+    def forward(self, x, training):
+        T, E, k = x.shape[0], self.E, self.k
+        z = x @ self.W_router
+        h = z[:, :E]
+        H = h + F.softplus(z[:, E:]) * torch.randn_like(h) if training and self.learned_noise else h
+        top_v, top_i = H.topk(k, dim=1)  # best first
+        gates = torch.softmax(top_v, dim=1)
+
+        # Assignments in rank-major order (all first choices, then all second choices), then
+        # a stable sort by expert: within an expert, rank-major order is kept, which is the
+        # order the "position" capacity policy fills slots in.
+        flat_e = top_i.t().reshape(-1)
+        flat_t = torch.arange(T, device=x.device).repeat(k)
+        flat_w = gates.t().reshape(-1)
+        order = torch.sort(flat_e, stable=True).indices
+        counts = torch.bincount(flat_e, minlength=E)
+        if self.cf is not None:
+            C = math.ceil(k * T / E * self.cf)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(order.numel()) - starts[flat_e[order]]
+            order = order[pos < C]
+            counts = counts.clamp(max=C)
+        tok = flat_t[order]
+        xs = x.index_select(0, tok)  # the one gather
+
+        outs = []
+        for e, xe in enumerate(xs.split(counts.tolist())):
+            if xe.shape[0] == 0:
+                continue
+            if self.expert == "swiglu":
+                o = (F.silu(xe @ self.W1[e]) * (xe @ self.W3[e])) @ self.W2[e]
+            elif self.bias:
+                o = torch.addmm(self.b2[e], self.act(torch.addmm(self.b1[e], xe, self.W1[e])), self.W2[e])
+            else:
+                o = self.act(xe @ self.W1[e]) @ self.W2[e]
+            outs.append(o)
+        out = torch.cat(outs) * flat_w[order].unsqueeze(1)
+        y = x.new_zeros(T, self.d_out).index_add_(0, tok, out)  # the one combine
+
+        aux = None
+        if training:
+            f_i = torch.bincount(top_i.reshape(-1), minlength=E).to(x.dtype) / T
+            P_i = torch.softmax(H, dim=1).mean(0)
+            aux = self.alpha * E * (f_i * P_i).sum()
+        return y, aux, int(order.numel())
+
+
+def blas_in_use():
+    """Which BLAS library this process mapped (torch loads it on the first matmul)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = {line.split()[-1] for line in fh if ".so" in line}
+    except OSError:
+        return "unknown"
+    for name in sorted(libs):
+        base = name.rsplit("/", 1)[-1]
+        if "openblas" in name or "blis" in base or "mkl" in base:
+            return name
+    for name in sorted(libs):
+        if name.rsplit("/", 1)[-1].startswith("libblas.so"):
+            return name
+    return "unknown"
+
+
+def timed(fn, warmup, repeat):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", required=True, help="JSON object: T, d, d_ff, d_out, E, k, ...")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args()
+    c = json.loads(args.case)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(c.get("seed", 0))
+
+    model = PeerMoE(c)
+    g = torch.Generator().manual_seed(12345)
+    x = torch.randn(c["T"], c["d"], generator=g)
+    training = c.get("training", True)
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+
+    if training:
+        x.requires_grad_(True)
+        kept = model(x, True)[2]
+        result["fwd_s"] = timed(lambda: model(x, True), args.warmup, args.repeat)
+        if c.get("backward", True):
+            dy = torch.randn(c["T"], model.d_out, generator=g)
+            one = torch.ones(())
+
+            def step():
+                y, aux, _ = model(x, True)
+                torch.autograd.backward([y, aux], [dy, one])
+
+            result["fwdbwd_s"] = timed(step, args.warmup, args.repeat)
+        else:
+            result["fwdbwd_s"] = None
+    else:
+        with torch.inference_mode():
+            kept = model(x, False)[2]
+            result["fwd_s"] = timed(lambda: model(x, False), args.warmup, args.repeat)
+        result["fwdbwd_s"] = None
+    result["kept_rows"] = kept
+    result["blas"] = blas_in_use()
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+// The run folder of `moe train`: creating it, writing files atomically, and calling the
+// plotting script.
+#pragma once
+#include <string>
+
+namespace moe::cli {
+
+// `out` when given (created if missing), else a fresh runs/YYYYmmdd-HHMMSS[-N] under the
+// current directory. Returns the folder's path.
+std::string make_run_dir(const std::string& out);
+
+// Writes text to path through a temporary file in the same folder and a rename, so that a
+// reader never sees half a file. Throws std::runtime_error on an I/O failure.
+void write_file_atomic(const std::string& path, const std::string& text);
+
+// Runs `/usr/bin/python3 scripts/plot_run.py run_dir` (the script from the source tree).
+// Its output goes to our stderr when to_stderr, else to our stdout. Returns a one-line
+// description of what happened ("wrote ..." / "skipped: ...").
+struct PlotResult {
+  bool ok = false;
+  std::string message;
+};
+PlotResult run_plot_script(const std::string& run_dir, bool to_stderr);
+
+}  // namespace moe::cli

@@ -1,0 +1,49 @@
+// The two references every libmoe benchmark figure is set beside, measured in the same run
+// (issue 5): the compute roof — oneDNN's sgemm rate on one dense GEMM — and the memory roof —
+// the read bandwidth of a streaming kernel. Plus the small timing helpers they share.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace moe::perf {
+
+// Seconds on a monotonic clock.
+double now_s();
+
+// Median of the samples (mean of the two middle ones for an even count); 0 for none.
+double median(std::vector<double> samples);
+
+// Runs fn `warmup` times untimed, then `repeat` times timed; returns the median seconds.
+double time_median(const std::function<void()>& fn, int warmup, int repeat);
+
+// Dense GEMM C (M, N) = A (M, K) · B (K, N), row-major, FLOPs = 2·M·N·K.
+struct GemmRate {
+  double gflops = 0.0;   // 2·M·N·K / seconds / 1e9
+  double seconds = 0.0;  // median of the repeats
+};
+
+// The compute roof: dnnl_sgemm called once on the whole problem, oneDNN threading it itself
+// over the current OpenMP thread count — the best rate a caller gets from the library.
+GemmRate measure_sgemm_dnnl(int64_t M, int64_t N, int64_t K, int repeat);
+
+// The same GEMM through libmoe's deterministic wrapper detail::gemm_f32 (fixed row or
+// column blocks, serial sgemm per block): what the layer's own GEMMs can reach.
+GemmRate measure_sgemm_blocked(int64_t M, int64_t N, int64_t K, int repeat);
+
+// Sum of n floats with 16 independent accumulators so that the loop vectorises without
+// reassociation; OpenMP threads take fixed contiguous chunks and the partial sums are
+// added in chunk order. Returned so that the read cannot be optimised away (and tested).
+double stream_read_sum(const float* p, int64_t n);
+
+struct Bandwidth {
+  double bytes_per_s = 0.0;
+  double seconds = 0.0;  // median seconds for one pass over the buffer
+  int64_t bytes = 0;
+};
+
+// The memory roof: stream_read_sum over a fresh buffer of `bytes` (far beyond the last-level
+// cache), median of `repeat` passes after one warm-up pass that also faults the pages in.
+Bandwidth measure_read_bandwidth(int64_t bytes, int repeat);
+
+}  // namespace moe::perf

@@ -1,0 +1,128 @@
+#include "perf/suite.hpp"
+
+#include <cmath>
+#include <cstdio>
+
+namespace moe::perf {
+
+namespace {
+
+// snprintf rather than string concatenation: GCC 12 warns falsely (-Wrestrict) on the
+// inlined std::string copies of "E" + std::to_string(E).
+std::string label(const char* prefix, int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%s%lld", prefix, static_cast<long long>(v));
+  return buf;
+}
+
+// B1 of issue 5: T=4096, d=1024, d_ff=2048, E=16, k=2, mlp relu, cf=1.25, learned noise.
+BenchCase b1(bool quick) {
+  BenchCase c;
+  c.name = c.group = "B1";
+  c.T = quick ? 256 : 4096;
+  MoEConfig& m = c.cfg;
+  m.d_model = quick ? 64 : 1024;
+  m.d_ff = quick ? 128 : 2048;
+  m.n_experts = quick ? 8 : 16;
+  m.k = 2;
+  m.expert = ExpertKind::mlp;
+  m.activation = Activation::relu;
+  m.capacity_factor = 1.25;
+  m.noise = Noise::learned;
+  // A router that starts at zero sends every token by noise alone; a trained router has
+  // logits of order one, which 1/sqrt(d) gives for unit inputs.
+  m.router_init_std = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.d_model)));
+  m.seed = 1;
+  return c;
+}
+
+}  // namespace
+
+std::vector<BenchCase> bench_cases(bool quick) {
+  std::vector<BenchCase> out;
+  out.push_back(b1(quick));
+
+  // B2: B1 with E=256, d_ff=512 (fine-grained experts).
+  BenchCase c2 = b1(quick);
+  c2.name = c2.group = "B2";
+  c2.cfg.n_experts = quick ? 32 : 256;
+  c2.cfg.d_ff = quick ? 32 : 512;
+  out.push_back(c2);
+
+  // B3: decode, T in {1, 4, 16}, d=4096, d_ff=14336, swiglu, E=8, k=2, evaluation mode.
+  // Inference routes without noise and without a capacity limit (nothing is dropped).
+  for (int64_t T : {1, 4, 16}) {
+    BenchCase c;
+    c.name = label("B3-T", T);
+    c.group = "B3";
+    c.T = T;
+    c.training = false;
+    c.backward = false;
+    c.memory_roof = true;
+    MoEConfig& m = c.cfg;
+    m.d_model = quick ? 128 : 4096;
+    m.d_ff = quick ? 256 : 14336;
+    m.n_experts = 8;
+    m.k = 2;
+    m.expert = ExpertKind::swiglu;
+    m.activation = Activation::silu;
+    m.expert_bias = false;
+    m.capacity_factor.reset();
+    m.noise = Noise::none;
+    m.router_init_std = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.d_model)));
+    m.seed = 3;
+    out.push_back(c);
+  }
+
+  // E-sweep: B1 with E in {8, 64, 256, 1024}. T, k, d and d_ff stay B1's, so the routed
+  // FLOPs 2·T·k·(d·d_ff + d_ff·d) are the same at every E; only the number of experts (and
+  // so rows per expert, T·k/E) changes.
+  for (int64_t E : {8, 64, 256, 1024}) {
+    BenchCase c = b1(quick);
+    c.name = label("E", E);
+    c.group = "E-sweep";
+    c.cfg.n_experts = E;
+    out.push_back(c);
+  }
+  return out;
+}
+
+double expert_flops(const MoEConfig& cfg, int64_t rows) {
+  const double d = static_cast<double>(cfg.d_model), f = static_cast<double>(cfg.hidden()),
+               o = static_cast<double>(cfg.out_dim()), r = static_cast<double>(rows);
+  switch (cfg.expert) {
+    case ExpertKind::linear_relu: return 2.0 * r * d * o;
+    case ExpertKind::mlp: return 2.0 * r * (d * f + f * o);
+    case ExpertKind::swiglu: return 2.0 * r * (2.0 * d * f + f * o);
+  }
+  return 0.0;
+}
+
+double router_flops(const MoEConfig& cfg, int64_t T, bool training) {
+  const double base = 2.0 * static_cast<double>(T) * static_cast<double>(cfg.d_model) *
+                      static_cast<double>(cfg.n_experts);
+  return training && cfg.noise == Noise::learned ? 2.0 * base : base;
+}
+
+double layer_flops_fwd(const BenchCase& c) {
+  return expert_flops(c.cfg, c.T * c.cfg.k) + router_flops(c.cfg, c.T, c.training);
+}
+
+int64_t expert_weight_bytes(const MoEConfig& cfg) {
+  const int64_t d = cfg.d_model, f = cfg.hidden(), o = cfg.out_dim();
+  int64_t n = 0;
+  switch (cfg.expert) {
+    case ExpertKind::linear_relu: n = d * o + (cfg.expert_bias ? o : 0); break;
+    case ExpertKind::mlp: n = d * f + f * o + (cfg.expert_bias ? f + o : 0); break;
+    case ExpertKind::swiglu: n = 2 * d * f + f * o; break;
+  }
+  return n * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t layer_param_bytes(const MoEConfig& cfg) {
+  const int64_t router = cfg.d_model * cfg.n_experts * (cfg.noise == Noise::learned ? 2 : 1) +
+                         (cfg.router_bias ? cfg.n_experts : 0);
+  return router * static_cast<int64_t>(sizeof(float)) + cfg.n_experts * expert_weight_bytes(cfg);
+}
+
+}  // namespace moe::perf

@@ -1,0 +1,47 @@
+// The benchmark configurations of issue 5 (B1, B2, B3, E-sweep) and how their FLOPs are
+// counted. `moe bench` and the Google Benchmark programs both take their shapes from here.
+//
+// FLOP counting (docs/benchmarks.md says the same): one multiply-add is 2 FLOPs, and only the
+// matrix products are counted.
+// - Experts, per routed row (rows = T·k, nominal: dropped assignments are still counted, as
+//   the roof GEMM [T·k, d] × [d, d_ff] counts them):
+//     linear_relu 2·d·d_out;  mlp 2·(d·d_ff + d_ff·d_out);  swiglu 2·(2·d·d_ff + d_ff·d_out).
+// - Router: 2·T·d·E for the logits, doubled when learned noise is applied (training only),
+//   since x·W_noise is a second product of the same shape.
+// - Forward + backward: 3× the forward (each product has two of the same size in backward:
+//   the input gradient and the weight gradient).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/layer.hpp"
+
+namespace moe::perf {
+
+struct BenchCase {
+  std::string name;   // "B1", "B2", "B3-T1", "E8", ...
+  std::string group;  // "B1", "B2", "B3", "E-sweep"
+  MoEConfig cfg;
+  int64_t T = 0;
+  bool training = true;  // forward in training mode (noise on, state saved for backward)
+  bool backward = true;  // forward+backward measured too
+  bool memory_roof = false;  // decode: the roof is the read bandwidth, not sgemm
+};
+
+// Every configuration of issue 5, in order. quick: the same structure at small sizes (a
+// smoke test that runs in seconds).
+std::vector<BenchCase> bench_cases(bool quick);
+
+// Forward FLOPs of the experts on `rows` routed rows.
+double expert_flops(const MoEConfig& cfg, int64_t rows);
+// Forward FLOPs of the router on T tokens.
+double router_flops(const MoEConfig& cfg, int64_t T, bool training);
+// Forward FLOPs of the layer: experts on T·k rows plus the router.
+double layer_flops_fwd(const BenchCase& c);
+// Bytes of one expert's weights (and biases): what a decode step reads per selected expert.
+int64_t expert_weight_bytes(const MoEConfig& cfg);
+// Bytes of all parameters of the layer (router, noise, experts).
+int64_t layer_param_bytes(const MoEConfig& cfg);
+
+}  // namespace moe::perf

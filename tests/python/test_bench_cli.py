@@ -1,0 +1,85 @@
+"""`moe bench` smoke test (issue 5): the --quick sizes run, and --json prints one valid JSON
+object per configuration with the documented fields. No timing is asserted: wall-clock
+figures depend on the machine and its load."""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MOE = os.environ.get("MOE_BIN", str(ROOT / "build" / "bin" / "moe"))
+
+pytestmark = pytest.mark.skipif(not Path(MOE).exists(), reason=f"{MOE} not built")
+
+FIELDS = ["name", "fwd_s", "fwdbwd_s", "gflops_fwd", "gflops_fwdbwd", "roof_gflops",
+          "peer_fwd_s", "peer_fwdbwd_s", "ratio_fwd", "ratio_fwdbwd", "router_share",
+          "peak_bytes", "param_bytes", "workspace_bytes", "peer_speedup_fwd"]
+CONFIGS = ["B1", "B2", "B3-T1", "B3-T4", "B3-T16", "E8", "E64", "E256", "E1024"]
+
+
+def bench(*args):
+    r = subprocess.run([MOE, "bench", "--quick", "--no-peer", "--threads", "2", "--repeat", "1",
+                        *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def rows():
+    r = bench("--json")
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    # Goals go to stderr in --json mode, so that stdout holds configurations only.
+    assert "Goals of issue 5" in r.stderr
+    return [json.loads(line) for line in lines]
+
+
+def test_one_object_per_configuration(rows):
+    assert [row["name"] for row in rows] == CONFIGS
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_fields_present(rows, field):
+    for row in rows:
+        assert field in row, (row["name"], field)
+
+
+def test_values_are_consistent(rows):
+    for row in rows:
+        assert row["fwd_s"] > 0 and math.isfinite(row["fwd_s"])
+        assert row["gflops_fwd"] == pytest.approx(row["gflop_fwd"] / row["fwd_s"], rel=1e-9)
+        assert row["ratio_fwd"] == pytest.approx(row["gflops_fwd"] / row["roof_gflops"], rel=1e-9)
+        assert 0 < row["router_share"]
+        assert row["peak_bytes"] >= row["param_bytes"] > 0
+        # --no-peer: the peer's columns are null and say why.
+        assert row["peer_fwd_s"] is None and row["peer_note"] == "n/a (--no-peer)"
+        if row["group"] == "B3":  # evaluation mode: no backward, memory roof
+            assert row["fwdbwd_s"] is None and row["roof_kind"] == "memory"
+            assert row["selected_weight_bytes"] > 0
+        else:
+            assert row["fwdbwd_s"] > 0 and row["roof_kind"] == "sgemm"
+            # forward+backward counts three times the forward's FLOPs.
+            assert row["gflops_fwdbwd"] == pytest.approx(3 * row["gflop_fwd"] / row["fwdbwd_s"])
+
+
+def test_routed_flops_are_counted_on_t_times_k_rows(rows):
+    # mlp: 2·T·k·(d·d_ff + d_ff·d) plus the router's 2·T·d·E, doubled for learned noise.
+    b1 = next(r for r in rows if r["name"] == "B1")
+    T, d, f, E, k = b1["T"], b1["d_model"], b1["d_ff"], b1["n_experts"], b1["k"]
+    assert b1["gflop_fwd"] * 1e9 == pytest.approx(2 * T * k * (2 * d * f) + 2 * 2 * T * d * E)
+
+
+def test_table_and_goals_on_a_terminal():
+    r = bench("--config", "B1")
+    assert "config" in r.stdout and "B1" in r.stdout
+    assert "Goals of issue 5" in r.stdout
+    assert "B1 forward >= 80% of the roof" in r.stdout
+
+
+def test_unknown_config_is_an_error():
+    r = subprocess.run([MOE, "bench", "--quick", "--no-peer", "--config", "B9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--config" in r.stderr and r.stdout == ""
