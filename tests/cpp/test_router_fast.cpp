@@ -52,8 +52,9 @@ void expect_matches_reference(const Case& c, bool training) {
                                  (c.cfg.noise_scale == moe::NoiseScale::linear && !c.eps.empty()));
   // ε is the same generator in both: equal bits.
   // (memcmp on an empty vector's null data() is undefined behaviour, which UBSan reports.)
-  if (!f.eps.empty())
+  if (!f.eps.empty()) {
     EXPECT_EQ(0, std::memcmp(f.eps.data(), r.eps.data(), f.eps.size() * sizeof(float)));
+  }
 
   const std::vector<double> bh = h_error_bound(c, c.W_g);
   const std::vector<double> bp = noisy && c.cfg.noise == moe::Noise::learned
