@@ -8,6 +8,7 @@
 #include <benchmark/benchmark.h>
 #include <oneapi/dnnl/dnnl.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/gemm.hpp"
@@ -66,6 +67,8 @@ void gemm_shapes(benchmark::internal::Benchmark* b) {
   b->Args({32, 2048, 1024});    // E256 per expert
   b->Args({8, 2048, 1024});     // E1024 per expert
   b->Args({32, 512, 1024});     // B2 per expert
+  b->Args({64, 256, 1024});     // one tile of the layer's grouped GEMM (64 x 256, full K), W1
+  b->Args({64, 256, 2048});     // one tile, W2
   b->Args({1, 14336, 4096});    // B3 decode, one row per selected expert
   b->Args({4, 14336, 4096});    // B3 T=16, about four rows per expert
   b->UseRealTime();
@@ -73,6 +76,46 @@ void gemm_shapes(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_sgemm_dnnl)->Apply(gemm_shapes);
 BENCHMARK(BM_sgemm_blocked)->Apply(gemm_shapes);
+
+// The layer's expert GEMMs as it runs them (experts/grouped_gemm.cpp): E problems
+// [rows, K] x [K, N] cut into fixed tiles of tile_m x tile_n outputs, one serial sgemm per
+// tile over the full K, tiles spread over the OpenMP threads. Args: E, rows per expert, N, K,
+// tile_m, tile_n. The layer uses 64 x 256 tiles; other sizes show what the tiling costs.
+void BM_grouped_tiles(benchmark::State& state) {
+  const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3),
+                tm = state.range(4), tn = state.range(5);
+  Operands op(E * rows, N, K);
+  std::vector<float> W(static_cast<size_t>(E * K * N), 0.25f);
+  struct Tile {
+    int64_t e, m0, m, n0, n;
+  };
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m0 = 0; m0 < rows; m0 += tm)
+      for (int64_t n0 = 0; n0 < N; n0 += tn)
+        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  const auto n_tiles = static_cast<int64_t>(tiles.size());
+  for (auto _ : state) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const Tile& t = tiles[static_cast<size_t>(i)];
+      moe::detail::gemm_f32_serial(false, false, t.m, t.n, K, 1.0f,
+                                   op.A.data() + (t.e * rows + t.m0) * K, K,
+                                   W.data() + t.e * K * N + t.n0, N, 0.0f,
+                                   op.C.data() + (t.e * rows + t.m0) * N + t.n0, N);
+    }
+    benchmark::DoNotOptimize(op.C.data());
+  }
+  set_rate(state, E * rows, N, K);
+}
+BENCHMARK(BM_grouped_tiles)
+    ->ArgNames({"E", "rows", "N", "K", "tm", "tn"})
+    ->Args({16, 512, 2048, 1024, 64, 256})    // B1 W1, the layer's tiles
+    ->Args({16, 512, 2048, 1024, 512, 256})   // B1 W1, all rows of an expert per tile
+    ->Args({16, 512, 2048, 1024, 128, 1024})  // B1 W1, wider tiles
+    ->Args({256, 32, 512, 1024, 64, 256})     // B2 W1, the layer's tiles
+    ->Args({64, 8, 2048, 1024, 64, 256})      // E1024-like: 8 rows per expert (64 of them)
+    ->UseRealTime();
 
 // The memory roof: one pass of the streaming read kernel over a buffer of range(0) MiB.
 void BM_read_bandwidth(benchmark::State& state) {

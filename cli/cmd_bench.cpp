@@ -29,6 +29,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -345,6 +346,14 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
   if (res.contains("blas") && res["blas"].is_string()) r.peer_blas = res["blas"];
 }
 
+// The 1-minute load average: on a shared machine every time depends on it.
+double load_average() {
+  std::ifstream f("/proc/loadavg");
+  double l = -1.0;
+  f >> l;
+  return l;
+}
+
 json opt_num(const std::optional<double>& v) { return v ? json(*v) : json(nullptr); }
 
 std::optional<double> ratio(const std::optional<double>& num, const std::optional<double>& den) {
@@ -371,7 +380,8 @@ json to_json(const Result& r, int threads, int repeat) {
             {"expert", to_string(m.expert)},
             {"training", c.training},
             {"threads", threads},
-            {"repeat", repeat}};
+            {"repeat", repeat},
+            {"loadavg", load_average()}};
   if (!r.ran) {
     for (const char* f : {"fwd_s", "fwdbwd_s", "gflops_fwd", "gflops_fwdbwd", "roof_gflops",
                           "ratio_fwd", "ratio_fwdbwd", "router_share", "peak_bytes", "peer_fwd_s",
@@ -645,7 +655,9 @@ int run_bench(const BenchOptions& o) {
     print_goals(goals, std::cerr);
   } else {
     std::cout << "moe bench: " << threads << " thread(s), median of " << o.repeat
-              << " repeat(s)" << (o.quick ? ", --quick sizes" : "") << "\n";
+              << " repeat(s)" << (o.quick ? ", --quick sizes" : "") << ", load average "
+              << fmt(load_average(), 2) << " at the end on " << std::thread::hardware_concurrency()
+              << " CPU(s)\n";
     print_table(results, std::cout);
     std::cout << '\n';
     print_goals(goals, std::cout);

@@ -400,3 +400,37 @@ TEST(LayerFastVsRef, AwkwardShapes) {
       }
     }
 }
+
+// The reference twin on float agrees with itself on double (both instantiations are used:
+// float as a cheap oracle, double for the gradient checks).
+TEST(LayerReference, FloatTwinMatchesDouble) {
+  moe_test::Case cs{moe::ExpertKind::swiglu, moe::Activation::relu, 2, 1.0,
+                    moe::DropPolicy::probs, true, moe::Noise::learned, moe::NoiseScale::softplus};
+  MoEConfig cfg = moe_test::config_of(cs, 6, 5, 7, 6, 2);
+  MoELayer L(cfg);
+  Rng rng(12);
+  moe_test::randomize(L, rng);
+  const int64_t T = 17;
+  const auto x = rng.vec(T * 6, 1.0);
+  const auto eps = rng.vec(T * 5, 1.0);
+  const auto dy = rng.vec(T * 6, 1.0);
+  moe::detail::RefSaved<float> sf;
+  moe::detail::RefSaved<double> sd;
+  std::vector<float> yf, dxf;
+  std::vector<double> yd, dxd;
+  const auto pf = moe::detail::RefParams<float>::from(L);
+  const auto pd = moe::detail::RefParams<double>::from(L);
+  moe::detail::layer_forward_ref<float>(yf, sf, x.data(), pf, cfg, T, true, eps.data());
+  const auto xd = moe_test::convert<double>(x), ed = moe_test::convert<double>(eps),
+             dyd = moe_test::convert<double>(dy);
+  moe::detail::layer_forward_ref<double>(yd, sd, xd.data(), pd, cfg, T, true, ed.data());
+  ASSERT_EQ(sf.indices, sd.indices);
+  moe_test::expect_close(yf, yd, 2e-5, 2e-4, "y");
+  auto gf = moe::detail::RefParams<float>::zeros_like(L);
+  auto gd = moe::detail::RefParams<double>::zeros_like(L);
+  moe::detail::layer_backward_ref<float>(dxf, gf, dy.data(), sf, pf, cfg);
+  moe::detail::layer_backward_ref<double>(dxd, gd, dyd.data(), sd, pd, cfg);
+  moe_test::expect_close(dxf, dxd, 5e-5, 5e-4, "dx");
+  for (const auto& n : L.parameter_names())
+    moe_test::expect_close(gf.get(n), gd.get(n), 5e-5, 5e-4, "d" + n, 0.0);
+}
