@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -22,6 +23,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "common/check.hpp"
 #include "common/gemm.hpp"
 #include "moe/checkpoint.hpp"
 #include "moe/error.hpp"
@@ -29,6 +31,7 @@
 #include "moe/optim.hpp"
 #include "progress.hpp"
 #include "run_files.hpp"
+#include "train_dist.hpp"
 #include "train_task.hpp"
 
 namespace moe::cli {
@@ -61,6 +64,7 @@ struct TrainOptions {
   std::string out;
   bool json_out = false, no_plots = false;
   int64_t log_every = 0;  // 0: about twenty lines per run
+  bool expert_parallel = false;  // train_dist.cpp: experts sharded over MPI ranks
 };
 
 double cv_of(const std::vector<double>& v) {  // population std / mean
@@ -297,7 +301,21 @@ int run_train(const TrainOptions& o) {
   tc.center_scale = o.center_scale;
   tc.spread = o.spread;
   const RegimeTask task(tc);
+  // Steps here are small: with every core busy elsewhere, OpenMP threads that wait on each
+  // other at barriers make a run many times slower than one thread would. Unless told a
+  // thread count, let the runtime lower it to what the load average leaves (the results do
+  // not depend on the thread count).
+  const bool dynamic_threads =
+      o.threads == 0 && !std::getenv("OMP_NUM_THREADS") && !std::getenv("OMP_DYNAMIC");
   if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (dynamic_threads) omp_set_dynamic(1);
+  const std::string threads_desc =
+      dynamic_threads ? detail::cat("up to ", omp_get_max_threads(), " threads, fewer when busy")
+                      : detail::cat(omp_get_max_threads(), " threads");
+  if (o.expert_parallel)
+    return run_train_expert_parallel({cfg, tc, o.steps, o.batch, o.eval_tokens, o.d_target,
+                                      o.log_every > 0 ? o.log_every : std::max<int64_t>(1, o.steps / 20),
+                                      o.lr, o.out, o.json_out});
 
   // Human-readable output goes to stdout, or to stderr when stdout carries the JSON.
   std::FILE* human = o.json_out ? stderr : stdout;
@@ -450,7 +468,8 @@ int run_train(const TrainOptions& o) {
   summary["timing"] = {{"tokens_per_s", std::round(tokens_per_s)},
                        {"train_s", r6(train_seconds)},
                        {"wall_s_before_plots", r6(wall)},
-                       {"threads", omp_get_max_threads()}};
+                       {"threads", omp_get_max_threads()},
+                       {"dynamic_threads", dynamic_threads}};
   summary["run_dir"] = run_dir;
   write_file_atomic(run_dir + "/summary.json", summary.dump(2) + "\n");
 
@@ -498,8 +517,8 @@ int run_train(const TrainOptions& o) {
                               " of its tokens; its top " + std::to_string(K) + " take " +
                               fmt("%.0f%%", 100 * purity) + " of its assignments");
   }
-  row("speed", fmt("%.0f", tokens_per_s) + " tokens/s (" + std::to_string(omp_get_max_threads()) +
-                   " threads), " + fmt("%.1f", total_wall) + " s in all");
+  row("speed", fmt("%.0f", tokens_per_s) + " tokens/s (" + threads_desc + "), " +
+                   fmt("%.1f", total_wall) + " s in all");
   row("run folder", run_dir + "/ (metrics.csv, summary.json, regime_expert.csv, model.safetensors)");
   row("plots", plots.message);
   std::fflush(human);
@@ -569,7 +588,7 @@ void add_train_command(CLI::App& app, int& status) {
   sub->add_option("--lr", o->lr, "Adam learning rate")->capture_default_str();
   sub->add_option("--seed", o->seed, "model initialisation and routing noise")
       ->capture_default_str();
-  sub->add_option("--threads", o->threads, "OpenMP threads (0: OMP_NUM_THREADS or all cores)")
+  sub->add_option("--threads", o->threads, "OpenMP threads (0: OMP_NUM_THREADS, else all cores, fewer while the machine is busy)")
       ->capture_default_str();
   sub->add_option("--out", o->out, "run folder (default: a fresh runs/YYYYmmdd-HHMMSS)");
   sub->add_flag("--json", o->json_out,
@@ -578,6 +597,10 @@ void add_train_command(CLI::App& app, int& status) {
   sub->add_option("--log-every", o->log_every,
                   "steps between progress lines when not on a terminal (0: about 20 lines)")
       ->capture_default_str();
+  sub->add_flag("--expert-parallel", o->expert_parallel,
+                "run under mpirun: experts sharded over the ranks, each rank training on its "
+                "slice of the batch; the same losses as one process (metrics.csv and "
+                "summary.json only, written by rank 0)");
   sub->footer(
       "Run folder: metrics.csv (per step: loss, aux, tokens/s, load CV, drop rate, each expert's "
       "share), summary.json, regime_expert.csv, model.safetensors, and PNG plots (loss.png, "
