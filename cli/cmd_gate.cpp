@@ -18,8 +18,7 @@ struct GateOptions {
   std::string input;
 };
 
-int run_gate(const GateOptions& o) {
-  const json in = read_json_input(o.input);
+json gate_json(const json& in) {
   check_known_fields(in, {"logits", "k", "noise_stddev", "training", "seed", "round"});
   const Matrix logits = get_matrix(in, "logits", /*allow_flat=*/true);
   const int64_t k = get_int(in, "k");
@@ -39,11 +38,20 @@ int run_gate(const GateOptions& o) {
                                         static_cast<float>(sigma), training, seed);
   json out;
   out["gates"] = matrix_json(gates.data(), logits.rows, logits.cols, logits.flat, round);
+  return out;
+}
+
+int run_gate(const GateOptions& o) {
+  const json out = gate_json(read_json_input(o.input));
   std::cout << out.dump() << std::endl;
   return 0;
 }
 
 }  // namespace
+
+std::string run_gate_json(const std::string& text) {
+  return gate_json(parse_json_input(text)).dump();
+}
 
 void add_gate_command(CLI::App& app, int& status) {
   auto o = std::make_shared<GateOptions>();

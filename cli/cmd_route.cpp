@@ -30,8 +30,7 @@ auto parse_enum(const json& in, const char* field, const char* def, Parse parse)
   return parse(s);  // throws moe::Error naming the field
 }
 
-int run_route(const RouteOptions& o) {
-  const json in = read_json_input(o.input);
+json route_json(const json& in) {
   check_known_fields(in, {"X", "W_g", "k", "b_g", "W_noise", "N", "noise_scale", "tie_break",
                           "training", "seed", "round"});
   const Matrix X = get_matrix(in, "X");
@@ -95,11 +94,20 @@ int run_route(const RouteOptions& o) {
   }
   out["indices"] = std::move(idx);
   out["weights"] = matrix_json(s.weights.data(), T, k, false, round);
+  return out;
+}
+
+int run_route(const RouteOptions& o) {
+  const json out = route_json(read_json_input(o.input));
   std::cout << out.dump() << std::endl;
   return 0;
 }
 
 }  // namespace
+
+std::string run_route_json(const std::string& text) {
+  return route_json(parse_json_input(text)).dump();
+}
 
 void add_route_command(CLI::App& app, int& status) {
   auto o = std::make_shared<RouteOptions>();

@@ -150,6 +150,10 @@ json read_json_input(const std::string& path) {
     text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     if (in.bad()) fail("input: cannot read '", path, "'");
   }
+  return parse_json_input(text);
+}
+
+json parse_json_input(const std::string& text) {
   json doc;
   try {
     doc = json::parse(text);

@@ -24,6 +24,8 @@ class InputError : public moe::Error {
 
 // Reads and parses path ("-" is standard input). The document must be a JSON object.
 json read_json_input(const std::string& path);
+// The parsing half of read_json_input, on text already in memory (the fuzzers' entry).
+json parse_json_input(const std::string& text);
 
 // Every key of obj must be one of known; the first unknown one is an error naming it.
 void check_known_fields(const json& obj, std::initializer_list<const char*> known);

@@ -44,7 +44,13 @@ FArray as_f32(const py::handle& obj, const char* name) {
   if (kind != 'f' && kind != 'i' && kind != 'u' && kind != 'b')
     throw moe::Error(cat(name, ": expected a numeric array, got dtype ",
                          std::string(py::str(a.dtype()))));
-  return FArray::ensure(a);
+  // ensure() returns a null handle (and clears the Python error) when the float32 copy
+  // cannot be made, e.g. a huge broadcast view: say so instead of using the null array.
+  FArray f = FArray::ensure(a);
+  if (!f)
+    throw moe::Error(cat(name, ": cannot convert ", a.size(),
+                         " values to a float32 array (out of memory)"));
+  return f;
 }
 
 FArray as_f32_2d(const py::handle& obj, const char* name, const char* dims) {

@@ -73,6 +73,25 @@ void MoEConfig::validate() const {
   MOE_REQUIRE(hidden() <= kMaxWidth, "d_ff: too large, got ", hidden());
   MOE_REQUIRE(out_dim() <= kMaxWidth, "d_out: too large, got ", out_dim());
   router().validate();
+  // Each width may be fine on its own while their product overflows int64 (and every
+  // Tensor size after it). Count the parameters with saturating arithmetic and refuse
+  // more than 2^40 floats (4 TiB), far beyond any machine, before anything is allocated.
+  constexpr int64_t kMaxParams = int64_t{1} << 40;
+  auto mul = [](int64_t a, int64_t b) {
+    int64_t r = 0;
+    return __builtin_mul_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+  };
+  auto add = [](int64_t a, int64_t b) {
+    int64_t r = 0;
+    return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
+  };
+  // An upper bound over every kind: W_g, W_noise, b_g, then W1, W3, W2, b1, b2 per expert.
+  const int64_t per_expert = add(add(mul(hidden(), add(mul(2, d_model), out_dim())), hidden()),
+                                 add(out_dim(), add(mul(2, d_model), 1)));
+  const int64_t total = mul(n_experts, per_expert);
+  MOE_REQUIRE(total <= kMaxParams, "n_experts, d_model, d_ff, d_out: too large together (",
+              n_experts, " experts of ", d_model, "x", hidden(), "x", out_dim(),
+              " need more than 2^40 parameters)");
 }
 
 int64_t MoEConfig::capacity(int64_t T) const {

@@ -6,6 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <new>
+#include <stdexcept>
+
+#include <unistd.h>
 
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
@@ -18,6 +22,33 @@ namespace moe {
 
 using detail::cat;
 using detail::kParallelMin;
+
+namespace {
+
+// Allocations sized by the caller's dimensions. More than the machine's physical memory is
+// refused up front: under memory overcommit such an allocation may "succeed" and the
+// process be killed when the pages are touched. A failed allocation becomes moe::Error
+// instead of std::bad_alloc escaping.
+template <typename F>
+void allocate_or_throw(const char* what, int64_t floats, F&& alloc) {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  const double need = static_cast<double>(floats) * sizeof(float);
+  if (pages > 0 && page > 0) {
+    const double have = static_cast<double>(pages) * static_cast<double>(page);
+    MOE_REQUIRE(need <= have, what, ": needs ", need / gib, " GiB, more than this machine's ",
+                have / gib, " GiB of memory");
+  }
+  try {
+    alloc();
+  } catch (const std::bad_alloc&) {
+    throw Error(cat(what, ": cannot allocate ", need / gib, " GiB"));
+  } catch (const std::length_error&) {
+    throw Error(cat(what, ": cannot allocate ", need / gib, " GiB"));
+  }
+}
+
+}  // namespace
 
 struct MoELayer::Impl {
   MoEConfig cfg;
@@ -67,12 +98,16 @@ MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
   m.rcfg = cfg.router();
   m.shape = detail::ExpertShape::of(cfg);
   m.specs = detail::parameter_specs(cfg);
-  for (auto& spec : m.specs) {
-    m.index[spec.name] = m.names.size();
-    m.names.push_back(spec.name);
-    m.params.emplace_back(spec.shape);
-    m.grads.emplace_back(spec.shape);
-  }
+  int64_t floats = 0;  // parameters and gradients; validate() bounded the sum
+  for (const auto& spec : m.specs) floats += 2 * Tensor::numel_of(spec.shape);
+  allocate_or_throw("parameters and gradients", floats, [&] {
+    for (auto& spec : m.specs) {
+      m.index[spec.name] = m.names.size();
+      m.names.push_back(spec.name);
+      m.params.emplace_back(spec.shape);
+      m.grads.emplace_back(spec.shape);
+    }
+  });
   detail::init_parameters(m.params, m.names, cfg);
 }
 
@@ -110,6 +145,10 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
   m.have_forward = false;
+  // The workspace and the router's (T, E) buffers, before x is read.
+  allocate_or_throw("forward: workspace for the batch",
+                    detail::layer_workspace_floats(cfg, T) + T * (2 * cfg.k + 5 * cfg.n_experts),
+                    [&] { m.ws.reserve(cfg, T); });
 
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   NoiseSource ns;

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/: small valid inputs (so that the fuzzer
+starts deep inside the code) and small invalid ones (one per kind of refusal). Rerun after
+changing it; the files are committed so that CI needs no Python to fuzz."""
+import json
+import struct
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def write(target, name, data):
+    d = HERE / "corpus" / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def gate():
+    ok = {
+        "ref_flat": {"logits": [1.0, 2.0, 0.5], "k": 2, "training": False},
+        "matrix_noise": {"logits": [[1, 2, 3, 4], [4, 3, 2, 1]], "k": 2, "noise_stddev": 1.0,
+                         "seed": 7, "round": 3},
+        "ties": {"logits": [[2, 2, 1]], "k": 1, "training": False},
+        "k_eq_e": {"logits": [[0.1, -0.2]], "k": 2, "noise_stddev": 0.0},
+        "big_logits": {"logits": [[3e38, -3e38, 0]], "k": 2, "training": False},
+    }
+    bad = {
+        "k_zero": {"logits": [1, 2], "k": 0},
+        "k_big": {"logits": [1, 2], "k": 3},
+        "neg_sigma": {"logits": [1, 2], "k": 1, "noise_stddev": -1},
+        "ragged": {"logits": [[1, 2], [3]], "k": 1},
+        "unknown_field": {"logits": [1, 2], "k": 1, "kk": 1},
+        "string_entry": {"logits": ["a", 2], "k": 1},
+        "empty": {"logits": [], "k": 1},
+    }
+    for n, d in {**ok, **bad}.items():
+        write("gate", n + ".json", json.dumps(d))
+    write("gate", "overflow.json", '{"logits": [1e999, 1], "k": 1}')
+    write("gate", "truncated.json", '{"logits": [[1, 2], [3, ')
+    write("gate", "not_object.json", '[1, 2, 3]')
+
+
+def route():
+    ex2 = dict(X=[[1, 0], [0, 1]], W_g=[[1, .5, 0], [0, .5, 1]], W_noise=[[.1] * 3] * 2,
+               N=[[.5, -.5, .2], [.1, 0, -.1]], k=2)
+    ok = {
+        "ex1_linear": dict(X=[[1, 2]], W_g=[[1, 0], [0, 1]], W_noise=[[.5, .5], [.5, .5]],
+                           N=[[1, -1]], k=2, noise_scale="linear", round=3),
+        "ex2_softplus": ex2,
+        "ex3_tie_low": dict(X=[[1, 1]], W_g=[[2, 1, .5], [0, 1, .5]], k=1, tie_break="low"),
+        "seeded_noise": dict(X=[[1, 2], [3, 4], [5, 6]], W_g=[[1, 0, 1], [0, 1, 1]],
+                             W_noise=[[1, 1, 1], [1, 1, 1]], k=2, seed=3),
+        "bias_eval": dict(X=[[1, 2]], W_g=[[1, 0], [0, 1]], b_g=[0.5, -0.5], k=1,
+                          training=False),
+    }
+    bad = {
+        "wg_rows": dict(X=[[1, 2]], W_g=[[1, 0]], k=1),
+        "n_without_wnoise": dict(X=[[1, 2]], W_g=[[1, 0], [0, 1]], N=[[0, 0]], k=1),
+        "n_shape": dict(ex2, N=[[0, 0]]),
+        "b_g_shape": dict(X=[[1, 2]], W_g=[[1, 0], [0, 1]], b_g=[[1, 2]], k=1),
+        "bad_scale": dict(ex2, noise_scale="cubic"),
+        "bad_tie": dict(ex2, tie_break="middle"),
+        "k_big": dict(ex2, k=4),
+        "round_big": dict(ex2, round=99),
+        "seed_neg": dict(ex2, seed=-1),
+    }
+    for n, d in {**ok, **bad}.items():
+        write("route", n + ".json", json.dumps(d))
+    write("route", "h_overflow.json",
+          json.dumps(dict(X=[[3e38, 3e38]], W_g=[[3e38, 0], [3e38, 1]], k=1)))
+
+
+def safetensors(header, data=b"", pad=True, length=None):
+    h = json.dumps(header, separators=(",", ":")).encode() if not isinstance(header, bytes) \
+        else header
+    if pad:
+        h += b" " * (-len(h) % 8)
+    n = len(h) if length is None else length
+    return struct.pack("<Q", n) + h + data
+
+
+def st():
+    f32 = struct.pack("<6f", 1, 2, 3, 4, 5, 6)
+    two = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+           "b": {"dtype": "F32", "shape": [2], "data_offsets": [24, 32]}}
+    cfg = json.dumps({"d_model": 2, "n_experts": 2, "k": 1, "expert": "linear_relu"})
+    ok = {
+        "two_f32": safetensors(two, f32 + struct.pack("<2f", 7, 8)),
+        "meta": safetensors({"__metadata__": {"moe_config": cfg, "step": "3"},
+                             "W_g": {"dtype": "F32", "shape": [2, 2],
+                                     "data_offsets": [0, 16]}}, f32[:16]),
+        "f16_bf16_f64": safetensors(
+            {"h": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+             "bf": {"dtype": "BF16", "shape": [2], "data_offsets": [4, 8]},
+             "d": {"dtype": "F64", "shape": [1], "data_offsets": [8, 16]}},
+            struct.pack("<2e", 1.5, -2.0) + b"\x80\x3f\x00\x40" + struct.pack("<d", 0.25)),
+        "scalar_and_empty": safetensors(
+            {"s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+             "z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]}},
+            struct.pack("<f", 9)),
+        "empty_header": safetensors({}),
+    }
+    bad = {
+        "truncated_data": safetensors(two, f32),
+        "header_past_end": safetensors(two, f32, length=1 << 40),
+        "offsets_overlap": safetensors(
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, f32),
+        "offsets_out_of_range": safetensors(
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [16, 40]}}, f32),
+        "shape_mismatch": safetensors(
+            {"a": {"dtype": "F32", "shape": [5], "data_offsets": [0, 24]}}, f32),
+        "wrong_dtype": safetensors(
+            {"a": {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}}, f32),
+        "not_utf8": safetensors(b'{"\xff\xfe":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+                                f32[:4]),
+        "deep_json": safetensors(b"[" * 200 + b"]" * 200),
+        "huge_shape": safetensors(
+            {"a": {"dtype": "F32", "shape": [1 << 62, 8], "data_offsets": [0, 24]}}, f32),
+        "short": b"\x08\x00\x00",
+    }
+    for n, d in {**ok, **bad}.items():
+        write("safetensors", n + ".safetensors", d)
+
+
+def config():
+    full = {"d_model": 8, "n_experts": 4, "k": 2, "expert": "mlp", "d_ff": 16, "d_out": 0,
+            "activation": "gelu", "expert_bias": True, "capacity_factor": 1.25,
+            "drop_policy": "probs", "noise": "learned", "noise_scale": "softplus",
+            "noise_stddev": 1.0, "aux_alpha": 0.01, "z_alpha": 0.001, "normalize_by_k": False,
+            "residual": True, "tie_break": "high", "router_bias": False,
+            "router_init_std": 0.0, "seed": 0}
+    ok = {
+        "full": full,
+        "minimal": {"d_model": 2, "n_experts": 2, "k": 1},
+        "swiglu_dropless": {"d_model": 4, "n_experts": 3, "k": 3, "expert": "swiglu",
+                            "capacity_factor": None},
+    }
+    bad = {
+        "k_big": dict(full, k=5),
+        "cf_zero": dict(full, capacity_factor=0),
+        "bad_kind": dict(full, expert="moe"),
+        "bad_act": dict(full, activation="tanh"),
+        "huge_dims": dict(full, d_model=1 << 40, d_ff=1 << 40, n_experts=1 << 30),
+        "neg_sigma": dict(full, noise_stddev=-1),
+        "unknown": dict(full, colour="red"),
+    }
+    for n, d in {**ok, **bad}.items():
+        write("config_json", n + ".json", json.dumps(d))
+
+
+if __name__ == "__main__":
+    gate()
+    route()
+    st()
+    config()
