@@ -16,7 +16,14 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export LSAN_OPTIONS="suppressions=$PWD/scripts/sanitize/lsan.supp:print_suppressions=0"
 export OMP_NUM_THREADS=2
 status=0
-ctest --test-dir build-debug --output-on-failure -j2 || status=1
+ctest --test-dir build-debug --output-on-failure -j2 -E '^mpi\.' || status=1
+# The MPI drivers run with ASan and UBSan as everything else, but with leak detection off:
+# Open MPI's dlopen'ed transport components keep allocations (argv copies, op tables) that
+# are never freed and are unloaded before LeakSanitizer looks, so their frames cannot be
+# named in a suppression ("<unknown module>"). Everything but src/dist/ is leak-checked by
+# the single-process run above; src/dist/ keeps its buffers in std::vector and RAII types.
+ASAN_OPTIONS="${ASAN_OPTIONS/detect_leaks=1/detect_leaks=0}" \
+  ctest --test-dir build-debug --output-on-failure -j2 -R '^mpi\.' || status=1
 if [ -d build/python/moe ]; then
   # The Python module comes from the release tree; the CLI under test is the sanitized one.
   MOE_BIN="$PWD/build-debug/bin/moe" PYTHONPATH="$PWD/build/python" \
