@@ -352,6 +352,18 @@ struct PyMoE {
     d["router_bias"] = c.router_bias;
     d["router_init_std"] = c.router_init_std;
     d["seed"] = c.seed;
+    d["router"] = moe::to_string(c.router_kind);
+    d["renormalize"] = c.renormalize;
+    d["scaling_factor"] = c.scaling_factor;
+    d["aux_loss"] = moe::to_string(c.aux_loss_kind);
+    d["seq_len"] = c.seq_len;
+    d["bias_update_rate"] = c.bias_update_rate;
+    d["n_groups"] = c.n_groups;
+    d["topk_groups"] = c.topk_groups;
+    d["n_shared_experts"] = c.n_shared_experts;
+    d["shared_gate"] = c.shared_gate;
+    d["second_expert_policy"] = moe::to_string(c.second_expert_policy);
+    d["jitter"] = c.jitter;
     return d;
   }
 };
@@ -364,7 +376,12 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 const std::string& noise_scale, double noise_stddev,
                                 double aux_alpha, double z_alpha, bool normalize_by_k,
                                 bool residual, const std::string& tie_break, const py::int_& seed,
-                                bool expert_bias, bool router_bias, double router_init_std) {
+                                bool expert_bias, bool router_bias, double router_init_std,
+                                const std::string& router, bool renormalize,
+                                double scaling_factor, const std::string& aux_loss,
+                                int64_t seq_len, double bias_update_rate, int64_t n_groups,
+                                int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
+                                const std::string& second_expert_policy, double jitter) {
   moe::MoEConfig c;
   c.d_model = d_model;
   c.n_experts = n_experts;
@@ -398,6 +415,18 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.expert_bias = expert_bias;
   c.router_bias = router_bias;
   c.router_init_std = static_cast<float>(router_init_std);
+  c.router_kind = moe::parse_router_kind(router);
+  c.renormalize = renormalize;
+  c.scaling_factor = static_cast<float>(scaling_factor);
+  c.aux_loss_kind = moe::parse_aux_loss(aux_loss);
+  c.seq_len = seq_len;
+  c.bias_update_rate = static_cast<float>(bias_update_rate);
+  c.n_groups = n_groups;
+  c.topk_groups = topk_groups;
+  c.n_shared_experts = n_shared_experts;
+  c.shared_gate = shared_gate;
+  c.second_expert_policy = moe::parse_second_expert_policy(second_expert_policy);
+  c.jitter = static_cast<float>(jitter);
   return std::make_unique<PyMoE>(c);
 }
 
@@ -415,7 +444,13 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("aux_alpha") = 0.01, py::arg("z_alpha") = 0.0,
           py::arg("normalize_by_k") = false, py::arg("residual") = false,
           py::arg("tie_break") = "high", py::arg("seed") = 0, py::arg("expert_bias") = true,
-          py::arg("router_bias") = false, py::arg("router_init_std") = 0.0);
+          py::arg("router_bias") = false, py::arg("router_init_std") = 0.0,
+          py::arg("router") = "topk_softmax", py::arg("renormalize") = false,
+          py::arg("scaling_factor") = 1.0, py::arg("aux_loss") = "switch",
+          py::arg("seq_len") = 0, py::arg("bias_update_rate") = 0.0, py::arg("n_groups") = 1,
+          py::arg("topk_groups") = 1, py::arg("n_shared_experts") = 0,
+          py::arg("shared_gate") = false, py::arg("second_expert_policy") = "all",
+          py::arg("jitter") = 0.0);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(

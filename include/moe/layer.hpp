@@ -14,14 +14,24 @@ namespace moe {
 
 enum class ExpertKind { linear_relu, mlp, swiglu };
 enum class Activation { relu, gelu, silu };
-enum class DropPolicy { position, probs };
+enum class DropPolicy { position, probs, random, priority };
+// The router family (docs/routing.md). Names in strings are those of SPEC §5.
+enum class RouterKind { topk_softmax, softmax_topk, sigmoid, expert_choice };
+enum class AuxLossKind { switch_lb, seq, global, shazeer, none };  // "switch" | ...
+enum class SecondExpertPolicy { all, random };
 
 ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu"
 Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
-DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs"
+DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "random" | "priority"
+RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...
+AuxLossKind parse_aux_loss(const std::string& s);    // "switch" | "seq" | "global" | ...
+SecondExpertPolicy parse_second_expert_policy(const std::string& s);  // "all" | "random"
 const char* to_string(ExpertKind v);
 const char* to_string(Activation v);
 const char* to_string(DropPolicy v);
+const char* to_string(RouterKind v);
+const char* to_string(AuxLossKind v);
+const char* to_string(SecondExpertPolicy v);
 
 struct MoEConfig {
   int64_t d_model = 0;
@@ -46,7 +56,22 @@ struct MoEConfig {
   float router_init_std = 0.0f;   // 0: W_g and W_noise start at zero (Shazeer et al.)
   uint64_t seed = 0;              // initialisation and generated noise
 
+  // The router family (docs/routing.md; SPEC §5 names in parentheses).
+  RouterKind router_kind = RouterKind::topk_softmax;  // (router)
+  bool renormalize = false;      // softmax_topk / sigmoid: kept weights divided by their sum
+  float scaling_factor = 1.0f;   // gate weights multiplied by it (DeepSeek-V3)
+  AuxLossKind aux_loss_kind = AuxLossKind::switch_lb;  // (aux_loss)
+  int64_t seq_len = 0;           // aux_loss "seq": tokens per sequence; 0: the whole batch
+  float bias_update_rate = 0.0f; // > 0: DeepSeek-V3 selection bias (expert_bias state)
+  int64_t n_groups = 1;          // group-limited routing: E split into n_groups groups
+  int64_t topk_groups = 1;       // ... of which the best topk_groups are eligible
+  int64_t n_shared_experts = 0;  // always-active experts added to the routed output
+  bool shared_gate = false;      // scale the shared output by sigmoid(x·w_shared_gate)
+  SecondExpertPolicy second_expert_policy = SecondExpertPolicy::all;  // GShard
+  float jitter = 0.0f;           // Switch: router input x·U(1-jitter, 1+jitter) in training
+
   void validate() const;  // throws moe::Error naming the bad field
+  void validate_router_family() const;  // part of validate()
   int64_t hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   int64_t out_dim() const { return d_out > 0 ? d_out : d_model; }
   RouterConfig router() const;

@@ -580,6 +580,19 @@ ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
   std::vector<int64_t> fp;
   m.comm.guarded([&] {
     cfg.validate();
+    // Expert parallelism implements the reference router (SPEC §1–§3); the router family of
+    // docs/routing.md runs in the single-process layer only, and is refused here by name.
+    const MoEConfig d;
+    MOE_REQUIRE(cfg.router_kind == d.router_kind && cfg.renormalize == d.renormalize &&
+                    cfg.scaling_factor == d.scaling_factor &&
+                    cfg.aux_loss_kind == d.aux_loss_kind && cfg.bias_update_rate == 0.0f &&
+                    cfg.n_groups == 1 && cfg.n_shared_experts == 0 &&
+                    cfg.second_expert_policy == d.second_expert_policy && cfg.jitter == 0.0f &&
+                    (cfg.drop_policy == DropPolicy::position ||
+                     cfg.drop_policy == DropPolicy::probs),
+                "expert parallel: supports the reference router only (router topk_softmax, "
+                "aux_loss switch, drop_policy position|probs, no groups, shared experts, bias "
+                "balancing, random second expert or jitter)");
     fp = config_fingerprint(cfg);
   });
   std::vector<int64_t> all(fp.size() * static_cast<size_t>(P));

@@ -90,6 +90,18 @@ std::string config_to_json(const MoEConfig& c) {
   j["router_bias"] = c.router_bias;
   j["router_init_std"] = float_json(c.router_init_std);
   j["seed"] = c.seed;
+  j["router"] = to_string(c.router_kind);
+  j["renormalize"] = c.renormalize;
+  j["scaling_factor"] = float_json(c.scaling_factor);
+  j["aux_loss"] = to_string(c.aux_loss_kind);
+  j["seq_len"] = c.seq_len;
+  j["bias_update_rate"] = float_json(c.bias_update_rate);
+  j["n_groups"] = c.n_groups;
+  j["topk_groups"] = c.topk_groups;
+  j["n_shared_experts"] = c.n_shared_experts;
+  j["shared_gate"] = c.shared_gate;
+  j["second_expert_policy"] = to_string(c.second_expert_policy);
+  j["jitter"] = float_json(c.jitter);
   return j.dump();
 }
 
@@ -128,6 +140,19 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "router_bias") c.router_bias = get_bool(v, k);
     else if (key == "router_init_std") c.router_init_std = get_float(v, k);
     else if (key == "seed") c.seed = get_uint(v, k);
+    else if (key == "router") c.router_kind = parse_router_kind(get_string(v, k));
+    else if (key == "renormalize") c.renormalize = get_bool(v, k);
+    else if (key == "scaling_factor") c.scaling_factor = get_float(v, k);
+    else if (key == "aux_loss") c.aux_loss_kind = parse_aux_loss(get_string(v, k));
+    else if (key == "seq_len") c.seq_len = get_int(v, k);
+    else if (key == "bias_update_rate") c.bias_update_rate = get_float(v, k);
+    else if (key == "n_groups") c.n_groups = get_int(v, k);
+    else if (key == "topk_groups") c.topk_groups = get_int(v, k);
+    else if (key == "n_shared_experts") c.n_shared_experts = get_int(v, k);
+    else if (key == "shared_gate") c.shared_gate = get_bool(v, k);
+    else if (key == "second_expert_policy")
+      c.second_expert_policy = parse_second_expert_policy(get_string(v, k));
+    else if (key == "jitter") c.jitter = get_float(v, k);
     else throw Error(cat("config: unknown field '", key, "'"));
   }
   c.validate();

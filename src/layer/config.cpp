@@ -24,7 +24,32 @@ Activation parse_activation(const std::string& s) {
 DropPolicy parse_drop_policy(const std::string& s) {
   if (s == "position") return DropPolicy::position;
   if (s == "probs") return DropPolicy::probs;
-  throw Error(cat("drop_policy: unknown value '", s, "' (expected position or probs)"));
+  if (s == "random") return DropPolicy::random;
+  if (s == "priority") return DropPolicy::priority;
+  throw Error(cat("drop_policy: unknown value '", s,
+                  "' (expected position, probs, random or priority)"));
+}
+RouterKind parse_router_kind(const std::string& s) {
+  if (s == "topk_softmax") return RouterKind::topk_softmax;
+  if (s == "softmax_topk") return RouterKind::softmax_topk;
+  if (s == "sigmoid") return RouterKind::sigmoid;
+  if (s == "expert_choice") return RouterKind::expert_choice;
+  throw Error(cat("router: unknown value '", s,
+                  "' (expected topk_softmax, softmax_topk, sigmoid or expert_choice)"));
+}
+AuxLossKind parse_aux_loss(const std::string& s) {
+  if (s == "switch") return AuxLossKind::switch_lb;
+  if (s == "seq") return AuxLossKind::seq;
+  if (s == "global") return AuxLossKind::global;
+  if (s == "shazeer") return AuxLossKind::shazeer;
+  if (s == "none") return AuxLossKind::none;
+  throw Error(cat("aux_loss: unknown value '", s,
+                  "' (expected switch, seq, global, shazeer or none)"));
+}
+SecondExpertPolicy parse_second_expert_policy(const std::string& s) {
+  if (s == "all") return SecondExpertPolicy::all;
+  if (s == "random") return SecondExpertPolicy::random;
+  throw Error(cat("second_expert_policy: unknown value '", s, "' (expected all or random)"));
 }
 const char* to_string(ExpertKind v) {
   return v == ExpertKind::linear_relu ? "linear_relu" : v == ExpertKind::mlp ? "mlp" : "swiglu";
@@ -32,7 +57,37 @@ const char* to_string(ExpertKind v) {
 const char* to_string(Activation v) {
   return v == Activation::relu ? "relu" : v == Activation::gelu ? "gelu" : "silu";
 }
-const char* to_string(DropPolicy v) { return v == DropPolicy::position ? "position" : "probs"; }
+const char* to_string(DropPolicy v) {
+  switch (v) {
+    case DropPolicy::position: return "position";
+    case DropPolicy::probs: return "probs";
+    case DropPolicy::random: return "random";
+    case DropPolicy::priority: return "priority";
+  }
+  return "?";
+}
+const char* to_string(RouterKind v) {
+  switch (v) {
+    case RouterKind::topk_softmax: return "topk_softmax";
+    case RouterKind::softmax_topk: return "softmax_topk";
+    case RouterKind::sigmoid: return "sigmoid";
+    case RouterKind::expert_choice: return "expert_choice";
+  }
+  return "?";
+}
+const char* to_string(AuxLossKind v) {
+  switch (v) {
+    case AuxLossKind::switch_lb: return "switch";
+    case AuxLossKind::seq: return "seq";
+    case AuxLossKind::global: return "global";
+    case AuxLossKind::shazeer: return "shazeer";
+    case AuxLossKind::none: return "none";
+  }
+  return "?";
+}
+const char* to_string(SecondExpertPolicy v) {
+  return v == SecondExpertPolicy::all ? "all" : "random";
+}
 
 RouterConfig MoEConfig::router() const {
   RouterConfig r;
@@ -73,6 +128,7 @@ void MoEConfig::validate() const {
   MOE_REQUIRE(hidden() <= kMaxWidth, "d_ff: too large, got ", hidden());
   MOE_REQUIRE(out_dim() <= kMaxWidth, "d_out: too large, got ", out_dim());
   router().validate();
+  validate_router_family();
   // Each width may be fine on its own while their product overflows int64 (and every
   // Tensor size after it). Count the parameters with saturating arithmetic and refuse
   // more than 2^40 floats (4 TiB), far beyond any machine, before anything is allocated.
@@ -92,6 +148,53 @@ void MoEConfig::validate() const {
   MOE_REQUIRE(total <= kMaxParams, "n_experts, d_model, d_ff, d_out: too large together (",
               n_experts, " experts of ", d_model, "x", hidden(), "x", out_dim(),
               " need more than 2^40 parameters)");
+}
+
+void MoEConfig::validate_router_family() const {
+  MOE_REQUIRE(std::isfinite(scaling_factor) && scaling_factor > 0.0f,
+              "scaling_factor: must be finite and > 0, got ", scaling_factor);
+  MOE_REQUIRE(seq_len >= 0, "seq_len: must be >= 0 (0: the whole batch), got ", seq_len);
+  MOE_REQUIRE(std::isfinite(bias_update_rate) && bias_update_rate >= 0.0f,
+              "bias_update_rate: must be finite and >= 0 (0: off), got ", bias_update_rate);
+  MOE_REQUIRE(n_groups >= 1 && n_groups <= n_experts, "n_groups: must be in 1..", n_experts,
+              " (n_experts), got ", n_groups);
+  MOE_REQUIRE(n_experts % n_groups == 0, "n_groups: must divide n_experts (", n_experts,
+              "), got ", n_groups);
+  MOE_REQUIRE(topk_groups >= 1 && topk_groups <= n_groups, "topk_groups: must be in 1..",
+              n_groups, " (n_groups), got ", topk_groups);
+  if (n_groups > 1)
+    MOE_REQUIRE(k <= topk_groups * (n_experts / n_groups), "k: must be at most topk_groups * ",
+                "experts per group (", topk_groups * (n_experts / n_groups), "), got ", k);
+  MOE_REQUIRE(n_shared_experts >= 0 && n_shared_experts <= 1024,
+              "n_shared_experts: must be in 0..1024, got ", n_shared_experts);
+  MOE_REQUIRE(!shared_gate || n_shared_experts > 0,
+              "shared_gate: needs n_shared_experts > 0");
+  MOE_REQUIRE(std::isfinite(jitter) && jitter >= 0.0f && jitter < 1.0f,
+              "jitter: must be in [0, 1), got ", jitter);
+  MOE_REQUIRE(second_expert_policy == SecondExpertPolicy::all || k == 2,
+              "second_expert_policy: 'random' needs k == 2 (GShard top-2), got k = ", k);
+  MOE_REQUIRE(!renormalize || router_kind == RouterKind::softmax_topk ||
+                  router_kind == RouterKind::sigmoid,
+              "renormalize: applies to router softmax_topk or sigmoid, not ",
+              to_string(router_kind));
+  // Options whose implementation has not landed yet are refused by name, never ignored.
+  auto todo = [](bool used, const char* what) {
+    MOE_REQUIRE(!used, what, ": not implemented yet in this build");
+  };
+  todo(router_kind == RouterKind::softmax_topk, "router 'softmax_topk'");
+  todo(router_kind == RouterKind::sigmoid, "router 'sigmoid'");
+  todo(router_kind == RouterKind::expert_choice, "router 'expert_choice'");
+  todo(scaling_factor != 1.0f, "scaling_factor");
+  todo(aux_loss_kind == AuxLossKind::seq, "aux_loss 'seq'");
+  todo(aux_loss_kind == AuxLossKind::global, "aux_loss 'global'");
+  todo(aux_loss_kind == AuxLossKind::shazeer, "aux_loss 'shazeer'");
+  todo(bias_update_rate > 0.0f, "bias_update_rate");
+  todo(n_groups > 1, "n_groups");
+  todo(n_shared_experts > 0, "n_shared_experts");
+  todo(second_expert_policy == SecondExpertPolicy::random, "second_expert_policy 'random'");
+  todo(jitter > 0.0f, "jitter");
+  todo(drop_policy == DropPolicy::random, "drop_policy 'random'");
+  todo(drop_policy == DropPolicy::priority, "drop_policy 'priority'");
 }
 
 int64_t MoEConfig::capacity(int64_t T) const {

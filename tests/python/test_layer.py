@@ -408,9 +408,17 @@ def test_constructor_errors(kwargs, message):
         moe.MoE(**args)
 
 
-def test_router_family_options_are_not_accepted_yet():
-    with pytest.raises(TypeError):
-        moe.MoE(4, 4, 2, router="sigmoid")
+def test_router_family_options_are_validated():
+    with pytest.raises(ValueError, match="router: unknown value 'nope'"):
+        moe.MoE(4, 4, 2, router="nope")
+    with pytest.raises(ValueError, match="n_groups: must divide n_experts"):
+        moe.MoE(6, 6, 2, n_groups=4)
+    with pytest.raises(ValueError, match="shared_gate: needs n_shared_experts > 0"):
+        moe.MoE(4, 4, 2, shared_gate=True)
+    with pytest.raises(ValueError, match="second_expert_policy: 'random' needs k == 2"):
+        moe.MoE(4, 4, 1, second_expert_policy="random")
+    m = moe.MoE(4, 4, 2)
+    assert m.config["router"] == "topk_softmax" and m.config["aux_loss"] == "switch"
 
 
 def test_call_errors(rng):
