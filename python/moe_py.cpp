@@ -131,6 +131,7 @@ struct RouteResult {
   py::array_t<float> gates, weights, probs, noisy_logits, logits;
   py::array_t<int32_t> indices;
   py::object eps;  // ε actually used (T, E), or None when no noise was applied
+  py::object jitter;  // router-input factors (T, d_model), or None without jitter
 };
 
 RouteResult routing_of(const moe::RouterState& s) {
@@ -144,6 +145,9 @@ RouteResult routing_of(const moe::RouterState& s) {
   r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
   std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());
   r.eps = s.eps.empty() ? py::object(py::none()) : py::object(to_numpy(s.eps, {T, E}));
+  r.jitter = s.jitter.empty() || T == 0
+                 ? py::object(py::none())
+                 : py::object(to_numpy(s.jitter, {T, static_cast<int64_t>(s.jitter.size()) / T}));
   return r;
 }
 
@@ -469,6 +473,25 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
   cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
+  // Not the constructor's expert_bias=True (b1/b2 exist): the DeepSeek-V3 selection bias.
+  cls.def_property(
+      "expert_bias", [](const PyMoE& self) { return tensor_to_numpy(self.layer.expert_bias()); },
+      [](PyMoE& self, const py::object& v) {
+        moe::Tensor& b = self.layer.expert_bias();
+        FArray a = as_f32(v, "expert_bias");
+        std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+        if (got != b.shape)
+          throw moe::Error(cat("expert_bias: expected shape ", moe::shape_str(b.shape), ", got ",
+                               moe::shape_str(got)));
+        std::copy(a.data(), a.data() + a.size(), b.ptr());
+      },
+      "(n_experts) selection bias of bias_update_rate > 0 (a copy; zeros when off), added to "
+      "the scores when choosing experts, never to the gate weights. Not the constructor's "
+      "expert_bias flag, which says whether the experts have b1/b2.");
+  cls.def("update_expert_bias", [](PyMoE& self) { self.layer.update_expert_bias(); },
+          "b_i += bias_update_rate·sign(mean load - load_i) from the last training forward's "
+          "load (before capacity); call once after each optimizer step. No-op when the rate "
+          "is 0 or no training forward came since the last update.");
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
@@ -711,6 +734,8 @@ PYBIND11_MODULE(_moe, m) {
       .def_readonly("noisy_logits", &RouteResult::noisy_logits, "(T, E) H")
       .def_readonly("logits", &RouteResult::logits, "(T, E) h = X·W_g")
       .def_readonly("eps", &RouteResult::eps, "(T, E) ε used, or None without noise")
+      .def_readonly("jitter", &RouteResult::jitter,
+                    "(T, d_model) router-input factors of jitter, or None without it")
       .def("__repr__", [](const RouteResult& r) {
         return cat("Routing(T=", r.gates.shape(0), ", E=", r.gates.shape(1),
                    ", k=", r.indices.shape(1), ")");

@@ -15,8 +15,7 @@ namespace moe {
 enum class ExpertKind { linear_relu, mlp, swiglu };
 enum class Activation { relu, gelu, silu };
 enum class DropPolicy { position, probs, random, priority };
-// The router family (docs/routing.md). Names in strings are those of SPEC §5.
-enum class RouterKind { topk_softmax, softmax_topk, sigmoid, expert_choice };
+// RouterKind (the router family's score functions) is in moe/router.hpp.
 enum class AuxLossKind { switch_lb, seq, global, shazeer, none };  // "switch" | ...
 enum class SecondExpertPolicy { all, random };
 
@@ -124,6 +123,17 @@ class MoELayer {
   double aux_loss() const;
   double z_loss() const;
   const RouterState& routing() const;
+
+  // DeepSeek-V3 balancing without a loss (bias_update_rate > 0; docs/routing.md): the
+  // selection bias b (E), added to the router's scores when choosing experts (training and
+  // evaluation) and never to the gate weights. It starts at zero; update_expert_bias() moves
+  // each b_i by rate·sign(mean load - load_i), load_i being the assignments to expert i
+  // (before capacity) of the last training forward. Call it once after each optimizer step;
+  // it does nothing when the rate is 0 or when no training forward came since the last
+  // update. Checkpoints keep b (tensor "expert_bias").
+  void update_expert_bias();
+  const Tensor& expert_bias() const;  // (E)
+  Tensor& expert_bias();
 
  private:
   struct Impl;

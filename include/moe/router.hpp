@@ -14,6 +14,9 @@ namespace moe {
 enum class Noise { none, fixed, learned };
 enum class NoiseScale { softplus, linear };
 enum class TieBreak { high, low };
+// The router family (docs/routing.md). Names in strings are those of SPEC §5; parsed in
+// src/layer/config.cpp.
+enum class RouterKind { topk_softmax, softmax_topk, sigmoid, expert_choice };
 
 Noise parse_noise(const std::string& s);            // "none" | "fixed" | "learned"
 NoiseScale parse_noise_scale(const std::string& s);  // "softplus" | "linear"
@@ -31,6 +34,13 @@ struct RouterConfig {
   float noise_stddev = 1.0f;  // σ of Noise::fixed
   TieBreak tie_break = TieBreak::high;
   bool use_bias = false;      // b_g present
+  // Score functions, selection bias, groups and jitter (docs/routing.md, src/router/scores.hpp).
+  RouterKind kind = RouterKind::topk_softmax;
+  bool renormalize = false;     // softmax_topk / sigmoid: kept weights divided by their sum
+  float scaling_factor = 1.0f;  // multiplies the final gate weights
+  int64_t n_groups = 1;         // group-limited selection: E split into n_groups groups...
+  int64_t topk_groups = 1;      // ... of which the best topk_groups are eligible
+  float jitter = 0.0f;          // training: router input x·U(1-jitter, 1+jitter)
 
   void validate() const;  // throws moe::Error naming the bad field
 };
@@ -40,6 +50,7 @@ struct RouterParams {
   const float* W_g = nullptr;
   const float* b_g = nullptr;
   const float* W_noise = nullptr;
+  const float* sel_bias = nullptr;  // (E) or null: added to the scores for selection only
 };
 
 // Where ε comes from. eps (T, E) given by the caller wins; otherwise ε is drawn from the
@@ -58,12 +69,14 @@ struct RouterState {
   int64_t T = 0, E = 0, k = 0;
   bool training = false;
   std::vector<int32_t> indices;  // (T, k), best first
-  std::vector<float> weights;    // (T, k), softmax over the kept noisy logits
+  std::vector<float> weights;    // (T, k) gate weights (softmax over the kept H by default)
   std::vector<float> logits;     // h (T, E)
   std::vector<float> noisy;      // H (T, E); equals h when no noise is applied
   std::vector<float> probs;      // softmax(H) over all E (T, E)
   std::vector<float> eps;        // ε (T, E), when noise was applied
   std::vector<float> noise_pre;  // x·W_noise (T, E), learned noise only
+  std::vector<float> scores;     // sigmoid(H) (T, E), router sigmoid only
+  std::vector<float> jitter;     // the router input's factors (T, d), jitter in training only
 
   // Scratch, not a result: the fused (T, 2E) product and [W_g | W_noise] of forward, the
   // (T, 2E) gradient of backward. Kept here so that steady-state calls do not allocate;

@@ -11,6 +11,9 @@ using detail::cat;
 
 namespace {
 constexpr const char* kConfigKey = "moe_config";
+// The selection bias of bias_update_rate > 0 (state, not a parameter): saved only when the
+// rate is on; a checkpoint without it loads as zeros.
+constexpr const char* kExpertBiasKey = "expert_bias";
 }
 
 void save_checkpoint(const MoELayer& layer, const std::string& path,
@@ -25,6 +28,8 @@ void save_checkpoint(const MoELayer& layer, const std::string& path,
   std::vector<std::pair<std::string, const Tensor*>> tensors;
   for (const std::string& name : layer.parameter_names())
     tensors.emplace_back(name, &layer.param(name));
+  if (layer.config().bias_update_rate > 0.0f)
+    tensors.emplace_back(kExpertBiasKey, &layer.expert_bias());
   tensors.insert(tensors.end(), extras.tensors.begin(), extras.tensors.end());
 
   std::map<std::string, std::string> meta = extras.metadata;
@@ -60,6 +65,14 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
                 shape_str(want.shape));
     found.push_back(&t->tensor);
   }
+  const NamedTensor* bias = nullptr;
+  if (layer.config().bias_update_rate > 0.0f) {
+    bias = file.find(kExpertBiasKey);
+    const std::vector<int64_t> want{layer.config().n_experts};
+    MOE_REQUIRE(bias == nullptr || bias->tensor.shape == want, what, ": tensor '",
+                kExpertBiasKey, "' has shape ", bias ? shape_str(bias->tensor.shape) : "",
+                " in the file, but the layer expects ", shape_str(want));
+  }
   if (optimizer) {
     try {
       optimizer->load_state(file);  // checks all before changing anything
@@ -68,6 +81,11 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
     }
   }
   for (size_t i = 0; i < names.size(); ++i) layer.param(names[i]).data = found[i]->data;
+  if (layer.config().bias_update_rate > 0.0f) {
+    Tensor& b = layer.expert_bias();
+    b = Tensor({layer.config().n_experts});
+    if (bias) b.data = bias->tensor.data;
+  }
   return file;
 }
 

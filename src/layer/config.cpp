@@ -99,6 +99,12 @@ RouterConfig MoEConfig::router() const {
   r.noise_stddev = noise_stddev;
   r.tie_break = tie_break;
   r.use_bias = router_bias;
+  r.kind = router_kind;
+  r.renormalize = renormalize;
+  r.scaling_factor = scaling_factor;
+  r.n_groups = n_groups;
+  r.topk_groups = topk_groups;
+  r.jitter = jitter;
   return r;
 }
 
@@ -181,18 +187,12 @@ void MoEConfig::validate_router_family() const {
   auto todo = [](bool used, const char* what) {
     MOE_REQUIRE(!used, what, ": not implemented yet in this build");
   };
-  todo(router_kind == RouterKind::softmax_topk, "router 'softmax_topk'");
-  todo(router_kind == RouterKind::sigmoid, "router 'sigmoid'");
   todo(router_kind == RouterKind::expert_choice, "router 'expert_choice'");
-  todo(scaling_factor != 1.0f, "scaling_factor");
   todo(aux_loss_kind == AuxLossKind::seq, "aux_loss 'seq'");
   todo(aux_loss_kind == AuxLossKind::global, "aux_loss 'global'");
   todo(aux_loss_kind == AuxLossKind::shazeer, "aux_loss 'shazeer'");
-  todo(bias_update_rate > 0.0f, "bias_update_rate");
-  todo(n_groups > 1, "n_groups");
   todo(n_shared_experts > 0, "n_shared_experts");
   todo(second_expert_policy == SecondExpertPolicy::random, "second_expert_policy 'random'");
-  todo(jitter > 0.0f, "jitter");
   todo(drop_policy == DropPolicy::random, "drop_policy 'random'");
   todo(drop_policy == DropPolicy::priority, "drop_policy 'priority'");
 }

@@ -68,6 +68,10 @@ struct MoELayer::Impl {
   detail::LayerWorkspace ws;
   detail::GroupedGemm gg;
 
+  // Selection bias (bias_update_rate > 0) and the load that its next update uses.
+  Tensor sel_bias;
+  std::vector<int64_t> bias_load;  // (E), empty when consumed
+
   const float* p(const char* name) const {
     auto it = index.find(name);
     return it == index.end() ? nullptr : params[it->second].ptr();
@@ -85,7 +89,10 @@ struct MoELayer::Impl {
     }
     return it->second;
   }
-  RouterParams router_params() const { return {p("W_g"), p("b_g"), p("W_noise")}; }
+  RouterParams router_params() const {
+    return {p("W_g"), p("b_g"), p("W_noise"),
+            cfg.bias_update_rate > 0.0f ? sel_bias.ptr() : nullptr};
+  }
   detail::ExpertWeights expert_weights() const {
     return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
   }
@@ -109,6 +116,7 @@ MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
     }
   });
   detail::init_parameters(m.params, m.names, cfg);
+  m.sel_bias = Tensor({cfg.n_experts});
 }
 
 MoELayer::~MoELayer() = default;
@@ -129,6 +137,25 @@ const MoEStats& MoELayer::stats() const { return impl_->stats; }
 double MoELayer::aux_loss() const { return impl_->stats.aux_loss; }
 double MoELayer::z_loss() const { return impl_->stats.z_loss; }
 const RouterState& MoELayer::routing() const { return impl_->routing; }
+const Tensor& MoELayer::expert_bias() const { return impl_->sel_bias; }
+Tensor& MoELayer::expert_bias() { return impl_->sel_bias; }
+
+void MoELayer::update_expert_bias() {
+  Impl& m = *impl_;
+  const float rate = m.cfg.bias_update_rate;
+  if (rate <= 0.0f || m.bias_load.empty()) return;
+  const int64_t E = m.cfg.n_experts;
+  MOE_REQUIRE(m.sel_bias.shape == std::vector<int64_t>{E},
+              "expert_bias: expected shape [", E, "], got ", shape_str(m.sel_bias.shape));
+  double total = 0.0;
+  for (int64_t e = 0; e < E; ++e) total += static_cast<double>(m.bias_load[e]);
+  const double mean = total / static_cast<double>(E);
+  for (int64_t e = 0; e < E; ++e) {
+    const double l = static_cast<double>(m.bias_load[e]);
+    m.sel_bias.data[e] += mean > l ? rate : mean < l ? -rate : 0.0f;
+  }
+  m.bias_load.clear();
+}
 
 void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions& opt) {
   Impl& m = *impl_;
@@ -144,6 +171,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
+  MOE_REQUIRE(cfg.bias_update_rate <= 0.0f || m.sel_bias.numel() == cfg.n_experts,
+              "expert_bias: expected ", cfg.n_experts, " values, got ", m.sel_bias.numel());
   m.have_forward = false;
   // The workspace and the router's (T, E) buffers, before x is read.
   allocate_or_throw("forward: workspace for the batch",
@@ -217,6 +246,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   st.z_loss = cfg.z_alpha > 0.0f ? detail::router_z_loss_t<float>(nullptr, m.routing.logits.data(),
                                                                   T, E, cfg.z_alpha)
                                  : 0.0;
+  if (opt.training && cfg.bias_update_rate > 0.0f) m.bias_load = plan.load_before;
   m.have_forward = true;
 }
 

@@ -87,6 +87,9 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   sv.T = T;
   sv.noisy = training && cfg.noise != Noise::none;
   MOE_ASSERT(!sv.noisy || T == 0 || eps != nullptr);
+  // The router family's score functions, scaling and groups run here (router/scores.hpp);
+  // the selection bias is taken as zero and jitter has no input in this twin.
+  MOE_ASSERT(!training || cfg.jitter == 0.0f);
   sv.x.assign(x, x + T * d);
   sv.h.assign(static_cast<size_t>(T * E), S(0));
   sv.pre.assign(static_cast<size_t>(T * E), S(0));
@@ -114,6 +117,11 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
       noisy_row(H, h, &sv.eps[t * E], pre, E, rc);
     } else {
       std::copy(h, h + E, H);
+    }
+    if (!router_scores_default(rc, nullptr) || rc.scaling_factor != 1.0f) {
+      route_row_ref<S>(&sv.indices[t * k], &sv.weights[t * k], &sv.probs[t * E], nullptr, H,
+                       nullptr, rc);
+      continue;
     }
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
@@ -256,15 +264,25 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
 
   // Router: softmax over the kept logits and the full softmax, both back to H; KeepTopK is
   // piecewise constant, so the selection itself carries no gradient.
+  const RouterConfig rc = cfg.router();
+  const bool family = cfg.router_kind != RouterKind::topk_softmax || cfg.scaling_factor != 1.0f;
   for (int64_t t = 0; t < T; ++t) {
     std::vector<S> dH(static_cast<size_t>(E), S(0));
-    S dot = 0;
-    for (int64_t j = 0; j < k; ++j) dot += sv.weights[t * k + j] * dG[t * k + j];
-    for (int64_t j = 0; j < k; ++j)
-      dH[sv.indices[t * k + j]] += sv.weights[t * k + j] * (dG[t * k + j] - dot);
-    S pdot = 0;
-    for (int64_t e = 0; e < E; ++e) pdot += sv.probs[t * E + e] * dprobs[t * E + e];
-    for (int64_t e = 0; e < E; ++e) dH[e] += sv.probs[t * E + e] * (dprobs[t * E + e] - pdot);
+    if (family) {  // router/scores.hpp; sigmoid's scores recomputed from H
+      std::vector<S> scr(static_cast<size_t>(E)), s(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) s[e] = sigmoid_score(sv.H[t * E + e]);
+      scores_backward_row<S>(dH.data(), scr.data(), &dG[t * k], &dprobs[t * E],
+                             &sv.indices[t * k], &sv.weights[t * k], &sv.probs[t * E], s.data(),
+                             &sv.H[t * E], rc);
+    } else {
+      S dot = 0;
+      for (int64_t j = 0; j < k; ++j) dot += sv.weights[t * k + j] * dG[t * k + j];
+      for (int64_t j = 0; j < k; ++j)
+        dH[sv.indices[t * k + j]] += sv.weights[t * k + j] * (dG[t * k + j] - dot);
+      S pdot = 0;
+      for (int64_t e = 0; e < E; ++e) pdot += sv.probs[t * E + e] * dprobs[t * E + e];
+      for (int64_t e = 0; e < E; ++e) dH[e] += sv.probs[t * E + e] * (dprobs[t * E + e] - pdot);
+    }
     for (int64_t e = 0; e < E; ++e) {
       const S dhe = dH[e] + dlogits[t * E + e];  // H = h + noise: ∂H/∂h = 1
       S dpre = 0;

@@ -11,6 +11,7 @@
 #include "router/router_math.hpp"
 #include "router/router_ref.hpp"
 #include "router/router_rows.hpp"
+#include "router/scores.hpp"
 
 namespace moe {
 
@@ -52,6 +53,17 @@ void RouterConfig::validate() const {
               n_experts);
   MOE_REQUIRE(std::isfinite(noise_stddev) && noise_stddev >= 0.0f,
               "noise_stddev: must be finite and >= 0, got ", noise_stddev);
+  MOE_REQUIRE(std::isfinite(scaling_factor) && scaling_factor > 0.0f,
+              "scaling_factor: must be finite and > 0, got ", scaling_factor);
+  MOE_REQUIRE(n_groups >= 1 && n_groups <= n_experts && n_experts % n_groups == 0,
+              "n_groups: must divide n_experts (", n_experts, "), got ", n_groups);
+  MOE_REQUIRE(topk_groups >= 1 && topk_groups <= n_groups, "topk_groups: must be in 1..",
+              n_groups, " (n_groups), got ", topk_groups);
+  MOE_REQUIRE(n_groups == 1 || k <= topk_groups * (n_experts / n_groups),
+              "k: must be at most topk_groups * experts per group (",
+              topk_groups * (n_experts / n_groups), "), got ", k);
+  MOE_REQUIRE(std::isfinite(jitter) && jitter >= 0.0f && jitter < 1.0f,
+              "jitter: must be in [0, 1), got ", jitter);
 }
 
 std::vector<float> RouterState::dense_gates() const {
@@ -82,6 +94,8 @@ void check_router_call(const RouterConfig& cfg, int64_t T, bool training, const 
   MOE_REQUIRE(!(training && cfg.noise == Noise::learned) || W_noise != nullptr,
               "W_noise: missing (learned noise in training)");
   MOE_REQUIRE(noise.token_offset >= 0, "token_offset: must be >= 0, got ", noise.token_offset);
+  MOE_REQUIRE(cfg.kind != RouterKind::expert_choice,
+              "router: 'expert_choice' does not route token by token (not a router_forward kind)");
 }
 
 void throw_non_finite(const char* what, int64_t t, const NoiseSource& noise) {
@@ -102,6 +116,7 @@ void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, boo
   s.probs.resize(TE);
   s.eps.resize(noisy ? TE : 0);
   s.noise_pre.resize(noisy && cfg.noise == Noise::learned ? TE : 0);
+  s.scores.resize(cfg.kind == RouterKind::sigmoid ? TE : 0);
 }
 
 namespace {
@@ -142,6 +157,8 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
   return ok;
 }
 
+}  // namespace
+
 // e^{H - max} into ex (E) and its sum, in blocks of 16 lanes; lane l sums the elements
 // e ≡ l (mod 16) and the lanes are added in a fixed order, so the sum never depends on
 // where the row sits in memory.
@@ -169,6 +186,13 @@ float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
   for (int w = kBlock / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
+}
+
+namespace {
+
+inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
+  if (cfg.scaling_factor != 1.0f)
+    for (int64_t j = 0; j < k; ++j) w[j] *= cfg.scaling_factor;
 }
 
 // One token: h (with bias) → logits, ε → H, checks, KeepTopK, weights and probs.
@@ -208,6 +232,11 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
 
   int32_t* idx = &s.indices[t * k];
   float* w = &s.weights[t * k];
+  if (!router_scores_default(cfg, in.sel_bias)) {  // the router family (scores.hpp)
+    route_scores_row_f32(idx, w, &s.probs[t * E], s.scores.empty() ? nullptr : &s.scores[t * E],
+                         H, in.sel_bias, cfg);
+    return kRowOk;
+  }
   const bool high = cfg.tie_break == TieBreak::high;
   if (k == 1)
     select_top1_f32(idx, w, H, E, high);
@@ -222,6 +251,7 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
     for (int64_t j = 0; j < k; ++j) kept += (w[j] = exp_f32(w[j] - top));
     const float inv_kept = 1.0f / kept;
     for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
+    scale_weights(w, k, cfg);
     return kRowOk;
   }
   // The kept softmax reuses probs' exponentials: H[idx[0]] is the row max, so e^{H - max}
@@ -233,6 +263,7 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
   const float inv_kept = 1.0f / kept, inv_all = 1.0f / all;
   for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
   for (int64_t e = 0; e < E; ++e) pr[e] *= inv_all;
+  scale_weights(w, k, cfg);
   return kRowOk;
 }
 
@@ -300,7 +331,8 @@ void router_forward_ref(RouterState& s, const float* x, const RouterParams& p,
                         const RouterConfig& cfg, int64_t T, bool training,
                         const NoiseSource& noise) {
   detail::RouterRefOut<float> o;
-  detail::router_forward_ref_t<float>(o, x, {p.W_g, p.b_g, p.W_noise}, cfg, T, training, noise);
+  detail::router_forward_ref_t<float>(o, x, {p.W_g, p.b_g, p.W_noise, p.sel_bias}, cfg, T,
+                                      training, noise);
   detail::router_state_resize(s, cfg, T, training && cfg.noise != Noise::none);
   s.training = training;
   s.indices = std::move(o.indices);
@@ -310,6 +342,8 @@ void router_forward_ref(RouterState& s, const float* x, const RouterParams& p,
   s.probs = std::move(o.probs);
   s.eps = std::move(o.eps);
   s.noise_pre = std::move(o.noise_pre);
+  s.scores = std::move(o.scores);
+  s.jitter = std::move(o.jitter);
 }
 
 void router_forward(RouterState& s, const float* x, const RouterParams& p,
@@ -318,20 +352,36 @@ void router_forward(RouterState& s, const float* x, const RouterParams& p,
   detail::check_router_call(cfg, T, training, x, p.W_g, p.b_g, p.W_noise, noise);
   const int64_t d = cfg.d_model, E = cfg.n_experts;
   const bool noisy = training && cfg.noise != Noise::none;
+  const bool jit = training && cfg.jitter > 0.0f;
   detail::router_state_resize(s, cfg, T, noisy);
+  s.jitter.resize(jit ? static_cast<size_t>(T * d) : 0);
   s.training = training;
   if (T == 0) return;
 
   detail::RouterRowsInput in;
   in.b_g = cfg.use_bias ? p.b_g : nullptr;
+  in.sel_bias = p.sel_bias;
   in.x = x;
   in.d = d;
   const bool learned = !s.noise_pre.empty();
   const int64_t N = learned ? 2 * E : E;
-  // Scratch: the GEMM's padded tail, then [W_g | W_noise] (d, 2E) and the (T, 2E) product.
+  // Scratch: the GEMM's padded tail, then [W_g | W_noise] (d, 2E) and the (T, 2E) product,
+  // then the jittered input (T, d).
   const int64_t n_pad = detail::gemm_row_invariant_scratch(d, N);
-  s.work.resize(static_cast<size_t>(n_pad + (learned ? (d + T) * N : 0)));
+  const int64_t n_cat = learned ? (d + T) * N : 0;
+  s.work.resize(static_cast<size_t>(n_pad + n_cat + (jit ? T * d : 0)));
   float* pad = s.work.data();
+  if (jit) {
+    // The router alone sees x·u, u ~ U(1 - jitter, 1 + jitter) per element (Switch).
+    float* xj = pad + n_pad + n_cat;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      float* u = &s.jitter[t * d];
+      detail::jitter_row(u, d, cfg.jitter, noise.seed, noise.step, noise.token_offset + t);
+      for (int64_t i = 0; i < d; ++i) xj[t * d + i] = x[t * d + i] * u[i];
+    }
+    x = xj;
+  }
   if (!learned) {
     detail::gemm_f32_row_invariant(s.logits.data(), E, x, p.W_g, T, d, E, pad);
     in.h = s.logits.data();
@@ -368,28 +418,53 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
   MOE_REQUIRE(p.W_g != nullptr, "W_g: missing");
   const bool learned = !s.noise_pre.empty();
   MOE_REQUIRE(!learned || p.W_noise != nullptr, "W_noise: missing (learned noise)");
+  const bool jit = !s.jitter.empty();
+  MOE_REQUIRE(!jit || s.jitter.size() == static_cast<size_t>(T * d),
+              "router_backward: state's jitter does not match d_model");
+  MOE_REQUIRE(cfg.kind != RouterKind::sigmoid || s.scores.size() == static_cast<size_t>(T * E),
+              "router_backward: state is not the output of a sigmoid router's forward");
   if (T == 0) return;
   const int64_t W = learned ? 2 * E : E;  // columns of [dh | d(x·W_noise)]
+  // The default router with scaling 1 keeps its own loop below (bit-identical results).
+  const bool family = cfg.kind != RouterKind::topk_softmax || cfg.scaling_factor != 1.0f;
 
-  // Scratch: dcat (T, W), then [W_g | W_noise] (d, W) and its gradient (d, W) when learned.
-  s.work.resize(static_cast<size_t>(T * W + (learned ? 2 * d * W : d * W)));
+  // Scratch: dcat (T, W), then [W_g | W_noise] (d, W) and its gradient (d, W) when learned,
+  // then the jittered input x·u (T, d).
+  const int64_t n_w = learned ? 2 * d * W : d * W;
+  s.work.resize(static_cast<size_t>(T * W + n_w + (jit ? T * d : 0)));
   float* dc = s.work.data();
   float* wcat = dc + T * W;
   float* dwcat = learned ? wcat + d * W : wcat;
   std::fill(dc, dc + T * W, 0.0f);
+  if (jit) {
+    // The router's input was x·u: its weight gradients see x·u, and dx gets a factor u.
+    float* xj = wcat + n_w;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < d; ++i) xj[t * d + i] = x[t * d + i] * s.jitter[t * d + i];
+    x = xj;
+  }
 
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float* dH = dc + t * W;  // dH accumulates here, then becomes dh in place
     const int32_t* idx = &s.indices[t * k];
     const float* w = &s.weights[t * k];
-    if (dweights) {
+    if (family) {
+      thread_local std::vector<float> scratch;
+      scratch.resize(static_cast<size_t>(E));
+      detail::scores_backward_row<float>(dH, scratch.data(), dweights ? dweights + t * k : nullptr,
+                                         dprobs ? dprobs + t * E : nullptr, idx, w,
+                                         &s.probs[t * E],
+                                         s.scores.empty() ? nullptr : &s.scores[t * E],
+                                         &s.noisy[t * E], cfg);
+    } else if (dweights) {
       const float* dw = dweights + t * k;
       float dot = 0.0f;
       for (int64_t j = 0; j < k; ++j) dot += w[j] * dw[j];
       for (int64_t j = 0; j < k; ++j) dH[idx[j]] += w[j] * (dw[j] - dot);
     }
-    if (dprobs) {
+    if (dprobs && !family) {
       const float* pr = &s.probs[t * E];
       const float* dp = dprobs + t * E;
       float dot = 0.0f;
@@ -424,7 +499,11 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
     }
     Wc = wcat;
   }
-  if (dx) detail::gemm_f32(false, true, T, d, W, 1.0f, dc, W, Wc, W, 0.0f, dx, d);
+  if (dx) {
+    detail::gemm_f32(false, true, T, d, W, 1.0f, dc, W, Wc, W, 0.0f, dx, d);
+    if (jit)
+      for (int64_t i = 0; i < T * d; ++i) dx[i] *= s.jitter[static_cast<size_t>(i)];
+  }
   if (g.dW_g || (learned && g.dW_noise)) {
     detail::gemm_f32(true, false, d, W, T, 1.0f, x, d, dc, W, 0.0f, dwcat, W);
     for (int64_t i = 0; i < d; ++i)

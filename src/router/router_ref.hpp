@@ -10,6 +10,7 @@
 
 #include "moe/router.hpp"
 #include "router/philox.hpp"
+#include "router/scores.hpp"
 
 namespace moe::detail {
 
@@ -21,18 +22,12 @@ void check_router_call(const RouterConfig& cfg, int64_t T, bool training, const 
 // "what: non-finite value at token G" with G = token_offset + t, the global index.
 [[noreturn]] void throw_non_finite(const char* what, int64_t t, const NoiseSource& noise);
 
-// a outranks b: larger value, ties to the higher (or lower) expert index.
-template <typename S>
-inline bool outranks(S va, int32_t ia, S vb, int32_t ib, bool tie_high) {
-  if (va != vb) return va > vb;
-  return tie_high ? ia > ib : ia < ib;
-}
-
 template <typename S>
 struct RouterRefParams {
   const S* W_g = nullptr;      // (d, E)
   const S* b_g = nullptr;      // (E) or null
   const S* W_noise = nullptr;  // (d, E), learned noise
+  const float* sel_bias = nullptr;  // (E) selection bias, or null
 };
 
 // The reference's outputs, as RouterState holds them but in S.
@@ -42,6 +37,8 @@ struct RouterRefOut {
   std::vector<S> weights;                 // (T, k)
   std::vector<S> logits, noisy, probs;    // (T, E)
   std::vector<S> eps, noise_pre;          // (T, E) when noise was applied / learned
+  std::vector<S> scores;                  // (T, E) sigmoid(H), router sigmoid only
+  std::vector<float> jitter;              // (T, d) router-input factors, jitter in training
 };
 
 template <typename S>
@@ -67,12 +64,24 @@ void router_forward_ref_t(RouterRefOut<S>& o, const S* x, const RouterRefParams<
   o.probs.assign(TE, S(0));
   o.eps.assign(noisy ? TE : 0, S(0));
   o.noise_pre.assign(learned ? TE : 0, S(0));
+  const bool sig = cfg.kind == RouterKind::sigmoid;
+  const bool jit = training && cfg.jitter > 0.0f;
+  o.scores.assign(sig ? TE : 0, S(0));
+  o.jitter.assign(jit ? static_cast<size_t>(T * d) : 0, 1.0f);
   std::vector<float> drawn(static_cast<size_t>(E));
   std::vector<int32_t> order(static_cast<size_t>(E));
+  std::vector<S> xj(static_cast<size_t>(d));
   for (int64_t t = 0; t < T; ++t) {
-    const S* xt = x + t * d;
     for (int64_t i = 0; i < d; ++i)
-      if (!std::isfinite(xt[i])) throw_non_finite("x", t, noise);
+      if (!std::isfinite(x[t * d + i])) throw_non_finite("x", t, noise);
+    // The router's input: x, or x·u with the jitter factors u (training).
+    const S* xt = x + t * d;
+    if (jit) {
+      float* u = &o.jitter[t * d];
+      jitter_row(u, d, cfg.jitter, noise.seed, noise.step, noise.token_offset + t);
+      for (int64_t i = 0; i < d; ++i) xj[i] = xt[i] * static_cast<S>(u[i]);
+      xt = xj.data();
+    }
     S* h = &o.logits[t * E];
     S* H = &o.noisy[t * E];
     for (int64_t e = 0; e < E; ++e) {
@@ -106,6 +115,11 @@ void router_forward_ref_t(RouterRefOut<S>& o, const S* x, const RouterRefParams<
     } else {
       std::copy(h, h + E, H);
     }
+    if (!router_scores_default(cfg, p.sel_bias)) {
+      route_row_ref<S>(&o.indices[t * k], &o.weights[t * k], &o.probs[t * E],
+                       sig ? &o.scores[t * E] : nullptr, H, p.sel_bias, cfg);
+      continue;
+    }
     // KeepTopK by a full sort of the expert indices by rank.
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(),
@@ -116,6 +130,7 @@ void router_forward_ref_t(RouterRefOut<S>& o, const S* x, const RouterRefParams<
     for (int64_t j = 0; j < k; ++j) {
       o.indices[t * k + j] = order[j];
       o.weights[t * k + j] = std::exp(H[order[j]] - top) / kept_sum;
+      if (cfg.scaling_factor != 1.0f) o.weights[t * k + j] *= static_cast<S>(cfg.scaling_factor);
     }
     S all_sum = 0;
     for (int64_t e = 0; e < E; ++e) all_sum += std::exp(H[e] - top);

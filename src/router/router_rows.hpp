@@ -141,6 +141,7 @@ struct RouterRowsInput {
   const float* pre = nullptr;  // x·W_noise (T, ldpre), learned noise in training, else null
   int64_t ldpre = 0;
   const float* b_g = nullptr;  // (E) or null
+  const float* sel_bias = nullptr;  // (E) or null: selection-only bias (scores.hpp)
   const float* x = nullptr;    // (T, d) or null: tells a bad x from a bad W_g in errors
   int64_t d = 0;
   const char* h_name = "router logits h";  // how errors call h
@@ -159,6 +160,10 @@ constexpr int64_t kGemmRows = 192;   // rows per call
 inline int64_t gemm_row_invariant_scratch(int64_t d, int64_t N) { return kGemmRows * (d + N); }
 void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
                             int64_t d, int64_t N, float* pad);
+
+// e^{H - max} into ex (E) and its sum, in a fixed lane order (bits independent of where the
+// row sits in memory).
+float exp_row_f32(float* ex, const float* H, float mx, int64_t E);
 
 // Sizes s for T tokens under cfg (no allocation when T, E, k and the noise mode repeat).
 void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, bool noisy);
