@@ -265,7 +265,7 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
   // Router: softmax over the kept logits and the full softmax, both back to H; KeepTopK is
   // piecewise constant, so the selection itself carries no gradient.
   const RouterConfig rc = cfg.router();
-  const bool family = cfg.router_kind != RouterKind::topk_softmax || cfg.scaling_factor != 1.0f;
+  const bool family = !kept_softmax_kind(cfg.router_kind) || cfg.scaling_factor != 1.0f;
   for (int64_t t = 0; t < T; ++t) {
     std::vector<S> dH(static_cast<size_t>(E), S(0));
     if (family) {  // router/scores.hpp; sigmoid's scores recomputed from H

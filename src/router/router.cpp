@@ -94,8 +94,6 @@ void check_router_call(const RouterConfig& cfg, int64_t T, bool training, const 
   MOE_REQUIRE(!(training && cfg.noise == Noise::learned) || W_noise != nullptr,
               "W_noise: missing (learned noise in training)");
   MOE_REQUIRE(noise.token_offset >= 0, "token_offset: must be >= 0, got ", noise.token_offset);
-  MOE_REQUIRE(cfg.kind != RouterKind::expert_choice,
-              "router: 'expert_choice' does not route token by token (not a router_forward kind)");
 }
 
 void throw_non_finite(const char* what, int64_t t, const NoiseSource& noise) {
@@ -426,7 +424,7 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
   if (T == 0) return;
   const int64_t W = learned ? 2 * E : E;  // columns of [dh | d(x·W_noise)]
   // The default router with scaling 1 keeps its own loop below (bit-identical results).
-  const bool family = cfg.kind != RouterKind::topk_softmax || cfg.scaling_factor != 1.0f;
+  const bool family = !detail::kept_softmax_kind(cfg.kind) || cfg.scaling_factor != 1.0f;
 
   // Scratch: dcat (T, W), then [W_g | W_noise] (d, W) and its gradient (d, W) when learned,
   // then the jittered input x·u (T, d).

@@ -110,7 +110,7 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
   else
     select_topk_heap(idx, w, sel, E, k, high);
 
-  if (cfg.kind == RouterKind::topk_softmax) {
+  if (kept_softmax_kind(cfg.kind)) {
     float top = H[idx[0]];
     for (int64_t j = 1; j < k; ++j) top = std::max(top, H[idx[j]]);
     float kept = 0.0f;

@@ -36,10 +36,17 @@ inline bool outranks(S va, int32_t ia, S vb, int32_t ib, bool tie_high) {
 // sum that matters, it only keeps a row whose kept scores all underflowed from dividing 0/0.
 constexpr double kRenormEps = 1e-20;
 
+// Routers whose per-token weights are the default's softmax over the kept H. expert_choice
+// routes per expert in the layer (router/expert_choice.hpp) but runs this per-token router
+// for its logits and probs, unchanged.
+inline bool kept_softmax_kind(RouterKind k) {
+  return k == RouterKind::topk_softmax || k == RouterKind::expert_choice;
+}
+
 // True when a token's routing is the default's KeepTopK(H) with the kept softmax, which the
 // fast router runs with its own kernels; scaling_factor applies after either path.
 inline bool router_scores_default(const RouterConfig& cfg, const float* sel_bias) {
-  return cfg.kind == RouterKind::topk_softmax && cfg.n_groups == 1 && sel_bias == nullptr;
+  return kept_softmax_kind(cfg.kind) && cfg.n_groups == 1 && sel_bias == nullptr;
 }
 
 template <typename S>
@@ -71,7 +78,7 @@ void route_row_ref(int32_t* idx, S* w, S* probs, S* scores, const S* H, const fl
   for (int64_t e = 0; e < E; ++e) sum += (probs[e] = std::exp(H[e] - mx));
   for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
   for (int64_t e = 0; e < E; ++e)
-    s[e] = cfg.kind == RouterKind::topk_softmax   ? H[e]
+    s[e] = kept_softmax_kind(cfg.kind)            ? H[e]
            : cfg.kind == RouterKind::softmax_topk ? probs[e]
                                                   : sigmoid_score(H[e]);
   if (cfg.kind == RouterKind::sigmoid) {
@@ -106,7 +113,7 @@ void route_row_ref(int32_t* idx, S* w, S* probs, S* scores, const S* H, const fl
   std::sort(order.begin(), order.end(), before);
   for (int64_t j = 0; j < k; ++j) idx[j] = order[j];
 
-  if (cfg.kind == RouterKind::topk_softmax) {
+  if (kept_softmax_kind(cfg.kind)) {
     S top = H[idx[0]];
     for (int64_t j = 1; j < k; ++j) top = std::max(top, H[idx[j]]);
     S kept = 0;
@@ -133,7 +140,7 @@ void scores_backward_row(S* dH, S* scratch, const S* dw, const S* dprobs, const 
                          const RouterConfig& cfg) {
   const int64_t E = cfg.n_experts, k = cfg.k;
   const S c = static_cast<S>(cfg.scaling_factor);
-  if (cfg.kind == RouterKind::topk_softmax) {
+  if (kept_softmax_kind(cfg.kind)) {
     // w = c·softmax(H[kept]): ∂L/∂H[kept_j] = w_j·(dw_j - Σ_l w_l·dw_l / c).
     if (dw) {
       S dot = 0;
