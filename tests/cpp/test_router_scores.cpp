@@ -8,6 +8,7 @@
 #include <numeric>
 #include <string>
 
+#include <omp.h>
 #include <unistd.h>
 
 #include "layer/layer_ref.hpp"
@@ -645,4 +646,54 @@ TEST(LayerScoresFastVsRef, ScoreFunctionsScalingAndGroups) {
       for (const auto& name : L.parameter_names())
         moe_test::expect_close(L.grad(name).data, g.get(name), 3e-5, 3e-4, "d" + name, 0.0);
     }
+}
+
+TEST(LayerScoresDeterminism, OneAndTwoThreadsBitIdentical) {
+  moe::MoEConfig cfg;
+  cfg.d_model = 24;
+  cfg.n_experts = 16;
+  cfg.k = 4;
+  cfg.d_ff = 32;
+  cfg.router_kind = moe::RouterKind::sigmoid;
+  cfg.renormalize = true;
+  cfg.scaling_factor = 2.5f;
+  cfg.n_groups = 4;
+  cfg.topk_groups = 2;
+  cfg.bias_update_rate = 0.01f;
+  cfg.jitter = 0.1f;
+  cfg.router_init_std = 0.5f;
+  cfg.seed = 9;
+  const int64_t T = 300;
+  moe_test::Rng rng(5);
+  const auto x = rng.vec(T * 24, 1.0);
+  const auto dy = rng.vec(T * 24, 1.0);
+  struct Out {
+    std::vector<float> y, dx, bias;
+    std::vector<std::vector<float>> g;
+  };
+  auto run = [&](int threads) {
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    moe::MoELayer L(cfg);
+    Out o;
+    o.y.resize(static_cast<size_t>(T * 24));
+    o.dx.resize(x.size());
+    for (int step = 0; step < 2; ++step) {
+      moe::ForwardOptions opt;
+      opt.step = static_cast<uint64_t>(step);
+      L.zero_grad();
+      L.forward(o.y.data(), x.data(), T, opt);
+      L.backward(o.dx.data(), dy.data());
+      L.update_expert_bias();
+    }
+    for (const auto& n : L.parameter_names()) o.g.push_back(L.grad(n).data);
+    o.bias = L.expert_bias().data;
+    omp_set_num_threads(before);
+    return o;
+  };
+  const Out a = run(1), b = run(2);
+  EXPECT_EQ(a.y, b.y);
+  EXPECT_EQ(a.dx, b.dx);
+  EXPECT_EQ(a.g, b.g);
+  EXPECT_EQ(a.bias, b.bias);
 }
