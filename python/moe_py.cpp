@@ -492,6 +492,15 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "b_i += bias_update_rate·sign(mean load - load_i) from the last training forward's "
           "load (before capacity); call once after each optimizer step. No-op when the rate "
           "is 0 or no training forward came since the last update.");
+  cls.def(
+      "set_bf16_experts", [](PyMoE& self, bool on) { self.layer.set_bf16_experts(on); },
+      py::arg("on") = true,
+      R"(Inference with bf16 expert weights: True snapshots W1, W2, W3 rounded to bf16, and
+evaluation forwards (training=False) use them with fp32 accumulation; training forwards and
+backward are refused while it is on. Assigning weights later does not update the snapshot:
+call it again. False frees it.)");
+  cls.def_property_readonly("bf16_experts",
+                            [](const PyMoE& self) { return self.layer.bf16_experts(); });
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
