@@ -131,6 +131,7 @@ struct RouteResult {
   py::array_t<float> gates, weights, probs, noisy_logits, logits;
   py::array_t<int32_t> indices;
   py::object eps;  // ε actually used (T, E), or None when no noise was applied
+  py::object ec_tokens, ec_gates;  // router "expert_choice": (E, C) each, else None
 };
 
 RouteResult routing_of(const moe::RouterState& s) {
@@ -144,6 +145,14 @@ RouteResult routing_of(const moe::RouterState& s) {
   r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
   std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());
   r.eps = s.eps.empty() ? py::object(py::none()) : py::object(to_numpy(s.eps, {T, E}));
+  r.ec_tokens = r.ec_gates = py::none();
+  if (!s.ec_tokens.empty()) {
+    const int64_t C = s.ec_capacity;
+    py::array_t<int32_t> et(std::vector<py::ssize_t>{E, C});
+    std::copy(s.ec_tokens.begin(), s.ec_tokens.end(), et.mutable_data());
+    r.ec_tokens = et;
+    r.ec_gates = to_numpy(s.ec_gates, {E, C});
+  }
   return r;
 }
 
@@ -321,6 +330,7 @@ struct PyMoE {
     d["dropped_assignments"] = s.dropped_assignments;
     d["dropped_tokens"] = s.dropped_tokens;
     d["experts_evaluated"] = s.experts_evaluated;
+    if (!s.experts_per_token.empty()) d["experts_per_token"] = s.experts_per_token;
     d["aux_loss"] = s.aux_loss;
     d["z_loss"] = s.z_loss;
     return d;
@@ -711,6 +721,11 @@ PYBIND11_MODULE(_moe, m) {
       .def_readonly("noisy_logits", &RouteResult::noisy_logits, "(T, E) H")
       .def_readonly("logits", &RouteResult::logits, "(T, E) h = X·W_g")
       .def_readonly("eps", &RouteResult::eps, "(T, E) ε used, or None without noise")
+      .def_readonly("ec_tokens", &RouteResult::ec_tokens,
+                    "router 'expert_choice': (E, C) int32 tokens each expert chose, best "
+                    "first; else None")
+      .def_readonly("ec_gates", &RouteResult::ec_gates,
+                    "router 'expert_choice': (E, C) their gates probs[t, e]; else None")
       .def("__repr__", [](const RouteResult& r) {
         return cat("Routing(T=", r.gates.shape(0), ", E=", r.gates.shape(1),
                    ", k=", r.indices.shape(1), ")");

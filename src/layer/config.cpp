@@ -4,6 +4,7 @@
 
 #include "common/check.hpp"
 #include "moe/layer.hpp"
+#include "router/expert_choice.hpp"
 
 namespace moe {
 
@@ -177,13 +178,13 @@ void MoEConfig::validate_router_family() const {
                   router_kind == RouterKind::sigmoid,
               "renormalize: applies to router softmax_topk or sigmoid, not ",
               to_string(router_kind));
+  detail::validate_expert_choice(*this);
   // Options whose implementation has not landed yet are refused by name, never ignored.
   auto todo = [](bool used, const char* what) {
     MOE_REQUIRE(!used, what, ": not implemented yet in this build");
   };
   todo(router_kind == RouterKind::softmax_topk, "router 'softmax_topk'");
   todo(router_kind == RouterKind::sigmoid, "router 'sigmoid'");
-  todo(router_kind == RouterKind::expert_choice, "router 'expert_choice'");
   todo(scaling_factor != 1.0f, "scaling_factor");
   todo(aux_loss_kind == AuxLossKind::seq, "aux_loss 'seq'");
   todo(aux_loss_kind == AuxLossKind::global, "aux_loss 'global'");
