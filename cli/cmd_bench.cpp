@@ -15,6 +15,7 @@
 // malloc directly and are not counted.
 #include <malloc.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -135,6 +136,15 @@ struct BenchOptions {
   bool json_out = false;
   std::string peer_script;
   double mem_fraction = 0.7;
+  bool no_dist = false;
+};
+
+// Expert parallelism on loopback (issue 6): `moe_dist_bench --json` under mpirun, one row
+// per rank count. Its figures come from the ranks' own timers around every MPI call.
+struct DistResult {
+  int P = 0;
+  std::string note;  // why it did not run
+  json res;          // moe_dist_bench's JSON object when it ran
 };
 
 // Everything measured for one configuration; unset optionals print as n/a / null.
@@ -344,6 +354,53 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
   if (res.contains("fwdbwd_s") && res["fwdbwd_s"].is_number())
     r.peer_fwdbwd_s = res["fwdbwd_s"].get<double>();
   if (res.contains("blas") && res["blas"].is_string()) r.peer_blas = res["blas"];
+}
+
+// build/bin/moe_dist_bench beside this executable, or "" when it was not built (no MPI).
+std::string dist_bench_path() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return "";
+  std::string exe(buf, static_cast<size_t>(n));
+  const std::string path = exe.substr(0, exe.find_last_of('/') + 1) + "moe_dist_bench";
+  return access(path.c_str(), X_OK) == 0 ? path : "";
+}
+
+DistResult run_dist(int P, bool quick) {
+  DistResult d;
+  d.P = P;
+  const std::string bin = dist_bench_path();
+  if (bin.empty()) {
+    d.note = "n/a (moe_dist_bench not built: no MPI)";
+    return d;
+  }
+  if (std::system("command -v mpirun >/dev/null 2>&1") != 0) {
+    d.note = "n/a (mpirun not found)";
+    return d;
+  }
+  // One OpenMP thread per rank: P ranks share the machine's cores.
+  const std::string cmd = "OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe -np " +
+                          std::to_string(P) + " " + shell_quote(bin) + " --json" +
+                          (quick ? " --tokens 64 --d 64 --dff 128 --steps 3" : "") +
+                          " 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) {
+    d.note = "n/a (could not start mpirun)";
+    return d;
+  }
+  std::string out;
+  char buf[4096];
+  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  const int rc = pclose(p);
+  const auto nl = out.find_last_of('\n', out.size() >= 2 ? out.size() - 2 : 0);
+  const std::string last = nl == std::string::npos ? out : out.substr(nl + 1);
+  json res = json::parse(last, nullptr, false);
+  if (rc != 0 || res.is_discarded() || !res.contains("comm_share")) {
+    d.note = "n/a (mpirun failed, status " + std::to_string(rc) + ")";
+    return d;
+  }
+  d.res = res;
+  return d;
 }
 
 // The 1-minute load average: on a shared machine every time depends on it.
@@ -604,7 +661,9 @@ int run_bench(const BenchOptions& o) {
   const int threads = omp_get_max_threads();
   if (o.repeat < 1) throw Error("--repeat: must be >= 1, got " + std::to_string(o.repeat));
   std::vector<BenchCase> cases = perf::bench_cases(o.quick);
-  if (!o.config.empty()) {
+  const bool dist_only = o.config == "dist";
+  if (dist_only) cases.clear();
+  if (!o.config.empty() && !dist_only) {
     std::vector<BenchCase> pick;
     for (const auto& c : cases)
       if (c.name == o.config || c.group == o.config) pick.push_back(c);
@@ -612,7 +671,7 @@ int run_bench(const BenchOptions& o) {
       std::string names;
       for (const auto& c : cases) names += (names.empty() ? "" : ", ") + c.name;
       throw Error("--config: unknown configuration '" + o.config + "' (expected one of " + names +
-                  ", B3 or E-sweep)");
+                  ", B3, E-sweep or dist)");
     }
     cases = pick;
   }
@@ -648,10 +707,22 @@ int run_bench(const BenchOptions& o) {
     if (o.json_out) std::cout << to_json(r, threads, o.repeat).dump() << std::endl;
     results.push_back(r);
   }
+  std::vector<DistResult> dist;
+  if ((o.config.empty() || dist_only) && !o.no_dist)
+    for (int P : {2, 4}) {
+      std::cerr << "bench: expert parallelism on loopback, P=" << P << "...\n";
+      dist.push_back(run_dist(P, o.quick));
+    }
   const auto goals = evaluate_goals(results);
   if (o.json_out) {
     for (const Result& r : results)
       if (!r.ran) std::cout << to_json(r, threads, o.repeat).dump() << std::endl;
+    for (const DistResult& d : dist) {
+      json j = d.res.is_object() ? d.res : json::object();
+      j["name"] = "dist-P" + std::to_string(d.P);
+      if (!d.note.empty()) j["note"] = d.note;
+      std::cout << j.dump() << std::endl;
+    }
     print_goals(goals, std::cerr);
   } else {
     std::cout << "moe bench: " << threads << " thread(s), median of " << o.repeat
@@ -661,6 +732,25 @@ int run_bench(const BenchOptions& o) {
     print_table(results, std::cout);
     std::cout << '\n';
     print_goals(goals, std::cout);
+    if (!dist.empty()) {
+      std::cout << "\nExpert parallelism on loopback (mpirun, 1 thread per rank; "
+                   "docs/scaling.md has the model for real interconnects)\n"
+                   "| P | tokens/rank | step ms | inside MPI | comm share | rows sent/rank B | "
+                   "model B |\n|---|---|---|---|---|---|---|\n";
+      for (const DistResult& d : dist) {
+        if (!d.note.empty()) {
+          std::cout << "| " << d.P << " | " << d.note << " | | | | | |\n";
+          continue;
+        }
+        const json& r = d.res;
+        std::cout << "| " << d.P << " | " << r.value("tokens_per_rank", 0) << " | "
+                  << fmt(1e3 * r.value("step_seconds", 0.0), 1) << " | "
+                  << fmt(1e3 * r.value("mpi_seconds", 0.0), 1) << " ms | "
+                  << fmt(100.0 * r.value("comm_share", 0.0), 1) << "% | "
+                  << fmt(r.value("row_bytes_sent_per_rank", 0.0), 0) << " | "
+                  << fmt(r.value("row_bytes_model", 0.0), 0) << " |\n";
+      }
+    }
   }
   return 0;
 }
@@ -676,10 +766,12 @@ void add_bench_command(CLI::App& app, int& status) {
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--config", o->config,
                   "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024) "
-                  "or a group (B3, E-sweep)");
+                  "or a group (B3, E-sweep), or dist (only the expert-parallel rows)");
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");
+  sub->add_flag("--no-dist", o->no_dist,
+                "Do not run the expert-parallel rows (mpirun -np 2 and 4 of moe_dist_bench)");
   sub->add_flag("--quick", o->quick, "Small sizes: a smoke test that runs in seconds");
   sub->add_flag("--json", o->json_out,
                 "One JSON object per configuration on stdout (goals go to stderr)");

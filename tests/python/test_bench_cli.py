@@ -29,7 +29,7 @@ def bench(*args):
 
 @pytest.fixture(scope="module")
 def rows():
-    r = bench("--json")
+    r = bench("--json", "--no-dist")
     lines = [line for line in r.stdout.splitlines() if line.strip()]
     # Goals go to stderr in --json mode, so that stdout holds configurations only.
     assert "Goals of issue 5" in r.stderr
@@ -83,3 +83,21 @@ def test_unknown_config_is_an_error():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "--config" in r.stderr and r.stdout == ""
+
+
+DIST_BENCH = ROOT / "build" / "bin" / "moe_dist_bench"
+
+
+@pytest.mark.skipif(not DIST_BENCH.exists(), reason="moe_dist_bench not built (no MPI)")
+def test_expert_parallel_rows_report_the_communication_share():
+    r = bench("--config", "dist", "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [row["name"] for row in rows] == ["dist-P2", "dist-P4"]
+    for row in rows:
+        assert "note" not in row, row
+        assert 0.0 <= row["comm_share"] <= 1.0
+        assert row["mpi_seconds"] <= row["step_seconds"]
+        # Rows leaving a rank follow the model 16·T·k·d·(P−1)/P within routing imbalance.
+        assert row["row_bytes_sent_per_rank"] == pytest.approx(row["row_bytes_model"], rel=0.5)
+    table = bench("--config", "dist").stdout
+    assert "Expert parallelism on loopback" in table and "comm share" in table
