@@ -228,6 +228,7 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
   HeapWindow heap;
   heap.start();
   MoELayer layer(m);
+  if (c.bf16) layer.set_bf16_experts(true);
   for (const auto& name : layer.parameter_names())
     r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
   for (const auto& name : layer.parameter_names())
@@ -288,7 +289,7 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
 
   if (c.memory_roof) {
     // Bytes a decode step must read: the selected experts' weights and the router's.
-    r.selected_bytes = r.experts_evaluated * perf::expert_weight_bytes(m) +
+    r.selected_bytes = r.experts_evaluated * perf::expert_weight_bytes(m) / (c.bf16 ? 2 : 1) +
                        d * m.n_experts * static_cast<int64_t>(sizeof(float));
     r.roof_s = static_cast<double>(r.selected_bytes) / r.read_bw;
     r.roof_gflops = r.gflop_fwd / r.roof_s;
@@ -436,6 +437,7 @@ json to_json(const Result& r, int threads, int repeat) {
             {"k", m.k},
             {"expert", to_string(m.expert)},
             {"training", c.training},
+            {"bf16", c.bf16},
             {"threads", threads},
             {"repeat", repeat},
             {"loadavg", load_average()}};
@@ -671,7 +673,7 @@ int run_bench(const BenchOptions& o) {
       std::string names;
       for (const auto& c : cases) names += (names.empty() ? "" : ", ") + c.name;
       throw Error("--config: unknown configuration '" + o.config + "' (expected one of " + names +
-                  ", B3, E-sweep or dist)");
+                  ", B3, E-sweep, bf16 or dist)");
     }
     cases = pick;
   }
@@ -697,6 +699,8 @@ int run_bench(const BenchOptions& o) {
     run_layer(r, o, bw);
     if (!peer_ok) {
       r.peer_note = peer_na;
+    } else if (c.bf16) {
+      r.peer_note = "n/a (fp32 peer; compare with the fp32 row)";
     } else if (static_cast<double>(bytes_needed(c, c.backward)) >
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
@@ -766,7 +770,7 @@ void add_bench_command(CLI::App& app, int& status) {
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--config", o->config,
                   "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024) "
-                  "or a group (B3, E-sweep), or dist (only the expert-parallel rows)");
+                  "or a group (B3, E-sweep, bf16), or dist (only the expert-parallel rows)");
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");

@@ -479,6 +479,15 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
   cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
+  cls.def(
+      "set_bf16_experts", [](PyMoE& self, bool on) { self.layer.set_bf16_experts(on); },
+      py::arg("on") = true,
+      R"(Inference with bf16 expert weights: True snapshots W1, W2, W3 rounded to bf16, and
+evaluation forwards (training=False) use them with fp32 accumulation; training forwards and
+backward are refused while it is on. Assigning weights later does not update the snapshot:
+call it again. False frees it.)");
+  cls.def_property_readonly("bf16_experts",
+                            [](const PyMoE& self) { return self.layer.bf16_experts(); });
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },

@@ -122,6 +122,14 @@ class MoELayer {
   // include the terms of aux_loss and z_loss (added to the caller's objective).
   void backward(float* dx, const float* dy);
 
+  // Inference with bf16 expert weights (docs/design.md, "bf16 expert weights"): on takes a
+  // snapshot of W1, W2, W3 rounded to bf16; evaluation forwards (training = false) then use
+  // it, with activations rounded to bf16 on entry to each product and fp32 accumulation. A
+  // training forward while it is on is an error (backward needs the fp32 path). Assigning
+  // parameters afterwards does not change the snapshot: call it again. off frees it.
+  void set_bf16_experts(bool on);
+  bool bf16_experts() const;
+
   const MoEStats& stats() const;
   double aux_loss() const;
   double z_loss() const;

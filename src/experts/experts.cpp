@@ -77,12 +77,24 @@ inline int64_t expert_of(const int64_t* off, int64_t E, int64_t r) {
 }  // namespace
 
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                     const int64_t* off, const ExpertShape& s, GroupedGemm& gg) {
+                     const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
+                     const ExpertWeightsBf16* wb) {
   const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
   if (R == 0) return;
+  // C = A·W per expert: queued on gg (fp32, run together at flush) or run now in bf16.
+  auto product = [&](float* C, int64_t ldc, const float* A, int64_t lda, const float* W,
+                     const PackedBf16* Wb, int64_t N, int64_t K) {
+    if (Wb)
+      grouped_gemm_bf16(C, ldc, A, lda, *Wb, off);
+    else
+      add_rowwise(gg, C, ldc, A, lda, W, false, N, K, 0.0f, off, E);
+  };
+  const PackedBf16* b1 = wb ? wb->W1 : nullptr;
+  const PackedBf16* b2 = wb ? wb->W2 : nullptr;
+  const PackedBf16* b3 = wb ? wb->W3 : nullptr;
   switch (s.kind) {
     case ExpertKind::linear_relu: {
-      add_rowwise(gg, acts.out, Do, xg, d, w.W1, false, Do, d, 0.0f, off, E);
+      product(acts.out, Do, xg, d, w.W1, b1, Do, d);
       gg.run();
       float* out = acts.out;
 #pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
@@ -96,7 +108,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       break;
     }
     case ExpertKind::mlp: {
-      add_rowwise(gg, acts.a1, F, xg, d, w.W1, false, F, d, 0.0f, off, E);
+      product(acts.a1, F, xg, d, w.W1, b1, F, d);
       gg.run();
       float *a1 = acts.a1, *hid = acts.hid;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
@@ -108,7 +120,7 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
           hid[r * F + c] = act_forward(s.act, z);
         }
       }
-      add_rowwise(gg, acts.out, Do, hid, F, w.W2, false, Do, F, 0.0f, off, E);
+      product(acts.out, Do, hid, F, w.W2, b2, Do, F);
       gg.run();
       if (w.b2) {
         float* out = acts.out;
@@ -121,13 +133,13 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       break;
     }
     case ExpertKind::swiglu: {
-      add_rowwise(gg, acts.a1, F, xg, d, w.W1, false, F, d, 0.0f, off, E);
-      add_rowwise(gg, acts.a3, F, xg, d, w.W3, false, F, d, 0.0f, off, E);
+      product(acts.a1, F, xg, d, w.W1, b1, F, d);
+      product(acts.a3, F, xg, d, w.W3, b3, F, d);
       gg.run();
       float *a1 = acts.a1, *a3 = acts.a3, *hid = acts.hid;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) hid[i] = silu(a1[i]) * a3[i];
-      add_rowwise(gg, acts.out, Do, hid, F, w.W2, false, Do, F, 0.0f, off, E);
+      product(acts.out, Do, hid, F, w.W2, b2, Do, F);
       gg.run();
       break;
     }

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "experts/bf16.hpp"
 #include "experts/grouped_gemm.hpp"
 #include "moe/layer.hpp"
 
@@ -48,9 +49,16 @@ struct ExpertScratch {
   float* da3 = nullptr;  // (R, F) swiglu
 };
 
-// acts.out is assigned from xg (R, d).
+// The stacked weights packed in bf16 (evaluation only); null members: use fp32.
+struct ExpertWeightsBf16 {
+  const PackedBf16 *W1 = nullptr, *W2 = nullptr, *W3 = nullptr;
+};
+
+// acts.out is assigned from xg (R, d). With wb, the products use the bf16 weights (biases
+// and activations stay fp32).
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                     const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg);
+                     const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
+                     const ExpertWeightsBf16* wb = nullptr);
 
 // dxg (R, d) is assigned; dout (R, Do) is the gradient of acts.out and is used as scratch
 // (overwritten). Parameter gradients accumulate.

@@ -69,6 +69,8 @@ struct MoELayer::Impl {
   MoEStats stats;
   detail::LayerWorkspace ws;
   detail::GroupedGemm gg;
+  detail::PackedBf16 W1b, W2b, W3b;  // set_bf16_experts(true): the snapshot
+  bool bf16 = false;
 
   const float* p(const char* name) const {
     auto it = index.find(name);
@@ -130,6 +132,21 @@ Tensor& MoELayer::grad(const std::string& name) { return impl_->grads[impl_->fin
 void MoELayer::zero_grad() {
   for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
 }
+void MoELayer::set_bf16_experts(bool on) {
+  Impl& m = *impl_;
+  m.W1b.clear();
+  m.W2b.clear();
+  m.W3b.clear();
+  m.bf16 = on;
+  if (!on) return;
+  const detail::ExpertShape& sh = m.shape;
+  const detail::ExpertWeights w = m.expert_weights();
+  const int64_t mid = sh.kind == ExpertKind::linear_relu ? sh.Do : sh.F;
+  m.W1b.pack(w.W1, sh.E, sh.d, mid);
+  if (w.W2) m.W2b.pack(w.W2, sh.E, sh.F, sh.Do);
+  if (w.W3) m.W3b.pack(w.W3, sh.E, sh.d, sh.F);
+}
+bool MoELayer::bf16_experts() const { return impl_->bf16; }
 const MoEStats& MoELayer::stats() const { return impl_->stats; }
 double MoELayer::aux_loss() const { return impl_->stats.aux_loss; }
 double MoELayer::z_loss() const { return impl_->stats.z_loss; }
@@ -150,6 +167,9 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
   m.have_forward = false;
+  MOE_REQUIRE(!(m.bf16 && opt.training),
+              "forward: bf16 expert weights are for evaluation (training=false); "
+              "set_bf16_experts(false) before training");
   // The workspace and the router's (T, E) buffers, before x is read.
   allocate_or_throw("forward: workspace for the batch",
                     detail::layer_workspace_floats(cfg, T) + T * (2 * cfg.k + 5 * cfg.n_experts),
@@ -189,7 +209,10 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   }
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
-  detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg);
+  detail::ExpertWeightsBf16 wb{&m.W1b, m.W2b.empty() ? nullptr : &m.W2b,
+                              m.W3b.empty() ? nullptr : &m.W3b};
+  detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
+                          m.bf16 ? &wb : nullptr);
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
   const int32_t* s2d = plan.src_to_dest.data();
@@ -234,6 +257,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
+  MOE_REQUIRE(!m.bf16, "backward: bf16 expert weights are for inference only; "
+              "set_bf16_experts(false) and run forward again");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
   const MoEConfig& cfg = m.cfg;
   const int64_t T = m.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();

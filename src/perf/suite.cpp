@@ -84,6 +84,24 @@ std::vector<BenchCase> bench_cases(bool quick) {
     c.cfg.n_experts = E;
     out.push_back(c);
   }
+
+  // bf16 expert weights (inference): B1 in evaluation mode, forward only, against the same
+  // fp32 sgemm roof; and B3-T1, whose memory roof counts the weights' bf16 bytes.
+  BenchCase bb = b1(quick);
+  bb.name = "B1-bf16";
+  bb.group = "bf16";
+  bb.training = false;
+  bb.backward = false;
+  bb.bf16 = true;
+  out.push_back(bb);
+  for (const BenchCase& c : std::vector<BenchCase>(out))
+    if (c.name == "B3-T1") {
+      BenchCase d = c;
+      d.name = "B3-T1-bf16";
+      d.group = "bf16";
+      d.bf16 = true;
+      out.push_back(d);
+    }
   return out;
 }
 

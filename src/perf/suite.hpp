@@ -27,6 +27,7 @@ struct BenchCase {
   bool training = true;  // forward in training mode (noise on, state saved for backward)
   bool backward = true;  // forward+backward measured too
   bool memory_roof = false;  // decode: the roof is the read bandwidth, not sgemm
+  bool bf16 = false;         // expert weights in bf16 (MoELayer::set_bf16_experts), evaluation
 };
 
 // Every configuration of issue 5, in order. quick: the same structure at small sizes (a

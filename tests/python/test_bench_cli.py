@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not Path(MOE).exists(), reason=f"{MOE} not built
 FIELDS = ["name", "fwd_s", "fwdbwd_s", "gflops_fwd", "gflops_fwdbwd", "roof_gflops",
           "peer_fwd_s", "peer_fwdbwd_s", "ratio_fwd", "ratio_fwdbwd", "router_share",
           "peak_bytes", "param_bytes", "workspace_bytes", "peer_speedup_fwd"]
-CONFIGS = ["B1", "B2", "B3-T1", "B3-T4", "B3-T16", "E8", "E64", "E256", "E1024"]
+CONFIGS = ["B1", "B2", "B3-T1", "B3-T4", "B3-T16", "E8", "E64", "E256", "E1024", "B1-bf16",
+           "B3-T1-bf16"]
 
 
 def bench(*args):
@@ -55,7 +56,9 @@ def test_values_are_consistent(rows):
         assert row["peak_bytes"] >= row["param_bytes"] > 0
         # --no-peer: the peer's columns are null and say why.
         assert row["peer_fwd_s"] is None and row["peer_note"] == "n/a (--no-peer)"
-        if row["group"] == "B3":  # evaluation mode: no backward, memory roof
+        if row["group"] == "bf16":
+            assert row["fwdbwd_s"] is None and row["bf16"] is True
+        elif row["group"] == "B3":  # evaluation mode: no backward, memory roof
             assert row["fwdbwd_s"] is None and row["roof_kind"] == "memory"
             assert row["selected_weight_bytes"] > 0
         else:
