@@ -94,7 +94,9 @@ struct MoELayer::Impl {
     return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
   }
   detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
-    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), ws.carve(cfg, T), &gg};
+    detail::ExpertWeightsBf16 wb{&W1b, W2b.empty() ? nullptr : &W2b, W3b.empty() ? nullptr : &W3b};
+    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), wb, bf16, ws.carve(cfg, T),
+            &gg};
   }
 };
 

@@ -177,3 +177,19 @@ def test_cli_train_expert_choice(tmp_path):
     s = json.loads(r.stdout.strip().split("\n")[-1])
     assert s["config"]["model"]["router"] == "expert_choice"
     assert math.isfinite(s["final_loss"]) and s["final_loss"] < s["initial_loss"], s
+
+
+def test_bf16_expert_weights_for_evaluation():
+    rng = np.random.default_rng(5)
+    m = moe.MoE(34, 4, 2, d_ff=75, noise="none", router_init_std=0.5, router="expert_choice",
+                capacity_factor=1.5)
+    x = rng.standard_normal((40, 34)).astype(np.float32)
+    y32 = m.forward(x, training=False)
+    tokens = m.routing.ec_tokens.copy()
+    m.set_bf16_experts(True)
+    y16 = m.forward(x, training=False)
+    np.testing.assert_array_equal(m.routing.ec_tokens, tokens)  # the router stays fp32
+    rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
+    assert 0 < rel < 1.5e-2, rel  # the bf16 experts really ran
+    m.set_bf16_experts(False)
+    assert np.array_equal(m.forward(x, training=False), y32)
