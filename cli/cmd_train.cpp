@@ -411,6 +411,7 @@ int run_train(const TrainOptions& o) {
                                std::to_string(step + 1) + " (try a smaller --lr)");
     model.backward(T);
     adam.step();
+    model.layer.reset_global_load();  // aux_loss global: loads accumulate per optimizer step
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     train_seconds += dt;
 

@@ -214,7 +214,9 @@ double py_load_balancing_loss(const py::object& indices_, const py::object& prob
 // ---- the layer ---------------------------------------------------------------------------
 
 // Every parameter name any expert kind can have; a layer has the subset its config gives.
-const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1", "b1", "W2", "b2", "W3"};
+const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1",  "b1",  "W2",
+                                   "b2",  "W3",  "Ws1",     "bs1", "Ws2", "bs2",
+                                   "Ws3", "w_shared_gate"};
 
 py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
   return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
@@ -494,6 +496,9 @@ call it again. False frees it.)");
           "dict name → parameter (a copy)");
   cls.def_property_readonly("parameter_names",
                             [](const PyMoE& self) { return self.layer.parameter_names(); });
+  cls.def("reset_global_load", [](PyMoE& self) { self.layer.reset_global_load(); },
+          "aux_loss='global': forget the expert loads accumulated by training forwards (call "
+          "after each optimizer step).");
   cls.def_property_readonly("aux_loss", [](const PyMoE& self) { return self.layer.aux_loss(); });
   cls.def_property_readonly("z_loss", [](const PyMoE& self) { return self.layer.z_loss(); });
   cls.def_property_readonly("stats", &PyMoE::stats);

@@ -109,7 +109,8 @@ class MoELayer {
 
   const MoEConfig& config() const;
 
-  // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?
+  // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?, then the shared
+  // experts' Ws1, bs1?, Ws2?, bs2?, Ws3?, w_shared_gate? (n_shared_experts > 0)
   std::vector<std::string> parameter_names() const;
   Tensor& param(const std::string& name);  // throws moe::Error on an unknown name
   const Tensor& param(const std::string& name) const;
@@ -121,6 +122,10 @@ class MoELayer {
   // dy is (T, d_out); dx (T, d_model) is assigned. Parameter gradients accumulate and
   // include the terms of aux_loss and z_loss (added to the caller's objective).
   void backward(float* dx, const float* dy);
+
+  // aux_loss "global": forget the expert loads accumulated by the training forwards since
+  // the last reset (call it after each optimizer step). Harmless for the other kinds.
+  void reset_global_load();
 
   // Inference with bf16 expert weights (docs/design.md, "bf16 expert weights"): on takes a
   // snapshot of W1, W2, W3 rounded to bf16; evaluation forwards (training = false) then use

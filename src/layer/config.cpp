@@ -145,7 +145,7 @@ void MoEConfig::validate() const {
   // An upper bound over every kind: W_g, W_noise, b_g, then W1, W3, W2, b1, b2 per expert.
   const int64_t per_expert = add(add(mul(hidden(), add(mul(2, d_model), out_dim())), hidden()),
                                  add(out_dim(), add(mul(2, d_model), 1)));
-  const int64_t total = mul(n_experts, per_expert);
+  const int64_t total = mul(add(n_experts, n_shared_experts), per_expert);
   MOE_REQUIRE(total <= kMaxParams, "n_experts, d_model, d_ff, d_out: too large together (",
               n_experts, " experts of ", d_model, "x", hidden(), "x", out_dim(),
               " need more than 2^40 parameters)");
@@ -186,16 +186,9 @@ void MoEConfig::validate_router_family() const {
   todo(router_kind == RouterKind::softmax_topk, "router 'softmax_topk'");
   todo(router_kind == RouterKind::sigmoid, "router 'sigmoid'");
   todo(scaling_factor != 1.0f, "scaling_factor");
-  todo(aux_loss_kind == AuxLossKind::seq, "aux_loss 'seq'");
-  todo(aux_loss_kind == AuxLossKind::global, "aux_loss 'global'");
-  todo(aux_loss_kind == AuxLossKind::shazeer, "aux_loss 'shazeer'");
   todo(bias_update_rate > 0.0f, "bias_update_rate");
   todo(n_groups > 1, "n_groups");
-  todo(n_shared_experts > 0, "n_shared_experts");
-  todo(second_expert_policy == SecondExpertPolicy::random, "second_expert_policy 'random'");
   todo(jitter > 0.0f, "jitter");
-  todo(drop_policy == DropPolicy::random, "drop_policy 'random'");
-  todo(drop_policy == DropPolicy::priority, "drop_policy 'priority'");
 }
 
 int64_t MoEConfig::capacity(int64_t T) const {

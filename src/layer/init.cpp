@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "common/check.hpp"
+#include "layer/shared_experts.hpp"
 #include "router/philox.hpp"
 
 namespace moe::detail {
@@ -30,6 +31,7 @@ std::vector<ParamSpec> parameter_specs(const MoEConfig& cfg) {
       s.push_back({"W3", {E, d, F}});
       break;
   }
+  shared_parameter_specs(s, cfg);  // Ws1, ... when n_shared_experts > 0
   return s;
 }
 
@@ -65,6 +67,8 @@ void init_parameters(std::vector<Tensor>& params, const std::vector<std::string>
       fill_normal(p, 1.0 / std::sqrt(cfg.expert == ExpertKind::linear_relu ? d : F), cfg.seed, 4);
     } else if (n == "W3") {
       fill_normal(p, 1.0 / std::sqrt(d), cfg.seed, 5);
+    } else {
+      init_shared_parameter(p, n, cfg);
     }
   }
 }

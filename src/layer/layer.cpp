@@ -16,7 +16,10 @@
 #include "experts/experts.hpp"
 #include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
+#include "layer/shared_experts.hpp"
+#include "common/gemm.hpp"
 #include "layer/workspace.hpp"
+#include "losses/layer_balance.hpp"
 #include "losses/losses.hpp"
 
 namespace moe {
@@ -69,6 +72,8 @@ struct MoELayer::Impl {
   MoEStats stats;
   detail::LayerWorkspace ws;
   detail::GroupedGemm gg;
+  detail::BalanceState balance;  // aux_loss kinds: global loads, shazeer scratch
+  detail::SharedExperts shared;  // n_shared_experts > 0
   detail::PackedBf16 W1b, W2b, W3b;  // set_bf16_experts(true): the snapshot
   bool bf16 = false;
 
@@ -97,6 +102,9 @@ struct MoELayer::Impl {
     detail::ExpertWeightsBf16 wb{&W1b, W2b.empty() ? nullptr : &W2b, W3b.empty() ? nullptr : &W3b};
     return {&cfg, &rcfg, &shape, router_params(), expert_weights(), wb, bf16, ws.carve(cfg, T),
             &gg};
+  }
+  detail::SharedWeights shared_weights() const {
+    return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate")};
   }
 };
 
@@ -134,6 +142,7 @@ Tensor& MoELayer::grad(const std::string& name) { return impl_->grads[impl_->fin
 void MoELayer::zero_grad() {
   for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
 }
+void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
 void MoELayer::set_bf16_experts(bool on) {
   Impl& m = *impl_;
   m.W1b.clear();
@@ -169,6 +178,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
   m.have_forward = false;
+  detail::balance_check_batch(cfg, T);
   MOE_REQUIRE(!(m.bf16 && opt.training),
               "forward: bf16 expert weights are for evaluation (training=false); "
               "set_bf16_experts(false) before training");
@@ -193,8 +203,15 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   }
 
   const int64_t C = cfg.capacity(T);
+  detail::PlanOptions po;
+  po.C = C;
+  po.policy = cfg.drop_policy;
+  po.second = cfg.second_expert_policy;
+  po.seed = cfg.seed;
+  po.step = opt.step;
+  po.token_offset = opt.token_offset;
   detail::build_capacity_plan(m.plan, m.routing.indices.data(), m.routing.weights.data(), T, k, E,
-                              C, cfg.drop_policy);
+                              po);
   m.ws.reserve(cfg, T);
   detail::LayerBuffers b = m.ws.carve(cfg, T);
   m.T = T;
@@ -237,6 +254,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
     }
   }
 
+  if (cfg.n_shared_experts > 0) m.shared.forward(y, x, T, m.shared_weights(), cfg);
+
   MoEStats& st = m.stats;
   st.tokens = T;
   st.capacity = C;
@@ -246,11 +265,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   st.dropped_tokens = plan.dropped_tokens;
   st.experts_evaluated = 0;
   for (int64_t e = 0; e < E; ++e) st.experts_evaluated += plan.load_after[e] > 0 ? 1 : 0;
-  st.aux_loss = cfg.aux_alpha > 0.0f
-                    ? detail::load_balancing_loss_t<float>(nullptr, m.routing.indices.data(),
-                                                           m.routing.probs.data(), T, k, E,
-                                                           cfg.aux_alpha, cfg.normalize_by_k)
-                    : 0.0;
+  st.aux_loss = detail::balance_forward(m.balance, m.routing, cfg, plan.load_before, opt.training);
   st.z_loss = cfg.z_alpha > 0.0f ? detail::router_z_loss_t<float>(nullptr, m.routing.logits.data(),
                                                                   T, E, cfg.z_alpha)
                                  : 0.0;
@@ -308,20 +323,38 @@ void MoELayer::backward(float* dx, const float* dy) {
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
                            plan.offsets.data(), m.shape, m.gg);
 
-  // Router: gate weights, balancing loss through P, z-loss through h. dx is assigned here.
+  // Router: gate weights, balancing loss (through P, or for shazeer through the gates, h and
+  // the noise scale), z-loss through h. dx is assigned here.
   const float* dprobs = nullptr;
   const float* dlogits = nullptr;
-  if (cfg.aux_alpha > 0.0f) {
-    detail::load_balancing_loss_t<float>(b.dprobs, m.routing.indices.data(), m.routing.probs.data(),
-                                         T, k, E, cfg.aux_alpha, cfg.normalize_by_k);
-    dprobs = b.dprobs;
-  }
   if (cfg.z_alpha > 0.0f) {
     detail::router_z_loss_t<float>(b.dlogits, m.routing.logits.data(), T, E, cfg.z_alpha);
     dlogits = b.dlogits;
   }
+  float* dpre = nullptr;
+  if (cfg.aux_alpha > 0.0f && cfg.aux_loss_kind != AuxLossKind::none) {
+    detail::BalanceGrads<float> bg;
+    if (cfg.aux_loss_kind == AuxLossKind::shazeer) {
+      if (!dlogits) std::fill(b.dlogits, b.dlogits + T * E, 0.0f);
+      dlogits = b.dlogits;
+      bg.dh = b.dlogits;
+      bg.dweights = dG;
+      if (m.balance.noisy && cfg.noise == Noise::learned) {
+        m.balance.dpre.assign(static_cast<size_t>(T * E), 0.0f);
+        dpre = bg.dpre = m.balance.dpre.data();
+      }
+    } else {
+      dprobs = bg.dprobs = b.dprobs;
+    }
+    detail::balancing_loss<float>(bg, detail::balance_inputs(m.routing, m.balance),
+                                  detail::BalanceSpec::of(cfg));
+  }
   RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
   router_backward(dx, rg, dG, dprobs, dlogits, m.routing, b.x, m.router_params(), m.rcfg);
+  if (dpre) {  // shazeer's load term through the noise scale: x·W_noise
+    detail::gemm_f32(true, false, d, E, T, 1.0f, b.x, d, dpre, E, 1.0f, m.g("W_noise"), E);
+    detail::gemm_f32(false, true, T, d, E, 1.0f, dpre, E, m.p("W_noise"), E, 1.0f, dx, d);
+  }
 
   // Scatter the experts' dx back per token, in rank order, plus the residual path.
   const bool residual = cfg.residual;
@@ -336,6 +369,11 @@ void MoELayer::backward(float* dx, const float* dy) {
     }
     if (residual)
       for (int64_t c = 0; c < d; ++c) dxt[c] += dy[t * Do + c];
+  }
+  if (cfg.n_shared_experts > 0) {
+    detail::SharedGrads sg{m.g("Ws1"), m.g("bs1"), m.g("Ws2"), m.g("bs2"), m.g("Ws3"),
+                           m.g("w_shared_gate")};
+    m.shared.backward(dx, sg, dy, m.shared_weights(), cfg);
   }
 }
 

@@ -15,8 +15,10 @@
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/activation.hpp"
+#include "losses/balancing.hpp"
 #include "losses/losses.hpp"
 #include "moe/layer.hpp"
+#include "layer/shared_experts.hpp"
 #include "router/router_rows.hpp"
 
 namespace moe::detail {
@@ -25,8 +27,15 @@ namespace moe::detail {
 template <typename S>
 struct RefParams {
   std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3;
+  SharedRefParams<S> shared;  // n_shared_experts > 0
 
   std::vector<S>& get(const std::string& n) {
+    if (n == "Ws1") return shared.Ws1;
+    if (n == "bs1") return shared.bs1;
+    if (n == "Ws2") return shared.Ws2;
+    if (n == "bs2") return shared.bs2;
+    if (n == "Ws3") return shared.Ws3;
+    if (n == "w_shared_gate") return shared.w_shared_gate;
     if (n == "W_g") return W_g;
     if (n == "b_g") return b_g;
     if (n == "W_noise") return W_noise;
@@ -74,10 +83,31 @@ struct RefSaved {
   double aux_loss = 0.0, z_loss = 0.0;
 };
 
-// y is (T, d_out), x (T, d). eps (T, E) is required when training with noise.
+// The balancing loss's view of the reference's saved routing (aux_loss "global" is taken
+// over the batch alone: the reference keeps no state between calls).
+template <typename S>
+BalanceInputs<S> ref_balance_inputs(const RefSaved<S>& sv, const MoEConfig& cfg) {
+  BalanceInputs<S> in;
+  in.T = sv.T;
+  in.k = cfg.k;
+  in.E = cfg.n_experts;
+  in.indices = sv.indices.data();
+  in.weights = sv.weights.data();
+  in.probs = sv.probs.data();
+  in.h = sv.h.data();
+  in.H = sv.H.data();
+  in.noisy = sv.noisy;
+  in.eps = sv.eps.data();
+  in.pre = sv.pre.data();
+  return in;
+}
+
+// y is (T, d_out), x (T, d). eps (T, E) is required when training with noise. step and
+// token_offset key the random draws of dispatch (drop_policy / second_expert_policy random).
 template <typename S>
 void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const RefParams<S>& p,
-                       const MoEConfig& cfg, int64_t T, bool training, const S* eps) {
+                       const MoEConfig& cfg, int64_t T, bool training, const S* eps,
+                       uint64_t step = 0, int64_t token_offset = 0) {
   cfg.validate();
   const RouterConfig rc = cfg.router();
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
@@ -126,13 +156,19 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     softmax_kept(&sv.weights[t * k], &sv.weights[t * k], k);
     softmax_row(&sv.probs[t * E], H, E);
   }
-  sv.aux_loss = load_balancing_loss_t<S>(nullptr, sv.indices.data(), sv.probs.data(), T, k, E,
-                                         cfg.aux_alpha, cfg.normalize_by_k);
+  sv.aux_loss = balancing_loss<S>(BalanceGrads<S>{}, ref_balance_inputs(sv, cfg),
+                                  BalanceSpec::of(cfg));
   sv.z_loss = router_z_loss_t<S>(nullptr, sv.h.data(), T, E, cfg.z_alpha);
 
   // Capacity.
-  build_capacity_plan<S>(sv.plan, sv.indices.data(), sv.weights.data(), T, k, E,
-                         cfg.capacity(T), cfg.drop_policy);
+  PlanOptions po;
+  po.C = cfg.capacity(T);
+  po.policy = cfg.drop_policy;
+  po.second = cfg.second_expert_policy;
+  po.seed = cfg.seed;
+  po.step = step;
+  po.token_offset = token_offset;
+  build_capacity_plan<S>(sv.plan, sv.indices.data(), sv.weights.data(), T, k, E, po);
 
   // Experts, one kept assignment at a time.
   sv.a1.assign(static_cast<size_t>(A * W1w), S(0));
@@ -183,6 +219,7 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
       for (int64_t c = 0; c < Do; ++c) y[t * Do + c] += sv.weights[a] * sv.out[a * Do + c];
     }
   }
+  if (cfg.n_shared_experts > 0) shared_forward_ref<S>(y.data(), x, T, p.shared, cfg);
 }
 
 // dx (T, d) is assigned; g accumulates (its vectors must be sized like p's).
@@ -250,8 +287,9 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
 
   // Losses: the balancing loss through P = mean(probs) only, the z-loss through h.
   std::vector<S> dprobs(static_cast<size_t>(T * E)), dlogits(static_cast<size_t>(T * E));
-  load_balancing_loss_t<S>(dprobs.data(), sv.indices.data(), sv.probs.data(), T, k, E,
-                           cfg.aux_alpha, cfg.normalize_by_k);
+  std::vector<S> dh_bal(static_cast<size_t>(T * E), S(0)), dpre_bal(static_cast<size_t>(T * E), S(0));
+  balancing_loss<S>(BalanceGrads<S>{dprobs.data(), dG.data(), dh_bal.data(), dpre_bal.data()},
+                    ref_balance_inputs(sv, cfg), BalanceSpec::of(cfg));
   router_z_loss_t<S>(dlogits.data(), sv.h.data(), T, E, cfg.z_alpha);
 
   // Router: softmax over the kept logits and the full softmax, both back to H; KeepTopK is
@@ -266,12 +304,12 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
     for (int64_t e = 0; e < E; ++e) pdot += sv.probs[t * E + e] * dprobs[t * E + e];
     for (int64_t e = 0; e < E; ++e) dH[e] += sv.probs[t * E + e] * (dprobs[t * E + e] - pdot);
     for (int64_t e = 0; e < E; ++e) {
-      const S dhe = dH[e] + dlogits[t * E + e];  // H = h + noise: ∂H/∂h = 1
+      const S dhe = dH[e] + dlogits[t * E + e] + dh_bal[t * E + e];  // ∂H/∂h = 1
       S dpre = 0;
       if (sv.noisy && cfg.noise == Noise::learned) {
         const S z = sv.pre[t * E + e];
         const S ds = cfg.noise_scale == NoiseScale::softplus ? sigmoid(z) : S(1);
-        dpre = dH[e] * sv.eps[t * E + e] * ds;
+        dpre = dH[e] * sv.eps[t * E + e] * ds + dpre_bal[t * E + e];
       }
       if (!g.b_g.empty()) g.b_g[e] += dhe;
       for (int64_t i = 0; i < d; ++i) {
@@ -287,6 +325,7 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
   if (cfg.residual)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t c = 0; c < d; ++c) dx[t * d + c] += dy[t * Do + c];
+  if (cfg.n_shared_experts > 0) shared_backward_ref<S>(dx.data(), g.shared, dy, x, T, p.shared, cfg);
 }
 
 }  // namespace moe::detail
