@@ -333,6 +333,14 @@ int run_train(const TrainOptions& o) {
   if (!(o.lr > 0.0) || !std::isfinite(o.lr)) throw Error("lr: must be > 0, got " + fmt("%g", o.lr));
   if (o.threads < 0) throw Error("threads: must be >= 0, got " + std::to_string(o.threads));
   const MoEConfig cfg = model_config(o);
+  // aux_loss seq cuts every batch into sequences: refuse a split that fails before anything
+  // is written rather than at the first forward.
+  if (cfg.aux_loss_kind == AuxLossKind::seq && cfg.seq_len > 0)
+    for (const auto& [what, n] : {std::pair<const char*, int64_t>{"batch", o.batch},
+                                  std::pair<const char*, int64_t>{"eval_tokens", o.eval_tokens}})
+      if (n % cfg.seq_len != 0)
+        throw Error(detail::cat("seq_len: aux_loss 'seq' needs ", what, " (", n,
+                                ") to be a multiple of seq_len, got ", cfg.seq_len));
   TaskConfig tc;
   tc.d_in = o.d_model;
   tc.d_out = o.d_target;

@@ -2,6 +2,7 @@
 // priority, GShard's random second expert: values against direct computations, central
 // differences in double on the reference twin, and the fast layer against the reference.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -545,4 +546,75 @@ TEST(SharedExperts, OutputIsRoutedPlusShared) {
   std::vector<double> diff(T * 3);
   for (int64_t i = 0; i < T * 3; ++i) diff[i] = static_cast<double>(y[i]) - yp[i];
   moe_test::expect_close(diff, ys, 1e-5, 1e-4, "y - routed", 0.9);
+}
+
+// The second-expert draw belongs to the global token: a batch routed in two parts (with
+// token_offset) makes the same decisions as routed whole.
+TEST(RouterDispatch, SecondExpertDrawIndependentOfBatchSplit) {
+  const int64_t T = 50, k = 2, E = 3;
+  Rng rng(77);
+  std::vector<int32_t> idx(T * k);
+  std::vector<float> w(T * k);
+  for (int64_t t = 0; t < T; ++t) {
+    idx[t * k] = static_cast<int32_t>(t % E);
+    idx[t * k + 1] = static_cast<int32_t>((t + 1) % E);
+    w[t * k + 1] = static_cast<float>(0.5 * rng.uniform());
+    w[t * k] = 1.0f - w[t * k + 1];
+  }
+  moe::detail::PlanOptions po;
+  po.second = moe::SecondExpertPolicy::random;
+  po.seed = 3;
+  po.step = 8;
+  moe::detail::CapacityPlan whole, a, b;
+  moe::detail::build_capacity_plan<float>(whole, idx.data(), w.data(), T, k, E, po);
+  const int64_t T1 = 23;
+  moe::detail::build_capacity_plan<float>(a, idx.data(), w.data(), T1, k, E, po);
+  po.token_offset = T1;
+  moe::detail::build_capacity_plan<float>(b, idx.data() + T1 * k, w.data() + T1 * k, T - T1, k,
+                                          E, po);
+  for (int64_t t = 0; t < T; ++t) {
+    const bool part = t < T1 ? a.src_to_dest[t * k + 1] >= 0 : b.src_to_dest[(t - T1) * k + 1] >= 0;
+    EXPECT_EQ(whole.src_to_dest[t * k + 1] >= 0, part) << t;
+  }
+  EXPECT_GT(whole.second_skipped, 0);
+  EXPECT_LT(whole.second_skipped, T);
+}
+
+// Every option of this part at once gives the same bits with 1 and 2 OpenMP threads.
+TEST(RouterDispatch, OneAndTwoThreadsBitIdentical) {
+  const int saved = omp_get_max_threads();
+  MoEConfig cfg = small_config(AuxLossKind::shazeer, moe::Noise::learned,
+                               moe::NoiseScale::softplus, 2, 99);
+  cfg.d_model = 40;
+  cfg.d_ff = 70;
+  cfg.d_out = 30;
+  cfg.n_experts = 6;
+  cfg.capacity_factor = 0.9;
+  cfg.drop_policy = moe::DropPolicy::random;
+  cfg.second_expert_policy = moe::SecondExpertPolicy::random;
+  cfg.n_shared_experts = 2;
+  cfg.shared_gate = true;
+  MoELayer L(cfg);
+  Rng rng(100);
+  moe_test::randomize(L, rng);
+  const int64_t T = 400;
+  const auto x = rng.vec(T * 40, 1.0);
+  const auto dy = rng.vec(T * 30, 1.0);
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<float> y(T * 30), dx(T * 40);
+    L.zero_grad();
+    moe::ForwardOptions opt;
+    opt.step = 6;
+    L.forward(y.data(), x.data(), T, opt);
+    L.backward(dx.data(), dy.data());
+    std::vector<std::vector<float>> out = {y, dx, {static_cast<float>(L.aux_loss())}};
+    for (const auto& n : L.parameter_names()) out.push_back(L.grad(n).data);
+    return out;
+  };
+  const auto a = run(1), b = run(2);
+  omp_set_num_threads(saved);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << i;
+  EXPECT_GT(L.stats().dropped_assignments, 0);
 }

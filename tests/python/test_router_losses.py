@@ -252,3 +252,15 @@ def test_moe_train_shared_experts(tmp_path):
     s = json.loads(r.stdout.strip().split("\n")[-1])
     assert s["config"]["model"]["n_shared_experts"] == 1
     assert s["final_loss"] < s["initial_loss"]
+
+
+def test_moe_train_refuses_seq_len_not_dividing_the_batch(tmp_path):
+    if not Path(MOE).exists():
+        pytest.skip("moe not built")
+    out = tmp_path / "run"
+    r = subprocess.run([MOE, "train", "--steps", "2", "--batch", "64", "--aux-loss", "seq",
+                        "--seq-len", "5", "--out", str(out), "--no-plots"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "seq_len" in r.stderr and len(r.stderr.strip().split("\n")) == 1
+    assert not out.exists()
