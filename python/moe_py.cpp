@@ -132,6 +132,7 @@ struct RouteResult {
   py::array_t<int32_t> indices;
   py::object eps;  // ε actually used (T, E), or None when no noise was applied
   py::object jitter;  // router-input factors (T, d_model), or None without jitter
+  py::object ec_tokens, ec_gates;  // router "expert_choice": (E, C) each, else None
 };
 
 RouteResult routing_of(const moe::RouterState& s) {
@@ -148,6 +149,14 @@ RouteResult routing_of(const moe::RouterState& s) {
   r.jitter = s.jitter.empty() || T == 0
                  ? py::object(py::none())
                  : py::object(to_numpy(s.jitter, {T, static_cast<int64_t>(s.jitter.size()) / T}));
+  r.ec_tokens = r.ec_gates = py::none();
+  if (!s.ec_tokens.empty()) {
+    const int64_t C = s.ec_capacity;
+    py::array_t<int32_t> et(std::vector<py::ssize_t>{E, C});
+    std::copy(s.ec_tokens.begin(), s.ec_tokens.end(), et.mutable_data());
+    r.ec_tokens = et;
+    r.ec_gates = to_numpy(s.ec_gates, {E, C});
+  }
   return r;
 }
 
@@ -327,6 +336,7 @@ struct PyMoE {
     d["dropped_assignments"] = s.dropped_assignments;
     d["dropped_tokens"] = s.dropped_tokens;
     d["experts_evaluated"] = s.experts_evaluated;
+    if (!s.experts_per_token.empty()) d["experts_per_token"] = s.experts_per_token;
     d["aux_loss"] = s.aux_loss;
     d["z_loss"] = s.z_loss;
     return d;
@@ -750,6 +760,11 @@ PYBIND11_MODULE(_moe, m) {
       .def_readonly("eps", &RouteResult::eps, "(T, E) ε used, or None without noise")
       .def_readonly("jitter", &RouteResult::jitter,
                     "(T, d_model) router-input factors of jitter, or None without it")
+      .def_readonly("ec_tokens", &RouteResult::ec_tokens,
+                    "router 'expert_choice': (E, C) int32 tokens each expert chose, best "
+                    "first; else None")
+      .def_readonly("ec_gates", &RouteResult::ec_gates,
+                    "router 'expert_choice': (E, C) their gates probs[t, e]; else None")
       .def("__repr__", [](const RouteResult& r) {
         return cat("Routing(T=", r.gates.shape(0), ", E=", r.gates.shape(1),
                    ", k=", r.indices.shape(1), ")");

@@ -93,6 +93,8 @@ struct MoEStats {
   int64_t dropped_assignments = 0;
   int64_t dropped_tokens = 0;             // tokens all of whose assignments were dropped
   int64_t experts_evaluated = 0;          // experts that received at least one row
+  // Router "expert_choice" only (empty otherwise): (E + 1) tokens chosen by 0, 1, …, E experts.
+  std::vector<int64_t> experts_per_token;
   double aux_loss = 0.0;
   double z_loss = 0.0;
 };

@@ -77,6 +77,13 @@ struct RouterState {
   std::vector<float> noise_pre;  // x·W_noise (T, E), learned noise only
   std::vector<float> scores;     // sigmoid(H) (T, E), router sigmoid only
   std::vector<float> jitter;     // the router input's factors (T, d), jitter in training only
+  // Router "expert_choice" only (filled by the layer; empty otherwise): expert e chose the
+  // ec_capacity tokens ec_tokens[e·C .. (e+1)·C), best first, with gates ec_gates = probs[t, e].
+  // indices/weights above are then the token-choice top-k of probs, which the layer does not
+  // use; dense_gates() is built from the ec_* fields.
+  int64_t ec_capacity = 0;
+  std::vector<int32_t> ec_tokens;  // (E, C)
+  std::vector<float> ec_gates;     // (E, C)
 
   // Scratch, not a result: the fused (T, 2E) product and [W_g | W_noise] of forward, the
   // (T, 2E) gradient of backward. Kept here so that steady-state calls do not allocate;

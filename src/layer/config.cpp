@@ -4,6 +4,7 @@
 
 #include "common/check.hpp"
 #include "moe/layer.hpp"
+#include "router/expert_choice.hpp"
 
 namespace moe {
 
@@ -183,11 +184,7 @@ void MoEConfig::validate_router_family() const {
                   router_kind == RouterKind::sigmoid,
               "renormalize: applies to router softmax_topk or sigmoid, not ",
               to_string(router_kind));
-  // Options whose implementation has not landed yet are refused by name, never ignored.
-  auto todo = [](bool used, const char* what) {
-    MOE_REQUIRE(!used, what, ": not implemented yet in this build");
-  };
-  todo(router_kind == RouterKind::expert_choice, "router 'expert_choice'");
+  detail::validate_expert_choice(*this);
 }
 
 int64_t MoEConfig::capacity(int64_t T) const {

@@ -14,6 +14,7 @@
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/experts.hpp"
+#include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
 #include "layer/shared_experts.hpp"
 #include "common/gemm.hpp"
@@ -67,6 +68,7 @@ struct MoELayer::Impl {
   int64_t T = 0;
   RouterState routing;
   detail::CapacityPlan plan;
+  detail::ExpertChoicePlan ec_plan;  // router "expert_choice" instead of plan
   MoEStats stats;
   detail::LayerWorkspace ws;
   detail::GroupedGemm gg;
@@ -102,6 +104,11 @@ struct MoELayer::Impl {
   }
   detail::ExpertWeights expert_weights() const {
     return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
+  }
+  detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
+    detail::ExpertWeightsBf16 wb{&W1b, W2b.empty() ? nullptr : &W2b, W3b.empty() ? nullptr : &W3b};
+    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), wb, bf16, ws.carve(cfg, T),
+            &gg};
   }
   detail::SharedWeights shared_weights() const {
     return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate")};
@@ -216,6 +223,13 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   ns.step = opt.step;
   ns.token_offset = opt.token_offset;
   router_forward(m.routing, x, m.router_params(), m.rcfg, T, opt.training, ns);
+  if (cfg.router_kind == RouterKind::expert_choice) {
+    detail::expert_choice_forward(y, m.ec_plan, m.routing, m.stats, x, T,
+                                  m.expert_choice_layer(T));
+    m.T = T;
+    m.have_forward = true;
+    return;
+  }
 
   const int64_t C = cfg.capacity(T);
   detail::PlanOptions po;
@@ -297,6 +311,12 @@ void MoELayer::backward(float* dx, const float* dy) {
   const int64_t T = m.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");
   if (T == 0) return;
+  if (cfg.router_kind == RouterKind::expert_choice) {
+    RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
+    detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+    detail::expert_choice_backward(dx, rg, eg, dy, m.ec_plan, m.routing, m.expert_choice_layer(T));
+    return;
+  }
   detail::LayerBuffers b = m.ws.carve(cfg, T);
   const detail::CapacityPlan& plan = m.plan;
   const int64_t R = plan.n_kept;

@@ -1,6 +1,7 @@
 #include "layer/workspace.hpp"
 
 #include "common/check.hpp"
+#include "router/expert_choice.hpp"
 
 namespace moe::detail {
 
@@ -10,7 +11,11 @@ namespace {
 // buffer starts on a 64-byte boundary relative to base.
 int64_t carve_into(LayerBuffers& b, float* base, const MoEConfig& cfg, int64_t T) {
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
-                Do = cfg.out_dim(), R = T * k;
+                Do = cfg.out_dim();
+  // Rows: T·k assignments, or under expert choice E·C (each expert's C tokens).
+  const int64_t R = cfg.router_kind == RouterKind::expert_choice
+                        ? E * expert_choice_capacity(cfg, T)
+                        : T * k;
   const bool hidden = cfg.expert != ExpertKind::linear_relu;
   const bool swiglu = cfg.expert == ExpertKind::swiglu;
   int64_t used = 0;

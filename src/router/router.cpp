@@ -68,6 +68,11 @@ void RouterConfig::validate() const {
 
 std::vector<float> RouterState::dense_gates() const {
   std::vector<float> g(static_cast<size_t>(T * E), 0.0f);
+  const int64_t C = ec_capacity;
+  if (C > 0 && ec_tokens.size() == static_cast<size_t>(E * C)) {  // expert choice
+    for (int64_t r = 0; r < E * C; ++r) g[ec_tokens[r] * E + r / C] = ec_gates[r];
+    return g;
+  }
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) g[t * E + indices[t * k + j]] = weights[t * k + j];
   return g;

@@ -64,7 +64,7 @@ TEST(BenchPerf, ConfigurationsAreIssueFives) {
   std::vector<std::string> names;
   for (const auto& c : cases) names.push_back(c.name);
   EXPECT_EQ(names, (std::vector<std::string>{"B1", "B2", "B3-T1", "B3-T4", "B3-T16", "E8", "E64",
-                                             "E256", "E1024"}));
+                                             "E256", "E1024", "B1-bf16", "B3-T1-bf16"}));
   const BenchCase& b1 = cases[0];
   EXPECT_EQ(b1.T, 4096);
   EXPECT_EQ(b1.cfg.d_model, 1024);
@@ -86,9 +86,13 @@ TEST(BenchPerf, ConfigurationsAreIssueFives) {
     EXPECT_FALSE(cases[i].training);
     EXPECT_TRUE(cases[i].memory_roof);
   }
+  // The bf16 rows are B1 and B3-T1 in evaluation mode with bf16 expert weights.
+  EXPECT_TRUE(cases[9].bf16 && !cases[9].training && !cases[9].backward);
+  EXPECT_EQ(cases[9].cfg.n_experts, b1.cfg.n_experts);
+  EXPECT_TRUE(cases[10].bf16 && cases[10].memory_roof && cases[10].T == 1);
   // The E-sweep keeps B1's routed FLOPs at every E.
   const double b1_flops = moe::perf::expert_flops(b1.cfg, b1.T * b1.cfg.k);
-  for (size_t i = 5; i < cases.size(); ++i)
+  for (size_t i = 5; i < 9; ++i)
     EXPECT_DOUBLE_EQ(moe::perf::expert_flops(cases[i].cfg, cases[i].T * cases[i].cfg.k), b1_flops);
 }
 
