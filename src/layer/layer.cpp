@@ -204,8 +204,13 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
-  MOE_REQUIRE(cfg.bias_update_rate <= 0.0f || m.sel_bias.numel() == cfg.n_experts,
-              "expert_bias: expected ", cfg.n_experts, " values, got ", m.sel_bias.numel());
+  if (cfg.bias_update_rate > 0.0f) {
+    MOE_REQUIRE(m.sel_bias.numel() == cfg.n_experts, "expert_bias: expected ", cfg.n_experts,
+                " values, got ", m.sel_bias.numel());
+    for (int64_t e = 0; e < cfg.n_experts; ++e)
+      MOE_REQUIRE(std::isfinite(m.sel_bias.data[e]), "expert_bias: non-finite value at expert ",
+                  e);
+  }
   m.have_forward = false;
   detail::balance_check_batch(cfg, T);
   MOE_REQUIRE(!(m.bf16 && opt.training),

@@ -697,3 +697,41 @@ TEST(LayerScoresDeterminism, OneAndTwoThreadsBitIdentical) {
   EXPECT_EQ(a.g, b.g);
   EXPECT_EQ(a.bias, b.bias);
 }
+
+// docs/errors.md rows RS1 and RS2 (C++ column).
+TEST(Errors, RS1_RouterFamilyOptionsNamed) {
+  auto err = [](auto mutate) {
+    moe::MoEConfig c;
+    c.d_model = 4;
+    c.n_experts = 6;
+    c.k = 2;
+    mutate(c);
+    return router_test::error_of([&] { c.validate(); });
+  };
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.scaling_factor = -1.0f; }),
+            "scaling_factor: must be finite and > 0, got -1");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.n_groups = 4; }),
+            "n_groups: must divide n_experts (6), got 4");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.n_groups = 3, c.topk_groups = 0; }),
+            "topk_groups: must be in 1..3 (n_groups), got 0");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.n_groups = 3, c.k = 3; }),
+            "k: must be at most topk_groups * experts per group (2), got 3");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.jitter = 1.0f; }), "jitter: must be in [0, 1), got 1");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.bias_update_rate = -0.5f; }),
+            "bias_update_rate: must be finite and >= 0 (0: off), got -0.5");
+  EXPECT_EQ(err([](moe::MoEConfig& c) { c.renormalize = true; }),
+            "renormalize: applies to router softmax_topk or sigmoid, not topk_softmax");
+}
+
+TEST(Errors, RS2_SelectionBiasShapeAndValues) {
+  moe::MoELayer L(bias_config());
+  std::vector<float> x(4 * 6, 0.5f), y(4 * 6);
+  L.expert_bias().data = {0.0f, NAN, 0.0f, 0.0f};
+  EXPECT_EQ(router_test::error_of([&] { L.forward(y.data(), x.data(), 4); }),
+            "expert_bias: non-finite value at expert 1");
+  L.expert_bias() = moe::Tensor({3});
+  EXPECT_EQ(router_test::error_of([&] { L.forward(y.data(), x.data(), 4); }),
+            "expert_bias: expected 4 values, got 3");
+  L.expert_bias() = moe::Tensor({4});
+  L.forward(y.data(), x.data(), 4);
+}
