@@ -386,9 +386,25 @@ void MoELayer::backward(float* dx, const float* dy) {
   }
   RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
   router_backward(dx, rg, dG, dprobs, dlogits, m.routing, b.x, m.router_params(), m.rcfg);
-  if (dpre) {  // shazeer's load term through the noise scale: x·W_noise
-    detail::gemm_f32(true, false, d, E, T, 1.0f, b.x, d, dpre, E, 1.0f, m.g("W_noise"), E);
-    detail::gemm_f32(false, true, T, d, E, 1.0f, dpre, E, m.p("W_noise"), E, 1.0f, dx, d);
+  if (dpre) {  // shazeer's load term through the noise scale: x_r·W_noise
+    // x_r is the router's input: x, or x⊙J when jitter was applied (J saved by the router),
+    // so dW_noise = x_rᵀ·dpre and dx += (dpre·W_noiseᵀ)⊙J.
+    const std::vector<float>& J = m.routing.jitter;
+    if (J.empty()) {
+      detail::gemm_f32(true, false, d, E, T, 1.0f, b.x, d, dpre, E, 1.0f, m.g("W_noise"), E);
+      detail::gemm_f32(false, true, T, d, E, 1.0f, dpre, E, m.p("W_noise"), E, 1.0f, dx, d);
+    } else {
+      std::vector<float>& xj = m.balance.xj;
+      std::vector<float>& dxj = m.balance.dxj;
+      xj.resize(static_cast<size_t>(T * d));
+      dxj.resize(static_cast<size_t>(T * d));
+      for (int64_t i = 0; i < T * d; ++i) xj[i] = b.x[i] * J[i];
+      detail::gemm_f32(true, false, d, E, T, 1.0f, xj.data(), d, dpre, E, 1.0f, m.g("W_noise"),
+                       E);
+      detail::gemm_f32(false, true, T, d, E, 1.0f, dpre, E, m.p("W_noise"), E, 0.0f, dxj.data(),
+                       d);
+      for (int64_t i = 0; i < T * d; ++i) dx[i] += dxj[i] * J[i];
+    }
   }
 
   // Scatter the experts' dx back per token, in rank order, plus the residual path.

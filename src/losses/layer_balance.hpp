@@ -19,6 +19,7 @@ struct BalanceState {
   bool use_global_f = false;         // the last forward used f (else the batch's own)
   bool noisy = false;                // the last forward applied noise
   std::vector<float> dpre;           // (T, E) scratch of backward (shazeer, learned noise)
+  std::vector<float> xj, dxj;        // (T, d) scratch: the jittered router input and its grad
 
   void reset_global() {
     std::fill(global_load.begin(), global_load.end(), 0);

@@ -618,3 +618,63 @@ TEST(RouterDispatch, OneAndTwoThreadsBitIdentical) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << i;
   EXPECT_GT(L.stats().dropped_assignments, 0);
 }
+
+// Shazeer's load term with Switch jitter: the noise scale is computed from the router's
+// jittered input x⊙J, so dW_noise = (x⊙J)ᵀ·dpre and dx gets (dpre·W_noiseᵀ)⊙J. The double
+// reference has no jitter, so this is central differences on the float layer itself (aux
+// loss alone: dy = 0), with a float-sized step and tolerance.
+TEST(RouterLosses, ShazeerWithJitterGradients) {
+  MoEConfig cfg =
+      small_config(AuxLossKind::shazeer, moe::Noise::learned, moe::NoiseScale::softplus, 2, 77);
+  cfg.jitter = 0.2f;
+  cfg.z_alpha = 0.0f;
+  const int64_t T = 8, d = cfg.d_model, E = cfg.n_experts;
+  MoELayer L(cfg);
+  Rng rng(77);
+  moe_test::randomize(L, rng);
+  auto x = rng.vec(T * d, 1.0);
+  const auto eps = rng.vec(T * E, 1.5);
+  std::vector<float> y(static_cast<size_t>(T * cfg.out_dim())), dy(y.size(), 0.0f),
+      dx(x.size());
+  moe::ForwardOptions opt;
+  opt.step = 5;
+  opt.noise = eps.data();
+  auto loss = [&](std::vector<int32_t>* idx) {
+    L.forward(y.data(), x.data(), T, opt);
+    if (idx) *idx = L.routing().indices;
+    return L.aux_loss();
+  };
+  std::vector<int32_t> idx0;
+  loss(&idx0);
+  ASSERT_FALSE(L.routing().jitter.empty());
+  L.zero_grad();
+  L.backward(dx.data(), dy.data());
+  const std::vector<float> dW = L.grad("W_noise").data;
+  const float h = 1e-2f;
+  auto fd = [&](float& v) {
+    const float keep = v;
+    std::vector<int32_t> i1, i2;
+    v = keep + h;
+    const double lp = loss(&i1);
+    v = keep - h;
+    const double lm = loss(&i2);
+    v = keep;
+    EXPECT_TRUE(i1 == idx0 && i2 == idx0) << "the step changed the routing";
+    return (lp - lm) / (2.0 * h);
+  };
+  double worst = 0, scale = 1e-6;
+  for (size_t i = 0; i < dW.size(); ++i) {
+    const double f = fd(L.param("W_noise").data[i]);
+    worst = std::max(worst, std::abs(f - dW[i]));
+    scale = std::max(scale, std::abs(f));
+  }
+  EXPECT_LT(worst, 2e-2 * scale) << "dW_noise";
+  worst = 0;
+  scale = 1e-6;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double f = fd(x[i]);
+    worst = std::max(worst, std::abs(f - dx[i]));
+    scale = std::max(scale, std::abs(f));
+  }
+  EXPECT_LT(worst, 2e-2 * scale) << "dx";
+}
