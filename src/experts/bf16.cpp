@@ -125,11 +125,13 @@ void grouped_gemm_bf16(float* C, int64_t ldc, const float* A, int64_t lda, const
   const Tile* tl = tiles.data();
 #pragma omp parallel
   {
-    thread_local std::vector<uint32_t> ap;  // the tile's rows of A as bf16 pairs
+    // The tile's rows of A as bf16 pairs; sized by every thread up front, so a thread that
+    // happens to get its first tile in a later call does not allocate then.
+    thread_local std::vector<uint32_t> ap;
+    if (ap.size() < static_cast<size_t>(kTileRows * K2)) ap.resize(static_cast<size_t>(kTileRows * K2));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < n_tiles; ++t) {
       const Tile& tile = tl[t];
-      ap.resize(static_cast<size_t>(kTileRows * K2));
       for (int64_t r = 0; r < tile.m; ++r) {
         const float* a = A + (tile.m0 + r) * lda;
         uint32_t* dst = ap.data() + r * K2;
