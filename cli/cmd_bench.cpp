@@ -179,14 +179,16 @@ int64_t mem_available_bytes() {
   return int64_t{1} << 40;  // unknown: do not refuse
 }
 
-// What a run of the case holds at once: parameters and gradients (the layer allocates both
-// up front), and the activations of T·k rows (a generous bound).
+// What a run of the case holds at once: parameters, gradients when backward runs (the layer
+// allocates them on first use), and the activations of T·k rows (a generous bound). A bf16
+// snapshot adds half the expert weights.
 int64_t bytes_needed(const BenchCase& c, bool with_grads) {
   const MoEConfig& m = c.cfg;
   const int64_t R = c.T * m.k;
   const int64_t acts = 4 * (R * (2 * m.d_model + 6 * m.hidden() + 3 * m.out_dim()) +
                             c.T * (4 * m.d_model + 8 * m.n_experts));
-  return perf::layer_param_bytes(m) * (with_grads ? 2 : 1) + acts;
+  return perf::layer_param_bytes(m) * (with_grads ? 2 : 1) + acts +
+         (c.bf16 ? perf::layer_param_bytes(m) / 2 : 0);
 }
 
 // Inputs that look like activations: values in [-1, 1) from a fixed hash.
@@ -232,8 +234,10 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
   if (c.bf16) layer.set_bf16_experts(true);
   for (const auto& name : layer.parameter_names())
     r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
-  for (const auto& name : layer.parameter_names())
-    r.grad_bytes += layer.grad(name).numel() * static_cast<int64_t>(sizeof(float));
+  // Gradients exist only where backward runs (the layer allocates them on first use).
+  if (c.backward)
+    for (const auto& name : layer.parameter_names())
+      r.grad_bytes += layer.grad(name).numel() * static_cast<int64_t>(sizeof(float));
   const int64_t constructed = heap.live();
 
   ForwardOptions fo;
@@ -696,9 +700,10 @@ int run_bench(const BenchOptions& o) {
     Result r;
     r.c = c;
     const auto avail = static_cast<double>(mem_available_bytes()) * o.mem_fraction;
-    if (static_cast<double>(bytes_needed(c, true)) > avail) {
-      r.note = "needs ~" + fmt(bytes_needed(c, true) / 1073741824.0, 1) + " GiB (parameters, " +
-               "gradients, activations), " + fmt(avail / 1073741824.0, 1) +
+    if (static_cast<double>(bytes_needed(c, c.backward)) > avail) {
+      r.note = "needs ~" + fmt(bytes_needed(c, c.backward) / 1073741824.0, 1) +
+               " GiB (parameters, " + (c.backward ? "gradients, " : "") + "activations), " +
+               fmt(avail / 1073741824.0, 1) +
                " GiB usable of the memory available";
       std::cerr << "bench: " << c.name << " skipped: " << r.note << '\n';
       results.push_back(r);

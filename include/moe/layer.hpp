@@ -113,7 +113,10 @@ class MoELayer {
   std::vector<std::string> parameter_names() const;
   Tensor& param(const std::string& name);  // throws moe::Error on an unknown name
   const Tensor& param(const std::string& name) const;
+  // Gradients are allocated (zeroed) on first use: the first backward or grad() call. A
+  // layer used only for inference never holds them.
   Tensor& grad(const std::string& name);
+  bool has_gradients() const;
   void zero_grad();
 
   // y is (T, d_out), x is (T, d_model). Saves what backward needs.

@@ -61,6 +61,7 @@ struct MoELayer::Impl {
   std::vector<detail::ParamSpec> specs;
   std::vector<std::string> names;
   std::vector<Tensor> params, grads;
+  bool grads_ready = false;  // grads are allocated (ensure_grads)
   std::map<std::string, size_t> index;
 
   // What forward saves for backward.
@@ -98,6 +99,15 @@ struct MoELayer::Impl {
     }
     return it->second;
   }
+  void ensure_grads() {
+    if (grads_ready) return;
+    int64_t floats = 0;
+    for (const auto& spec : specs) floats += Tensor::numel_of(spec.shape);
+    allocate_or_throw("gradients", floats, [&] {
+      for (size_t i = 0; i < specs.size(); ++i) grads[i] = Tensor(specs[i].shape);
+    });
+    grads_ready = true;
+  }
   RouterParams router_params() const {
     return {p("W_g"), p("b_g"), p("W_noise"),
             cfg.bias_update_rate > 0.0f ? sel_bias.ptr() : nullptr};
@@ -122,14 +132,16 @@ MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
   m.rcfg = cfg.router();
   m.shape = detail::ExpertShape::of(cfg);
   m.specs = detail::parameter_specs(cfg);
-  int64_t floats = 0;  // parameters and gradients; validate() bounded the sum
-  for (const auto& spec : m.specs) floats += 2 * Tensor::numel_of(spec.shape);
-  allocate_or_throw("parameters and gradients", floats, [&] {
+  int64_t floats = 0;  // validate() bounded the sum
+  for (const auto& spec : m.specs) floats += Tensor::numel_of(spec.shape);
+  // Gradients are allocated on first use (backward, grad()): a layer used only for
+  // inference holds its parameters alone.
+  allocate_or_throw("parameters", floats, [&] {
     for (auto& spec : m.specs) {
       m.index[spec.name] = m.names.size();
       m.names.push_back(spec.name);
       m.params.emplace_back(spec.shape);
-      m.grads.emplace_back(spec.shape);
+      m.grads.emplace_back();
     }
   });
   detail::init_parameters(m.params, m.names, cfg);
@@ -146,7 +158,12 @@ Tensor& MoELayer::param(const std::string& name) { return impl_->params[impl_->f
 const Tensor& MoELayer::param(const std::string& name) const {
   return impl_->params[impl_->find(name)];
 }
-Tensor& MoELayer::grad(const std::string& name) { return impl_->grads[impl_->find(name)]; }
+Tensor& MoELayer::grad(const std::string& name) {
+  const size_t i = impl_->find(name);
+  impl_->ensure_grads();
+  return impl_->grads[i];
+}
+bool MoELayer::has_gradients() const { return impl_->grads_ready; }
 void MoELayer::zero_grad() {
   for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
 }
@@ -312,6 +329,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   MOE_REQUIRE(!m.bf16, "backward: bf16 expert weights are for inference only; "
               "set_bf16_experts(false) and run forward again");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
+  m.ensure_grads();
   const MoEConfig& cfg = m.cfg;
   const int64_t T = m.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");

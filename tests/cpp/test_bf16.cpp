@@ -62,3 +62,36 @@ TEST(Bf16, LayerForwardBitIdenticalWithOneAndTwoThreads) {
 }
 
 }  // namespace
+
+namespace {
+
+// Gradients are allocated on first use: an inference-only layer holds its parameters alone.
+TEST(LazyGradients, AllocatedOnFirstBackwardOrGrad) {
+  moe::MoEConfig c;
+  c.d_model = 8;
+  c.n_experts = 4;
+  c.k = 2;
+  c.seed = 1;
+  moe::MoELayer layer(c);
+  EXPECT_FALSE(layer.has_gradients());
+  const int64_t T = 5;
+  std::vector<float> x(T * 8, 0.25f), y(T * 8), dx(T * 8), dy(T * 8, 1.0f);
+  moe::ForwardOptions o;
+  o.training = false;
+  layer.forward(y.data(), x.data(), T, o);
+  layer.zero_grad();  // nothing to zero yet, and it allocates nothing
+  EXPECT_FALSE(layer.has_gradients());
+  layer.backward(dx.data(), dy.data());
+  EXPECT_TRUE(layer.has_gradients());
+  double s = 0;
+  for (float v : layer.grad("W1").data) s += std::abs(v);
+  EXPECT_GT(s, 0.0);
+  EXPECT_EQ(layer.grad("W1").numel(), layer.param("W1").numel());
+  // grad() alone allocates zeros (optimizers take the tensors before any backward).
+  moe::MoELayer fresh(c);
+  EXPECT_EQ(fresh.grad("W2").numel(), fresh.param("W2").numel());
+  EXPECT_TRUE(fresh.has_gradients());
+  for (float v : fresh.grad("W2").data) EXPECT_EQ(v, 0.0f);
+}
+
+}  // namespace
