@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import moe
 import torch_ref as R
@@ -19,14 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MOE = os.environ.get("MOE_BIN", str(ROOT / "build" / "bin" / "moe"))
 
 
-def close(got, ref, rtol, atol, what):
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} vs {ref.shape}"
-    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-    err = np.abs(got - ref)
-    bound = atol + rtol * np.abs(ref)
-    assert np.all(err <= bound), f"{what}: max excess {np.max(err - bound):.3g}"
+close = R.close
 
 
 def make_case(cfg, seed, T=16, noise=True):
@@ -64,17 +56,8 @@ def compare(m, params, x, eps, cfg, seed, step=0, global_load=None, check_grads=
     close(m.aux_loss, float(ref["aux_loss"]), 1e-5, 1e-7, "aux_loss")
     if not check_grads:
         return ref
-    dy = np.random.default_rng(seed + 7).normal(size=y.shape).astype(np.float32)
-    m.zero_grad()
-    dx = m.backward(dy)
-    obj = (ref["y"] * R.t64(dy)).sum() + ref["aux_loss"] + ref["z_loss"]
-    obj.backward()
-    gx = xt.grad.numpy()
-    close(dx, gx, 1e-4, 2e-5 * (1 + np.abs(gx).max()), "dx")
-    g = m.grads
-    for name, p in P.items():
-        rg = p.grad.numpy() if p.grad is not None else np.zeros(p.shape)
-        close(g[name], rg, 1e-4, 2e-5 * (1 + np.abs(rg).max()), f"grad {name}")
+    R.check_backward(m, ref["y"], [ref["aux_loss"], ref["z_loss"]], xt, P,
+                     np.random.default_rng(seed + 7))
     return ref
 
 

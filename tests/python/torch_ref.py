@@ -169,6 +169,44 @@ def expert_forward(kind, p, e, x, act="relu"):
     raise ValueError(kind)
 
 
+
+def layer_logits(p, x, cfg, eps=None, training=True):
+    """The layer's router logits: h = x·W_g (+ b_g) and, in training with noise and a given
+    ε, H = h + noise ⊙ ε (fixed: σ; learned: softplus(x·W_noise), or x·W_noise itself for the
+    linear scale). Returns (h, H, std) with std the noise's standard deviation per logit
+    (|x·W_noise| for the linear scale), or None when no noise was applied."""
+    noise = cfg.get("noise", "learned")
+    h = x @ p["W_g"]
+    if "b_g" in p:
+        h = h + p["b_g"]
+    if not (training and noise != "none" and eps is not None):
+        return h, h, None
+    if noise == "fixed":
+        std = torch.full_like(h, cfg.get("noise_stddev", 1.0))
+        return h, h + std * eps, std
+    pre = x @ p["W_noise"]
+    if cfg.get("noise_scale", "softplus") == "softplus":
+        std = softplus(pre)
+        return h, h + std * eps, std
+    return h, h + pre * eps, torch.abs(pre)
+
+
+def combine(p, x, cfg, idx, weights, keep):
+    """Σ over each token's kept assignments of weight · expert(x_t), (T, d_out); no residual."""
+    T, E = x.shape[0], cfg["n_experts"]
+    d_out = cfg.get("d_out") or cfg["d_model"]
+    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    y = torch.zeros(T, d_out, dtype=DT)
+    idx_np = idx.numpy()
+    for e in range(E):
+        ts, js = np.nonzero((idx_np == e) & keep)
+        if len(ts) == 0:
+            continue
+        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
+        out = expert_forward(kind, p, e, x[ts_t], act)
+        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
+    return y
+
 def moe_forward(p, x, cfg, eps=None, training=True):
     """The whole layer. p: dict name → float64 tensor (requires_grad as wanted); x (T, d);
     cfg: dict of moe.MoE's keyword arguments (with n_experts, k); eps (T, E) the noise, used
@@ -178,35 +216,15 @@ def moe_forward(p, x, cfg, eps=None, training=True):
     logits, stats (dict as moe.MoE.stats), margin (top-k), cut_margin (probs policy)."""
     E, k = cfg["n_experts"], cfg["k"]
     T = x.shape[0]
-    noise = cfg.get("noise", "learned")
-    h = x @ p["W_g"]
-    if "b_g" in p:
-        h = h + p["b_g"]
-    H = h
-    if training and noise != "none" and eps is not None:
-        if noise == "fixed":
-            H = h + cfg.get("noise_stddev", 1.0) * eps
-        else:
-            pre = x @ p["W_noise"]
-            scale = softplus(pre) if cfg.get("noise_scale", "softplus") == "softplus" else pre
-            H = h + scale * eps
+    h, H, _ = layer_logits(p, x, cfg, eps, training)
     idx = topk_order(H, k, cfg.get("tie_break", "high"))
     weights = torch.softmax(torch.gather(H, 1, idx), dim=1)
     probs = torch.softmax(H, dim=1)
     C = capacity(k, T, E, cfg.get("capacity_factor"))
     keep = keep_mask(idx, weights, E, C, cfg.get("drop_policy", "position"))
 
-    d_out = cfg.get("d_out") or cfg["d_model"]
-    y = torch.zeros(T, d_out, dtype=DT)
-    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    y = combine(p, x, cfg, idx, weights, keep)
     idx_np = idx.numpy()
-    for e in range(E):
-        ts, js = np.nonzero((idx_np == e) & keep)
-        if len(ts) == 0:
-            continue
-        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
-        out = expert_forward(kind, p, e, x[ts_t], act)
-        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
     if cfg.get("residual", False):
         y = y + x
 
@@ -226,3 +244,42 @@ def moe_forward(p, x, cfg, eps=None, training=True):
     return dict(y=y, aux_loss=aux, z_loss=zl, indices=idx, weights=weights, keep=keep,
                 probs=probs, noisy=H, logits=h, stats=stats, margin=margin,
                 cut_margin=capacity_margin(idx, weights, E, C))
+
+
+# ---- comparison helpers shared by the layer tests -------------------------------------------
+
+def close(got, ref, rtol, atol, what):
+    """|got − ref| ≤ atol + rtol·|ref| elementwise, NaN/Inf always failing."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} vs {ref.shape}"
+    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
+    err = np.abs(got - ref)
+    bound = atol + rtol * np.abs(ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else None
+    assert np.all(err <= bound), (
+        f"{what}: |err| {err[worst]:.3g} > {bound[worst]:.3g} at {worst} "
+        f"(got {got[worst]:.7g}, ref {ref[worst]:.7g})")
+
+
+def check_backward(m, ref_y, ref_losses, xt, P, rng):
+    """The layer's backward(dy), dy drawn from rng, against autograd of the objective whose
+    gradient it gives, (ref_y·dy).sum() + Σ ref_losses: dx against xt.grad and every gradient
+    against its parameter's (all of P, and nothing else). Returns (dx, grads)."""
+    dy = rng.normal(size=tuple(ref_y.shape)).astype(np.float32)
+    m.zero_grad()
+    dx = m.backward(dy)
+    obj = (ref_y * t64(dy)).sum()
+    for loss in ref_losses:
+        obj = obj + loss
+    obj.backward()
+    g = m.grads
+    assert set(g) == set(P)
+    gx = xt.grad.numpy()
+    close(dx, gx, rtol=1e-4, atol=2e-5 * (1 + np.abs(gx).max()), what="dx")
+    for name, p in P.items():
+        ref_g = p.grad.numpy() if p.grad is not None else np.zeros(p.shape)
+        close(g[name], ref_g, rtol=1e-4, atol=2e-5 * (1 + np.abs(ref_g).max()),
+              what=f"grad {name}")
+    return dx, g
+

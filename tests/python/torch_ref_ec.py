@@ -31,18 +31,7 @@ def ec_forward(p, x, cfg, eps=None, training=True):
     score: the selection is only comparable across precisions when it is not tiny)."""
     E, k = cfg["n_experts"], cfg["k"]
     T = x.shape[0]
-    noise = cfg.get("noise", "learned")
-    h = x @ p["W_g"]
-    if "b_g" in p:
-        h = h + p["b_g"]
-    H = h
-    if training and noise != "none" and eps is not None:
-        if noise == "fixed":
-            H = h + cfg.get("noise_stddev", 1.0) * eps
-        else:
-            pre = x @ p["W_noise"]
-            scale = R.softplus(pre) if cfg.get("noise_scale", "softplus") == "softplus" else pre
-            H = h + scale * eps
+    h, H, _ = R.layer_logits(p, x, cfg, eps, training)
     S = torch.softmax(H, dim=1)
     C = ec_capacity(k, T, E, cfg.get("capacity_factor"))
 

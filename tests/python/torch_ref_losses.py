@@ -180,24 +180,8 @@ def moe_forward(p, x, cfg, eps=None, training=True, step=0, token_offset=0, glob
     for aux_loss global. Returns dict like torch_ref.moe_forward."""
     E, k = cfg["n_experts"], cfg["k"]
     T = x.shape[0]
-    noise = cfg.get("noise", "learned")
-    noisy = training and noise != "none" and eps is not None
-    h = x @ p["W_g"]
-    if "b_g" in p:
-        h = h + p["b_g"]
-    H, std = h, None
-    if noisy:
-        if noise == "fixed":
-            std = torch.full_like(h, cfg.get("noise_stddev", 1.0))
-            H = h + std * eps
-        else:
-            pre = x @ p["W_noise"]
-            if cfg.get("noise_scale", "softplus") == "softplus":
-                std = R.softplus(pre)
-                H = h + std * eps
-            else:
-                std = torch.abs(pre)
-                H = h + pre * eps
+    h, H, std = R.layer_logits(p, x, cfg, eps, training)
+    noisy = std is not None
     idx = R.topk_order(H, k, cfg.get("tie_break", "high"))
     weights = torch.softmax(torch.gather(H, 1, idx), dim=1)
     gates = torch.zeros_like(H).scatter(1, idx, weights)
@@ -210,18 +194,8 @@ def moe_forward(p, x, cfg, eps=None, training=True, step=0, token_offset=0, glob
     keep = keep_mask(idx, weights, E, C, cfg.get("drop_policy", "position"), eligible, seed,
                      step, token_offset)
 
-    d_out = cfg.get("d_out") or cfg["d_model"]
-    y = torch.zeros(T, d_out, dtype=DT)
-    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    y = R.combine(p, x, cfg, idx, weights, keep) + shared_forward(p, x, cfg)
     idx_np = idx.numpy()
-    for e in range(E):
-        ts, js = np.nonzero((idx_np == e) & keep)
-        if len(ts) == 0:
-            continue
-        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
-        out = R.expert_forward(kind, p, e, x[ts_t], act)
-        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
-    y = y + shared_forward(p, x, cfg)
     if cfg.get("residual", False):
         y = y + x
 

@@ -77,34 +77,14 @@ def moe_forward(p, x, cfg, eps=None, training=True, jitter_u=None, sel_bias=None
     E, k = cfg["n_experts"], cfg["k"]
     T = x.shape[0]
     xr = x * R.t64(jitter_u) if (training and jitter_u is not None) else x
-    noise = cfg.get("noise", "learned")
-    h = xr @ p["W_g"]
-    if "b_g" in p:
-        h = h + p["b_g"]
-    H = h
-    if training and noise != "none" and eps is not None:
-        if noise == "fixed":
-            H = h + cfg.get("noise_stddev", 1.0) * eps
-        else:
-            pre = xr @ p["W_noise"]
-            scale = R.softplus(pre) if cfg.get("noise_scale", "softplus") == "softplus" else pre
-            H = h + scale * eps
+    h, H, _ = R.layer_logits(p, xr, cfg, eps, training)  # the router sees the jittered x
     r = scores_route(H, cfg, sel_bias)
     idx, weights, probs = r["indices"], r["weights"], r["probs"]
     C = R.capacity(k, T, E, cfg.get("capacity_factor"))
     keep = R.keep_mask(idx, weights, E, C, cfg.get("drop_policy", "position"))
 
-    d_out = cfg.get("d_out") or cfg["d_model"]
-    y = torch.zeros(T, d_out, dtype=DT)
-    kind, act = cfg.get("expert", "mlp"), cfg.get("activation", "relu")
+    y = R.combine(p, x, cfg, idx, weights, keep)  # the experts see the clean x
     idx_np = idx.numpy()
-    for e in range(E):
-        ts, js = np.nonzero((idx_np == e) & keep)
-        if len(ts) == 0:
-            continue
-        ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
-        out = R.expert_forward(kind, p, e, x[ts_t], act)  # the experts see the clean x
-        y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
     if cfg.get("residual", False):
         y = y + x
     aux = R.load_balancing_loss(idx, probs, E, cfg.get("aux_alpha", 0.01),
