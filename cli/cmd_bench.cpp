@@ -324,6 +324,21 @@ std::string shell_quote(const std::string& s) {
   return q + "'";
 }
 
+// Runs a shell command and parses the last line of its standard output as JSON. Returns a
+// discarded value (is_discarded()) when it could not start or printed no JSON; rc gets the
+// exit status (-1 when it could not start).
+json run_json_command(const std::string& cmd, int& rc) {
+  rc = -1;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return json::parse("", nullptr, false);
+  std::string out;
+  char buf[4096];
+  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+  rc = pclose(p);
+  const auto nl = out.find_last_of('\n', out.size() >= 2 ? out.size() - 2 : 0);
+  return json::parse(nl == std::string::npos ? out : out.substr(nl + 1), nullptr, false);
+}
+
 void run_peer(Result& r, const BenchOptions& o, int threads) {
   const BenchCase& c = r.c;
   const MoEConfig& m = c.cfg;
@@ -349,18 +364,12 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
                           " --threads " + std::to_string(threads) + " --repeat " +
                           std::to_string(std::max(o.repeat, 1)) + " --case " +
                           shell_quote(cs.dump());
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) {
+  int rc = 0;
+  const json res = run_json_command(cmd, rc);
+  if (rc == -1) {
     r.peer_note = "n/a (could not start python)";
     return;
   }
-  std::string out;
-  char buf[4096];
-  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int rc = pclose(p);
-  const auto nl = out.find_last_of('\n', out.size() >= 2 ? out.size() - 2 : 0);
-  const std::string last = nl == std::string::npos ? out : out.substr(nl + 1);
-  json res = json::parse(last, nullptr, false);
   if (rc != 0 || res.is_discarded() || !res.contains("fwd_s")) {
     r.peer_note = "n/a (peer failed, status " + std::to_string(rc) + ")";
     return;
@@ -398,18 +407,12 @@ DistResult run_dist(int P, bool quick) {
                           std::to_string(P) + " " + shell_quote(bin) + " --json" +
                           (quick ? " --tokens 64 --d 64 --dff 128 --steps 3" : "") +
                           " 2>/dev/null";
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) {
+  int rc = 0;
+  const json res = run_json_command(cmd, rc);
+  if (rc == -1) {
     d.note = "n/a (could not start mpirun)";
     return d;
   }
-  std::string out;
-  char buf[4096];
-  while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-  const int rc = pclose(p);
-  const auto nl = out.find_last_of('\n', out.size() >= 2 ? out.size() - 2 : 0);
-  const std::string last = nl == std::string::npos ? out : out.substr(nl + 1);
-  json res = json::parse(last, nullptr, false);
   if (rc != 0 || res.is_discarded() || !res.contains("comm_share")) {
     d.note = "n/a (mpirun failed, status " + std::to_string(rc) + ")";
     return d;
