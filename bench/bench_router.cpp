@@ -129,8 +129,10 @@ void BM_SelectSoftmax(benchmark::State& st) {
   const moe::RouterConfig cfg = config(E, k, false);
   moe::RouterState s;
   moe::detail::router_state_resize(s, cfg, kT, false);
+  // The logits where routing's GEMM leaves them: in the state, read in place.
+  s.logits = in.logits;
   moe::detail::RouterRowsInput rin;
-  rin.h = in.logits.data();
+  rin.h = s.logits.data();
   rin.ldh = E;
   rin.probs = st.range(2) != 0;
   for (auto _ : st) {

@@ -141,7 +141,7 @@ RouteResult routing_of(const moe::RouterState& s) {
   r.gates = to_numpy(s.dense_gates(), {T, E});
   r.weights = to_numpy(s.weights, {T, k});
   r.probs = to_numpy(s.probs, {T, E});
-  r.noisy_logits = to_numpy(s.noisy, {T, E});
+  r.noisy_logits = to_numpy(s.noisy.empty() ? s.logits : s.noisy, {T, E});  // H = h: no noise
   r.logits = to_numpy(s.logits, {T, E});
   r.indices = py::array_t<int32_t>(std::vector<py::ssize_t>{T, k});
   std::copy(s.indices.begin(), s.indices.end(), r.indices.mutable_data());

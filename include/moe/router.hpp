@@ -71,7 +71,7 @@ struct RouterState {
   std::vector<int32_t> indices;  // (T, k), best first
   std::vector<float> weights;    // (T, k) gate weights (softmax over the kept H by default)
   std::vector<float> logits;     // h (T, E)
-  std::vector<float> noisy;      // H (T, E); equals h when no noise is applied
+  std::vector<float> noisy;      // H (T, E) when noise was applied; empty otherwise (H = h)
   std::vector<float> probs;      // softmax(H) over all E (T, E)
   std::vector<float> eps;        // ε (T, E), when noise was applied
   std::vector<float> noise_pre;  // x·W_noise (T, E), learned noise only
@@ -92,6 +92,8 @@ struct RouterState {
   mutable std::vector<float> work;
 
   std::vector<float> dense_gates() const;  // (T, E), zeros off the kept experts
+  // H (T, E): the noisy logits, or the logits themselves when no noise was applied.
+  const float* H() const { return noisy.empty() ? logits.data() : noisy.data(); }
 };
 
 struct RouterGrads {

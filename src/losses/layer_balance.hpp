@@ -43,7 +43,7 @@ inline BalanceInputs<float> balance_inputs(const RouterState& r, const BalanceSt
   in.weights = r.weights.data();
   in.probs = r.probs.data();
   in.h = r.logits.data();
-  in.H = r.noisy.data();
+  in.H = r.H();
   in.noisy = bs.noisy;
   in.eps = bs.noisy ? r.eps.data() : nullptr;
   in.pre = bs.noisy && !r.noise_pre.empty() ? r.noise_pre.data() : nullptr;

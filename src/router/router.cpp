@@ -12,6 +12,7 @@
 #include "router/router_ref.hpp"
 #include "router/router_rows.hpp"
 #include "router/scores.hpp"
+#include "router/row_kernels.hpp"
 
 namespace moe {
 
@@ -115,7 +116,7 @@ void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, boo
   s.indices.resize(static_cast<size_t>(T * cfg.k));
   s.weights.resize(static_cast<size_t>(T * cfg.k));
   s.logits.resize(TE);
-  s.noisy.resize(TE);
+  s.noisy.resize(noisy ? TE : 0);
   s.probs.resize(TE);
   s.eps.resize(noisy ? TE : 0);
   s.noise_pre.resize(noisy && cfg.noise == Noise::learned ? TE : 0);
@@ -162,35 +163,6 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
 
 }  // namespace
 
-// e^{H - max} into ex (E) and its sum, in blocks of 16 lanes; lane l sums the elements
-// e ≡ l (mod 16) and the lanes are added in a fixed order, so the sum never depends on
-// where the row sits in memory.
-float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
-  alignas(64) float acc[kBlock] = {};
-  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
-    alignas(64) float b[kBlock];
-    if (n == kBlock) {
-      for (int l = 0; l < kBlock; ++l) b[l] = H[e0 + l];
-    } else {
-      for (int l = 0; l < kBlock; ++l) b[l] = l < n ? H[e0 + l] : -INFINITY;  // e^-inf = 0
-    }
-#pragma omp simd
-    for (int l = 0; l < kBlock; ++l) {
-      b[l] = exp_f32(b[l] - mx);
-      acc[l] += b[l];
-    }
-    if (n == kBlock) {
-      for (int l = 0; l < kBlock; ++l) ex[e0 + l] = b[l];
-    } else {
-      for (int l = 0; l < n; ++l) ex[e0 + l] = b[l];
-    }
-  }
-  for (int w = kBlock / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
 namespace {
 
 inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
@@ -198,10 +170,11 @@ inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
     for (int64_t j = 0; j < k; ++j) w[j] *= cfg.scaling_factor;
 }
 
-// One token: h (with bias) → logits, ε → H, checks, KeepTopK, weights and probs.
-int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
-                    bool noisy, const NoiseSource& noise, int64_t t) {
-  const int64_t E = s.E, k = s.k;
+// One token before the selection: h (with bias) → logits, ε → H, their checks. Without noise
+// H is h itself; the plain router then leaves h's check to the selection, which reads it.
+int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                      bool noisy, bool plain, const NoiseSource& noise, int64_t t) {
+  const int64_t E = s.E;
   float* h = &s.logits[t * E];
   const float* hsrc = in.h + t * in.ldh;
   if (in.b_g) {
@@ -209,65 +182,79 @@ int route_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfi
   } else if (h != hsrc) {
     std::copy(hsrc, hsrc + E, h);
   }
+  if (!noisy) return plain || all_finite_f32(h, E) ? kRowOk : kRowBadH;  // H = h
   if (!all_finite_f32(h, E)) return kRowBadH;
-
   float* H = &s.noisy[t * E];
-  if (noisy) {
-    float* eps = &s.eps[t * E];
-    if (noise.eps) {
-      const float* src = noise.eps + t * E;
-      std::copy(src, src + E, eps);
-      if (!all_finite_f32(eps, E)) return kRowBadEps;
-    }
-    if (in.pre) {
-      float* pre = &s.noise_pre[t * E];
-      std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, pre);
-      const bool ok = cfg.noise_scale == NoiseScale::softplus
-               ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, E)
-               : noisy_row_f32<2>(H, h, eps, pre, 0.0f, E);
-      if (!ok) return kRowBadNoisy;
-    } else if (!noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E)) {
-      return kRowBadNoisy;
-    }
-  } else {
-    std::copy(h, h + E, H);
+  float* eps = &s.eps[t * E];
+  if (noise.eps) {
+    const float* src = noise.eps + t * E;
+    std::copy(src, src + E, eps);
+    if (!all_finite_f32(eps, E)) return kRowBadEps;
   }
+  if (in.pre) {
+    float* pre = &s.noise_pre[t * E];
+    std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, pre);
+    const bool ok = cfg.noise_scale == NoiseScale::softplus
+                        ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, E)
+                        : noisy_row_f32<2>(H, h, eps, pre, 0.0f, E);
+    return ok ? kRowOk : kRowBadNoisy;
+  }
+  return noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E) ? kRowOk : kRowBadNoisy;
+}
 
-  int32_t* idx = &s.indices[t * k];
+// One token after the plain router's selection (idx, and the kept values in w): the kept
+// softmax and probs.
+void finish_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                      int64_t t) {
+  const int64_t E = s.E, k = s.k;
+  const int32_t* idx = &s.indices[t * k];
   float* w = &s.weights[t * k];
-  if (!router_scores_default(cfg, in.sel_bias)) {  // the router family (scores.hpp)
-    route_scores_row_f32(idx, w, &s.probs[t * E], s.scores.empty() ? nullptr : &s.scores[t * E],
-                         H, in.sel_bias, cfg);
-    return kRowOk;
-  }
-  const bool high = cfg.tie_break == TieBreak::high;
-  if (k == 1)
-    select_top1_f32(idx, w, H, E, high);
-  else if (k <= kInsertMaxK)
-    select_topk_insert(idx, w, H, E, k, high);
-  else
-    select_topk_heap(idx, w, H, E, k, high);
-
   if (!in.probs) {  // the kept softmax alone (benchmarks of the select+softmax part)
-    const float top = w[0];
-    float kept = 0.0f;
-    for (int64_t j = 0; j < k; ++j) kept += (w[j] = exp_f32(w[j] - top));
-    const float inv_kept = 1.0f / kept;
-    for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
     scale_weights(w, k, cfg);
-    return kRowOk;
+    return;
   }
   // The kept softmax reuses probs' exponentials: H[idx[0]] is the row max, so e^{H - max}
   // at the kept experts are exactly the kept softmax's numerators.
   float* pr = &s.probs[t * E];
-  const float all = exp_row_f32(pr, H, w[0], E);
+  const float all = exp_row_f32(pr, s.H() + t * E, w[0], E);
   float kept = 0.0f;
   for (int64_t j = 0; j < k; ++j) kept += (w[j] = pr[idx[j]]);
   const float inv_kept = 1.0f / kept, inv_all = 1.0f / all;
   for (int64_t j = 0; j < k; ++j) w[j] *= inv_kept;
   for (int64_t e = 0; e < E; ++e) pr[e] *= inv_all;
   scale_weights(w, k, cfg);
-  return kRowOk;
+}
+
+// Tokens [t0, t1): prepare, select (the plain router, all rows at once), finish. Returns the
+// first bad token's 4·t + code, or -1.
+int64_t route_chunk_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                        bool noisy, const NoiseSource& noise, int64_t t0, int64_t t1) {
+  const int64_t E = s.E, k = s.k, n = t1 - t0;
+  const bool plain = router_scores_default(cfg, in.sel_bias);  // else the family (scores.hpp)
+  for (int64_t t = t0; t < t1; ++t) {
+    const int code = prepare_token_f32(s, in, cfg, noisy, plain, noise, t);
+    if (code != kRowOk) return 4 * t + code;
+  }
+  if (!plain) {
+    for (int64_t t = t0; t < t1; ++t)
+      route_scores_row_f32(&s.indices[t * k], &s.weights[t * k], &s.probs[t * E],
+                           s.scores.empty() ? nullptr : &s.scores[t * E], s.H() + t * E,
+                           in.sel_bias, cfg);
+    return -1;
+  }
+  const bool high = cfg.tie_break == TieBreak::high;
+  int32_t* idx = &s.indices[t0 * k];
+  float* val = &s.weights[t0 * k];
+  if (noisy) {
+    topk_rows_f32(idx, val, &s.noisy[t0 * E], E, n, E, k, high);
+  } else {
+    // H = h: one pass checks h and starts the selection.
+    const int64_t bad = check_topk_rows_f32(idx, val, &s.logits[t0 * E], E, n, E, k, high);
+    if (bad >= 0) return 4 * (t0 + bad) + kRowBadH;
+  }
+  if (!in.probs) softmax_kept_rows_f32(val, n, k);
+  for (int64_t t = t0; t < t1; ++t) finish_token_f32(s, in, cfg, t);
+  return -1;
 }
 
 }  // namespace
@@ -306,10 +293,8 @@ void router_rows_f32(RouterState& s, const RouterRowsInput& in, const RouterConf
     if (noisy && !noise.eps)
       philox_normal_rows(&s.eps[t0 * E], E, t1 - t0, E, noise.seed, noise.step,
                          noise.token_offset + t0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int code = route_token_f32(s, in, cfg, noisy, noise, t);
-      if (code != kRowOk) first_bad = std::min(first_bad, 4 * t + code);
-    }
+    const int64_t bad = route_chunk_f32(s, in, cfg, noisy, noise, t0, t1);
+    if (bad >= 0) first_bad = std::min(first_bad, bad);
   }
   if (first_bad == kNone) return;
   const int64_t t = first_bad / 4;
@@ -341,7 +326,7 @@ void router_forward_ref(RouterState& s, const float* x, const RouterParams& p,
   s.indices = std::move(o.indices);
   s.weights = std::move(o.weights);
   s.logits = std::move(o.logits);
-  s.noisy = std::move(o.noisy);
+  s.noisy = training && cfg.noise != Noise::none ? std::move(o.noisy) : std::vector<float>{};
   s.probs = std::move(o.probs);
   s.eps = std::move(o.eps);
   s.noise_pre = std::move(o.noise_pre);
@@ -460,7 +445,7 @@ void router_backward(float* dx, RouterGrads& g, const float* dweights, const flo
                                          dprobs ? dprobs + t * E : nullptr, idx, w,
                                          &s.probs[t * E],
                                          s.scores.empty() ? nullptr : &s.scores[t * E],
-                                         &s.noisy[t * E], cfg);
+                                         s.H() + t * E, cfg);
     } else if (dweights) {
       const float* dw = dweights + t * k;
       float dot = 0.0f;

@@ -10,6 +10,7 @@
 #include "router/philox.hpp"
 #include "router/router_math.hpp"
 #include "router/router_rows.hpp"
+#include "router/row_kernels.hpp"
 
 namespace moe::detail {
 
@@ -103,12 +104,7 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
   }
 
   // w temporarily holds the selection values; the weights come from s.
-  if (k == 1)
-    select_top1_f32(idx, w, sel, E, high);
-  else if (k <= kInsertMaxK)
-    select_topk_insert(idx, w, sel, E, k, high);
-  else
-    select_topk_heap(idx, w, sel, E, k, high);
+  topk_rows_f32(idx, w, sel, E, 1, E, k, high);
 
   if (kept_softmax_kind(cfg.kind)) {
     float top = H[idx[0]];
