@@ -1,22 +1,82 @@
 #include "experts/grouped_gemm.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/gemm.hpp"
+#include "experts/activation.hpp"
 
 namespace moe::detail {
 
 namespace {
-// Constants, never derived from the thread count (see the header). Tall tiles: oneDNN packs
-// the tile's slice of B (up to K×256 floats) on every call, so a tile should bring as many
-// rows as possible to it. 64-row tiles packed each 1 MiB slice of W1 eight times for a
-// 512-row expert; 512-row tiles pack it once (B1 forward 357–376 ms → 278–308 ms,
-// forward+backward 993–1214 → 826–917 ms on 2 threads, bench_layer).
-constexpr int64_t kTileM = 512;
-constexpr int64_t kTileN = 256;
+// Constants, never derived from the thread count (see the header). Large tiles: each tile is
+// one serial sgemm that packs its slice of B (K × tile columns) and its slice of A (tile
+// rows × K) on every call, so the fewer tiles share an operand, the fewer packings. History
+// (B1 on 2 threads): 64×256 → 512×256 tiles took forward from 357–376 to 278–308 ms
+// (W1's slices packed once instead of eight times per 512-row expert); 512×256 → 1024×1024
+// (B1's experts hold at most 640 rows: one row tile per expert, A packed twice instead of
+// eight times for W1) took forward 373 → 329 ms (×0.885) and forward+backward 941 → 853 ms
+// (×0.905), medians of 16 and 10 interleaved rounds in one process; E8 (~1024 rows per
+// expert) ×0.894, B2 ×0.922. 1024×512 gave ×0.94, 1024×2048 and 2048×2048 the same as
+// 1024×1024, balanced row splits (530 rows as 2×265 rather than 512 + 18) nothing
+// measurable. The cost: fewer tiles to share among threads (B1's W2 pass has 16), which
+// matters beyond a few threads.
+constexpr int64_t kTileM = 1024;
+constexpr int64_t kTileN = 1024;
+
+template <typename F>
+void with_act(Activation a, F&& f) {
+  switch (a) {
+    case Activation::relu: return f(std::integral_constant<Activation, Activation::relu>{});
+    case Activation::gelu: return f(std::integral_constant<Activation, Activation::gelu>{});
+    case Activation::silu: return f(std::integral_constant<Activation, Activation::silu>{});
+  }
+}
+
+// The epilogue of rows [m0, m0+m), columns [n0, n0+n) of problem p. The activation is a
+// template constant inside the loops so that they vectorise.
+void apply_epilogue(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
+  using Op = TileEpilogue::Op;
+  const TileEpilogue& e = p.epi;
+  const float* b = e.bias ? e.bias + n0 : nullptr;
+  auto rows = [&](auto&& f) {
+    for (int64_t i = m0; i < m0 + m; ++i) f(i * p.ldc + n0);
+  };
+  switch (e.op) {
+    case Op::none:
+      break;
+    case Op::bias:
+      if (b)
+        rows([&](int64_t o) {
+          float* c = p.C + o;
+          for (int64_t j = 0; j < n; ++j) c[j] += b[j];
+        });
+      break;
+    case Op::bias_act:
+      with_act(e.act, [&](auto A) {
+        rows([&](int64_t o) {
+          float *c = p.C + o, *h = e.out + o;
+          for (int64_t j = 0; j < n; ++j) {
+            const float z = c[j] + (b ? b[j] : 0.0f);
+            c[j] = z;
+            h[j] = act_forward(A.value, z);
+          }
+        });
+      });
+      break;
+    case Op::bias_act_inplace:
+      with_act(e.act, [&](auto A) {
+        rows([&](int64_t o) {
+          float* c = p.C + o;
+          for (int64_t j = 0; j < n; ++j) c[j] = act_forward(A.value, c[j] + (b ? b[j] : 0.0f));
+        });
+      });
+      break;
+  }
+}
 }  // namespace
 
-void GroupedGemm::run() {
+void GroupedGemm::plan() {
   tiles_.clear();
   for (size_t i = 0; i < problems_.size(); ++i) {
     const GemmProblem& p = problems_[i];
@@ -25,6 +85,10 @@ void GroupedGemm::run() {
         tiles_.push_back(
             Tile{static_cast<int32_t>(i), m0, std::min(kTileM, p.M - m0), n0, std::min(kTileN, p.N - n0)});
   }
+}
+
+void GroupedGemm::run() {
+  plan();
   const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
   const GemmProblem* probs = problems_.data();
   const Tile* tiles = tiles_.data();
@@ -36,6 +100,25 @@ void GroupedGemm::run() {
     const float* B = p.trans_b ? p.B + t.n0 * p.ldb : p.B + t.n0;
     gemm_f32_serial(p.trans_a, p.trans_b, t.m, t.n, p.K, 1.0f, A, p.lda, B, p.ldb, p.beta,
                     p.C + t.m0 * p.ldc + t.n0, p.ldc);
+    apply_epilogue(p, t.m0, t.m, t.n0, t.n);
+  }
+  problems_.clear();
+}
+
+void GroupedGemm::run_epilogues() {
+  const bool any = std::any_of(problems_.begin(), problems_.end(), [](const GemmProblem& p) {
+    return p.epi.op != TileEpilogue::Op::none;
+  });
+  if (any) {
+    plan();
+    const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
+    const GemmProblem* probs = problems_.data();
+    const Tile* tiles = tiles_.data();
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const Tile& t = tiles[i];
+      apply_epilogue(probs[t.problem], t.m0, t.m, t.n0, t.n);
+    }
   }
   problems_.clear();
 }

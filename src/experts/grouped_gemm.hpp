@@ -6,7 +6,30 @@
 #include <cstdint>
 #include <vector>
 
+#include "moe/layer.hpp"
+
 namespace moe::detail {
+
+// Elementwise work applied to each output tile of C right after its sgemm, on the thread
+// that computed it, while the tile is still in cache: it saves a separate pass over the
+// whole output. B1 forward with it ×0.962 at 512×256 tiles, ×0.983 at 1024×1024 (medians
+// of 16 interleaved rounds). Forward only: the backward's activation gradient fused the same
+// way into the tiles producing dh measured 1–2% slower on B1 (×1.011 over 20 rounds), so
+// backward keeps its separate pass. Each value goes through the same operations in the same order as in a
+// separate pass, so results do not depend on the tiling or the thread count.
+// Arrays marked "like C" have C's layout: element (i, j) at [i·ldc + j].
+struct TileEpilogue {
+  enum class Op {
+    none,
+    bias,             // C += bias
+    bias_act,         // C += bias; out = act(C)
+    bias_act_inplace, // C = act(C + bias)
+  };
+  Op op = Op::none;
+  Activation act = Activation::relu;
+  const float* bias = nullptr;  // (N); null: no bias
+  float* out = nullptr;         // like C
+};
 
 // C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N).
 struct GemmProblem {
@@ -19,6 +42,7 @@ struct GemmProblem {
   float beta = 0.0f;
   float* C = nullptr;
   int64_t ldc = 0;
+  TileEpilogue epi;
 };
 
 // Reusable: the problem and tile lists keep their storage across calls.
@@ -28,9 +52,13 @@ class GroupedGemm {
   void add(const GemmProblem& p) {
     if (p.M > 0 && p.N > 0) problems_.push_back(p);
   }
-  void run();  // runs and clears the list
+  void run();  // runs the products and their epilogues, and clears the list
+  // Applies only the epilogues, to products computed elsewhere (the bf16 kernel), and clears
+  // the list.
+  void run_epilogues();
 
  private:
+  void plan();  // tiles_ from problems_
   struct Tile {
     int32_t problem;
     int64_t m0, m, n0, n;
