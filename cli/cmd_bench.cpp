@@ -3,7 +3,9 @@
 // For each configuration (B1, B2, B3 at T = 1, 4, 16, the E-sweep) it measures, in the same
 // run: the layer's forward and forward+backward time (median of --repeat after a warm-up),
 // the router's forward alone, the roof (oneDNN sgemm on the dense [T·k, d] × [d, d_ff]
-// GEMM; for decode the streaming read bandwidth over the selected experts' weight bytes),
+// GEMM, timed before every layer sample so that the shares of the roof are medians of pairs
+// measured together; for decode the streaming read bandwidth over the selected experts'
+// weight bytes),
 // memory (parameters, gradients, the layer's workspace, the largest single allocation and
 // how the workspace grows from T/2 to T), and the PyTorch peer bench/peers/moe_peer.py run
 // as a subprocess under /usr/bin/python3. Then it prints the goals of issue 5 and whether
@@ -158,6 +160,11 @@ struct Result {
   double gflop_fwd = 0;
   std::string roof_kind;
   double roof_gflops = 0, roof_s = 0;  // roof_s: the forward's FLOPs at the roof rate
+  // Shares of the roof reached: for the sgemm roof, medians of per-repeat ratios, each layer
+  // sample over the roof sample taken just before it (see run_layer).
+  double ratio_fwd = 0;
+  std::optional<double> ratio_fwdbwd;
+  std::vector<double> roof_samples, ratio_fwd_samples, ratio_fwdbwd_samples;  // GFLOP/s, shares
   double read_bw = 0;                  // bytes/s (memory roof)
   int64_t selected_bytes = 0;          // memory roof
   int64_t param_bytes = 0, grad_bytes = 0, peak_bytes = 0, workspace_bytes = 0;
@@ -212,7 +219,10 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
   std::vector<float> y(static_cast<size_t>(T * Do)), dx(static_cast<size_t>(T * d));
   r.gflop_fwd = perf::layer_flops_fwd(c) / 1e9;
 
-  // The roof first, while nothing else is resident.
+  // The memory roof is measured once, before the layer exists (its 1 GiB buffer is not kept);
+  // the sgemm roof keeps its buffers, allocated before the heap window opens, and is timed
+  // again before every layer sample below.
+  std::unique_ptr<perf::SgemmRoof> roof;
   if (c.memory_roof) {
     if (bw.bytes == 0) {
       std::cerr << "bench: measuring read bandwidth...\n";
@@ -222,11 +232,15 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
     r.roof_kind = "memory";
     r.read_bw = bw.bytes_per_s;
   } else {
-    const auto g = perf::measure_sgemm_dnnl(T * m.k, m.hidden(), d, std::max(o.repeat, 3));
+    roof = std::make_unique<perf::SgemmRoof>(T * m.k, m.hidden(), d);
+    roof->run_s();  // warm-up: oneDNN's first call sets itself up
     r.roof_kind = "sgemm";
-    r.roof_gflops = g.gflops;
-    r.roof_s = r.gflop_fwd / g.gflops;
   }
+  const int rep = std::max(o.repeat, 1);
+  std::vector<double> fwd_samples, fwdbwd_samples;
+  for (auto* v : {&fwd_samples, &fwdbwd_samples, &r.roof_samples, &r.ratio_fwd_samples,
+                  &r.ratio_fwdbwd_samples})
+    v->reserve(static_cast<size_t>(rep));
 
   HeapWindow heap;
   heap.start();
@@ -266,23 +280,44 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
   r.dropped = st.dropped_assignments;
   r.experts_evaluated = st.experts_evaluated;
 
-  const int rep = std::max(o.repeat, 1);
-  // Allocations counted inside the layer's calls only: the timing harness's own vector of
-  // samples is not the layer's (it was, until it showed up as "1 allocation per forward").
-  int64_t counted = 0;
-  auto counting = [&](const std::function<void()>& f) {
-    return [&counted, &heap, f] {
-      const int64_t a0 = heap.allocs();
-      f();
-      counted += heap.allocs() - a0;
-    };
+  // Interleaved: per repeat roof, forward, [forward+backward], so that each layer sample has
+  // a roof sample taken within a second of it and the VM's drift cancels in their ratio.
+  // Allocations are counted inside the layer's calls only (the harness's sample vectors were
+  // reserved before the heap window opened).
+  int64_t allocs_fwd = 0, allocs_fwdbwd = 0;
+  auto timed = [&heap](const std::function<void()>& f, int64_t& allocs) {
+    const int64_t a0 = heap.allocs();
+    const double t0 = perf::now_s();
+    f();
+    const double t = perf::now_s() - t0;
+    allocs += heap.allocs() - a0;
+    return t;
   };
-  r.fwd_s = perf::time_median(counting([&] { fwd(T); }), 0, rep);
-  r.allocs_fwd = static_cast<double>(counted) / rep;
+  for (int i = 0; i < rep; ++i) {
+    const double roof_gflops = roof ? roof->flops() / roof->run_s() / 1e9 : 0.0;
+    const double tf = timed([&] { fwd(T); }, allocs_fwd);
+    fwd_samples.push_back(tf);
+    if (roof) {
+      r.roof_samples.push_back(roof_gflops);
+      r.ratio_fwd_samples.push_back(r.gflop_fwd / tf / roof_gflops);
+    }
+    if (c.backward) {
+      const double tb = timed([&] { fwdbwd(T); }, allocs_fwdbwd);
+      fwdbwd_samples.push_back(tb);
+      if (roof) r.ratio_fwdbwd_samples.push_back(3.0 * r.gflop_fwd / tb / roof_gflops);
+    }
+  }
+  r.fwd_s = perf::median(fwd_samples);
+  r.allocs_fwd = static_cast<double>(allocs_fwd) / rep;
   if (c.backward) {
-    counted = 0;
-    r.fwdbwd_s = perf::time_median(counting([&] { fwdbwd(T); }), 1, rep);
-    r.allocs_fwdbwd = static_cast<double>(counted) / (rep + 1);
+    r.fwdbwd_s = perf::median(fwdbwd_samples);
+    r.allocs_fwdbwd = static_cast<double>(allocs_fwdbwd) / rep;
+  }
+  if (roof) {
+    r.roof_gflops = perf::median(r.roof_samples);
+    r.roof_s = r.gflop_fwd / r.roof_gflops;
+    r.ratio_fwd = perf::median(r.ratio_fwd_samples);
+    if (c.backward) r.ratio_fwdbwd = perf::median(r.ratio_fwdbwd_samples);
   }
   r.peak_bytes = heap.peak();
   r.largest_alloc = heap.largest();
@@ -307,6 +342,7 @@ void run_layer(Result& r, const BenchOptions& o, perf::Bandwidth& bw) {
                        d * m.n_experts * static_cast<int64_t>(sizeof(float));
     r.roof_s = static_cast<double>(r.selected_bytes) / r.read_bw;
     r.roof_gflops = r.gflop_fwd / r.roof_s;
+    r.ratio_fwd = r.roof_s / r.fwd_s;  // one bandwidth for all samples: times, not pairs
   }
   r.ran = true;
 }
@@ -475,8 +511,15 @@ json to_json(const Result& r, int threads, int repeat) {
   j["roof_kind"] = r.roof_kind;
   j["roof_gflops"] = r.roof_gflops;
   j["roof_fwd_s"] = r.roof_s;
-  j["ratio_fwd"] = gflops_fwd(r) / r.roof_gflops;  // share of the roof reached
-  j["ratio_fwdbwd"] = opt_num(ratio(gfb, r.roof_gflops));
+  // Shares of the roof reached. sgemm roof: medians of the per-repeat pairs, which differ
+  // from gflops_fwd / roof_gflops (a ratio of medians) by the drift they cancel.
+  j["ratio_fwd"] = r.ratio_fwd;
+  j["ratio_fwdbwd"] = opt_num(r.ratio_fwdbwd);
+  if (r.roof_kind == "sgemm") {
+    j["roof_gflops_samples"] = r.roof_samples;
+    j["ratio_fwd_samples"] = r.ratio_fwd_samples;
+    j["ratio_fwdbwd_samples"] = r.ratio_fwdbwd_samples;
+  }
   j["router_s"] = r.router_s;
   j["router_share"] = r.router_s / r.fwd_s;
   j["expert_s"] = std::max(0.0, r.fwd_s - r.router_s);
@@ -534,10 +577,10 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
     const auto gfb = gflops_fwdbwd(r);
     v.push_back(fmt(r.fwd_s * 1e3, 2));
     v.push_back(fmt(gflops_fwd(r), 1));
-    v.push_back(fmt(100.0 * gflops_fwd(r) / r.roof_gflops, 0));
+    v.push_back(fmt(100.0 * r.ratio_fwd, 0));
     v.push_back(r.fwdbwd_s ? fmt(*r.fwdbwd_s * 1e3, 1) : "-");
     v.push_back(fmt(gfb, 1));
-    v.push_back(gfb ? fmt(100.0 * *gfb / r.roof_gflops, 0) : "-");
+    v.push_back(r.ratio_fwdbwd ? fmt(100.0 * *r.ratio_fwdbwd, 0) : "-");
     v.push_back(fmt(r.roof_gflops, 1) + (r.roof_kind == "memory" ? "m" : ""));
     v.push_back(fmt(100.0 * r.router_s / r.fwd_s, 1));
     const std::string na = r.peer_note.empty() ? "-" : "n/a";
@@ -551,8 +594,9 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
     os << '\n';
   }
   os << "Times are medians; GF/s counts the routed expert FLOPs (T·k rows) plus the router's;"
-        " f+b counts 3x the forward.\nroof: oneDNN sgemm on [T·k, d] x [d, d_ff] measured in"
-        " this run; 'm' marks the memory roof (selected weight bytes / read bandwidth).\n"
+        " f+b counts 3x the forward.\nroof: oneDNN sgemm on [T·k, d] x [d, d_ff], timed before"
+        " every layer sample; roof% is the median of the per-repeat ratios, roof GF/s the\n"
+        "median roof sample; 'm' marks the memory roof (selected weight bytes / read bandwidth).\n"
         "x: how many times faster than the PyTorch peer. ws: peak heap beyond parameters and"
         " gradients.\n";
   for (const Result& r : rs)
@@ -593,11 +637,11 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
   const Result* b2 = find(rs, "B2");
   auto roof_ratio = [](const Result* r) -> std::optional<double> {
     if (!r) return std::nullopt;
-    return gflops_fwd(*r) / r->roof_gflops;
+    return r->ratio_fwd;
   };
   auto roof_ratio_fb = [](const Result* r) -> std::optional<double> {
     if (!r) return std::nullopt;
-    return ratio(gflops_fwdbwd(*r), r->roof_gflops);
+    return r->ratio_fwdbwd;
   };
   auto peer_x = [](const Result* r, bool fb) -> std::optional<double> {
     if (!r) return std::nullopt;

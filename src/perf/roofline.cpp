@@ -51,6 +51,23 @@ GemmRate measure_gemm(int64_t M, int64_t N, int64_t K, int repeat, bool blocked)
 
 }  // namespace
 
+SgemmRoof::SgemmRoof(int64_t M, int64_t N, int64_t K)
+    : M_(M), N_(N), K_(K), A_(static_cast<size_t>(M * K)), B_(static_cast<size_t>(K * N)),
+      C_(static_cast<size_t>(M * N), 0.0f) {
+  MOE_REQUIRE(M > 0 && N > 0 && K > 0, "gemm shape: must be positive, got ", M, "x", N, "x", K);
+  fill_pattern(A_, 1u);
+  fill_pattern(B_, 2u);
+}
+
+double SgemmRoof::run_s() {
+  const double t0 = now_s();
+  const dnnl_status_t st = dnnl_sgemm('N', 'N', M_, N_, K_, 1.0f, A_.data(), K_, B_.data(), N_,
+                                      0.0f, C_.data(), N_);
+  const double t = now_s() - t0;
+  MOE_ASSERT(st == dnnl_success);
+  return t;
+}
+
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
       .count();

@@ -23,6 +23,24 @@ struct GemmRate {
   double seconds = 0.0;  // median of the repeats
 };
 
+// The roof GEMM with its buffers kept, so that it can be timed again between the layer's
+// calls: the machine's rate drifts (±20% over seconds on a shared VM), and a roof measured
+// once before the layer puts that drift into every ratio. Pairing each layer sample with a
+// roof sample taken right before it cancels most of it.
+class SgemmRoof {
+ public:
+  // A (M, K) · B (K, N) in fp32 through dnnl_sgemm, threaded by oneDNN itself.
+  SgemmRoof(int64_t M, int64_t N, int64_t K);
+  double run_s();  // one timed call, seconds
+  double flops() const {
+    return 2.0 * static_cast<double>(M_) * static_cast<double>(N_) * static_cast<double>(K_);
+  }
+
+ private:
+  int64_t M_, N_, K_;
+  std::vector<float> A_, B_, C_;
+};
+
 // The compute roof: dnnl_sgemm called once on the whole problem, oneDNN threading it itself
 // over the current OpenMP thread count — the best rate a caller gets from the library.
 GemmRate measure_sgemm_dnnl(int64_t M, int64_t N, int64_t K, int repeat);
