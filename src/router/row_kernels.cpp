@@ -362,6 +362,29 @@ void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
     std::fill(w, w + n, 1.0f);  // e^0 / e^0, exactly
     return;
   }
+#if defined(__AVX512F__)
+  if (k == 2 || k == 4 || k == 8 || k == 16) {
+    // Whole rows per vector: each lane subtracts its row's first value, and a butterfly
+    // within each group of k lanes gives every lane of a row the same sum (x + y = y + x).
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i row_first = _mm512_andnot_si512(_mm512_set1_epi32(static_cast<int>(k - 1)), lane);
+    const int64_t m = n * k;
+    alignas(64) float b[kLanes];
+    for (int64_t i = 0; i < m; i += kLanes) {
+      const __mmask16 valid = valid_lanes(m - i, 0);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, w + i);
+      _mm512_store_ps(b, _mm512_sub_ps(v, _mm512_permutexvar_ps(row_first, v)));
+#pragma omp simd aligned(b : 64)
+      for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
+      const __m512 e = _mm512_load_ps(b);
+      __m512 sum = e;
+      for (int sh = 1; sh < k; sh <<= 1)
+        sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(sh)), sum));
+      _mm512_mask_storeu_ps(w + i, valid, _mm512_div_ps(e, sum));
+    }
+    return;
+  }
+#endif
   if (k > kBuf / 4) {
     for (int64_t r = 0; r < n; ++r) softmax_kept_f32(w + r * k, w + r * k, k);
     return;

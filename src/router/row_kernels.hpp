@@ -39,7 +39,7 @@ void softmax_kept_f32(float* w, const float* val, int64_t k);
 
 // The same in place on n rows of k (w[r·k] the largest of row r): the exponentials of all
 // rows in shared 16-lane blocks (each value through the same vector code wherever it sits),
-// each row's sum in index order.
+// each row's sum in a fixed order that does not depend on the row's position.
 void softmax_kept_rows_f32(float* w, int64_t n, int64_t k);
 
 }  // namespace moe::detail
