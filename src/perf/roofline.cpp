@@ -122,22 +122,33 @@ double stream_read_sum(const float* p, int64_t n) {
   return total;
 }
 
-Bandwidth measure_read_bandwidth(int64_t bytes, int repeat) {
+ReadRoof::ReadRoof(int64_t bytes) : n_(bytes / static_cast<int64_t>(sizeof(float))) {
   MOE_REQUIRE(bytes >= 4, "bandwidth buffer: must hold at least one float, got ", bytes, " bytes");
-  const int64_t n = bytes / static_cast<int64_t>(sizeof(float));
   // Uninitialised storage, first touched in parallel with the reading threads' own chunks so
   // that the pages sit where the readers are.
-  std::unique_ptr<float[]> buf(new float[static_cast<size_t>(n)]);
+  buf_.reset(new float[static_cast<size_t>(n_)]);
   constexpr int64_t kChunk = int64_t{1} << 18;
+  float* buf = buf_.get();
+  const int64_t n = n_;
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
     const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-    for (int64_t i = lo; i < hi; ++i) buf[static_cast<size_t>(i)] = 1.0f / static_cast<float>(1 + (i & 1023));
+    for (int64_t i = lo; i < hi; ++i) buf[i] = 1.0f / static_cast<float>(1 + (i & 1023));
   }
-  volatile double sink = 0.0;
+}
+
+double ReadRoof::run_s() {
+  static volatile double sink = 0.0;
+  const double t0 = now_s();
+  sink = sink + stream_read_sum(buf_.get(), n_);
+  return now_s() - t0;
+}
+
+Bandwidth measure_read_bandwidth(int64_t bytes, int repeat) {
+  ReadRoof roof(bytes);
   Bandwidth b;
-  b.bytes = n * static_cast<int64_t>(sizeof(float));
-  b.seconds = time_median([&] { sink = sink + stream_read_sum(buf.get(), n); }, 1, std::max(repeat, 1));
+  b.bytes = roof.bytes();
+  b.seconds = time_median([&] { roof.run_s(); }, 1, std::max(repeat, 1));
   b.bytes_per_s = static_cast<double>(b.bytes) / b.seconds;
   return b;
 }

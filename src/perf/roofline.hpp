@@ -3,6 +3,7 @@
 // the read bandwidth of a streaming kernel. Plus the small timing helpers they share.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <functional>
 #include <vector>
 
@@ -60,8 +61,21 @@ struct Bandwidth {
   int64_t bytes = 0;
 };
 
-// The memory roof: stream_read_sum over a fresh buffer of `bytes` (far beyond the last-level
-// cache), median of `repeat` passes after one warm-up pass that also faults the pages in.
+// The memory roof, re-measurable: a buffer of `bytes` (far beyond the last-level cache),
+// first touched in parallel by the threads that will read it; run_s() times one
+// stream_read_sum pass over it (the first call also warms it up).
+class ReadRoof {
+ public:
+  explicit ReadRoof(int64_t bytes);
+  double run_s();
+  int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(float)); }
+
+ private:
+  int64_t n_;
+  std::unique_ptr<float[]> buf_;
+};
+
+// The memory roof measured once: median of `repeat` ReadRoof passes after one warm-up.
 Bandwidth measure_read_bandwidth(int64_t bytes, int repeat);
 
 }  // namespace moe::perf

@@ -138,29 +138,6 @@ inline bool all_finite_f32(const float* v, int64_t n) {
   return bad == 0;
 }
 
-// H = h + scale·ε over one row, in blocks of 16 lanes (the tail padded), so every element
-// goes through the same vector code whatever its position in the row.
-template <int kMode>  // 0: fixed σ, 1: softplus(pre), 2: linear pre
-bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
-                   int64_t E) {
-  bool ok = true;
-  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
-    alignas(64) float hb[kBlock] = {}, eb[kBlock] = {}, pb[kBlock] = {}, out[kBlock];
-    std::copy(h + e0, h + e0 + n, hb);
-    std::copy(eps + e0, eps + e0 + n, eb);
-    if (kMode != 0) std::copy(pre + e0, pre + e0 + n, pb);
-#pragma omp simd
-    for (int l = 0; l < kBlock; ++l) {
-      const float scale = kMode == 0 ? sigma : kMode == 1 ? softplus_f32(pb[l]) : pb[l];
-      out[l] = hb[l] + scale * eb[l];
-    }
-    ok &= all_finite_f32(out, n);
-    std::copy(out, out + n, H + e0);
-  }
-  return ok;
-}
-
 }  // namespace
 
 namespace {

@@ -306,12 +306,85 @@ int64_t check_topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t
   return -1;
 }
 
+template <int kMode>
+bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
+                   int64_t E) {
+  constexpr int kBlock = 16;
+  alignas(64) float pb[kBlock];
+#if defined(__AVX512F__)
+  __mmask16 bad = 0;
+  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+    const __mmask16 valid = valid_lanes(E - e0, 0);
+    const __m512 hb = _mm512_maskz_loadu_ps(valid, h + e0);
+    const __m512 eb = _mm512_maskz_loadu_ps(valid, eps + e0);
+    __m512 scale = _mm512_set1_ps(sigma);
+    if (kMode != 0) {
+      _mm512_store_ps(pb, _mm512_maskz_loadu_ps(valid, pre + e0));
+      if (kMode == 1) {
+#pragma omp simd aligned(pb : 64)
+        for (int l = 0; l < kBlock; ++l) pb[l] = softplus_f32(pb[l]);
+      }
+      scale = _mm512_load_ps(pb);
+    }
+    const __m512 o = _mm512_add_ps(hb, _mm512_mul_ps(scale, eb));
+    bad = static_cast<__mmask16>(bad | (valid & ~finite_lanes(o)));
+    _mm512_mask_storeu_ps(H + e0, valid, o);
+  }
+  return bad == 0;
+#else
+  alignas(64) float out[kBlock];
+  bool ok = true;
+  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
+    alignas(64) float hb[kBlock] = {}, eb[kBlock] = {};
+    std::fill(pb, pb + kBlock, 0.0f);
+    std::copy(h + e0, h + e0 + n, hb);
+    std::copy(eps + e0, eps + e0 + n, eb);
+    if (kMode != 0) std::copy(pre + e0, pre + e0 + n, pb);
+#pragma omp simd aligned(pb, out : 64)
+    for (int l = 0; l < kBlock; ++l) {
+      const float scale = kMode == 0 ? sigma : kMode == 1 ? softplus_f32(pb[l]) : pb[l];
+      out[l] = hb[l] + scale * eb[l];
+    }
+    ok &= row_finite(out, n);
+    std::copy(out, out + n, H + e0);
+  }
+  return ok;
+#endif
+}
+template bool noisy_row_f32<0>(float*, const float*, const float*, const float*, float, int64_t);
+template bool noisy_row_f32<1>(float*, const float*, const float*, const float*, float, int64_t);
+template bool noisy_row_f32<2>(float*, const float*, const float*, const float*, float, int64_t);
+
 void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
   constexpr int64_t kBuf = 256;
   if (k == 1) {
     std::fill(w, w + n, 1.0f);  // e^0 / e^0, exactly
     return;
   }
+#if defined(__AVX512F__)
+  if (k == 2 || k == 4 || k == 8 || k == 16) {
+    // Whole rows per vector: each lane subtracts its row's first value, and a butterfly
+    // within each group of k lanes gives every lane of a row the same sum (x + y = y + x).
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i row_first = _mm512_andnot_si512(_mm512_set1_epi32(static_cast<int>(k - 1)), lane);
+    const int64_t m = n * k;
+    alignas(64) float b[kLanes];
+    for (int64_t i = 0; i < m; i += kLanes) {
+      const __mmask16 valid = valid_lanes(m - i, 0);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, w + i);
+      _mm512_store_ps(b, _mm512_sub_ps(v, _mm512_permutexvar_ps(row_first, v)));
+#pragma omp simd aligned(b : 64)
+      for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
+      const __m512 e = _mm512_load_ps(b);
+      __m512 sum = e;
+      for (int sh = 1; sh < k; sh <<= 1)
+        sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(sh)), sum));
+      _mm512_mask_storeu_ps(w + i, valid, _mm512_div_ps(e, sum));
+    }
+    return;
+  }
+#endif
   if (k > kBuf / 4) {
     for (int64_t r = 0; r < n; ++r) softmax_kept_f32(w + r * k, w + r * k, k);
     return;

@@ -26,13 +26,20 @@ void topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int6
 int64_t check_topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int64_t n,
                             int64_t E, int64_t k, bool tie_high);
 
+// H = h + scale·ε over one row of E; scale is σ (kMode 0), softplus(pre) (1) or pre (2).
+// In blocks of 16 lanes (the tail padded), so every element goes through the same vector code
+// whatever its position in the row. Returns false when an element of H is not finite.
+template <int kMode>
+bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
+                   int64_t E);
+
 // w[0..k) = softmax of val[0..k) where val[0] is the largest: e^{val - val[0]} / Σ, the sum
 // in a fixed lane order. w may alias val.
 void softmax_kept_f32(float* w, const float* val, int64_t k);
 
 // The same in place on n rows of k (w[r·k] the largest of row r): the exponentials of all
 // rows in shared 16-lane blocks (each value through the same vector code wherever it sits),
-// each row's sum in index order.
+// each row's sum in a fixed order that does not depend on the row's position.
 void softmax_kept_rows_f32(float* w, int64_t n, int64_t k);
 
 }  // namespace moe::detail

@@ -276,24 +276,10 @@ TEST(ExpertChoice, GradientsMatchCentralDifferences) {
       for (size_t i = 0; i < y.size(); ++i) Lv += rd[i] * y[i];
       return Lv;
     };
-    const double h = 1e-6;
     auto check = [&](std::vector<double>& v, const std::vector<float>& an, const std::string& what) {
-      ASSERT_EQ(v.size(), an.size()) << what;
-      int64_t nonzero = 0;
-      for (size_t i = 0; i < v.size(); ++i) {
-        const double keep = v[i];
-        EcSaved s1, s2;
-        v[i] = keep + h;
-        const double lp = objective(s1);
-        v[i] = keep - h;
-        const double lm = objective(s2);
-        v[i] = keep;
-        ASSERT_EQ(s1.tokens, base.tokens) << what << "[" << i << "]";
-        ASSERT_EQ(s2.tokens, base.tokens) << what << "[" << i << "]";
-        const double fd = (lp - lm) / (2 * h);
-        EXPECT_NEAR(an[i], fd, 2e-5 + 1e-4 * std::abs(fd)) << what << "[" << i << "]";
-        nonzero += std::abs(fd) > 1e-6;
-      }
+      const int64_t nonzero = moe_test::central_differences<EcSaved>(
+          v, an, what, objective, [&](const EcSaved& s) { return s.tokens == base.tokens; },
+          2e-5, 1e-4, 1e-6);
       EXPECT_GE(nonzero, static_cast<int64_t>(v.size()) / 4) << what << ": too few non-zero";
     };
     check(xd, fast.dx, "dx");

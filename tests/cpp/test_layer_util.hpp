@@ -79,6 +79,38 @@ void expect_close(const std::vector<A>& got, const std::vector<B>& want, double 
   }
 }
 
+// Central differences, step h, of an objective over every entry of v, each against the
+// analytic gradient an[i] within atol + rtol·|fd|. eval(saved) evaluates the objective at the
+// current v (filling that step's saved state); same(saved) says whether the step left every
+// routing decision as it was (a step across a kink makes the difference meaningless, so it
+// fails the check). Returns how many entries had |fd| > signal (for the zero-trust checks),
+// or -1 when the sizes differ or a step changed a decision.
+template <typename Saved, typename Grad, typename Eval, typename Same>
+int64_t central_differences(std::vector<double>& v, const std::vector<Grad>& an,
+                            const std::string& what, Eval eval, Same same, double atol,
+                            double rtol, double signal, double h = 1e-6) {
+  EXPECT_EQ(v.size(), an.size()) << what;
+  if (v.size() != an.size()) return -1;
+  int64_t nonzero = 0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double keep = v[i];
+    Saved s1, s2;
+    v[i] = keep + h;
+    const double lp = eval(s1);
+    v[i] = keep - h;
+    const double lm = eval(s2);
+    v[i] = keep;
+    if (!same(s1) || !same(s2)) {
+      ADD_FAILURE() << what << "[" << i << "]: the step changed the routing";
+      return -1;
+    }
+    const double fd = (lp - lm) / (2 * h);
+    EXPECT_NEAR(double(an[i]), fd, atol + rtol * std::abs(fd)) << what << "[" << i << "]";
+    nonzero += std::abs(fd) > signal;
+  }
+  return nonzero;
+}
+
 // The layer's configuration matrix used by the random tests.
 struct Case {
   moe::ExpertKind kind;

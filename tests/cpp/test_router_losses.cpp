@@ -82,29 +82,11 @@ void gradient_check(const MoEConfig& cfg, int64_t T, uint64_t seed, double r_sca
   Ref g = Ref::zeros_like(L);
   std::vector<double> dx;
   moe::detail::layer_backward_ref<double>(dx, g, r.data(), sv, p, cfg);
-  const double h = 1e-6;
   auto check = [&](std::vector<double>& v, const std::vector<double>& an,
                    const std::string& what) -> int64_t {
-    EXPECT_EQ(v.size(), an.size()) << what;
-    if (v.size() != an.size()) return -1;
-    int64_t nonzero = 0;
-    for (size_t i = 0; i < v.size(); ++i) {
-      const double keep = v[i];
-      Saved s1, s2;
-      v[i] = keep + h;
-      const double lp = objective(x, p, cfg, T, eps, r, s1);
-      v[i] = keep - h;
-      const double lm = objective(x, p, cfg, T, eps, r, s2);
-      v[i] = keep;
-      if (s1.indices != indices0 || s2.indices != indices0) {
-        ADD_FAILURE() << what << "[" << i << "]: the step changed the routing";
-        return -1;
-      }
-      const double fd = (lp - lm) / (2 * h);
-      EXPECT_NEAR(an[i], fd, 1e-6 + 1e-5 * std::abs(fd)) << what << "[" << i << "]";
-      nonzero += std::abs(fd) > 1e-7;
-    }
-    return nonzero;
+    return moe_test::central_differences<Saved>(
+        v, an, what, [&](Saved& s) { return objective(x, p, cfg, T, eps, r, s); },
+        [&](const Saved& s) { return s.indices == indices0; }, 1e-6, 1e-5, 1e-7);
   };
   const int64_t nx = check(x, dx, "dx");
   EXPECT_GE(nx, static_cast<int64_t>(x.size()) / 2) << "dx: too few non-zero";

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -137,3 +138,43 @@ TEST(TopkRows, KeptSoftmaxMatchesTheFormula) {
 }
 
 }  // namespace
+
+namespace {
+
+// n rows of k sorted descending, as the selection leaves them.
+std::vector<float> kept_rows(std::mt19937& rng, int64_t n, int64_t k) {
+  std::normal_distribution<float> nd;
+  std::vector<float> w(static_cast<size_t>(n * k));
+  for (auto& x : w) x = nd(rng);
+  for (int64_t r = 0; r < n; ++r)
+    std::sort(w.begin() + r * k, w.begin() + (r + 1) * k, std::greater<>());
+  return w;
+}
+
+}  // namespace
+
+// The chunked kept softmax: the formula for every k, and a row's bits do not depend on where
+// it sits among the chunk's rows (routing a batch whole or split must agree).
+TEST(TopkRows, KeptSoftmaxRowsMatchTheFormulaWhereverTheRowSits) {
+  std::mt19937 rng(11);
+  for (int64_t k = 1; k <= 70; k = k < 20 ? k + 1 : k + 7) {
+    for (int64_t n : {1, 3, 16}) {
+      const auto in = kept_rows(rng, n, k);
+      auto w = in;
+      moe::detail::softmax_kept_rows_f32(w.data(), n, k);
+      for (int64_t r = 0; r < n; ++r) {
+        double sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += std::exp(double(in[r * k + j]) - in[r * k]);
+        for (int64_t j = 0; j < k; ++j) {
+          const double want = std::exp(double(in[r * k + j]) - in[r * k]) / sum;
+          ASSERT_NEAR(w[r * k + j], want, 1e-6 * want + 1e-12) << "k=" << k << " n=" << n;
+        }
+        // The same row alone gives the same bits.
+        std::vector<float> one(in.begin() + r * k, in.begin() + (r + 1) * k);
+        moe::detail::softmax_kept_rows_f32(one.data(), 1, k);
+        ASSERT_EQ(0, std::memcmp(one.data(), &w[r * k], static_cast<size_t>(k) * sizeof(float)))
+            << "k=" << k << " row " << r << " of " << n;
+      }
+    }
+  }
+}

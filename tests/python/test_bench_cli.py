@@ -81,6 +81,15 @@ def test_values_are_consistent(rows):
             if row["fwdbwd_s"] is not None:
                 assert len(row["ratio_fwdbwd_samples"]) == n
                 assert row["ratio_fwdbwd"] == pytest.approx(median(row["ratio_fwdbwd_samples"]))
+        if row["roof_kind"] == "memory":
+            # The read bandwidth is measured before every forward sample; roof_multiple is the
+            # median over those pairs of forward time / roof time at that bandwidth.
+            n = row["repeat"]
+            bw, ratios = row["read_gbps_samples"], row["ratio_fwd_samples"]
+            assert len(bw) == len(ratios) == n and min(bw) > 0
+            assert row["read_gbps"] == pytest.approx(median(bw))
+            assert row["ratio_fwd"] == pytest.approx(median(ratios))
+            assert row["roof_multiple"] == pytest.approx(1 / row["ratio_fwd"])
 
 
 def test_routed_flops_are_counted_on_t_times_k_rows(rows):
