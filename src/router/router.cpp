@@ -125,7 +125,6 @@ void router_state_resize(RouterState& s, const RouterConfig& cfg, int64_t T, boo
 
 namespace {
 
-constexpr int kBlock = 16;   // lanes of the per-row kernels: every value runs the same code
 constexpr int64_t kChunk = 16;  // tokens per OpenMP work item (ε is drawn per chunk)
 
 enum RowCode : int { kRowOk = 0, kRowBadH = 1, kRowBadEps = 2, kRowBadNoisy = 3 };
@@ -147,10 +146,8 @@ inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
     for (int64_t j = 0; j < k; ++j) w[j] *= cfg.scaling_factor;
 }
 
-// One token before the selection: h (with bias) → logits, ε → H, their checks. Without noise
-// H is h itself; the plain router then leaves h's check to the selection, which reads it.
-int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
-                      bool noisy, bool plain, const NoiseSource& noise, int64_t t) {
+// Token t's h (with bias) into its logits row.
+float* copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
   const int64_t E = s.E;
   float* h = &s.logits[t * E];
   const float* hsrc = in.h + t * in.ldh;
@@ -159,6 +156,15 @@ int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterCon
   } else if (h != hsrc) {
     std::copy(hsrc, hsrc + E, h);
   }
+  return h;
+}
+
+// One token before the selection: h (with bias) → logits, ε → H, their checks. Without noise
+// H is h itself; the plain router then leaves h's check to the selection, which reads it.
+int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                      bool noisy, bool plain, const NoiseSource& noise, int64_t t) {
+  const int64_t E = s.E;
+  float* h = copy_logits_row(s, in, t);
   if (!noisy) return plain || all_finite_f32(h, E) ? kRowOk : kRowBadH;  // H = h
   if (!all_finite_f32(h, E)) return kRowBadH;
   float* H = &s.noisy[t * E];
@@ -177,6 +183,29 @@ int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterCon
     return ok ? kRowOk : kRowBadNoisy;
   }
   return noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E) ? kRowOk : kRowBadNoisy;
+}
+
+// The noisy tokens [t0, t1) before the selection, at once: h, ε and the noise scale's input
+// are copied into the state's rows, which lie back to back (stride E), so H = h + scale·ε runs
+// over one row of n·E values, with no half-empty vectors for small E. The values are those of
+// prepare_token_f32 (the same per-element arithmetic). False when some H is not finite, which
+// is the case whenever some h or ε is not (inf − inf, 0·inf and NaN all give NaN); the caller
+// then runs the per-token pass, which names the token and the tensor.
+bool prepare_chunk_noisy_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                             const NoiseSource& noise, int64_t t0, int64_t t1) {
+  const int64_t E = s.E, n = (t1 - t0) * E;
+  for (int64_t t = t0; t < t1; ++t) {
+    copy_logits_row(s, in, t);
+    if (noise.eps) std::copy(noise.eps + t * E, noise.eps + (t + 1) * E, &s.eps[t * E]);
+    if (in.pre) std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, &s.noise_pre[t * E]);
+  }
+  float* H = &s.noisy[t0 * E];
+  const float* h = &s.logits[t0 * E];
+  const float* eps = &s.eps[t0 * E];
+  if (!in.pre) return noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, n);
+  const float* pre = &s.noise_pre[t0 * E];
+  return cfg.noise_scale == NoiseScale::softplus ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, n)
+                                                 : noisy_row_f32<2>(H, h, eps, pre, 0.0f, n);
 }
 
 // One token after the plain router's selection (idx, and the kept values in w): the kept
@@ -208,9 +237,11 @@ int64_t route_chunk_f32(RouterState& s, const RouterRowsInput& in, const RouterC
                         bool noisy, const NoiseSource& noise, int64_t t0, int64_t t1) {
   const int64_t E = s.E, k = s.k, n = t1 - t0;
   const bool plain = router_scores_default(cfg, in.sel_bias);  // else the family (scores.hpp)
-  for (int64_t t = t0; t < t1; ++t) {
-    const int code = prepare_token_f32(s, in, cfg, noisy, plain, noise, t);
-    if (code != kRowOk) return 4 * t + code;
+  if (!noisy || !prepare_chunk_noisy_f32(s, in, cfg, noise, t0, t1)) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int code = prepare_token_f32(s, in, cfg, noisy, plain, noise, t);
+      if (code != kRowOk) return 4 * t + code;
+    }
   }
   if (!plain) {
     for (int64_t t = t0; t < t1; ++t)

@@ -10,8 +10,13 @@
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 headers: the shuffle and reduce intrinsics pass
 // _mm512_undefined_ps() as the unused merge source, which -Wmaybe-uninitialized reports.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+#endif
+// The `omp simd` loops below run over alignas(64) local buffers and carry no aligned() clause:
+// clang 14 with -fsanitize=undefined (the fuzz build) crashes generating the alignment check
+// for it, and the compilers know a local array's alignment without it.
 
 namespace moe::detail {
 
@@ -321,7 +326,7 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
     if (kMode != 0) {
       _mm512_store_ps(pb, _mm512_maskz_loadu_ps(valid, pre + e0));
       if (kMode == 1) {
-#pragma omp simd aligned(pb : 64)
+#pragma omp simd
         for (int l = 0; l < kBlock; ++l) pb[l] = softplus_f32(pb[l]);
       }
       scale = _mm512_load_ps(pb);
@@ -341,7 +346,7 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
     std::copy(h + e0, h + e0 + n, hb);
     std::copy(eps + e0, eps + e0 + n, eb);
     if (kMode != 0) std::copy(pre + e0, pre + e0 + n, pb);
-#pragma omp simd aligned(pb, out : 64)
+#pragma omp simd
     for (int l = 0; l < kBlock; ++l) {
       const float scale = kMode == 0 ? sigma : kMode == 1 ? softplus_f32(pb[l]) : pb[l];
       out[l] = hb[l] + scale * eb[l];
@@ -374,7 +379,7 @@ void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
       const __mmask16 valid = valid_lanes(m - i, 0);
       const __m512 v = _mm512_maskz_loadu_ps(valid, w + i);
       _mm512_store_ps(b, _mm512_sub_ps(v, _mm512_permutexvar_ps(row_first, v)));
-#pragma omp simd aligned(b : 64)
+#pragma omp simd
       for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
       const __m512 e = _mm512_load_ps(b);
       __m512 sum = e;
@@ -400,7 +405,7 @@ void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
     std::fill(x + m, x + padded, 0.0f);
     for (int64_t b = 0; b < padded; b += 16) {
       float* xb = x + b;
-#pragma omp simd aligned(xb : 64)
+#pragma omp simd
       for (int l = 0; l < 16; ++l) xb[l] = exp_f32(xb[l]);
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -424,7 +429,7 @@ float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
   for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
     const __mmask16 valid = valid_lanes(E - e0, 0);  // e^-inf = 0 past the row
     _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(ninf, valid, H + e0), vmx));
-#pragma omp simd aligned(b : 64)
+#pragma omp simd
     for (int l = 0; l < kBlock; ++l) b[l] = exp_f32(b[l]);
     const __m512 e = _mm512_load_ps(b);
     acc = _mm512_add_ps(acc, e);
@@ -436,7 +441,7 @@ float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
   for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
     for (int l = 0; l < kBlock; ++l) b[l] = l < n ? H[e0 + l] - mx : -INFINITY;
-#pragma omp simd aligned(b : 64)
+#pragma omp simd
     for (int l = 0; l < kBlock; ++l) {
       b[l] = exp_f32(b[l]);
       acc[l] += b[l];
@@ -461,7 +466,7 @@ void softmax_kept_f32(float* w, const float* val, int64_t k) {
     alignas(64) float b[kLanes];
     _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, val),
                                      _mm512_set1_ps(val[0])));
-#pragma omp simd aligned(b : 64)
+#pragma omp simd
     for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
     const __m512 e = _mm512_load_ps(b);
     __m512 sum = _mm512_add_ps(e, _mm512_shuffle_f32x4(e, e, _MM_SHUFFLE(1, 0, 3, 2)));
