@@ -613,7 +613,9 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
         "x: how many times faster than the PyTorch peer. ws: peak heap beyond parameters and"
         " gradients.\n";
   for (const Result& r : rs)
-    if (!r.peer_note.empty()) {
+    if (r.ran && !r.note.empty()) os << r.c.name << ": " << r.note << '\n';
+  for (const Result& r : rs)
+    if (!r.peer_note.empty() && r.note.empty()) {
       os << "peer: " << r.peer_note << '\n';
       break;
     }
@@ -760,7 +762,16 @@ int run_bench(const BenchOptions& o) {
     Result r;
     r.c = c;
     const auto avail = static_cast<double>(mem_available_bytes()) * o.mem_fraction;
-    if (static_cast<double>(bytes_needed(c, c.backward)) > avail) {
+    const auto gib = [](double b) { return fmt(b / 1073741824.0, 1) + " GiB"; };
+    if (c.backward && static_cast<double>(bytes_needed(c, true)) > avail &&
+        static_cast<double>(bytes_needed(c, false)) <= avail) {
+      // The forward alone fits (the layer allocates gradients on the first backward).
+      r.c.backward = false;
+      r.note = "forward only: with gradients it needs ~" +
+               gib(static_cast<double>(bytes_needed(c, true))) + ", " + gib(avail) +
+               " usable of the memory available";
+      std::cerr << "bench: " << c.name << " " << r.note << '\n';
+    } else if (static_cast<double>(bytes_needed(c, c.backward)) > avail) {
       r.note = "needs ~" + fmt(bytes_needed(c, c.backward) / 1073741824.0, 1) +
                " GiB (parameters, " + (c.backward ? "gradients, " : "") + "activations), " +
                fmt(avail / 1073741824.0, 1) +
@@ -772,7 +783,9 @@ int run_bench(const BenchOptions& o) {
     std::cerr << "bench: " << c.name << " (T=" << c.T << ", E=" << c.cfg.n_experts
               << ", d=" << c.cfg.d_model << ", d_ff=" << c.cfg.hidden() << ")...\n";
     run_layer(r, o, mem_roof);
-    if (!peer_ok) {
+    if (!r.note.empty()) {
+      r.peer_note = "n/a (" + r.note + ")";
+    } else if (!peer_ok) {
       r.peer_note = peer_na;
     } else if (c.bf16) {
       r.peer_note = "n/a (fp32 peer; compare with the fp32 row)";

@@ -88,6 +88,24 @@ inline __m512 read_block(__mmask16& bad, const float* row, int64_t E, int64_t b)
 template <bool kCheck>
 bool top1_row(int32_t* idx, float* val, const float* row, int64_t E, bool tie_high) {
   const int64_t nb = (E + kLanes - 1) / kLanes;
+  if (nb <= 4) {
+    // Up to 64 experts: the blocks stay in registers and their hit masks form one 64-bit
+    // mask, so the winner is one bit scan with no data-dependent branch.
+    __mmask16 bad = 0;
+    __m512 v[4];
+    for (int64_t b = 0; b < 4; ++b)
+      v[b] = b < nb ? read_block<kCheck>(bad, row, E, b) : _mm512_set1_ps(-INFINITY);
+    if (bad) return false;
+    const __m512 m =
+        broadcast_max(_mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3])));
+    uint64_t hit = 0;
+    for (int64_t b = 0; b < nb; ++b)
+      hit |= uint64_t{_mm512_mask_cmp_ps_mask(valid_lanes(E, b), v[b], m, _CMP_EQ_OQ)}
+             << (b * kLanes);
+    idx[0] = static_cast<int32_t>(tie_high ? 63 - __builtin_clzll(hit) : __builtin_ctzll(hit));
+    val[0] = _mm512_cvtss_f32(m);
+    return true;
+  }
   __mmask16 bad = 0;
   __m512 acc = read_block<kCheck>(bad, row, E, 0);
   for (int64_t b = 1; b < nb; ++b) acc = _mm512_max_ps(acc, read_block<kCheck>(bad, row, E, b));
