@@ -177,7 +177,10 @@ struct Result {
   std::string peer_note, peer_blas;
 };
 
+// MemAvailable, or MOE_BENCH_MEM_AVAILABLE (bytes) when set: the tests use it to reach the
+// skip and forward-only paths without a machine that is short of memory.
 int64_t mem_available_bytes() {
+  if (const char* env = std::getenv("MOE_BENCH_MEM_AVAILABLE")) return std::atoll(env);
   std::ifstream f("/proc/meminfo");
   std::string key;
   int64_t kb = 0;

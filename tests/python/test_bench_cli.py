@@ -106,6 +106,30 @@ def test_table_and_goals_on_a_terminal():
     assert "B1 forward >= 80% of the roof" in r.stdout
 
 
+def bench_with_memory(available, *args):
+    env = dict(os.environ, MOE_BENCH_MEM_AVAILABLE=str(available))
+    r = subprocess.run([MOE, "bench", "--quick", "--no-peer", "--no-dist", "--threads", "2",
+                        "--repeat", "1", "--json", "--mem-fraction", "1", *args],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[0]), r.stderr
+
+
+def test_a_configuration_whose_gradients_do_not_fit_runs_forward_only():
+    full, _ = bench_with_memory(1 << 40, "--config", "E1024")
+    assert full["fwdbwd_s"] is not None and "note" not in full
+    params = full["param_bytes"]
+    # The forward (parameters and activations) fits in 1.5x the parameters, with gradients not.
+    row, err = bench_with_memory(params * 3 // 2, "--config", "E1024")
+    assert row["fwd_s"] > 0 and row["fwdbwd_s"] is None and row["grad_bytes"] == 0
+    assert row["note"].startswith("forward only: with gradients it needs")
+    assert "E1024 forward only" in err
+    # Too little even for the parameters: the row is skipped with the reason.
+    row, err = bench_with_memory(params // 2, "--config", "E1024")
+    assert row["fwd_s"] is None and row["note"].startswith("needs ~")
+    assert "skipped" in err
+
+
 def test_unknown_config_is_an_error():
     r = subprocess.run([MOE, "bench", "--quick", "--no-peer", "--config", "B9"],
                        capture_output=True, text=True, timeout=60)
