@@ -765,20 +765,18 @@ int run_bench(const BenchOptions& o) {
     Result r;
     r.c = c;
     const auto avail = static_cast<double>(mem_available_bytes()) * o.mem_fraction;
+    const auto need_fwd = static_cast<double>(bytes_needed(c, false));
+    const auto need = static_cast<double>(bytes_needed(c, c.backward));
     const auto gib = [](double b) { return fmt(b / 1073741824.0, 1) + " GiB"; };
-    if (c.backward && static_cast<double>(bytes_needed(c, true)) > avail &&
-        static_cast<double>(bytes_needed(c, false)) <= avail) {
+    if (need > avail && need_fwd <= avail) {
       // The forward alone fits (the layer allocates gradients on the first backward).
       r.c.backward = false;
-      r.note = "forward only: with gradients it needs ~" +
-               gib(static_cast<double>(bytes_needed(c, true))) + ", " + gib(avail) +
+      r.note = "forward only: with gradients it needs ~" + gib(need) + ", " + gib(avail) +
                " usable of the memory available";
       std::cerr << "bench: " << c.name << " " << r.note << '\n';
-    } else if (static_cast<double>(bytes_needed(c, c.backward)) > avail) {
-      r.note = "needs ~" + fmt(bytes_needed(c, c.backward) / 1073741824.0, 1) +
-               " GiB (parameters, " + (c.backward ? "gradients, " : "") + "activations), " +
-               fmt(avail / 1073741824.0, 1) +
-               " GiB usable of the memory available";
+    } else if (need > avail) {
+      r.note = "needs ~" + gib(need) + " (parameters, " + (c.backward ? "gradients, " : "") +
+               "activations), " + gib(avail) + " usable of the memory available";
       std::cerr << "bench: " << c.name << " skipped: " << r.note << '\n';
       results.push_back(r);
       continue;

@@ -127,7 +127,7 @@ namespace {
 
 constexpr int64_t kChunk = 16;  // tokens per OpenMP work item (ε is drawn per chunk)
 
-enum RowCode : int { kRowOk = 0, kRowBadH = 1, kRowBadEps = 2, kRowBadNoisy = 3 };
+enum RowCode : int { kRowBadH = 1, kRowBadEps = 2, kRowBadNoisy = 3 };
 
 // 1 for ±inf and NaN (v - v is NaN), else 0: an int so that |= over a row vectorises.
 inline int non_finite_f32(float v) { return !(v - v == 0.0f); }
@@ -147,7 +147,7 @@ inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
 }
 
 // Token t's h (with bias) into its logits row.
-float* copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
+void copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
   const int64_t E = s.E;
   float* h = &s.logits[t * E];
   const float* hsrc = in.h + t * in.ldh;
@@ -156,56 +156,51 @@ float* copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
   } else if (h != hsrc) {
     std::copy(hsrc, hsrc + E, h);
   }
-  return h;
 }
 
-// One token before the selection: h (with bias) → logits, ε → H, their checks. Without noise
-// H is h itself; the plain router then leaves h's check to the selection, which reads it.
-int prepare_token_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
-                      bool noisy, bool plain, const NoiseSource& noise, int64_t t) {
+// The first token of [t0, t1) whose h, ε or H is not finite, as 4·t + code, in that order of
+// blame (a bad h or ε makes H bad too); -1 if none.
+int64_t first_bad_noisy_token(const RouterState& s, int64_t t0, int64_t t1) {
   const int64_t E = s.E;
-  float* h = copy_logits_row(s, in, t);
-  if (!noisy) return plain || all_finite_f32(h, E) ? kRowOk : kRowBadH;  // H = h
-  if (!all_finite_f32(h, E)) return kRowBadH;
-  float* H = &s.noisy[t * E];
-  float* eps = &s.eps[t * E];
-  if (noise.eps) {
-    const float* src = noise.eps + t * E;
-    std::copy(src, src + E, eps);
-    if (!all_finite_f32(eps, E)) return kRowBadEps;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (!all_finite_f32(&s.logits[t * E], E)) return 4 * t + kRowBadH;
+    if (!all_finite_f32(&s.eps[t * E], E)) return 4 * t + kRowBadEps;
+    if (!all_finite_f32(&s.noisy[t * E], E)) return 4 * t + kRowBadNoisy;
   }
-  if (in.pre) {
-    float* pre = &s.noise_pre[t * E];
-    std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, pre);
-    const bool ok = cfg.noise_scale == NoiseScale::softplus
-                        ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, E)
-                        : noisy_row_f32<2>(H, h, eps, pre, 0.0f, E);
-    return ok ? kRowOk : kRowBadNoisy;
-  }
-  return noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, E) ? kRowOk : kRowBadNoisy;
+  return -1;
 }
 
-// The noisy tokens [t0, t1) before the selection, at once: h, ε and the noise scale's input
-// are copied into the state's rows, which lie back to back (stride E), so H = h + scale·ε runs
-// over one row of n·E values, with no half-empty vectors for small E. The values are those of
-// prepare_token_f32 (the same per-element arithmetic). False when some H is not finite, which
-// is the case whenever some h or ε is not (inf − inf, 0·inf and NaN all give NaN); the caller
-// then runs the per-token pass, which names the token and the tensor.
-bool prepare_chunk_noisy_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
-                             const NoiseSource& noise, int64_t t0, int64_t t1) {
+// Tokens [t0, t1) before the selection: h (with bias) → logits and, with noise, ε and the noise
+// scale's input into the state's rows. Those rows lie back to back (stride E), so H = h +
+// scale·ε runs over one row of n·E values, with no half-empty vectors for small E. Without
+// noise H is h itself, and the plain router leaves h's check to the selection, which reads it.
+// Returns the first bad token's 4·t + code, or -1.
+int64_t prepare_chunk_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                          bool noisy, bool plain, const NoiseSource& noise, int64_t t0,
+                          int64_t t1) {
   const int64_t E = s.E, n = (t1 - t0) * E;
   for (int64_t t = t0; t < t1; ++t) {
     copy_logits_row(s, in, t);
+    if (!noisy) continue;
     if (noise.eps) std::copy(noise.eps + t * E, noise.eps + (t + 1) * E, &s.eps[t * E]);
     if (in.pre) std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, &s.noise_pre[t * E]);
+  }
+  if (!noisy) {
+    if (!plain)
+      for (int64_t t = t0; t < t1; ++t)
+        if (!all_finite_f32(&s.logits[t * E], E)) return 4 * t + kRowBadH;
+    return -1;
   }
   float* H = &s.noisy[t0 * E];
   const float* h = &s.logits[t0 * E];
   const float* eps = &s.eps[t0 * E];
-  if (!in.pre) return noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, n);
-  const float* pre = &s.noise_pre[t0 * E];
-  return cfg.noise_scale == NoiseScale::softplus ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, n)
-                                                 : noisy_row_f32<2>(H, h, eps, pre, 0.0f, n);
+  const float* pre = in.pre ? &s.noise_pre[t0 * E] : nullptr;
+  const bool ok = !pre ? noisy_row_f32<0>(H, h, eps, nullptr, cfg.noise_stddev, n)
+                  : cfg.noise_scale == NoiseScale::softplus
+                      ? noisy_row_f32<1>(H, h, eps, pre, 0.0f, n)
+                      : noisy_row_f32<2>(H, h, eps, pre, 0.0f, n);
+  // A non-finite H is also what a non-finite h or ε gives (inf − inf, 0·inf, NaN: all NaN).
+  return ok ? -1 : first_bad_noisy_token(s, t0, t1);
 }
 
 // One token after the plain router's selection (idx, and the kept values in w): the kept
@@ -237,12 +232,8 @@ int64_t route_chunk_f32(RouterState& s, const RouterRowsInput& in, const RouterC
                         bool noisy, const NoiseSource& noise, int64_t t0, int64_t t1) {
   const int64_t E = s.E, k = s.k, n = t1 - t0;
   const bool plain = router_scores_default(cfg, in.sel_bias);  // else the family (scores.hpp)
-  if (!noisy || !prepare_chunk_noisy_f32(s, in, cfg, noise, t0, t1)) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int code = prepare_token_f32(s, in, cfg, noisy, plain, noise, t);
-      if (code != kRowOk) return 4 * t + code;
-    }
-  }
+  if (const int64_t bad = prepare_chunk_f32(s, in, cfg, noisy, plain, noise, t0, t1); bad >= 0)
+    return bad;
   if (!plain) {
     for (int64_t t = t0; t < t1; ++t)
       route_scores_row_f32(&s.indices[t * k], &s.weights[t * k], &s.probs[t * E],
