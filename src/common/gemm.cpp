@@ -2,8 +2,11 @@
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "common/check.hpp"
@@ -20,6 +23,79 @@ constexpr int64_t kColBlock = 256;
 }  // namespace
 
 int max_threads() { return omp_get_max_threads(); }
+
+namespace {
+
+// The two matmul primitives behind gemm_bf16_serial (beta 0 and beta 1: a sum post-op), made
+// once. Every size and leading dimension is given at execution.
+struct Bf16Matmul {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::matmul assign, accumulate;
+  std::string impl;
+  Bf16Matmul() {
+    using dt = dnnl::memory::data_type;
+    const auto rt = DNNL_RUNTIME_DIM_VAL;
+    const dnnl::memory::desc a({rt, rt}, dt::bf16, {rt, 1}), b({rt, rt}, dt::bf16, {rt, 1}),
+        c({rt, rt}, dt::f32, {rt, 1});
+    const dnnl::matmul::desc md(a, b, c);
+    const dnnl::matmul::primitive_desc pd0(md, eng);
+    dnnl::post_ops po;
+    po.append_sum(1.0f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    const dnnl::matmul::primitive_desc pd1(md, attr, eng);
+    impl = pd0.impl_info_str();
+    assign = dnnl::matmul(pd0);
+    accumulate = dnnl::matmul(pd1);
+  }
+  static Bf16Matmul& get() {
+    static Bf16Matmul m;  // thread-safe initialisation
+    return m;
+  }
+};
+
+}  // namespace
+
+void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                      const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  MOE_ASSERT(beta == 0.0f || beta == 1.0f);
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (beta == 0.0f)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  Bf16Matmul& mm = Bf16Matmul::get();
+  using dt = dnnl::memory::data_type;
+  thread_local dnnl::stream stream(mm.eng);
+  const dnnl::memory a({{M, K}, dt::bf16, {lda, 1}}, mm.eng, const_cast<uint16_t*>(A));
+  const dnnl::memory b({{K, N}, dt::bf16, {ldb, 1}}, mm.eng, const_cast<uint16_t*>(B));
+  const dnnl::memory c({{M, N}, dt::f32, {ldc, 1}}, mm.eng, C);
+  // One thread, as gemm_f32_serial, so that the blocking and the bits are ours.
+  const int saved = omp_get_max_threads();
+  const bool limit = saved > 1 && !omp_in_parallel();
+  if (limit) omp_set_num_threads(1);
+  (beta == 0.0f ? mm.assign : mm.accumulate)
+      .execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+  stream.wait();
+  if (limit) omp_set_num_threads(saved);
+}
+
+const char* gemm_bf16_impl() { return Bf16Matmul::get().impl.c_str(); }
+
+const char* cpu_isa_name() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
+    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core: return "avx512_core";
+    case dnnl::cpu_isa::avx2_vnni: return "avx2_vnni";
+    case dnnl::cpu_isa::avx2: return "avx2";
+    case dnnl::cpu_isa::avx: return "avx";
+    case dnnl::cpu_isa::sse41: return "sse41";
+    default: return "other";
+  }
+}
 
 void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                      const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
