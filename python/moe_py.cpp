@@ -16,6 +16,7 @@
 #include "common/check.hpp"
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
+#include "common/gemm.hpp"
 #include "moe/optim.hpp"
 
 namespace py = pybind11;
@@ -739,6 +740,14 @@ PYBIND11_MODULE(_moe, m) {
     MOE_REQUIRE(n >= 1, "n: number of threads must be >= 1, got ", n);
     omp_set_num_threads(n);
   }, py::arg("n"), "Set the number of OpenMP threads used by libmoe.");
+  m.def("cpu_info", []() {
+    py::dict d;
+    d["isa"] = moe::detail::cpu_isa_name();
+    d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    return d;
+  }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
+     "ONEDNN_MAX_CPU_ISA) and the implementation behind the bf16 expert products "
+     "('bf16_gemm').");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

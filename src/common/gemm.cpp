@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 
 namespace moe::detail {
@@ -28,11 +29,24 @@ namespace {
 
 // The two matmul primitives behind gemm_bf16_serial (beta 0 and beta 1: a sum post-op), made
 // once. Every size and leading dimension is given at execution.
+// Where oneDNN has no such primitive (an ISA without bf16 support, e.g. ONEDNN_MAX_CPU_ISA=
+// AVX2: oneDNN 2.6 has no run-time-size bf16 matmul there), `available` is false and
+// gemm_bf16_serial widens the operands' tiles to fp32 (exact: every bf16 value is an fp32
+// value) and runs sgemm: the same products with fp32 accumulation, slower.
 struct Bf16Matmul {
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
   dnnl::matmul assign, accumulate;
   std::string impl;
+  bool available = false;
   Bf16Matmul() {
+    try {
+      create();
+      available = true;
+    } catch (const dnnl::error&) {
+      impl = "sgemm on bf16 operands widened to fp32 (no bf16 matmul for this ISA)";
+    }
+  }
+  void create() {
     using dt = dnnl::memory::data_type;
     const auto rt = DNNL_RUNTIME_DIM_VAL;
     const dnnl::memory::desc a({rt, rt}, dt::bf16, {rt, 1}), b({rt, rt}, dt::bf16, {rt, 1}),
@@ -66,6 +80,17 @@ void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
     return;
   }
   Bf16Matmul& mm = Bf16Matmul::get();
+  if (!mm.available) {
+    thread_local std::vector<float> a, b;
+    a.resize(static_cast<size_t>(M * K));
+    b.resize(static_cast<size_t>(K * N));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t p = 0; p < K; ++p) a[i * K + p] = from_bf16(A[i * lda + p]);
+    for (int64_t p = 0; p < K; ++p)
+      for (int64_t j = 0; j < N; ++j) b[p * N + j] = from_bf16(B[p * ldb + j]);
+    gemm_f32_serial(false, false, M, N, K, 1.0f, a.data(), K, b.data(), N, beta, C, ldc);
+    return;
+  }
   using dt = dnnl::memory::data_type;
   thread_local dnnl::stream stream(mm.eng);
   const dnnl::memory a({{M, K}, dt::bf16, {lda, 1}}, mm.eng, const_cast<uint16_t*>(A));
