@@ -17,7 +17,7 @@ F32_EPS = float(np.finfo(np.float32).eps)
 close = R.close
 
 
-# ---- the worked examples of issue 3 ---------------------------------------------------------
+# ---- worked examples ------------------------------------------------------------------------
 
 
 def worked_example_layer(**kw):
@@ -334,7 +334,18 @@ def test_parameters_per_kind(kind, names):
     assert 0.2 / math.sqrt(6) < p["W1"].std() < 5 / math.sqrt(6)
     assert not hasattr(moe.MoE(6, 4, 2, noise="none"), "W_noise")
     assert moe.MoE(6, 4, 2, router_bias=True).b_g.shape == (4,)
-    assert "b1" not in moe.MoE(6, 4, 2, expert_bias=False).parameters()
+    assert "b1" not in moe.MoE(6, 4, 2, bias=False).parameters()
+    assert "b1" in moe.MoE(6, 4, 2, bias=True).parameters()
+
+
+def test_old_expert_bias_keyword_is_refused_with_the_new_name():
+    # expert_bias is the selection-bias attribute; the experts' b1/b2 switch is bias=.
+    with pytest.raises(ValueError, match=r"expert_bias: .*use bias=") as err:
+        moe.MoE(6, 4, 2, expert_bias=False)
+    assert isinstance(err.value, moe.Error)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'biass'"):
+        moe.MoE(6, 4, 2, biass=False)
+    assert moe.MoE(6, 4, 2).expert_bias.shape == (4,)
 
 
 def test_parameter_assignment(rng):
