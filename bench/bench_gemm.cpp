@@ -1,4 +1,4 @@
-// The roofs of issue 5 as Google Benchmark kernels: oneDNN sgemm at the shapes the MoE
+// The roofs of `moe bench` as Google Benchmark kernels: oneDNN sgemm at the shapes the MoE
 // benchmarks use — the dense roof GEMM [T·k, d] × [d, d_ff] and the per-expert GEMMs the
 // layer actually runs (rows = T·k/E) — called directly (oneDNN threads it) and through
 // libmoe's deterministic blocked wrapper gemm_f32; plus the streaming read bandwidth that is

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The PyTorch peer of libmoe's MoE layer, for `moe bench` (issue 5).
+"""The PyTorch peer of libmoe's MoE layer, for `moe bench`.
 
 The same layer written as a careful PyTorch user would: the router's gate and noise
 products in one matmul, noise, topk + softmax, capacity drop (rank-major "position"

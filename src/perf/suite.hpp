@@ -1,4 +1,4 @@
-// The benchmark configurations of issue 5 (B1, B2, B3, E-sweep) and how their FLOPs are
+// The benchmark configurations (B1, B2, B3, E-sweep) and how their FLOPs are
 // counted. `moe bench` and the Google Benchmark programs both take their shapes from here.
 //
 // FLOP counting (docs/benchmarks.md says the same): one multiply-add is 2 FLOPs, and only the
@@ -30,7 +30,7 @@ struct BenchCase {
   bool bf16 = false;         // expert weights in bf16 (MoELayer::set_bf16_experts), evaluation
 };
 
-// Every configuration of issue 5, in order. quick: the same structure at small sizes (a
+// Every benchmark configuration, in order. quick: the same structure at small sizes (a
 // smoke test that runs in seconds).
 std::vector<BenchCase> bench_cases(bool quick);
 
