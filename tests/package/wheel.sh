@@ -3,8 +3,9 @@
 # (scikit-build-core from PyPI in a temporary build environment, the project's CMake without
 # tests, benchmarks or fuzzers), installs it into a fresh virtual environment (numpy from
 # PyPI), and there imports moe, runs a forward (tests/package/wheel_smoke.py) and `moe --help`.
-# Needs Debian's python3-venv and the packages scripts/setup.sh installs; about 5 minutes on
-# 2 cores, most of it compiling the library. Usage: tests/package/wheel.sh
+# Needs Debian's python3-venv, the packages scripts/setup.sh installs and PyPI. Most of the
+# time is compiling the library: 3 minutes of CPU, 6 minutes of wall time on a busy 2-core
+# machine. Usage: tests/package/wheel.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -18,7 +19,7 @@ start=$SECONDS
 "$tmp/build-env/bin/pip" install "${pip_q[@]}" "scikit-build-core>=0.10" "pybind11>=2.12"
 defines=()
 if command -v ccache >/dev/null; then
-  defines+=(-Ccmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  defines+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
 fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$tmp/build-env/bin/pip" wheel "${pip_q[@]}" --no-deps --no-build-isolation \
