@@ -16,7 +16,9 @@ pip_q=(--quiet --disable-pip-version-check --no-input)
 start=$SECONDS
 
 "$python" -m venv "$tmp/build-env"
-"$tmp/build-env/bin/pip" install "${pip_q[@]}" "scikit-build-core>=0.10" "pybind11>=2.12"
+# Pinned so that a new release elsewhere cannot change what this test builds with;
+# pyproject.toml itself asks only for scikit-build-core >= 0.10 and pybind11 >= 2.12.
+"$tmp/build-env/bin/pip" install "${pip_q[@]}" scikit-build-core==1.1.2 pybind11==3.1.0
 defines=()
 if command -v ccache >/dev/null; then
   defines+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
@@ -38,9 +40,11 @@ if grep -E 'include/|\.a$|cmake/' "$tmp/contents"; then
 fi
 
 "$python" -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install "${pip_q[@]}" "$wheel"
+"$tmp/venv/bin/pip" install "${pip_q[@]}" "$wheel" numpy==2.4.6
 # Away from the repository, with no PYTHONPATH: only the installed package can be imported.
 (cd "$tmp" && env -u PYTHONPATH "$tmp/venv/bin/python" "$repo/tests/package/wheel_smoke.py")
+found=$(PATH="$tmp/venv/bin:$PATH" command -v moe)
+[ "$found" = "$tmp/venv/bin/moe" ] || { echo "wheel: moe resolves to $found" >&2; exit 1; }
 help=$(env -u PYTHONPATH PATH="$tmp/venv/bin:$PATH" moe --help)
 for sub in train bench gate route; do
   grep -q "$sub" <<<"$help" || { echo "wheel: 'moe --help' does not list $sub" >&2; exit 1; }
