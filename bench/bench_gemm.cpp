@@ -4,7 +4,7 @@
 // libmoe's deterministic blocked wrapper gemm_f32; plus the streaming read bandwidth that is
 // the decode roof. Counters: GFLOP/s, GB/s.
 //
-//   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2 for the goals)
+//   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2, as the goals are stated)
 #include <benchmark/benchmark.h>
 #include <oneapi/dnnl/dnnl.h>
 
