@@ -59,7 +59,7 @@ TEST(BenchPerf, RouterFlopsDoubleOnlyForLearnedNoiseInTraining) {
   EXPECT_DOUBLE_EQ(moe::perf::router_flops(c, 10, true), 2.0 * 10 * 4 * 6);
 }
 
-TEST(BenchPerf, ConfigurationsAreIssueFives) {
+TEST(BenchPerf, ConfigurationsAreB1B2B3AndTheESweep) {
   const auto cases = moe::perf::bench_cases(false);
   std::vector<std::string> names;
   for (const auto& c : cases) names.push_back(c.name);
