@@ -338,16 +338,6 @@ def test_parameters_per_kind(kind, names):
     assert "b1" in moe.MoE(6, 4, 2, bias=True).parameters()
 
 
-def test_old_expert_bias_keyword_is_refused_with_the_new_name():
-    # expert_bias is the selection-bias attribute; the experts' b1/b2 switch is bias=.
-    with pytest.raises(ValueError, match=r"expert_bias: .*use bias=") as err:
-        moe.MoE(6, 4, 2, expert_bias=False)
-    assert isinstance(err.value, moe.Error)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'biass'"):
-        moe.MoE(6, 4, 2, biass=False)
-    assert moe.MoE(6, 4, 2).expert_bias.shape == (4,)
-
-
 def test_parameter_assignment(rng):
     m = moe.MoE(3, 4, 2, d_ff=5)
     W1 = rng.normal(size=(4, 3, 5))
