@@ -1,10 +1,10 @@
-// The roofs of issue 5 as Google Benchmark kernels: oneDNN sgemm at the shapes the MoE
+// The roofs of `moe bench` as Google Benchmark kernels: oneDNN sgemm at the shapes the MoE
 // benchmarks use — the dense roof GEMM [T·k, d] × [d, d_ff] and the per-expert GEMMs the
 // layer actually runs (rows = T·k/E) — called directly (oneDNN threads it) and through
 // libmoe's deterministic blocked wrapper gemm_f32; plus the streaming read bandwidth that is
 // the decode roof. Counters: GFLOP/s, GB/s.
 //
-//   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2 for the issue's goals)
+//   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2, as the goals are stated)
 #include <benchmark/benchmark.h>
 #include <oneapi/dnnl/dnnl.h>
 

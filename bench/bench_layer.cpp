@@ -1,4 +1,4 @@
-// The MoE layer at B1 and B2 of issue 5 as Google Benchmark cases: forward (training mode)
+// The MoE layer at B1 and B2 (src/perf/suite.hpp) as Google Benchmark cases: forward (training mode)
 // and forward+backward. Counters: GFLOP/s (routed expert FLOPs on T·k rows plus the
 // router's; forward+backward counts 3x the forward), the roof (oneDNN sgemm on the dense
 // [T·k, d] x [d, d_ff] GEMM, timed outside the case's time before every iteration: the VM's

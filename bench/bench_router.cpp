@@ -1,4 +1,4 @@
-// Routing throughput (issue 2 item 6): T = 16384 tokens, d = 1024, E ∈ {8, 64, 256},
+// Routing throughput: T = 16384 tokens, d = 1024, E ∈ {8, 64, 256},
 // k ∈ {1, 2, 8}. Each benchmark reports tokens/s and splits its time into the GEMM and the
 // per-token part (noise, KeepTopK, softmax), timed separately inside the same iterations,
 // beside the GEMM's GFLOP/s and the machine's plain one-call sgemm rate on the same shape.

@@ -386,6 +386,20 @@ struct PyMoE {
   }
 };
 
+// MoE() takes no keywords beyond its named ones. The experts' b1/b2 switch was once called
+// expert_bias, which is also the name of the selection-bias attribute; that keyword is
+// refused with its new name.
+void refuse_unknown_keywords(const py::kwargs& unknown) {
+  for (const auto& item : unknown) {
+    const std::string key = py::str(item.first);
+    if (key == "expert_bias")
+      throw moe::Error(
+          "expert_bias: not a constructor keyword; use bias=True/False (whether the experts "
+          "have b1/b2). The attribute expert_bias is the selection bias of bias_update_rate");
+    throw py::type_error(cat("MoE(): unexpected keyword argument '", key, "'"));
+  }
+}
+
 std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 const std::string& expert, const py::object& d_ff,
                                 const py::object& d_out, const std::string& activation,
@@ -394,13 +408,14 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 const std::string& noise_scale, double noise_stddev,
                                 double aux_alpha, double z_alpha, bool normalize_by_k,
                                 bool residual, const std::string& tie_break, const py::int_& seed,
-                                bool expert_bias, bool router_bias, double router_init_std,
+                                bool bias, bool router_bias, double router_init_std,
                                 const std::string& router, bool renormalize,
                                 double scaling_factor, const std::string& aux_loss,
                                 int64_t seq_len, double bias_update_rate, int64_t n_groups,
                                 int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
                                 const std::string& second_expert_policy, double jitter,
-                                const std::string& precision) {
+                                const std::string& precision, const py::kwargs& unknown) {
+  refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
   c.d_model = d_model;
   c.n_experts = n_experts;
@@ -431,7 +446,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.residual = residual;
   c.tie_break = moe::parse_tie_break(tie_break);
   c.seed = as_seed(seed);
-  c.expert_bias = expert_bias;
+  c.expert_bias = bias;
   c.router_bias = router_bias;
   c.router_init_std = static_cast<float>(router_init_std);
   c.router_kind = moe::parse_router_kind(router);
@@ -463,7 +478,7 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("noise_scale") = "softplus", py::arg("noise_stddev") = 1.0,
           py::arg("aux_alpha") = 0.01, py::arg("z_alpha") = 0.0,
           py::arg("normalize_by_k") = false, py::arg("residual") = false,
-          py::arg("tie_break") = "high", py::arg("seed") = 0, py::arg("expert_bias") = true,
+          py::arg("tie_break") = "high", py::arg("seed") = 0, py::arg("bias") = true,
           py::arg("router_bias") = false, py::arg("router_init_std") = 0.0,
           py::arg("router") = "topk_softmax", py::arg("renormalize") = false,
           py::arg("scaling_factor") = 1.0, py::arg("aux_loss") = "switch",
@@ -489,7 +504,7 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
   cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
-  // Not the constructor's expert_bias=True (b1/b2 exist): the DeepSeek-V3 selection bias.
+  // The DeepSeek-V3 selection bias; the constructor's bias=True says whether b1/b2 exist.
   cls.def_property(
       "expert_bias", [](const PyMoE& self) { return tensor_to_numpy(self.layer.expert_bias()); },
       [](PyMoE& self, const py::object& v) {
@@ -503,7 +518,7 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
       },
       "(n_experts) selection bias of bias_update_rate > 0 (a copy; zeros when off), added to "
       "the scores when choosing experts, never to the gate weights. Not the constructor's "
-      "expert_bias flag, which says whether the experts have b1/b2.");
+      "bias flag, which says whether the experts have b1/b2.");
   cls.def("update_expert_bias", [](PyMoE& self) { self.layer.update_expert_bias(); },
           "b_i += bias_update_rate·sign(mean load - load_i) from the last training forward's "
           "load (before capacity); call once after each optimizer step. No-op when the rate "

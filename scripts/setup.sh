@@ -10,6 +10,7 @@ packages=(
   libdnnl-dev nlohmann-json3-dev libcli11-dev
   googletest libgtest-dev libbenchmark-dev
   pybind11-dev python3-dev python3-pybind11 python3-numpy python3-pytest python3-matplotlib python3-torch
+  python3-venv  # tests/package/wheel.sh: `pip install .` into fresh virtual environments
   openmpi-bin libopenmpi-dev
   libopenblas0-pthread  # the BLAS behind NumPy/PyTorch: Debian's torch falls back to the reference BLAS (3 GFLOP/s) without it
   clang libclang-rt-14-dev libomp-14-dev  # scripts/fuzz.sh: libFuzzer, ASan/UBSan runtimes

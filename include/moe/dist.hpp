@@ -1,4 +1,4 @@
-// Expert parallelism over MPI (issue 6): one MoE layer spread over the P ranks of a
+// Expert parallelism over MPI: one MoE layer spread over the P ranks of a
 // communicator. Each rank holds its own slice of the batch's tokens and a slice of the
 // experts; the router is replicated. A step is
 //

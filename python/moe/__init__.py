@@ -1,4 +1,4 @@
-"""libmoe: Mixture-of-Experts layers on the CPU (SPEC §5).
+"""libmoe: Mixture-of-Experts layers on the CPU (docs/spec.md §5).
 
 NumPy arrays in and out; any float dtype or memory layout is accepted and converted to
 C-contiguous float32 at the boundary. Every validation failure raises ``moe.Error``, a

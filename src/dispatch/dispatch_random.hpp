@@ -6,7 +6,7 @@
 #pragma once
 #include <cstdint>
 
-#include "router/philox.hpp"
+#include "common/philox.hpp"
 
 namespace moe::detail {
 

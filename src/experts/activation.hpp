@@ -3,8 +3,8 @@
 #pragma once
 #include <cmath>
 
+#include "common/row_math.hpp"
 #include "moe/layer.hpp"
-#include "router/router_rows.hpp"
 
 namespace moe::detail {
 

@@ -3,8 +3,8 @@
 #include <cmath>
 
 #include "common/check.hpp"
+#include "common/philox.hpp"
 #include "layer/shared_experts.hpp"
-#include "router/philox.hpp"
 
 namespace moe::detail {
 

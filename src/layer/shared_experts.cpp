@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "common/check.hpp"
-#include "router/philox.hpp"
+#include "common/philox.hpp"
 
 namespace moe::detail {
 

@@ -16,9 +16,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/row_math.hpp"
 #include "losses/losses.hpp"
 #include "moe/layer.hpp"
-#include "router/router_rows.hpp"
 
 namespace moe::detail {
 

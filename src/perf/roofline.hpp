@@ -1,5 +1,5 @@
-// The two references every libmoe benchmark figure is set beside, measured in the same run
-// (issue 5): the compute roof — oneDNN's sgemm rate on one dense GEMM — and the memory roof —
+// The two references every libmoe benchmark figure is set beside, measured in the same run:
+// the compute roof — oneDNN's sgemm rate on one dense GEMM — and the memory roof —
 // the read bandwidth of a streaming kernel. Plus the small timing helpers they share.
 #pragma once
 #include <cstdint>

@@ -15,7 +15,7 @@ std::string label(const char* prefix, int64_t v) {
   return buf;
 }
 
-// B1 of issue 5: T=4096, d=1024, d_ff=2048, E=16, k=2, mlp relu, cf=1.25, learned noise.
+// B1: T=4096, d=1024, d_ff=2048, E=16, k=2, mlp relu, cf=1.25, learned noise.
 BenchCase b1(bool quick) {
   BenchCase c;
   c.name = c.group = "B1";

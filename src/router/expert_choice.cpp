@@ -4,7 +4,7 @@
 #include <numeric>
 
 #include "common/check.hpp"
-#include "experts/experts.hpp"
+#include "common/parallel.hpp"
 
 namespace moe::detail {
 

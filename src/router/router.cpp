@@ -6,9 +6,9 @@
 
 #include "common/check.hpp"
 #include "common/gemm.hpp"
+#include "common/philox.hpp"
+#include "common/vec_math.hpp"
 #include "moe/tensor.hpp"
-#include "router/philox.hpp"
-#include "router/router_math.hpp"
 #include "router/router_ref.hpp"
 #include "router/router_rows.hpp"
 #include "router/scores.hpp"

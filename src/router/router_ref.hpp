@@ -1,6 +1,6 @@
 // The reference router (STYLE.md item 2): obvious loops on any scalar type, the oracle of the
 // fast router's tests and, instantiated on double, of the gradient checks. Only ε is shared
-// with the fast path (router/philox.hpp), so that both route the same noisy logits.
+// with the fast path (common/philox.hpp), so that both route the same noisy logits.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -8,8 +8,9 @@
 #include <numeric>
 #include <vector>
 
+#include "common/philox.hpp"
+#include "common/row_math.hpp"
 #include "moe/router.hpp"
-#include "router/philox.hpp"
 #include "router/scores.hpp"
 
 namespace moe::detail {
@@ -40,11 +41,6 @@ struct RouterRefOut {
   std::vector<S> scores;                  // (T, E) sigmoid(H), router sigmoid only
   std::vector<float> jitter;              // (T, d) router-input factors, jitter in training
 };
-
-template <typename S>
-S softplus_ref(S z) {
-  return std::max(z, S(0)) + std::log1p(std::exp(-std::abs(z)));
-}
 
 // x is (T, d). Throws moe::Error exactly where router_forward does.
 template <typename S>
@@ -107,7 +103,7 @@ void router_forward_ref_t(RouterRefOut<S>& o, const S* x, const RouterRefParams<
           S pre = 0;
           for (int64_t i = 0; i < d; ++i) pre += xt[i] * p.W_noise[i * E + e];
           o.noise_pre[t * E + e] = pre;
-          scale = cfg.noise_scale == NoiseScale::softplus ? softplus_ref(pre) : pre;
+          scale = cfg.noise_scale == NoiseScale::softplus ? softplus(pre) : pre;
         }
         H[e] = h[e] + scale * eps[e];
         if (!std::isfinite(H[e])) throw_non_finite("noisy logits H", t, noise);

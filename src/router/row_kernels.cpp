@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "router/router_math.hpp"
+#include "common/vec_math.hpp"
 #include "router/router_rows.hpp"
 
 #if defined(__AVX512F__)

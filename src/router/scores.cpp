@@ -7,8 +7,8 @@
 #include <cmath>
 #include <vector>
 
-#include "router/philox.hpp"
-#include "router/router_math.hpp"
+#include "common/philox.hpp"
+#include "common/vec_math.hpp"
 #include "router/router_rows.hpp"
 #include "router/row_kernels.hpp"
 

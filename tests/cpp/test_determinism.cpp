@@ -1,4 +1,4 @@
-// Determinism as a promise (issue 7, item 5): routing and a training step give the same bits
+// Determinism as a promise: routing and a training step give the same bits
 // with 1 and 2 OpenMP threads, and in two separate processes.
 #include <gtest/gtest.h>
 #include <omp.h>

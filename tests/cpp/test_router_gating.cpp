@@ -1,12 +1,12 @@
-// Noisy top-k gating with fixed σ (SPEC §1, issue 2 item 5), the noise generator and the
+// Noisy top-k gating with fixed σ (SPEC §1), the noise generator and the
 // vectorisable math it runs on.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 
-#include "router/philox.hpp"
-#include "router/router_math.hpp"
+#include "common/philox.hpp"
+#include "common/vec_math.hpp"
 #include "test_router_util.hpp"
 
 namespace {

@@ -83,7 +83,7 @@ def test_values_are_consistent(rows):
                                                      rel=1e-9)
         assert 0 < row["router_share"]
         assert row["peak_bytes"] >= row["param_bytes"] > 0
-        # Steady state allocates nothing (issue 5): counted inside the layer's calls only.
+        # Steady state allocates nothing (fp32): counted inside the layer's calls only.
         assert row["allocs_per_fwd"] == 0, row["name"]
         assert row["allocs_per_fwdbwd"] == 0, row["name"]
         # --no-peer: the peer's columns are null and say why.

@@ -1,4 +1,4 @@
-"""`moe gate` and `moe route` (SPEC §5): the reference examples of issue 2, a NumPy/PyTorch
+"""`moe gate` and `moe route` (SPEC §5): the reference examples, a NumPy/PyTorch
 cross-check on random inputs, and the error contract (exit 2, one stderr line naming the
 field, nothing on stdout)."""
 import json
@@ -28,7 +28,7 @@ def call(cmd, doc):
     return json.loads(r.stdout)
 
 
-# --- reference examples (issue 2, item 5) -------------------------------------------------
+# --- reference examples ---------------------------------------------------------------------
 
 EX1 = dict(X=[[1, 2]], W_g=[[1, 0], [0, 1]], W_noise=[[.5, .5], [.5, .5]], N=[[1, -1]], k=2)
 EX2 = dict(X=[[1, 0], [0, 1]], W_g=[[1, .5, 0], [0, .5, 1]], W_noise=[[.1] * 3] * 2,

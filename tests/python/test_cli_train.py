@@ -1,4 +1,4 @@
-"""`moe train` (issue 4, items 5–6): small, fast versions of the default run. The loss falls
+"""`moe train`: small, fast versions of the default run. The loss falls
 well below its start; the balancing loss with noise keeps the expert load balanced where
 `--aux-alpha 0 --noise none` does not; a seed reproduces the run; the run folder holds what
 it should. Runs use --threads 1 so that they stay quick on a busy machine (results do not

@@ -377,6 +377,17 @@ def test_P7_balancing_loss_indices():
         moe.load_balancing_loss(np.array([[0.5, 1.0]]), probs, 4)
 
 
+@needs_layer
+def test_P9_old_expert_bias_keyword():
+    # expert_bias is the selection-bias attribute; the experts' b1/b2 switch is bias=.
+    with raises("expert_bias: not a constructor keyword; use bias=True/False"):
+        moe.MoE(6, 4, 2, expert_bias=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'biass'"):
+        moe.MoE(6, 4, 2, biass=False)
+    assert "b1" not in moe.MoE(6, 4, 2, bias=False).parameters()
+    assert moe.MoE(6, 4, 2).expert_bias.shape == (4,)
+
+
 # --- Command line --------------------------------------------------------------------------
 
 @needs_cli

@@ -1,6 +1,6 @@
 """Determinism across processes and thread counts, through the command line: the same input
-gives byte-identical output files whatever OMP_NUM_THREADS is (docs/errors.md, issue 7
-item 5; the C++ side is tests/cpp/test_determinism.cpp)."""
+gives byte-identical output files whatever OMP_NUM_THREADS is (docs/errors.md; the C++
+side is tests/cpp/test_determinism.cpp)."""
 import json
 import os
 import subprocess

@@ -17,7 +17,7 @@ F32_EPS = float(np.finfo(np.float32).eps)
 close = R.close
 
 
-# ---- the worked examples of issue 3 ---------------------------------------------------------
+# ---- worked examples ------------------------------------------------------------------------
 
 
 def worked_example_layer(**kw):
@@ -334,7 +334,8 @@ def test_parameters_per_kind(kind, names):
     assert 0.2 / math.sqrt(6) < p["W1"].std() < 5 / math.sqrt(6)
     assert not hasattr(moe.MoE(6, 4, 2, noise="none"), "W_noise")
     assert moe.MoE(6, 4, 2, router_bias=True).b_g.shape == (4,)
-    assert "b1" not in moe.MoE(6, 4, 2, expert_bias=False).parameters()
+    assert "b1" not in moe.MoE(6, 4, 2, bias=False).parameters()
+    assert "b1" in moe.MoE(6, 4, 2, bias=True).parameters()
 
 
 def test_parameter_assignment(rng):

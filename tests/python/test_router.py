@@ -9,7 +9,7 @@ import torch_ref as R
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
-# (X, W_g, W_noise, N, k) of issue 2 item 5.
+# (X, W_g, W_noise, N, k) of the reference examples.
 EX1 = ([[1, 2]], np.eye(2), [[0.5, 0.5], [0.5, 0.5]], [[1, -1]], 2)
 EX2 = ([[1, 0], [0, 1]], [[1, 0.5, 0], [0, 0.5, 1]], np.full((2, 3), 0.1),
        [[0.5, -0.5, 0.2], [0.1, 0, -0.1]], 2)

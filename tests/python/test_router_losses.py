@@ -1,4 +1,4 @@
-"""Router family (issue 8), this part: aux_loss none / seq / global / shazeer, drop_policy
+"""Router family, this part: aux_loss none / seq / global / shazeer, drop_policy
 random / priority, second_expert_policy random — moe.MoE against the PyTorch formulas of
 torch_ref_losses.py (values and gradients), and `moe train` with each flag."""
 import json

@@ -1,8 +1,8 @@
-#include "router/philox.hpp"
+#include "common/philox.hpp"
 
 #include <algorithm>
 
-#include "router/router_math.hpp"
+#include "common/vec_math.hpp"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

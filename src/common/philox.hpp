@@ -2,7 +2,7 @@
 // counter (expert / 4, token lo, token hi, step mod 2^32), then Box–Muller on the four words.
 // One (seed, step, token, expert) gives one ε, whatever thread, batch split or process asks.
 //
-// Every ε anywhere in libmoe comes out of philox_normal_lanes, compiled once (router/philox.cpp)
+// Every ε anywhere in libmoe comes out of philox_normal_lanes, compiled once (common/philox.cpp)
 // and vectorised across 16 independent counters. Each lane runs the same instructions, so a
 // value never depends on which lane, batch or thread computed it, and the reference router,
 // the fast router and the scalar moe::philox_normal agree bit for bit.

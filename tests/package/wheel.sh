@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `pip install .` as a user would do it, checked end to end: builds a wheel of the repository
+# (scikit-build-core from PyPI in a temporary build environment, the project's CMake without
+# tests, benchmarks or fuzzers), installs it into a fresh virtual environment (numpy from
+# PyPI), and there imports moe, runs a forward (tests/package/wheel_smoke.py) and `moe --help`.
+# Needs Debian's python3-venv, the packages scripts/setup.sh installs and PyPI. Most of the
+# time is compiling the library: 3 minutes of CPU, 6 minutes of wall time on a busy 2-core
+# machine. Usage: tests/package/wheel.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python="${PYTHON:-/usr/bin/python3}"  # the interpreter the environments are made from
+pip_q=(--quiet --disable-pip-version-check --no-input)
+start=$SECONDS
+
+"$python" -m venv "$tmp/build-env"
+# Pinned so that a new release elsewhere cannot change what this test builds with;
+# pyproject.toml itself asks only for scikit-build-core >= 0.10 and pybind11 >= 2.12.
+"$tmp/build-env/bin/pip" install "${pip_q[@]}" scikit-build-core==1.1.2 pybind11==3.1.0
+defines=()
+if command -v ccache >/dev/null; then
+  defines+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+  "$tmp/build-env/bin/pip" wheel "${pip_q[@]}" --no-deps --no-build-isolation \
+  "${defines[@]}" -w "$tmp/dist" "$repo" >"$tmp/wheel.log" 2>&1 ||
+  { tail -n 60 "$tmp/wheel.log" >&2; echo "wheel: pip wheel failed" >&2; exit 1; }
+built=$SECONDS
+wheel=$(ls "$tmp"/dist/libmoe-*.whl)
+# The wheel holds the package and the command, nothing of the C++ development files.
+"$python" -m zipfile -l "$wheel" >"$tmp/contents"
+for f in moe/__init__.py moe/_moe "/scripts/moe"; do
+  grep -q "$f" "$tmp/contents" || { echo "wheel: $f is missing from $wheel" >&2; exit 1; }
+done
+if grep -E 'include/|\.a$|cmake/' "$tmp/contents"; then
+  echo "wheel: C++ development files in the wheel" >&2
+  exit 1
+fi
+
+"$python" -m venv "$tmp/venv"
+"$tmp/venv/bin/pip" install "${pip_q[@]}" "$wheel" numpy==2.4.6
+# Away from the repository, with no PYTHONPATH: only the installed package can be imported.
+(cd "$tmp" && env -u PYTHONPATH "$tmp/venv/bin/python" "$repo/tests/package/wheel_smoke.py")
+found=$(PATH="$tmp/venv/bin:$PATH" command -v moe)
+[ "$found" = "$tmp/venv/bin/moe" ] || { echo "wheel: moe resolves to $found" >&2; exit 1; }
+help=$(env -u PYTHONPATH PATH="$tmp/venv/bin:$PATH" moe --help)
+for sub in train bench gate route; do
+  grep -q "$sub" <<<"$help" || { echo "wheel: 'moe --help' does not list $sub" >&2; exit 1; }
+done
+echo "wheel: $(basename "$wheel") built in $((built - start))s, installed and checked in $((SECONDS - built))s"
