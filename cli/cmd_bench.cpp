@@ -8,8 +8,8 @@
 // weight bytes),
 // memory (parameters, gradients, the layer's workspace, the largest single allocation and
 // how the workspace grows from T/2 to T), and the PyTorch peer bench/peers/moe_peer.py run
-// as a subprocess under /usr/bin/python3. Then it prints the goals of issue 5 and whether
-// each is met. FLOP counting: src/perf/suite.hpp and docs/benchmarks.md.
+// as a subprocess under the project's Python (.venv/bin/python). Then it prints the goals of
+// issue 5 and whether each is met. FLOP counting: src/perf/suite.hpp and docs/benchmarks.md.
 //
 // Heap accounting: this file replaces the global operator new/delete of the `moe` binary
 // with counting versions (malloc + malloc_usable_size; a relaxed atomic add per call) so
@@ -44,6 +44,7 @@
 #include "moe/router.hpp"
 #include "perf/roofline.hpp"
 #include "perf/suite.hpp"
+#include "run_files.hpp"
 
 #ifndef MOE_SOURCE_DIR
 #define MOE_SOURCE_DIR "."
@@ -357,17 +358,17 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   r.ran = true;
 }
 
-bool python_has_torch() {
-  static const bool has = [] {
-    return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
-  }();
-  return has;
-}
-
 std::string shell_quote(const std::string& s) {
   std::string q = "'";
   for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
   return q + "'";
+}
+
+bool python_has_torch() {
+  static const bool has = [] {
+    return std::system((shell_quote(project_python()) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0;
+  }();
+  return has;
 }
 
 // Runs a shell command and parses the last line of its standard output as JSON. Returns a
@@ -406,7 +407,7 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
   cs["cf"] = m.capacity_factor ? json(*m.capacity_factor) : json(nullptr);
   const std::string script =
       o.peer_script.empty() ? std::string(MOE_SOURCE_DIR) + "/bench/peers/moe_peer.py" : o.peer_script;
-  const std::string cmd = "OPENBLAS_CORETYPE=Cooperlake /usr/bin/python3 " + shell_quote(script) +
+  const std::string cmd = "OPENBLAS_CORETYPE=Cooperlake " + shell_quote(project_python()) + " " + shell_quote(script) +
                           " --threads " + std::to_string(threads) + " --repeat " +
                           std::to_string(std::max(o.repeat, 1)) + " --case " +
                           shell_quote(cs.dump());
@@ -875,7 +876,8 @@ void add_bench_command(CLI::App& app, int& status) {
       ->check(CLI::Range(0.05, 1.0));
   sub->footer(
       "Every figure is measured in this run beside its roof. The peer runs under "
-      "/usr/bin/python3 with OPENBLAS_CORETYPE=Cooperlake when torch is installed.");
+      "the project's Python (.venv/bin/python; $MOE_PYTHON overrides) with "
+      "OPENBLAS_CORETYPE=Cooperlake when torch is installed.");
   sub->callback([o, &status] { status = run_bench(*o); });
 }
 

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """The PyTorch peer of libmoe's MoE layer, for `moe bench` (issue 5).
 
 The same layer written as a careful PyTorch user would: the router's gate and noise
