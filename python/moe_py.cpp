@@ -797,12 +797,13 @@ py::dict reference_f64(PyMoE& self, const py::object& x_, const py::dict& params
                 ") of a noisy training forward");
     eps = as_f64(noise_, "noise", {T, E});
   }
+  const uint64_t s = as_seed(step);
   std::vector<double> y;
   moe::detail::RefSaved<double> sv;
   {
     py::gil_scoped_release nogil;
     moe::detail::layer_forward_ref<double>(y, sv, x.data(), p, c, T, training,
-                                           noisy ? eps.data() : nullptr, as_seed(step));
+                                           noisy ? eps.data() : nullptr, s);
   }
   py::dict out;
   out["y"] = f64_numpy(y, {T, Do});

@@ -10,7 +10,7 @@ packages=(
   build-essential cmake pkg-config git
   libdnnl-dev nlohmann-json3-dev libcli11-dev
   googletest libgtest-dev libbenchmark-dev
-  pybind11-dev python3-dev python3-venv  # the extension is built for Debian's python3 (3.11)
+  python3-dev python3-venv  # the extension is built for Debian's python3 (3.11); pybind11 comes from .venv/
   openmpi-bin libopenmpi-dev
   clang libclang-rt-14-dev libomp-14-dev  # scripts/fuzz.sh: libFuzzer, ASan/UBSan runtimes
 )
