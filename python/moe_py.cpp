@@ -838,8 +838,9 @@ void bind_torch_support(py::class_<PyMoE>& cls) {
      "keeps the layer alive. For moe.torch.");
   cls.def("_buffer_address", [](PyMoE& self, const std::string& name, bool grad) {
     if (!self.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
+    const moe::MoELayer& layer = self.layer;  // const: reading an address changes nothing
     return reinterpret_cast<uintptr_t>(grad ? self.layer.grad(name).ptr()
-                                            : self.layer.param(name).ptr());
+                                            : layer.param(name).ptr());
   }, py::arg("name"), py::arg("grad") = false);
   cls.def("_reference_f64", &reference_f64, py::arg("x"), py::arg("params"),
           py::arg("noise") = py::none(), py::arg("training") = true, py::arg("dy") = py::none(),

@@ -85,8 +85,8 @@ def test_forward_and_backward_are_the_plain_layers_bit_for_bit():
         assert y.shape == (3, 7, 8) and y.dtype == torch.float32
         yp = plain.forward(x.detach().reshape(21, 8).numpy())
         np.testing.assert_array_equal(y.detach().reshape(21, 8).numpy(), yp)
-        assert float(m.aux_loss) == np.float32(plain.aux_loss)
-        assert float(m.z_loss) == np.float32(plain.z_loss)
+        assert m.aux_loss.item() == np.float32(plain.aux_loss)
+        assert m.z_loss.item() == np.float32(plain.z_loss)
         assert m.stats == plain.stats
         # The objective moe.MoE.backward differentiates: <y, dy> + aux_loss + z_loss.
         m.zero_grad()
@@ -124,6 +124,38 @@ def test_bf16_inputs_give_bf16_outputs():
     assert x.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
 
 
+def test_precision_bf16_is_the_plain_layers_and_follows_optimizer_and_loads():
+    """precision="bf16": the same bits as moe.MoE(precision="bf16"), and the layer's bf16
+    copies follow the weights an optimizer step or load_state_dict writes in place."""
+    m, plain = make(precision="bf16", noise="none")
+    assert m.config["precision"] == "bf16"
+    x = randn(9, 8, seed=30)
+    y = m(x.requires_grad_(True))
+    np.testing.assert_array_equal(y.detach().numpy(), plain.forward(x.detach().numpy()))
+    (y.square().sum() + m.aux_loss + m.z_loss).backward()
+    plain.zero_grad()
+    plain.backward(2 * plain.forward(x.detach().numpy()))
+    for n, p in m.named_parameters():
+        np.testing.assert_array_equal(p.grad.numpy(), plain.grads[n], err_msg=n)
+
+    def same_as_plain_with_the_modules_weights():
+        for n, p in m.named_parameters():
+            setattr(plain, n, p.detach().numpy())
+        with torch.no_grad():
+            np.testing.assert_array_equal(m(x.detach()).numpy(),
+                                          plain.forward(x.detach().numpy()))
+
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    opt.step()  # in place, after a backward
+    same_as_plain_with_the_modules_weights()
+    other, _ = make(precision="bf16", noise="none", seed=77)
+    m.load_state_dict(other.state_dict())  # in place, no backward in between
+    same_as_plain_with_the_modules_weights()
+    with torch.no_grad():  # a plain in-place write
+        m.W1.mul_(-1.0)
+    same_as_plain_with_the_modules_weights()
+
+
 # ---- against autograd of the pure-PyTorch formulas ----------------------------------------
 
 
@@ -151,7 +183,7 @@ def test_gradients_are_those_of_the_objective_differentiated(coef):
     close(y.detach(), ref["y"].detach(), rtol=1e-4, atol=1e-5, what="y")
     ((y * dy).sum() + a * m.aux_loss + b * m.z_loss).backward()
     ((ref["y"] * dy.double()).sum() + a * ref["aux_loss"] + b * ref["z_loss"]).backward()
-    assert float(ref["z_loss"]) > 0 and float(ref["aux_loss"]) > 0
+    assert ref["z_loss"].item() > 0 and ref["aux_loss"].item() > 0
     close(x.grad, xt.grad, rtol=1e-4, atol=2e-5 * (1 + xt.grad.abs().max().item()), what="dx")
     for n, p in m.named_parameters():
         g = P[n].grad
