@@ -57,6 +57,16 @@ def test_parameters_are_named_like_moe_MoE_and_share_the_layers_memory():
     np.testing.assert_array_equal(w.detach().numpy(), plain.W2)
 
 
+def test_from_layer_wraps_an_existing_layer_without_copying():
+    plain = moe.MoE(**KW)
+    m = mt.MoE.from_layer(plain)
+    assert m.layer is plain
+    plain.W_g = np.ones((8, 4))
+    assert torch.equal(m.W_g.detach(), torch.ones(8, 4))
+    with pytest.raises(moe.Error, match="layer: expected a moe.MoE"):
+        mt.MoE.from_layer(object())
+
+
 def test_keywords_pass_through_and_errors_name_the_field():
     m = mt.MoE(d_model=6, n_experts=3, k=1, expert="swiglu", d_ff=5, capacity_factor=1.5,
                noise="none", router="softmax_topk")
