@@ -255,6 +255,10 @@ def test_gradcheck_float64_reference(training):
     P = {n: p.detach().double().clone().requires_grad_(True) for n, p in m.named_parameters()}
     noise = randn(6, 3, seed=13, dtype=torch.float64) if training else None
     names = list(P)
+    # Central differences of step 1e-6 must not cross the top-k kink: the case's k-th and
+    # (k+1)-th noisy logits are further apart than that.
+    _, H, _ = R.layer_logits(P, x.detach(), m.config, eps=noise, training=training)
+    assert R.topk_margin(H, 2).min() > 1e-3
 
     def f(x, *ps):
         y, aux, z = mt.reference_f64(m, x, dict(zip(names, ps)), noise=noise, training=training)
