@@ -836,6 +836,18 @@ void bind_torch_support(py::class_<PyMoE>& cls) {
   }, py::arg("name"), py::arg("grad") = false,
      "A writable float32 view (no copy) of a parameter's buffer, or of its gradient's; it "
      "keeps the layer alive. For moe.torch.");
+  cls.def("_take_grad", [](PyMoE& self, const std::string& name) {
+    if (!self.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
+    moe::Tensor& g = self.layer.grad(name);
+    // The gradient's storage moves to the array (no copy); the layer gets a zeroed one.
+    auto* owned = new std::vector<float>(std::move(g.data));
+    g.data.assign(owned->size(), 0.0f);
+    py::capsule free_it(owned, [](void* v) { delete static_cast<std::vector<float>*>(v); });
+    std::vector<py::ssize_t> shape(g.shape.begin(), g.shape.end());
+    return py::array_t<float>(shape, owned->data(), free_it);
+  }, py::arg("name"),
+     "The gradient buffer of a parameter as a float32 array that owns it (no copy); the "
+     "layer's gradient starts again from zeros. For moe.torch.");
   cls.def("_buffer_address", [](PyMoE& self, const std::string& name, bool grad) {
     if (!self.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
     const moe::MoELayer& layer = self.layer;  // const: reading an address changes nothing

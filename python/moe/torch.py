@@ -52,13 +52,14 @@ __all__ = ["MoE", "reference_f64"]
 
 
 class _Entry:
-    __slots__ = ("layer", "names", "synced", "last_key", "__weakref__")
+    __slots__ = ("layer", "names", "synced", "last_key", "grads_clean", "__weakref__")
 
     def __init__(self, layer):
         self.layer = weakref.ref(layer)
         self.names = list(layer.parameter_names)
         self.synced = {}       # name -> (data_ptr, _version) last handed to the layer
         self.last_key = None   # identity of the forward whose state the layer holds
+        self.grads_clean = False  # the layer's gradient buffers are zero
 
 
 _entries: dict[int, _Entry] = {}
@@ -186,9 +187,13 @@ def _backward(dy: torch.Tensor, daux: torch.Tensor, dz: torch.Tensor, x: torch.T
         layer.forward(_as_f32(x).numpy(), training=bool(training), step=step)
         e.last_key = _forward_key(x, step, bool(training))
     dy32 = _as_f32(dy)
-    layer.zero_grad()
-    dx = torch.from_numpy(layer.backward(dy32.numpy())).double()
-    grads = [torch.from_numpy(layer._buffer(n, True)).clone() for n in e.names]
+    if not e.grads_clean:  # the layer's gradient buffers hold something: start from zero
+        layer.zero_grad()
+    e.grads_clean = False
+    dx = torch.from_numpy(layer.backward(dy32.numpy()))
+    # The gradients leave the layer without a copy; it keeps fresh zeroed buffers.
+    grads = [torch.from_numpy(layer._take_grad(n)) for n in e.names]
+    e.grads_clean = True
     # The library's backward added 1·∂aux + 1·∂z; move each coefficient to the wanted one.
     aux_on, z_on = _active(layer)
     ca = float(daux) - 1.0 if aux_on else None
@@ -200,9 +205,9 @@ def _backward(dy: torch.Tensor, daux: torch.Tensor, dz: torch.Tensor, x: torch.T
     if ca is not None and (ca != 0.0 or cz != 0.0):
         # One backward with dy = 0 gives ∂aux + ∂z; the z part alone comes from the router
         # logits when the two coefficients differ.
-        layer.zero_grad()
+        e.grads_clean = False
         dx0 = torch.from_numpy(layer.backward(torch.zeros_like(dy32).numpy())).double()
-        dx = dx + ca * dx0
+        dx = dx.double() + ca * dx0
         g0 = {n: torch.from_numpy(layer._buffer(n, True)).double() for n in e.names}
         corr = {n: ca * g for n, g in g0.items()}
         if cz != ca:

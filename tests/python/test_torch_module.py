@@ -217,6 +217,9 @@ def test_gradients_accumulate_and_zero_grad_resets():
     x = randn(6, 8, seed=8)
     m(x).sum().backward()
     g1 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    # The gradients moved out of the layer (its buffers start again from zero).
+    assert all(g1[n].abs().sum() > 0 for n in ("W_g", "W1", "W2"))
+    assert all(not g.any() for g in m.layer.grads.values())
     m(x).sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, 2 * g1[n], rtol=0, atol=0)
