@@ -215,17 +215,20 @@ def test_aux_loss_alone_is_differentiable():
 def test_gradients_accumulate_and_zero_grad_resets():
     m, _ = make(noise="none")
     x = randn(6, 8, seed=8)
-    m(x).sum().backward()
+
+    def loss(m, x):
+        return m(x).sum() + m.aux_loss + m.z_loss
+    loss(m, x).backward()
     g1 = {n: p.grad.clone() for n, p in m.named_parameters()}
     # The gradients moved out of the layer (its buffers start again from zero).
     assert all(g1[n].abs().sum() > 0 for n in ("W_g", "W1", "W2"))
     assert all(not g.any() for g in m.layer.grads.values())
-    m(x).sum().backward()
+    loss(m, x).backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, 2 * g1[n], rtol=0, atol=0)
     m.zero_grad()
     assert all(p.grad is None for p in m.parameters())
-    m(x).sum().backward()
+    loss(m, x).backward()
     for n, p in m.named_parameters():
         assert torch.equal(p.grad, g1[n])
 
