@@ -9,8 +9,9 @@ trap 'rm -rf "$OUT"' EXIT
 export OMP_NUM_THREADS=2
 "$BUILD/bin/bench_router" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
   --benchmark_min_time=0.5 --benchmark_out="$OUT/ours.json" --benchmark_out_format=json >&2
-OPENBLAS_CORETYPE=Cooperlake /usr/bin/python3 "$HERE/peers/router_peer.py" > "$OUT/peer.jsonl"
-/usr/bin/python3 - "$OUT/ours.json" "$OUT/peer.jsonl" <<'PY'
+PY="${MOE_PYTHON:-$HERE/../.venv/bin/python}"  # the project environment (scripts/setup.sh)
+OPENBLAS_CORETYPE=Cooperlake "$PY" "$HERE/peers/router_peer.py" > "$OUT/peer.jsonl"
+"$PY" - "$OUT/ours.json" "$OUT/peer.jsonl" <<'PY'
 import json, sys
 ours = json.load(open(sys.argv[1]))["benchmarks"]
 peer = {(r["E"], r["k"]): r for r in map(json.loads, open(sys.argv[2]))}

@@ -697,7 +697,7 @@ void add_train_command(CLI::App& app, int& status) {
   sub->footer(
       "Run folder: metrics.csv (per step: loss, aux, tokens/s, load CV, drop rate, each expert's "
       "share), summary.json, regime_expert.csv, model.safetensors, and PNG plots (loss.png, "
-      "experts.png, specialisation.png) made by /usr/bin/python3 scripts/plot_run.py.");
+      "experts.png, specialisation.png) made by scripts/plot_run.py under .venv/bin/python.");
   sub->callback([o, &status] { status = run_train(*o); });
 }
 

@@ -35,6 +35,15 @@ std::string find_plot_script() {
 
 }  // namespace
 
+std::string project_python() {
+  if (const char* env = std::getenv("MOE_PYTHON"); env && *env) return env;
+#ifdef MOE_SOURCE_DIR
+  const std::string venv = std::string(MOE_SOURCE_DIR) + "/.venv/bin/python";
+  if (::access(venv.c_str(), X_OK) == 0) return venv;
+#endif
+  return ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+}
+
 std::string make_run_dir(const std::string& out) {
   std::error_code ec;
   if (!out.empty()) {
@@ -92,7 +101,8 @@ void write_file_atomic(const std::string& path, const std::string& text) {
 PlotResult run_plot_script(const std::string& run_dir, bool to_stderr) {
   const std::string script = find_plot_script();
   if (!fs::exists(script)) return {false, "skipped: " + script + " not found"};
-  const char* python = ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+  const std::string python_path = project_python();
+  const char* python = python_path.c_str();
   std::fflush(stdout);
   std::fflush(stderr);
   const pid_t pid = ::fork();

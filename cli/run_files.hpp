@@ -13,7 +13,12 @@ std::string make_run_dir(const std::string& out);
 // reader never sees half a file. Throws std::runtime_error on an I/O failure.
 void write_file_atomic(const std::string& path, const std::string& text);
 
-// Runs `/usr/bin/python3 scripts/plot_run.py run_dir` (the script from the source tree).
+// The Python interpreter for the helper scripts (plots, benchmark peers): $MOE_PYTHON when
+// set, else the project's environment .venv/bin/python of the source tree (scripts/setup.sh
+// makes it, with matplotlib and torch), else /usr/bin/python3, else python3 from PATH.
+std::string project_python();
+
+// Runs `project_python() scripts/plot_run.py run_dir` (the script from the source tree).
 // Its output goes to our stderr when to_stderr, else to our stdout. Returns a one-line
 // description of what happened ("wrote ..." / "skipped: ...").
 struct PlotResult {

@@ -18,6 +18,7 @@
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
 #include "moe/optim.hpp"
+#include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
 
 namespace py = pybind11;
 using moe::detail::cat;
@@ -744,6 +745,138 @@ void bind_io(py::module_& m, py::class_<PyMoE>& cls) {
      "torch.nn.utils.clip_grad_norm_); returns the norm before clipping.");
 }
 
+// ---- moe.torch support -------------------------------------------------------------------
+// What python/moe/torch.py needs beyond moe.MoE: zero-copy views of the layer's parameter and
+// gradient buffers (they keep the layer alive), and the layer's float64 reference twin
+// (layer/layer_ref.hpp) as the oracle of moe.torch's gradient checks.
+
+py::array buffer_view(py::object owner, moe::Tensor& t) {
+  std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end()), strides(shape.size());
+  py::ssize_t s = sizeof(float);
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return py::array_t<float>(shape, strides, t.ptr(), owner);  // base = owner: no copy
+}
+
+using DArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+DArray as_f64(const py::handle& obj, const std::string& name, std::vector<int64_t> want) {
+  if (obj.is_none()) throw moe::Error(cat(name, ": expected an array, got None"));
+  DArray a = DArray::ensure(obj);
+  if (!a) throw moe::Error(cat(name, ": expected a numeric array"));
+  std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != want)
+    throw moe::Error(cat(name, ": expected shape ", moe::shape_str(want), ", got ",
+                         moe::shape_str(got)));
+  return a;
+}
+
+py::array_t<double> f64_numpy(const std::vector<double>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<double> a(shape);
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+// One forward (and, given dy, one backward) of the float64 twin with the layer's config and
+// the given parameters. The backward's objective is <dy, y> + aux_scale·aux_loss +
+// z_scale·z_loss: the twin takes its loss coefficients from the config, so scaling them
+// gives each term exactly.
+py::dict reference_f64(PyMoE& self, const py::object& x_, const py::dict& params,
+                       const py::object& noise_, bool training, const py::object& dy_,
+                       double aux_scale, double z_scale, const py::int_& step) {
+  moe::MoEConfig c = self.layer.config();
+  MOE_REQUIRE(c.router_kind != moe::RouterKind::expert_choice,
+              "router: the float64 reference covers token-choice routers, not 'expert_choice'");
+  MOE_REQUIRE(!training || c.jitter == 0.0f,
+              "jitter: the float64 reference has no jitter input; use training=False or jitter=0");
+  const int64_t d = c.d_model, E = c.n_experts, Do = c.out_dim();
+  DArray x = DArray::ensure(x_);
+  if (!x || x.ndim() != 2 || x.shape(1) != d)
+    throw moe::Error(cat("x: expected a 2-D array (T, ", d, ")"));
+  const int64_t T = x.shape(0);
+  using Ref = moe::detail::RefParams<double>;
+  Ref p;
+  for (const auto& n : self.layer.parameter_names()) {
+    if (!params.contains(n)) throw moe::Error(cat("params: missing ", n));
+    DArray a = as_f64(params[py::str(n)], n, self.layer.param(n).shape);
+    p.get(n).assign(a.data(), a.data() + a.size());
+  }
+  DArray eps;
+  const bool noisy = training && c.noise != moe::Noise::none;
+  if (noisy) {
+    MOE_REQUIRE(!noise_.is_none(), "noise: the float64 reference needs the noise ε (T, ", E,
+                ") of a noisy training forward");
+    eps = as_f64(noise_, "noise", {T, E});
+  }
+  const uint64_t s = as_seed(step);
+  std::vector<double> y;
+  moe::detail::RefSaved<double> sv;
+  {
+    py::gil_scoped_release nogil;
+    moe::detail::layer_forward_ref<double>(y, sv, x.data(), p, c, T, training,
+                                           noisy ? eps.data() : nullptr, s);
+  }
+  py::dict out;
+  out["y"] = f64_numpy(y, {T, Do});
+  out["aux_loss"] = sv.aux_loss;
+  out["z_loss"] = sv.z_loss;
+  if (!dy_.is_none()) {
+    DArray dy = as_f64(dy_, "dy", {T, Do});
+    c.aux_alpha = static_cast<float>(c.aux_alpha * aux_scale);
+    c.z_alpha = static_cast<float>(c.z_alpha * z_scale);
+    std::vector<double> dx;
+    Ref g = Ref::zeros_like(self.layer);
+    {
+      py::gil_scoped_release nogil;
+      moe::detail::layer_backward_ref<double>(dx, g, dy.data(), sv, p, c);
+    }
+    out["dx"] = f64_numpy(dx, {T, d});
+    py::dict grads;
+    for (const auto& n : self.layer.parameter_names()) {
+      const auto& shape = self.layer.param(n).shape;
+      grads[py::str(n)] = f64_numpy(g.get(n), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    }
+    out["grads"] = grads;
+  }
+  return out;
+}
+
+void bind_torch_support(py::class_<PyMoE>& cls) {
+  cls.def("_buffer", [](py::object self, const std::string& name, bool grad) {
+    PyMoE& m = self.cast<PyMoE&>();
+    if (!m.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
+    return buffer_view(self, grad ? m.layer.grad(name) : m.layer.param(name));
+  }, py::arg("name"), py::arg("grad") = false,
+     "A writable float32 view (no copy) of a parameter's buffer, or of its gradient's; it "
+     "keeps the layer alive. For moe.torch.");
+  cls.def("_take_grad", [](PyMoE& self, const std::string& name) {
+    if (!self.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
+    moe::Tensor& g = self.layer.grad(name);
+    // The gradient's storage moves to the array (no copy); the layer gets a zeroed one.
+    auto* owned = new std::vector<float>(std::move(g.data));
+    g.data.assign(owned->size(), 0.0f);
+    py::capsule free_it(owned, [](void* v) { delete static_cast<std::vector<float>*>(v); });
+    std::vector<py::ssize_t> shape(g.shape.begin(), g.shape.end());
+    return py::array_t<float>(shape, owned->data(), free_it);
+  }, py::arg("name"),
+     "The gradient buffer of a parameter as a float32 array that owns it (no copy); the "
+     "layer's gradient starts again from zeros. For moe.torch.");
+  cls.def("_buffer_address", [](PyMoE& self, const std::string& name, bool grad) {
+    if (!self.has(name)) throw py::attribute_error(cat("MoE has no parameter ", name));
+    const moe::MoELayer& layer = self.layer;  // const: reading an address changes nothing
+    return reinterpret_cast<uintptr_t>(grad ? self.layer.grad(name).ptr()
+                                            : layer.param(name).ptr());
+  }, py::arg("name"), py::arg("grad") = false);
+  cls.def("_reference_f64", &reference_f64, py::arg("x"), py::arg("params"),
+          py::arg("noise") = py::none(), py::arg("training") = true, py::arg("dy") = py::none(),
+          py::arg("aux_scale") = 1.0, py::arg("z_scale") = 1.0, py::arg("step") = 0,
+          "The float64 reference twin of this layer's config on the given float64 parameters: "
+          "{'y', 'aux_loss', 'z_loss'} and, given dy, {'dx', 'grads'} of <dy, y> + "
+          "aux_scale·aux_loss + z_scale·z_loss. For moe.torch's gradient checks.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_moe, m) {
@@ -803,4 +936,5 @@ PYBIND11_MODULE(_moe, m) {
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
   auto cls = bind_layer(m);
   bind_io(m, cls);
+  bind_torch_support(cls);
 }

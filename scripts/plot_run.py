@@ -1,9 +1,9 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Plots of a `moe train` run folder: loss.png (the loss curve), experts.png (each expert's
 share of the routed tokens over the steps) and specialisation.png (regime × expert heat map
 of the final evaluation batch).
 
-    /usr/bin/python3 scripts/plot_run.py RUN_DIR
+    .venv/bin/python scripts/plot_run.py RUN_DIR
 
 Exit status: 0 plots written, 2 bad run folder, 3 matplotlib (or numpy) is not installed.
 Each PNG is written to a temporary name and renamed, so a reader never sees half a file.

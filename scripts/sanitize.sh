@@ -27,7 +27,7 @@ ASAN_OPTIONS="${ASAN_OPTIONS/detect_leaks=1/detect_leaks=0}" \
 if [ -d build/python/moe ]; then
   # The Python module comes from the release tree; the CLI under test is the sanitized one.
   MOE_BIN="$PWD/build-debug/bin/moe" PYTHONPATH="$PWD/build/python" \
-    /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/python/test_cli.py \
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/python/test_cli.py \
     tests/python/test_errors.py -k "cli or test_C" || status=1
 fi
 echo "sanitize: build $((built - start))s, tests $((SECONDS - built))s, status $status"

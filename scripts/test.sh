@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against the tree that scripts/setup.sh built: the C++ suite
-# under ctest (with the installed CMake package's consumer), the Python suite under Debian's
-# /usr/bin/python3, then `pip install .` end to end (tests/package/wheel.sh: a few minutes;
-# MOE_TEST_WHEEL=0 leaves it out while iterating).
+# under ctest (with the installed CMake package's consumer), the Python suite under the
+# project's environment .venv/ (Debian's python3 with the pinned packages of
+# python/requirements.txt), then `pip install .` end to end (tests/package/wheel.sh: a few
+# minutes; MOE_TEST_WHEEL=0 leaves it out while iterating).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 status=0
 ctest --test-dir build --output-on-failure -j2 || status=1
-PYTHONPATH="$PWD/build/python" /usr/bin/python3 -m pytest -q tests/python || status=1
+PYTHONPATH="$PWD/build/python" .venv/bin/python -m pytest -q tests/python || status=1
 if [ "${MOE_TEST_WHEEL:-1}" != 0 ]; then
   bash tests/package/wheel.sh || status=1
 fi

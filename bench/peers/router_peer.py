@@ -9,7 +9,7 @@ wall time per call, after a warm-up).
   gemm                x @ W_g, the router's GEMM (torch's own BLAS)
   route               x @ W_g, then topk, softmax and the full softmax
 
-Run: OPENBLAS_CORETYPE=Cooperlake OMP_NUM_THREADS=2 /usr/bin/python3 bench/peers/router_peer.py
+Run: OPENBLAS_CORETYPE=Cooperlake OMP_NUM_THREADS=2 .venv/bin/python bench/peers/router_peer.py
 Prints one JSON object per line.
 """
 import json

@@ -1,6 +1,7 @@
 """pytest setup for libmoe's Python tests.
 
-The package is built into build/python/moe. Run with PYTHONPATH=build/python; when `moe`
+The package is built into build/python/moe. Run with PYTHONPATH=build/python under the
+project environment's interpreter, .venv/bin/python (scripts/test.sh does); when `moe`
 is not importable otherwise, this file adds the build folder of the checkout itself (or
 $MOE_BUILD_DIR).
 """

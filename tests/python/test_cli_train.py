@@ -151,7 +151,11 @@ def test_run_folder_contents(tmp_path):
     assert header["head.W"]["shape"] == [32, 8]
 
     try:
-        subprocess.run(["/usr/bin/python3", "-c", "import matplotlib"], check=True,
+        # The interpreter moe train runs the plots with (cli/run_files.hpp, project_python).
+        venv = ROOT / ".venv" / "bin" / "python"
+        python = os.environ.get("MOE_PYTHON") or (str(venv) if os.access(venv, os.X_OK)
+                                                  else "/usr/bin/python3")
+        subprocess.run([python, "-c", "import matplotlib"], check=True,
                        capture_output=True)
     except (subprocess.CalledProcessError, FileNotFoundError):
         pytest.skip("matplotlib not installed: plots are skipped by design")

@@ -212,8 +212,8 @@ def test_forward_and_backward_match_torch(case):
     close(y, yr, rtol=1e-4, atol=tol, what="y")
     live = (y if not residual else y - x)[ref["keep"].any(axis=1)]
     assert np.count_nonzero(live) >= 0.5 * live.size  # zero-trust: kept tokens carry values
-    close(m.aux_loss, float(ref["aux_loss"]), rtol=1e-5, atol=1e-7, what="aux_loss")
-    close(m.z_loss, float(ref["z_loss"]), rtol=1e-5, atol=1e-7, what="z_loss")
+    close(m.aux_loss, ref["aux_loss"].item(), rtol=1e-5, atol=1e-7, what="aux_loss")
+    close(m.z_loss, ref["z_loss"].item(), rtol=1e-5, atol=1e-7, what="z_loss")
     close(s["aux_loss"], m.aux_loss, rtol=0, atol=0, what="stats aux_loss")
 
     # Gradients: the objective whose gradient backward(dy) gives is (y·dy).sum() + aux + z.

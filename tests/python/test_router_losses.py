@@ -53,7 +53,7 @@ def compare(m, params, x, eps, cfg, seed, step=0, global_load=None, check_grads=
         assert s[key] == ref["stats"][key], key
     yr = ref["y"].detach().numpy()
     close(y, yr, 1e-4, 1e-5 * (1 + np.abs(yr).max()), "y")
-    close(m.aux_loss, float(ref["aux_loss"]), 1e-5, 1e-7, "aux_loss")
+    close(m.aux_loss, ref["aux_loss"].item(), 1e-5, 1e-7, "aux_loss")
     if not check_grads:
         return ref
     R.check_backward(m, ref["y"], [ref["aux_loss"], ref["z_loss"]], xt, P,
@@ -103,7 +103,7 @@ def test_shazeer_without_noise_at_evaluation():
     gates = R.t64(m.routing.gates)
     want = cfg["aux_alpha"] * float(RL.cv_squared(gates.sum(dim=0)))
     close(m.aux_loss, want, 1e-5, 1e-7, "importance only")
-    close(m.aux_loss, float(ref["aux_loss"]), 1e-5, 1e-7, "aux_loss")
+    close(m.aux_loss, ref["aux_loss"].item(), 1e-5, 1e-7, "aux_loss")
 
 
 def test_seq_len_must_divide_the_batch():

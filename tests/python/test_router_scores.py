@@ -116,8 +116,8 @@ def test_forward_and_backward_match_torch(case):
     yr = ref["y"].detach().numpy()
     close(y, yr, rtol=1e-4, atol=1e-5 * (1 + np.abs(yr).max()), what="y")
     assert np.count_nonzero(y) >= 0.3 * y.size  # zero trust
-    close(m.aux_loss, float(ref["aux_loss"]), rtol=1e-5, atol=1e-7, what="aux_loss")
-    close(m.z_loss, float(ref["z_loss"]), rtol=1e-5, atol=1e-7, what="z_loss")
+    close(m.aux_loss, ref["aux_loss"].item(), rtol=1e-5, atol=1e-7, what="aux_loss")
+    close(m.z_loss, ref["z_loss"].item(), rtol=1e-5, atol=1e-7, what="z_loss")
 
     dx, g = R.check_backward(m, ref["y"], [ref["aux_loss"], ref["z_loss"]], xt, P,
                              np.random.default_rng(seed + 1000))

@@ -239,7 +239,7 @@ def moe_forward(p, x, cfg, eps=None, training=True):
                  load_after=load_after.tolist(), dropped_assignments=int((~keep).sum()),
                  dropped_tokens=int((~keep).all(axis=1).sum()) if k > 0 else 0,
                  experts_evaluated=int((load_after > 0).sum()),
-                 aux_loss=float(aux), z_loss=float(zl))
+                 aux_loss=float(aux.detach()), z_loss=float(zl.detach()))
     margin = float(topk_margin(H, k).min()) if T > 0 else math.inf
     return dict(y=y, aux_loss=aux, z_loss=zl, indices=idx, weights=weights, keep=keep,
                 probs=probs, noisy=H, logits=h, stats=stats, margin=margin,

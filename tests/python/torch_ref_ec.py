@@ -63,6 +63,6 @@ def ec_forward(p, x, cfg, eps=None, training=True):
     stats = dict(tokens=T, capacity=C, load_before=[C] * E, load_after=[C] * E,
                  dropped_assignments=0, dropped_tokens=int((per_token == 0).sum()),
                  experts_evaluated=E if C > 0 else 0, experts_per_token=hist.tolist(),
-                 aux_loss=0.0, z_loss=float(zl))
+                 aux_loss=0.0, z_loss=float(zl.detach()))
     return dict(y=y, z_loss=zl, probs=S, tokens=tokens, gates=gates, dense=dense, stats=stats,
                 margin=margin)

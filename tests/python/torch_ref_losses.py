@@ -66,7 +66,7 @@ def shazeer_loss(gates, h, H, std, indices, k, alpha, noisy):
     normal = torch.distributions.Normal(torch.zeros((), dtype=DT), torch.ones((), dtype=DT))
     for t in range(T):
         top = [int(i) for i in indices[t]]
-        rest = sorted([e for e in range(E) if e not in top], key=lambda e: (-float(H[t, e]), e))
+        rest = sorted([e for e in range(E) if e not in top], key=lambda e: (-H[t, e].item(), e))
         kth, k1th = top[k - 1], rest[0]
         row = []
         for e in range(E):
