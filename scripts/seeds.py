@@ -8,7 +8,9 @@ one line per claim saying on how many seeds it holds.
     /usr/bin/python3 scripts/seeds.py                       # the README table: seeds 0-9
     /usr/bin/python3 scripts/seeds.py --seeds 0-4 --per-seed
     /usr/bin/python3 scripts/seeds.py --config 'α 0.01=' --config 'α 0.1=--aux-alpha 0.1'
-    /usr/bin/python3 scripts/seeds.py --precisions fp32,bf16  # needs `moe train --precision`
+    /usr/bin/python3 scripts/seeds.py --seeds 0-4 --precisions fp32,bf16 --threads 2
+        # adds eval loss and tokens/s per precision (needs `moe train --precision`; the
+        # tokens/s are as measured, so run it on a quiet machine)
 
 Each run's summary.json stays in --work (default /tmp/moe-seeds); a run whose folder
 already holds a summary made with the same arguments and binary is not run again (--fresh
@@ -16,7 +18,6 @@ reruns everything). Standard library only."""
 import argparse
 import hashlib
 import json
-import math
 import os
 import shlex
 import statistics
@@ -190,19 +191,22 @@ def main():
               f"| {mean_sd(drops, '.2f')} |")
 
     if pass_precision:
+        # One row per model: the mean eval loss per precision, its ratio to fp32's, and the
+        # training speed per precision (as measured: quiet the machine for these).
+        others = [q for q in precisions if q != "fp32"]
+        head = ([f"eval loss {q}" for q in precisions] +
+                ([f"{q} / fp32" for q in others] if "fp32" in precisions else []) +
+                [f"tokens/s {q}" for q in precisions])
         print()
-        print("| model | precision | eval loss | eval loss / fp32's | tokens/s |")
-        print("|---|---|---|---|---|")
+        print("| model | " + " | ".join(head) + " |")
+        print("|---" * (len(head) + 1) + "|")
         for name, _ in configs:
-            base = runs.get((name, "fp32"))
-            for prec in precisions:
-                ss = runs[(name, prec)]
-                ratio = "—"
-                if base:
-                    ratio = format(statistics.fmean(col(ss, "final_loss")) /
-                                   statistics.fmean(col(base, "final_loss")), ".3f")
-                print(f"| {name} | {prec} | {mean_sd(col(ss, 'final_loss'), '.4f')} | {ratio} "
-                      f"| {mean_sd(col(ss, 'tokens_per_s'), '.0f')} |")
+            mean = {q: statistics.fmean(col(runs[(name, q)], "final_loss")) for q in precisions}
+            cells = [mean_sd(col(runs[(name, q)], "final_loss"), ".4f") for q in precisions]
+            if "fp32" in precisions:
+                cells += [format(mean[q] / mean["fp32"], ".3f") for q in others]
+            cells += [mean_sd(col(runs[(name, q)], "tokens_per_s"), ".0f") for q in precisions]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
     if a.per_seed:
         print()

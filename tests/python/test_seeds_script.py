@@ -112,3 +112,29 @@ def test_a_failing_run_is_reported(tmp_path):
     r = seeds_py(tmp_path, "--seeds", "0", "--common", "--steps 0")
     assert r.returncode != 0
     assert "failed" in r.stderr and "steps: must be at least 1" in r.stderr
+
+
+def test_precisions_table(tmp_path):
+    # A stand-in for a moe that knows --precision: it drops the flag and runs the real one, so
+    # both precisions give the same losses and the ratio must read 1.000.
+    fake = tmp_path / "moe"
+    fake.write_text(f"""#!{sys.executable}
+import os, sys
+a = sys.argv[1:]
+if "--precision" in a:
+    i = a.index("--precision")
+    assert a[i + 1] in ("fp32", "bf16"), a
+    del a[i:i + 2]
+os.execv({MOE!r}, [{MOE!r}, *a])
+""")
+    fake.chmod(0o755)
+    r = seeds_py(tmp_path, "--bin", str(fake), "--seeds", "0-1", "--common", TINY,
+                 "--precisions", "fp32,bf16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("| model | eval loss fp32 | eval loss bf16 | bf16 / fp32 | tokens/s fp32 "
+            "| tokens/s bf16 |") in r.stdout
+    rows = [line for line in r.stdout.splitlines()
+            if line.startswith("| MoE, 8 experts, top-2 | ") and "`" not in line]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == cells[2] and cells[3] == "1.000"
