@@ -5,7 +5,7 @@ train loss (mean of the last tenth of the steps), the final eval loss, the load 
 expert loads summed over the last tenth of the steps, before drops) and the drop rate, then
 one line per claim saying on how many seeds it holds.
 
-    /usr/bin/python3 scripts/seeds.py                       # the README table: seeds 0-9
+    /usr/bin/python3 scripts/seeds.py                       # the README table: seeds 0-19
     /usr/bin/python3 scripts/seeds.py --seeds 0-4 --per-seed
     /usr/bin/python3 scripts/seeds.py --config 'α 0.01=' --config 'α 0.1=--aux-alpha 0.1'
     /usr/bin/python3 scripts/seeds.py --seeds 0-4 --precisions fp32,bf16 --threads 2
@@ -119,7 +119,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin", "moe"),
                     help="the moe binary (default: build/bin/moe)")
-    ap.add_argument("--seeds", default="0-9", help="e.g. 0-4 or 0,3,5 (default 0-9)")
+    ap.add_argument("--seeds", default="0-19", help="e.g. 0-4 or 0,3,5 (default 0-19)")
     ap.add_argument("--config", action="append", type=parse_config, metavar="NAME=FLAGS",
                     help="a configuration: a name and extra `moe train` flags (repeatable; "
                          "default: the README's MoE, dense and unbalanced models)")
