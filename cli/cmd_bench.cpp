@@ -1,14 +1,15 @@
-// `moe bench`: the MoE layer's performance against the machine (issue 5).
+// `moe bench`: the MoE layer's performance against the machine.
 //
-// For each configuration (B1, B2, B3 at T = 1, 4, 16, the E-sweep) it measures, in the same
-// run: the layer's forward and forward+backward time (median of --repeat after a warm-up),
-// the router's forward alone, the roof (oneDNN sgemm on the dense [T·k, d] × [d, d_ff]
-// GEMM, timed before every layer sample so that the shares of the roof are medians of pairs
-// measured together; for decode the streaming read bandwidth over the selected experts'
-// weight bytes),
+// For each configuration (B1, B2, B3 at T = 1, 4, 16, the E-sweep; the real-model blocks)
+// it measures, in the same run: the layer's forward and forward+backward time (median of
+// --repeat after a warm-up), the router's forward alone, the roof (oneDNN's GEMM in the
+// row's precision on the dense [T·k, d] × [d, d_ff] product, timed before every layer
+// sample so that the shares of the roof are medians of pairs measured together; for decode
+// the streaming read bandwidth over the selected experts' weight bytes; for the real-model
+// blocks the larger of the two),
 // memory (parameters, gradients, the layer's workspace, the largest single allocation and
 // how the workspace grows from T/2 to T), and the PyTorch peer bench/peers/moe_peer.py run
-// as a subprocess under /usr/bin/python3. Then it prints the goals of issue 5 and whether
+// as a subprocess (peer_python()). Then it prints the performance goals and whether
 // each is met. FLOP counting: src/perf/suite.hpp and docs/benchmarks.md.
 //
 // Heap accounting: this file replaces the global operator new/delete of the `moe` binary
@@ -140,9 +141,10 @@ struct BenchOptions {
   std::string peer_script;
   double mem_fraction = 0.7;
   bool no_dist = false;
+  std::string precision;  // empty: each configuration's own (fp32, the real models bf16)
 };
 
-// Expert parallelism on loopback (issue 6): `moe_dist_bench --json` under mpirun, one row
+// Expert parallelism on loopback: `moe_dist_bench --json` under mpirun, one row
 // per rank count. Its figures come from the ranks' own timers around every MPI call.
 struct DistResult {
   int P = 0;
@@ -153,6 +155,8 @@ struct DistResult {
 // Everything measured for one configuration; unset optionals print as n/a / null.
 struct Result {
   BenchCase c;
+  std::string roof_impl;  // the oneDNN kernel of the compute roof (its ISA)
+  bool memory_bound = false;  // the roof is the read bandwidth's (decode, real-model rows)
   std::string note;  // why something was not measured
   bool ran = false;
   double fwd_s = 0, router_s = 0;
@@ -191,15 +195,16 @@ int64_t mem_available_bytes() {
 }
 
 // What a run of the case holds at once: parameters, gradients when backward runs (the layer
-// allocates them on first use), and the activations of T·k rows (a generous bound). A bf16
-// snapshot adds half the expert weights.
+// allocates them on first use), and the activations of T·k rows (a generous bound). bf16
+// adds the weights' copies: half the parameter bytes, twice with backward's transposes.
 int64_t bytes_needed(const BenchCase& c, bool with_grads) {
   const MoEConfig& m = c.cfg;
   const int64_t R = c.T * m.k;
   const int64_t acts = 4 * (R * (2 * m.d_model + 6 * m.hidden() + 3 * m.out_dim()) +
                             c.T * (4 * m.d_model + 8 * m.n_experts));
+  const bool bf16 = m.precision == Precision::bf16;
   return perf::layer_param_bytes(m) * (with_grads ? 2 : 1) + acts +
-         (c.bf16 ? perf::layer_param_bytes(m) / 2 : 0);
+         (bf16 ? perf::layer_param_bytes(m) / 2 * (with_grads ? 2 : 1) : 0);
 }
 
 // Inputs that look like activations: values in [-1, 1) from a fixed hash.
@@ -226,19 +231,36 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   // Both roofs keep their buffers, allocated before the heap window opens, and are timed
   // again before every layer sample below: the sgemm roof per configuration, the read
   // bandwidth's 1 GiB buffer once for all decode configurations.
-  std::unique_ptr<perf::SgemmRoof> roof;
-  if (c.memory_roof) {
+  // The compute roof in the layer's precision: oneDNN sgemm, or oneDNN's bf16 matmul.
+  const bool bf16 = m.precision == Precision::bf16;
+  std::unique_ptr<perf::SgemmRoof> sgemm;
+  std::unique_ptr<perf::Bf16Roof> bgemm;
+  std::function<double()> roof_run;
+  double roof_flops = 0.0;
+  if (c.memory_roof || c.weights_roof) {
     if (!mem_roof) {
       mem_roof = std::make_unique<perf::ReadRoof>(o.quick ? (int64_t{128} << 20)
                                                           : (int64_t{1} << 30));
       mem_roof->run_s();  // warm-up
     }
-    r.roof_kind = "memory";
-  } else {
-    roof = std::make_unique<perf::SgemmRoof>(T * m.k, m.hidden(), d);
-    roof->run_s();  // warm-up: oneDNN's first call sets itself up
-    r.roof_kind = "sgemm";
   }
+  if (!c.memory_roof) {
+    if (bf16) {
+      bgemm = std::make_unique<perf::Bf16Roof>(T * m.k, m.hidden(), d);
+      roof_run = [&] { return bgemm->run_s(); };
+      roof_flops = bgemm->flops();
+      r.roof_impl = bgemm->impl();
+    } else {
+      sgemm = std::make_unique<perf::SgemmRoof>(T * m.k, m.hidden(), d);
+      roof_run = [&] { return sgemm->run_s(); };
+      roof_flops = sgemm->flops();
+      r.roof_impl = "dnnl_sgemm";
+    }
+    roof_run();  // warm-up: oneDNN's first call sets itself up
+  }
+  const bool roof = static_cast<bool>(roof_run);
+  r.roof_kind = c.memory_roof ? "memory" : c.weights_roof ? (bf16 ? "bf16+memory" : "sgemm+memory")
+                                         : (bf16 ? "bf16" : "sgemm");
   const int rep = std::max(o.repeat, 1);
   std::vector<double> fwd_samples, fwdbwd_samples;
   for (auto* v : {&fwd_samples, &fwdbwd_samples, &r.roof_samples, &r.read_bw_samples,
@@ -248,7 +270,6 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   HeapWindow heap;
   heap.start();
   MoELayer layer(m);
-  if (c.bf16) layer.set_bf16_experts(true);
   for (const auto& name : layer.parameter_names())
     r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
   // Gradients exist only where backward runs (the layer allocates them on first use).
@@ -282,9 +303,10 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   r.kept_rows = T * m.k - st.dropped_assignments;
   r.dropped = st.dropped_assignments;
   r.experts_evaluated = st.experts_evaluated;
-  // Bytes a decode step must read: the selected experts' weights and the router's.
-  if (c.memory_roof)
-    r.selected_bytes = r.experts_evaluated * perf::expert_weight_bytes(m) / (c.bf16 ? 2 : 1) +
+  // Bytes a forward must read: the selected experts' weights (in the layer's precision) and
+  // the router's.
+  if (c.memory_roof || c.weights_roof)
+    r.selected_bytes = r.experts_evaluated * perf::expert_read_bytes(m) +
                        d * m.n_experts * static_cast<int64_t>(sizeof(float));
 
   // Interleaved: per repeat roof, forward, [forward+backward], so that each layer sample has
@@ -300,19 +322,19 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
     allocs += heap.allocs() - a0;
     return t;
   };
+  const bool mem = c.memory_roof || c.weights_roof;
   for (int i = 0; i < rep; ++i) {
-    const double roof_gflops = roof ? roof->flops() / roof->run_s() / 1e9 : 0.0;
-    const double read_bw = c.memory_roof ? mem_roof->bytes() / mem_roof->run_s() : 0.0;
+    const double roof_gflops = roof ? roof_flops / roof_run() / 1e9 : 0.0;
+    const double read_bw = mem ? mem_roof->bytes() / mem_roof->run_s() : 0.0;
     const double tf = timed([&] { fwd(T); }, allocs_fwd);
     fwd_samples.push_back(tf);
-    if (roof) {
-      r.roof_samples.push_back(roof_gflops);
-      r.ratio_fwd_samples.push_back(r.gflop_fwd / tf / roof_gflops);
-    }
-    if (c.memory_roof) {  // the roof time at this sample's bandwidth over the forward's
-      r.read_bw_samples.push_back(read_bw);
-      r.ratio_fwd_samples.push_back(static_cast<double>(r.selected_bytes) / read_bw / tf);
-    }
+    if (roof) r.roof_samples.push_back(roof_gflops);
+    if (mem) r.read_bw_samples.push_back(read_bw);
+    // The roof's time for this sample (FLOPs at the rate, bytes at the bandwidth measured
+    // just before it; the larger of the two when both bound it) over the forward's.
+    const double t_flops = roof ? r.gflop_fwd / roof_gflops : 0.0;
+    const double t_bytes = mem ? static_cast<double>(r.selected_bytes) / read_bw : 0.0;
+    r.ratio_fwd_samples.push_back(std::max(t_flops, t_bytes) / tf);
     if (c.backward) {
       const double tb = timed([&] { fwdbwd(T); }, allocs_fwdbwd);
       fwdbwd_samples.push_back(tb);
@@ -330,6 +352,12 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
     r.roof_s = r.gflop_fwd / r.roof_gflops;
     r.ratio_fwd = perf::median(r.ratio_fwd_samples);
     if (c.backward) r.ratio_fwdbwd = perf::median(r.ratio_fwdbwd_samples);
+  }
+  if (c.weights_roof) {
+    r.read_bw = perf::median(r.read_bw_samples);
+    const double t_bytes = static_cast<double>(r.selected_bytes) / r.read_bw;
+    r.memory_bound = t_bytes > r.roof_s;
+    r.roof_s = std::max(r.roof_s, t_bytes);
   }
   r.peak_bytes = heap.peak();
   r.largest_alloc = heap.largest();
@@ -349,6 +377,7 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   }
 
   if (c.memory_roof) {
+    r.memory_bound = true;
     r.read_bw = perf::median(r.read_bw_samples);
     r.roof_s = static_cast<double>(r.selected_bytes) / r.read_bw;
     r.roof_gflops = r.gflop_fwd / r.roof_s;
@@ -357,9 +386,19 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   r.ran = true;
 }
 
+// The interpreter the PyTorch peer runs under: MOE_PYTHON, else the project's environment
+// (.venv of the source tree, made by scripts/setup.sh), else Debian's python3.
+std::string peer_python() {
+  if (const char* env = std::getenv("MOE_PYTHON"); env && *env) return env;
+  const std::string venv = std::string(MOE_SOURCE_DIR) + "/.venv/bin/python";
+  if (access(venv.c_str(), X_OK) == 0) return venv;
+  return "/usr/bin/python3";
+}
+
 bool python_has_torch() {
   static const bool has = [] {
-    return std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
+    const std::string cmd = "'" + peer_python() + "' -c 'import torch' >/dev/null 2>&1";
+    return std::system(cmd.c_str()) == 0;
   }();
   return has;
 }
@@ -402,11 +441,15 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
              {"aux_alpha", m.aux_alpha},
              {"training", c.training},
              {"backward", c.backward && r.fwdbwd_s.has_value()},
-             {"seed", m.seed}};
+             {"seed", m.seed},
+             {"router", to_string(m.router_kind)},
+             {"renormalize", m.renormalize},
+             {"dtype", m.precision == Precision::bf16 ? "bf16" : "fp32"}};
   cs["cf"] = m.capacity_factor ? json(*m.capacity_factor) : json(nullptr);
   const std::string script =
       o.peer_script.empty() ? std::string(MOE_SOURCE_DIR) + "/bench/peers/moe_peer.py" : o.peer_script;
-  const std::string cmd = "OPENBLAS_CORETYPE=Cooperlake /usr/bin/python3 " + shell_quote(script) +
+  const std::string cmd = "OPENBLAS_CORETYPE=Cooperlake " + shell_quote(peer_python()) + " " +
+                          shell_quote(script) +
                           " --threads " + std::to_string(threads) + " --repeat " +
                           std::to_string(std::max(o.repeat, 1)) + " --case " +
                           shell_quote(cs.dump());
@@ -500,7 +543,7 @@ json to_json(const Result& r, int threads, int repeat) {
             {"k", m.k},
             {"expert", to_string(m.expert)},
             {"training", c.training},
-            {"bf16", c.bf16},
+            {"precision", to_string(m.precision)},
             {"threads", threads},
             {"repeat", repeat},
             {"loadavg", load_average()}};
@@ -519,13 +562,14 @@ json to_json(const Result& r, int threads, int repeat) {
   j["gflops_fwd"] = gflops_fwd(r);
   j["gflops_fwdbwd"] = opt_num(gfb);
   j["roof_kind"] = r.roof_kind;
+  j["roof_impl"] = r.roof_impl;
   j["roof_gflops"] = r.roof_gflops;
   j["roof_fwd_s"] = r.roof_s;
   // Shares of the roof reached. sgemm roof: medians of the per-repeat pairs, which differ
   // from gflops_fwd / roof_gflops (a ratio of medians) by the drift they cancel.
   j["ratio_fwd"] = r.ratio_fwd;
   j["ratio_fwdbwd"] = opt_num(r.ratio_fwdbwd);
-  if (r.roof_kind == "sgemm") {
+  if (!r.roof_samples.empty()) {
     j["roof_gflops_samples"] = r.roof_samples;
     j["ratio_fwd_samples"] = r.ratio_fwd_samples;
     j["ratio_fwdbwd_samples"] = r.ratio_fwdbwd_samples;
@@ -533,6 +577,14 @@ json to_json(const Result& r, int threads, int repeat) {
   j["router_s"] = r.router_s;
   j["router_share"] = r.router_s / r.fwd_s;
   j["expert_s"] = std::max(0.0, r.fwd_s - r.router_s);
+  if (c.weights_roof) {  // the roof: max(FLOPs at the GEMM rate, selected bytes at the bandwidth)
+    j["read_gbps"] = r.read_bw / 1e9;
+    j["selected_weight_bytes"] = r.selected_bytes;
+    j["roof_multiple"] = 1.0 / r.ratio_fwd;
+    std::vector<double> gbps;
+    for (double b : r.read_bw_samples) gbps.push_back(b / 1e9);
+    j["read_gbps_samples"] = gbps;
+  }
   if (r.roof_kind == "memory") {
     j["read_gbps"] = r.read_bw / 1e9;
     j["selected_weight_bytes"] = r.selected_bytes;
@@ -576,7 +628,7 @@ std::string fmt(const std::optional<double>& v, int prec, const std::string& na 
 
 void print_table(const std::vector<Result>& rs, std::ostream& os) {
   const std::vector<std::pair<std::string, int>> cols = {
-      {"config", 8},   {"T", 5},       {"E", 5},        {"fwd ms", 9},   {"GF/s", 7},
+      {"config", 18},  {"T", 5},       {"E", 5},        {"fwd ms", 9},   {"GF/s", 7},
       {"roof%", 6},    {"f+b ms", 9},  {"GF/s", 7},     {"roof%", 6},    {"roof GF/s", 9},
       {"router%", 7},  {"peer fwd", 9}, {"x", 6},        {"peer f+b", 9}, {"x", 6},
       {"peak MiB", 9}, {"ws MiB", 8}};
@@ -584,9 +636,12 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
   os << '\n';
   for (const Result& r : rs) {
     const auto& c = r.c;
-    std::vector<std::string> v = {c.name, std::to_string(c.T), std::to_string(c.cfg.n_experts)};
+    const std::string label =
+        c.name + (c.cfg.precision == Precision::fp32 ? "" : std::string(" ") +
+                                                               to_string(c.cfg.precision));
+    std::vector<std::string> v = {label, std::to_string(c.T), std::to_string(c.cfg.n_experts)};
     if (!r.ran) {
-      for (const auto& s : v) os << std::setw(8) << s << ' ';
+      for (size_t i = 0; i < v.size(); ++i) os << std::setw(cols[i].second) << v[i] << ' ';
       os << "  skipped: " << r.note << '\n';
       continue;
     }
@@ -597,7 +652,7 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
     v.push_back(r.fwdbwd_s ? fmt(*r.fwdbwd_s * 1e3, 1) : "-");
     v.push_back(fmt(gfb, 1));
     v.push_back(r.ratio_fwdbwd ? fmt(100.0 * *r.ratio_fwdbwd, 0) : "-");
-    v.push_back(fmt(r.roof_gflops, 1) + (r.roof_kind == "memory" ? "m" : ""));
+    v.push_back(fmt(r.roof_gflops, 1) + (r.memory_bound ? "m" : ""));
     v.push_back(fmt(100.0 * r.router_s / r.fwd_s, 1));
     const std::string na = r.peer_note.empty() ? "-" : "n/a";
     v.push_back(r.peer_fwd_s ? fmt(*r.peer_fwd_s * 1e3, 1) : na);
@@ -610,9 +665,11 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
     os << '\n';
   }
   os << "Times are medians; GF/s counts the routed expert FLOPs (T·k rows) plus the router's;"
-        " f+b counts 3x the forward.\nroof: oneDNN sgemm on [T·k, d] x [d, d_ff], timed before"
-        " every layer sample; roof% is the median of the per-repeat ratios, roof GF/s the\n"
-        "median roof sample; 'm' marks the memory roof (selected weight bytes / read bandwidth).\n"
+        " f+b counts 3x the forward.\nroof: oneDNN on [T·k, d] x [d, d_ff] in the row's"
+        " precision (fp32 sgemm; bf16 matmul, random operands), timed before every layer\n"
+        "sample; roof% is the median of the per-repeat ratios, roof GF/s the median roof sample;"
+        " 'm' marks the memory roof (selected\nweight bytes in the row's precision / read"
+        " bandwidth); the real-model rows take the larger of the two roof times.\n"
         "x: how many times faster than the PyTorch peer. ws: peak heap beyond parameters and"
         " gradients.\n";
   for (const Result& r : rs)
@@ -627,11 +684,18 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
       os << "peer BLAS: " << r.peer_blas << '\n';
       break;
     }
+  std::vector<std::string> impls;
+  for (const Result& r : rs)
+    if (!r.roof_impl.empty() &&
+        std::find(impls.begin(), impls.end(), r.roof_impl) == impls.end())
+      impls.push_back(r.roof_impl);
+  for (const std::string& i : impls) os << "roof kernel: " << i << '\n';
 }
 
-const Result* find(const std::vector<Result>& rs, const std::string& name) {
+const Result* find(const std::vector<Result>& rs, const std::string& name,
+                   Precision p = Precision::fp32) {
   for (const Result& r : rs)
-    if (r.c.name == name && r.ran) return &r;
+    if (r.c.name == name && r.c.cfg.precision == p && r.ran) return &r;
   return nullptr;
 }
 
@@ -706,6 +770,41 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     g.push_back({"E-sweep: expert time grows <= 2x from E=8 to E=1024", std::nullopt, why});
   }
 
+  // bf16 on the matrix engine: each row beside the bf16 roof and the bf16 peer.
+  const Precision bf = Precision::bf16;
+  const bool any_bf16 = std::any_of(rs.begin(), rs.end(), [](const Result& r) {
+    return r.c.cfg.precision == Precision::bf16;
+  });
+  if (any_bf16) {
+    const Result* b1b = find(rs, "B1", bf);
+    at_least("bf16 B1 forward >= 70% of the bf16 roof", roof_ratio(b1b), 0.7, "", na(b1b, false));
+    at_least("bf16 B1 forward >= 3x faster than the bf16 peer", peer_x(b1b, false), 3.0, "x",
+             na(b1b, true));
+    at_least("bf16 B1 forward+backward >= 55% of the bf16 roof", roof_ratio_fb(b1b), 0.55, "",
+             na(b1b, false));
+    at_least("bf16 B1 forward+backward >= 10x faster than the bf16 peer", peer_x(b1b, true),
+             10.0, "x", na(b1b, true));
+    const Result* q3 = find(rs, "Qwen3-30B-A3B", bf);
+    const Result* mx = find(rs, "Mixtral-8x7B", bf);
+    at_least("bf16 Qwen3-30B-A3B block forward >= 70% of its roof", roof_ratio(q3), 0.7, "",
+             na(q3, false));
+    at_least("bf16 Qwen3-30B-A3B block >= 1.8x faster than the bf16 peer", peer_x(q3, false),
+             1.8, "x", na(q3, true));
+    at_least("bf16 Mixtral-8x7B block forward >= 70% of its roof", roof_ratio(mx), 0.7, "",
+             na(mx, false));
+    at_least("bf16 Mixtral-8x7B block >= 3x faster than the bf16 peer", peer_x(mx, false), 3.0,
+             "x", na(mx, true));
+    if (const Result* d = find(rs, "B3-T1", bf)) {
+      const double m = 1.0 / d->ratio_fwd;
+      g.push_back({"bf16 B3 T=1 within 1.15x of its memory roof", m <= 1.15,
+                   fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 1) + " ms vs " +
+                       fmt(d->roof_s * 1e3, 1) + " ms at " + fmt(d->read_bw / 1e9, 1) +
+                       " GB/s)"});
+    } else {
+      g.push_back({"bf16 B3 T=1 within 1.15x of its memory roof", std::nullopt, "not run"});
+    }
+  }
+
   // Memory: reported for every configuration; a buffer of T·E·C grows quadratically in T.
   std::optional<double> worst;
   std::string worst_name;
@@ -730,7 +829,7 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
 }
 
 void print_goals(const std::vector<Goal>& goals, std::ostream& os) {
-  os << "Goals of issue 5 (2 threads, fp32):\n";
+  os << "Goals (2 threads):\n";
   for (const Goal& g : goals) {
     const char* mark = !g.met ? "n/a   " : *g.met ? "met   " : "MISSED";
     os << "  [" << mark << "] " << g.text << ": " << g.detail << '\n';
@@ -741,7 +840,11 @@ int run_bench(const BenchOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   const int threads = omp_get_max_threads();
   if (o.repeat < 1) throw Error("--repeat: must be >= 1, got " + std::to_string(o.repeat));
-  std::vector<BenchCase> cases = perf::bench_cases(o.quick);
+  std::optional<Precision> precision;
+  if (!o.precision.empty()) precision = parse_precision(o.precision);
+  std::vector<BenchCase> cases =
+      o.config.empty() ? perf::default_cases(o.quick, precision.value_or(Precision::fp32))
+                       : perf::bench_cases(o.quick);
   const bool dist_only = o.config == "dist";
   if (dist_only) cases.clear();
   if (!o.config.empty() && !dist_only) {
@@ -752,10 +855,12 @@ int run_bench(const BenchOptions& o) {
       std::string names;
       for (const auto& c : cases) names += (names.empty() ? "" : ", ") + c.name;
       throw Error("--config: unknown configuration '" + o.config + "' (expected one of " + names +
-                  ", B3, E-sweep, bf16 or dist)");
+                  ", B3, E-sweep, real or dist)");
     }
     cases = pick;
   }
+  if (precision)
+    for (BenchCase& c : cases) c.cfg.precision = *precision;
   const bool peer_ok = !o.no_peer && python_has_torch();
   const std::string peer_na = o.no_peer ? "n/a (--no-peer)" : "n/a (no torch)";
 
@@ -788,8 +893,6 @@ int run_bench(const BenchOptions& o) {
       r.peer_note = "n/a (" + r.note + ")";
     } else if (!peer_ok) {
       r.peer_note = peer_na;
-    } else if (c.bf16) {
-      r.peer_note = "n/a (fp32 peer; compare with the fp32 row)";
     } else if (static_cast<double>(bytes_needed(c, c.backward)) >
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
@@ -801,7 +904,7 @@ int run_bench(const BenchOptions& o) {
     results.push_back(r);
   }
   std::vector<DistResult> dist;
-  if ((o.config.empty() || dist_only) && !o.no_dist)
+  if ((o.config.empty() || dist_only) && !o.no_dist && !precision)
     for (int P : {2, 4}) {
       std::cerr << "bench: expert parallelism on loopback, P=" << P << "...\n";
       dist.push_back(run_dist(P, o.quick));
@@ -853,13 +956,20 @@ int run_bench(const BenchOptions& o) {
 void add_bench_command(CLI::App& app, int& status) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* sub = app.add_subcommand(
-      "bench", "Benchmark the MoE layer (issue 5: B1, B2, B3, E-sweep) against the oneDNN sgemm "
-               "roof, the memory roof and the PyTorch peer, and check the goals.");
+      "bench", "Benchmark the MoE layer (B1, B2, B3, E-sweep, real-model blocks) against the "
+               "oneDNN GEMM roof of its precision, the memory roof and the PyTorch peer, and "
+               "check the goals.");
   sub->add_option("--threads", o->threads, "OpenMP threads (default: OMP_NUM_THREADS or all)")
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--config", o->config,
-                  "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024) "
-                  "or a group (B3, E-sweep, bf16), or dist (only the expert-parallel rows)");
+                  "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024, "
+                  "Qwen3-30B-A3B, Mixtral-8x7B) or a group (B3, E-sweep, real), or dist (only "
+                  "the expert-parallel rows)");
+  sub->add_option("--precision", o->precision,
+                  "fp32 | bf16: run the configurations in this precision (default: fp32, and "
+                  "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
+                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");
@@ -874,8 +984,9 @@ void add_bench_command(CLI::App& app, int& status) {
                   "Skip a configuration that needs more than this share of MemAvailable")
       ->check(CLI::Range(0.05, 1.0));
   sub->footer(
-      "Every figure is measured in this run beside its roof. The peer runs under "
-      "/usr/bin/python3 with OPENBLAS_CORETYPE=Cooperlake when torch is installed.");
+      "Every figure is measured in this run beside its roof. The peer runs under MOE_PYTHON, "
+      "else the project's .venv/bin/python, else /usr/bin/python3, with "
+      "OPENBLAS_CORETYPE=Cooperlake, when torch is installed there.");
   sub->callback([o, &status] { status = run_bench(*o); });
 }
 

@@ -51,6 +51,7 @@ struct TrainOptions {
   std::string noise = "learned", noise_scale = "softplus";
   double noise_stddev = 1.0, router_init_std = 0.0;
   bool dense = false;
+  std::string precision = "fp32";
   // Router family (docs/routing.md).
   std::string router = "topk_softmax", aux_loss = "switch", second_expert_policy = "all";
   bool renormalize = false, shared_gate = false;
@@ -112,6 +113,7 @@ MoEConfig model_config(const TrainOptions& o) {
   c.shared_gate = o.shared_gate;
   c.second_expert_policy = parse_second_expert_policy(o.second_expert_policy);
   c.jitter = static_cast<float>(o.jitter);
+  c.precision = parse_precision(o.precision);
   if (o.capacity_factor != "none") {
     double cf = 0.0;
     size_t used = 0;
@@ -294,6 +296,7 @@ json config_json(const TrainOptions& o, const MoEConfig& c) {
   m["z_alpha"] = c.z_alpha;
   m["router_init_std"] = c.router_init_std;
   m["residual"] = c.residual;
+  m["precision"] = to_string(c.precision);
   m["router"] = to_string(c.router_kind);
   m["renormalize"] = c.renormalize;
   m["scaling_factor"] = c.scaling_factor;
@@ -550,7 +553,9 @@ int run_train(const TrainOptions& o) {
                               to_string(cfg.drop_policy) + ")"
                         : "dropless";
   std::fprintf(human, "\nsummary\n");
-  row("model", model_desc + " + linear head, residual");
+  row("model", model_desc + " + linear head, residual" +
+                   (cfg.precision == Precision::fp32 ? "" : std::string(", ") +
+                                                              to_string(cfg.precision)));
   if (!o.dense)
     row("routing", std::string("noise ") + to_string(cfg.noise) + ", aux α " +
                        fmt("%g", cfg.aux_alpha) + ", " + cap);
@@ -620,6 +625,9 @@ void add_train_command(CLI::App& app, int& status) {
       ->capture_default_str();
   sub->add_option("--z-alpha", o->z_alpha, "router z-loss weight")->capture_default_str();
   sub->add_option("--noise", o->noise, "routing noise: none | fixed | learned")
+      ->capture_default_str();
+  sub->add_option("--precision", o->precision,
+                  "expert products: fp32 | bf16 (bf16 operands, fp32 accumulation and masters)")
       ->capture_default_str();
   sub->add_option("--noise-scale", o->noise_scale, "learned noise scale: softplus | linear")
       ->capture_default_str();

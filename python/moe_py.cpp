@@ -16,6 +16,7 @@
 #include "common/check.hpp"
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
+#include "common/gemm.hpp"
 #include "moe/optim.hpp"
 
 namespace py = pybind11;
@@ -380,6 +381,7 @@ struct PyMoE {
     d["shared_gate"] = c.shared_gate;
     d["second_expert_policy"] = moe::to_string(c.second_expert_policy);
     d["jitter"] = c.jitter;
+    d["precision"] = moe::to_string(c.precision);
     return d;
   }
 };
@@ -397,7 +399,8 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 double scaling_factor, const std::string& aux_loss,
                                 int64_t seq_len, double bias_update_rate, int64_t n_groups,
                                 int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
-                                const std::string& second_expert_policy, double jitter) {
+                                const std::string& second_expert_policy, double jitter,
+                                const std::string& precision) {
   moe::MoEConfig c;
   c.d_model = d_model;
   c.n_experts = n_experts;
@@ -443,6 +446,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.shared_gate = shared_gate;
   c.second_expert_policy = moe::parse_second_expert_policy(second_expert_policy);
   c.jitter = static_cast<float>(jitter);
+  c.precision = moe::parse_precision(precision);
   return std::make_unique<PyMoE>(c);
 }
 
@@ -466,7 +470,7 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("seq_len") = 0, py::arg("bias_update_rate") = 0.0, py::arg("n_groups") = 1,
           py::arg("topk_groups") = 1, py::arg("n_shared_experts") = 0,
           py::arg("shared_gate") = false, py::arg("second_expert_policy") = "all",
-          py::arg("jitter") = 0.0);
+          py::arg("jitter") = 0.0, py::arg("precision") = "fp32");
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(
@@ -504,15 +508,9 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "b_i += bias_update_rate·sign(mean load - load_i) from the last training forward's "
           "load (before capacity); call once after each optimizer step. No-op when the rate "
           "is 0 or no training forward came since the last update.");
-  cls.def(
-      "set_bf16_experts", [](PyMoE& self, bool on) { self.layer.set_bf16_experts(on); },
-      py::arg("on") = true,
-      R"(Inference with bf16 expert weights: True snapshots W1, W2, W3 rounded to bf16, and
-evaluation forwards (training=False) use them with fp32 accumulation; training forwards and
-backward are refused while it is on. Assigning weights later does not update the snapshot:
-call it again. False frees it.)");
-  cls.def_property_readonly("bf16_experts",
-                            [](const PyMoE& self) { return self.layer.bf16_experts(); });
+  cls.def("weights_changed", [](PyMoE& self) { self.layer.weights_changed(); },
+          "precision bf16: the bf16 copies of the expert weights are made again at the next "
+          "forward. Assigning a parameter and backward() already do this.");
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
@@ -742,6 +740,14 @@ PYBIND11_MODULE(_moe, m) {
     MOE_REQUIRE(n >= 1, "n: number of threads must be >= 1, got ", n);
     omp_set_num_threads(n);
   }, py::arg("n"), "Set the number of OpenMP threads used by libmoe.");
+  m.def("cpu_info", []() {
+    py::dict d;
+    d["isa"] = moe::detail::cpu_isa_name();
+    d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    return d;
+  }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
+     "ONEDNN_MAX_CPU_ISA) and the implementation behind the bf16 expert products "
+     "('bf16_gemm').");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

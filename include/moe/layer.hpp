@@ -18,6 +18,8 @@ enum class DropPolicy { position, probs, random, priority };
 // RouterKind (the router family's score functions) is in moe/router.hpp.
 enum class AuxLossKind { switch_lb, seq, global, shazeer, none };  // "switch" | ...
 enum class SecondExpertPolicy { all, random };
+// SPEC §6: the precision of the expert products. The router is fp32 in every precision.
+enum class Precision { fp32, bf16, int8 };
 
 ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu"
 Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
@@ -25,12 +27,14 @@ DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "
 RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...
 AuxLossKind parse_aux_loss(const std::string& s);    // "switch" | "seq" | "global" | ...
 SecondExpertPolicy parse_second_expert_policy(const std::string& s);  // "all" | "random"
+Precision parse_precision(const std::string& s);     // "fp32" | "bf16" | "int8"
 const char* to_string(ExpertKind v);
 const char* to_string(Activation v);
 const char* to_string(DropPolicy v);
 const char* to_string(RouterKind v);
 const char* to_string(AuxLossKind v);
 const char* to_string(SecondExpertPolicy v);
+const char* to_string(Precision v);
 
 struct MoEConfig {
   int64_t d_model = 0;
@@ -68,6 +72,11 @@ struct MoEConfig {
   bool shared_gate = false;      // scale the shared output by sigmoid(x·w_shared_gate)
   SecondExpertPolicy second_expert_policy = SecondExpertPolicy::all;  // GShard
   float jitter = 0.0f;           // Switch: router input x·U(1-jitter, 1+jitter) in training
+
+  // Expert products in bf16: fp32 masters (what param() holds and optimizers update), bf16
+  // copies made again after each change, bf16 operands with fp32 accumulation; the router,
+  // biases, activations, combine and gradients stay fp32 (docs/design.md, "bf16").
+  Precision precision = Precision::fp32;
 
   void validate() const;  // throws moe::Error naming the bad field
   void validate_router_family() const;  // part of validate()
@@ -111,7 +120,8 @@ class MoELayer {
   // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?, then the shared
   // experts' Ws1, bs1?, Ws2?, bs2?, Ws3?, w_shared_gate? (n_shared_experts > 0)
   std::vector<std::string> parameter_names() const;
-  Tensor& param(const std::string& name);  // throws moe::Error on an unknown name
+  Tensor& param(const std::string& name);  // throws moe::Error on an unknown name; see
+                                           // weights_changed()
   const Tensor& param(const std::string& name) const;
   // Gradients are allocated (zeroed) on first use: the first backward or grad() call. A
   // layer used only for inference never holds them.
@@ -129,13 +139,12 @@ class MoELayer {
   // the last reset (call it after each optimizer step). Harmless for the other kinds.
   void reset_global_load();
 
-  // Inference with bf16 expert weights (docs/design.md, "bf16 expert weights"): on takes a
-  // snapshot of W1, W2, W3 rounded to bf16; evaluation forwards (training = false) then use
-  // it, with activations rounded to bf16 on entry to each product and fp32 accumulation. A
-  // training forward while it is on is an error (backward needs the fp32 path). Assigning
-  // parameters afterwards does not change the snapshot: call it again. off frees it.
-  void set_bf16_experts(bool on);
-  bool bf16_experts() const;
+  // precision bf16: the bf16 copies of the expert weights are made again from the fp32
+  // masters at the first forward after a change. param() (non-const), backward() and loading
+  // a checkpoint mark them stale; a caller that writes through a pointer it kept from
+  // param() without a backward in between (an optimizer step does follow a backward) calls
+  // weights_changed(). Harmless in fp32.
+  void weights_changed();
 
   const MoEStats& stats() const;
   double aux_loss() const;

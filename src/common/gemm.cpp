@@ -2,10 +2,14 @@
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
+#include <mutex>
+#include <string>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 
 namespace moe::detail {
@@ -20,6 +24,103 @@ constexpr int64_t kColBlock = 256;
 }  // namespace
 
 int max_threads() { return omp_get_max_threads(); }
+
+namespace {
+
+// The two matmul primitives behind gemm_bf16_serial (beta 0 and beta 1: a sum post-op), made
+// once. Every size and leading dimension is given at execution.
+// Where oneDNN has no such primitive (an ISA without bf16 support, e.g. ONEDNN_MAX_CPU_ISA=
+// AVX2: oneDNN 2.6 has no run-time-size bf16 matmul there), `available` is false and
+// gemm_bf16_serial widens the operands' tiles to fp32 (exact: every bf16 value is an fp32
+// value) and runs sgemm: the same products with fp32 accumulation, slower.
+struct Bf16Matmul {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::matmul assign, accumulate;
+  std::string impl;
+  bool available = false;
+  Bf16Matmul() {
+    try {
+      create();
+      available = true;
+    } catch (const dnnl::error&) {
+      impl = "sgemm on bf16 operands widened to fp32 (no bf16 matmul for this ISA)";
+    }
+  }
+  void create() {
+    using dt = dnnl::memory::data_type;
+    const auto rt = DNNL_RUNTIME_DIM_VAL;
+    const dnnl::memory::desc a({rt, rt}, dt::bf16, {rt, 1}), b({rt, rt}, dt::bf16, {rt, 1}),
+        c({rt, rt}, dt::f32, {rt, 1});
+    const dnnl::matmul::desc md(a, b, c);
+    const dnnl::matmul::primitive_desc pd0(md, eng);
+    dnnl::post_ops po;
+    po.append_sum(1.0f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(po);
+    const dnnl::matmul::primitive_desc pd1(md, attr, eng);
+    impl = pd0.impl_info_str();
+    assign = dnnl::matmul(pd0);
+    accumulate = dnnl::matmul(pd1);
+  }
+  static Bf16Matmul& get() {
+    static Bf16Matmul m;  // thread-safe initialisation
+    return m;
+  }
+};
+
+}  // namespace
+
+void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                      const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  MOE_ASSERT(beta == 0.0f || beta == 1.0f);
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (beta == 0.0f)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  Bf16Matmul& mm = Bf16Matmul::get();
+  if (!mm.available) {
+    thread_local std::vector<float> a, b;
+    a.resize(static_cast<size_t>(M * K));
+    b.resize(static_cast<size_t>(K * N));
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t p = 0; p < K; ++p) a[i * K + p] = from_bf16(A[i * lda + p]);
+    for (int64_t p = 0; p < K; ++p)
+      for (int64_t j = 0; j < N; ++j) b[p * N + j] = from_bf16(B[p * ldb + j]);
+    gemm_f32_serial(false, false, M, N, K, 1.0f, a.data(), K, b.data(), N, beta, C, ldc);
+    return;
+  }
+  using dt = dnnl::memory::data_type;
+  thread_local dnnl::stream stream(mm.eng);
+  const dnnl::memory a({{M, K}, dt::bf16, {lda, 1}}, mm.eng, const_cast<uint16_t*>(A));
+  const dnnl::memory b({{K, N}, dt::bf16, {ldb, 1}}, mm.eng, const_cast<uint16_t*>(B));
+  const dnnl::memory c({{M, N}, dt::f32, {ldc, 1}}, mm.eng, C);
+  // One thread, as gemm_f32_serial, so that the blocking and the bits are ours.
+  const int saved = omp_get_max_threads();
+  const bool limit = saved > 1 && !omp_in_parallel();
+  if (limit) omp_set_num_threads(1);
+  (beta == 0.0f ? mm.assign : mm.accumulate)
+      .execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+  stream.wait();
+  if (limit) omp_set_num_threads(saved);
+}
+
+const char* gemm_bf16_impl() { return Bf16Matmul::get().impl.c_str(); }
+
+const char* cpu_isa_name() {
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
+    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core: return "avx512_core";
+    case dnnl::cpu_isa::avx2_vnni: return "avx2_vnni";
+    case dnnl::cpu_isa::avx2: return "avx2";
+    case dnnl::cpu_isa::avx: return "avx";
+    case dnnl::cpu_isa::sse41: return "sse41";
+    default: return "other";
+  }
+}
 
 void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                      const float* A, int64_t lda, const float* B, int64_t ldb, float beta,

@@ -25,6 +25,19 @@ void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K
                      const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
                      float* C, int64_t ldc);
 
+// bf16 operands, fp32 accumulation and result: C (M, N) = A (M, K) · B (K, N) + beta·C with
+// beta 0 or 1, all row-major with unit column stride, on one thread (callers parallelise over
+// fixed tiles, as with gemm_f32_serial). oneDNN's matmul with run-time sizes and strides:
+// one primitive per beta for the whole process, whatever the shapes, so no call creates or
+// compiles anything after the first. The ISA is oneDNN's choice (AVX512-BF16 here, AMX where
+// present; ONEDNN_MAX_CPU_ISA limits it), and the K loop is never split.
+void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                      const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// The implementation oneDNN runs gemm_bf16_serial with, e.g. "gemm:jit", and the ISA it may
+// use at most ("avx512_core_bf16", ...), for reports.
+const char* gemm_bf16_impl();
+const char* cpu_isa_name();
+
 template <typename S>
 void gemm_ref(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, S alpha, const S* A,
               int64_t lda, const S* B, int64_t ldb, S beta, S* C, int64_t ldc) {

@@ -118,6 +118,13 @@ struct ExpertParallelMoE::Impl {
   // Backward scratch.
   std::vector<float> dG, dout, dxg, dh, da3, dprobs, dlogits, rgrad;
   ::moe::detail::GroupedGemm gg;
+  // precision bf16 (as MoELayer): copies of the local experts' weights, operands.
+  ::moe::detail::ExpertWeightsBf16 wb;
+  ::moe::detail::ExpertScratchBf16 sb;
+  ::moe::detail::ExpertsBf16 bf16_state{&wb, &sb};
+  const ::moe::detail::ExpertsBf16* bf16() const {
+    return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
+  }
 
   const float* p(const char* name) const {
     auto it = index.find(name);
@@ -373,7 +380,8 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
   a3.resize(static_cast<size_t>(cfg.expert == ExpertKind::swiglu ? Re * F : 0));
   out.resize(static_cast<size_t>(Re * Do));
   ::moe::detail::ExpertActs acts{a1.data(), a3.data(), hid.data(), out.data()};
-  ::moe::detail::experts_forward(acts, xg.data(), expert_weights(), expert_off.data(), shape, gg);
+  ::moe::detail::experts_forward(acts, xg.data(), expert_weights(), expert_off.data(), shape, gg,
+                                 bf16());
 
   // 7. Combine: outputs go back by the reverse exchange, then the k-way sum per token in
   // rank order, as MoELayer::forward does it.
@@ -498,7 +506,8 @@ void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   ::moe::detail::ExpertScratch scr{dh.data(), da3.data()};
   ::moe::detail::ExpertGrads eg{g("W1"), g("b1"), g("W2"), g("b2"), g("W3")};
   ::moe::detail::experts_backward(dxg.data(), eg, dout_e.data(), scr, acts, xg.data(),
-                                  expert_weights(), expert_off.data(), shape, gg);
+                                  expert_weights(), expert_off.data(), shape, gg, bf16());
+  wb.invalidate();  // an optimizer step follows
   // …and dx rows come back like the outputs did.
   copy_runs_to_xchg(xchg.data(), dxg.data(), runs, d);
   std::vector<float> dxret(static_cast<size_t>(std::max(nk * d, int64_t{1})));
@@ -642,7 +651,10 @@ const ExpertShard& ExpertParallelMoE::shard() const { return impl_->shard; }
 int64_t ExpertParallelMoE::expert_begin() const { return impl_->e0; }
 int64_t ExpertParallelMoE::expert_end() const { return impl_->e0 + impl_->El; }
 std::vector<std::string> ExpertParallelMoE::parameter_names() const { return impl_->names; }
-Tensor& ExpertParallelMoE::param(const std::string& n) { return impl_->params[impl_->find(n)]; }
+Tensor& ExpertParallelMoE::param(const std::string& n) {
+  impl_->wb.invalidate();  // the caller may write through it
+  return impl_->params[impl_->find(n)];
+}
 const Tensor& ExpertParallelMoE::param(const std::string& n) const {
   return impl_->params[impl_->find(n)];
 }

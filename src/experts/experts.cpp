@@ -1,7 +1,9 @@
 #include "experts/experts.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "experts/activation.hpp"
 
@@ -73,34 +75,260 @@ void add_bias_grad(float* db, const float* D, int64_t N, const int64_t* off, int
   }
 }
 
-}  // namespace
+// The bf16 twins of add_rowwise and add_weight_grad. Rowwise: C rows of expert e (n_e, N) =
+// A rows (n_e, K) · W_e (K, N) + beta·C, W stacked (E, K, N), all bf16 but C. Weight
+// gradient: dW_e (M, N) += AT_e (M, n_e) · D rows (n_e, N), AT_e being expert e's rows of A
+// transposed, stored at AT + off[e]·M with row stride n_e.
+void add_rowwise_bf16(GroupedGemm& gg, float* C, int64_t ldc, const uint16_t* A, int64_t lda,
+                      const uint16_t* W, int64_t N, int64_t K, float beta, const int64_t* off,
+                      int64_t E, const TileEpilogue& epi = {}) {
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    GemmProblem p;
+    p.M = n;
+    p.N = N;
+    p.K = K;
+    p.Ab = A + off[e] * lda;
+    p.lda = lda;
+    p.Bb = W + e * K * N;
+    p.ldb = N;
+    p.beta = beta;
+    p.C = C + off[e] * ldc;
+    p.ldc = ldc;
+    p.epi = epi;
+    if (epi.bias) p.epi.bias = epi.bias + e * N;
+    if (epi.out) p.epi.out = epi.out + off[e] * ldc;
+    if (epi.out_bf16) p.epi.out_bf16 = epi.out_bf16 + off[e] * ldc;
+    gg.add(p);
+  }
+}
 
-void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                     const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertWeightsBf16* wb) {
+void add_weight_grad_bf16(GroupedGemm& gg, float* dW, const uint16_t* AT, int64_t M,
+                          const uint16_t* D, int64_t N, const int64_t* off, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    GemmProblem p;
+    p.M = M;
+    p.N = N;
+    p.K = n;
+    p.Ab = AT + off[e] * M;
+    p.lda = n;
+    p.Bb = D + off[e] * N;
+    p.ldb = N;
+    p.beta = 1.0f;
+    p.C = dW + e * M * N;
+    p.ldc = N;
+    gg.add(p);
+  }
+}
+
+// AT gets each expert's rows of A (R, cols) transposed (see add_weight_grad_bf16), rounded
+// to bf16 when A is fp32. Tasks of (expert, 256 columns).
+template <typename Src>
+void transpose_per_expert(uint16_t* AT, const Src* A, int64_t cols, const int64_t* off,
+                          int64_t E) {
+  constexpr int64_t kCols = 256;
+  const int64_t nb = (cols + kCols - 1) / kCols;
+#pragma omp parallel for schedule(dynamic, 1) if (off[E] * cols >= kParallelMin)
+  for (int64_t task = 0; task < E * nb; ++task) {
+    const int64_t e = task / nb, c0 = (task % nb) * kCols, c1 = std::min(cols, c0 + kCols);
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    uint16_t* dst = AT + off[e] * cols + c0 * n;
+    const Src* src = A + off[e] * cols + c0;
+    if constexpr (std::is_same_v<Src, float>)
+      to_bf16_transposed(dst, n, src, cols, n, c1 - c0);
+    else
+      transpose_bf16(dst, n, src, cols, n, c1 - c0);
+  }
+}
+
+// W (E, K, N) fp32 -> Wt (E, N, K) bf16, per expert. Tasks of (expert, 256 rows of W).
+void transpose_stack_bf16(std::vector<uint16_t>& Wt, const float* W, int64_t E, int64_t K,
+                          int64_t N) {
+  Wt.resize(static_cast<size_t>(E * K * N));
+  constexpr int64_t kRows = 256;
+  const int64_t nb = (K + kRows - 1) / kRows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < E * nb; ++task) {
+    const int64_t e = task / nb, r0 = (task % nb) * kRows, r1 = std::min(K, r0 + kRows);
+    to_bf16_transposed(Wt.data() + e * K * N + r0, K, W + e * K * N + r0 * N, N, r1 - r0, N);
+  }
+}
+
+template <typename T>
+T* grown(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+void experts_forward_bf16(ExpertActs& acts, const float* xg, const ExpertWeights& w,
+                          const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
+                          const ExpertsBf16& bf) {
   using Op = TileEpilogue::Op;
   const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
-  if (R == 0) return;
-  // C = A·W per expert, then epi: queued on gg (fp32: each tile's epilogue runs right after
-  // its product, at gg.run()) or computed now in bf16 with the epilogues applied after it.
-  auto product = [&](float* C, int64_t ldc, const float* A, int64_t lda, const float* W,
-                     const PackedBf16* Wb, int64_t N, int64_t K, const TileEpilogue& epi) {
-    add_rowwise(gg, C, ldc, A, lda, W, false, N, K, 0.0f, off, E, epi);
-    if (Wb) {
-      grouped_gemm_bf16(C, ldc, A, lda, *Wb, off);
-      gg.run_epilogues();
-    }
-  };
-  const PackedBf16* b1 = wb ? wb->W1 : nullptr;
-  const PackedBf16* b2 = wb ? wb->W2 : nullptr;
-  const PackedBf16* b3 = wb ? wb->W3 : nullptr;
+  ExpertWeightsBf16& wb = *bf.w;
+  ExpertScratchBf16& sb = *bf.scratch;
+  wb.prepare_forward(w, s);
+  uint16_t* x = grown(sb.xg, R * d);
+  to_bf16_rows(x, d, xg, d, R, d);
   switch (s.kind) {
     case ExpertKind::linear_relu: {
       TileEpilogue epi;  // out = relu(x·W1 + b1)
       epi.op = Op::bias_act_inplace;
       epi.act = Activation::relu;
       epi.bias = w.b1;
-      product(acts.out, Do, xg, d, w.W1, b1, Do, d, epi);
+      add_rowwise_bf16(gg, acts.out, Do, x, d, wb.W1.data(), Do, d, 0.0f, off, E, epi);
+      gg.run();
+      break;
+    }
+    case ExpertKind::mlp: {
+      uint16_t* hid = grown(sb.hid, R * F);
+      TileEpilogue epi1;  // a1 = x·W1 + b1, hid = bf16(act(a1))
+      epi1.op = Op::bias_act;
+      epi1.act = s.act;
+      epi1.bias = w.b1;
+      epi1.out_bf16 = hid;
+      add_rowwise_bf16(gg, acts.a1, F, x, d, wb.W1.data(), F, d, 0.0f, off, E, epi1);
+      gg.run();
+      TileEpilogue epi2;  // out = hid·W2 + b2
+      epi2.op = Op::bias;
+      epi2.bias = w.b2;
+      add_rowwise_bf16(gg, acts.out, Do, hid, F, wb.W2.data(), Do, F, 0.0f, off, E, epi2);
+      gg.run();
+      break;
+    }
+    case ExpertKind::swiglu: {
+      uint16_t* hid = grown(sb.hid, R * F);
+      add_rowwise_bf16(gg, acts.a1, F, x, d, wb.W1.data(), F, d, 0.0f, off, E);
+      add_rowwise_bf16(gg, acts.a3, F, x, d, wb.W3.data(), F, d, 0.0f, off, E);
+      gg.run();
+      const float *a1 = acts.a1, *a3 = acts.a3;
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+      for (int64_t i = 0; i < R * F; ++i) hid[i] = to_bf16(silu(a1[i]) * a3[i]);
+      add_rowwise_bf16(gg, acts.out, Do, hid, F, wb.W2.data(), Do, F, 0.0f, off, E);
+      gg.run();
+      break;
+    }
+  }
+}
+
+void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
+                           const ExpertActs& acts, const float* xg, const ExpertWeights& w,
+                           const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
+                           const ExpertsBf16& bf) {
+  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
+  ExpertWeightsBf16& wb = *bf.w;
+  ExpertScratchBf16& sb = *bf.scratch;
+  wb.prepare_backward(w, s);
+  uint16_t* xT = grown(sb.xgT, R * d);
+  transpose_per_expert(xT, xg, d, off, E);
+  uint16_t* dob = grown(sb.dout, R * Do);
+  switch (s.kind) {
+    case ExpertKind::linear_relu: {
+      const float* out = acts.out;
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
+      for (int64_t i = 0; i < R * Do; ++i) {
+        if (!(out[i] > 0.0f)) dout[i] = 0.0f;
+        dob[i] = to_bf16(dout[i]);
+      }
+      if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
+      add_weight_grad_bf16(gg, g.dW1, xT, d, dob, Do, off, E);
+      add_rowwise_bf16(gg, dxg, d, dob, Do, wb.W1t.data(), d, Do, 0.0f, off, E);
+      gg.run();
+      break;
+    }
+    case ExpertKind::mlp:
+    case ExpertKind::swiglu: {
+      const bool glu = s.kind == ExpertKind::swiglu;
+      if (g.db2) add_bias_grad(g.db2, dout, Do, off, E);
+      to_bf16_n(dob, dout, R * Do);
+      uint16_t* hT = grown(sb.hidT, R * F);
+      transpose_per_expert(hT, sb.hid.data(), F, off, E);
+      add_weight_grad_bf16(gg, g.dW2, hT, F, dob, Do, off, E);
+      add_rowwise_bf16(gg, scr.dh, F, dob, Do, wb.W2t.data(), F, Do, 0.0f, off, E);
+      gg.run();
+      float* dh = scr.dh;
+      uint16_t* dhb = grown(sb.dh, R * F);
+      const float* a1 = acts.a1;
+      if (glu) {
+        uint16_t* da3b = grown(sb.da3, R * F);
+        const float* a3 = acts.a3;
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i) {
+          da3b[i] = to_bf16(dh[i] * silu(a1[i]));
+          dhb[i] = to_bf16(dh[i] * a3[i] * act_grad(Activation::silu, a1[i]));
+        }
+        add_weight_grad_bf16(gg, g.dW1, xT, d, dhb, F, off, E);
+        add_weight_grad_bf16(gg, g.dW3, xT, d, da3b, F, off, E);
+        add_rowwise_bf16(gg, dxg, d, dhb, F, wb.W1t.data(), d, F, 0.0f, off, E);
+        gg.run();
+        add_rowwise_bf16(gg, dxg, d, da3b, F, wb.W3t.data(), d, F, 1.0f, off, E);
+        gg.run();
+      } else {
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i) {
+          dh[i] *= act_grad(s.act, a1[i]);
+          dhb[i] = to_bf16(dh[i]);
+        }
+        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
+        add_weight_grad_bf16(gg, g.dW1, xT, d, dhb, F, off, E);
+        add_rowwise_bf16(gg, dxg, d, dhb, F, wb.W1t.data(), d, F, 0.0f, off, E);
+        gg.run();
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+void ExpertWeightsBf16::prepare_forward(const ExpertWeights& w, const ExpertShape& s) {
+  if (forward_ready) return;
+  const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
+  to_bf16_n(grown(W1, s.E * s.d * mid), w.W1, s.E * s.d * mid);
+  if (w.W2) to_bf16_n(grown(W2, s.E * s.F * s.Do), w.W2, s.E * s.F * s.Do);
+  if (w.W3) to_bf16_n(grown(W3, s.E * s.d * s.F), w.W3, s.E * s.d * s.F);
+  forward_ready = true;
+}
+
+void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {
+  if (backward_ready) return;
+  const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
+  transpose_stack_bf16(W1t, w.W1, s.E, s.d, mid);
+  if (w.W2) transpose_stack_bf16(W2t, w.W2, s.E, s.F, s.Do);
+  if (w.W3) transpose_stack_bf16(W3t, w.W3, s.E, s.d, s.F);
+  backward_ready = true;
+}
+
+int64_t ExpertWeightsBf16::bytes() const {
+  size_t n = 0;
+  for (const auto* v : {&W1, &W2, &W3, &W1t, &W2t, &W3t}) n += v->capacity();
+  return static_cast<int64_t>(n * sizeof(uint16_t));
+}
+
+void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
+                     const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
+                     const ExpertsBf16* bf) {
+  using Op = TileEpilogue::Op;
+  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
+  if (R == 0) return;
+  if (bf) return experts_forward_bf16(acts, xg, w, off, s, gg, *bf);
+  // C = A·W per expert, then epi: queued on gg, each tile's epilogue run right after its
+  // product at gg.run().
+  auto product = [&](float* C, int64_t ldc, const float* A, int64_t lda, const float* W,
+                     int64_t N, int64_t K, const TileEpilogue& epi) {
+    add_rowwise(gg, C, ldc, A, lda, W, false, N, K, 0.0f, off, E, epi);
+  };
+  switch (s.kind) {
+    case ExpertKind::linear_relu: {
+      TileEpilogue epi;  // out = relu(x·W1 + b1)
+      epi.op = Op::bias_act_inplace;
+      epi.act = Activation::relu;
+      epi.bias = w.b1;
+      product(acts.out, Do, xg, d, w.W1, Do, d, epi);
       gg.run();
       break;
     }
@@ -110,24 +338,24 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
       epi1.act = s.act;
       epi1.bias = w.b1;
       epi1.out = acts.hid;
-      product(acts.a1, F, xg, d, w.W1, b1, F, d, epi1);
+      product(acts.a1, F, xg, d, w.W1, F, d, epi1);
       gg.run();
       TileEpilogue epi2;  // out = hid·W2 + b2
       epi2.op = Op::bias;
       epi2.bias = w.b2;
-      product(acts.out, Do, acts.hid, F, w.W2, b2, Do, F, epi2);
+      product(acts.out, Do, acts.hid, F, w.W2, Do, F, epi2);
       gg.run();
       break;
     }
     case ExpertKind::swiglu: {
       // hid needs both a1 and a3 tiles, which are different products: a separate pass.
-      product(acts.a1, F, xg, d, w.W1, b1, F, d, {});
-      product(acts.a3, F, xg, d, w.W3, b3, F, d, {});
+      product(acts.a1, F, xg, d, w.W1, F, d, {});
+      product(acts.a3, F, xg, d, w.W3, F, d, {});
       gg.run();
       float *a1 = acts.a1, *a3 = acts.a3, *hid = acts.hid;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) hid[i] = silu(a1[i]) * a3[i];
-      product(acts.out, Do, hid, F, w.W2, b2, Do, F, {});
+      product(acts.out, Do, hid, F, w.W2, Do, F, {});
       gg.run();
       break;
     }
@@ -136,9 +364,11 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
 
 void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
                       const ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg) {
+                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
+                      const ExpertsBf16* bf) {
   const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
   if (R == 0) return;
+  if (bf) return experts_backward_bf16(dxg, g, dout, scr, acts, xg, w, off, s, gg, *bf);
   switch (s.kind) {
     case ExpertKind::linear_relu: {
       // da = dout ⊙ 1[out > 0]: out = relu(a), so out > 0 exactly where a > 0.

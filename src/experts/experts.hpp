@@ -3,8 +3,8 @@
 // Experts without rows are never touched. Derivations: docs/math.md §experts.
 #pragma once
 #include <cstdint>
+#include <vector>
 
-#include "experts/bf16.hpp"
 #include "experts/grouped_gemm.hpp"
 #include "moe/layer.hpp"
 
@@ -49,21 +49,47 @@ struct ExpertScratch {
   float* da3 = nullptr;  // (R, F) swiglu
 };
 
-// The stacked weights packed in bf16 (evaluation only); null members: use fp32.
+// precision "bf16" (SPEC §6): bf16 copies of the fp32 master weights, in the masters' layout
+// for forward and transposed per expert for backward's dx products. They are made from the
+// masters when stale: the owner calls invalidate() whenever the masters may have changed
+// (after a backward, on parameter access, on load), and the next forward or backward makes
+// again the copies it needs. Nothing is repacked while the masters stay the same.
 struct ExpertWeightsBf16 {
-  const PackedBf16 *W1 = nullptr, *W2 = nullptr, *W3 = nullptr;
+  std::vector<uint16_t> W1, W2, W3;     // like the masters: (E, d, ·), (E, F, Do), (E, d, F)
+  std::vector<uint16_t> W1t, W2t, W3t;  // per expert transposed: (E, ·, d), (E, Do, F), (E, F, d)
+  bool forward_ready = false, backward_ready = false;
+
+  void invalidate() { forward_ready = backward_ready = false; }
+  void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
+  void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
+  int64_t bytes() const;
 };
 
-// acts.out is assigned from xg (R, d). With wb, the products use the bf16 weights (biases
-// and activations stay fp32).
+// The operands of the bf16 products, rounded to bf16 as they enter them: rows (R, ·) each,
+// and for the weight gradients the rows of each expert transposed, (·, n_e) at row offset
+// off[e]·width. Grows, never shrinks.
+struct ExpertScratchBf16 {
+  std::vector<uint16_t> xg, hid, dout, dh, da3, xgT, hidT;
+};
+
+// The bf16 path of experts_forward / experts_backward; null means fp32.
+struct ExpertsBf16 {
+  ExpertWeightsBf16* w = nullptr;
+  ExpertScratchBf16* scratch = nullptr;
+};
+
+// acts.out is assigned from xg (R, d). With bf, every product takes bf16 operands and
+// accumulates in fp32 (biases, activations and everything else stay fp32); acts.hid is then
+// not written (the bf16 hidden activations live in the scratch, for backward).
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertWeightsBf16* wb = nullptr);
+                     const ExpertsBf16* bf = nullptr);
 
 // dxg (R, d) is assigned; dout (R, Do) is the gradient of acts.out and is used as scratch
-// (overwritten). Parameter gradients accumulate.
+// (overwritten). Parameter gradients accumulate. bf must be what the forward had.
 void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
                       const ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                      const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg);
+                      const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
+                      const ExpertsBf16* bf = nullptr);
 
 }  // namespace moe::detail

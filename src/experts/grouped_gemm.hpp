@@ -29,9 +29,12 @@ struct TileEpilogue {
   Activation act = Activation::relu;
   const float* bias = nullptr;  // (N); null: no bias
   float* out = nullptr;         // like C
+  uint16_t* out_bf16 = nullptr; // like C: act(C) rounded to bf16, the next product's operand
 };
 
-// C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N).
+// C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N). With Ab and Bb
+// set instead of A and B, the operands are bf16 (no transposes, beta 0 or 1; common/gemm.hpp
+// gemm_bf16_serial) and the product accumulates in fp32.
 struct GemmProblem {
   bool trans_a = false, trans_b = false;
   int64_t M = 0, N = 0, K = 0;
@@ -39,6 +42,8 @@ struct GemmProblem {
   int64_t lda = 0;
   const float* B = nullptr;
   int64_t ldb = 0;
+  const uint16_t* Ab = nullptr;
+  const uint16_t* Bb = nullptr;
   float beta = 0.0f;
   float* C = nullptr;
   int64_t ldc = 0;
@@ -53,9 +58,6 @@ class GroupedGemm {
     if (p.M > 0 && p.N > 0) problems_.push_back(p);
   }
   void run();  // runs the products and their epilogues, and clears the list
-  // Applies only the epilogues, to products computed elsewhere (the bf16 kernel), and clears
-  // the list.
-  void run_epilogues();
 
  private:
   void plan();  // tiles_ from problems_

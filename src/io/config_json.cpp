@@ -102,6 +102,7 @@ std::string config_to_json(const MoEConfig& c) {
   j["shared_gate"] = c.shared_gate;
   j["second_expert_policy"] = to_string(c.second_expert_policy);
   j["jitter"] = float_json(c.jitter);
+  j["precision"] = to_string(c.precision);
   return j.dump();
 }
 
@@ -153,6 +154,7 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "second_expert_policy")
       c.second_expert_policy = parse_second_expert_policy(get_string(v, k));
     else if (key == "jitter") c.jitter = get_float(v, k);
+    else if (key == "precision") c.precision = parse_precision(get_string(v, k));
     else throw Error(cat("config: unknown field '", key, "'"));
   }
   c.validate();

@@ -52,6 +52,15 @@ SecondExpertPolicy parse_second_expert_policy(const std::string& s) {
   if (s == "random") return SecondExpertPolicy::random;
   throw Error(cat("second_expert_policy: unknown value '", s, "' (expected all or random)"));
 }
+Precision parse_precision(const std::string& s) {
+  if (s == "fp32") return Precision::fp32;
+  if (s == "bf16") return Precision::bf16;
+  if (s == "int8") return Precision::int8;
+  throw Error(cat("precision: unknown value '", s, "' (expected fp32, bf16 or int8)"));
+}
+const char* to_string(Precision v) {
+  return v == Precision::fp32 ? "fp32" : v == Precision::bf16 ? "bf16" : "int8";
+}
 const char* to_string(ExpertKind v) {
   return v == ExpertKind::linear_relu ? "linear_relu" : v == ExpertKind::mlp ? "mlp" : "swiglu";
 }
@@ -134,6 +143,8 @@ void MoEConfig::validate() const {
   MOE_REQUIRE(d_model <= kMaxWidth, "d_model: too large, got ", d_model);
   MOE_REQUIRE(hidden() <= kMaxWidth, "d_ff: too large, got ", hidden());
   MOE_REQUIRE(out_dim() <= kMaxWidth, "d_out: too large, got ", out_dim());
+  MOE_REQUIRE(precision != Precision::int8,
+              "precision: 'int8' is not available yet in this build (expected fp32 or bf16)");
   router().validate();
   validate_router_family();
   // Each width may be fine on its own while their product overflows int64 (and every

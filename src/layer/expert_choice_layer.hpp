@@ -18,8 +18,7 @@ struct ExpertChoiceLayer {
   const ExpertShape* shape = nullptr;
   RouterParams router;
   ExpertWeights experts;
-  ExpertWeightsBf16 experts_bf16;  // used by forward when bf16 (evaluation only)
-  bool bf16 = false;
+  const ExpertsBf16* bf16 = nullptr;  // precision bf16, else null
   LayerBuffers b;  // carved for T with R = E·C rows (layer_workspace_floats)
   GroupedGemm* gg = nullptr;
 };

@@ -75,8 +75,10 @@ struct MoELayer::Impl {
   detail::GroupedGemm gg;
   detail::BalanceState balance;  // aux_loss kinds: global loads, shazeer scratch
   detail::SharedExperts shared;  // n_shared_experts > 0
-  detail::PackedBf16 W1b, W2b, W3b;  // set_bf16_experts(true): the snapshot
-  bool bf16 = false;
+  // precision bf16: the copies of the expert weights and the products' bf16 operands.
+  detail::ExpertWeightsBf16 wb;
+  detail::ExpertScratchBf16 sb;
+  detail::ExpertsBf16 bf16_state{&wb, &sb};
 
   // Selection bias (bias_update_rate > 0) and the load that its next update uses.
   Tensor sel_bias;
@@ -115,9 +117,11 @@ struct MoELayer::Impl {
   detail::ExpertWeights expert_weights() const {
     return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
   }
+  const detail::ExpertsBf16* bf16() const {
+    return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
+  }
   detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
-    detail::ExpertWeightsBf16 wb{&W1b, W2b.empty() ? nullptr : &W2b, W3b.empty() ? nullptr : &W3b};
-    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), wb, bf16, ws.carve(cfg, T),
+    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
             &gg};
   }
   detail::SharedWeights shared_weights() const {
@@ -154,7 +158,11 @@ MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 
 const MoEConfig& MoELayer::config() const { return impl_->cfg; }
 std::vector<std::string> MoELayer::parameter_names() const { return impl_->names; }
-Tensor& MoELayer::param(const std::string& name) { return impl_->params[impl_->find(name)]; }
+Tensor& MoELayer::param(const std::string& name) {
+  Tensor& t = impl_->params[impl_->find(name)];
+  weights_changed();  // the caller may write through it
+  return t;
+}
 const Tensor& MoELayer::param(const std::string& name) const {
   return impl_->params[impl_->find(name)];
 }
@@ -168,21 +176,10 @@ void MoELayer::zero_grad() {
   for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
 }
 void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
-void MoELayer::set_bf16_experts(bool on) {
-  Impl& m = *impl_;
-  m.W1b.clear();
-  m.W2b.clear();
-  m.W3b.clear();
-  m.bf16 = on;
-  if (!on) return;
-  const detail::ExpertShape& sh = m.shape;
-  const detail::ExpertWeights w = m.expert_weights();
-  const int64_t mid = sh.kind == ExpertKind::linear_relu ? sh.Do : sh.F;
-  m.W1b.pack(w.W1, sh.E, sh.d, mid);
-  if (w.W2) m.W2b.pack(w.W2, sh.E, sh.F, sh.Do);
-  if (w.W3) m.W3b.pack(w.W3, sh.E, sh.d, sh.F);
+void MoELayer::weights_changed() {
+  impl_->wb.invalidate();
+  impl_->shared.weights_changed();
 }
-bool MoELayer::bf16_experts() const { return impl_->bf16; }
 const MoEStats& MoELayer::stats() const { return impl_->stats; }
 double MoELayer::aux_loss() const { return impl_->stats.aux_loss; }
 double MoELayer::z_loss() const { return impl_->stats.z_loss; }
@@ -230,9 +227,6 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   }
   m.have_forward = false;
   detail::balance_check_batch(cfg, T);
-  MOE_REQUIRE(!(m.bf16 && opt.training),
-              "forward: bf16 expert weights are for evaluation (training=false); "
-              "set_bf16_experts(false) before training");
   // The workspace and the router's (T, E) buffers, before x is read.
   allocate_or_throw("forward: workspace for the batch",
                     detail::layer_workspace_floats(cfg, T) + T * (2 * cfg.k + 5 * cfg.n_experts),
@@ -279,10 +273,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   }
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
-  detail::ExpertWeightsBf16 wb{&m.W1b, m.W2b.empty() ? nullptr : &m.W2b,
-                              m.W3b.empty() ? nullptr : &m.W3b};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16 ? &wb : nullptr);
+                          m.bf16());
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
   const int32_t* s2d = plan.src_to_dest.data();
@@ -326,10 +318,11 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
-  MOE_REQUIRE(!m.bf16, "backward: bf16 expert weights are for inference only; "
-              "set_bf16_experts(false) and run forward again");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
   m.ensure_grads();
+  // An optimizer step follows a backward: the bf16 copies are made again before the next
+  // forward (and this backward's transposed copies from the masters as they are now).
+  weights_changed();
   const MoEConfig& cfg = m.cfg;
   const int64_t T = m.T, d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");
@@ -374,7 +367,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   detail::ExpertScratch scr{b.dh, b.da3};
   detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
-                           plan.offsets.data(), m.shape, m.gg);
+                           plan.offsets.data(), m.shape, m.gg, m.bf16());
 
   // Router: gate weights, balancing loss (through P, or for shazeer through the gates, h and
   // the noise scale), z-loss through h. dx is assigned here.

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/activation.hpp"
@@ -183,10 +184,16 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   sv.a3.assign(static_cast<size_t>(A * F), S(0));
   sv.hid.assign(static_cast<size_t>(A * F), S(0));
   sv.out.assign(static_cast<size_t>(A * Do), S(0));
+  // precision bf16: every expert product's operands rounded to bf16 (SPEC §6), the sums in S.
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
+    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
+  };
+  std::vector<S> xq(static_cast<size_t>(d));
   for (int64_t a = 0; a < A; ++a) {
     if (sv.plan.src_to_dest[a] < 0) continue;
     const int64_t e = sv.indices[a];
-    const S* xt = x + (a / k) * d;
+    for (int64_t i = 0; i < d; ++i) xq[i] = q(x[(a / k) * d + i]);
+    const S* xt = xq.data();
     S* a1 = &sv.a1[a * W1w];
     S* a3 = &sv.a3[a * F];
     S* hid = &sv.hid[a * F];
@@ -194,25 +201,26 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     const S* W1 = &p.W1[e * d * W1w];
     for (int64_t c = 0; c < W1w; ++c) {
       a1[c] = p.b1.empty() ? S(0) : p.b1[e * W1w + c];
-      for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * W1[i * W1w + c];
+      for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * q(W1[i * W1w + c]);
     }
     switch (cfg.expert) {
       case ExpertKind::linear_relu:
         for (int64_t c = 0; c < Do; ++c) out[c] = act_forward(Activation::relu, a1[c]);
         continue;
       case ExpertKind::mlp:
-        for (int64_t f = 0; f < F; ++f) hid[f] = act_forward(cfg.activation, a1[f]);
+        for (int64_t f = 0; f < F; ++f) hid[f] = q(act_forward(cfg.activation, a1[f]));
         break;
       case ExpertKind::swiglu:
         for (int64_t f = 0; f < F; ++f) {
-          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * p.W3[(e * d + i) * F + f];
-          hid[f] = silu(a1[f]) * a3[f];
+          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
+          hid[f] = q(silu(a1[f]) * a3[f]);
         }
         break;
     }
+    // hid is saved rounded: backward's dW2 product takes it as its bf16 operand.
     for (int64_t c = 0; c < Do; ++c) {
       out[c] = p.b2.empty() ? S(0) : p.b2[e * Do + c];
-      for (int64_t f = 0; f < F; ++f) out[c] += hid[f] * p.W2[(e * F + f) * Do + c];
+      for (int64_t f = 0; f < F; ++f) out[c] += hid[f] * q(p.W2[(e * F + f) * Do + c]);
     }
   }
 
@@ -243,11 +251,19 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
   std::vector<S> dout(static_cast<size_t>(Do)), dh(static_cast<size_t>(F)),
       da1(static_cast<size_t>(W1w)), da3(static_cast<size_t>(F));
 
-  // Combine and experts, one kept assignment at a time.
+  // Combine and experts, one kept assignment at a time. precision bf16: the products'
+  // operands (x, dout, da1, da3, the weights) rounded to bf16; the bias gradients are not
+  // products and take the unrounded values.
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
+    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
+  };
+  std::vector<S> xq(static_cast<size_t>(d)), doutq(static_cast<size_t>(Do)),
+      da1q(static_cast<size_t>(W1w)), da3q(static_cast<size_t>(F));
   for (int64_t a = 0; a < T * k; ++a) {
     if (sv.plan.src_to_dest[a] < 0) continue;
     const int64_t t = a / k, e = sv.indices[a];
-    const S* xt = x + t * d;
+    for (int64_t i = 0; i < d; ++i) xq[i] = q(x[t * d + i]);
+    const S* xt = xq.data();
     const S* dyt = dy + t * Do;
     const S* out = &sv.out[a * Do];
     const S* a1 = &sv.a1[a * W1w];
@@ -256,6 +272,7 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
     for (int64_t c = 0; c < Do; ++c) {
       dG[a] += dyt[c] * out[c];
       dout[c] = sv.weights[a] * dyt[c];
+      doutq[c] = q(dout[c]);
     }
     if (cfg.expert == ExpertKind::linear_relu) {
       for (int64_t c = 0; c < Do; ++c) da1[c] = dout[c] * act_grad(Activation::relu, a1[c]);
@@ -263,8 +280,8 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
       for (int64_t f = 0; f < F; ++f) {
         dh[f] = 0;
         for (int64_t c = 0; c < Do; ++c) {
-          dh[f] += dout[c] * p.W2[(e * F + f) * Do + c];
-          g.W2[(e * F + f) * Do + c] += hid[f] * dout[c];
+          dh[f] += doutq[c] * q(p.W2[(e * F + f) * Do + c]);
+          g.W2[(e * F + f) * Do + c] += hid[f] * doutq[c];
         }
       }
       if (!g.b2.empty())
@@ -278,19 +295,22 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
         }
       }
     }
+    for (int64_t c = 0; c < W1w; ++c) da1q[c] = q(da1[c]);
     for (int64_t c = 0; c < W1w; ++c) {
       if (!g.b1.empty()) g.b1[e * W1w + c] += da1[c];
       for (int64_t i = 0; i < d; ++i) {
-        g.W1[(e * d + i) * W1w + c] += xt[i] * da1[c];
-        dx[t * d + i] += da1[c] * p.W1[(e * d + i) * W1w + c];
+        g.W1[(e * d + i) * W1w + c] += xt[i] * da1q[c];
+        dx[t * d + i] += da1q[c] * q(p.W1[(e * d + i) * W1w + c]);
       }
     }
     if (cfg.expert == ExpertKind::swiglu)
-      for (int64_t f = 0; f < F; ++f)
+      for (int64_t f = 0; f < F; ++f) {
+        da3q[f] = q(da3[f]);
         for (int64_t i = 0; i < d; ++i) {
-          g.W3[(e * d + i) * F + f] += xt[i] * da3[f];
-          dx[t * d + i] += da3[f] * p.W3[(e * d + i) * F + f];
+          g.W3[(e * d + i) * F + f] += xt[i] * da3q[f];
+          dx[t * d + i] += da3q[f] * q(p.W3[(e * d + i) * F + f]);
         }
+      }
   }
 
   // Losses: the balancing loss through P = mean(probs) only, the z-loss through h.

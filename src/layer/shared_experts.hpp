@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "experts/activation.hpp"
 #include "experts/experts.hpp"
 #include "layer/init.hpp"
@@ -43,13 +44,21 @@ class SharedExperts {
   // dx (T, d) += the shared path's part for dy (T, Do); parameter gradients accumulate.
   void backward(float* dx, SharedGrads& g, const float* dy, const SharedWeights& w,
                 const MoEConfig& cfg);
+  // precision bf16: the weights may have changed; their bf16 copies are made again.
+  void weights_changed() { wb_.invalidate(); }
 
  private:
+  const ExpertsBf16* bf16(const MoEConfig& cfg) {
+    return cfg.precision == Precision::bf16 ? &bf16_ : nullptr;
+  }
   int64_t T_ = 0;
   std::vector<float> xg_, a1_, a3_, hid_, out_, sum_, gate_;  // saved
   std::vector<float> dout_, dh_, da3_, dxg_;                   // backward scratch
   std::vector<int64_t> offsets_;
   GroupedGemm gg_;
+  ExpertWeightsBf16 wb_;
+  ExpertScratchBf16 sb_;
+  ExpertsBf16 bf16_{&wb_, &sb_};
 };
 
 // The reference twin on any scalar type (plain loops). Weights by name; a (T, Do) output
@@ -66,13 +75,20 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
   const bool lin = cfg.expert == ExpertKind::linear_relu;
   const int64_t W1w = lin ? Do : F;
   std::vector<S> a1(static_cast<size_t>(W1w)), hid(static_cast<size_t>(F)), sum(static_cast<size_t>(Do));
+  // precision bf16: the products' operands rounded to bf16 (the gate's product is fp32).
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
+    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
+  };
+  std::vector<S> xq(static_cast<size_t>(d));
   for (int64_t t = 0; t < T; ++t) {
-    const S* xt = x + t * d;
+    const S* xg = x + t * d;
+    for (int64_t i = 0; i < d; ++i) xq[i] = q(xg[i]);
+    const S* xt = xq.data();
     std::fill(sum.begin(), sum.end(), S(0));
     for (int64_t s = 0; s < n; ++s) {
       for (int64_t c = 0; c < W1w; ++c) {
         a1[c] = p.bs1.empty() ? S(0) : p.bs1[s * W1w + c];
-        for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * p.Ws1[(s * d + i) * W1w + c];
+        for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * q(p.Ws1[(s * d + i) * W1w + c]);
       }
       if (lin) {
         for (int64_t c = 0; c < Do; ++c) sum[c] += act_forward(Activation::relu, a1[c]);
@@ -80,23 +96,23 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
       }
       for (int64_t f = 0; f < F; ++f) {
         if (cfg.expert == ExpertKind::mlp) {
-          hid[f] = act_forward(cfg.activation, a1[f]);
+          hid[f] = q(act_forward(cfg.activation, a1[f]));
         } else {
           S a3 = 0;
-          for (int64_t i = 0; i < d; ++i) a3 += xt[i] * p.Ws3[(s * d + i) * F + f];
-          hid[f] = silu(a1[f]) * a3;
+          for (int64_t i = 0; i < d; ++i) a3 += xt[i] * q(p.Ws3[(s * d + i) * F + f]);
+          hid[f] = q(silu(a1[f]) * a3);
         }
       }
       for (int64_t c = 0; c < Do; ++c) {
         S o = p.bs2.empty() ? S(0) : p.bs2[s * Do + c];
-        for (int64_t f = 0; f < F; ++f) o += hid[f] * p.Ws2[(s * F + f) * Do + c];
+        for (int64_t f = 0; f < F; ++f) o += hid[f] * q(p.Ws2[(s * F + f) * Do + c]);
         sum[c] += o;
       }
     }
     S g = 1;
     if (cfg.shared_gate) {
       S z = 0;
-      for (int64_t i = 0; i < d; ++i) z += xt[i] * p.w_shared_gate[i];
+      for (int64_t i = 0; i < d; ++i) z += xg[i] * p.w_shared_gate[i];
       g = S(1) / (S(1) + std::exp(-z));
     }
     for (int64_t c = 0; c < Do; ++c) y[t * Do + c] += g * sum[c];
@@ -112,9 +128,14 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
   std::vector<S> a1(static_cast<size_t>(W1w)), a3(static_cast<size_t>(F)),
       hid(static_cast<size_t>(F)), dh(static_cast<size_t>(F)), da1(static_cast<size_t>(W1w)),
       da3(static_cast<size_t>(F)), sum(static_cast<size_t>(Do)), dsum(static_cast<size_t>(Do));
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
+    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
+  };
+  std::vector<S> xq(static_cast<size_t>(d)), dsumq(static_cast<size_t>(Do));
   for (int64_t t = 0; t < T; ++t) {
-    const S* xt = x + t * d;
+    const S* xt = x + t * d;  // the gate's input; the products take xq
     const S* dyt = dy + t * Do;
+    for (int64_t i = 0; i < d; ++i) xq[i] = q(xt[i]);
     S g = 1;
     if (cfg.shared_gate) {
       S z = 0;
@@ -133,27 +154,30 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
         dx[t * d + i] += dz * p.w_shared_gate[i];
       }
     }
-    for (int64_t c = 0; c < Do; ++c) dsum[c] = g * dyt[c];
+    for (int64_t c = 0; c < Do; ++c) {
+      dsum[c] = g * dyt[c];
+      dsumq[c] = q(dsum[c]);
+    }
     for (int64_t s = 0; s < n; ++s) {
       for (int64_t c = 0; c < W1w; ++c) {
         a1[c] = p.bs1.empty() ? S(0) : p.bs1[s * W1w + c];
-        for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * p.Ws1[(s * d + i) * W1w + c];
+        for (int64_t i = 0; i < d; ++i) a1[c] += xq[i] * q(p.Ws1[(s * d + i) * W1w + c]);
       }
       if (lin) {
         for (int64_t c = 0; c < Do; ++c) da1[c] = dsum[c] * act_grad(Activation::relu, a1[c]);
       } else {
         for (int64_t f = 0; f < F; ++f) {
           if (cfg.expert == ExpertKind::mlp) {
-            hid[f] = act_forward(cfg.activation, a1[f]);
+            hid[f] = q(act_forward(cfg.activation, a1[f]));
           } else {
             a3[f] = 0;
-            for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * p.Ws3[(s * d + i) * F + f];
-            hid[f] = silu(a1[f]) * a3[f];
+            for (int64_t i = 0; i < d; ++i) a3[f] += xq[i] * q(p.Ws3[(s * d + i) * F + f]);
+            hid[f] = q(silu(a1[f]) * a3[f]);
           }
           dh[f] = 0;
           for (int64_t c = 0; c < Do; ++c) {
-            dh[f] += dsum[c] * p.Ws2[(s * F + f) * Do + c];
-            gr.Ws2[(s * F + f) * Do + c] += hid[f] * dsum[c];
+            dh[f] += dsumq[c] * q(p.Ws2[(s * F + f) * Do + c]);
+            gr.Ws2[(s * F + f) * Do + c] += hid[f] * dsumq[c];
           }
           if (cfg.expert == ExpertKind::mlp) {
             da1[f] = dh[f] * act_grad(cfg.activation, a1[f]);
@@ -167,17 +191,20 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
       }
       for (int64_t c = 0; c < W1w; ++c) {
         if (!gr.bs1.empty()) gr.bs1[s * W1w + c] += da1[c];
+        const S da1q = q(da1[c]);
         for (int64_t i = 0; i < d; ++i) {
-          gr.Ws1[(s * d + i) * W1w + c] += xt[i] * da1[c];
-          dx[t * d + i] += da1[c] * p.Ws1[(s * d + i) * W1w + c];
+          gr.Ws1[(s * d + i) * W1w + c] += xq[i] * da1q;
+          dx[t * d + i] += da1q * q(p.Ws1[(s * d + i) * W1w + c]);
         }
       }
       if (cfg.expert == ExpertKind::swiglu)
-        for (int64_t f = 0; f < F; ++f)
+        for (int64_t f = 0; f < F; ++f) {
+          const S da3q = q(da3[f]);
           for (int64_t i = 0; i < d; ++i) {
-            gr.Ws3[(s * d + i) * F + f] += xt[i] * da3[f];
-            dx[t * d + i] += da3[f] * p.Ws3[(s * d + i) * F + f];
+            gr.Ws3[(s * d + i) * F + f] += xq[i] * da3q;
+            dx[t * d + i] += da3q * q(p.Ws3[(s * d + i) * F + f]);
           }
+        }
     }
   }
 }

@@ -2,12 +2,14 @@
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "common/gemm.hpp"
 
@@ -66,6 +68,48 @@ double SgemmRoof::run_s() {
   const double t = now_s() - t0;
   MOE_ASSERT(st == dnnl_success);
   return t;
+}
+
+struct Bf16Roof::State {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{eng};
+  dnnl::matmul mm;
+  dnnl::memory a, b, c;
+};
+
+Bf16Roof::Bf16Roof(int64_t M, int64_t N, int64_t K)
+    : M_(M), N_(N), K_(K), s_(std::make_unique<State>()) {
+  MOE_REQUIRE(M > 0 && N > 0 && K > 0, "gemm shape: must be positive, got ", M, "x", N, "x", K);
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  State& s = *s_;
+  const dnnl::memory::desc ad({M, K}, dt::bf16, tag::ab), bd({K, N}, dt::bf16, tag::any),
+      cd({M, N}, dt::f32, tag::ab);
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), s.eng);
+  impl_ = pd.impl_info_str();
+  s.mm = dnnl::matmul(pd);
+  std::vector<float> A(static_cast<size_t>(M * K)), B(static_cast<size_t>(K * N));
+  fill_pattern(A, 1u);
+  fill_pattern(B, 2u);
+  s.a = dnnl::memory(ad, s.eng);
+  detail::to_bf16_n(static_cast<uint16_t*>(s.a.get_data_handle()), A.data(), M * K);
+  std::vector<uint16_t> Bb(static_cast<size_t>(K * N));
+  detail::to_bf16_n(Bb.data(), B.data(), K * N);
+  dnnl::memory b_plain({{K, N}, dt::bf16, tag::ab}, s.eng, Bb.data());
+  s.b = dnnl::memory(pd.weights_desc(), s.eng);
+  dnnl::reorder(b_plain, s.b).execute(s.stream, b_plain, s.b);
+  s.c = dnnl::memory(cd, s.eng);
+  s.stream.wait();
+}
+
+Bf16Roof::~Bf16Roof() = default;
+
+double Bf16Roof::run_s() {
+  State& s = *s_;
+  const double t0 = now_s();
+  s.mm.execute(s.stream, {{DNNL_ARG_SRC, s.a}, {DNNL_ARG_WEIGHTS, s.b}, {DNNL_ARG_DST, s.c}});
+  s.stream.wait();
+  return now_s() - t0;
 }
 
 double now_s() {

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <functional>
 #include <vector>
 
@@ -40,6 +41,28 @@ class SgemmRoof {
  private:
   int64_t M_, N_, K_;
   std::vector<float> A_, B_, C_;
+};
+
+// The bf16 compute roof (precision bf16): oneDNN's matmul on bf16 operands with an fp32
+// result, A (M, K) · B (K, N), both random, the weights in the layout oneDNN prefers for them
+// (format_tag::any, reordered once), threaded by oneDNN itself: the best bf16 rate a caller
+// gets from the library on this machine. impl() names the kernel it chose, which says the
+// ISA ("brg:avx512_core_bf16", "brg:avx512_core_amx_bf16", ...).
+class Bf16Roof {
+ public:
+  Bf16Roof(int64_t M, int64_t N, int64_t K);
+  ~Bf16Roof();
+  double run_s();
+  double flops() const {
+    return 2.0 * static_cast<double>(M_) * static_cast<double>(N_) * static_cast<double>(K_);
+  }
+  const std::string& impl() const { return impl_; }
+
+ private:
+  struct State;
+  int64_t M_, N_, K_;
+  std::unique_ptr<State> s_;
+  std::string impl_;
 };
 
 // The compute roof: dnnl_sgemm called once on the whole problem, oneDNN threading it itself

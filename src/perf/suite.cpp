@@ -85,23 +85,49 @@ std::vector<BenchCase> bench_cases(bool quick) {
     out.push_back(c);
   }
 
-  // bf16 expert weights (inference): B1 in evaluation mode, forward only, against the same
-  // fp32 sgemm roof; and B3-T1, whose memory roof counts the weights' bf16 bytes.
-  BenchCase bb = b1(quick);
-  bb.name = "B1-bf16";
-  bb.group = "bf16";
-  bb.training = false;
-  bb.backward = false;
-  bb.bf16 = true;
-  out.push_back(bb);
-  for (const BenchCase& c : std::vector<BenchCase>(out))
-    if (c.name == "B3-T1") {
-      BenchCase d = c;
-      d.name = "B3-T1-bf16";
-      d.group = "bf16";
-      d.bf16 = true;
-      out.push_back(d);
+  // Real-model MoE blocks with random weights, evaluation, swiglu, softmax over all experts
+  // then top-k renormalised, dropless, no noise. Qwen3-30B-A3B: d 2048, 128 experts of width
+  // 768, top-8. Mixtral-8x7B: d 4096, 8 experts of width 14336, top-2. Prefill of 512 tokens.
+  auto real = [&](const char* name, int64_t d, int64_t f, int64_t E, int64_t k) {
+    BenchCase c;
+    c.name = name;
+    c.group = "real";
+    c.T = quick ? 32 : 512;
+    c.training = false;
+    c.backward = false;
+    c.weights_roof = true;
+    MoEConfig& m = c.cfg;
+    m.d_model = quick ? d / 32 : d;
+    m.d_ff = quick ? f / 32 : f;
+    m.n_experts = E;
+    m.k = k;
+    m.expert = ExpertKind::swiglu;
+    m.activation = Activation::silu;
+    m.expert_bias = false;
+    m.capacity_factor.reset();
+    m.noise = Noise::none;
+    m.router_kind = RouterKind::softmax_topk;
+    m.renormalize = true;
+    m.aux_alpha = 0.0f;
+    m.router_init_std = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.d_model)));
+    m.seed = 5;
+    m.precision = Precision::bf16;
+    out.push_back(c);
+  };
+  real("Qwen3-30B-A3B", 2048, 768, 128, 8);
+  real("Mixtral-8x7B", 4096, 14336, 8, 2);
+  return out;
+}
+
+std::vector<BenchCase> default_cases(bool quick, Precision p) {
+  std::vector<BenchCase> out;
+  for (BenchCase c : bench_cases(quick)) {
+    if (p == Precision::fp32 && c.group != "real") out.push_back(c);
+    if (p != Precision::fp32 && (c.name == "B1" || c.name == "B3-T1" || c.group == "real")) {
+      c.cfg.precision = p;
+      out.push_back(c);
     }
+  }
   return out;
 }
 
@@ -135,6 +161,17 @@ int64_t expert_weight_bytes(const MoEConfig& cfg) {
     case ExpertKind::swiglu: n = 2 * d * f + f * o; break;
   }
   return n * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t expert_read_bytes(const MoEConfig& cfg) {
+  const int64_t all = expert_weight_bytes(cfg);
+  if (cfg.precision != Precision::bf16) return all;
+  const int64_t f = cfg.hidden(), o = cfg.out_dim();
+  int64_t bias = 0;
+  if (cfg.expert_bias && cfg.expert == ExpertKind::linear_relu) bias = o;
+  if (cfg.expert_bias && cfg.expert == ExpertKind::mlp) bias = f + o;
+  bias *= static_cast<int64_t>(sizeof(float));
+  return (all - bias) / 2 + bias;
 }
 
 int64_t layer_param_bytes(const MoEConfig& cfg) {

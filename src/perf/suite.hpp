@@ -1,5 +1,5 @@
-// The benchmark configurations of issue 5 (B1, B2, B3, E-sweep) and how their FLOPs are
-// counted. `moe bench` and the Google Benchmark programs both take their shapes from here.
+// The benchmark configurations (B1, B2, B3, E-sweep, real-model shapes) and how their FLOPs
+// are counted. `moe bench` and the Google Benchmark programs both take their shapes from here.
 //
 // FLOP counting (docs/benchmarks.md says the same): one multiply-add is 2 FLOPs, and only the
 // matrix products are counted.
@@ -26,13 +26,21 @@ struct BenchCase {
   int64_t T = 0;
   bool training = true;  // forward in training mode (noise on, state saved for backward)
   bool backward = true;  // forward+backward measured too
-  bool memory_roof = false;  // decode: the roof is the read bandwidth, not sgemm
-  bool bf16 = false;         // expert weights in bf16 (MoELayer::set_bf16_experts), evaluation
+  bool memory_roof = false;  // decode: the roof is the read bandwidth, not the GEMM rate
+  // Real-model shapes, whose weights come from memory on every forward: the roof is the
+  // larger of the FLOPs at the GEMM rate and the selected experts' bytes at the read
+  // bandwidth, both measured beside each sample.
+  bool weights_roof = false;
 };
 
-// Every configuration of issue 5, in order. quick: the same structure at small sizes (a
-// smoke test that runs in seconds).
+// Every configuration, in order: B1, B2, B3-T{1,4,16}, the E-sweep, and the real-model
+// shapes (group "real": Qwen3-30B-A3B's and Mixtral-8x7B's MoE blocks with random weights).
+// quick: the same structure at small sizes (a smoke test that runs in seconds).
 std::vector<BenchCase> bench_cases(bool quick);
+
+// The configurations `moe bench` runs by default: all but the real-model shapes in fp32;
+// with precision bf16, B1, B3-T1 and the real-model shapes, in bf16.
+std::vector<BenchCase> default_cases(bool quick, Precision p);
 
 // Forward FLOPs of the experts on `rows` routed rows.
 double expert_flops(const MoEConfig& cfg, int64_t rows);
@@ -42,6 +50,9 @@ double router_flops(const MoEConfig& cfg, int64_t T, bool training);
 double layer_flops_fwd(const BenchCase& c);
 // Bytes of one expert's weights (and biases): what a decode step reads per selected expert.
 int64_t expert_weight_bytes(const MoEConfig& cfg);
+// Bytes a forward reads per selected expert in cfg.precision: the weight matrices at 2
+// bytes a value in bf16 (their copies), biases at 4.
+int64_t expert_read_bytes(const MoEConfig& cfg);
 // Bytes of all parameters of the layer (router, noise, experts).
 int64_t layer_param_bytes(const MoEConfig& cfg);
 

@@ -14,6 +14,7 @@
 namespace {
 
 using moe::perf::BenchCase;
+using moe::MoEConfig;
 
 TEST(BenchPerf, StreamReadSumReadsEveryElement) {
   // Sizes off the 16-lane step and across the fixed chunk boundary (2^18 floats).
@@ -59,12 +60,13 @@ TEST(BenchPerf, RouterFlopsDoubleOnlyForLearnedNoiseInTraining) {
   EXPECT_DOUBLE_EQ(moe::perf::router_flops(c, 10, true), 2.0 * 10 * 4 * 6);
 }
 
-TEST(BenchPerf, ConfigurationsAreIssueFives) {
+TEST(BenchPerf, ConfigurationsAndTheirShapes) {
   const auto cases = moe::perf::bench_cases(false);
   std::vector<std::string> names;
   for (const auto& c : cases) names.push_back(c.name);
   EXPECT_EQ(names, (std::vector<std::string>{"B1", "B2", "B3-T1", "B3-T4", "B3-T16", "E8", "E64",
-                                             "E256", "E1024", "B1-bf16", "B3-T1-bf16"}));
+                                             "E256", "E1024", "Qwen3-30B-A3B",
+                                             "Mixtral-8x7B"}));
   const BenchCase& b1 = cases[0];
   EXPECT_EQ(b1.T, 4096);
   EXPECT_EQ(b1.cfg.d_model, 1024);
@@ -86,10 +88,39 @@ TEST(BenchPerf, ConfigurationsAreIssueFives) {
     EXPECT_FALSE(cases[i].training);
     EXPECT_TRUE(cases[i].memory_roof);
   }
-  // The bf16 rows are B1 and B3-T1 in evaluation mode with bf16 expert weights.
-  EXPECT_TRUE(cases[9].bf16 && !cases[9].training && !cases[9].backward);
-  EXPECT_EQ(cases[9].cfg.n_experts, b1.cfg.n_experts);
-  EXPECT_TRUE(cases[10].bf16 && cases[10].memory_roof && cases[10].T == 1);
+  // The real-model blocks: prefill of 512 tokens, swiglu, softmax then top-k renormalised,
+  // dropless, bf16, evaluation, roof max(compute, weight bytes).
+  for (int i : {9, 10}) {
+    const MoEConfig& m = cases[i].cfg;
+    EXPECT_EQ(cases[i].group, "real");
+    EXPECT_EQ(cases[i].T, 512);
+    EXPECT_EQ(m.expert, moe::ExpertKind::swiglu);
+    EXPECT_EQ(m.router_kind, moe::RouterKind::softmax_topk);
+    EXPECT_TRUE(m.renormalize);
+    EXPECT_FALSE(m.capacity_factor.has_value());
+    EXPECT_EQ(m.precision, moe::Precision::bf16);
+    EXPECT_TRUE(cases[i].weights_roof && !cases[i].training && !cases[i].backward);
+  }
+  EXPECT_EQ(cases[9].cfg.d_model, 2048);
+  EXPECT_EQ(cases[9].cfg.hidden(), 768);
+  EXPECT_EQ(cases[9].cfg.n_experts, 128);
+  EXPECT_EQ(cases[9].cfg.k, 8);
+  EXPECT_EQ(cases[10].cfg.d_model, 4096);
+  EXPECT_EQ(cases[10].cfg.hidden(), 14336);
+  EXPECT_EQ(cases[10].cfg.n_experts, 8);
+  EXPECT_EQ(cases[10].cfg.k, 2);
+  // --precision bf16 alone: B1, B3-T1 and the real-model blocks, all bf16.
+  std::vector<std::string> bf;
+  for (const auto& c : moe::perf::default_cases(false, moe::Precision::bf16)) {
+    bf.push_back(c.name);
+    EXPECT_EQ(c.cfg.precision, moe::Precision::bf16);
+  }
+  EXPECT_EQ(bf, (std::vector<std::string>{"B1", "B3-T1", "Qwen3-30B-A3B", "Mixtral-8x7B"}));
+  // bf16 reads half the weight bytes (biases stay fp32).
+  MoEConfig m = b1.cfg;
+  const int64_t w32 = moe::perf::expert_read_bytes(m);
+  m.precision = moe::Precision::bf16;
+  EXPECT_EQ(moe::perf::expert_read_bytes(m), (w32 - 4 * (2048 + 1024)) / 2 + 4 * (2048 + 1024));
   // The E-sweep keeps B1's routed FLOPs at every E.
   const double b1_flops = moe::perf::expert_flops(b1.cfg, b1.T * b1.cfg.k);
   for (size_t i = 5; i < 9; ++i)

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "experts/activation.hpp"
+#include "common/bf16.hpp"
 #include "experts/grouped_gemm.hpp"
 
 namespace {
@@ -108,31 +109,46 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1030, 1025, 7, Op::bias_act_inplace, Activation::relu},
                       Case{2050, 9, 5, Op::bias, Activation::relu}));
 
-// With the products computed elsewhere (the bf16 kernel), run_epilogues applies only the
-// epilogue: the same values a fused run gives from the same C.
-TEST(GroupedGemm, RunEpiloguesAppliesOnlyTheEpilogue) {
-  const int64_t M = 1030, N = 1100;
-  auto C = values(M * N, 4);
-  const auto C0 = C, bias = values(N, 5);
-  std::vector<float> out(static_cast<size_t>(M * N));
+// bf16 operands through the same tiles and epilogues: rows past one 512-row tile, columns
+// past one 2048-column tile; the epilogue also writes act(C) rounded to bf16.
+TEST(GroupedGemm, Bf16ProblemsWithTheirEpilogue) {
+  const int64_t M = 530, N = 2100, K = 19;
+  const auto A = values(M * K, 6), B = values(K * N, 7), bias = values(N, 8);
+  std::vector<uint16_t> Ab(A.size()), Bb(B.size()), hb(static_cast<size_t>(M * N));
+  for (size_t i = 0; i < A.size(); ++i) Ab[i] = moe::detail::to_bf16(A[i]);
+  for (size_t i = 0; i < B.size(); ++i) Bb[i] = moe::detail::to_bf16(B[i]);
+  std::vector<float> C(static_cast<size_t>(M * N));
   GemmProblem p;
   p.M = M;
   p.N = N;
-  p.K = 3;
+  p.K = K;
+  p.Ab = Ab.data();
+  p.lda = K;
+  p.Bb = Bb.data();
+  p.ldb = N;
   p.C = C.data();
   p.ldc = N;
   p.epi.op = Op::bias_act;
-  p.epi.act = Activation::silu;
+  p.epi.act = Activation::gelu;
   p.epi.bias = bias.data();
-  p.epi.out = out.data();
+  p.epi.out_bf16 = hb.data();
   GroupedGemm gg;
   gg.add(p);
-  gg.run_epilogues();
-  for (int64_t i = 0; i < M * N; ++i) {
-    const float z = C0[static_cast<size_t>(i)] + bias[static_cast<size_t>(i % N)];
-    ASSERT_EQ(C[static_cast<size_t>(i)], z) << i;
-    ASSERT_EQ(out[static_cast<size_t>(i)], moe::detail::act_forward(Activation::silu, z)) << i;
-  }
+  gg.run();
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double z = bias[static_cast<size_t>(j)];
+      for (int64_t q = 0; q < K; ++q)
+        z += static_cast<double>(moe::detail::from_bf16(Ab[static_cast<size_t>(i * K + q)])) *
+             moe::detail::from_bf16(Bb[static_cast<size_t>(q * N + j)]);
+      const float c = C[static_cast<size_t>(i * N + j)];
+      ASSERT_NEAR(c, z, 1e-4 * (1.0 + std::abs(z))) << i << "," << j;
+      ASSERT_EQ(hb[static_cast<size_t>(i * N + j)],
+                moe::detail::to_bf16(moe::detail::act_forward(Activation::gelu, c)));
+      nonzero += c != 0.0f;
+    }
+  EXPECT_GT(nonzero, M * N / 2);
 }
 
 }  // namespace
