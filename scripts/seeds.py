@@ -154,8 +154,8 @@ def main():
     total = len(configs) * len(precisions) * len(seeds)
     done = 0
     for name, flags in configs:
-        for prec in precisions:
-            for seed in seeds:
+        for seed in seeds:
+            for prec in precisions:  # alternating, so that both precisions see the same load
                 args = [*common, *shlex.split(flags), "--seed", str(seed)]
                 if pass_precision:
                     args += ["--precision", prec]
