@@ -577,19 +577,13 @@ json to_json(const Result& r, int threads, int repeat) {
   j["router_s"] = r.router_s;
   j["router_share"] = r.router_s / r.fwd_s;
   j["expert_s"] = std::max(0.0, r.fwd_s - r.router_s);
-  if (c.weights_roof) {  // the roof: max(FLOPs at the GEMM rate, selected bytes at the bandwidth)
+  // Rows bound by the read bandwidth: decode (the roof is the selected weights' bytes at the
+  // bandwidth) and the real-model blocks (the larger of that and the FLOPs at the GEMM
+  // rate). roof_multiple is the median over the pairs of (forward time / the roof's time at
+  // the bandwidth measured just before it).
+  if (c.weights_roof || r.roof_kind == "memory") {
     j["read_gbps"] = r.read_bw / 1e9;
     j["selected_weight_bytes"] = r.selected_bytes;
-    j["roof_multiple"] = 1.0 / r.ratio_fwd;
-    std::vector<double> gbps;
-    for (double b : r.read_bw_samples) gbps.push_back(b / 1e9);
-    j["read_gbps_samples"] = gbps;
-  }
-  if (r.roof_kind == "memory") {
-    j["read_gbps"] = r.read_bw / 1e9;
-    j["selected_weight_bytes"] = r.selected_bytes;
-    // The goal is <= 1.3 at T = 1: the median over the pairs of (forward time / the roof's
-    // time at the bandwidth measured just before it).
     j["roof_multiple"] = 1.0 / r.ratio_fwd;
     std::vector<double> gbps;
     for (double b : r.read_bw_samples) gbps.push_back(b / 1e9);

@@ -58,7 +58,7 @@ class PeerMoE(torch.nn.Module):
         self.renormalize = c.get("renormalize", False)
         self.form = "sorted"
 
-    def expert(self, e, xe):
+    def run_expert(self, e, xe):
         if self.expert == "swiglu":
             return (F.silu(xe @ self.W1[e]) * (xe @ self.W3[e])) @ self.W2[e]
         if self.bias:
@@ -101,7 +101,7 @@ class PeerMoE(torch.nn.Module):
         for e, xe in enumerate(xs.split(counts.tolist())):
             if xe.shape[0] == 0:
                 continue
-            outs.append(self.expert(e, xe))
+            outs.append(self.run_expert(e, xe))
         out = torch.cat(outs) * flat_w[order].unsqueeze(1)
         y = x.new_zeros(T, self.d_out).index_add_(0, tok, out)  # the one combine
         return y, self.aux(H, top_i, training), int(order.numel())
@@ -112,7 +112,7 @@ class PeerMoE(torch.nn.Module):
         hit = torch.nn.functional.one_hot(top_i, self.E).permute(2, 1, 0)  # (E, k, T)
         for e in torch.nonzero(hit.sum(dim=(1, 2))).flatten().tolist():
             rank, tok = torch.where(hit[e])
-            out = self.expert(e, x[tok]) * gates[tok, rank].unsqueeze(1)
+            out = self.run_expert(e, x[tok]) * gates[tok, rank].unsqueeze(1)
             y.index_add_(0, tok, out)
         return y, self.aux(H, top_i, training), int(top_i.numel())
 

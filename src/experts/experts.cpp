@@ -11,12 +11,24 @@ namespace moe::detail {
 
 namespace {
 
+// The operands of p: fp32 (A, B) or bf16 (Ab, Bb).
+void set_operands(GemmProblem& p, const float* A, const float* B) {
+  p.A = A;
+  p.B = B;
+}
+void set_operands(GemmProblem& p, const uint16_t* A, const uint16_t* B) {
+  p.Ab = A;
+  p.Bb = B;
+}
+
 // C rows of expert e (n_e, N) = A rows (n_e, K) · op(B_e) + beta·C, for every expert with
-// rows, then epi on them. B is stacked (E, K, N), or (E, N, K) read transposed when trans_b;
-// epi's bias is stacked (E, N) and its out is (R, N) like C, both offset per expert here.
-void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const float* A, int64_t lda,
-                 const float* B, bool trans_b, int64_t N, int64_t K, float beta,
-                 const int64_t* off, int64_t E, const TileEpilogue& epi = {}) {
+// rows, then epi on them. B is stacked (E, K, N), or (E, N, K) read transposed when trans_b
+// (fp32 only); epi's bias is stacked (E, N) and its outputs are (R, N) like C, all offset per
+// expert here. T is float or, for bf16 operands, uint16_t.
+template <typename T>
+void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda, const T* B,
+                 bool trans_b, int64_t N, int64_t K, float beta, const int64_t* off, int64_t E,
+                 const TileEpilogue& epi = {}) {
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -25,9 +37,8 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const float* A, int64_t
     p.M = n;
     p.N = N;
     p.K = K;
-    p.A = A + off[e] * lda;
+    set_operands(p, A + off[e] * lda, B + e * K * N);
     p.lda = lda;
-    p.B = B + e * K * N;
     p.ldb = trans_b ? K : N;
     p.beta = beta;
     p.C = C + off[e] * ldc;
@@ -35,25 +46,29 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const float* A, int64_t
     p.epi = epi;
     if (epi.bias) p.epi.bias = epi.bias + e * N;
     if (epi.out) p.epi.out = epi.out + off[e] * ldc;
+    if (epi.out_bf16) p.epi.out_bf16 = epi.out_bf16 + off[e] * ldc;
     gg.add(p);
   }
 }
 
 // dW_e (M, N) += A rowsᵀ (M, n_e) · D rows (n_e, N) for every expert with rows: the
-// reduction runs over the expert's rows, in one GEMM, never token by token.
-void add_weight_grad(GroupedGemm& gg, float* dW, const float* A, int64_t M, const float* D,
-                     int64_t N, const int64_t* off, int64_t E) {
+// reduction runs over the expert's rows, in one GEMM, never token by token. fp32: A is
+// (R, M) and its rows are read transposed. bf16: A holds each expert's rows already
+// transposed (transpose_per_expert), (M, n_e) at A + off[e]·M with row stride n_e.
+template <typename T>
+void add_weight_grad(GroupedGemm& gg, float* dW, const T* A, int64_t M, const T* D, int64_t N,
+                     const int64_t* off, int64_t E) {
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
     GemmProblem p;
-    p.trans_a = true;
+    p.trans_a = !bf16;
     p.M = M;
     p.N = N;
     p.K = n;
-    p.A = A + off[e] * M;
-    p.lda = M;
-    p.B = D + off[e] * N;
+    set_operands(p, A + off[e] * M, D + off[e] * N);
+    p.lda = bf16 ? n : M;
     p.ldb = N;
     p.beta = 1.0f;
     p.C = dW + e * M * N;
@@ -72,55 +87,6 @@ void add_bias_grad(float* db, const float* D, int64_t N, const int64_t* off, int
     float* out = db + e * N;
     for (int64_t r = off[e]; r < off[e + 1]; ++r)
       for (int64_t c = c0; c < c1; ++c) out[c] += D[r * N + c];
-  }
-}
-
-// The bf16 twins of add_rowwise and add_weight_grad. Rowwise: C rows of expert e (n_e, N) =
-// A rows (n_e, K) · W_e (K, N) + beta·C, W stacked (E, K, N), all bf16 but C. Weight
-// gradient: dW_e (M, N) += AT_e (M, n_e) · D rows (n_e, N), AT_e being expert e's rows of A
-// transposed, stored at AT + off[e]·M with row stride n_e.
-void add_rowwise_bf16(GroupedGemm& gg, float* C, int64_t ldc, const uint16_t* A, int64_t lda,
-                      const uint16_t* W, int64_t N, int64_t K, float beta, const int64_t* off,
-                      int64_t E, const TileEpilogue& epi = {}) {
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    GemmProblem p;
-    p.M = n;
-    p.N = N;
-    p.K = K;
-    p.Ab = A + off[e] * lda;
-    p.lda = lda;
-    p.Bb = W + e * K * N;
-    p.ldb = N;
-    p.beta = beta;
-    p.C = C + off[e] * ldc;
-    p.ldc = ldc;
-    p.epi = epi;
-    if (epi.bias) p.epi.bias = epi.bias + e * N;
-    if (epi.out) p.epi.out = epi.out + off[e] * ldc;
-    if (epi.out_bf16) p.epi.out_bf16 = epi.out_bf16 + off[e] * ldc;
-    gg.add(p);
-  }
-}
-
-void add_weight_grad_bf16(GroupedGemm& gg, float* dW, const uint16_t* AT, int64_t M,
-                          const uint16_t* D, int64_t N, const int64_t* off, int64_t E) {
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    GemmProblem p;
-    p.M = M;
-    p.N = N;
-    p.K = n;
-    p.Ab = AT + off[e] * M;
-    p.lda = n;
-    p.Bb = D + off[e] * N;
-    p.ldb = N;
-    p.beta = 1.0f;
-    p.C = dW + e * M * N;
-    p.ldc = N;
-    gg.add(p);
   }
 }
 
@@ -180,7 +146,7 @@ void experts_forward_bf16(ExpertActs& acts, const float* xg, const ExpertWeights
       epi.op = Op::bias_act_inplace;
       epi.act = Activation::relu;
       epi.bias = w.b1;
-      add_rowwise_bf16(gg, acts.out, Do, x, d, wb.W1.data(), Do, d, 0.0f, off, E, epi);
+      add_rowwise(gg, acts.out, Do, x, d, wb.W1.data(), false, Do, d, 0.0f, off, E, epi);
       gg.run();
       break;
     }
@@ -191,24 +157,24 @@ void experts_forward_bf16(ExpertActs& acts, const float* xg, const ExpertWeights
       epi1.act = s.act;
       epi1.bias = w.b1;
       epi1.out_bf16 = hid;
-      add_rowwise_bf16(gg, acts.a1, F, x, d, wb.W1.data(), F, d, 0.0f, off, E, epi1);
+      add_rowwise(gg, acts.a1, F, x, d, wb.W1.data(), false, F, d, 0.0f, off, E, epi1);
       gg.run();
       TileEpilogue epi2;  // out = hid·W2 + b2
       epi2.op = Op::bias;
       epi2.bias = w.b2;
-      add_rowwise_bf16(gg, acts.out, Do, hid, F, wb.W2.data(), Do, F, 0.0f, off, E, epi2);
+      add_rowwise(gg, acts.out, Do, hid, F, wb.W2.data(), false, Do, F, 0.0f, off, E, epi2);
       gg.run();
       break;
     }
     case ExpertKind::swiglu: {
       uint16_t* hid = grown(sb.hid, R * F);
-      add_rowwise_bf16(gg, acts.a1, F, x, d, wb.W1.data(), F, d, 0.0f, off, E);
-      add_rowwise_bf16(gg, acts.a3, F, x, d, wb.W3.data(), F, d, 0.0f, off, E);
+      add_rowwise(gg, acts.a1, F, x, d, wb.W1.data(), false, F, d, 0.0f, off, E);
+      add_rowwise(gg, acts.a3, F, x, d, wb.W3.data(), false, F, d, 0.0f, off, E);
       gg.run();
       const float *a1 = acts.a1, *a3 = acts.a3;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) hid[i] = to_bf16(silu(a1[i]) * a3[i]);
-      add_rowwise_bf16(gg, acts.out, Do, hid, F, wb.W2.data(), Do, F, 0.0f, off, E);
+      add_rowwise(gg, acts.out, Do, hid, F, wb.W2.data(), false, Do, F, 0.0f, off, E);
       gg.run();
       break;
     }
@@ -235,8 +201,8 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
         dob[i] = to_bf16(dout[i]);
       }
       if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
-      add_weight_grad_bf16(gg, g.dW1, xT, d, dob, Do, off, E);
-      add_rowwise_bf16(gg, dxg, d, dob, Do, wb.W1t.data(), d, Do, 0.0f, off, E);
+      add_weight_grad(gg, g.dW1, xT, d, dob, Do, off, E);
+      add_rowwise(gg, dxg, d, dob, Do, wb.W1t.data(), false, d, Do, 0.0f, off, E);
       gg.run();
       break;
     }
@@ -247,8 +213,8 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
       to_bf16_n(dob, dout, R * Do);
       uint16_t* hT = grown(sb.hidT, R * F);
       transpose_per_expert(hT, sb.hid.data(), F, off, E);
-      add_weight_grad_bf16(gg, g.dW2, hT, F, dob, Do, off, E);
-      add_rowwise_bf16(gg, scr.dh, F, dob, Do, wb.W2t.data(), F, Do, 0.0f, off, E);
+      add_weight_grad(gg, g.dW2, hT, F, dob, Do, off, E);
+      add_rowwise(gg, scr.dh, F, dob, Do, wb.W2t.data(), false, F, Do, 0.0f, off, E);
       gg.run();
       float* dh = scr.dh;
       uint16_t* dhb = grown(sb.dh, R * F);
@@ -261,11 +227,11 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
           da3b[i] = to_bf16(dh[i] * silu(a1[i]));
           dhb[i] = to_bf16(dh[i] * a3[i] * act_grad(Activation::silu, a1[i]));
         }
-        add_weight_grad_bf16(gg, g.dW1, xT, d, dhb, F, off, E);
-        add_weight_grad_bf16(gg, g.dW3, xT, d, da3b, F, off, E);
-        add_rowwise_bf16(gg, dxg, d, dhb, F, wb.W1t.data(), d, F, 0.0f, off, E);
+        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
+        add_weight_grad(gg, g.dW3, xT, d, da3b, F, off, E);
+        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
         gg.run();
-        add_rowwise_bf16(gg, dxg, d, da3b, F, wb.W3t.data(), d, F, 1.0f, off, E);
+        add_rowwise(gg, dxg, d, da3b, F, wb.W3t.data(), false, d, F, 1.0f, off, E);
         gg.run();
       } else {
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
@@ -274,8 +240,8 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
           dhb[i] = to_bf16(dh[i]);
         }
         if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
-        add_weight_grad_bf16(gg, g.dW1, xT, d, dhb, F, off, E);
-        add_rowwise_bf16(gg, dxg, d, dhb, F, wb.W1t.data(), d, F, 0.0f, off, E);
+        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
+        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
         gg.run();
       }
       break;

@@ -320,6 +320,14 @@ TEST(Errors, L15_BatchTooLargeForMemory) {
                {"forward: workspace for the batch"});
 }
 
+TEST(Errors, L16_Precision) {
+  expect_error([] { moe::parse_precision("fp16"); },
+               {"precision: unknown value 'fp16' (expected fp32, bf16 or int8)"});
+  auto c = layer_cfg(8, 4, 2);
+  c.precision = moe::Precision::int8;
+  expect_error([&] { MoELayer L(c); }, {"precision: 'int8' is not available yet"});
+}
+
 // --- Losses --------------------------------------------------------------------------------
 
 TEST(Errors, X1_LossIndicesOutOfRange) {

@@ -284,18 +284,22 @@ TEST(LayerBackward, DroppedAssignmentsGetNoGradient) {
 
 // Forward and backward give the same bits with 1 and 2 OpenMP threads, on shapes with
 // several GEMM tiles per expert.
+// fp32 and bf16 (precision bf16: the expert products on bf16 operands; T = 1700 gives the
+// experts more rows than one 512-row bf16 tile).
 TEST(LayerDeterminism, OneAndTwoThreadsBitIdentical) {
   const int saved = omp_get_max_threads();
+  for (auto precision : {moe::Precision::fp32, moe::Precision::bf16})
   for (auto kind : {moe::ExpertKind::linear_relu, moe::ExpertKind::mlp, moe::ExpertKind::swiglu}) {
-    SCOPED_TRACE(moe::to_string(kind));
+    SCOPED_TRACE(std::string(moe::to_string(kind)) + " " + moe::to_string(precision));
     moe_test::Case cs{kind, moe::Activation::silu, 2, 1.25, moe::DropPolicy::probs,
                       kind != moe::ExpertKind::linear_relu, moe::Noise::learned,
                       moe::NoiseScale::softplus};
     MoEConfig cfg = moe_test::config_of(cs, 70, 6, 130, 45, 5);
+    cfg.precision = precision;
     MoELayer L(cfg);
     Rng rng(8);
     moe_test::randomize(L, rng);
-    const int64_t T = 300;
+    const int64_t T = precision == moe::Precision::bf16 ? 1700 : 300;
     const auto x = rng.vec(T * 70, 1.0);
     const auto dy = rng.vec(T * cfg.out_dim(), 1.0);
     moe::ForwardOptions opt;

@@ -290,6 +290,14 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {
+    Case c{"swiglu precision bf16 cf=1.25, 3 SGD steps", base(), uneven};
+    c.cfg.expert = moe::ExpertKind::swiglu;
+    c.cfg.precision = moe::Precision::bf16;
+    c.cfg.capacity_factor = 1.25;
+    c.steps = 3;
+    v.push_back(c);
+  }
+  {
     Case c{"swiglu tie_break=low, E=3 < P (ranks without experts)", base(), even(6)};
     c.cfg.expert = moe::ExpertKind::swiglu;
     c.cfg.n_experts = 3;

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 from statistics import median
 
@@ -177,3 +178,24 @@ def test_expert_parallel_rows_report_the_communication_share():
         assert row["row_bytes_sent_per_rank"] == pytest.approx(row["row_bytes_model"], rel=0.5)
     table = bench("--config", "dist").stdout
     assert "Expert parallelism on loopback" in table and "comm share" in table
+
+
+PEER = ROOT / "bench" / "peers" / "moe_peer.py"
+
+
+@pytest.mark.parametrize("dtype,router,cf", [("fp32", "topk_softmax", 1.25),
+                                             ("bf16", "softmax_topk", None)])
+def test_peer_script_runs(dtype, router, cf):
+    """The PyTorch peer on a tiny case, in both precisions (bf16 tries both of its forms)."""
+    torch = pytest.importorskip("torch")
+    case = {"T": 32, "d": 16, "d_ff": 24, "d_out": 16, "E": 4, "k": 2, "expert": "swiglu",
+            "activation": "silu", "noise": "none", "router_std": 0.1, "bias": False,
+            "aux_alpha": 0.01, "training": True, "backward": True, "seed": 1, "router": router,
+            "renormalize": True, "dtype": dtype, "cf": cf}
+    r = subprocess.run([sys.executable, str(PEER), "--threads", "1", "--repeat", "1",
+                        "--case", json.dumps(case)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["fwd_s"] > 0 and res["fwdbwd_s"] > 0 and res["dtype"] == str(
+        {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).replace("torch.", "")
+    assert res["form"] in ("sorted", "loop") and res["kept_rows"] <= 64

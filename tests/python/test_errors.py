@@ -303,6 +303,15 @@ def test_L15_batch_too_large_for_memory():
         m.forward(x)
 
 
+def test_L16_precision():
+    with raises("precision: unknown value 'fp16' (expected fp32, bf16 or int8)"):
+        moe.MoE(8, 4, 2, precision="fp16")
+    with raises("precision: 'int8' is not available yet"):
+        moe.MoE(8, 4, 2, precision="int8")
+    r = subprocess.run([MOE, "train", "--precision", "half"], capture_output=True, text=True)
+    assert r.returncode == 2 and "precision" in r.stderr and not r.stdout
+
+
 # --- Python shapes and dtypes --------------------------------------------------------------
 
 def test_P1_not_a_numeric_array():
