@@ -366,7 +366,7 @@ struct PyMoE {
     d["normalize_by_k"] = c.normalize_by_k;
     d["residual"] = c.residual;
     d["tie_break"] = moe::to_string(c.tie_break);
-    d["expert_bias"] = c.expert_bias;
+    d["bias"] = c.expert_bias;  // the constructor keyword: moe.MoE(**m.config) rebuilds the layer
     d["router_bias"] = c.router_bias;
     d["router_init_std"] = c.router_init_std;
     d["seed"] = c.seed;

@@ -42,13 +42,13 @@ def oracle(m, x):
             e = idx[t, j]
             if cfg["expert"] == "linear_relu":
                 z = xt @ bf16(m.W1[e])
-                if cfg["expert_bias"]:
+                if cfg["bias"]:
                     z = z + m.b1[e]
                 out = np.maximum(z, 0)
             elif cfg["expert"] == "mlp":
-                a1 = xt @ bf16(m.W1[e]) + (m.b1[e] if cfg["expert_bias"] else 0)
+                a1 = xt @ bf16(m.W1[e]) + (m.b1[e] if cfg["bias"] else 0)
                 h = act(cfg["activation"], a1).astype(np.float32)
-                out = bf16(h) @ bf16(m.W2[e]) + (m.b2[e] if cfg["expert_bias"] else 0)
+                out = bf16(h) @ bf16(m.W2[e]) + (m.b2[e] if cfg["bias"] else 0)
             else:
                 a1 = xt @ bf16(m.W1[e])
                 a3 = xt @ bf16(m.W3[e])

@@ -425,3 +425,11 @@ def test_empty_batch():
     assert y.shape == (0, 4)
     assert m.stats["tokens"] == 0 and m.stats["dropped_assignments"] == 0
     assert m.backward(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_config_rebuilds_the_layer():
+    """moe.MoE(**m.config) makes a layer of the same configuration (moe.torch relies on it)."""
+    m = moe.MoE(8, 4, 2, expert="swiglu", d_ff=12, bias=False, precision="bf16",
+                router="softmax_topk", renormalize=True, capacity_factor=1.5, seed=3)
+    m2 = moe.MoE(**m.config)
+    assert m2.config == m.config

@@ -169,7 +169,7 @@ def test_update_expert_bias_follows_deepseek_rule():
     m = moe.MoE(6, 8, 2, router="sigmoid", noise="none", bias_update_rate=0.01,
                 router_init_std=1.0, seed=5)
     assert m.expert_bias.shape == (8,) and not np.any(m.expert_bias)
-    assert m.config["expert_bias"] is True  # the constructor flag (b1/b2) is unchanged
+    assert m.config["bias"] is True  # the constructor flag (b1/b2) is unchanged
     rng = np.random.default_rng(3)
     want = np.zeros(8)
     for step in range(4):
