@@ -479,6 +479,33 @@ std::string dist_bench_path() {
   return access(path.c_str(), X_OK) == 0 ? path : "";
 }
 
+// What moe.torch.MoE adds over the bare library at B1, one JSON object per precision
+// (bench/peers/module_overhead.py, run under peer_python() with this build's package first on
+// PYTHONPATH). Empty when it could not run; note says why.
+std::vector<json> run_module_overhead(const BenchOptions& o, int threads, std::string& note) {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  const std::string exe = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "";
+  const std::string pkg = exe.substr(0, exe.find_last_of('/') + 1) + "../python";
+  const std::string script = std::string(MOE_SOURCE_DIR) + "/bench/peers/module_overhead.py";
+  std::vector<json> rows;
+  for (const char* p : {"fp32", "bf16"}) {
+    const std::string cmd = "PYTHONPATH=" + shell_quote(pkg) + " " + shell_quote(peer_python()) +
+                            " " + shell_quote(script) + " --threads " + std::to_string(threads) +
+                            " --repeat " + std::to_string(std::max(o.repeat, 1)) +
+                            (o.quick ? " --quick" : "") + " --precision " + p;
+    int rc = 0;
+    const json res = run_json_command(cmd, rc);
+    if (rc != 0 || res.is_discarded() || !res.contains("overhead_fwd")) {
+      note = "module overhead: could not run (status " + std::to_string(rc) +
+             "; needs torch in " + peer_python() + ")";
+      return {};
+    }
+    rows.push_back(res);
+  }
+  return rows;
+}
+
 DistResult run_dist(int P, bool quick) {
   DistResult d;
   d.P = P;
@@ -840,6 +867,33 @@ int run_bench(const BenchOptions& o) {
       o.config.empty() ? perf::default_cases(o.quick, precision.value_or(Precision::fp32))
                        : perf::bench_cases(o.quick);
   const bool dist_only = o.config == "dist";
+  if (o.config == "module") {  // moe.torch.MoE over the bare library, B1 in fp32 and bf16
+    std::string note;
+    const auto rows = run_module_overhead(o, threads, note);
+    if (rows.empty()) throw Error(note);
+    if (o.json_out) {
+      for (const json& r : rows) std::cout << r.dump() << std::endl;
+      return 0;
+    }
+    std::cout << "moe.torch.MoE against the bare library (moe.MoE), B1, " << threads
+              << " thread(s), medians of " << o.repeat << " interleaved repeats\n"
+              << "| precision | bare fwd ms | module fwd ms | overhead | bare f+b ms | "
+                 "module f+b ms | overhead |\n|---|---|---|---|---|---|---|\n";
+    bool met = true;
+    for (const json& r : rows) {
+      const double of = r["overhead_fwd"].get<double>(), ob = r["overhead_fwdbwd"].get<double>();
+      met = met && of <= 0.03 && ob <= 0.05;
+      std::cout << "| " << r["precision"].get<std::string>() << " | "
+                << fmt(1e3 * r["bare_fwd_s"].get<double>(), 1) << " | "
+                << fmt(1e3 * r["mod_fwd_s"].get<double>(), 1) << " | " << fmt(100.0 * of, 1)
+                << "% | " << fmt(1e3 * r["bare_fb_s"].get<double>(), 1) << " | "
+                << fmt(1e3 * r["mod_fb_s"].get<double>(), 1) << " | " << fmt(100.0 * ob, 1)
+                << "% |\n";
+    }
+    std::cout << "\nGoal: module overhead <= 3% forward, <= 5% forward+backward: "
+              << (met ? "met" : "MISSED") << '\n';
+    return 0;
+  }
   if (dist_only) cases.clear();
   if (!o.config.empty() && !dist_only) {
     std::vector<BenchCase> pick;
@@ -958,7 +1012,8 @@ void add_bench_command(CLI::App& app, int& status) {
   sub->add_option("--config", o->config,
                   "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024, "
                   "Qwen3-30B-A3B, Mixtral-8x7B) or a group (B3, E-sweep, real), or dist (only "
-                  "the expert-parallel rows)");
+                  "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
+                  "bare library at B1)");
   sub->add_option("--precision", o->precision,
                   "fp32 | bf16: run the configurations in this precision (default: fp32, and "
                   "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "

@@ -199,3 +199,17 @@ def test_peer_script_runs(dtype, router, cf):
     assert res["fwd_s"] > 0 and res["fwdbwd_s"] > 0 and res["dtype"] == str(
         {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).replace("torch.", "")
     assert res["form"] in ("sorted", "loop") and res["kept_rows"] <= 64
+
+
+def test_module_overhead_rows():
+    """--config module: moe.torch.MoE against moe.MoE, one JSON object per precision."""
+    pytest.importorskip("torch")
+    r = subprocess.run([MOE, "bench", "--quick", "--threads", "1", "--repeat", "1", "--config",
+                        "module", "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [row["precision"] for row in rows] == ["fp32", "bf16"]
+    for row in rows:
+        for k in ("bare_fwd_s", "mod_fwd_s", "bare_fb_s", "mod_fb_s"):
+            assert row[k] > 0, k
+        assert row["overhead_fwd"] == pytest.approx(row["overhead_fwd"])  # a number, not NaN
