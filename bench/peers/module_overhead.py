@@ -3,7 +3,8 @@
 
 B1 (T 4096, d 1024, d_ff 2048, E 16, k 2, cf 1.25, learned noise) in fp32 and bf16: the same
 layer driven through `moe.MoE` (NumPy in and out: forward, backward) and through the module
-(torch tensors, autograd: y = module(x); (y·dy).sum() + aux + z backward), timed interleaved
+(torch tensors, autograd: y = module(x); (y·dy).sum() + aux + z backward; both clear their
+gradients before each step, as a training loop does), timed interleaved
 (bare, module, bare, module, ...) so that the machine's drift cancels in the ratio.
 Prints one JSON object per precision: bare and module seconds (medians), and their ratios.
 
@@ -45,7 +46,10 @@ def main():
         def bare_fwd():
             bare.forward(x_np)
 
+        # A training step's share: each side clears its gradients first, as a training loop
+        # does (optimizer.zero_grad() sets the module's to None; the bare layer zeroes its own).
         def bare_fb():
+            bare.zero_grad()
             bare.forward(x_np)
             bare.backward(dy_np)
 
@@ -54,6 +58,7 @@ def main():
                 mod(x)
 
         def mod_fb():
+            mod.zero_grad(set_to_none=True)
             y = mod(x)
             ((y * dy).sum() + mod.aux_loss + mod.z_loss).backward()
 
