@@ -130,51 +130,61 @@ T* grown(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
-void experts_forward_bf16(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                          const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                          const ExpertsBf16& bf) {
+// The forward's products on operands of type T: float (fp32) or uint16_t (bf16 values). x is
+// (R, d); W1, W2, W3 are stacked like the masters; hid (R, F) receives the hidden activations
+// in T, the second product's operand (and backward's). Biases and activations are fp32.
+template <typename T>
+void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, const T* W3,
+                      T* hid, const ExpertWeights& w, const int64_t* off, const ExpertShape& s,
+                      GroupedGemm& gg) {
   using Op = TileEpilogue::Op;
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
   const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
-  ExpertWeightsBf16& wb = *bf.w;
-  ExpertScratchBf16& sb = *bf.scratch;
-  wb.prepare_forward(w, s);
-  uint16_t* x = grown(sb.xg, R * d);
-  to_bf16_rows(x, d, xg, d, R, d);
   switch (s.kind) {
     case ExpertKind::linear_relu: {
       TileEpilogue epi;  // out = relu(x·W1 + b1)
       epi.op = Op::bias_act_inplace;
       epi.act = Activation::relu;
       epi.bias = w.b1;
-      add_rowwise(gg, acts.out, Do, x, d, wb.W1.data(), false, Do, d, 0.0f, off, E, epi);
+      add_rowwise(gg, acts.out, Do, x, d, W1, false, Do, d, 0.0f, off, E, epi);
       gg.run();
       break;
     }
     case ExpertKind::mlp: {
-      uint16_t* hid = grown(sb.hid, R * F);
-      TileEpilogue epi1;  // a1 = x·W1 + b1, hid = bf16(act(a1))
+      TileEpilogue epi1;  // a1 = x·W1 + b1, hid = act(a1) (rounded to bf16 in bf16)
       epi1.op = Op::bias_act;
       epi1.act = s.act;
       epi1.bias = w.b1;
-      epi1.out_bf16 = hid;
-      add_rowwise(gg, acts.a1, F, x, d, wb.W1.data(), false, F, d, 0.0f, off, E, epi1);
+      if constexpr (bf16)
+        epi1.out_bf16 = hid;
+      else
+        epi1.out = hid;
+      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E, epi1);
       gg.run();
       TileEpilogue epi2;  // out = hid·W2 + b2
       epi2.op = Op::bias;
       epi2.bias = w.b2;
-      add_rowwise(gg, acts.out, Do, hid, F, wb.W2.data(), false, Do, F, 0.0f, off, E, epi2);
+      add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
+                  E, epi2);
       gg.run();
       break;
     }
     case ExpertKind::swiglu: {
-      uint16_t* hid = grown(sb.hid, R * F);
-      add_rowwise(gg, acts.a1, F, x, d, wb.W1.data(), false, F, d, 0.0f, off, E);
-      add_rowwise(gg, acts.a3, F, x, d, wb.W3.data(), false, F, d, 0.0f, off, E);
+      // hid needs both a1 and a3 tiles, which are different products: a separate pass.
+      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E);
+      add_rowwise(gg, acts.a3, F, x, d, W3, false, F, d, 0.0f, off, E);
       gg.run();
       const float *a1 = acts.a1, *a3 = acts.a3;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-      for (int64_t i = 0; i < R * F; ++i) hid[i] = to_bf16(silu(a1[i]) * a3[i]);
-      add_rowwise(gg, acts.out, Do, hid, F, wb.W2.data(), false, Do, F, 0.0f, off, E);
+      for (int64_t i = 0; i < R * F; ++i) {
+        const float h = silu(a1[i]) * a3[i];
+        if constexpr (bf16)
+          hid[i] = to_bf16(h);
+        else
+          hid[i] = h;
+      }
+      add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
+                  E);
       gg.run();
       break;
     }
@@ -278,54 +288,18 @@ int64_t ExpertWeightsBf16::bytes() const {
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
                      const ExpertsBf16* bf) {
-  using Op = TileEpilogue::Op;
-  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
+  const int64_t d = s.d, F = s.F, R = off[s.E];
   if (R == 0) return;
-  if (bf) return experts_forward_bf16(acts, xg, w, off, s, gg, *bf);
-  // C = A·W per expert, then epi: queued on gg, each tile's epilogue run right after its
-  // product at gg.run().
-  auto product = [&](float* C, int64_t ldc, const float* A, int64_t lda, const float* W,
-                     int64_t N, int64_t K, const TileEpilogue& epi) {
-    add_rowwise(gg, C, ldc, A, lda, W, false, N, K, 0.0f, off, E, epi);
-  };
-  switch (s.kind) {
-    case ExpertKind::linear_relu: {
-      TileEpilogue epi;  // out = relu(x·W1 + b1)
-      epi.op = Op::bias_act_inplace;
-      epi.act = Activation::relu;
-      epi.bias = w.b1;
-      product(acts.out, Do, xg, d, w.W1, Do, d, epi);
-      gg.run();
-      break;
-    }
-    case ExpertKind::mlp: {
-      TileEpilogue epi1;  // a1 = x·W1 + b1, hid = act(a1)
-      epi1.op = Op::bias_act;
-      epi1.act = s.act;
-      epi1.bias = w.b1;
-      epi1.out = acts.hid;
-      product(acts.a1, F, xg, d, w.W1, F, d, epi1);
-      gg.run();
-      TileEpilogue epi2;  // out = hid·W2 + b2
-      epi2.op = Op::bias;
-      epi2.bias = w.b2;
-      product(acts.out, Do, acts.hid, F, w.W2, Do, F, epi2);
-      gg.run();
-      break;
-    }
-    case ExpertKind::swiglu: {
-      // hid needs both a1 and a3 tiles, which are different products: a separate pass.
-      product(acts.a1, F, xg, d, w.W1, F, d, {});
-      product(acts.a3, F, xg, d, w.W3, F, d, {});
-      gg.run();
-      float *a1 = acts.a1, *a3 = acts.a3, *hid = acts.hid;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-      for (int64_t i = 0; i < R * F; ++i) hid[i] = silu(a1[i]) * a3[i];
-      product(acts.out, Do, hid, F, w.W2, Do, F, {});
-      gg.run();
-      break;
-    }
-  }
+  if (!bf) return forward_products(acts, xg, w.W1, w.W2, w.W3, acts.hid, w, off, s, gg);
+  // bf16: the weights' copies (made again if the masters changed) and the rows rounded.
+  ExpertWeightsBf16& wb = *bf->w;
+  ExpertScratchBf16& sb = *bf->scratch;
+  wb.prepare_forward(w, s);
+  uint16_t* x = grown(sb.xg, R * d);
+  to_bf16_rows(x, d, xg, d, R, d);
+  uint16_t* hid = s.kind == ExpertKind::linear_relu ? nullptr : grown(sb.hid, R * F);
+  forward_products<uint16_t>(acts, x, wb.W1.data(), wb.W2.data(), wb.W3.data(), hid, w, off, s,
+                             gg);
 }
 
 void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,

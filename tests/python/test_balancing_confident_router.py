@@ -56,7 +56,7 @@ def aux_gradients(owner, seed):
     assert probs.max(axis=1).mean() > 0.95  # the confident regime of the trained router
     dx = m.backward(np.zeros_like(y))  # the auxiliary loss's gradient only
     ref["aux_loss"].backward()
-    R.close(m.aux_loss, float(ref["aux_loss"]), rtol=1e-5, atol=0, what="aux_loss")
+    R.close(m.aux_loss, float(ref["aux_loss"].detach()), rtol=1e-5, atol=0, what="aux_loss")
     for name in ("W_g", "W_noise"):
         g = P[name].grad.numpy()
         R.close(m.grads[name], g, rtol=1e-4, atol=1e-4 * np.abs(g).max(), what=f"grad {name}")
