@@ -279,36 +279,11 @@ double r6(double v) {
 }
 
 json config_json(const TrainOptions& o, const MoEConfig& c) {
-  json m;
+  // Every MoEConfig field as config_to_json writes it (the one list of fields), with d_ff
+  // resolved and the kind of model.
+  json m = json::parse(config_to_json(c));
   m["kind"] = o.dense ? "dense" : "moe";
-  m["d_model"] = c.d_model;
-  m["n_experts"] = c.n_experts;
-  m["k"] = c.k;
-  m["expert"] = to_string(c.expert);
-  m["activation"] = to_string(c.activation);
   m["d_ff"] = c.hidden();
-  m["capacity_factor"] = c.capacity_factor ? json(*c.capacity_factor) : json(nullptr);
-  m["drop_policy"] = to_string(c.drop_policy);
-  m["noise"] = to_string(c.noise);
-  m["noise_scale"] = to_string(c.noise_scale);
-  m["noise_stddev"] = c.noise_stddev;
-  m["aux_alpha"] = c.aux_alpha;
-  m["z_alpha"] = c.z_alpha;
-  m["router_init_std"] = c.router_init_std;
-  m["residual"] = c.residual;
-  m["precision"] = to_string(c.precision);
-  m["router"] = to_string(c.router_kind);
-  m["renormalize"] = c.renormalize;
-  m["scaling_factor"] = c.scaling_factor;
-  m["aux_loss"] = to_string(c.aux_loss_kind);
-  m["seq_len"] = c.seq_len;
-  m["bias_update_rate"] = c.bias_update_rate;
-  m["n_groups"] = c.n_groups;
-  m["topk_groups"] = c.topk_groups;
-  m["n_shared_experts"] = c.n_shared_experts;
-  m["shared_gate"] = c.shared_gate;
-  m["second_expert_policy"] = to_string(c.second_expert_policy);
-  m["jitter"] = c.jitter;
   json t;
   t["regimes"] = o.regimes;
   t["d_target"] = o.d_target;

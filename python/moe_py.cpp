@@ -354,45 +354,27 @@ struct PyMoE {
     return d;
   }
 
+  // The configuration as a dict of moe.MoE's keywords: moe.MoE(**m.config) rebuilds the
+  // layer. Its fields are config_to_json's (the one list of MoEConfig fields), with the
+  // widths resolved (d_ff None for linear_relu) and the experts' bias switch under its
+  // keyword, bias.
   py::dict config() const {
     const moe::MoEConfig& c = layer.config();
-    py::dict d;
-    d["d_model"] = c.d_model;
-    d["n_experts"] = c.n_experts;
-    d["k"] = c.k;
-    d["expert"] = moe::to_string(c.expert);
+    py::dict d = py::module_::import("json").attr("loads")(moe::config_to_json(c));
     d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
                                                          : py::object(py::int_(c.hidden()));
     d["d_out"] = c.out_dim();
-    d["activation"] = moe::to_string(c.activation);
-    d["capacity_factor"] =
-        c.capacity_factor ? py::object(py::float_(*c.capacity_factor)) : py::object(py::none());
-    d["drop_policy"] = moe::to_string(c.drop_policy);
-    d["noise"] = moe::to_string(c.noise);
-    d["noise_scale"] = moe::to_string(c.noise_scale);
-    d["noise_stddev"] = c.noise_stddev;
-    d["aux_alpha"] = c.aux_alpha;
-    d["z_alpha"] = c.z_alpha;
-    d["normalize_by_k"] = c.normalize_by_k;
-    d["residual"] = c.residual;
-    d["tie_break"] = moe::to_string(c.tie_break);
-    d["bias"] = c.expert_bias;  // the constructor keyword: moe.MoE(**m.config) rebuilds the layer
-    d["router_bias"] = c.router_bias;
-    d["router_init_std"] = c.router_init_std;
-    d["seed"] = c.seed;
-    d["router"] = moe::to_string(c.router_kind);
-    d["renormalize"] = c.renormalize;
-    d["scaling_factor"] = c.scaling_factor;
-    d["aux_loss"] = moe::to_string(c.aux_loss_kind);
-    d["seq_len"] = c.seq_len;
-    d["bias_update_rate"] = c.bias_update_rate;
-    d["n_groups"] = c.n_groups;
-    d["topk_groups"] = c.topk_groups;
-    d["n_shared_experts"] = c.n_shared_experts;
-    d["shared_gate"] = c.shared_gate;
-    d["second_expert_policy"] = moe::to_string(c.second_expert_policy);
-    d["jitter"] = c.jitter;
-    d["precision"] = moe::to_string(c.precision);
+    d["bias"] = d.attr("pop")("expert_bias");
+    // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
+    for (const auto& item : d)
+      if (py::isinstance<py::int_>(item.second) && !py::isinstance<py::bool_>(item.second)) {
+        const std::string key = py::str(item.first);
+        static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
+                                              "z_alpha", "router_init_std", "scaling_factor",
+                                              "bias_update_rate", "jitter"};
+        for (const char* f : kFloats)
+          if (key == f) d[item.first] = py::float_(item.second.cast<double>());
+      }
     return d;
   }
 };
