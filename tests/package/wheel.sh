@@ -49,4 +49,12 @@ help=$(env -u PYTHONPATH PATH="$tmp/venv/bin:$PATH" moe --help)
 for sub in train bench gate route; do
   grep -q "$sub" <<<"$help" || { echo "wheel: 'moe --help' does not list $sub" >&2; exit 1; }
 done
+# With torch: the project environment's interpreter, the installed files alone on the path for
+# moe (pip install --target, away from the repository): import moe.torch and the README's
+# PyTorch example.
+if [ -x "$repo/.venv/bin/python" ]; then
+  "$tmp/venv/bin/pip" install "${pip_q[@]}" --no-deps --target "$tmp/site" "$wheel"
+  (cd "$tmp" && env -u PYTHONPATH PYTHONPATH="$tmp/site" "$repo/.venv/bin/python" \
+     "$repo/tests/package/wheel_torch.py" "$tmp/site" "$repo/README.md")
+fi
 echo "wheel: $(basename "$wheel") built in $((built - start))s, installed and checked in $((SECONDS - built))s"
