@@ -191,7 +191,8 @@ def _backward(dy: torch.Tensor, daux: torch.Tensor, dz: torch.Tensor, x: torch.T
         layer.zero_grad()
     e.grads_clean = False
     dx = torch.from_numpy(layer.backward(dy32.numpy()))
-    # The gradients leave the layer without a copy; it keeps fresh zeroed buffers.
+    # The gradients leave the layer without a copy; it keeps zeroed buffers (reused from the
+    # ones torch has dropped: GradPool in moe_py.cpp).
     grads = [torch.from_numpy(layer._take_grad(n)) for n in e.names]
     e.grads_clean = True
     # The library's backward added 1·∂aux + 1·∂z; move each coefficient to the wanted one.
