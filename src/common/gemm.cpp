@@ -6,7 +6,6 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -68,10 +67,6 @@ struct Bf16Matmul {
     return m;
   }
 };
-
-}  // namespace
-
-namespace {
 
 // A few rows (decode): oneDNN's gemm packs B on every call, which reads the weights twice
 // and doubles what a memory-bound step costs. Here B is read once, in place, as contiguous

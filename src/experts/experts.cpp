@@ -279,12 +279,6 @@ void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertSha
   backward_ready = true;
 }
 
-int64_t ExpertWeightsBf16::bytes() const {
-  size_t n = 0;
-  for (const auto* v : {&W1, &W2, &W3, &W1t, &W2t, &W3t}) n += v->capacity();
-  return static_cast<int64_t>(n * sizeof(uint16_t));
-}
-
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
                      const ExpertsBf16* bf) {

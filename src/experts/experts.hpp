@@ -58,7 +58,6 @@ struct ExpertWeightsBf16 {
   void invalidate() { forward_ready = backward_ready = false; }
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
-  int64_t bytes() const;
 };
 
 // The operands of the bf16 products, rounded to bf16 as they enter them: rows (R, ·) each,

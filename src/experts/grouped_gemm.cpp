@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/bf16.hpp"
+#include "common/check.hpp"
 #include "common/gemm.hpp"
 #include "experts/activation.hpp"
 
@@ -109,6 +110,7 @@ void GroupedGemm::run() {
     const Tile& t = tiles[i];
     const GemmProblem& p = probs[t.problem];
     if (p.Ab) {
+      MOE_ASSERT(!p.trans_a && !p.trans_b && p.Bb);  // bf16 operands come untransposed
       gemm_bf16_serial(t.m, t.n, p.K, p.Ab + t.m0 * p.lda, p.lda, p.Bb + t.n0, p.ldb, p.beta,
                        p.C + t.m0 * p.ldc + t.n0, p.ldc);
     } else {

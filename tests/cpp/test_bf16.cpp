@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -192,6 +193,30 @@ TEST(LayerBf16, MatchesTheRoundedOperandOracle) {
   RecordProperty("worst_gradient", std::to_string(worst_g));
 }
 
+namespace {
+
+// The same layer (weights from seed) in fp32 and in bf16, forward and backward on T tokens.
+struct Fp32AndBf16 {
+  Bf16Run a, b;  // fp32, bf16
+  std::vector<std::string> names;
+  bool same_routing = false;
+};
+Fp32AndBf16 run_fp32_and_bf16(const MoEConfig& c32, uint64_t seed, int64_t T) {
+  MoEConfig c16 = c32;
+  c16.precision = Precision::bf16;
+  MoELayer L32(c32), L16(c16);
+  Rng rng(seed);
+  moe_test::randomize(L32, rng);
+  for (const auto& name : L32.parameter_names()) L16.param(name).data = L32.param(name).data;
+  const auto x = rng.vec(T * c32.d_model, 1.0), dy = rng.vec(T * c32.out_dim(), 1.0);
+  moe::ForwardOptions opt;
+  Fp32AndBf16 r{run(L32, x, dy, T, opt), run(L16, x, dy, T, opt), L32.parameter_names()};
+  r.same_routing = L32.routing().indices == L16.routing().indices;
+  return r;
+}
+
+}  // namespace
+
 // Not a tautology: the same layer in fp32 differs by bf16's rounding, within 2e-2 (the
 // experts here are smooth: gelu, silu; ReLU's forward only).
 TEST(LayerBf16, WithinBf16ToleranceOfFp32) {
@@ -199,17 +224,8 @@ TEST(LayerBf16, WithinBf16ToleranceOfFp32) {
     SCOPED_TRACE(moe::to_string(kind));
     moe_test::Case cs{kind, moe::Activation::gelu, 2, std::nullopt, moe::DropPolicy::position,
                       false, moe::Noise::none, moe::NoiseScale::softplus};
-    MoEConfig c32 = moe_test::config_of(cs, 64, 6, 96, 48, 9);
-    MoEConfig c16 = c32;
-    c16.precision = Precision::bf16;
-    MoELayer L32(c32), L16(c16);
-    Rng rng(9);
-    moe_test::randomize(L32, rng);
-    for (const auto& name : L32.parameter_names()) L16.param(name).data = L32.param(name).data;
-    const int64_t T = 50;
-    const auto x = rng.vec(T * 64, 1.0), dy = rng.vec(T * 48, 1.0);
-    moe::ForwardOptions opt;
-    const Bf16Run a = run(L32, x, dy, T, opt), b = run(L16, x, dy, T, opt);
+    const auto r = run_fp32_and_bf16(moe_test::config_of(cs, 64, 6, 96, 48, 9), 9, 50);
+    const Bf16Run &a = r.a, &b = r.b;
     const double ey = rel_max_err(b.y, a.y);
     EXPECT_LE(ey, 2e-2);
     EXPECT_GT(ey, 1e-5) << "bf16 gave fp32's bits: the bf16 path did not run";
@@ -218,7 +234,7 @@ TEST(LayerBf16, WithinBf16ToleranceOfFp32) {
     if (kind == moe::ExpertKind::linear_relu) continue;
     EXPECT_LE(rel_max_err(b.dx, a.dx), 2e-2);
     for (size_t i = 0; i < a.grads.size(); ++i)
-      EXPECT_LE(rel_max_err(b.grads[i], a.grads[i]), 2e-2) << L32.parameter_names()[i];
+      EXPECT_LE(rel_max_err(b.grads[i], a.grads[i]), 2e-2) << r.names[i];
   }
 }
 
@@ -259,22 +275,14 @@ TEST(LayerBf16, RouterFamilySharedExpertsAndExpertChoice) {
     MoEConfig c32 = moe_test::config_of(cs, 32, 4, 48, 32, 17);
     c32.z_alpha = 0.0f;
     v.apply(c32);
-    MoEConfig c16 = c32;
-    c16.precision = Precision::bf16;
-    MoELayer L32(c32), L16(c16);
-    Rng rng(17);
-    moe_test::randomize(L32, rng);
-    for (const auto& name : L32.parameter_names()) L16.param(name).data = L32.param(name).data;
-    const int64_t T = 24;
-    const auto x = rng.vec(T * 32, 1.0), dy = rng.vec(T * 32, 1.0);
-    moe::ForwardOptions opt;
-    const Bf16Run a = run(L32, x, dy, T, opt), b = run(L16, x, dy, T, opt);
-    ASSERT_EQ(L32.routing().indices, L16.routing().indices) << "the router is fp32 in both";
+    const auto r = run_fp32_and_bf16(c32, 17, 24);
+    const Bf16Run &a = r.a, &b = r.b;
+    ASSERT_TRUE(r.same_routing) << "the router is fp32 in both";
     EXPECT_LE(rel_max_err(b.y, a.y), 2e-2);
     EXPECT_NE(b.y, a.y);
     EXPECT_LE(rel_max_err(b.dx, a.dx), 2e-2);
     for (size_t i = 0; i < a.grads.size(); ++i)
-      EXPECT_LE(rel_max_err(b.grads[i], a.grads[i]), 3e-2) << L32.parameter_names()[i];
+      EXPECT_LE(rel_max_err(b.grads[i], a.grads[i]), 3e-2) << r.names[i];
   }
 }
 
