@@ -497,7 +497,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
 py::class_<PyMoE> bind_layer(py::module_& m) {
   py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
 
-Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3 as the
 configuration has them). Reading one gives a copy; assigning one copies the values in after
 checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
   cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),

@@ -146,7 +146,7 @@ TEST(RealModelConfig, NewFieldsRoundTripThroughJson) {
   EXPECT_EQ(c.router().group_score, moe::GroupScore::max);
 }
 
-// docs/errors.md rows RM1–RM3.
+// docs/errors.md rows RM1 and RM2 (C++ column).
 TEST(Errors, RM1_RealModelFieldsNamed) {
   auto err = [](auto mutate) {
     MoEConfig c = base_config(ExpertKind::clamped_swiglu, 1);

@@ -148,7 +148,8 @@ def test_keywords_config_and_pickle():
     (dict(shared_d_ff=4), "shared_d_ff: needs n_shared_experts > 0"),
     (dict(n_shared_experts=1, shared_d_ff=0), "shared_d_ff: must be at least 1"),
 ])
-def test_keyword_errors(kwargs, message):
+def test_RM1_real_model_fields_named(kwargs, message):
+    """docs/errors.md row RM1 (Python column)."""
     with pytest.raises(ValueError, match=message):
         moe.MoE(6, 4, 2, **kwargs)
 
@@ -192,7 +193,8 @@ def test_experts_forward_matches_torch(kind):
     assert np.count_nonzero(y) == y.size
 
 
-def test_experts_forward_errors():
+def test_RM2_experts_forward_names_the_token():
+    """docs/errors.md row RM2 (Python column)."""
     m = moe.MoE(4, 3, 2, seed=1)
     x = np.ones((2, 4), dtype=np.float32)
     w = np.full((2, 2), 0.5, dtype=np.float32)
