@@ -222,8 +222,8 @@ double py_load_balancing_loss(const py::object& indices_, const py::object& prob
 
 // Every parameter name any expert kind can have; a layer has the subset its config gives.
 const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1",  "b1",  "W2",
-                                   "b2",  "W3",  "Ws1",     "bs1", "Ws2", "bs2",
-                                   "Ws3", "w_shared_gate"};
+                                   "b2",  "W3",  "b3",      "Ws1", "bs1", "Ws2",
+                                   "bs2", "Ws3", "bs3",     "w_shared_gate"};
 
 py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
   return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
@@ -322,6 +322,27 @@ struct PyMoE {
     return y;
   }
 
+  // The routed experts with the caller's routing (MoELayer::forward_routed).
+  py::array_t<float> experts_forward(const py::object& x_, const py::object& indices_,
+                                     const py::object& weights_) {
+    const moe::MoEConfig& c = layer.config();
+    FArray x = as_f32_2d(x_, "x", "(T, d_model)");
+    const int64_t T = x.shape(0);
+    require_shape(x, "x", {T, c.d_model}, "(T, d_model)");
+    IArray idx = as_index_2d(indices_, "indices", "(T, k)", c.n_experts);
+    const int64_t k = idx.shape(1);
+    require_shape(idx, "indices", {T, k}, "(T, k) with T the rows of x");
+    FArray w = as_f32_2d(weights_, "weights", "(T, k)");
+    require_shape(w, "weights", {T, k}, "(T, k) like indices");
+    py::array_t<float> y(std::vector<py::ssize_t>{T, c.out_dim()});
+    this->T = -1;  // the layer's saved forward is gone
+    {
+      py::gil_scoped_release nogil;
+      layer.forward_routed(y.mutable_data(), x.data(), T, idx.data(), w.data(), k);
+    }
+    return y;
+  }
+
   py::array_t<float> backward(const py::object& dy_) {
     if (T < 0) throw moe::Error("backward: called before forward (no saved state)");
     const moe::MoEConfig& c = layer.config();
@@ -364,6 +385,8 @@ struct PyMoE {
     d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
                                                          : py::object(py::int_(c.hidden()));
     d["d_out"] = c.out_dim();
+    d["shared_d_ff"] =
+        c.shared_d_ff > 0 ? py::object(py::int_(c.shared_d_ff)) : py::object(py::none());
     d["bias"] = d.attr("pop")("expert_bias");
     // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
     for (const auto& item : d)
@@ -371,7 +394,8 @@ struct PyMoE {
         const std::string key = py::str(item.first);
         static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
                                               "z_alpha", "router_init_std", "scaling_factor",
-                                              "bias_update_rate", "jitter"};
+                                              "bias_update_rate", "jitter", "swiglu_alpha",
+                                              "swiglu_limit"};
         for (const char* f : kFloats)
           if (key == f) d[item.first] = py::float_(item.second.cast<double>());
       }
@@ -407,7 +431,10 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 int64_t seq_len, double bias_update_rate, int64_t n_groups,
                                 int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
                                 const std::string& second_expert_policy, double jitter,
-                                const std::string& precision, const py::kwargs& unknown) {
+                                const std::string& precision, const std::string& group_score,
+                                bool selection_bias, const py::object& shared_d_ff,
+                                double swiglu_alpha, double swiglu_limit,
+                                const py::kwargs& unknown) {
   refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
   c.d_model = d_model;
@@ -455,13 +482,22 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.second_expert_policy = moe::parse_second_expert_policy(second_expert_policy);
   c.jitter = static_cast<float>(jitter);
   c.precision = moe::parse_precision(precision);
+  c.group_score = moe::parse_group_score(group_score);
+  c.selection_bias = selection_bias;
+  if (!shared_d_ff.is_none()) {
+    c.shared_d_ff = as_int(shared_d_ff, "shared_d_ff");
+    MOE_REQUIRE(c.shared_d_ff >= 1, "shared_d_ff: must be at least 1 (None means d_ff), got ",
+                c.shared_d_ff);
+  }
+  c.swiglu_alpha = static_cast<float>(swiglu_alpha);
+  c.swiglu_limit = static_cast<float>(swiglu_limit);
   return std::make_unique<PyMoE>(c);
 }
 
 py::class_<PyMoE> bind_layer(py::module_& m) {
   py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
 
-Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3 as the
 configuration has them). Reading one gives a copy; assigning one copies the values in after
 checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
   cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),
@@ -478,7 +514,10 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("seq_len") = 0, py::arg("bias_update_rate") = 0.0, py::arg("n_groups") = 1,
           py::arg("topk_groups") = 1, py::arg("n_shared_experts") = 0,
           py::arg("shared_gate") = false, py::arg("second_expert_policy") = "all",
-          py::arg("jitter") = 0.0, py::arg("precision") = "fp32");
+          py::arg("jitter") = 0.0, py::arg("precision") = "fp32",
+          py::arg("group_score") = "top2_sum", py::arg("selection_bias") = false,
+          py::arg("shared_d_ff") = py::none(), py::arg("swiglu_alpha") = 1.702,
+          py::arg("swiglu_limit") = 7.0);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(
@@ -493,6 +532,12 @@ token_offset + t, expert). step defaults to a counter that advances on every tra
 forward, so each step draws fresh noise; pass it to pin the draw.)");
   cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
           py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+  cls.def("experts_forward", &PyMoE::experts_forward, py::arg("x"), py::arg("indices"),
+          py::arg("weights"),
+          R"(The routed experts alone with the caller's routing: y[t] = Σ_j weights[t, j] ·
+expert_{indices[t, j]}(x[t]). x is (T, d_model); indices (T, k) integers in 0..n_experts-1;
+weights (T, k). No router, shared experts, residual or capacity; evaluation only (no
+backward follows it). Returns y (T, d_out).)");
   cls.def("backward", &PyMoE::backward, py::arg("dy"),
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
