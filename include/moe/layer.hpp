@@ -117,6 +117,9 @@ struct LayerOptions {
   // parameter_names() leave those matrices out. In fp32 the masters are the held form, so
   // false changes nothing.
   bool masters = true;
+  // false: every parameter starts at zero instead of its random initialisation (a loader
+  // that overwrites them all skips drawing them).
+  bool initialise = true;
 };
 
 class MoELayer {

@@ -642,7 +642,9 @@ MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precis
   check_layer(b, layer, f.config_what(), fam->model_type);
   b.cfg.precision = precision;
   const Plan plan = resolve(f, layer, *fam, b);  // every name and shape checked first
-  MoELayer L(b.cfg, options);
+  LayerOptions opt = options;
+  opt.initialise = false;  // every parameter is read from the folder
+  MoELayer L(b.cfg, opt);
   execute(L, plan);
   return L;
 }

@@ -173,6 +173,7 @@ void decode_plain(float* out, const uint8_t* p, int64_t n, const std::string& dt
   if (dtype == "F32") {
     std::memcpy(out, p, static_cast<size_t>(n) * 4);
   } else if (dtype == "BF16") {
+#pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       uint16_t h;
       std::memcpy(&h, p + 2 * i, 2);

@@ -195,7 +195,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
       m.grads.emplace_back();
     }
   });
-  detail::init_parameters(m.params, m.names, cfg);
+  if (opt.initialise) detail::init_parameters(m.params, m.names, cfg);  // else the zeros
   m.sel_bias = Tensor({cfg.n_experts});
   if (!m.masters) {
     int64_t held = 0;  // the copies in the layer's precision, 2 bytes a value in bf16
