@@ -223,8 +223,8 @@ double py_load_balancing_loss(const py::object& indices_, const py::object& prob
 
 // Every parameter name any expert kind can have; a layer has the subset its config gives.
 const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1",  "b1",  "W2",
-                                   "b2",  "W3",  "Ws1",     "bs1", "Ws2", "bs2",
-                                   "Ws3", "w_shared_gate"};
+                                   "b2",  "W3",  "b3",      "Ws1", "bs1", "Ws2",
+                                   "bs2", "Ws3", "bs3",     "w_shared_gate"};
 
 py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
   return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
@@ -366,6 +366,8 @@ struct PyMoE {
     d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
                                                          : py::object(py::int_(c.hidden()));
     d["d_out"] = c.out_dim();
+    d["shared_d_ff"] =
+        c.shared_d_ff > 0 ? py::object(py::int_(c.shared_d_ff)) : py::object(py::none());
     d["bias"] = d.attr("pop")("expert_bias");
     // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
     for (const auto& item : d)
@@ -373,7 +375,8 @@ struct PyMoE {
         const std::string key = py::str(item.first);
         static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
                                               "z_alpha", "router_init_std", "scaling_factor",
-                                              "bias_update_rate", "jitter"};
+                                              "bias_update_rate", "jitter", "swiglu_alpha",
+                                              "swiglu_limit"};
         for (const char* f : kFloats)
           if (key == f) d[item.first] = py::float_(item.second.cast<double>());
       }
@@ -409,7 +412,10 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 int64_t seq_len, double bias_update_rate, int64_t n_groups,
                                 int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
                                 const std::string& second_expert_policy, double jitter,
-                                const std::string& precision, const py::kwargs& unknown) {
+                                const std::string& precision, const std::string& group_score,
+                                bool selection_bias, const py::object& shared_d_ff,
+                                double swiglu_alpha, double swiglu_limit,
+                                const py::kwargs& unknown) {
   refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
   c.d_model = d_model;
@@ -457,6 +463,15 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.second_expert_policy = moe::parse_second_expert_policy(second_expert_policy);
   c.jitter = static_cast<float>(jitter);
   c.precision = moe::parse_precision(precision);
+  c.group_score = moe::parse_group_score(group_score);
+  c.selection_bias = selection_bias;
+  if (!shared_d_ff.is_none()) {
+    c.shared_d_ff = as_int(shared_d_ff, "shared_d_ff");
+    MOE_REQUIRE(c.shared_d_ff >= 1, "shared_d_ff: must be at least 1 (None means d_ff), got ",
+                c.shared_d_ff);
+  }
+  c.swiglu_alpha = static_cast<float>(swiglu_alpha);
+  c.swiglu_limit = static_cast<float>(swiglu_limit);
   return std::make_unique<PyMoE>(c);
 }
 
@@ -480,7 +495,10 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("seq_len") = 0, py::arg("bias_update_rate") = 0.0, py::arg("n_groups") = 1,
           py::arg("topk_groups") = 1, py::arg("n_shared_experts") = 0,
           py::arg("shared_gate") = false, py::arg("second_expert_policy") = "all",
-          py::arg("jitter") = 0.0, py::arg("precision") = "fp32");
+          py::arg("jitter") = 0.0, py::arg("precision") = "fp32",
+          py::arg("group_score") = "top2_sum", py::arg("selection_bias") = false,
+          py::arg("shared_d_ff") = py::none(), py::arg("swiglu_alpha") = 1.702,
+          py::arg("swiglu_limit") = 7.0);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(

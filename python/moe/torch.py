@@ -342,7 +342,8 @@ class MoE(nn.Module):
         state["_handle"] = None
         state["_layer_config"] = self.layer.config
         state["_layer_step"] = int(self.layer.step)
-        if self.layer.config.get("bias_update_rate", 0.0):
+        if self.layer.config.get("bias_update_rate", 0.0) or self.layer.config.get(
+                "selection_bias", False):
             state["_layer_expert_bias"] = self.layer.expert_bias
         return state
 

@@ -187,7 +187,6 @@ void softmax_norm(const ConfigReader& c, BlockSpec& b) {
                  b.cfg.renormalize ? ", renormalised" : ", not renormalised");
 }
 
-#ifdef TEMP_A
 void configure_qwen2_moe(const ConfigReader& c, BlockSpec& b) {
   common_shape(c, b, {"num_experts", "num_local_experts"}, {"moe_intermediate_size"});
   c.require_silu();
@@ -199,7 +198,6 @@ void configure_qwen2_moe(const ConfigReader& c, BlockSpec& b) {
   b.shared_split = 1;
 }
 
-#endif
 void configure_qwen3_moe(const ConfigReader& c, BlockSpec& b) {
   common_shape(c, b, {"num_experts", "num_local_experts"}, {"moe_intermediate_size"});
   c.require_silu();
@@ -222,7 +220,6 @@ void configure_granitemoe(const ConfigReader& c, BlockSpec& b) {
   b.router = cat(topk_words(b.cfg), " of the logits, then softmax over the k");
 }
 
-#ifdef TEMP_A
 // DeepSeek: dense below first_k_dense_replace; n_shared_experts shared experts of
 // moe_intermediate_size each, stored as one MLP of their summed width and held as that many
 // library experts (the hidden units split, the sum unchanged).
@@ -310,38 +307,29 @@ void configure_gpt_oss(const ConfigReader& c, BlockSpec& b) {
   b.router = cat(topk_words(b.cfg), " of the logits (router with a bias), then softmax over the k");
 }
 
-#endif
 // clang-format off
 const Family kFamilies[] = {
     {"mixtral",      "block_sparse_moe,mlp", "gate",       "w1,w3,w2",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
      configure_mixtral},
-#ifdef TEMP_A
     {"qwen2_moe",    "mlp",              "gate",           "gate_proj,up_proj,down_proj",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
      "shared_expert", "shared_expert_gate", configure_qwen2_moe},
-#endif
     {"qwen3_moe",    "mlp",              "gate",           "gate_proj,up_proj,down_proj",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
      configure_qwen3_moe},
     {"olmoe",        "mlp",              "gate",           "gate_proj,up_proj,down_proj",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
      configure_olmoe},
-#ifdef TEMP_A
     {"deepseek_v2",  "mlp",              "gate",           "gate_proj,up_proj,down_proj",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
      "shared_experts", "", configure_deepseek_v2},
-#endif
-#ifdef TEMP_A
     {"deepseek_v3",  "mlp",              "gate",           "gate_proj,up_proj,down_proj",
      "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
      "shared_experts", "", configure_deepseek_v3},
-#endif
-#ifdef TEMP_A
     {"gpt_oss",      "mlp",              "router",         "",
      "experts.gate_up_proj,experts.down_proj", StackLayout::interleaved_in_major, "", "",
      configure_gpt_oss},
-#endif
     {"granitemoe",   "block_sparse_moe,mlp", "router.layer,router,gate", "",
      "input_linear.weight,output_linear.weight;experts.gate_up_proj,experts.down_proj",
      StackLayout::halves_out_major, "", "", configure_granitemoe},
@@ -532,7 +520,7 @@ Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const 
 
   // Shared experts: one MLP (F_all wide) held as shared_split library experts.
   if (m.n_shared_experts > 0) {
-    const int64_t S = spec.shared_split, Fs = m.hidden(), Fall = S * Fs;
+    const int64_t S = spec.shared_split, Fs = m.shared_hidden(), Fall = S * Fs;
     const std::string pre = base + fam.shared + ".";
     const size_t g = add_weight(pre + "gate_proj.weight", {Fall, d});
     const size_t u = add_weight(pre + "up_proj.weight", {Fall, d});
@@ -668,7 +656,7 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
   info.expert = to_string(m.expert);
   info.router = b.router;
   info.n_shared_experts = m.n_shared_experts;
-  info.shared_d_ff = m.n_shared_experts > 0 ? m.hidden() : 0;
+  info.shared_d_ff = m.n_shared_experts > 0 ? m.shared_hidden() : 0;
   info.shared_gate = m.shared_gate;
   info.files = f.files();
   info.config = m;

@@ -84,7 +84,8 @@ struct MoELayer::Impl {
   // (then specs/names/params leave them out).
   bool masters = true;
 
-  // Selection bias (bias_update_rate > 0) and the load that its next update uses.
+  // Selection bias (bias_update_rate > 0 or selection_bias) and the load that its next
+  // update uses (bias_update_rate > 0).
   Tensor sel_bias;
   std::vector<int64_t> bias_load;  // (E), empty when consumed
 
@@ -121,10 +122,10 @@ struct MoELayer::Impl {
   }
   RouterParams router_params() const {
     return {p("W_g"), p("b_g"), p("W_noise"),
-            cfg.bias_update_rate > 0.0f ? sel_bias.ptr() : nullptr};
+            cfg.uses_selection_bias() ? sel_bias.ptr() : nullptr};
   }
   detail::ExpertWeights expert_weights() const {
-    return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
+    return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3"), p("b3")};
   }
   const detail::ExpertsBf16* bf16() const {
     return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
@@ -134,7 +135,7 @@ struct MoELayer::Impl {
             &gg};
   }
   detail::SharedWeights shared_weights() const {
-    return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate")};
+    return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate"), p("bs3")};
   }
 };
 
@@ -337,7 +338,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                 specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
                 Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
                 " with ", m.params[i].numel());
-  if (cfg.bias_update_rate > 0.0f) {
+  if (cfg.uses_selection_bias()) {
     MOE_REQUIRE(m.sel_bias.numel() == cfg.n_experts, "expert_bias: expected ", cfg.n_experts,
                 " values, got ", m.sel_bias.numel());
     for (int64_t e = 0; e < cfg.n_experts; ++e)
@@ -450,7 +451,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   if (T == 0) return;
   if (cfg.router_kind == RouterKind::expert_choice) {
     RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
-    detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+    detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
     detail::expert_choice_backward(dx, rg, eg, dy, m.ec_plan, m.routing, m.expert_choice_layer(T));
     return;
   }
@@ -486,7 +487,7 @@ void MoELayer::backward(float* dx, const float* dy) {
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::ExpertScratch scr{b.dh, b.da3};
-  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
                            plan.offsets.data(), m.shape, m.gg, m.bf16());
 
@@ -555,7 +556,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   }
   if (cfg.n_shared_experts > 0) {
     detail::SharedGrads sg{m.g("Ws1"), m.g("bs1"), m.g("Ws2"), m.g("bs2"), m.g("Ws3"),
-                           m.g("w_shared_gate")};
+                           m.g("w_shared_gate"), m.g("bs3")};
     m.shared.backward(dx, sg, dy, m.shared_weights(), cfg);
   }
 }

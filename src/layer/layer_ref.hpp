@@ -27,7 +27,7 @@ namespace moe::detail {
 // Parameters (or their gradients) with the layer's names and shapes; absent ones are empty.
 template <typename S>
 struct RefParams {
-  std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3;
+  std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3;
   SharedRefParams<S> shared;  // n_shared_experts > 0
 
   std::vector<S>& get(const std::string& n) {
@@ -36,6 +36,8 @@ struct RefParams {
     if (n == "Ws2") return shared.Ws2;
     if (n == "bs2") return shared.bs2;
     if (n == "Ws3") return shared.Ws3;
+    if (n == "bs3") return shared.bs3;
+    if (n == "b3") return b3;
     if (n == "w_shared_gate") return shared.w_shared_gate;
     if (n == "W_g") return W_g;
     if (n == "b_g") return b_g;
@@ -216,6 +218,13 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
           hid[f] = q(silu(a1[f]) * a3[f]);
         }
         break;
+      case ExpertKind::clamped_swiglu:
+        for (int64_t f = 0; f < F; ++f) {
+          a3[f] = p.b3.empty() ? S(0) : p.b3[e * F + f];
+          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
+          hid[f] = q(clamped_swiglu(a1[f], a3[f], S(cfg.swiglu_alpha), S(cfg.swiglu_limit)));
+        }
+        break;
     }
     // hid is saved rounded: backward's dW2 product takes it as its bf16 operand.
     for (int64_t c = 0; c < Do; ++c) {
@@ -289,9 +298,14 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
       for (int64_t f = 0; f < F; ++f) {
         if (cfg.expert == ExpertKind::mlp) {
           da1[f] = dh[f] * act_grad(cfg.activation, a1[f]);
-        } else {
+        } else if (cfg.expert == ExpertKind::swiglu) {
           da1[f] = dh[f] * a3[f] * act_grad(Activation::silu, a1[f]);
           da3[f] = dh[f] * silu(a1[f]);
+        } else {
+          S d1, d3;
+          clamped_swiglu_grad(&d1, &d3, a1[f], a3[f], S(cfg.swiglu_alpha), S(cfg.swiglu_limit));
+          da1[f] = dh[f] * d1;
+          da3[f] = dh[f] * d3;
         }
       }
     }
@@ -303,8 +317,9 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
         dx[t * d + i] += da1q[c] * q(p.W1[(e * d + i) * W1w + c]);
       }
     }
-    if (cfg.expert == ExpertKind::swiglu)
+    if (cfg.expert == ExpertKind::swiglu || cfg.expert == ExpertKind::clamped_swiglu)
       for (int64_t f = 0; f < F; ++f) {
+        if (!g.b3.empty()) g.b3[e * F + f] += da3[f];
         da3q[f] = q(da3[f]);
         for (int64_t i = 0; i < d; ++i) {
           g.W3[(e * d + i) * F + f] += xt[i] * da3q[f];
