@@ -120,7 +120,6 @@ struct BlockSpec {
   bool router_bias = false;          // "<router>.bias"
   bool selection_bias = false;       // "<router>.e_score_correction_bias"
   bool expert_biases = false;        // gpt_oss: gate_up_proj_bias, down_proj_bias
-  int64_t shared_split = 0;          // shared MLP split into this many library experts
   int64_t fp8_block[2] = {128, 128};
 };
 
@@ -195,7 +194,6 @@ void configure_qwen2_moe(const ConfigReader& c, BlockSpec& b) {
   b.cfg.n_shared_experts = 1;
   b.cfg.shared_d_ff = c.integer({"shared_expert_intermediate_size"});
   b.cfg.shared_gate = true;
-  b.shared_split = 1;
 }
 
 void configure_qwen3_moe(const ConfigReader& c, BlockSpec& b) {
@@ -221,8 +219,7 @@ void configure_granitemoe(const ConfigReader& c, BlockSpec& b) {
 }
 
 // DeepSeek: dense below first_k_dense_replace; n_shared_experts shared experts of
-// moe_intermediate_size each, stored as one MLP of their summed width and held as that many
-// library experts (the hidden units split, the sum unchanged).
+// moe_intermediate_size each, stored (and held) as one MLP of their summed width.
 void deepseek_common(const ConfigReader& c, BlockSpec& b) {
   common_shape(c, b, {"n_routed_experts", "num_local_experts", "num_experts"},
                {"moe_intermediate_size"});
@@ -235,8 +232,10 @@ void deepseek_common(const ConfigReader& c, BlockSpec& b) {
   b.dense_rule = cat("first_k_dense_replace = ", first);
   const int64_t shared = c.integer_or("n_shared_experts", 0);
   MOE_REQUIRE(shared >= 0, c.what, ": 'n_shared_experts' must be >= 0, got ", shared);
-  b.cfg.n_shared_experts = shared;
-  b.shared_split = shared;
+  if (shared > 0) {
+    b.cfg.n_shared_experts = 1;
+    b.cfg.shared_d_ff = shared * b.cfg.d_ff;
+  }
   b.cfg.scaling_factor = static_cast<float>(c.number_or("routed_scaling_factor", 1.0));
 }
 
@@ -450,9 +449,8 @@ Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const 
   auto add_job = [&](const char* target, int64_t e, size_t w, int64_t we, MatrixMap map) {
     p.jobs.push_back({target, e, w, we, map});
   };
-  auto out_major = [](int64_t In, int64_t Out, int64_t out_base = 0, int64_t in_base = 0,
-                      int64_t step = 1) {
-    return MatrixMap{true, out_base, step, in_base, In, Out};
+  auto out_major = [](int64_t In, int64_t Out, int64_t out_base = 0) {
+    return MatrixMap{true, out_base, 1, 0, In, Out};
   };
 
   // Router.
@@ -518,18 +516,14 @@ Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const 
     }
   }
 
-  // Shared experts: one MLP (F_all wide) held as shared_split library experts.
+  // The shared expert: one MLP of width shared_d_ff.
   if (m.n_shared_experts > 0) {
-    const int64_t S = spec.shared_split, Fs = m.shared_hidden(), Fall = S * Fs;
+    MOE_ASSERT(m.n_shared_experts == 1);
+    const int64_t Fs = m.shared_hidden();
     const std::string pre = base + fam.shared + ".";
-    const size_t g = add_weight(pre + "gate_proj.weight", {Fall, d});
-    const size_t u = add_weight(pre + "up_proj.weight", {Fall, d});
-    const size_t dn = add_weight(pre + "down_proj.weight", {d, Fall});
-    for (int64_t s = 0; s < S; ++s) {
-      add_job("Ws1", s, g, 0, out_major(d, Fs, s * Fs));
-      add_job("Ws3", s, u, 0, out_major(d, Fs, s * Fs));
-      add_job("Ws2", s, dn, 0, out_major(Fs, d, 0, s * Fs));
-    }
+    add_job("Ws1", 0, add_weight(pre + "gate_proj.weight", {Fs, d}), 0, out_major(d, Fs));
+    add_job("Ws3", 0, add_weight(pre + "up_proj.weight", {Fs, d}), 0, out_major(d, Fs));
+    add_job("Ws2", 0, add_weight(pre + "down_proj.weight", {d, Fs}), 0, out_major(Fs, d));
     if (m.shared_gate)
       add_job("w_shared_gate", 0, add_weight(base + fam.shared_gate + ".weight", {1, d}), 0, {});
   }
