@@ -19,6 +19,7 @@
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
 #include "moe/optim.hpp"
+#include "moe/pretrained.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
 
 namespace py = pybind11;
@@ -246,6 +247,7 @@ struct PyMoE {
   uint64_t step = 0;       // noise counter used when forward is given no step
 
   explicit PyMoE(const moe::MoEConfig& c) : layer(c) {}
+  explicit PyMoE(moe::MoELayer&& l) : layer(std::move(l)) {}
 
   bool has(const std::string& name) const {
     for (const auto& n : layer.parameter_names())
@@ -880,6 +882,58 @@ py::dict reference_f64(PyMoE& self, const py::object& x_, const py::dict& params
   return out;
 }
 
+// SPEC §7: pretrained MoE blocks (include/moe/pretrained.hpp).
+void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
+  cls.def_static("from_pretrained", [](const py::object& path, int64_t layer,
+                                       const std::string& precision, bool masters) {
+    const std::string p = as_path(path);
+    const moe::Precision prec = moe::parse_precision(precision);
+    moe::LayerOptions opt;
+    opt.masters = masters;
+    std::unique_ptr<PyMoE> self;
+    {
+      py::gil_scoped_release nogil;
+      self = std::make_unique<PyMoE>(moe::load_pretrained(p, layer, prec, opt));
+    }
+    return self;
+  }, py::arg("path"), py::arg("layer"), py::arg("precision") = "bf16", py::arg("masters") = false,
+     "The MoE block of decoder layer `layer` of a Hugging Face model folder (config.json, "
+     "*.safetensors, the index when sharded), reading only that layer's tensors; its "
+     "evaluation forward equals the family's transformers module (docs/models.md). With "
+     "masters=False (the default) the expert matrices are held in `precision` only: an "
+     "evaluation-only layer (forward(x, training=False)) without W1/W2/W3 attributes in bf16. "
+     "masters=True keeps fp32 masters (trainable, three times the memory in bf16).");
+  m.def("inspect_pretrained", [](const py::object& path) {
+    const moe::PretrainedInfo i = moe::inspect_pretrained(as_path(path));
+    py::dict d;
+    d["family"] = i.family;
+    d["layers"] = i.n_layers;
+    d["moe_layers"] = i.moe_layers;
+    d["dense_layers"] = i.dense_layers;
+    d["n_experts"] = i.n_experts;
+    d["k"] = i.k;
+    d["d_model"] = i.d_model;
+    d["d_ff"] = i.d_ff;
+    d["expert"] = i.expert;
+    d["router"] = i.router;
+    d["n_shared_experts"] = i.n_shared_experts;
+    d["shared_d_ff"] = i.shared_d_ff;
+    d["shared_gate"] = i.shared_gate;
+    d["layout"] = i.layout;
+    d["dtypes"] = i.dtypes;
+    d["file_bytes_per_block"] = i.file_bytes_per_block;
+    d["bf16_bytes_per_block"] = i.bf16_bytes_per_block;
+    d["fp32_bytes_per_block"] = i.fp32_bytes_per_block;
+    d["files"] = i.files;
+    d["config"] = py::module_::import("json").attr("loads")(moe::config_to_json(i.config));
+    return d;
+  }, py::arg("path"),
+     "What `moe inspect` prints about a model folder, as a dict: family, layers, moe_layers, "
+     "dense_layers, n_experts, k, d_model, d_ff, expert, router, n_shared_experts, "
+     "shared_d_ff, shared_gate, layout, dtypes, bytes per block, files, config (of the first "
+     "MoE block). Reads config.json and the safetensors headers only.");
+}
+
 void bind_torch_support(py::class_<PyMoE>& cls) {
   cls.def("_buffer", [](py::object self, const std::string& name, bool grad) {
     PyMoE& m = self.cast<PyMoE&>();
@@ -1000,5 +1054,6 @@ PYBIND11_MODULE(_moe, m) {
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
   auto cls = bind_layer(m);
   bind_io(m, cls);
+  bind_pretrained(m, cls);
   bind_torch_support(cls);
 }

@@ -122,9 +122,24 @@ struct MoEStats {
   double z_loss = 0.0;
 };
 
+// How a layer holds its weights.
+struct LayerOptions {
+  // false: the expert matrices (W1, W2, W3 and the shared experts' Ws1, Ws2, Ws3) are held only
+  // in the layer's precision, without fp32 masters: a bf16 layer keeps just the bf16 copies
+  // (what from_pretrained builds: a block's weights once, not three times). They start at zero
+  // and are filled with set_expert_matrix(). Such a layer runs evaluation forwards only; its
+  // parameter_names() leave those matrices out. In fp32 the masters are the held form, so
+  // false changes nothing.
+  bool masters = true;
+  // false: every parameter starts at zero instead of its random initialisation (a loader
+  // that overwrites them all skips drawing them).
+  bool initialise = true;
+};
+
 class MoELayer {
  public:
   explicit MoELayer(const MoEConfig& cfg);  // validates cfg, initialises from cfg.seed
+  MoELayer(const MoEConfig& cfg, const LayerOptions& opt);
   ~MoELayer();
   MoELayer(MoELayer&&) noexcept;
   MoELayer& operator=(MoELayer&&) noexcept;
@@ -170,6 +185,16 @@ class MoELayer {
   // param() without a backward in between (an optimizer step does follow a backward) calls
   // weights_changed(). Harmless in fp32.
   void weights_changed();
+
+  // Expert e's matrix of W1, W2, W3, Ws1, Ws2 or Ws3 from src, laid out like one slice of the
+  // stacked parameter (e.g. W1: (d, F) row-major, "in × out"), written into whatever form the
+  // layer holds: the fp32 master (then weights_changed()), or the copy in the layer's precision
+  // directly when it holds no masters. Throws moe::Error on an unknown name or e out of range.
+  void set_expert_matrix(const std::string& name, int64_t e, const float* src);
+  // Makes the copies in the layer's precision from the masters, then frees the masters: the
+  // layer becomes evaluation-only (as LayerOptions{masters = false}). Nothing to do in fp32.
+  void drop_masters();
+  bool holds_masters() const;  // true in fp32
 
   const MoEStats& stats() const;
   double aux_loss() const;

@@ -65,8 +65,19 @@ struct ExpertWeightsBf16 {
   std::vector<uint16_t> W1, W2, W3;     // like the masters: (E, d, ·), (E, F, Do), (E, d, F)
   std::vector<uint16_t> W1t, W2t, W3t;  // per expert transposed: (E, ·, d), (E, Do, F), (E, F, d)
   bool forward_ready = false, backward_ready = false;
+  // The copies are the weights (a layer without fp32 masters, LayerOptions): never made again
+  // from masters, never invalidated; assign() writes them.
+  bool fixed = false;
 
-  void invalidate() { forward_ready = backward_ready = false; }
+  void invalidate() {
+    if (!fixed) forward_ready = backward_ready = false;
+  }
+  // Zeroed forward copies for s, marked fixed and ready: the layer holds no masters.
+  void hold_only(const ExpertShape& s);
+  // Expert e's matrix (1: W1, 2: W2, 3: W3) from src, fp32 in the masters' per-expert layout
+  // ((d, ·), (F, Do), (d, F)), rounded to bf16 into the forward copy. The copies' layout is
+  // this struct's business: writers outside go through here.
+  void assign(int matrix, int64_t e, const float* src, const ExpertShape& s);
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
 };

@@ -50,6 +50,8 @@ class SharedExperts {
                 const MoEConfig& cfg);
   // precision bf16: the weights may have changed; their bf16 copies are made again.
   void weights_changed() { wb_.invalidate(); }
+  // The bf16 copies themselves (a layer without masters writes them directly).
+  ExpertWeightsBf16& bf16_weights() { return wb_; }
 
  private:
   const ExpertsBf16* bf16(const MoEConfig& cfg) {
