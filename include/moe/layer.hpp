@@ -23,7 +23,8 @@ enum class SecondExpertPolicy { all, random };
 // SPEC §6: the precision of the expert products. The router is fp32 in every precision.
 enum class Precision { fp32, bf16, int8 };
 
-ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
+// "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
+ExpertKind parse_expert_kind(const std::string& s);
 Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
 DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "random" | "priority"
 RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...

@@ -453,7 +453,7 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
   const int64_t d = cfg.d_model, E = cfg.n_experts, Do = cfg.out_dim();
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(k >= 1, "k: must be at least 1, got ", k);
-  MOE_REQUIRE(T * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
+  MOE_REQUIRE(T <= int64_t{0x7fffffff} / k, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y && indices && weights),
               "forward_routed: x, y, indices and weights must not be null");
   m.check_params();
