@@ -552,15 +552,19 @@ bool is_matrix_target(const std::string& t) {
 void execute(MoELayer& L, const Plan& p) {
   const MoEConfig& m = p.spec.cfg;
   const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
-  int64_t most = 0;
+  int64_t most = 0;  // the scratch: one expert matrix, when the layer holds no masters
   for (const Job& j : p.jobs)
-    if (is_matrix_target(j.target)) most = std::max(most, j.map.In * j.map.Out);
+    if (is_matrix_target(j.target) && !L.holds_masters())
+      most = std::max(most, j.map.In * j.map.Out);
   std::vector<float> scratch(static_cast<size_t>(most));
   std::vector<float> row;
   for (size_t i = 0; i < p.jobs.size(); ++i) {
     const Job& j = p.jobs[i];
     const StoredWeight& w = p.weights[j.weight];
-    if (is_matrix_target(j.target)) {
+    if (is_matrix_target(j.target) && L.holds_masters()) {  // straight into the master
+      const int64_t n = j.map.In * j.map.Out;
+      detail::read_matrix(L.param(j.target).ptr() + j.e * n, w, j.we, j.map);
+    } else if (is_matrix_target(j.target)) {
       detail::read_matrix(scratch.data(), w, j.we, j.map);
       L.set_expert_matrix(j.target, j.e, scratch.data());
     } else if (j.target == "W_g") {
