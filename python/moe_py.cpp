@@ -324,6 +324,27 @@ struct PyMoE {
     return y;
   }
 
+  // The routed experts with the caller's routing (MoELayer::forward_routed).
+  py::array_t<float> experts_forward(const py::object& x_, const py::object& indices_,
+                                     const py::object& weights_) {
+    const moe::MoEConfig& c = layer.config();
+    FArray x = as_f32_2d(x_, "x", "(T, d_model)");
+    const int64_t T = x.shape(0);
+    require_shape(x, "x", {T, c.d_model}, "(T, d_model)");
+    IArray idx = as_index_2d(indices_, "indices", "(T, k)", c.n_experts);
+    const int64_t k = idx.shape(1);
+    require_shape(idx, "indices", {T, k}, "(T, k) with T the rows of x");
+    FArray w = as_f32_2d(weights_, "weights", "(T, k)");
+    require_shape(w, "weights", {T, k}, "(T, k) like indices");
+    py::array_t<float> y(std::vector<py::ssize_t>{T, c.out_dim()});
+    this->T = -1;  // the layer's saved forward is gone
+    {
+      py::gil_scoped_release nogil;
+      layer.forward_routed(y.mutable_data(), x.data(), T, idx.data(), w.data(), k);
+    }
+    return y;
+  }
+
   py::array_t<float> backward(const py::object& dy_) {
     if (T < 0) throw moe::Error("backward: called before forward (no saved state)");
     const moe::MoEConfig& c = layer.config();
@@ -478,7 +499,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
 py::class_<PyMoE> bind_layer(py::module_& m) {
   py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
 
-Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3 as the
 configuration has them). Reading one gives a copy; assigning one copies the values in after
 checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
   cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),
@@ -513,6 +534,12 @@ token_offset + t, expert). step defaults to a counter that advances on every tra
 forward, so each step draws fresh noise; pass it to pin the draw.)");
   cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
           py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+  cls.def("experts_forward", &PyMoE::experts_forward, py::arg("x"), py::arg("indices"),
+          py::arg("weights"),
+          R"(The routed experts alone with the caller's routing: y[t] = Σ_j weights[t, j] ·
+expert_{indices[t, j]}(x[t]). x is (T, d_model); indices (T, k) integers in 0..n_experts-1;
+weights (T, k). No router, shared experts, residual or capacity; evaluation only (no
+backward follows it). Returns y (T, d_out).)");
   cls.def("backward", &PyMoE::backward, py::arg("dy"),
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");

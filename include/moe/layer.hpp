@@ -164,6 +164,17 @@ class MoELayer {
   // include the terms of aux_loss and z_loss (added to the caller's objective).
   void backward(float* dx, const float* dy);
 
+  // The routed experts alone, with the routing given by the caller (what transformers'
+  // pluggable experts functions and ScatterMoE take): y (T, d_out) = Σ_j weights[t,j] ·
+  // E_{indices[t,j]}(x_t), indices and weights (T, k), k >= 1 of the caller's choosing. No
+  // router, no shared experts, no residual, no capacity; evaluation only (nothing is saved
+  // for backward: a backward after it is refused). In the layer's precision. For the routing
+  // of a forward (routing().indices/weights, dropless, no residual, no shared experts) it
+  // gives that forward's output bit for bit. Throws moe::Error naming the first token with an
+  // index outside 0..n_experts-1 or a non-finite weight or input.
+  void forward_routed(float* y, const float* x, int64_t T, const int32_t* indices,
+                      const float* weights, int64_t k);
+
   // aux_loss "global": forget the expert loads accumulated by the training forwards since
   // the last reset (call it after each optimizer step). Harmless for the other kinds.
   void reset_global_load();

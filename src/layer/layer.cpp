@@ -134,6 +134,15 @@ struct MoELayer::Impl {
     return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
             &gg};
   }
+  // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
+  void check_params() const {
+    for (size_t i = 0; i < specs.size(); ++i)
+      MOE_REQUIRE(params[i].shape == specs[i].shape &&
+                      params[i].numel() == Tensor::numel_of(specs[i].shape),
+                  specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
+                  Tensor::numel_of(specs[i].shape), " values, got ", shape_str(params[i].shape),
+                  " with ", params[i].numel());
+  }
   detail::SharedWeights shared_weights() const {
     return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate"), p("bs3")};
   }
@@ -330,14 +339,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
               "forward: training needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(cfg.precision),
               " only (built for evaluation, e.g. by from_pretrained): pass training=false");
-  // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
-  const auto& specs = m.specs;
-  for (size_t i = 0; i < specs.size(); ++i)
-    MOE_REQUIRE(m.params[i].shape == specs[i].shape &&
-                    m.params[i].numel() == Tensor::numel_of(specs[i].shape),
-                specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
-                Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
-                " with ", m.params[i].numel());
+  m.check_params();
   if (cfg.uses_selection_bias()) {
     MOE_REQUIRE(m.sel_bias.numel() == cfg.n_experts, "expert_bias: expected ", cfg.n_experts,
                 " values, got ", m.sel_bias.numel());
@@ -558,6 +560,64 @@ void MoELayer::backward(float* dx, const float* dy) {
     detail::SharedGrads sg{m.g("Ws1"), m.g("bs1"), m.g("Ws2"), m.g("bs2"), m.g("Ws3"),
                            m.g("w_shared_gate"), m.g("bs3")};
     m.shared.backward(dx, sg, dy, m.shared_weights(), cfg);
+  }
+}
+
+void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t* indices,
+                              const float* weights, int64_t k) {
+  Impl& m = *impl_;
+  const MoEConfig& cfg = m.cfg;
+  const int64_t d = cfg.d_model, E = cfg.n_experts, Do = cfg.out_dim();
+  MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
+  MOE_REQUIRE(k >= 1, "k: must be at least 1, got ", k);
+  MOE_REQUIRE(T * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
+  MOE_REQUIRE(T == 0 || (x && y && indices && weights),
+              "forward_routed: x, y, indices and weights must not be null");
+  m.check_params();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = indices[t * k + j];
+      MOE_REQUIRE(e >= 0 && e < E, "indices: expert ", e, " at token ", t, " (slot ", j,
+                  ") is outside 0..", E - 1);
+      MOE_REQUIRE(std::isfinite(weights[t * k + j]), "weights: non-finite value ",
+                  weights[t * k + j], " at token ", t, " (slot ", j, ")");
+    }
+    for (int64_t i = 0; i < d; ++i)
+      MOE_REQUIRE(std::isfinite(x[t * d + i]), "x: non-finite value at token ", t);
+  }
+  m.have_forward = false;  // the workspace below is the forward's: nothing to go back through
+  // The layer's workspace sized for k assignments per token, without a router's rows.
+  MoEConfig wc = cfg;
+  wc.k = k;
+  wc.router_kind = RouterKind::topk_softmax;
+  allocate_or_throw("forward_routed: workspace for the batch",
+                    detail::layer_workspace_floats(wc, T), [&] { m.ws.reserve(wc, T); });
+  detail::build_capacity_plan(m.plan, indices, weights, T, k, E, int64_t{-1},
+                              DropPolicy::position);
+  detail::LayerBuffers b = m.ws.carve(wc, T);
+  const detail::CapacityPlan& plan = m.plan;
+  const int64_t R = plan.n_kept;
+  const int32_t* d2s = plan.dest_to_src.data();
+#pragma omp parallel for schedule(static) if (R * d >= kParallelMin)
+  for (int64_t s = 0; s < R; ++s) {
+    const float* src = x + (d2s[s] / k) * d;
+    std::copy(src, src + d, b.xg + s * d);
+  }
+  detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
+  detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
+                          m.bf16());
+  // The combine of forward, in the same order: y_t = Σ_j w_tj·out(t, j).
+  const int32_t* s2d = plan.src_to_dest.data();
+  const float* out = b.out;
+#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = y + t * Do;
+    std::fill(yt, yt + Do, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const float g = weights[t * k + j];
+      const float* o = out + int64_t{s2d[t * k + j]} * Do;
+      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
+    }
   }
 }
 

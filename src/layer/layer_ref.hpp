@@ -107,10 +107,13 @@ BalanceInputs<S> ref_balance_inputs(const RefSaved<S>& sv, const MoEConfig& cfg)
 
 // y is (T, d_out), x (T, d). eps (T, E) is required when training with noise. step and
 // token_offset key the random draws of dispatch (drop_policy / second_expert_policy random).
+// sel_bias (E), when given, is the layer's selection bias (expert_bias), added to the scores
+// for selection only.
 template <typename S>
 void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const RefParams<S>& p,
                        const MoEConfig& cfg, int64_t T, bool training, const S* eps,
-                       uint64_t step = 0, int64_t token_offset = 0) {
+                       uint64_t step = 0, int64_t token_offset = 0,
+                       const float* sel_bias = nullptr) {
   cfg.validate();
   const RouterConfig rc = cfg.router();
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
@@ -120,8 +123,8 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   sv.T = T;
   sv.noisy = training && cfg.noise != Noise::none;
   MOE_ASSERT(!sv.noisy || T == 0 || eps != nullptr);
-  // The router family's score functions, scaling and groups run here (router/scores.hpp);
-  // the selection bias is taken as zero and jitter has no input in this twin.
+  // The router family's score functions, scaling, groups and selection bias run here
+  // (router/scores.hpp); jitter has no input in this twin.
   MOE_ASSERT(!training || cfg.jitter == 0.0f);
   sv.x.assign(x, x + T * d);
   sv.h.assign(static_cast<size_t>(T * E), S(0));
@@ -151,9 +154,9 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     } else {
       std::copy(h, h + E, H);
     }
-    if (!router_scores_default(rc, nullptr) || rc.scaling_factor != 1.0f) {
+    if (!router_scores_default(rc, sel_bias) || rc.scaling_factor != 1.0f) {
       route_row_ref<S>(&sv.indices[t * k], &sv.weights[t * k], &sv.probs[t * E], nullptr, H,
-                       nullptr, rc);
+                       sel_bias, rc);
       continue;
     }
     std::iota(order.begin(), order.end(), 0);
