@@ -32,11 +32,15 @@ std::string ranges(const std::vector<int64_t>& v) {
   return v.empty() ? "none" : os.str();
 }
 
+// "2688.1 MiB", "12.5 KiB": MiB from 1 MiB up.
 std::string mib(int64_t bytes) {
   std::ostringstream os;
   os.setf(std::ios::fixed);
   os.precision(1);
-  os << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  if (bytes >= (int64_t{1} << 20))
+    os << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  else
+    os << static_cast<double>(bytes) / 1024.0 << " KiB";
   return os.str();
 }
 

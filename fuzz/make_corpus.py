@@ -186,6 +186,10 @@ def pretrained():
                        "n_routed_experts": 8, "num_experts_per_tok": 2,
                        "moe_intermediate_size": 8, "n_group": 3, "topk_group": 2},
         "unknown_type": {"model_type": "llama", "hidden_size": 16},
+        # Found by the fuzzer: a layer list of 2^54 entries was built before any check.
+        "huge_layers": {"model_type": "deepseek_v2", "hidden_size": 16,
+                        "num_hidden_layers": 29007199254740993, "n_routed_experts": 8,
+                        "num_experts_per_tok": 2, "moe_intermediate_size": 8},
     }
     for n, c in configs.items():
         write("pretrained", "config_" + n + ".bin", b"\x02" + json.dumps(c).encode())

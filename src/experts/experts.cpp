@@ -325,7 +325,10 @@ void ExpertWeightsBf16::assign(int matrix, int64_t e, const float* src, const Ex
   const int64_t n = matrix == 1 ? s.d * mid : matrix == 2 ? s.F * s.Do : s.d * s.F;
   std::vector<uint16_t>& W = matrix == 1 ? W1 : matrix == 2 ? W2 : W3;
   MOE_ASSERT(e >= 0 && e < s.E && static_cast<int64_t>(W.size()) >= (e + 1) * n);
-  to_bf16_n(W.data() + e * n, src, n);
+  // One thread: a loader calls this once per expert matrix, and a parallel region per call
+  // costs more than the rounding (a lot more on a busy machine).
+  uint16_t* dst = W.data() + e * n;
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
 }
 
 void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {

@@ -135,8 +135,17 @@ struct Family {
   void (*configure)(const ConfigReader& c, BlockSpec& b);
 };
 
+// num_hidden_layers, bounded before the layer lists are built from it.
+int64_t num_layers(const ConfigReader& c) {
+  constexpr int64_t kMaxLayers = 1 << 16;
+  const int64_t n = c.integer({"num_hidden_layers"});
+  MOE_REQUIRE(n >= 1 && n <= kMaxLayers, c.what, ": 'num_hidden_layers' must be in 1..",
+              kMaxLayers, ", got ", n);
+  return n;
+}
+
 void all_layers(const ConfigReader& c, BlockSpec& b) {
-  b.n_layers = c.integer({"num_hidden_layers"});
+  b.n_layers = num_layers(c);
   for (int64_t l = 0; l < b.n_layers; ++l) b.moe_layers.push_back(l);
 }
 
@@ -169,12 +178,13 @@ void configure_mixtral(const ConfigReader& c, BlockSpec& b) {
 
 // Qwen2-MoE / Qwen3-MoE: MoE unless in mlp_only_layers or off the decoder_sparse_step.
 void qwen_layers(const ConfigReader& c, BlockSpec& b) {
-  b.n_layers = c.integer({"num_hidden_layers"});
-  const std::vector<int64_t> mlp_only = c.int_list("mlp_only_layers");
+  b.n_layers = num_layers(c);
+  const std::vector<int64_t> listed = c.int_list("mlp_only_layers");
+  const std::set<int64_t> mlp_only(listed.begin(), listed.end());
   const int64_t step = c.integer_or("decoder_sparse_step", 1);
   MOE_REQUIRE(step >= 1, c.what, ": 'decoder_sparse_step' must be >= 1, got ", step);
   for (int64_t l = 0; l < b.n_layers; ++l)
-    if (std::find(mlp_only.begin(), mlp_only.end(), l) == mlp_only.end() && (l + 1) % step == 0)
+    if (mlp_only.count(l) == 0 && (l + 1) % step == 0)
       b.moe_layers.push_back(l);
   b.dense_rule = cat("mlp_only_layers and decoder_sparse_step = ", step);
 }
@@ -193,6 +203,8 @@ void configure_qwen2_moe(const ConfigReader& c, BlockSpec& b) {
   softmax_norm(c, b);
   b.cfg.n_shared_experts = 1;
   b.cfg.shared_d_ff = c.integer({"shared_expert_intermediate_size"});
+  MOE_REQUIRE(b.cfg.shared_d_ff >= 1, c.what, ": 'shared_expert_intermediate_size' must be >= 1, ",
+              "got ", b.cfg.shared_d_ff);
   b.cfg.shared_gate = true;
 }
 
@@ -226,7 +238,7 @@ void deepseek_common(const ConfigReader& c, BlockSpec& b) {
   c.require_silu();
   MOE_REQUIRE(!c.boolean_or("mlp_bias", false), c.what,
               ": 'mlp_bias' is true; DeepSeek experts with biases are not supported");
-  b.n_layers = c.integer({"num_hidden_layers"});
+  b.n_layers = num_layers(c);
   const int64_t first = c.integer_or("first_k_dense_replace", 0);
   for (int64_t l = std::max<int64_t>(first, 0); l < b.n_layers; ++l) b.moe_layers.push_back(l);
   b.dense_rule = cat("first_k_dense_replace = ", first);
@@ -370,7 +382,6 @@ BlockSpec describe(const json& config, const std::string& what, const Family** f
   b.cfg.capacity_factor.reset();
   b.cfg.precision = Precision::bf16;
   f.configure(c, b);
-  MOE_REQUIRE(b.n_layers >= 1, c.what, ": 'num_hidden_layers' must be >= 1, got ", b.n_layers);
   try {
     b.cfg.validate();
   } catch (const Error& e) {
@@ -384,7 +395,7 @@ void check_layer(const BlockSpec& b, int64_t layer, const std::string& what,
                  const char* family) {
   MOE_REQUIRE(layer >= 0 && layer < b.n_layers, "layer: ", layer, " is out of range (", what,
               ": ", b.n_layers, " layers, 0..", b.n_layers - 1, ")");
-  if (std::find(b.moe_layers.begin(), b.moe_layers.end(), layer) != b.moe_layers.end()) return;
+  if (std::binary_search(b.moe_layers.begin(), b.moe_layers.end(), layer)) return;  // sorted
   // The nearest MoE layers below and above.
   int64_t below = -1, above = -1;
   for (int64_t l : b.moe_layers) {
@@ -541,15 +552,19 @@ bool is_matrix_target(const std::string& t) {
 void execute(MoELayer& L, const Plan& p) {
   const MoEConfig& m = p.spec.cfg;
   const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
-  int64_t most = 0;
+  int64_t most = 0;  // the scratch: one expert matrix, when the layer holds no masters
   for (const Job& j : p.jobs)
-    if (is_matrix_target(j.target)) most = std::max(most, j.map.In * j.map.Out);
+    if (is_matrix_target(j.target) && !L.holds_masters())
+      most = std::max(most, j.map.In * j.map.Out);
   std::vector<float> scratch(static_cast<size_t>(most));
   std::vector<float> row;
   for (size_t i = 0; i < p.jobs.size(); ++i) {
     const Job& j = p.jobs[i];
     const StoredWeight& w = p.weights[j.weight];
-    if (is_matrix_target(j.target)) {
+    if (is_matrix_target(j.target) && L.holds_masters()) {  // straight into the master
+      const int64_t n = j.map.In * j.map.Out;
+      detail::read_matrix(L.param(j.target).ptr() + j.e * n, w, j.we, j.map);
+    } else if (is_matrix_target(j.target)) {
       detail::read_matrix(scratch.data(), w, j.we, j.map);
       L.set_expert_matrix(j.target, j.e, scratch.data());
     } else if (j.target == "W_g") {
@@ -641,7 +656,7 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
   info.n_layers = b.n_layers;
   info.moe_layers = b.moe_layers;
   for (int64_t l = 0; l < b.n_layers; ++l)
-    if (std::find(b.moe_layers.begin(), b.moe_layers.end(), l) == b.moe_layers.end())
+    if (!std::binary_search(b.moe_layers.begin(), b.moe_layers.end(), l))
       info.dense_layers.push_back(l);
   info.n_experts = m.n_experts;
   info.k = m.k;

@@ -334,6 +334,10 @@ int64_t StoredWeight::file_bytes() const {
   return n;
 }
 
+// Matrices smaller than this are read by one thread: a parallel region per small matrix
+// costs more than it gives (and on a busy machine, much more).
+constexpr int64_t kParallelRead = int64_t{1} << 22;
+
 void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& m) {
   const int64_t In = m.In, Out = m.Out, C = w.cols;
   MOE_ASSERT(e >= 0 && (w.stack == 0 ? e == 0 : e < w.stack));
@@ -341,23 +345,27 @@ void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& 
     MOE_ASSERT(m.out_base + m.out_step * (Out - 1) < w.rows && m.in_base + In <= C);
     constexpr int64_t kBlock = 32;  // outputs decoded together, then written transposed
     const int64_t nb = (Out + kBlock - 1) / kBlock;
-#pragma omp parallel
+    // Rows of the scratch 16 floats apart from a multiple of 4 KiB: the transposing reads walk
+    // down a column, and a power-of-two stride would put all 32 in one L1 set.
+    const int64_t ld = C + 16;
+#pragma omp parallel if (In * Out >= kParallelRead)
     {
-      std::vector<float> tmp(static_cast<size_t>(kBlock * C));
+      std::vector<float> tmp(static_cast<size_t>(kBlock * ld));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t o0 = b * kBlock, o1 = std::min(Out, o0 + kBlock);
-        for (int64_t o = o0; o < o1; ++o) w.row(tmp.data() + (o - o0) * C, e, m.out_base + m.out_step * o);
+        for (int64_t o = o0; o < o1; ++o)
+          w.row(tmp.data() + (o - o0) * ld, e, m.out_base + m.out_step * o);
         for (int64_t i = 0; i < In; ++i) {
           float* d = dst + i * Out;
           const float* src = tmp.data() + m.in_base + i;
-          for (int64_t o = o0; o < o1; ++o) d[o] = src[(o - o0) * C];
+          for (int64_t o = o0; o < o1; ++o) d[o] = src[(o - o0) * ld];
         }
       }
     }
   } else {
     MOE_ASSERT(m.in_base + In <= w.rows && m.out_base + m.out_step * (Out - 1) < C);
-#pragma omp parallel
+#pragma omp parallel if (In * Out >= kParallelRead)
     {
       std::vector<float> tmp(static_cast<size_t>(C));
 #pragma omp for schedule(static)

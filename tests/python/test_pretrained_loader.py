@@ -175,6 +175,15 @@ def test_torch_module(tmp_path):
         y = m(torch.from_numpy(x)).numpy()
     ref, _ = pf.reference(c, held[1], x)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # bf16 without masters: only the router is a parameter; training mode is refused.
+    m = mt.MoE.from_pretrained(path, 1)
+    assert [n for n, _ in m.named_parameters()] == ["W_g"]
+    with torch.no_grad():
+        yb = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(yb, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    m.train()
+    with pytest.raises(moe.Error, match="training needs the fp32 masters"):
+        m(torch.from_numpy(x))
 
 
 # ---- errors: one line naming the file and the tensor or key ------------------------------------
@@ -205,6 +214,14 @@ def test_error_missing_config_key(tmp_path):
 def test_error_config_key_type(tmp_path):
     path, c, held = make(tmp_path, "qwen3_moe", config={"num_experts_per_tok": "two"})
     err(path, match="'num_experts_per_tok' must be an integer")
+
+
+def test_error_config_sizes(tmp_path):
+    path, c, held = make(tmp_path, "deepseek_v2", config={"num_hidden_layers": 2**54},
+                         layers=[1])
+    err(path, match="'num_hidden_layers' must be in 1..65536")
+    path, c, held = make(tmp_path, "olmoe", config={"num_experts_per_tok": 9})
+    err(path, match="olmoe block is not a valid layer: k: must be in 1..8")
 
 
 def test_error_missing_tensor(tmp_path):
