@@ -119,6 +119,8 @@ int run_bench(const BenchOptions& o) {
       r.peer_note = "n/a (" + r.note + ")";
     } else if (!peer_ok) {
       r.peer_note = peer_na;
+    } else if (c.cfg.precision == Precision::int8) {
+      r.peer_note = "n/a (no int8 peer)";
     } else if (static_cast<double>(bytes_needed(c, c.backward)) >
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
@@ -196,7 +198,7 @@ void add_bench_command(CLI::App& app, int& status) {
                   "fp32 | bf16: run the configurations in this precision (default: fp32, and "
                   "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
                   "real-model blocks against the bf16 roof and a bf16 PyTorch peer")
-      ->check(CLI::IsMember({"fp32", "bf16"}));
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");

@@ -18,6 +18,7 @@
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
+#include "experts/int8.hpp"
 #include "moe/optim.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
 
@@ -911,10 +912,12 @@ PYBIND11_MODULE(_moe, m) {
     py::dict d;
     d["isa"] = moe::detail::cpu_isa_name();
     d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    d["int8_kernel"] = moe::detail::int8_kernel_name();
     return d;
   }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
-     "ONEDNN_MAX_CPU_ISA) and the implementation behind the bf16 expert products "
-     "('bf16_gemm').");
+     "ONEDNN_MAX_CPU_ISA), the implementation behind the bf16 expert products "
+     "('bf16_gemm') and libmoe's int8 kernel ('int8_kernel': avx512_vnni, or portable "
+     "without VNNI or with MOE_DISABLE_VNNI=1).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -14,6 +14,7 @@
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/experts.hpp"
+#include "experts/int8.hpp"
 #include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
 #include "layer/shared_experts.hpp"
@@ -79,6 +80,10 @@ struct MoELayer::Impl {
   detail::ExpertWeightsBf16 wb;
   detail::ExpertScratchBf16 sb;
   detail::ExpertsBf16 bf16_state{&wb, &sb};
+  // precision int8: the quantized expert weights and the rows' int8 operands.
+  detail::ExpertWeightsInt8 wi;
+  detail::ExpertScratchInt8 si;
+  detail::ExpertsInt8 int8_state{&wi, &si};
 
   // Selection bias (bias_update_rate > 0) and the load that its next update uses.
   Tensor sel_bias;
@@ -120,9 +125,12 @@ struct MoELayer::Impl {
   const detail::ExpertsBf16* bf16() const {
     return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
   }
+  const detail::ExpertsInt8* int8() const {
+    return cfg.precision == Precision::int8 ? &int8_state : nullptr;
+  }
   detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
     return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
-            &gg};
+            &gg, int8()};
   }
   detail::SharedWeights shared_weights() const {
     return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate")};
@@ -178,6 +186,7 @@ void MoELayer::zero_grad() {
 void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
 void MoELayer::weights_changed() {
   impl_->wb.invalidate();
+  impl_->wi.invalidate();
   impl_->shared.weights_changed();
 }
 const MoEStats& MoELayer::stats() const { return impl_->stats; }
@@ -210,6 +219,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(T * cfg.k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y), "forward: x and y must not be null");
+  MOE_REQUIRE(!(opt.training && cfg.precision == Precision::int8),
+              "precision: 'int8' is for evaluation only; a training forward needs fp32 or bf16");
   // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
   const auto& specs = m.specs;
   for (size_t i = 0; i < specs.size(); ++i)
@@ -274,7 +285,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16());
+                          m.bf16(), m.int8());
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
   const int32_t* s2d = plan.src_to_dest.data();
@@ -318,6 +329,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
+  MOE_REQUIRE(m.cfg.precision != Precision::int8,
+              "precision: 'int8' is for evaluation only; backward needs fp32 or bf16");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
   m.ensure_grads();
   // An optimizer step follows a backward: the bf16 copies are made again before the next
