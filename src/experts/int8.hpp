@@ -68,15 +68,24 @@ struct Int8Stack {
 };
 
 // The int8 copies of an expert stack's W1, W2, W3, made from the fp32 masters when stale
-// (the owner calls invalidate() whenever the masters may have changed, as for bf16), or
-// assigned one expert matrix at a time (assign) when the layer holds no masters.
+// (the owner calls invalidate() whenever the masters may have changed, as for bf16), or,
+// in a layer that holds no masters (hold_only), the weights themselves, filled one expert
+// matrix at a time by assign().
 struct ExpertWeightsInt8 {
   Int8Stack W1, W2, W3;
   bool ready = false;
+  bool fixed = false;  // no masters: the stacks are the weights, never made again
 
-  void invalidate() { ready = false; }
+  void invalidate() {
+    if (!fixed) ready = false;
+  }
   // Sizes the stacks for s (no values), e.g. before assign() without masters.
   void shape(const ExpertShape& s);
+  // No masters: the stacks sized for s (zero weights until assigned) are the weights.
+  void hold_only(const ExpertShape& s) {
+    shape(s);
+    ready = fixed = true;
+  }
   // Makes the copies from the masters unless ready.
   void prepare(const ExpertWeights& w, const ExpertShape& s);
   // Quantizes expert e's matrix "W1", "W2" or "W3" from src (its (K, N) fp32 values), after

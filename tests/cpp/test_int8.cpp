@@ -317,9 +317,22 @@ TEST(LayerInt8, CopiesFollowTheMastersAndAssignMatchesPrepare) {
   EXPECT_EQ(a.W1.q, b.W1.q);
   EXPECT_EQ(a.W2.scale, b.W2.scale);
   EXPECT_EQ(a.W3.colsum, b.W3.colsum);
-  // What an int8 layer holds per expert: about a quarter of the fp32 bytes.
-  const int64_t f32_bytes = 4 * s.E * (2 * s.d * s.F + s.F * s.Do);
-  EXPECT_LT(a.bytes(), f32_bytes / 3);
+  // What a stack holds: a byte a weight (K padded to 4, N to 64) and 8 bytes a column (scale,
+  // column sum): about a quarter of fp32 at real widths.
+  moe::detail::Int8Stack big;
+  big.resize(2, 256, 512);
+  EXPECT_EQ(big.bytes(), 2 * (256 * 512 + 8 * 512));
+  EXPECT_LT(big.bytes(), 4 * 2 * 256 * 512 / 3.8);
+  big.resize(1, 5, 65);  // padded: K4 = 2 groups of 4, two blocks of 64 columns
+  EXPECT_EQ(big.bytes(), 2 * 4 * 128 + 8 * 128);
+  // Without masters (hold_only), the assigned stacks are the weights: invalidate() keeps them.
+  moe::detail::ExpertWeightsInt8 c;
+  c.hold_only(s);
+  for (int64_t e = 0; e < s.E; ++e) c.assign("W2", e, w.W2 + e * s.F * s.Do);
+  c.invalidate();
+  EXPECT_TRUE(c.ready);
+  c.prepare(moe::detail::ExpertWeights{}, s);  // must not read the (absent) masters
+  EXPECT_EQ(c.W2.q, a.W2.q);
   EXPECT_THROW(b.assign("W4", 0, w.W1), moe::Error);
   EXPECT_THROW(b.assign("W1", s.E, w.W1), moe::Error);
 }
