@@ -195,9 +195,11 @@ void add_bench_command(CLI::App& app, int& status) {
                   "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
                   "bare library at B1)");
   sub->add_option("--precision", o->precision,
-                  "fp32 | bf16: run the configurations in this precision (default: fp32, and "
-                  "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
-                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer")
+                  "fp32 | bf16 | int8: run the configurations in this precision (default: fp32, "
+                  "and bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
+                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer; int8 "
+                  "(evaluation only) runs B3-T1, B3-T4, B3-T16 beside their memory roofs and "
+                  "the real-model blocks beside the bf16 roof")
       ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);

@@ -176,3 +176,31 @@ def test_the_portable_kernel_gives_the_same_bits():
                 assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), extra
             else:
                 np.testing.assert_array_equal(a, b)
+
+
+def test_bench_int8_rows():
+    """`moe bench --precision int8`: decode T = 1, 4, 16 beside the memory roof of the selected
+    experts' int8 bytes and scales, and the real-model blocks beside the bf16 roof."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    exe = os.environ.get("MOE_BIN", str(root / "build" / "bin" / "moe"))
+    if not Path(exe).exists():
+        pytest.skip(f"{exe} not built")
+    r = subprocess.run([exe, "bench", "--quick", "--no-peer", "--threads", "2", "--repeat", "1",
+                        "--json", "--precision", "int8"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [row["name"] for row in rows] == ["B3-T1", "B3-T4", "B3-T16", "Qwen3-30B-A3B",
+                                             "Mixtral-8x7B"]
+    assert "int8 B3-T1 within 1.15x of its memory roof" in r.stderr
+    for row in rows:
+        assert row["precision"] == "int8" and row["fwd_s"] > 0 and row["fwdbwd_s"] is None
+        if row["name"].startswith("B3"):
+            assert row["roof_kind"] == "memory"
+            # --quick B3: d 128, d_ff 256, swiglu: 3·128·256 int8 bytes an expert, plus 8 bytes
+            # a column (2·256 + 128 columns), plus the router's fp32 W_g (128 × 8).
+            per_expert = 3 * 128 * 256 + 8 * (2 * 256 + 128)
+            assert row["selected_weight_bytes"] == row["experts_evaluated"] * per_expert + 128 * 8 * 4
+        else:
+            assert row["roof_kind"] == "bf16+memory"
