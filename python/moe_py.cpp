@@ -518,8 +518,8 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           "load (before capacity); call once after each optimizer step. No-op when the rate "
           "is 0 or no training forward came since the last update.");
   cls.def("weights_changed", [](PyMoE& self) { self.layer.weights_changed(); },
-          "precision bf16: the bf16 copies of the expert weights are made again at the next "
-          "forward. Assigning a parameter and backward() already do this.");
+          "precision bf16 / int8: the bf16 / int8 copies of the expert weights are made again "
+          "at the next forward. Assigning a parameter and backward() already do this.");
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
