@@ -5,6 +5,7 @@
 // dropless and capacity, shared experts and expert choice. The portable (non-VNNI) kernel:
 // tests/python/test_int8.py runs this process's layer again with MOE_DISABLE_VNNI=1.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <string>
@@ -386,4 +387,25 @@ TEST(LayerInt8, CheckpointHoldsI8WeightsAndScales) {
   bad.data = {1.0f, 0.5f};
   EXPECT_THROW(moe::save_safetensors(dir.file("bad.safetensors"), {{"q", &bad}}, {}, {"q"}),
                moe::Error);
+}
+
+// Exact integer sums and per-row, per-column scales: the same bits on 1 and 2 threads (sizes
+// large enough that every parallel region splits).
+TEST(LayerInt8, OneAndTwoThreadsBitIdentical) {
+  moe_test::Case cs{moe::ExpertKind::swiglu, moe::Activation::silu, 2, std::nullopt,
+                    moe::DropPolicy::position, false, moe::Noise::none, moe::NoiseScale::softplus};
+  MoEConfig cfg = moe_test::config_of(cs, 256, 4, 320, 256, 12);
+  cfg.n_shared_experts = 1;
+  Pair p = make_pair(cfg, 12);
+  const int64_t T = 200;
+  Rng rng(13);
+  const auto x = rng.vec(T * 256, 1.0);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto y1 = forward(p.i8, x, T);
+  omp_set_num_threads(2);
+  const auto y2 = forward(p.i8, x, T);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(y1, y2);
+  EXPECT_LE(rel_fro(y1, forward(p.f32, x, T)), 2e-2);
 }
