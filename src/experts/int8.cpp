@@ -305,7 +305,7 @@ void ExpertWeightsInt8::shape(const ExpertShape& s) {
   const bool hidden = s.kind != ExpertKind::linear_relu;
   const int64_t mid = hidden ? s.F : s.Do;
   if (W1.E != s.E || W1.K != s.d || W1.N != mid) W1.resize(s.E, s.d, mid);
-  const int64_t E2 = hidden ? s.E : 0, E3 = s.kind == ExpertKind::swiglu ? s.E : 0;
+  const int64_t E2 = hidden ? s.E : 0, E3 = gated_kind(s.kind) ? s.E : 0;
   if (W2.E != E2 || W2.K != s.F || W2.N != s.Do) W2.resize(E2, s.F, s.Do);
   if (W3.E != E3 || W3.K != s.d || W3.N != s.F) W3.resize(E3, s.d, s.F);
 }
@@ -353,15 +353,19 @@ void experts_forward_int8(ExpertActs& acts, const float* xg, const ExpertWeights
       add_products(ps, wi.W1, xq, xs, acts.a1, w.b1, off, Epi::act_out, s.act, acts.hid);
       run_products(ps);
       break;
-    case ExpertKind::swiglu: {
-      add_products(ps, wi.W1, xq, xs, acts.a1, nullptr, off, Epi::none, s.act, nullptr);
-      add_products(ps, wi.W3, xq, xs, acts.a3, nullptr, off, Epi::none, s.act, nullptr);
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: {  // biases b1, b3 (clamped_swiglu) in the epilogues
+      add_products(ps, wi.W1, xq, xs, acts.a1, w.b1, off, Epi::none, s.act, nullptr);
+      add_products(ps, wi.W3, xq, xs, acts.a3, w.b3, off, Epi::none, s.act, nullptr);
       run_products(ps);
       const float *a1 = acts.a1, *a3 = acts.a3;
       float* hid = acts.hid;
       const int64_t n = R * s.F;
+      const bool clamped = s.kind == ExpertKind::clamped_swiglu;
+      const float alpha = s.alpha, limit = s.limit;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
-      for (int64_t i = 0; i < n; ++i) hid[i] = silu(a1[i]) * a3[i];
+      for (int64_t i = 0; i < n; ++i)
+        hid[i] = clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
       break;
     }
   }

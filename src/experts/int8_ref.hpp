@@ -45,28 +45,40 @@ std::vector<S> int8_dequantized_stack_ref(const std::vector<S>& W, int64_t E, in
   return out;
 }
 
-// The dequantized weights of a stack of E experts of cfg's kind (W2, W3 empty when absent).
+// The dequantized weights of a stack of E experts of cfg's kind and hidden width F (the
+// routed experts' cfg.hidden(), the shared ones' cfg.shared_hidden()); W2, W3 empty when
+// absent. Biases as the layer stacks them, empty when absent.
 template <typename S>
 struct Int8RefExperts {
   std::vector<S> W1, W2, W3;
+  std::vector<S> b1, b2, b3;
+  int64_t F = 0;
   static Int8RefExperts of(const std::vector<S>& W1, const std::vector<S>& W2,
-                           const std::vector<S>& W3, int64_t E, const MoEConfig& cfg) {
-    const int64_t d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+                           const std::vector<S>& W3, int64_t E, int64_t F, const MoEConfig& cfg) {
+    const int64_t d = cfg.d_model, Do = cfg.out_dim();
     const bool lin = cfg.expert == ExpertKind::linear_relu;
     Int8RefExperts r;
+    r.F = F;
     r.W1 = int8_dequantized_stack_ref(W1, E, d, lin ? Do : F);
     if (!lin) r.W2 = int8_dequantized_stack_ref(W2, E, F, Do);
-    if (cfg.expert == ExpertKind::swiglu) r.W3 = int8_dequantized_stack_ref(W3, E, d, F);
+    if (gated_kind(cfg.expert)) r.W3 = int8_dequantized_stack_ref(W3, E, d, F);
     return r;
+  }
+  Int8RefExperts& with_biases(const std::vector<S>& b1_, const std::vector<S>& b2_,
+                              const std::vector<S>& b3_) {
+    b1 = b1_;
+    b2 = b2_;
+    b3 = b3_;
+    return *this;
   }
 };
 
-// out (Do) = expert e of q applied to the row x (d); biases b1, b2 stacked as the layer's
-// (empty when absent).
+// out (Do) = expert e of q applied to the row x (d).
 template <typename S>
-void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, const std::vector<S>& b1,
-                         const std::vector<S>& b2, int64_t e, const MoEConfig& cfg) {
-  const int64_t d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, int64_t e,
+                         const MoEConfig& cfg) {
+  const int64_t d = cfg.d_model, F = q.F, Do = cfg.out_dim();
+  const std::vector<S>&b1 = q.b1, &b2 = q.b2, &b3 = q.b3;
   const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;
   std::vector<S> xq(static_cast<size_t>(d)), a1(static_cast<size_t>(W1w)),
       hid(static_cast<size_t>(F)), hq(static_cast<size_t>(F));
@@ -86,7 +98,11 @@ void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, const s
     } else {
       S a3 = 0;
       for (int64_t i = 0; i < d; ++i) a3 += xq[i] * q.W3[(e * d + i) * F + f];
-      hid[f] = silu(a1[f]) * a3;
+      a3 += b3.empty() ? S(0) : b3[e * F + f];
+      hid[f] = cfg.expert == ExpertKind::clamped_swiglu
+                   ? clamped_swiglu(a1[f], a3, static_cast<S>(cfg.swiglu_alpha),
+                                    static_cast<S>(cfg.swiglu_limit))
+                   : silu(a1[f]) * a3;
     }
   }
   int8_dequantized_row_ref(hq.data(), hid.data(), F);

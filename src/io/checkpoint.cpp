@@ -14,8 +14,8 @@ using detail::cat;
 
 namespace {
 constexpr const char* kConfigKey = "moe_config";
-// The selection bias of bias_update_rate > 0 (state, not a parameter): saved only when the
-// rate is on; a checkpoint without it loads as zeros.
+// The selection bias of bias_update_rate > 0 or selection_bias (state, not a parameter):
+// saved only when it takes part in routing; a checkpoint without it loads as zeros.
 constexpr const char* kExpertBiasKey = "expert_bias";
 
 // precision int8: the expert matrices (E, K, N) are stored quantized, as I8 values and F32
@@ -78,7 +78,7 @@ void save_checkpoint(const MoELayer& layer, const std::string& path,
     if (!as_i8.count(name)) tensors.emplace_back(name, &t);
   for (const auto& [name, t] : quantized)
     if (as_i8.count(name)) tensors.emplace_back(name, &t);
-  if (layer.config().bias_update_rate > 0.0f)
+  if (layer.config().uses_selection_bias())
     tensors.emplace_back(kExpertBiasKey, &layer.expert_bias());
   tensors.insert(tensors.end(), extras.tensors.begin(), extras.tensors.end());
 
@@ -135,7 +135,7 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
     scales.push_back(scale);
   }
   const NamedTensor* bias = nullptr;
-  if (layer.config().bias_update_rate > 0.0f) {
+  if (layer.config().uses_selection_bias()) {
     bias = file.find(kExpertBiasKey);
     const std::vector<int64_t> want{layer.config().n_experts};
     MOE_REQUIRE(bias == nullptr || bias->tensor.shape == want, what, ": tensor '",
@@ -160,7 +160,7 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
       for (int64_t k = 0; k < K; ++k)
         for (int64_t j = 0; j < N; ++j) p.data[(e * K + k) * N + j] *= scales[i]->data[e * N + j];
   }
-  if (layer.config().bias_update_rate > 0.0f) {
+  if (layer.config().uses_selection_bias()) {
     Tensor& b = layer.expert_bias();
     b = Tensor({layer.config().n_experts});
     if (bias) b.data = bias->tensor.data;

@@ -5,6 +5,7 @@
 // dropless and capacity, shared experts and expert choice. The portable (non-VNNI) kernel:
 // tests/python/test_int8.py runs this process's layer again with MOE_DISABLE_VNNI=1.
 #include <gtest/gtest.h>
+#include <malloc.h>
 #include <omp.h>
 
 #include <cmath>
@@ -408,4 +409,55 @@ TEST(LayerInt8, OneAndTwoThreadsBitIdentical) {
   omp_set_num_threads(saved);
   EXPECT_EQ(y1, y2);
   EXPECT_LE(rel_fro(y1, forward(p.f32, x, T)), 2e-2);
+}
+
+// Held memory: after drop_masters() an int8 layer holds its expert matrices only as int8
+// bytes and scales (the fp32 masters are freed), and gives the same output; a layer built
+// without masters (LayerOptions, what from_pretrained builds) and filled with
+// set_expert_matrix() holds the same and gives the same bits. Heap bytes from mallinfo2.
+TEST(LayerInt8, WithoutMastersHoldsOnlyInt8BytesAndScales) {
+  const auto heap = [] {
+    const struct mallinfo2 mi = mallinfo2();
+    return static_cast<int64_t>(mi.uordblks + mi.hblkhd);
+  };
+  moe_test::Case cs{moe::ExpertKind::swiglu, moe::Activation::silu, 2, std::nullopt,
+                    moe::DropPolicy::position, false, moe::Noise::none, moe::NoiseScale::softplus};
+  MoEConfig cfg = moe_test::config_of(cs, 256, 4, 512, 256, 21);
+  cfg.n_shared_experts = 1;
+  cfg.precision = Precision::int8;
+  const int64_t d = 256, F = 512, stacks = 4 + 1;  // routed + shared experts
+  const int64_t master_bytes = 4 * stacks * 3 * d * F;
+  // W1, W3 (d × F) and W2 (F × d): widths are multiples of 64 and 4, so no padding.
+  const int64_t int8_bytes = stacks * (3 * d * F + 8 * (2 * F + d));
+  const int64_t T = 11;
+  Rng rng(22);
+  const auto x = rng.vec(T * d, 1.0);
+
+  MoELayer L(cfg);
+  moe_test::randomize(L, rng);
+  std::vector<std::vector<float>> mats;  // the expert matrices, for the lean layer below
+  for (const char* n : {"W1", "W2", "W3", "Ws1", "Ws2", "Ws3"}) mats.push_back(L.param(n).data);
+  const auto y0 = forward(L, x, T);
+  const int64_t before = heap();
+  L.drop_masters();
+  const int64_t freed = before - heap();
+  EXPECT_FALSE(L.holds_masters());
+  for (const auto& n : L.parameter_names()) EXPECT_TRUE(n[0] != 'W' || n == "W_g") << n;
+  EXPECT_NEAR(static_cast<double>(freed), static_cast<double>(master_bytes), 0.02 * master_bytes);
+  EXPECT_EQ(forward(L, x, T), y0) << "dropping the masters changed the output";
+
+  const int64_t h0 = heap();
+  moe::LayerOptions o;
+  o.masters = false;
+  MoELayer lean(cfg, o);
+  const int64_t held = heap() - h0;  // int8 stacks, router and biases (none here), shared gate
+  EXPECT_GE(held, int8_bytes);
+  EXPECT_LE(held, int8_bytes + 4 * d * 8 + 65536) << "more than the int8 bytes and scales";
+  for (const auto& n : L.parameter_names()) lean.param(n).data = L.param(n).data;
+  const char* names[] = {"W1", "W2", "W3", "Ws1", "Ws2", "Ws3"};
+  for (int i = 0; i < 6; ++i) {
+    const int64_t E = names[i][1] == 's' ? 1 : 4, per = static_cast<int64_t>(mats[i].size()) / E;
+    for (int64_t e = 0; e < E; ++e) lean.set_expert_matrix(names[i], e, mats[i].data() + e * per);
+  }
+  EXPECT_EQ(forward(lean, x, T), y0) << "set_expert_matrix gave other int8 weights";
 }

@@ -204,3 +204,28 @@ def test_bench_int8_rows():
             assert row["selected_weight_bytes"] == row["experts_evaluated"] * per_expert + 128 * 8 * 4
         else:
             assert row["roof_kind"] == "bf16+memory"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_tiny_pretrained_blocks_within_2_percent_of_fp32(tmp_path, family):
+    """SPEC §7's tiny model folders loaded with precision='int8' (no fp32 masters: the expert
+    matrices are quantized as they are read): the same routing as fp32 and the block's output
+    within 2% (Frobenius) of the fp32 block's — every family's expert kind, shared experts
+    (qwen2_moe, deepseek_v3) and clamped SwiGLU with biases (gpt_oss) included."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pretrained_folders as pf
+    if family not in pf.FAMILIES:
+        pytest.skip(f"{family} is not a family of pretrained_folders")
+    c = pf.tiny_config(family)
+    layer = c["num_hidden_layers"] - 1
+    path = str(tmp_path / family)
+    pf.write_folder(path, c, {layer: pf.random_weights(c, seed=layer)}, dtype="F32",
+                    stacked=family == "gpt_oss")
+    m32 = moe.MoE.from_pretrained(path, layer, precision="fp32")
+    m8 = moe.MoE.from_pretrained(path, layer, precision="int8")
+    assert m8.config["precision"] == "int8"
+    x = np.random.default_rng(5).standard_normal((24, c["hidden_size"])).astype(np.float32)
+    y32, y8 = m32.forward(x, training=False), m8.forward(x, training=False)
+    np.testing.assert_array_equal(np.asarray(m8.routing.indices), np.asarray(m32.routing.indices))
+    assert np.abs(y32).max() > 0.1
+    assert 1e-5 < rel(y8, y32) < 2e-2, rel(y8, y32)
