@@ -54,7 +54,8 @@ int64_t mem_available_bytes() {
 
 // What a run of the case holds at once: parameters, gradients when backward runs (the layer
 // allocates them on first use), and the activations of T·k rows (a generous bound). bf16
-// adds the weights' copies: half the parameter bytes, twice with backward's transposes.
+// adds the weights' copies: half the parameter bytes, twice with backward's transposes; int8
+// a quarter (evaluation only).
 int64_t bytes_needed(const BenchCase& c, bool with_grads) {
   const MoEConfig& m = c.cfg;
   const int64_t R = c.T * m.k;
@@ -62,7 +63,8 @@ int64_t bytes_needed(const BenchCase& c, bool with_grads) {
                             c.T * (4 * m.d_model + 8 * m.n_experts));
   const bool bf16 = m.precision == Precision::bf16;
   return perf::layer_param_bytes(m) * (with_grads ? 2 : 1) + acts +
-         (bf16 ? perf::layer_param_bytes(m) / 2 * (with_grads ? 2 : 1) : 0);
+         (bf16 ? perf::layer_param_bytes(m) / 2 * (with_grads ? 2 : 1) : 0) +
+         (m.precision == Precision::int8 ? perf::layer_param_bytes(m) / 4 : 0);
 }
 
 
@@ -77,8 +79,10 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   // Both roofs keep their buffers, allocated before the heap window opens, and are timed
   // again before every layer sample below: the sgemm roof per configuration, the read
   // bandwidth's 1 GiB buffer once for all decode configurations.
-  // The compute roof in the layer's precision: oneDNN sgemm, or oneDNN's bf16 matmul.
-  const bool bf16 = m.precision == Precision::bf16;
+  // The compute roof in the layer's precision: oneDNN sgemm, or oneDNN's bf16 matmul. int8
+  // has none of its own here: its rows stand beside the bf16 roof, so that a share above 1
+  // is how much faster than bf16's GEMM the int8 layer runs (docs/design.md, "Precision int8").
+  const bool bf16 = m.precision != Precision::fp32;
   std::unique_ptr<perf::SgemmRoof> sgemm;
   std::unique_ptr<perf::Bf16Roof> bgemm;
   std::function<double()> roof_run;

@@ -321,6 +321,33 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     }
   }
 
+  // int8 (evaluation): decode beside the memory roof of its int8 bytes and scales; prefill
+  // beside the bf16 roof, so that a share >= 1.3 is >= 1.3x bf16's GEMM rate (and so at least
+  // that much faster than the bf16 layer, which runs below its roof).
+  const bool any_int8 = std::any_of(rs.begin(), rs.end(), [](const Result& r) {
+    return r.c.cfg.precision == Precision::int8;
+  });
+  if (any_int8) {
+    const std::pair<const char*, double> decode[] = {
+        {"B3-T1", 1.15}, {"B3-T4", 1.3}, {"B3-T16", 1.3}};
+    for (const auto& [name, limit] : decode) {
+      const std::string text =
+          std::string("int8 ") + name + " within " + fmt(limit, 2) + "x of its memory roof";
+      if (const Result* d = find(rs, name, Precision::int8)) {
+        const double m = 1.0 / d->ratio_fwd;
+        g.push_back({text, m <= limit,
+                     fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 1) + " ms vs " +
+                         fmt(d->roof_s * 1e3, 1) + " ms at " + fmt(d->read_bw / 1e9, 1) +
+                         " GB/s)"});
+      } else {
+        g.push_back({text, std::nullopt, "not run"});
+      }
+    }
+    const Result* mx8 = find(rs, "Mixtral-8x7B", Precision::int8);
+    at_least("int8 Mixtral-8x7B block forward >= 1.3x the bf16 roof's rate", roof_ratio(mx8), 1.3,
+             "", na(mx8, false));
+  }
+
   // Checkpoint blocks (--model, --config real-models): against the family's transformers
   // module, the decode memory roof, and the load time against reading the bytes.
   for (const Result& r : rs) {

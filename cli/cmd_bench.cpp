@@ -143,6 +143,8 @@ int run_bench(const BenchOptions& o) {
       r.peer_note = "n/a (" + r.note + ")";
     } else if (!peer_ok) {
       r.peer_note = peer_na;
+    } else if (c.cfg.precision == Precision::int8) {
+      r.peer_note = "n/a (no int8 peer)";
     } else if (static_cast<double>(bytes_needed(c, c.backward)) >
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
@@ -224,10 +226,12 @@ void add_bench_command(CLI::App& app, int& status) {
                   "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
                   "bare library at B1)");
   sub->add_option("--precision", o->precision,
-                  "fp32 | bf16: run the configurations in this precision (default: fp32, and "
-                  "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
-                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer")
-      ->check(CLI::IsMember({"fp32", "bf16"}));
+                  "fp32 | bf16 | int8: run the configurations in this precision (default: fp32, "
+                  "and bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
+                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer; int8 "
+                  "(evaluation only) runs B3-T1, B3-T4, B3-T16 beside their memory roofs and "
+                  "the real-model blocks beside the bf16 roof")
+      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   sub->add_option("--model", o->model,
                   "A Hugging Face model folder: benchmark the MoE block of --layer (prefill at "
                   "--tokens, decode at T=1, load time) beside its roofs and the family's "

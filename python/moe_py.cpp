@@ -18,6 +18,7 @@
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
+#include "experts/int8.hpp"
 #include "moe/optim.hpp"
 #include "moe/pretrained.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
@@ -587,8 +588,8 @@ dweights (T, k)); the routed experts' gradients accumulate into `grads`.)");
           "load (before capacity); call once after each optimizer step. No-op when the rate "
           "is 0 or no training forward came since the last update.");
   cls.def("weights_changed", [](PyMoE& self) { self.layer.weights_changed(); },
-          "precision bf16: the bf16 copies of the expert weights are made again at the next "
-          "forward. Assigning a parameter and backward() already do this.");
+          "precision bf16 / int8: the bf16 / int8 copies of the expert weights are made again "
+          "at the next forward. Assigning a parameter and backward() already do this.");
   cls.def_property_readonly("grads", [](PyMoE& self) { return self.as_dict(true); },
                             "dict name → gradient (a copy)");
   cls.def("parameters", [](PyMoE& self) { return self.as_dict(false); },
@@ -1033,10 +1034,12 @@ PYBIND11_MODULE(_moe, m) {
     py::dict d;
     d["isa"] = moe::detail::cpu_isa_name();
     d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    d["int8_kernel"] = moe::detail::int8_kernel_name();
     return d;
   }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
-     "ONEDNN_MAX_CPU_ISA) and the implementation behind the bf16 expert products "
-     "('bf16_gemm').");
+     "ONEDNN_MAX_CPU_ISA), the implementation behind the bf16 expert products "
+     "('bf16_gemm') and libmoe's int8 kernel ('int8_kernel': avx512_vnni, or portable "
+     "without VNNI or with MOE_DISABLE_VNNI=1).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,8 +23,8 @@ namespace moe {
 
 class Optimizer;
 
-// One tensor read from a file. `dtype` is the file's dtype string ("F32", "F64", "F16" or
-// "BF16"); the values are converted to float32 in `tensor`.
+// One tensor read from a file. `dtype` is the file's dtype string ("F32", "F64", "F16",
+// "BF16" or "I8"); the values are converted to float32 in `tensor` (exactly, for I8).
 struct NamedTensor {
   std::string name;
   std::string dtype;
@@ -38,11 +39,14 @@ struct SafetensorsFile {
 };
 
 // Writes tensors (as F32, in the given order, data contiguous) and metadata to `path`
-// atomically. Throws moe::Error on a null tensor, a shape that does not match the data, a
-// duplicate or reserved name ("__metadata__"), non-UTF-8 text, or any I/O failure.
+// atomically; the tensors named in `as_i8` are written as I8 (int8 weights, precision int8),
+// and every value of theirs must be an integer in [-128, 127]. Throws moe::Error on a null
+// tensor, a shape that does not match the data, a duplicate or reserved name
+// ("__metadata__"), a value I8 cannot hold, non-UTF-8 text, or any I/O failure.
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, const Tensor*>>& tensors,
-                      const std::map<std::string, std::string>& metadata = {});
+                      const std::map<std::string, std::string>& metadata = {},
+                      const std::set<std::string>& as_i8 = {});
 
 // Reads and validates a whole file. Throws moe::Error naming `path` and the problem.
 SafetensorsFile load_safetensors(const std::string& path);

@@ -87,7 +87,9 @@ struct MoEConfig {
 
   // Expert products in bf16: fp32 masters (what param() holds and optimizers update), bf16
   // copies made again after each change, bf16 operands with fp32 accumulation; the router,
-  // biases, activations, combine and gradients stay fp32 (docs/design.md, "bf16").
+  // biases, activations, combine and gradients stay fp32 (docs/design.md, "bf16"). int8
+  // (evaluation only): per-column int8 weights made from the masters, per-row int8
+  // activations, exact int32 sums (docs/design.md, "Precision int8").
   Precision precision = Precision::fp32;
 
   void validate() const;  // throws moe::Error naming the bad field

@@ -19,6 +19,7 @@
 #include "dispatch/capacity_plan.hpp"
 #include "dist/comm.hpp"
 #include "experts/experts.hpp"
+#include "experts/int8.hpp"
 #include "losses/losses.hpp"
 #include "moe/dist.hpp"
 
@@ -124,6 +125,13 @@ struct ExpertParallelMoE::Impl {
   ::moe::detail::ExpertsBf16 bf16_state{&wb, &sb};
   const ::moe::detail::ExpertsBf16* bf16() const {
     return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
+  }
+  // precision int8 (evaluation, as MoELayer): the local experts' quantized weights.
+  ::moe::detail::ExpertWeightsInt8 wi;
+  ::moe::detail::ExpertScratchInt8 si;
+  ::moe::detail::ExpertsInt8 int8_state{&wi, &si};
+  const ::moe::detail::ExpertsInt8* int8() const {
+    return cfg.precision == Precision::int8 ? &int8_state : nullptr;
   }
 
   const float* p(const char* name) const {
@@ -262,6 +270,8 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
     MOE_REQUIRE(Tl >= 0, "T: must be >= 0, got ", Tl);
     MOE_REQUIRE(Tl * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", Tl);
     MOE_REQUIRE(Tl == 0 || (xin && y), "forward: x and y must not be null");
+    MOE_REQUIRE(!(opt.training && cfg.precision == Precision::int8),
+                "precision: 'int8' is for evaluation only; a training forward needs fp32 or bf16");
     for (size_t i = 0; i < names.size(); ++i) {
       MOE_REQUIRE(params[i].numel() == Tensor::numel_of(params[i].shape) &&
                       params[i].numel() == grads[i].numel(),
@@ -381,7 +391,7 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
   out.resize(static_cast<size_t>(Re * Do));
   ::moe::detail::ExpertActs acts{a1.data(), a3.data(), hid.data(), out.data()};
   ::moe::detail::experts_forward(acts, xg.data(), expert_weights(), expert_off.data(), shape, gg,
-                                 bf16());
+                                 bf16(), int8());
 
   // 7. Combine: outputs go back by the reverse exchange, then the k-way sum per token in
   // rank order, as MoELayer::forward does it.
@@ -459,6 +469,8 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
 void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   comm.guarded([&] {
+    MOE_REQUIRE(cfg.precision != Precision::int8,
+                "precision: 'int8' is for evaluation only; backward needs fp32 or bf16");
     MOE_REQUIRE(have_forward, "backward: called before forward (no saved state)");
     MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");
   });
@@ -508,6 +520,7 @@ void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   ::moe::detail::experts_backward(dxg.data(), eg, dout_e.data(), scr, acts, xg.data(),
                                   expert_weights(), expert_off.data(), shape, gg, bf16());
   wb.invalidate();  // an optimizer step follows
+  wi.invalidate();
   // …and dx rows come back like the outputs did.
   copy_runs_to_xchg(xchg.data(), dxg.data(), runs, d);
   std::vector<float> dxret(static_cast<size_t>(std::max(nk * d, int64_t{1})));
@@ -655,6 +668,7 @@ int64_t ExpertParallelMoE::expert_end() const { return impl_->e0 + impl_->El; }
 std::vector<std::string> ExpertParallelMoE::parameter_names() const { return impl_->names; }
 Tensor& ExpertParallelMoE::param(const std::string& n) {
   impl_->wb.invalidate();  // the caller may write through it
+  impl_->wi.invalidate();
   return impl_->params[impl_->find(n)];
 }
 const Tensor& ExpertParallelMoE::param(const std::string& n) const {

@@ -6,6 +6,7 @@
 #include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "experts/activation.hpp"
+#include "experts/int8.hpp"
 
 namespace moe::detail {
 
@@ -342,9 +343,10 @@ void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertSha
 
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertsBf16* bf) {
+                     const ExpertsBf16* bf, const ExpertsInt8* i8) {
   const int64_t d = s.d, F = s.F, R = off[s.E];
   if (R == 0) return;
+  if (i8) return experts_forward_int8(acts, xg, w, off, s, *i8);
   if (!bf) return forward_products(acts, xg, w.W1, w.W2, w.W3, acts.hid, w, off, s, gg);
   // bf16: the weights' copies (made again if the masters changed) and the rows rounded.
   ExpertWeightsBf16& wb = *bf->w;

@@ -95,12 +95,15 @@ struct ExpertsBf16 {
   ExpertScratchBf16* scratch = nullptr;
 };
 
-// acts.out is assigned from xg (R, d). With bf, every product takes bf16 operands and
+struct ExpertsInt8;  // experts/int8.hpp
+
+// acts.out is assigned from xg (R, d). With i8 (precision int8, evaluation only), the int8
+// products of experts/int8.hpp run instead (acts.a1, a3, hid hold fp32 values). With bf, every product takes bf16 operands and
 // accumulates in fp32 (biases, activations and everything else stay fp32); acts.hid is then
 // not written (the bf16 hidden activations live in the scratch, for backward).
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertsBf16* bf = nullptr);
+                     const ExpertsBf16* bf = nullptr, const ExpertsInt8* i8 = nullptr);
 
 // dxg (R, d) is assigned; dout (R, Do) is the gradient of acts.out and is used as scratch
 // (overwritten). Parameter gradients accumulate. bf must be what the forward had.

@@ -1,8 +1,10 @@
 // MoEConfig: parsing of the enum names, validation once at the boundary, capacity.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "common/check.hpp"
+#include "experts/int8.hpp"
 #include "moe/layer.hpp"
 #include "router/expert_choice.hpp"
 
@@ -163,8 +165,11 @@ void MoEConfig::validate() const {
   MOE_REQUIRE(shared_d_ff == 0 || expert != ExpertKind::linear_relu,
               "shared_d_ff: linear_relu experts have no hidden width, got shared_d_ff ",
               shared_d_ff);
-  MOE_REQUIRE(precision != Precision::int8,
-              "precision: 'int8' is not available yet in this build (expected fp32 or bf16)");
+  // int8 sums are exact in int32 up to this width (experts/int8.hpp).
+  MOE_REQUIRE(precision != Precision::int8 ||
+                  std::max({d_model, hidden(), shared_hidden(), out_dim()}) <= detail::kInt8MaxWidth,
+              "precision: 'int8' needs d_model, d_ff and d_out <= ", detail::kInt8MaxWidth,
+              ", got ", d_model, ", ", hidden(), ", ", out_dim());
   router().validate();
   validate_router_family();
   // Each width may be fine on its own while their product overflows int64 (and every

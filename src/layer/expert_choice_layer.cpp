@@ -28,7 +28,7 @@ void expert_choice_forward(float* y, ExpertChoicePlan& plan, RouterState& routin
   }
 
   ExpertActs acts{b.a1, b.a3, b.hid, b.out};
-  experts_forward(acts, b.xg, L.experts, plan.offsets.data(), *L.shape, *L.gg, L.bf16);
+  experts_forward(acts, b.xg, L.experts, plan.offsets.data(), *L.shape, *L.gg, L.bf16, L.int8);
 
   // Combine: per token, its rows in expert order.
   const int32_t* toff = plan.tok_offsets.data();

@@ -21,6 +21,7 @@ struct ExpertChoiceLayer {
   const ExpertsBf16* bf16 = nullptr;  // precision bf16, else null
   LayerBuffers b;  // carved for T with R = E·C rows (layer_workspace_floats)
   GroupedGemm* gg = nullptr;
+  const ExpertsInt8* int8 = nullptr;  // precision int8 (evaluation), else null
 };
 
 // y is (T, d_out), x is (T, d). routing holds router_forward's output for x (its probs are

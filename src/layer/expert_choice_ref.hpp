@@ -111,12 +111,20 @@ void expert_choice_forward_ref(std::vector<S>& y, ExpertChoiceRefSaved<S>& sv, c
 
   y.assign(static_cast<size_t>(T * Do), S(0));
   std::vector<S> out(static_cast<size_t>(Do));
+  // precision int8 (evaluation): the quantized twin (experts/int8_ref.hpp).
+  const bool int8 = cfg.precision == Precision::int8;
+  Int8RefExperts<S> i8;
+  if (int8) i8 = Int8RefExperts<S>::of(p.W1, p.W2, p.W3, E, cfg.hidden(), cfg)
+                     .with_biases(p.b1, p.b2, p.b3);
   for (int64_t t = 0; t < T; ++t) {
     if (cfg.residual)
       for (int64_t c = 0; c < Do; ++c) y[t * Do + c] = x[t * d + c];
     for (int64_t e = 0; e < E; ++e) {
       if (!chosen[t * E + e]) continue;
-      expert_row_ref(out.data(), x + t * d, p, cfg, e);
+      if (int8)
+        expert_row_int8_ref(out.data(), x + t * d, i8, e, cfg);
+      else
+        expert_row_ref(out.data(), x + t * d, p, cfg, e);
       for (int64_t c = 0; c < Do; ++c) y[t * Do + c] += gate[t * E + e] * out[c];
     }
   }

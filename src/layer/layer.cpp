@@ -14,6 +14,7 @@
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/experts.hpp"
+#include "experts/int8.hpp"
 #include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
 #include "layer/shared_experts.hpp"
@@ -82,6 +83,10 @@ struct MoELayer::Impl {
   detail::ExpertWeightsBf16 wb;
   detail::ExpertScratchBf16 sb;
   detail::ExpertsBf16 bf16_state{&wb, &sb};
+  // precision int8: the quantized expert weights and the rows' int8 operands.
+  detail::ExpertWeightsInt8 wi;
+  detail::ExpertScratchInt8 si;
+  detail::ExpertsInt8 int8_state{&wi, &si};
 
   // LayerOptions::masters: false once the expert matrices live only in the layer's precision
   // (then specs/names/params leave them out).
@@ -133,9 +138,12 @@ struct MoELayer::Impl {
   const detail::ExpertsBf16* bf16() const {
     return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
   }
+  const detail::ExpertsInt8* int8() const {
+    return cfg.precision == Precision::int8 ? &int8_state : nullptr;
+  }
   detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
     return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
-            &gg};
+            &gg, int8()};
   }
   // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
   void check_params() const {
@@ -214,11 +222,19 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
     int64_t held = 0;  // the copies in the layer's precision, 2 bytes a value in bf16
     for (const auto& spec : all_specs)
       if (expert_matrix_slot(spec.name)) held += Tensor::numel_of(spec.shape);
-    allocate_or_throw("expert weights (bf16)", held / 2, [&] {
-      m.wb.hold_only(stack_shape(all_specs, cfg, false));
-      if (cfg.n_shared_experts > 0)
-        m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true));
-    });
+    if (cfg.precision == Precision::int8) {  // a byte a value (and 8 per column)
+      allocate_or_throw("expert weights (int8)", held / 4, [&] {
+        m.wi.hold_only(stack_shape(all_specs, cfg, false));
+        if (cfg.n_shared_experts > 0)
+          m.shared.int8_weights().hold_only(stack_shape(all_specs, cfg, true));
+      });
+    } else {
+      allocate_or_throw("expert weights (bf16)", held / 2, [&] {
+        m.wb.hold_only(stack_shape(all_specs, cfg, false));
+        if (cfg.n_shared_experts > 0)
+          m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true));
+      });
+    }
   }
 }
 
@@ -240,6 +256,11 @@ void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float
     return;
   }
   const bool shared = name[1] == 's';
+  if (m.cfg.precision == Precision::int8) {  // quantized from src, one expert matrix
+    static const char* const kMatrix[] = {"", "W1", "W2", "W3"};  // by slot
+    (shared ? m.shared.int8_weights() : m.wi).assign(kMatrix[slot], e, src);
+    return;
+  }
   detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
   wb.assign(slot, e, src, stack_shape(specs, m.cfg, shared));
 }
@@ -250,16 +271,29 @@ void MoELayer::drop_masters() {
   Impl& m = *impl_;
   if (!m.masters || m.cfg.precision == Precision::fp32) return;
   const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
-  m.wb.invalidate();
-  m.wb.prepare_forward(m.expert_weights(), m.shape);
-  m.wb.fixed = true;
-  if (m.cfg.n_shared_experts > 0) {
-    // The shared stack's copies, made the same way from its masters.
-    const detail::SharedWeights sw = m.shared_weights();
-    detail::ExpertWeightsBf16& sb = m.shared.bf16_weights();
-    sb.invalidate();
-    sb.prepare_forward({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3}, stack_shape(specs, m.cfg, true));
-    sb.fixed = true;
+  if (m.cfg.precision == Precision::int8) {  // the int8 weights, quantized once, stay
+    m.wi.invalidate();
+    m.wi.prepare(m.expert_weights(), m.shape);
+    m.wi.fixed = true;
+    if (m.cfg.n_shared_experts > 0) {
+      const detail::SharedWeights sw = m.shared_weights();
+      detail::ExpertWeightsInt8& si = m.shared.int8_weights();
+      si.invalidate();
+      si.prepare({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3, sw.b3}, stack_shape(specs, m.cfg, true));
+      si.fixed = true;
+    }
+  } else {
+    m.wb.invalidate();
+    m.wb.prepare_forward(m.expert_weights(), m.shape);
+    m.wb.fixed = true;
+    if (m.cfg.n_shared_experts > 0) {
+      // The shared stack's copies, made the same way from its masters.
+      const detail::SharedWeights sw = m.shared_weights();
+      detail::ExpertWeightsBf16& sb = m.shared.bf16_weights();
+      sb.invalidate();
+      sb.prepare_forward({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3}, stack_shape(specs, m.cfg, true));
+      sb.fixed = true;
+    }
   }
   std::vector<detail::ParamSpec> keep_specs;
   std::vector<std::string> keep_names;
@@ -306,6 +340,7 @@ void MoELayer::zero_grad() {
 void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
 void MoELayer::weights_changed() {
   impl_->wb.invalidate();
+  impl_->wi.invalidate();
   impl_->shared.weights_changed();
 }
 const MoEStats& MoELayer::stats() const { return impl_->stats; }
@@ -338,6 +373,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(T * cfg.k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y), "forward: x and y must not be null");
+  MOE_REQUIRE(!(opt.training && cfg.precision == Precision::int8),
+              "precision: 'int8' is for evaluation only; a training forward needs fp32 or bf16");
   MOE_REQUIRE(!opt.training || m.masters,
               "forward: training needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(cfg.precision),
@@ -400,7 +437,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16());
+                          m.bf16(), m.int8());
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
   const int32_t* s2d = plan.src_to_dest.data();
@@ -444,6 +481,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
+  MOE_REQUIRE(m.cfg.precision != Precision::int8,
+              "precision: 'int8' is for evaluation only; backward needs fp32 or bf16");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
   MOE_REQUIRE(m.masters, "backward: needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(m.cfg.precision), " only (evaluation only)");
@@ -610,7 +649,7 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
   }
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16());
+                          m.bf16(), m.int8());
   // The combine of forward, in the same order: y_t = Σ_j w_tj·out(t, j).
   const int32_t* s2d = plan.src_to_dest.data();
   const float* out = b.out;

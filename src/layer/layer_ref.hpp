@@ -16,6 +16,7 @@
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/activation.hpp"
+#include "experts/int8_ref.hpp"
 #include "losses/balancing.hpp"
 #include "losses/losses.hpp"
 #include "moe/layer.hpp"
@@ -194,9 +195,18 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
   };
   std::vector<S> xq(static_cast<size_t>(d));
+  // precision int8 (evaluation): the quantized twin (experts/int8_ref.hpp); out only.
+  const bool int8 = cfg.precision == Precision::int8;
+  Int8RefExperts<S> i8;
+  if (int8) i8 = Int8RefExperts<S>::of(p.W1, p.W2, p.W3, E, cfg.hidden(), cfg)
+                     .with_biases(p.b1, p.b2, p.b3);
   for (int64_t a = 0; a < A; ++a) {
     if (sv.plan.src_to_dest[a] < 0) continue;
     const int64_t e = sv.indices[a];
+    if (int8) {
+      expert_row_int8_ref(&sv.out[a * Do], x + (a / k) * d, i8, e, cfg);
+      continue;
+    }
     for (int64_t i = 0; i < d; ++i) xq[i] = q(x[(a / k) * d + i]);
     const S* xt = xq.data();
     S* a1 = &sv.a1[a * W1w];

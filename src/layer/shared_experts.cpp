@@ -103,7 +103,8 @@ void SharedExperts::forward(float* y, const float* x, int64_t T, const SharedWei
   ExpertActs acts{a1_.data(), a3_.empty() ? nullptr : a3_.data(),
                   hid_.empty() ? nullptr : hid_.data(), out_.data()};
   ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3, w.b3};
-  experts_forward(acts, xg_.data(), ew, offsets_.data(), shared_shape(cfg), gg_, bf16(cfg));
+  experts_forward(acts, xg_.data(), ew, offsets_.data(), shared_shape(cfg), gg_, bf16(cfg),
+                  int8(cfg));
 
   const float* out = out_.data();
   float* sum = sum_.data();

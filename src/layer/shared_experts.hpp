@@ -17,6 +17,8 @@
 #include "common/bf16.hpp"
 #include "experts/activation.hpp"
 #include "experts/experts.hpp"
+#include "experts/int8.hpp"
+#include "experts/int8_ref.hpp"
 #include "layer/init.hpp"
 #include "moe/layer.hpp"
 
@@ -49,13 +51,20 @@ class SharedExperts {
   void backward(float* dx, SharedGrads& g, const float* dy, const SharedWeights& w,
                 const MoEConfig& cfg);
   // precision bf16: the weights may have changed; their bf16 copies are made again.
-  void weights_changed() { wb_.invalidate(); }
-  // The bf16 copies themselves (a layer without masters writes them directly).
+  void weights_changed() {
+    wb_.invalidate();
+    wi_.invalidate();
+  }
+  // The bf16 / int8 copies themselves (a layer without masters writes them directly).
   ExpertWeightsBf16& bf16_weights() { return wb_; }
+  ExpertWeightsInt8& int8_weights() { return wi_; }
 
  private:
   const ExpertsBf16* bf16(const MoEConfig& cfg) {
     return cfg.precision == Precision::bf16 ? &bf16_ : nullptr;
+  }
+  const ExpertsInt8* int8(const MoEConfig& cfg) {
+    return cfg.precision == Precision::int8 ? &int8_ : nullptr;
   }
   int64_t T_ = 0;
   std::vector<float> xg_, a1_, a3_, hid_, out_, sum_, gate_;  // saved
@@ -65,6 +74,9 @@ class SharedExperts {
   ExpertWeightsBf16 wb_;
   ExpertScratchBf16 sb_;
   ExpertsBf16 bf16_{&wb_, &sb_};
+  ExpertWeightsInt8 wi_;  // precision int8
+  ExpertScratchInt8 si_;
+  ExpertsInt8 int8_{&wi_, &si_};
 };
 
 // The reference twin on any scalar type (plain loops). Weights by name; a (T, Do) output
@@ -88,12 +100,23 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
     return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
   };
   std::vector<S> xq(static_cast<size_t>(d));
+  // precision int8 (evaluation): the quantized twin (experts/int8_ref.hpp).
+  const bool int8 = cfg.precision == Precision::int8;
+  Int8RefExperts<S> i8;
+  if (int8) i8 = Int8RefExperts<S>::of(p.Ws1, p.Ws2, p.Ws3, n, F, cfg)
+                     .with_biases(p.bs1, p.bs2, p.bs3);
+  std::vector<S> o8(static_cast<size_t>(int8 ? Do : 0));
   for (int64_t t = 0; t < T; ++t) {
     const S* xg = x + t * d;
     for (int64_t i = 0; i < d; ++i) xq[i] = q(xg[i]);
     const S* xt = xq.data();
     std::fill(sum.begin(), sum.end(), S(0));
     for (int64_t s = 0; s < n; ++s) {
+      if (int8) {
+        expert_row_int8_ref(o8.data(), xg, i8, s, cfg);
+        for (int64_t c = 0; c < Do; ++c) sum[c] += o8[c];
+        continue;
+      }
       for (int64_t c = 0; c < W1w; ++c) {
         a1[c] = p.bs1.empty() ? S(0) : p.bs1[s * W1w + c];
         for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * q(p.Ws1[(s * d + i) * W1w + c]);

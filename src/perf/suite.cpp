@@ -123,6 +123,13 @@ std::vector<BenchCase> default_cases(bool quick, Precision p) {
   std::vector<BenchCase> out;
   for (BenchCase c : bench_cases(quick)) {
     if (p == Precision::fp32 && c.group != "real") out.push_back(c);
+    if (p == Precision::int8) {  // evaluation only: decode at T = 1, 4, 16 and prefill
+      if (c.group == "B3" || c.group == "real") {
+        c.cfg.precision = p;
+        out.push_back(c);
+      }
+      continue;
+    }
     if (p != Precision::fp32 && (c.name == "B1" || c.name == "B3-T1" || c.group == "real")) {
       c.cfg.precision = p;
       out.push_back(c);
@@ -169,14 +176,23 @@ int64_t expert_weight_bytes(const MoEConfig& cfg) {
 
 int64_t expert_read_bytes(const MoEConfig& cfg) {
   const int64_t all = expert_weight_bytes(cfg);
-  if (cfg.precision != Precision::bf16) return all;
+  if (cfg.precision == Precision::fp32) return all;
   const int64_t f = cfg.hidden(), o = cfg.out_dim();
   int64_t bias = 0;
   if (cfg.expert_bias && cfg.expert == ExpertKind::linear_relu) bias = o;
   if (cfg.expert_bias && cfg.expert == ExpertKind::mlp) bias = f + o;
   if (cfg.expert_bias && cfg.expert == ExpertKind::clamped_swiglu) bias = 2 * f + o;
   bias *= static_cast<int64_t>(sizeof(float));
-  return (all - bias) / 2 + bias;
+  if (cfg.precision == Precision::bf16) return (all - bias) / 2 + bias;
+  // int8: a byte a weight, and per output column a scale and a column sum (4 bytes each).
+  int64_t cols = 0;
+  switch (cfg.expert) {
+    case ExpertKind::linear_relu: cols = o; break;
+    case ExpertKind::mlp: cols = f + o; break;
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: cols = 2 * f + o; break;
+  }
+  return (all - bias) / 4 + bias + 8 * cols;
 }
 
 int64_t layer_param_bytes(const MoEConfig& cfg) {

@@ -43,7 +43,8 @@ struct BenchCase {
 std::vector<BenchCase> bench_cases(bool quick);
 
 // The configurations `moe bench` runs by default: all but the real-model shapes in fp32;
-// with precision bf16, B1, B3-T1 and the real-model shapes, in bf16.
+// with precision bf16, B1, B3-T1 and the real-model shapes, in bf16; with int8 (evaluation
+// only), B3-T{1,4,16} and the real-model shapes, in int8.
 std::vector<BenchCase> default_cases(bool quick, Precision p);
 
 // Forward FLOPs of the experts on `rows` routed rows.
@@ -55,7 +56,8 @@ double layer_flops_fwd(const BenchCase& c);
 // Bytes of one expert's weights (and biases): what a decode step reads per selected expert.
 int64_t expert_weight_bytes(const MoEConfig& cfg);
 // Bytes a forward reads per selected expert in cfg.precision: the weight matrices at 2
-// bytes a value in bf16 (their copies), biases at 4.
+// bytes a value in bf16 (their copies), at 1 in int8 plus 8 bytes per output column (its
+// scale and column sum); biases at 4.
 int64_t expert_read_bytes(const MoEConfig& cfg);
 // Bytes of all parameters of the layer (router, noise, experts).
 int64_t layer_param_bytes(const MoEConfig& cfg);

@@ -342,6 +342,7 @@ TEST(LayerBf16, PrecisionNamesAndErrors) {
   c.n_experts = 2;
   c.k = 1;
   c.precision = Precision::int8;
+  c.d_ff = int64_t{1} << 17;  // int8's sums would overflow int32
   try {
     c.validate();
     FAIL() << "int8 accepted";

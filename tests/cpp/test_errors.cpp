@@ -325,7 +325,14 @@ TEST(Errors, L16_Precision) {
                {"precision: unknown value 'fp16' (expected fp32, bf16 or int8)"});
   auto c = layer_cfg(8, 4, 2);
   c.precision = moe::Precision::int8;
-  expect_error([&] { MoELayer L(c); }, {"precision: 'int8' is not available yet"});
+  c.d_ff = 65537;
+  expect_error([&] { MoELayer L(c); },
+               {"precision: 'int8' needs d_model, d_ff and d_out <= 65536, got 8, 65537, 8"});
+  c.d_ff = 16;
+  MoELayer L(c);
+  std::vector<float> x(8), y(8);
+  expect_error([&] { L.forward(y.data(), x.data(), 1); },
+               {"precision: 'int8' is for evaluation only"});
 }
 
 // --- Losses --------------------------------------------------------------------------------

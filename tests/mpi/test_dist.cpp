@@ -308,6 +308,48 @@ std::vector<Case> cases() {
   return v;
 }
 
+// precision int8 (evaluation only): the local experts quantize exactly the rows MoELayer gives
+// them and sum exactly, so y is bit-identical; backward is refused as in MoELayer.
+void run_int8_case() {
+  g_case = "swiglu precision int8, evaluation, uneven tokens";
+  moe::MoEConfig cfg;
+  cfg.d_model = 12;
+  cfg.n_experts = 8;
+  cfg.k = 2;
+  cfg.d_ff = 20;
+  cfg.router_init_std = 0.5f;
+  cfg.seed = 7;
+  cfg.expert = moe::ExpertKind::swiglu;
+  cfg.precision = moe::Precision::int8;
+  const int P = g_size, me = g_rank;
+  int64_t Tg = 0, off = 0;
+  for (int r = 0; r < P; ++r) {
+    const int64_t n = 3 + 2 * r;
+    if (r < me) off += n;
+    Tg += n;
+  }
+  const int64_t T = 3 + 2 * me, d = cfg.d_model;
+  moe::MoELayer ref(cfg);
+  moe::dist::ExpertParallelMoE dist(cfg, MPI_COMM_WORLD);
+  const auto X = random_array(Tg * d, 4242u, 4.0f);
+  moe::ForwardOptions opt;
+  opt.training = false;
+  std::vector<float> yref(static_cast<size_t>(Tg * d)), y(static_cast<size_t>(T * d));
+  ref.forward(yref.data(), X.data(), Tg, opt);
+  dist.forward(y.data(), X.data() + off * d, T, opt);
+  double ysum = 0;
+  for (float v : yref) ysum += std::abs(v);
+  expect_true("int8 oracle output is not all zero", ysum > 0);
+  expect_exact("int8 y", y.data(), yref.data() + off * d, T * d);
+  bool refused = false;
+  try {
+    dist.backward(y.data(), y.data());
+  } catch (const moe::Error& e) {
+    refused = std::string(e.what()).find("precision") != std::string::npos;
+  }
+  expect_true("int8 backward refused, naming precision", refused);
+}
+
 // A failure on one rank must reach every rank as the same moe::Error, and leave the layer
 // usable (every rank left the same collective the same way).
 void run_fault_cases() {
@@ -368,6 +410,7 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   try {
     for (const auto& c : cases()) run_case(c);
+    run_int8_case();
     run_fault_cases();
   } catch (const std::exception& e) {
     fail(std::string("unexpected exception: ") + e.what());

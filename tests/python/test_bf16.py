@@ -144,7 +144,7 @@ def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         moe.MoE(8, 4, 2, precision="fp16")
     with pytest.raises(ValueError, match="precision"):
-        moe.MoE(8, 4, 2, precision="int8")
+        moe.MoE(8, 4, 2, precision="int8", d_ff=1 << 17)
 
 
 ISA_SCRIPT = """
