@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -15,6 +16,7 @@
 
 #include "common/bf16.hpp"
 #include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "layer/layer_ref.hpp"
 #include "moe/layer.hpp"
 #include "test_layer_util.hpp"
@@ -117,6 +119,147 @@ TEST(Bf16Gemm, MatchesTheDoubleSumOfTheSameOperands) {
         }
       EXPECT_EQ(C[ldc - 1], 0.5f) << "wrote past the row";
     }
+  }
+}
+
+// The packed layout (common/gemm_bf16_packed.hpp): every element where packed_bf16_index says,
+// from a row-major source and from the transpose of one, and zeros in all the padding.
+TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
+  using namespace moe::detail;
+  Rng rng(11);
+  for (auto [K, N] : {std::pair<int64_t, int64_t>{1, 1}, {16, 64}, {17, 65}, {37, 130}, {2, 200}}) {
+    SCOPED_TRACE(std::to_string(K) + "x" + std::to_string(N));
+    std::vector<float> W(static_cast<size_t>(K * N));
+    for (auto& v : W) v = static_cast<float>(rng.sym(2.0));
+    std::vector<float> Wt(W.size());  // (N, K)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) Wt[j * K + k] = W[k * N + j];
+    const int64_t size = packed_bf16_size(K, N);
+    EXPECT_EQ(size, (K + 15) / 16 * 16 * ((N + 63) / 64 * 64));
+    std::vector<uint16_t> p(static_cast<size_t>(size), 0xffff), pt(p), pb(p);
+    pack_bf16(p.data(), W.data(), N, 1, K, N);
+    pack_bf16(pt.data(), Wt.data(), 1, K, K, N);
+    std::vector<uint16_t> Wb(W.size());
+    to_bf16_n(Wb.data(), W.data(), K * N);
+    pack_bf16(pb.data(), Wb.data(), N, 1, K, N);
+    std::vector<char> used(static_cast<size_t>(size), 0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t i = packed_bf16_index(K, k, j);
+        ASSERT_GE(i, 0);
+        ASSERT_LT(i, size);
+        ASSERT_FALSE(used[i]) << "two elements share " << i;
+        used[i] = 1;
+        ASSERT_EQ(p[i], to_bf16(W[k * N + j])) << k << "," << j;
+      }
+    for (int64_t i = 0; i < size; ++i)
+      if (!used[i]) {
+        ASSERT_EQ(p[i], 0) << "padding at " << i;
+      }
+    EXPECT_EQ(pt, p);
+    EXPECT_EQ(pb, p);
+  }
+}
+
+namespace {
+
+// The double sum of the same bf16 operands, for C's row i, column j of B.
+double packed_ref(const std::vector<uint16_t>& A, int64_t lda, const std::vector<uint16_t>& B,
+                  int64_t ldb, int64_t i, int64_t j, int64_t K) {
+  double want = 0.0;
+  for (int64_t p = 0; p < K; ++p)
+    want += static_cast<double>(moe::detail::from_bf16(A[i * lda + p])) *
+            moe::detail::from_bf16(B[p * ldb + j]);
+  return want;
+}
+
+}  // namespace
+
+// C = A · B[:, n0 : n0 + n] (+ C) against the double sum of the same operands, on the vdpbf16ps
+// kernel (where the CPU has it) and on the widened fallback: every row count 1..70 (each row
+// block size and remainder), N and K off the panel and pair sizes, column tiles starting at a
+// later panel, strides wider than the rows, and nothing written outside the tile.
+TEST(Bf16Packed, MatchesTheDoubleSumOfTheSameOperands) {
+  using namespace moe::detail;
+  Rng rng(12);
+  const bool native = packed_bf16_native();
+  std::printf("packed bf16 kernel: %s\n", native ? "vdpbf16ps" : "widened to fp32 (no AVX512-BF16)");
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{1, 1}, {63, 17}, {65, 31}, {130, 129},
+                      {200, 64}, {64, 2}}) {
+    const int64_t Mmax = 70, lda = K + 3, ldb = N;
+    std::vector<uint16_t> A(static_cast<size_t>(Mmax * lda)), B(static_cast<size_t>(K * N));
+    for (auto& v : A) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+    for (auto& v : B) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+    std::vector<uint16_t> Bp(static_cast<size_t>(packed_bf16_size(K, N)));
+    pack_bf16(Bp.data(), B.data(), ldb, 1, K, N);
+    for (int64_t n0 : {int64_t{0}, int64_t{64}}) {
+      if (n0 >= N) continue;
+      const int64_t n = N - n0, ldc = n + 2;
+      for (int64_t M = 1; M <= Mmax; ++M)
+        for (int path = 0; path < 2; ++path)
+          for (float beta : {0.0f, 1.0f}) {
+            if (path == 0 && !native) continue;
+            SCOPED_TRACE(std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+                         " n0 " + std::to_string(n0) + (path ? " widened" : " native") +
+                         " beta " + std::to_string(beta));
+            std::vector<float> C(static_cast<size_t>(M * ldc), 0.5f);
+            if (path == 0)
+              gemm_bf16_packed_serial(M, n0, n, K, A.data(), lda, Bp.data(), beta, C.data(), ldc);
+            else
+              gemm_bf16_packed_widened(M, n0, n, K, A.data(), lda, Bp.data(), beta, C.data(), ldc);
+            for (int64_t i = 0; i < M; ++i) {
+              for (int64_t j = 0; j < n; ++j) {
+                const double want = beta * 0.5 + packed_ref(A, lda, B, ldb, i, n0 + j, K);
+                ASSERT_NEAR(C[i * ldc + j], want, 1e-5 * (1.0 + std::sqrt(static_cast<double>(K))))
+                    << i << "," << j;
+              }
+              ASSERT_EQ(C[i * ldc + n], 0.5f) << "wrote past the tile";
+              ASSERT_EQ(C[i * ldc + n + 1], 0.5f) << "wrote past the tile";
+            }
+          }
+    }
+  }
+}
+
+// Empty operands: no rows or no columns write nothing; K = 0 gives zeros, or keeps C.
+TEST(Bf16Packed, EmptyProductsAndEmptyReductions) {
+  using namespace moe::detail;
+  std::vector<uint16_t> A(8, to_bf16(1.0f)), Bp(static_cast<size_t>(packed_bf16_size(16, 64)), 0);
+  std::vector<float> C(8, 0.5f);
+  gemm_bf16_packed_serial(0, 0, 4, 16, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  gemm_bf16_packed_serial(2, 0, 0, 16, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.5f));
+  gemm_bf16_packed_serial(2, 0, 4, 0, A.data(), 16, Bp.data(), 1.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.5f));
+  gemm_bf16_packed_serial(2, 0, 4, 0, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.0f));
+}
+
+// A row's bits do not depend on the rows sharing its call or on the column tile: the whole
+// product equals, bit for bit, rows computed alone, in parts of every size, and by column
+// tiles. (The widened fallback promises only thread-count independence, not this.)
+TEST(Bf16Packed, RowBitsDoNotDependOnTheBlockOrTile) {
+  using namespace moe::detail;
+  if (!packed_bf16_native()) GTEST_SKIP() << "no AVX512-BF16 here: the widened path runs";
+  Rng rng(13);
+  const int64_t M = 70, N = 200, K = 259;
+  std::vector<uint16_t> A(static_cast<size_t>(M * K)), B(static_cast<size_t>(K * N));
+  for (auto& v : A) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+  for (auto& v : B) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+  std::vector<uint16_t> Bp(static_cast<size_t>(packed_bf16_size(K, N)));
+  pack_bf16(Bp.data(), B.data(), N, 1, K, N);
+  std::vector<float> whole(static_cast<size_t>(M * N));
+  gemm_bf16_packed_serial(M, 0, N, K, A.data(), K, Bp.data(), 0.0f, whole.data(), N);
+  for (int64_t part = 1; part <= 13; ++part) {
+    std::vector<float> parts(whole.size(), -1.0f);
+    for (int64_t m0 = 0; m0 < M; m0 += part)
+      for (int64_t n0 : {int64_t{0}, int64_t{64}, int64_t{192}}) {
+        const int64_t n = (n0 == 0 ? 64 : n0 == 64 ? 128 : N - 192);
+        gemm_bf16_packed_serial(std::min(part, M - m0), n0, n, K, A.data() + m0 * K, K,
+                                Bp.data(), 0.0f, parts.data() + m0 * N + n0, N);
+      }
+    ASSERT_EQ(std::memcmp(parts.data(), whole.data(), whole.size() * sizeof(float)), 0)
+        << "parts of " << part << " rows";
   }
 }
 
