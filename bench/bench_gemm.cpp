@@ -225,6 +225,31 @@ BENCHMARK(BM_grouped_bf16_dnnl_fixed)
     ->Args({16, 512, 2048, 1024})
     ->UseRealTime();
 
+// What a change of the weights costs in bf16 (once per optimizer step): one expert's (K, N)
+// fp32 matrix packed for the forward (transposed = 0) or as its transpose for backward (1),
+// against the plain row-major conversions the layer made before the packed layout (mode 2:
+// to_bf16_n; 3: to_bf16_transposed). GB/s of fp32 read.
+void BM_pack_bf16(benchmark::State& state) {
+  const int64_t K = state.range(0), N = state.range(1), mode = state.range(2);
+  std::vector<float> W(static_cast<size_t>(K * N));
+  for (size_t i = 0; i < W.size(); ++i) W[i] = static_cast<float>(i % 251) / 251.0f - 0.5f;
+  std::vector<uint16_t> P(static_cast<size_t>(moe::detail::packed_bf16_size(K, N) + K * N));
+  for (auto _ : state) {
+    if (mode == 0) moe::detail::pack_bf16(P.data(), W.data(), N, 1, K, N);
+    if (mode == 1) moe::detail::pack_bf16(P.data(), W.data(), 1, K, N, K);
+    if (mode == 2) moe::detail::to_bf16_n(P.data(), W.data(), K * N);
+    if (mode == 3) moe::detail::to_bf16_transposed(P.data(), K, W.data(), N, K, N);
+    benchmark::DoNotOptimize(P.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(
+      static_cast<double>(K * N * 4) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_pack_bf16)
+    ->ArgNames({"K", "N", "mode"})
+    ->ArgsProduct({{1024}, {2048}, {0, 1, 2, 3}})
+    ->UseRealTime();
+
 // The memory roof: one pass of the streaming read kernel over a buffer of range(0) MiB.
 void BM_read_bandwidth(benchmark::State& state) {
   const int64_t n = state.range(0) * (int64_t{1} << 20) / static_cast<int64_t>(sizeof(float));

@@ -18,22 +18,32 @@ constexpr int64_t kPanelValues = 2 * kPanelCols;  // one pair of rows of a panel
 int64_t padded_k(int64_t K) { return (K + 15) / 16 * 16; }
 int64_t padded_n(int64_t N) { return (N + kPanelCols - 1) / kPanelCols * kPanelCols; }
 
+// Each 32-bit word of a panel is the pair (row k, row k+1) of one column: written whole, one
+// panel row pair (64 words) at a time; a row-major source is read along its rows, a transposed
+// one along the pairs (k, k+1) that sit side by side in it.
 template <typename Src, typename F>
 void pack_impl(uint16_t* dst, const Src* src, int64_t sk, int64_t sj, int64_t K, int64_t N,
                F&& convert) {
   const int64_t Kp = padded_k(K), Np = padded_n(N);
   for (int64_t j0 = 0; j0 < Np; j0 += kPanelCols) {
     uint16_t* panel = dst + j0 * Kp;
-    const int64_t nc = std::min(kPanelCols, N - j0);
-    for (int64_t k = 0; k < Kp; ++k) {
-      uint16_t* d = panel + (k / 2) * kPanelValues + k % 2;
-      if (k >= K) {
-        for (int64_t j = 0; j < kPanelCols; ++j) d[2 * j] = 0;
-        continue;
+    const int64_t nc = std::max<int64_t>(0, std::min(kPanelCols, N - j0));
+    for (int64_t k = 0; k < Kp; k += 2) {
+      uint32_t words[kPanelCols] = {};
+      if (k + 1 < K) {
+        const Src* s0 = src + k * sk + j0 * sj;
+        const Src* s1 = s0 + sk;
+        if (sj == 1)
+          for (int64_t j = 0; j < nc; ++j)
+            words[j] = convert(s0[j]) | static_cast<uint32_t>(convert(s1[j])) << 16;
+        else
+          for (int64_t j = 0; j < nc; ++j)
+            words[j] = convert(s0[j * sj]) | static_cast<uint32_t>(convert(s1[j * sj])) << 16;
+      } else if (k < K) {
+        const Src* s0 = src + k * sk + j0 * sj;
+        for (int64_t j = 0; j < nc; ++j) words[j] = convert(s0[j * sj]);
       }
-      const Src* s = src + k * sk + j0 * sj;
-      for (int64_t j = 0; j < nc; ++j) d[2 * j] = convert(s[j * sj]);
-      for (int64_t j = nc; j < kPanelCols; ++j) d[2 * j] = 0;
+      std::memcpy(panel + (k / 2) * kPanelValues, words, sizeof(words));
     }
   }
 }
@@ -65,9 +75,12 @@ namespace {
 // MR rows of C × one panel's 64 columns (the first `cols` of them stored), over all of K.
 // Accumulators stay in registers: MR·4 of them, plus the panel's 4 vectors of one row pair;
 // A's pairs come as 32-bit broadcasts.
+// prefetch: one cache line per pair of rows of B, fetched into L2 along the loop (a quarter
+// of the next panel's bytes; see gemm_native).
 template <int MR>
 MOE_BF16_TARGET void panel_rows(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* panel,
-                                bool accumulate, float* C, int64_t ldc, const __mmask16* mask) {
+                                const uint16_t* prefetch, bool accumulate, float* C, int64_t ldc,
+                                const __mmask16* mask) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < 4; ++v)
@@ -76,6 +89,7 @@ MOE_BF16_TARGET void panel_rows(int64_t K, const uint16_t* A, int64_t lda, const
   const int64_t pairs = K / 2;
   for (int64_t q = 0; q < pairs; ++q) {
     const uint16_t* b = panel + q * kPanelValues;
+    _mm_prefetch(reinterpret_cast<const char*>(prefetch + q * kPanelValues), _MM_HINT_T1);
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 32);
     const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 64);
@@ -119,16 +133,21 @@ MOE_BF16_TARGET void gemm_native(int64_t M, int64_t n0, int64_t n, int64_t K, co
       const int64_t c = std::clamp<int64_t>(nc - 16 * v, 0, 16);
       mask[v] = static_cast<__mmask16>((1u << c) - 1u);
     }
-    for (int64_t i = 0; i < M; i += kRowsPerBlock) {
+    // The weights stream from memory (a real model's experts do not fit in cache): while
+    // this panel's row blocks run from cache, block b fetches quarter b % 4 of each 256-byte
+    // row pair of the next panel (the last panel fetches its own bytes again, a no-op).
+    const uint16_t* next = j0 + kPanelCols < n ? panel + kPanelCols * Kp : panel;
+    for (int64_t i = 0, blk = 0; i < M; i += kRowsPerBlock, ++blk) {
       const uint16_t* a = A + i * lda;
+      const uint16_t* pf = next + (blk % 4) * (kPanelValues / 4);
       float* c = C + i * ldc + j0;
       switch (std::min<int64_t>(kRowsPerBlock, M - i)) {
-        case 6: panel_rows<6>(K, a, lda, panel, accumulate, c, ldc, mask); break;
-        case 5: panel_rows<5>(K, a, lda, panel, accumulate, c, ldc, mask); break;
-        case 4: panel_rows<4>(K, a, lda, panel, accumulate, c, ldc, mask); break;
-        case 3: panel_rows<3>(K, a, lda, panel, accumulate, c, ldc, mask); break;
-        case 2: panel_rows<2>(K, a, lda, panel, accumulate, c, ldc, mask); break;
-        default: panel_rows<1>(K, a, lda, panel, accumulate, c, ldc, mask); break;
+        case 6: panel_rows<6>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
+        case 5: panel_rows<5>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
+        case 4: panel_rows<4>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
+        case 3: panel_rows<3>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
+        case 2: panel_rows<2>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
+        default: panel_rows<1>(K, a, lda, panel, pf, accumulate, c, ldc, mask); break;
       }
     }
   }
