@@ -18,6 +18,7 @@
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "moe/optim.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
 
@@ -911,10 +912,12 @@ PYBIND11_MODULE(_moe, m) {
     py::dict d;
     d["isa"] = moe::detail::cpu_isa_name();
     d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    d["bf16_experts"] = moe::detail::gemm_bf16_packed_impl();
     return d;
-  }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
-     "ONEDNN_MAX_CPU_ISA) and the implementation behind the bf16 expert products "
-     "('bf16_gemm').");
+  }, "What runs on this CPU: the best ISA oneDNN may use ('isa', limited by "
+     "ONEDNN_MAX_CPU_ISA), the kernel of the bf16 products with the expert weights "
+     "('bf16_experts') and oneDNN's implementation of the other bf16 products, the weight "
+     "gradients ('bf16_gemm').");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -68,6 +68,11 @@ bool packed_bf16_native() {
   return native;
 }
 
+const char* gemm_bf16_packed_impl() {
+  return packed_bf16_native() ? "packed:avx512_bf16 (vdpbf16ps)"
+                              : "packed:widened to fp32, sgemm (no AVX512-BF16 allowed)";
+}
+
 namespace {
 
 #define MOE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))

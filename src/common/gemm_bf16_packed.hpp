@@ -59,5 +59,7 @@ void gemm_bf16_packed_widened(int64_t M, int64_t n0, int64_t n, int64_t K, const
 // Whether gemm_bf16_packed_serial runs its vdpbf16ps kernel here (the CPU has AVX512-BF16
 // and oneDNN is allowed that ISA); false: the widened fp32 path.
 bool packed_bf16_native();
+// The same in words, for reports (moe.cpu_info()).
+const char* gemm_bf16_packed_impl();
 
 }  // namespace moe::detail
