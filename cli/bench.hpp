@@ -47,6 +47,18 @@ struct BenchOptions {
   double mem_fraction = 0.7;
   bool no_dist = false;
   std::string precision;  // empty: each configuration's own (fp32, the real models bf16)
+  std::string model;      // --model: a Hugging Face folder whose block is benchmarked
+  int64_t layer = -1;     // --layer of --model
+  int64_t tokens = 512;   // --tokens: the prefill row's T (a decode row at T = 1 follows)
+  std::string workdir;    // --workdir: where --config real-models writes its checkpoints
+};
+
+// Load time of one block against the time to read its bytes from disk (both after dropping
+// the files from the page cache), medians.
+struct LoadTiming {
+  double load_s = 0, read_s = 0;
+  int64_t bytes = 0;
+  std::string note;
 };
 
 // Expert parallelism on loopback: `moe_dist_bench --json` under mpirun, one row
@@ -84,6 +96,7 @@ struct Result {
   int64_t kept_rows = 0, dropped = 0, experts_evaluated = 0;
   std::optional<double> peer_fwd_s, peer_fwdbwd_s;
   std::string peer_note, peer_blas;
+  std::optional<LoadTiming> load;  // checkpoint rows: the block's load time
 };
 
 struct Goal {
@@ -104,6 +117,16 @@ std::string shell_quote(const std::string& s);
 json run_json_command(const std::string& cmd, int& rc);
 void run_peer(Result& r, const BenchOptions& o, int threads);
 std::vector<json> run_module_overhead(const BenchOptions& o, int threads, std::string& note);
+
+// bench_model.cpp: checkpoint blocks (--model, --config real-models).
+std::vector<BenchCase> model_cases(const std::string& dir, int64_t layer, int64_t T, Precision p,
+                                   const std::string& label);
+// A random checkpoint of `model` in parent/<model> (parent/<model>-quick with quick: the same
+// structure at 1/16 of d and d_ff), written by bench/peers/make_checkpoint.py unless present.
+std::string make_checkpoint(const std::string& model, const std::string& parent, bool quick,
+                            std::string& note);
+void run_hf_peer(Result& r, const BenchOptions& o, int threads);
+LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int repeat);
 
 // bench_dist.cpp: expert parallelism on loopback.
 DistResult run_dist(int P, bool quick);

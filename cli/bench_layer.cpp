@@ -17,6 +17,7 @@
 
 #include "bench.hpp"
 #include "moe/error.hpp"
+#include "moe/pretrained.hpp"
 #include "moe/router.hpp"
 
 namespace moe::cli::bench {
@@ -114,9 +115,16 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
 
   HeapWindow heap;
   heap.start();
-  MoELayer layer(m);
-  for (const auto& name : layer.parameter_names())
-    r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
+  // A checkpoint's block is loaded as a user loads it (evaluation-only, its experts held in
+  // the row's precision only); its parameter bytes are what the load left on the heap.
+  const bool from_ckpt = !c.model_dir.empty();
+  MoELayer layer = from_ckpt ? load_pretrained(c.model_dir, c.model_layer, m.precision)
+                             : MoELayer(m);
+  if (from_ckpt)
+    r.param_bytes = heap.live();
+  else
+    for (const auto& name : layer.parameter_names())
+      r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
   // Gradients exist only where backward runs (the layer allocates them on first use).
   if (c.backward)
     for (const auto& name : layer.parameter_names())

@@ -114,6 +114,15 @@ json to_json(const Result& r, int threads, int repeat) {
     j["read_gbps_samples"] = gbps;
     j["ratio_fwd_samples"] = r.ratio_fwd_samples;
   }
+  if (r.load) {
+    j["load_s"] = r.load->load_s;
+    j["disk_read_s"] = r.load->read_s;
+    j["block_file_bytes"] = r.load->bytes;
+  }
+  if (!r.c.model_dir.empty()) {
+    j["model_dir"] = r.c.model_dir;
+    j["model_layer"] = r.c.model_layer;
+  }
   j["peer_fwd_s"] = opt_num(r.peer_fwd_s);
   j["peer_fwdbwd_s"] = opt_num(r.peer_fwdbwd_s);
   j["peer_speedup_fwd"] = opt_num(ratio(r.peer_fwd_s, r.fwd_s));
@@ -309,6 +318,38 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
                        " GB/s)"});
     } else {
       g.push_back({"bf16 B3 T=1 within 1.15x of its memory roof", std::nullopt, "not run"});
+    }
+  }
+
+  // Checkpoint blocks (--model, --config real-models): against the family's transformers
+  // module, the decode memory roof, and the load time against reading the bytes.
+  for (const Result& r : rs) {
+    if (r.c.group != "model") continue;
+    const std::string who = r.c.name;
+    if (!r.ran) {
+      g.push_back({who + " measured", std::nullopt, r.note});
+      continue;
+    }
+    if (r.c.T > 1) {
+      at_least(who + " prefill >= 3x faster than transformers", peer_x(&r, false), 3.0, "x",
+               na(&r, true));
+    } else {
+      const double m = 1.0 / r.ratio_fwd;
+      g.push_back({who + " within 1.2x of its memory roof", m <= 1.2,
+                   fmt(m, 2) + "x the roof (" + fmt(r.fwd_s * 1e3, 2) + " ms vs " +
+                       fmt(r.roof_s * 1e3, 2) + " ms at " + fmt(r.read_bw / 1e9, 1) + " GB/s)"});
+    }
+    if (r.load) {
+      if (!r.load->note.empty()) {
+        g.push_back({who + " load within 1.5x of reading its bytes", std::nullopt, r.load->note});
+      } else {
+        const double x = r.load->load_s / r.load->read_s;
+        g.push_back({who + " load within 1.5x of reading its bytes", x <= 1.5,
+                     fmt(x, 2) + "x (" + fmt(r.load->load_s * 1e3, 0) + " ms vs " +
+                         fmt(r.load->read_s * 1e3, 0) + " ms to read " +
+                         fmt(r.load->bytes / 1048576.0, 0) + " MiB, " +
+                         fmt(r.load->bytes / r.load->read_s / 1e9, 2) + " GB/s)"});
+      }
     }
   }
 

@@ -29,6 +29,8 @@
 #include "moe/error.hpp"
 #include "moe/layer.hpp"
 
+#include <sys/stat.h>
+
 namespace moe::cli {
 
 namespace {
@@ -73,7 +75,29 @@ int run_bench(const BenchOptions& o) {
     return 0;
   }
   if (dist_only) cases.clear();
-  if (!o.config.empty() && !dist_only) {
+  // Checkpoint blocks: --model PATH --layer N, or the real-model checkpoints written here.
+  const bool ckpt = !o.model.empty() || o.config == "real-models";
+  if (!o.model.empty()) {
+    if (o.layer < 0) throw Error("--layer: needed with --model (a decoder layer index)");
+    if (!o.config.empty()) throw Error("--config: not with --model");
+    cases = model_cases(o.model, o.layer, o.tokens, precision.value_or(Precision::bf16), "model");
+  } else if (o.config == "real-models") {
+    const std::string parent = o.workdir.empty() ? "/tmp/moe-bench-checkpoints" : o.workdir;
+    ::mkdir(parent.c_str(), 0755);
+    cases.clear();
+    for (const char* name : {"Qwen3-30B-A3B", "Mixtral-8x7B"}) {
+      std::string note;
+      std::cerr << "bench: writing (or reusing) a random " << name << " checkpoint in " << parent
+                << "...\n";
+      const std::string dir = make_checkpoint(name, parent, o.quick, note);
+      if (dir.empty()) throw Error(std::string("--config real-models: ") + name + ": " + note);
+      for (BenchCase& c : model_cases(dir, 0, o.quick ? 32 : o.tokens,
+                                      precision.value_or(Precision::bf16),
+                                      std::string("ckpt-") + name))
+        cases.push_back(c);
+    }
+  }
+  if (!o.config.empty() && !dist_only && !ckpt) {
     std::vector<BenchCase> pick;
     for (const auto& c : cases)
       if (c.name == o.config || c.group == o.config) pick.push_back(c);
@@ -123,14 +147,19 @@ int run_bench(const BenchOptions& o) {
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
     } else {
-      std::cerr << "bench: " << c.name << " PyTorch peer...\n";
-      run_peer(r, o, threads);
+      std::cerr << "bench: " << c.name << (ckpt ? " transformers peer" : " PyTorch peer")
+                << "...\n";
+      ckpt ? run_hf_peer(r, o, threads) : run_peer(r, o, threads);
+    }
+    if (ckpt && c.T > 1 && r.ran) {
+      std::cerr << "bench: " << c.name << " load time against reading its bytes...\n";
+      r.load = measure_load(c.model_dir, c.model_layer, c.cfg.precision, std::min(o.repeat, 3));
     }
     if (o.json_out) std::cout << to_json(r, threads, o.repeat).dump() << std::endl;
     results.push_back(r);
   }
   std::vector<DistResult> dist;
-  if ((o.config.empty() || dist_only) && !o.no_dist && !precision)
+  if ((o.config.empty() || dist_only) && !o.no_dist && !precision && !ckpt)
     for (int P : {2, 4}) {
       std::cerr << "bench: expert parallelism on loopback, P=" << P << "...\n";
       dist.push_back(run_dist(P, o.quick));
@@ -189,7 +218,9 @@ void add_bench_command(CLI::App& app, int& status) {
       ->check(CLI::NonNegativeNumber);
   sub->add_option("--config", o->config,
                   "Run one configuration (B1, B2, B3-T1, B3-T4, B3-T16, E8, E64, E256, E1024, "
-                  "Qwen3-30B-A3B, Mixtral-8x7B) or a group (B3, E-sweep, real), or dist (only "
+                  "Qwen3-30B-A3B, Mixtral-8x7B) or a group (B3, E-sweep, real), or real-models "
+                  "(random full-size Qwen3-30B-A3B and Mixtral-8x7B checkpoints loaded by "
+                  "load_pretrained, beside transformers), or dist (only "
                   "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
                   "bare library at B1)");
   sub->add_option("--precision", o->precision,
@@ -197,6 +228,16 @@ void add_bench_command(CLI::App& app, int& status) {
                   "bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
                   "real-model blocks against the bf16 roof and a bf16 PyTorch peer")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  sub->add_option("--model", o->model,
+                  "A Hugging Face model folder: benchmark the MoE block of --layer (prefill at "
+                  "--tokens, decode at T=1, load time) beside its roofs and the family's "
+                  "transformers module");
+  sub->add_option("--layer", o->layer, "Decoder layer of --model")->check(CLI::NonNegativeNumber);
+  sub->add_option("--tokens", o->tokens, "Prefill tokens of --model / real-models (default 512)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--workdir", o->workdir,
+                  "Where --config real-models writes its random full-size checkpoints "
+                  "(default /tmp/moe-bench-checkpoints; reused when present)");
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
   sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");

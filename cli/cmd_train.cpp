@@ -54,6 +54,7 @@ struct TrainOptions {
   std::string precision = "fp32";
   // Router family (docs/routing.md).
   std::string router = "topk_softmax", aux_loss = "switch", second_expert_policy = "all";
+  std::string group_score = "top2_sum";
   bool renormalize = false, shared_gate = false;
   double scaling_factor = 1.0, bias_update_rate = 0.0, jitter = 0.0;
   int64_t seq_len = 0, n_groups = 1, topk_groups = 1, n_shared_experts = 0;
@@ -109,6 +110,7 @@ MoEConfig model_config(const TrainOptions& o) {
   c.bias_update_rate = static_cast<float>(o.bias_update_rate);
   c.n_groups = o.n_groups;
   c.topk_groups = o.topk_groups;
+  c.group_score = parse_group_score(o.group_score);
   c.n_shared_experts = o.n_shared_experts;
   c.shared_gate = o.shared_gate;
   c.second_expert_policy = parse_second_expert_policy(o.second_expert_policy);
@@ -146,6 +148,7 @@ MoEConfig model_config(const TrainOptions& o) {
     c.bias_update_rate = defaults.bias_update_rate;
     c.n_groups = defaults.n_groups;
     c.topk_groups = defaults.topk_groups;
+    c.group_score = defaults.group_score;
     c.second_expert_policy = defaults.second_expert_policy;
     c.jitter = defaults.jitter;
     c.drop_policy = defaults.drop_policy;
@@ -224,7 +227,8 @@ struct Model {
     int64_t n = W_h.numel() + b_h.numel();
     for (const auto& name : layer.parameter_names()) {
       const int64_t m = layer.param(name).numel();
-      const bool expert = name == "W1" || name == "b1" || name == "W2" || name == "b2" || name == "W3";
+      const bool expert = name == "W1" || name == "b1" || name == "W2" || name == "b2" ||
+                          name == "W3" || name == "b3";
       n += expert ? m / c.n_experts * c.k : m;
     }
     return n;
@@ -627,6 +631,9 @@ void add_train_command(CLI::App& app, int& status) {
   sub->add_option("--n-groups", o->n_groups, "group-limited routing: expert groups")
       ->capture_default_str();
   sub->add_option("--topk-groups", o->topk_groups, "group-limited routing: eligible groups")
+      ->capture_default_str();
+  sub->add_option("--group-score", o->group_score,
+                  "group-limited routing: a group's score, top2_sum (DeepSeek-V3) | max (V2)")
       ->capture_default_str();
   sub->add_option("--n-shared-experts", o->n_shared_experts, "always-active shared experts")
       ->capture_default_str();

@@ -12,6 +12,7 @@ void add_gate_command(CLI::App& app, int& status);
 void add_route_command(CLI::App& app, int& status);
 void add_train_command(CLI::App& app, int& status);
 void add_bench_command(CLI::App& app, int& status);  // cmd_bench.cpp (bench helper)
+void add_inspect_command(CLI::App& app, int& status);  // cmd_inspect.cpp: model folders
 
 // The work of `moe gate` / `moe route` without the process around it: JSON text in, the
 // output document's text out (no trailing newline). Bad input throws InputError or

@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   moe::cli::add_route_command(app, status);
   moe::cli::add_train_command(app, status);
   moe::cli::add_bench_command(app, status);
+  moe::cli::add_inspect_command(app, status);
 
   try {
     app.parse(argc, argv);

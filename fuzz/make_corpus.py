@@ -149,8 +149,51 @@ def config():
         write("config_json", n + ".json", json.dumps(d))
 
 
+def pretrained():
+    """fuzz_pretrained: byte 0 picks the reader (0 header, 1 index, 2 config.json)."""
+    q = safetensors({"w": {"dtype": "F8_E4M3", "shape": [2, 4], "data_offsets": [0, 8]},
+                     "w_scale_inv": {"dtype": "F32", "shape": [1, 1], "data_offsets": [8, 12]},
+                     "b": {"dtype": "U8", "shape": [2, 1, 16], "data_offsets": [12, 44]}},
+                    bytes(range(44)))
+    write("pretrained", "header_fp8_u8.bin", b"\x00" + q)
+    write("pretrained", "header_bad_dtype.bin", b"\x00" + safetensors(
+        {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}, b"\x00"))
+    write("pretrained", "index_ok.bin", b"\x01" + json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                        "b": "sub/model-2.safetensors"}}).encode())
+    write("pretrained", "index_escape.bin", b"\x01" + json.dumps(
+        {"weight_map": {"a": "../x.safetensors"}}).encode())
+    configs = {
+        "mixtral": {"model_type": "mixtral", "hidden_size": 16, "num_hidden_layers": 2,
+                    "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 8},
+        "qwen2_moe": {"model_type": "qwen2_moe", "hidden_size": 16, "num_hidden_layers": 2,
+                      "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+                      "shared_expert_intermediate_size": 12, "mlp_only_layers": [0],
+                      "decoder_sparse_step": 1, "norm_topk_prob": False},
+        "deepseek_v3": {"model_type": "deepseek_v3", "hidden_size": 16, "num_hidden_layers": 3,
+                        "n_routed_experts": 8, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 8, "n_shared_experts": 1, "n_group": 4,
+                        "topk_group": 2, "first_k_dense_replace": 1,
+                        "routed_scaling_factor": 2.5,
+                        "quantization_config": {"weight_block_size": [128, 128]}},
+        "deepseek_v2": {"model_type": "deepseek_v2", "hidden_size": 16, "num_hidden_layers": 2,
+                        "n_routed_experts": 8, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 8, "topk_method": "group_limited_greedy",
+                        "n_group": 4, "topk_group": 2},
+        "gpt_oss": {"model_type": "gpt_oss", "hidden_size": 32, "num_hidden_layers": 1,
+                    "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
+        "bad_groups": {"model_type": "deepseek_v3", "hidden_size": 16, "num_hidden_layers": 3,
+                       "n_routed_experts": 8, "num_experts_per_tok": 2,
+                       "moe_intermediate_size": 8, "n_group": 3, "topk_group": 2},
+        "unknown_type": {"model_type": "llama", "hidden_size": 16},
+    }
+    for n, c in configs.items():
+        write("pretrained", "config_" + n + ".bin", b"\x02" + json.dumps(c).encode())
+
+
 if __name__ == "__main__":
     gate()
     route()
     st()
     config()
+    pretrained()

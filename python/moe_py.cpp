@@ -20,6 +20,7 @@
 #include "common/gemm.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "moe/optim.hpp"
+#include "moe/pretrained.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
 
 namespace py = pybind11;
@@ -223,8 +224,8 @@ double py_load_balancing_loss(const py::object& indices_, const py::object& prob
 
 // Every parameter name any expert kind can have; a layer has the subset its config gives.
 const char* const kParamNames[] = {"W_g", "b_g", "W_noise", "W1",  "b1",  "W2",
-                                   "b2",  "W3",  "Ws1",     "bs1", "Ws2", "bs2",
-                                   "Ws3", "w_shared_gate"};
+                                   "b2",  "W3",  "b3",      "Ws1", "bs1", "Ws2",
+                                   "bs2", "Ws3", "bs3",     "w_shared_gate"};
 
 py::array_t<float> tensor_to_numpy(const moe::Tensor& t) {
   return to_numpy(t.ptr(), std::vector<py::ssize_t>(t.shape.begin(), t.shape.end()));
@@ -247,6 +248,7 @@ struct PyMoE {
   uint64_t step = 0;       // noise counter used when forward is given no step
 
   explicit PyMoE(const moe::MoEConfig& c) : layer(c) {}
+  explicit PyMoE(moe::MoELayer&& l) : layer(std::move(l)) {}
 
   bool has(const std::string& name) const {
     for (const auto& n : layer.parameter_names())
@@ -323,6 +325,27 @@ struct PyMoE {
     return y;
   }
 
+  // The routed experts with the caller's routing (MoELayer::forward_routed).
+  py::array_t<float> experts_forward(const py::object& x_, const py::object& indices_,
+                                     const py::object& weights_) {
+    const moe::MoEConfig& c = layer.config();
+    FArray x = as_f32_2d(x_, "x", "(T, d_model)");
+    const int64_t T = x.shape(0);
+    require_shape(x, "x", {T, c.d_model}, "(T, d_model)");
+    IArray idx = as_index_2d(indices_, "indices", "(T, k)", c.n_experts);
+    const int64_t k = idx.shape(1);
+    require_shape(idx, "indices", {T, k}, "(T, k) with T the rows of x");
+    FArray w = as_f32_2d(weights_, "weights", "(T, k)");
+    require_shape(w, "weights", {T, k}, "(T, k) like indices");
+    py::array_t<float> y(std::vector<py::ssize_t>{T, c.out_dim()});
+    this->T = -1;  // the layer's saved forward is gone
+    {
+      py::gil_scoped_release nogil;
+      layer.forward_routed(y.mutable_data(), x.data(), T, idx.data(), w.data(), k);
+    }
+    return y;
+  }
+
   py::array_t<float> backward(const py::object& dy_) {
     if (T < 0) throw moe::Error("backward: called before forward (no saved state)");
     const moe::MoEConfig& c = layer.config();
@@ -365,6 +388,8 @@ struct PyMoE {
     d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
                                                          : py::object(py::int_(c.hidden()));
     d["d_out"] = c.out_dim();
+    d["shared_d_ff"] =
+        c.shared_d_ff > 0 ? py::object(py::int_(c.shared_d_ff)) : py::object(py::none());
     d["bias"] = d.attr("pop")("expert_bias");
     // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
     for (const auto& item : d)
@@ -372,7 +397,8 @@ struct PyMoE {
         const std::string key = py::str(item.first);
         static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
                                               "z_alpha", "router_init_std", "scaling_factor",
-                                              "bias_update_rate", "jitter"};
+                                              "bias_update_rate", "jitter", "swiglu_alpha",
+                                              "swiglu_limit"};
         for (const char* f : kFloats)
           if (key == f) d[item.first] = py::float_(item.second.cast<double>());
       }
@@ -408,7 +434,10 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 int64_t seq_len, double bias_update_rate, int64_t n_groups,
                                 int64_t topk_groups, int64_t n_shared_experts, bool shared_gate,
                                 const std::string& second_expert_policy, double jitter,
-                                const std::string& precision, const py::kwargs& unknown) {
+                                const std::string& precision, const std::string& group_score,
+                                bool selection_bias, const py::object& shared_d_ff,
+                                double swiglu_alpha, double swiglu_limit,
+                                const py::kwargs& unknown) {
   refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
   c.d_model = d_model;
@@ -456,13 +485,22 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.second_expert_policy = moe::parse_second_expert_policy(second_expert_policy);
   c.jitter = static_cast<float>(jitter);
   c.precision = moe::parse_precision(precision);
+  c.group_score = moe::parse_group_score(group_score);
+  c.selection_bias = selection_bias;
+  if (!shared_d_ff.is_none()) {
+    c.shared_d_ff = as_int(shared_d_ff, "shared_d_ff");
+    MOE_REQUIRE(c.shared_d_ff >= 1, "shared_d_ff: must be at least 1 (None means d_ff), got ",
+                c.shared_d_ff);
+  }
+  c.swiglu_alpha = static_cast<float>(swiglu_alpha);
+  c.swiglu_limit = static_cast<float>(swiglu_limit);
   return std::make_unique<PyMoE>(c);
 }
 
 py::class_<PyMoE> bind_layer(py::module_& m) {
   py::class_<PyMoE> cls(m, "MoE", R"(A Mixture-of-Experts layer (SPEC §2–§4).
 
-Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3 as the
+Parameters are attributes holding NumPy arrays (W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3 as the
 configuration has them). Reading one gives a copy; assigning one copies the values in after
 checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)");
   cls.def(py::init(&make_moe), py::arg("d_model"), py::arg("n_experts"), py::arg("k"),
@@ -479,7 +517,10 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("seq_len") = 0, py::arg("bias_update_rate") = 0.0, py::arg("n_groups") = 1,
           py::arg("topk_groups") = 1, py::arg("n_shared_experts") = 0,
           py::arg("shared_gate") = false, py::arg("second_expert_policy") = "all",
-          py::arg("jitter") = 0.0, py::arg("precision") = "fp32");
+          py::arg("jitter") = 0.0, py::arg("precision") = "fp32",
+          py::arg("group_score") = "top2_sum", py::arg("selection_bias") = false,
+          py::arg("shared_d_ff") = py::none(), py::arg("swiglu_alpha") = 1.702,
+          py::arg("swiglu_limit") = 7.0);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(
@@ -494,6 +535,12 @@ token_offset + t, expert). step defaults to a counter that advances on every tra
 forward, so each step draws fresh noise; pass it to pin the draw.)");
   cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
           py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+  cls.def("experts_forward", &PyMoE::experts_forward, py::arg("x"), py::arg("indices"),
+          py::arg("weights"),
+          R"(The routed experts alone with the caller's routing: y[t] = Σ_j weights[t, j] ·
+expert_{indices[t, j]}(x[t]). x is (T, d_model); indices (T, k) integers in 0..n_experts-1;
+weights (T, k). No router, shared experts, residual or capacity; evaluation only (no
+backward follows it). Returns y (T, d_out).)");
   cls.def("backward", &PyMoE::backward, py::arg("dy"),
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
@@ -836,6 +883,58 @@ py::dict reference_f64(PyMoE& self, const py::object& x_, const py::dict& params
   return out;
 }
 
+// SPEC §7: pretrained MoE blocks (include/moe/pretrained.hpp).
+void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
+  cls.def_static("from_pretrained", [](const py::object& path, int64_t layer,
+                                       const std::string& precision, bool masters) {
+    const std::string p = as_path(path);
+    const moe::Precision prec = moe::parse_precision(precision);
+    moe::LayerOptions opt;
+    opt.masters = masters;
+    std::unique_ptr<PyMoE> self;
+    {
+      py::gil_scoped_release nogil;
+      self = std::make_unique<PyMoE>(moe::load_pretrained(p, layer, prec, opt));
+    }
+    return self;
+  }, py::arg("path"), py::arg("layer"), py::arg("precision") = "bf16", py::arg("masters") = false,
+     "The MoE block of decoder layer `layer` of a Hugging Face model folder (config.json, "
+     "*.safetensors, the index when sharded), reading only that layer's tensors; its "
+     "evaluation forward equals the family's transformers module (docs/models.md). With "
+     "masters=False (the default) the expert matrices are held in `precision` only: an "
+     "evaluation-only layer (forward(x, training=False)) without W1/W2/W3 attributes in bf16. "
+     "masters=True keeps fp32 masters (trainable, three times the memory in bf16).");
+  m.def("inspect_pretrained", [](const py::object& path) {
+    const moe::PretrainedInfo i = moe::inspect_pretrained(as_path(path));
+    py::dict d;
+    d["family"] = i.family;
+    d["layers"] = i.n_layers;
+    d["moe_layers"] = i.moe_layers;
+    d["dense_layers"] = i.dense_layers;
+    d["n_experts"] = i.n_experts;
+    d["k"] = i.k;
+    d["d_model"] = i.d_model;
+    d["d_ff"] = i.d_ff;
+    d["expert"] = i.expert;
+    d["router"] = i.router;
+    d["n_shared_experts"] = i.n_shared_experts;
+    d["shared_d_ff"] = i.shared_d_ff;
+    d["shared_gate"] = i.shared_gate;
+    d["layout"] = i.layout;
+    d["dtypes"] = i.dtypes;
+    d["file_bytes_per_block"] = i.file_bytes_per_block;
+    d["bf16_bytes_per_block"] = i.bf16_bytes_per_block;
+    d["fp32_bytes_per_block"] = i.fp32_bytes_per_block;
+    d["files"] = i.files;
+    d["config"] = py::module_::import("json").attr("loads")(moe::config_to_json(i.config));
+    return d;
+  }, py::arg("path"),
+     "What `moe inspect` prints about a model folder, as a dict: family, layers, moe_layers, "
+     "dense_layers, n_experts, k, d_model, d_ff, expert, router, n_shared_experts, "
+     "shared_d_ff, shared_gate, layout, dtypes, bytes per block, files, config (of the first "
+     "MoE block). Reads config.json and the safetensors headers only.");
+}
+
 void bind_torch_support(py::class_<PyMoE>& cls) {
   cls.def("_buffer", [](py::object self, const std::string& name, bool grad) {
     PyMoE& m = self.cast<PyMoE&>();
@@ -958,5 +1057,6 @@ PYBIND11_MODULE(_moe, m) {
         "α·E·Σ f_i·P_i: f from the hard top-k indices (T, k), P the mean of probs (T, E).");
   auto cls = bind_layer(m);
   bind_io(m, cls);
+  bind_pretrained(m, cls);
   bind_torch_support(cls);
 }

@@ -12,7 +12,9 @@
 
 namespace moe {
 
-enum class ExpertKind { linear_relu, mlp, swiglu };
+// clamped_swiglu: GPT-OSS's experts, g = min(x·W1 + b1, L), u = clamp(x·W3 + b3, -L, L),
+// h = (u + 1) ⊙ g·σ(α·g), out = h·W2 + b2 (L = swiglu_limit, α = swiglu_alpha).
+enum class ExpertKind { linear_relu, mlp, swiglu, clamped_swiglu };
 enum class Activation { relu, gelu, silu };
 enum class DropPolicy { position, probs, random, priority };
 // RouterKind (the router family's score functions) is in moe/router.hpp.
@@ -21,7 +23,7 @@ enum class SecondExpertPolicy { all, random };
 // SPEC §6: the precision of the expert products. The router is fp32 in every precision.
 enum class Precision { fp32, bf16, int8 };
 
-ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu"
+ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
 Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
 DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "random" | "priority"
 RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...
@@ -41,10 +43,13 @@ struct MoEConfig {
   int64_t n_experts = 0;
   int64_t k = 2;
   ExpertKind expert = ExpertKind::mlp;
-  int64_t d_ff = 0;   // hidden width of mlp / swiglu; 0 means 4·d_model
+  int64_t d_ff = 0;   // hidden width of mlp / swiglu / clamped_swiglu; 0 means 4·d_model
   int64_t d_out = 0;  // output width; 0 means d_model
   Activation activation = Activation::relu;
-  bool expert_bias = true;                 // b1 (and b2 for mlp); swiglu has none
+  bool expert_bias = true;                 // b1 (and b2 for mlp; b1, b3, b2 for
+                                           // clamped_swiglu); swiglu has none
+  float swiglu_alpha = 1.702f;             // clamped_swiglu: α of g·σ(α·g)
+  float swiglu_limit = 7.0f;               // clamped_swiglu: L, the clamp of g and u
   std::optional<double> capacity_factor;   // nullopt: dropless; must be > 0 when set
   DropPolicy drop_policy = DropPolicy::position;
   Noise noise = Noise::learned;
@@ -68,7 +73,13 @@ struct MoEConfig {
   float bias_update_rate = 0.0f; // > 0: DeepSeek-V3 selection bias (expert_bias state)
   int64_t n_groups = 1;          // group-limited routing: E split into n_groups groups
   int64_t topk_groups = 1;       // ... of which the best topk_groups are eligible
+  GroupScore group_score = GroupScore::top2_sum;  // a group's score: its best two s+b, or best
+  // The expert_bias state (E) is added to the scores for selection even when
+  // bias_update_rate is 0 (a bias loaded from a checkpoint, DeepSeek-V3's
+  // e_score_correction_bias); bias_update_rate > 0 implies it.
+  bool selection_bias = false;
   int64_t n_shared_experts = 0;  // always-active experts added to the routed output
+  int64_t shared_d_ff = 0;       // hidden width of the shared experts; 0 means hidden()
   bool shared_gate = false;      // scale the shared output by sigmoid(x·w_shared_gate)
   SecondExpertPolicy second_expert_policy = SecondExpertPolicy::all;  // GShard
   float jitter = 0.0f;           // Switch: router input x·U(1-jitter, 1+jitter) in training
@@ -82,6 +93,9 @@ struct MoEConfig {
   void validate_router_family() const;  // part of validate()
   int64_t hidden() const { return d_ff > 0 ? d_ff : 4 * d_model; }
   int64_t out_dim() const { return d_out > 0 ? d_out : d_model; }
+  int64_t shared_hidden() const { return shared_d_ff > 0 ? shared_d_ff : hidden(); }
+  // The selection bias takes part in routing (selection_bias or bias_update_rate > 0).
+  bool uses_selection_bias() const { return selection_bias || bias_update_rate > 0.0f; }
   RouterConfig router() const;
   // C = ceil(k·T/E·cf), or -1 when dropless.
   int64_t capacity(int64_t T) const;
@@ -108,17 +122,32 @@ struct MoEStats {
   double z_loss = 0.0;
 };
 
+// How a layer holds its weights.
+struct LayerOptions {
+  // false: the expert matrices (W1, W2, W3 and the shared experts' Ws1, Ws2, Ws3) are held only
+  // in the layer's precision, without fp32 masters: a bf16 layer keeps just the bf16 copies
+  // (what from_pretrained builds: a block's weights once, not three times). They start at zero
+  // and are filled with set_expert_matrix(). Such a layer runs evaluation forwards only; its
+  // parameter_names() leave those matrices out. In fp32 the masters are the held form, so
+  // false changes nothing.
+  bool masters = true;
+  // false: every parameter starts at zero instead of its random initialisation (a loader
+  // that overwrites them all skips drawing them).
+  bool initialise = true;
+};
+
 class MoELayer {
  public:
   explicit MoELayer(const MoEConfig& cfg);  // validates cfg, initialises from cfg.seed
+  MoELayer(const MoEConfig& cfg, const LayerOptions& opt);
   ~MoELayer();
   MoELayer(MoELayer&&) noexcept;
   MoELayer& operator=(MoELayer&&) noexcept;
 
   const MoEConfig& config() const;
 
-  // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?, then the shared
-  // experts' Ws1, bs1?, Ws2?, bs2?, Ws3?, w_shared_gate? (n_shared_experts > 0)
+  // Names in a fixed order: W_g, b_g?, W_noise?, W1, b1?, W2, b2?, W3?, b3?, then the shared
+  // experts' Ws1, bs1?, Ws2?, bs2?, Ws3?, bs3?, w_shared_gate? (n_shared_experts > 0)
   std::vector<std::string> parameter_names() const;
   Tensor& param(const std::string& name);  // throws moe::Error on an unknown name; see
                                            // weights_changed()
@@ -135,6 +164,17 @@ class MoELayer {
   // include the terms of aux_loss and z_loss (added to the caller's objective).
   void backward(float* dx, const float* dy);
 
+  // The routed experts alone, with the routing given by the caller (what transformers'
+  // pluggable experts functions and ScatterMoE take): y (T, d_out) = Σ_j weights[t,j] ·
+  // E_{indices[t,j]}(x_t), indices and weights (T, k), k >= 1 of the caller's choosing. No
+  // router, no shared experts, no residual, no capacity; evaluation only (nothing is saved
+  // for backward: a backward after it is refused). In the layer's precision. For the routing
+  // of a forward (routing().indices/weights, dropless, no residual, no shared experts) it
+  // gives that forward's output bit for bit. Throws moe::Error naming the first token with an
+  // index outside 0..n_experts-1 or a non-finite weight or input.
+  void forward_routed(float* y, const float* x, int64_t T, const int32_t* indices,
+                      const float* weights, int64_t k);
+
   // aux_loss "global": forget the expert loads accumulated by the training forwards since
   // the last reset (call it after each optimizer step). Harmless for the other kinds.
   void reset_global_load();
@@ -145,6 +185,16 @@ class MoELayer {
   // param() without a backward in between (an optimizer step does follow a backward) calls
   // weights_changed(). Harmless in fp32.
   void weights_changed();
+
+  // Expert e's matrix of W1, W2, W3, Ws1, Ws2 or Ws3 from src, laid out like one slice of the
+  // stacked parameter (e.g. W1: (d, F) row-major, "in × out"), written into whatever form the
+  // layer holds: the fp32 master (then weights_changed()), or the copy in the layer's precision
+  // directly when it holds no masters. Throws moe::Error on an unknown name or e out of range.
+  void set_expert_matrix(const std::string& name, int64_t e, const float* src);
+  // Makes the copies in the layer's precision from the masters, then frees the masters: the
+  // layer becomes evaluation-only (as LayerOptions{masters = false}). Nothing to do in fp32.
+  void drop_masters();
+  bool holds_masters() const;  // true in fp32
 
   const MoEStats& stats() const;
   double aux_loss() const;
@@ -157,7 +207,9 @@ class MoELayer {
   // each b_i by rate·sign(mean load - load_i), load_i being the assignments to expert i
   // (before capacity) of the last training forward. Call it once after each optimizer step;
   // it does nothing when the rate is 0 or when no training forward came since the last
-  // update. Checkpoints keep b (tensor "expert_bias").
+  // update. Checkpoints keep b (tensor "expert_bias"). With selection_bias and a rate of 0,
+  // b is a fixed part of the router (DeepSeek-V3's e_score_correction_bias, set through
+  // expert_bias() or a checkpoint) that never moves.
   void update_expert_bias();
   const Tensor& expert_bias() const;  // (E)
   Tensor& expert_bias();

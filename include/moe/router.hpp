@@ -17,13 +17,19 @@ enum class TieBreak { high, low };
 // The router family (docs/routing.md). Names in strings are those of SPEC §5; parsed in
 // src/layer/config.cpp.
 enum class RouterKind { topk_softmax, softmax_topk, sigmoid, expert_choice };
+// Group-limited selection (n_groups > 1): what a group scores, from the selection values
+// s + b of its experts. top2_sum: the sum of its two best (DeepSeek-V3); max: its best
+// (DeepSeek-V2's group_limited_greedy).
+enum class GroupScore { top2_sum, max };
 
 Noise parse_noise(const std::string& s);            // "none" | "fixed" | "learned"
 NoiseScale parse_noise_scale(const std::string& s);  // "softplus" | "linear"
 TieBreak parse_tie_break(const std::string& s);      // "high" | "low"
+GroupScore parse_group_score(const std::string& s);  // "top2_sum" | "max"
 const char* to_string(Noise v);
 const char* to_string(NoiseScale v);
 const char* to_string(TieBreak v);
+const char* to_string(GroupScore v);
 
 struct RouterConfig {
   int64_t d_model = 0;
@@ -40,6 +46,7 @@ struct RouterConfig {
   float scaling_factor = 1.0f;  // multiplies the final gate weights
   int64_t n_groups = 1;         // group-limited selection: E split into n_groups groups...
   int64_t topk_groups = 1;      // ... of which the best topk_groups are eligible
+  GroupScore group_score = GroupScore::top2_sum;  // ... ranked by this score of each group
   float jitter = 0.0f;          // training: router input x·U(1-jitter, 1+jitter)
 
   void validate() const;  // throws moe::Error naming the bad field

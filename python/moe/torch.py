@@ -273,8 +273,11 @@ class MoE(nn.Module):
     if hasattr(_moe.MoE, "from_pretrained"):
         @classmethod
         def from_pretrained(cls, *args, **kwargs) -> "MoE":
-            """``moe.MoE.from_pretrained`` (SPEC §7) as a module."""
-            return cls.from_layer(_moe.MoE.from_pretrained(*args, **kwargs))
+            """``moe.MoE.from_pretrained`` (SPEC §7) as a module, in evaluation mode like
+            transformers' models. With the default masters=False the expert matrices are held
+            in the chosen precision only: the module evaluates (``.train()`` then forward is an
+            error); masters=True keeps trainable fp32 masters."""
+            return cls.from_layer(_moe.MoE.from_pretrained(*args, **kwargs)).eval()
 
     def _attach(self, layer) -> None:
         self.layer = layer            # the moe.MoE this module drives (not a submodule)
@@ -339,7 +342,8 @@ class MoE(nn.Module):
         state["_handle"] = None
         state["_layer_config"] = self.layer.config
         state["_layer_step"] = int(self.layer.step)
-        if self.layer.config.get("bias_update_rate", 0.0):
+        if self.layer.config.get("bias_update_rate", 0.0) or self.layer.config.get(
+                "selection_bias", False):
             state["_layer_expert_bias"] = self.layer.expert_bias
         return state
 

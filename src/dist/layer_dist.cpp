@@ -594,14 +594,16 @@ ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
     const MoEConfig d;
     MOE_REQUIRE(cfg.router_kind == d.router_kind && cfg.renormalize == d.renormalize &&
                     cfg.scaling_factor == d.scaling_factor &&
-                    cfg.aux_loss_kind == d.aux_loss_kind && cfg.bias_update_rate == 0.0f &&
+                    cfg.aux_loss_kind == d.aux_loss_kind && !cfg.uses_selection_bias() &&
+                    cfg.expert != ExpertKind::clamped_swiglu &&
                     cfg.n_groups == 1 && cfg.n_shared_experts == 0 &&
                     cfg.second_expert_policy == d.second_expert_policy && cfg.jitter == 0.0f &&
                     (cfg.drop_policy == DropPolicy::position ||
                      cfg.drop_policy == DropPolicy::probs),
                 "expert parallel: supports the reference router only (router topk_softmax, "
                 "aux_loss switch, drop_policy position|probs, no groups, shared experts, bias "
-                "balancing, random second expert or jitter)");
+                "balancing or selection bias, random second expert, jitter or clamped_swiglu "
+                "experts)");
     fp = config_fingerprint(cfg);
   });
   std::vector<int64_t> all(fp.size() * static_cast<size_t>(P));

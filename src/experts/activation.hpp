@@ -45,4 +45,26 @@ inline S act_grad(Activation a, S z) {
   return S(1);
 }
 
+// clamped_swiglu (GPT-OSS; docs/math.md, "clamped SwiGLU"): from the two pre-activations
+// a1 = x·W1 + b1 and a3 = x·W3 + b3, with g = min(a1, L) and u = clamp(a3, -L, L),
+//   h = (u + 1) · g·σ(α·g).
+// The clamps pass the gradient inside their range, the bounds included (as torch.clamp does),
+// and nothing outside it.
+template <typename S>
+inline S clamped_swiglu(S a1, S a3, S alpha, S limit) {
+  const S g = std::min(a1, limit);
+  const S u = std::min(std::max(a3, -limit), limit);
+  return (u + S(1)) * (g * sigmoid(alpha * g));
+}
+
+// ∂h/∂a1 and ∂h/∂a3 at (a1, a3).
+template <typename S>
+inline void clamped_swiglu_grad(S* d1, S* d3, S a1, S a3, S alpha, S limit) {
+  const S g = std::min(a1, limit);
+  const S u = std::min(std::max(a3, -limit), limit);
+  const S sg = sigmoid(alpha * g);
+  *d1 = a1 <= limit ? (u + S(1)) * sg * (S(1) + alpha * g * (S(1) - sg)) : S(0);
+  *d3 = a3 >= -limit && a3 <= limit ? g * sg : S(0);
+}
+
 }  // namespace moe::detail

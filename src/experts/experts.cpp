@@ -173,22 +173,33 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       gg.run();
       break;
     }
-    case ExpertKind::swiglu: {
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: {
       // hid needs both a1 and a3 tiles, which are different products: a separate pass.
-      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E);
-      add_rowwise(gg, acts.a3, F, x, d, W3, false, F, d, 0.0f, off, E);
+      // clamped_swiglu adds its biases b1, b3 and b2 in the products' epilogues.
+      const bool clamped = s.kind == ExpertKind::clamped_swiglu;
+      TileEpilogue e1, e3, e2;
+      if (clamped) {
+        e1.op = e3.op = e2.op = Op::bias;
+        e1.bias = w.b1;
+        e3.bias = w.b3;
+        e2.bias = w.b2;
+      }
+      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E, e1);
+      add_rowwise(gg, acts.a3, F, x, d, W3, false, F, d, 0.0f, off, E, e3);
       gg.run();
       const float *a1 = acts.a1, *a3 = acts.a3;
+      const float alpha = s.alpha, limit = s.limit;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) {
-        const float h = silu(a1[i]) * a3[i];
+        const float h = clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
         if constexpr (bf16)
           hid[i] = to_bf16(h);
         else
           hid[i] = h;
       }
       add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
-                  E);
+                  E, e2);
       gg.run();
       break;
     }
@@ -221,8 +232,9 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
       break;
     }
     case ExpertKind::mlp:
-    case ExpertKind::swiglu: {
-      const bool glu = s.kind == ExpertKind::swiglu;
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: {
+      const bool glu = gated_kind(s.kind), clamped = s.kind == ExpertKind::clamped_swiglu;
       if (g.db2) add_bias_grad(g.db2, dout, Do, off, E);
       to_bf16_n(dob, dout, R * Do);
       uint16_t* hT = grown(sb.hidT, R * F);
@@ -233,7 +245,30 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
       float* dh = scr.dh;
       uint16_t* dhb = grown(sb.dh, R * F);
       const float* a1 = acts.a1;
-      if (glu) {
+      if (clamped) {
+        // The bias gradients take the unrounded da1 and da3 (kept in dh and scr.da3).
+        uint16_t* da3b = grown(sb.da3, R * F);
+        float* da3 = scr.da3;
+        const float* a3 = acts.a3;
+        const float alpha = s.alpha, limit = s.limit;
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i) {
+          float d1, d3;
+          clamped_swiglu_grad(&d1, &d3, a1[i], a3[i], alpha, limit);
+          da3[i] = dh[i] * d3;
+          dh[i] *= d1;
+          da3b[i] = to_bf16(da3[i]);
+          dhb[i] = to_bf16(dh[i]);
+        }
+        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
+        if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
+        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
+        add_weight_grad(gg, g.dW3, xT, d, da3b, F, off, E);
+        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
+        gg.run();
+        add_rowwise(gg, dxg, d, da3b, F, wb.W3t.data(), false, d, F, 1.0f, off, E);
+        gg.run();
+      } else if (glu) {
         uint16_t* da3b = grown(sb.da3, R * F);
         const float* a3 = acts.a3;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
@@ -279,6 +314,28 @@ void ExpertWeightsBf16::prepare_forward(const ExpertWeights& w, const ExpertShap
   if (w.W2) pack_stack(W2, w.W2, s.E, s.F, s.Do, false);
   if (w.W3) pack_stack(W3, w.W3, s.E, s.d, s.F, false);
   forward_ready = true;
+}
+
+void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
+  const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
+  W1.assign(static_cast<size_t>(s.E * s.d * mid), 0);
+  if (s.kind != ExpertKind::linear_relu) W2.assign(static_cast<size_t>(s.E * s.F * s.Do), 0);
+  // W3: the gated kinds (swiglu, clamped_swiglu).
+  if (s.kind != ExpertKind::linear_relu && s.kind != ExpertKind::mlp)
+    W3.assign(static_cast<size_t>(s.E * s.d * s.F), 0);
+  W1t.clear();
+  W2t.clear();
+  W3t.clear();
+  fixed = forward_ready = true;
+  backward_ready = false;
+}
+
+void ExpertWeightsBf16::assign(int matrix, int64_t e, const float* src, const ExpertShape& s) {
+  const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
+  const int64_t n = matrix == 1 ? s.d * mid : matrix == 2 ? s.F * s.Do : s.d * s.F;
+  std::vector<uint16_t>& W = matrix == 1 ? W1 : matrix == 2 ? W2 : W3;
+  MOE_ASSERT(e >= 0 && e < s.E && static_cast<int64_t>(W.size()) >= (e + 1) * n);
+  to_bf16_n(W.data() + e * n, src, n);
 }
 
 void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {
@@ -343,16 +400,32 @@ void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& sc
       gg.run();
       break;
     }
-    case ExpertKind::swiglu: {
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: {
+      const bool clamped = s.kind == ExpertKind::clamped_swiglu;
+      if (clamped && g.db2) add_bias_grad(g.db2, dout, Do, off, E);
       add_weight_grad(gg, g.dW2, acts.hid, F, dout, Do, off, E);
       add_rowwise(gg, scr.dh, F, dout, Do, w.W2, true, F, Do, 0.0f, off, E);
       gg.run();
       float *dh = scr.dh, *da3 = scr.da3;
       const float *a1 = acts.a1, *a3 = acts.a3;
+      if (clamped) {
+        const float alpha = s.alpha, limit = s.limit;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-      for (int64_t i = 0; i < R * F; ++i) {
-        da3[i] = dh[i] * silu(a1[i]);
-        dh[i] *= a3[i] * act_grad(Activation::silu, a1[i]);  // becomes da1
+        for (int64_t i = 0; i < R * F; ++i) {
+          float d1, d3;
+          clamped_swiglu_grad(&d1, &d3, a1[i], a3[i], alpha, limit);
+          da3[i] = dh[i] * d3;
+          dh[i] *= d1;  // becomes da1
+        }
+        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
+        if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
+      } else {
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i) {
+          da3[i] = dh[i] * silu(a1[i]);
+          dh[i] *= a3[i] * act_grad(Activation::silu, a1[i]);  // becomes da1
+        }
       }
       add_weight_grad(gg, g.dW1, xg, d, dh, F, off, E);
       add_weight_grad(gg, g.dW3, xg, d, da3, F, off, E);

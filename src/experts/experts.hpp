@@ -11,38 +11,49 @@
 
 namespace moe::detail {
 
+// The kinds with a second input product a3 = x·W3 (+ b3).
+inline bool gated_kind(ExpertKind k) {
+  return k == ExpertKind::swiglu || k == ExpertKind::clamped_swiglu;
+}
+
 struct ExpertShape {
   ExpertKind kind = ExpertKind::mlp;
   Activation act = Activation::relu;
-  int64_t E = 0, d = 0, F = 0, Do = 0;  // F: hidden width (mlp, swiglu)
+  int64_t E = 0, d = 0, F = 0, Do = 0;  // F: hidden width (mlp, swiglu, clamped_swiglu)
+  float alpha = 1.702f, limit = 7.0f;   // clamped_swiglu
   static ExpertShape of(const MoEConfig& cfg) {
-    return {cfg.expert, cfg.expert == ExpertKind::mlp ? cfg.activation : Activation::relu,
-            cfg.n_experts, cfg.d_model, cfg.hidden(), cfg.out_dim()};
+    return {cfg.expert,        cfg.expert == ExpertKind::mlp ? cfg.activation : Activation::relu,
+            cfg.n_experts,     cfg.d_model,
+            cfg.hidden(),      cfg.out_dim(),
+            cfg.swiglu_alpha,  cfg.swiglu_limit};
   }
 };
 
 // Stacked weights: linear_relu W1 (E, d, Do), b1 (E, Do); mlp W1 (E, d, F), b1 (E, F),
-// W2 (E, F, Do), b2 (E, Do); swiglu W1 (E, d, F), W2 (E, F, Do), W3 (E, d, F). Biases may be
-// null.
+// W2 (E, F, Do), b2 (E, Do); swiglu W1 (E, d, F), W2 (E, F, Do), W3 (E, d, F); clamped_swiglu
+// those of swiglu and b1 (E, F), b2 (E, Do), b3 (E, F). Biases may be null.
 struct ExpertWeights {
-  const float *W1 = nullptr, *b1 = nullptr, *W2 = nullptr, *b2 = nullptr, *W3 = nullptr;
+  const float *W1 = nullptr, *b1 = nullptr, *W2 = nullptr, *b2 = nullptr, *W3 = nullptr,
+              *b3 = nullptr;
 };
 struct ExpertGrads {  // same shapes, accumulated (+=)
-  float *dW1 = nullptr, *db1 = nullptr, *dW2 = nullptr, *db2 = nullptr, *dW3 = nullptr;
+  float *dW1 = nullptr, *db1 = nullptr, *dW2 = nullptr, *db2 = nullptr, *dW3 = nullptr,
+        *db3 = nullptr;
 };
 
 // Activations saved by forward for backward, (R, ·) each.
 struct ExpertActs {
-  float* a1 = nullptr;   // (R, F) x·W1 + b1 (mlp, swiglu)
-  float* a3 = nullptr;   // (R, F) x·W3 (swiglu)
-  float* hid = nullptr;  // (R, F) act(a1) (mlp) or silu(a1)⊙a3 (swiglu)
+  float* a1 = nullptr;   // (R, F) x·W1 + b1 (mlp, swiglu, clamped_swiglu)
+  float* a3 = nullptr;   // (R, F) x·W3 (+ b3) (swiglu, clamped_swiglu)
+  float* hid = nullptr;  // (R, F) act(a1) (mlp), silu(a1)⊙a3 (swiglu) or
+                         // clamped_swiglu(a1, a3)
   float* out = nullptr;  // (R, Do) expert output
 };
 
 // Scratch of backward, (R, ·) each.
 struct ExpertScratch {
-  float* dh = nullptr;   // (R, F) mlp, swiglu
-  float* da3 = nullptr;  // (R, F) swiglu
+  float* dh = nullptr;   // (R, F) mlp, swiglu, clamped_swiglu
+  float* da3 = nullptr;  // (R, F) swiglu, clamped_swiglu
 };
 
 // precision "bf16" (SPEC §6): bf16 copies of the fp32 master weights, each expert's matrix
@@ -58,8 +69,19 @@ struct ExpertWeightsBf16 {
   std::vector<uint16_t> W1, W2, W3;
   std::vector<uint16_t> W1t, W2t, W3t;
   bool forward_ready = false, backward_ready = false;
+  // The copies are the weights (a layer without fp32 masters, LayerOptions): never made again
+  // from masters, never invalidated; assign() writes them.
+  bool fixed = false;
 
-  void invalidate() { forward_ready = backward_ready = false; }
+  void invalidate() {
+    if (!fixed) forward_ready = backward_ready = false;
+  }
+  // Zeroed forward copies for s, marked fixed and ready: the layer holds no masters.
+  void hold_only(const ExpertShape& s);
+  // Expert e's matrix (1: W1, 2: W2, 3: W3) from src, fp32 in the masters' per-expert layout
+  // ((d, ·), (F, Do), (d, F)), rounded to bf16 into the forward copy. The copies' layout is
+  // this struct's business: writers outside go through here.
+  void assign(int matrix, int64_t e, const float* src, const ExpertShape& s);
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
   // Expert e's slot of a stack of packed (K, N) matrices (sized for E of them) = bf16 of the

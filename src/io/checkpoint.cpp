@@ -11,8 +11,8 @@ using detail::cat;
 
 namespace {
 constexpr const char* kConfigKey = "moe_config";
-// The selection bias of bias_update_rate > 0 (state, not a parameter): saved only when the
-// rate is on; a checkpoint without it loads as zeros.
+// The selection bias of bias_update_rate > 0 or selection_bias (state, not a parameter):
+// saved only when it takes part in routing; a checkpoint without it loads as zeros.
 constexpr const char* kExpertBiasKey = "expert_bias";
 }
 
@@ -28,7 +28,7 @@ void save_checkpoint(const MoELayer& layer, const std::string& path,
   std::vector<std::pair<std::string, const Tensor*>> tensors;
   for (const std::string& name : layer.parameter_names())
     tensors.emplace_back(name, &layer.param(name));
-  if (layer.config().bias_update_rate > 0.0f)
+  if (layer.config().uses_selection_bias())
     tensors.emplace_back(kExpertBiasKey, &layer.expert_bias());
   tensors.insert(tensors.end(), extras.tensors.begin(), extras.tensors.end());
 
@@ -66,7 +66,7 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
     found.push_back(&t->tensor);
   }
   const NamedTensor* bias = nullptr;
-  if (layer.config().bias_update_rate > 0.0f) {
+  if (layer.config().uses_selection_bias()) {
     bias = file.find(kExpertBiasKey);
     const std::vector<int64_t> want{layer.config().n_experts};
     MOE_REQUIRE(bias == nullptr || bias->tensor.shape == want, what, ": tensor '",
@@ -81,7 +81,7 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
     }
   }
   for (size_t i = 0; i < names.size(); ++i) layer.param(names[i]).data = found[i]->data;
-  if (layer.config().bias_update_rate > 0.0f) {
+  if (layer.config().uses_selection_bias()) {
     Tensor& b = layer.expert_bias();
     b = Tensor({layer.config().n_experts});
     if (bias) b.data = bias->tensor.data;

@@ -77,6 +77,8 @@ std::string config_to_json(const MoEConfig& c) {
   j["d_out"] = c.d_out;
   j["activation"] = to_string(c.activation);
   j["expert_bias"] = c.expert_bias;
+  j["swiglu_alpha"] = float_json(c.swiglu_alpha);
+  j["swiglu_limit"] = float_json(c.swiglu_limit);
   j["capacity_factor"] = c.capacity_factor ? ojson(*c.capacity_factor) : ojson(nullptr);
   j["drop_policy"] = to_string(c.drop_policy);
   j["noise"] = to_string(c.noise);
@@ -98,7 +100,10 @@ std::string config_to_json(const MoEConfig& c) {
   j["bias_update_rate"] = float_json(c.bias_update_rate);
   j["n_groups"] = c.n_groups;
   j["topk_groups"] = c.topk_groups;
+  j["group_score"] = to_string(c.group_score);
+  j["selection_bias"] = c.selection_bias;
   j["n_shared_experts"] = c.n_shared_experts;
+  j["shared_d_ff"] = c.shared_d_ff;
   j["shared_gate"] = c.shared_gate;
   j["second_expert_policy"] = to_string(c.second_expert_policy);
   j["jitter"] = float_json(c.jitter);
@@ -127,6 +132,8 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "d_out") c.d_out = get_int(v, k);
     else if (key == "activation") c.activation = parse_activation(get_string(v, k));
     else if (key == "expert_bias") c.expert_bias = get_bool(v, k);
+    else if (key == "swiglu_alpha") c.swiglu_alpha = get_float(v, k);
+    else if (key == "swiglu_limit") c.swiglu_limit = get_float(v, k);
     else if (key == "capacity_factor")
       c.capacity_factor = v.is_null() ? std::nullopt : std::optional<double>(get_double(v, k));
     else if (key == "drop_policy") c.drop_policy = parse_drop_policy(get_string(v, k));
@@ -149,7 +156,10 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "bias_update_rate") c.bias_update_rate = get_float(v, k);
     else if (key == "n_groups") c.n_groups = get_int(v, k);
     else if (key == "topk_groups") c.topk_groups = get_int(v, k);
+    else if (key == "group_score") c.group_score = parse_group_score(get_string(v, k));
+    else if (key == "selection_bias") c.selection_bias = get_bool(v, k);
     else if (key == "n_shared_experts") c.n_shared_experts = get_int(v, k);
+    else if (key == "shared_d_ff") c.shared_d_ff = get_int(v, k);
     else if (key == "shared_gate") c.shared_gate = get_bool(v, k);
     else if (key == "second_expert_policy")
       c.second_expert_policy = parse_second_expert_policy(get_string(v, k));

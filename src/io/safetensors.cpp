@@ -17,6 +17,7 @@
 
 #include "common/check.hpp"
 #include "io/io_util.hpp"
+#include "io/safetensors_header.hpp"
 #include "moe/checkpoint.hpp"
 
 namespace moe {
@@ -27,11 +28,7 @@ static_assert(std::endian::native == std::endian::little,
 using detail::cat;
 using ojson = nlohmann::ordered_json;
 
-namespace {
-
-constexpr const char* kMetadataKey = "__metadata__";
-
-// ---- dtypes ---------------------------------------------------------------------------------
+namespace detail {
 
 float f16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -56,16 +53,34 @@ float f16_to_float(uint16_t h) {
   return std::bit_cast<float>(bits);
 }
 
+}  // namespace detail
+
+namespace {
+
+using detail::f16_to_float;
+
+constexpr const char* kMetadataKey = "__metadata__";
+
+// ---- dtypes ---------------------------------------------------------------------------------
+
 struct DType {
   const char* name;
   size_t itemsize;
+  bool float_readable;  // load_safetensors converts it to float32
 };
-// F32 is what libmoe writes; the others are read and widened/narrowed to float32.
-constexpr DType kDTypes[] = {{"F32", 4}, {"F64", 8}, {"F16", 2}, {"BF16", 2}};
+// F32 is what libmoe writes; F64, F16 and BF16 are read and widened/narrowed to float32. The
+// other dtypes of the format are known by size only: the header reader of pretrained folders
+// (safetensors_header.hpp) accepts them, and the loader of src/io/pretrained*.cpp decodes the
+// ones it needs (F8_E4M3, U8).
+constexpr DType kDTypes[] = {
+    {"F32", 4, true},      {"F64", 8, true},      {"F16", 2, true},     {"BF16", 2, true},
+    {"F8_E4M3", 1, false}, {"F8_E5M2", 1, false}, {"F8_E8M0", 1, false}, {"U8", 1, false},
+    {"I8", 1, false},      {"BOOL", 1, false},    {"I16", 2, false},    {"U16", 2, false},
+    {"I32", 4, false},     {"U32", 4, false},     {"I64", 8, false},    {"U64", 8, false}};
 
-const DType* find_dtype(const std::string& s) {
+const DType* find_dtype(const std::string& s, bool any_dtype) {
   for (const DType& d : kDTypes)
-    if (s == d.name) return &d;
+    if (s == d.name && (any_dtype || d.float_readable)) return &d;
   return nullptr;
 }
 
@@ -120,55 +135,6 @@ bool json_depth_within(const std::string& s, int limit, size_t* where) {
   return true;
 }
 
-ojson parse_header_json(const std::string& text, const std::string& what) {
-  size_t where = 0;
-  if (!detail::utf8_valid(text, &where))
-    throw Error(cat(what, ": header is not valid UTF-8 (byte ", where, " of the header)"));
-  // nlohmann's lexer stops at a NUL byte as if the input ended there, which would accept
-  // "{}" followed by garbage; raw NUL is never valid JSON, so refuse it here.
-  if (const size_t nul = text.find('\0'); nul != std::string::npos)
-    throw Error(cat(what, ": header is not valid JSON (a NUL byte at byte ", nul,
-                    " of the header)"));
-  if (!json_depth_within(text, kSafetensorsMaxJsonDepth, &where))
-    throw Error(cat(what, ": header JSON is nested deeper than ", kSafetensorsMaxJsonDepth,
-                    " levels (at byte ", where, " of the header)"));
-
-  // Duplicate keys are legal JSON but ambiguous here (which tensor is meant?), and nlohmann
-  // keeps one silently, so the callback tracks the keys of every open object.
-  std::vector<std::set<std::string>> open_keys;
-  std::string duplicate;
-  auto cb = [&](int /*depth*/, ojson::parse_event_t ev, ojson& parsed) {
-    switch (ev) {
-      case ojson::parse_event_t::object_start:
-      case ojson::parse_event_t::array_start:
-        open_keys.emplace_back();
-        break;
-      case ojson::parse_event_t::object_end:
-      case ojson::parse_event_t::array_end:
-        if (!open_keys.empty()) open_keys.pop_back();
-        break;
-      case ojson::parse_event_t::key:
-        if (!open_keys.empty() && parsed.is_string()) {
-          const auto& k = parsed.get_ref<const std::string&>();
-          if (!open_keys.back().insert(k).second) {
-            duplicate = k;
-            throw Error("");  // replaced below with a message naming the key
-          }
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
-  try {
-    return ojson::parse(text, cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const Error&) {
-    throw Error(cat(what, ": header has the key '", duplicate, "' twice"));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(cat(what, ": header is not valid JSON (", e.what(), ")"));
-  }
-}
 
 // A JSON number that is a whole number in 0..INT64_MAX.
 bool as_index(const ojson& j, uint64_t* out) {
@@ -184,16 +150,10 @@ bool as_index(const ojson& j, uint64_t* out) {
   return *out <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
 }
 
-struct Entry {
-  std::string name;
-  std::string dtype;
-  std::vector<int64_t> shape;
-  uint64_t numel = 0;
-  uint64_t begin = 0, end = 0;  // relative to the start of the data section
-};
+using Entry = detail::StEntry;
 
 Entry check_entry(const std::string& name, const ojson& j, uint64_t data_size,
-                  const std::string& what) {
+                  const std::string& what, bool any_dtype) {
   const std::string where = cat(what, ": tensor '", name, "'");
   if (!j.is_object()) throw Error(cat(where, ": entry must be a JSON object, got ", j.type_name()));
   Entry e;
@@ -202,10 +162,11 @@ Entry check_entry(const std::string& name, const ojson& j, uint64_t data_size,
   const auto dt = j.find("dtype");
   if (dt == j.end() || !dt->is_string()) throw Error(cat(where, ": missing string field 'dtype'"));
   e.dtype = dt->get<std::string>();
-  const DType* dtype = find_dtype(e.dtype);
+  const DType* dtype = find_dtype(e.dtype, any_dtype);
   if (!dtype)
-    throw Error(cat(where, ": unsupported dtype '", e.dtype,
-                    "' (libmoe reads F32, F64, F16 and BF16)"));
+    throw Error(cat(where, any_dtype ? ": unknown dtype '" : ": unsupported dtype '", e.dtype,
+                    any_dtype ? "' (not a dtype of the safetensors format)"
+                              : "' (libmoe reads F32, F64, F16 and BF16)"));
 
   const auto sh = j.find("shape");
   if (sh == j.end() || !sh->is_array()) throw Error(cat(where, ": missing array field 'shape'"));
@@ -294,7 +255,7 @@ struct FileSource final : ByteSource {
   }
 };
 
-SafetensorsFile parse_source(const ByteSource& src, const std::string& what) {
+detail::StHeader read_header(const ByteSource& src, const std::string& what, bool any_dtype) {
   const uint64_t size = src.size();
   if (size < 8)
     throw Error(cat(what, ": file is ", size, " bytes, too short for the 8-byte header length"));
@@ -313,12 +274,14 @@ SafetensorsFile parse_source(const ByteSource& src, const std::string& what) {
   const uint64_t data_start = 8 + n;
   const uint64_t data_size = size - data_start;
 
-  const ojson header = parse_header_json(text, what);
+  const ojson header = detail::parse_json_checked(text, what, "header");
   if (!header.is_object())
     throw Error(cat(what, ": header must be a JSON object, got ", header.type_name()));
 
-  SafetensorsFile out;
-  std::vector<Entry> entries;
+  detail::StHeader out;
+  out.data_start = data_start;
+  out.data_size = data_size;
+  std::vector<Entry>& entries = out.entries;
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == kMetadataKey) {
       if (!it->is_object())
@@ -332,7 +295,7 @@ SafetensorsFile parse_source(const ByteSource& src, const std::string& what) {
       }
       continue;
     }
-    entries.push_back(check_entry(it.key(), *it, data_size, what));
+    entries.push_back(check_entry(it.key(), *it, data_size, what, any_dtype));
   }
 
   // Two tensors must not share bytes. Empty tensors occupy nothing and cannot overlap.
@@ -347,6 +310,15 @@ SafetensorsFile parse_source(const ByteSource& src, const std::string& what) {
       throw Error(cat(what, ": tensors '", by_offset[i - 1]->name, "' [", by_offset[i - 1]->begin,
                       ", ", by_offset[i - 1]->end, ") and '", by_offset[i]->name, "' [",
                       by_offset[i]->begin, ", ", by_offset[i]->end, ") overlap"));
+  return out;
+}
+
+SafetensorsFile parse_source(const ByteSource& src, const std::string& what) {
+  const detail::StHeader h = read_header(src, what, /*any_dtype=*/false);
+  const uint64_t data_start = h.data_start;
+  const std::vector<Entry>& entries = h.entries;
+  SafetensorsFile out;
+  out.metadata = h.metadata;
 
   // Every size is now bounded by the file's, so allocation is safe.
   std::vector<uint8_t> raw;
@@ -382,6 +354,70 @@ SafetensorsFile parse_safetensors(const uint8_t* bytes, size_t size, const std::
   MOE_REQUIRE(bytes != nullptr || size == 0, "parse_safetensors: bytes is null");
   return parse_source(MemorySource(bytes, size), cat("safetensors data ", what));
 }
+
+namespace detail {
+
+ojson parse_json_checked(const std::string& text, const std::string& what, const char* part) {
+  size_t where = 0;
+  if (!detail::utf8_valid(text, &where))
+    throw Error(cat(what, ": ", part, " is not valid UTF-8 (byte ", where, " of the ", part, ")"));
+  // nlohmann's lexer stops at a NUL byte as if the input ended there, which would accept
+  // "{}" followed by garbage; raw NUL is never valid JSON, so refuse it here.
+  if (const size_t nul = text.find('\0'); nul != std::string::npos)
+    throw Error(cat(what, ": ", part, " is not valid JSON (a NUL byte at byte ", nul,
+                    " of the ", part, ")"));
+  if (!json_depth_within(text, kSafetensorsMaxJsonDepth, &where))
+    throw Error(cat(what, ": ", part, " JSON is nested deeper than ", kSafetensorsMaxJsonDepth,
+                    " levels (at byte ", where, " of the ", part, ")"));
+
+  // Duplicate keys are legal JSON but ambiguous here (which tensor is meant?), and nlohmann
+  // keeps one silently, so the callback tracks the keys of every open object.
+  std::vector<std::set<std::string>> open_keys;
+  std::string duplicate;
+  auto cb = [&](int /*depth*/, ojson::parse_event_t ev, ojson& parsed) {
+    switch (ev) {
+      case ojson::parse_event_t::object_start:
+      case ojson::parse_event_t::array_start:
+        open_keys.emplace_back();
+        break;
+      case ojson::parse_event_t::object_end:
+      case ojson::parse_event_t::array_end:
+        if (!open_keys.empty()) open_keys.pop_back();
+        break;
+      case ojson::parse_event_t::key:
+        if (!open_keys.empty() && parsed.is_string()) {
+          const auto& k = parsed.get_ref<const std::string&>();
+          if (!open_keys.back().insert(k).second) {
+            duplicate = k;
+            throw Error("");  // replaced below with a message naming the key
+          }
+        }
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  try {
+    return ojson::parse(text, cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const Error&) {
+    throw Error(cat(what, ": ", part, " has the key '", duplicate, "' twice"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(cat(what, ": ", part, " is not valid JSON (", e.what(), ")"));
+  }
+}
+
+size_t safetensors_dtype_size(const std::string& dtype) {
+  const DType* d = find_dtype(dtype, /*any_dtype=*/true);
+  return d ? d->itemsize : 0;
+}
+
+StHeader parse_safetensors_header(const uint8_t* bytes, size_t size, const std::string& what) {
+  MOE_REQUIRE(bytes != nullptr || size == 0, "parse_safetensors_header: bytes is null");
+  return read_header(MemorySource(bytes, size), what, /*any_dtype=*/true);
+}
+
+}  // namespace detail
 
 SafetensorsFile load_safetensors(const std::string& path) {
   FileSource src(path);

@@ -14,7 +14,9 @@ ExpertKind parse_expert_kind(const std::string& s) {
   if (s == "linear_relu") return ExpertKind::linear_relu;
   if (s == "mlp") return ExpertKind::mlp;
   if (s == "swiglu") return ExpertKind::swiglu;
-  throw Error(cat("expert: unknown kind '", s, "' (expected linear_relu, mlp or swiglu)"));
+  if (s == "clamped_swiglu") return ExpertKind::clamped_swiglu;
+  throw Error(cat("expert: unknown kind '", s,
+                  "' (expected linear_relu, mlp, swiglu or clamped_swiglu)"));
 }
 Activation parse_activation(const std::string& s) {
   if (s == "relu") return Activation::relu;
@@ -62,7 +64,13 @@ const char* to_string(Precision v) {
   return v == Precision::fp32 ? "fp32" : v == Precision::bf16 ? "bf16" : "int8";
 }
 const char* to_string(ExpertKind v) {
-  return v == ExpertKind::linear_relu ? "linear_relu" : v == ExpertKind::mlp ? "mlp" : "swiglu";
+  switch (v) {
+    case ExpertKind::linear_relu: return "linear_relu";
+    case ExpertKind::mlp: return "mlp";
+    case ExpertKind::swiglu: return "swiglu";
+    case ExpertKind::clamped_swiglu: return "clamped_swiglu";
+  }
+  return "?";
 }
 const char* to_string(Activation v) {
   return v == Activation::relu ? "relu" : v == Activation::gelu ? "gelu" : "silu";
@@ -114,6 +122,7 @@ RouterConfig MoEConfig::router() const {
   r.scaling_factor = scaling_factor;
   r.n_groups = n_groups;
   r.topk_groups = topk_groups;
+  r.group_score = group_score;
   r.jitter = jitter;
   return r;
 }
@@ -142,7 +151,18 @@ void MoEConfig::validate() const {
   constexpr int64_t kMaxWidth = int64_t{1} << 24;
   MOE_REQUIRE(d_model <= kMaxWidth, "d_model: too large, got ", d_model);
   MOE_REQUIRE(hidden() <= kMaxWidth, "d_ff: too large, got ", hidden());
+  MOE_REQUIRE(shared_hidden() <= kMaxWidth, "shared_d_ff: too large, got ", shared_hidden());
   MOE_REQUIRE(out_dim() <= kMaxWidth, "d_out: too large, got ", out_dim());
+  MOE_REQUIRE(std::isfinite(swiglu_alpha) && swiglu_alpha > 0.0f,
+              "swiglu_alpha: must be finite and > 0, got ", swiglu_alpha);
+  MOE_REQUIRE(std::isfinite(swiglu_limit) && swiglu_limit > 0.0f,
+              "swiglu_limit: must be finite and > 0, got ", swiglu_limit);
+  MOE_REQUIRE(shared_d_ff >= 0, "shared_d_ff: must be >= 0 (0 means d_ff), got ", shared_d_ff);
+  MOE_REQUIRE(shared_d_ff == 0 || n_shared_experts > 0,
+              "shared_d_ff: needs n_shared_experts > 0, got shared_d_ff ", shared_d_ff);
+  MOE_REQUIRE(shared_d_ff == 0 || expert != ExpertKind::linear_relu,
+              "shared_d_ff: linear_relu experts have no hidden width, got shared_d_ff ",
+              shared_d_ff);
   MOE_REQUIRE(precision != Precision::int8,
               "precision: 'int8' is not available yet in this build (expected fp32 or bf16)");
   router().validate();
@@ -162,7 +182,11 @@ void MoEConfig::validate() const {
   // An upper bound over every kind: W_g, W_noise, b_g, then W1, W3, W2, b1, b2 per expert.
   const int64_t per_expert = add(add(mul(hidden(), add(mul(2, d_model), out_dim())), hidden()),
                                  add(out_dim(), add(mul(2, d_model), 1)));
-  const int64_t total = mul(add(n_experts, n_shared_experts), per_expert);
+  const int64_t per_shared =
+      add(add(mul(shared_hidden(), add(mul(2, d_model), out_dim())), mul(2, shared_hidden())),
+          add(out_dim(), add(mul(2, d_model), 1)));
+  const int64_t total = add(mul(n_experts, add(per_expert, hidden())),
+                            mul(n_shared_experts, per_shared));
   MOE_REQUIRE(total <= kMaxParams, "n_experts, d_model, d_ff, d_out: too large together (",
               n_experts, " experts of ", d_model, "x", hidden(), "x", out_dim(),
               " need more than 2^40 parameters)");

@@ -30,6 +30,14 @@ std::vector<ParamSpec> parameter_specs(const MoEConfig& cfg) {
       s.push_back({"W2", {E, F, Do}});
       s.push_back({"W3", {E, d, F}});
       break;
+    case ExpertKind::clamped_swiglu:
+      s.push_back({"W1", {E, d, F}});
+      if (cfg.expert_bias) s.push_back({"b1", {E, F}});
+      s.push_back({"W2", {E, F, Do}});
+      if (cfg.expert_bias) s.push_back({"b2", {E, Do}});
+      s.push_back({"W3", {E, d, F}});
+      if (cfg.expert_bias) s.push_back({"b3", {E, F}});
+      break;
   }
   shared_parameter_specs(s, cfg);  // Ws1, ... when n_shared_experts > 0
   return s;

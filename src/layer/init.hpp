@@ -15,7 +15,8 @@ struct ParamSpec {
 
 // W_g (d,E); b_g (E) if router_bias; W_noise (d,E) if learned noise; then the experts:
 // linear_relu W1 (E,d,Do), b1 (E,Do)?; mlp W1 (E,d,F), b1 (E,F)?, W2 (E,F,Do), b2 (E,Do)?;
-// swiglu W1 (E,d,F), W2 (E,F,Do), W3 (E,d,F).
+// swiglu W1 (E,d,F), W2 (E,F,Do), W3 (E,d,F); clamped_swiglu W1, b1? (E,F), W2, b2? (E,Do),
+// W3, b3? (E,F).
 std::vector<ParamSpec> parameter_specs(const MoEConfig& cfg);
 
 // Experts: N(0, 1/fan_in) (LeCun normal; fan_in = the weight's input width). Router weights:

@@ -80,7 +80,12 @@ struct MoELayer::Impl {
   detail::ExpertScratchBf16 sb;
   detail::ExpertsBf16 bf16_state{&wb, &sb};
 
-  // Selection bias (bias_update_rate > 0) and the load that its next update uses.
+  // LayerOptions::masters: false once the expert matrices live only in the layer's precision
+  // (then specs/names/params leave them out).
+  bool masters = true;
+
+  // Selection bias (bias_update_rate > 0 or selection_bias) and the load that its next
+  // update uses (bias_update_rate > 0).
   Tensor sel_bias;
   std::vector<int64_t> bias_load;  // (E), empty when consumed
 
@@ -95,6 +100,11 @@ struct MoELayer::Impl {
   size_t find(const std::string& name) const {
     auto it = index.find(name);
     if (it == index.end()) {
+      if (!masters && (name == "W1" || name == "W2" || name == "W3" || name == "Ws1" ||
+                       name == "Ws2" || name == "Ws3"))
+        throw Error(cat(name, ": not held as an fp32 tensor; this layer keeps its expert "
+                        "matrices in ", to_string(cfg.precision), " only (no masters: built "
+                        "for evaluation, e.g. by from_pretrained)"));
       std::string known;
       for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
       throw Error(cat("parameter: unknown name '", name, "' (this layer has ", known, ")"));
@@ -112,10 +122,10 @@ struct MoELayer::Impl {
   }
   RouterParams router_params() const {
     return {p("W_g"), p("b_g"), p("W_noise"),
-            cfg.bias_update_rate > 0.0f ? sel_bias.ptr() : nullptr};
+            cfg.uses_selection_bias() ? sel_bias.ptr() : nullptr};
   }
   detail::ExpertWeights expert_weights() const {
-    return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3")};
+    return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3"), p("b3")};
   }
   const detail::ExpertsBf16* bf16() const {
     return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
@@ -124,18 +134,65 @@ struct MoELayer::Impl {
     return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
             &gg};
   }
+  // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
+  void check_params() const {
+    for (size_t i = 0; i < specs.size(); ++i)
+      MOE_REQUIRE(params[i].shape == specs[i].shape &&
+                      params[i].numel() == Tensor::numel_of(specs[i].shape),
+                  specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
+                  Tensor::numel_of(specs[i].shape), " values, got ", shape_str(params[i].shape),
+                  " with ", params[i].numel());
+  }
   detail::SharedWeights shared_weights() const {
-    return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate")};
+    return {p("Ws1"), p("bs1"), p("Ws2"), p("bs2"), p("Ws3"), p("w_shared_gate"), p("bs3")};
   }
 };
 
-MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
+namespace {
+
+// The expert matrices that a layer may hold without fp32 masters (LayerOptions), and which of
+// the bf16 copies (1: W1, 2: W2, 3: W3) each one is.
+int expert_matrix_slot(const std::string& name) {
+  if (name == "W1" || name == "Ws1") return 1;
+  if (name == "W2" || name == "Ws2") return 2;
+  if (name == "W3" || name == "Ws3") return 3;
+  return 0;
+}
+
+// The stack that W1 (routed) or Ws1 (shared) starts, as an ExpertShape, from the specs.
+detail::ExpertShape stack_shape(const std::vector<detail::ParamSpec>& specs, const MoEConfig& cfg,
+                                bool shared) {
+  detail::ExpertShape s = detail::ExpertShape::of(cfg);
+  for (const auto& spec : specs) {
+    if (spec.name == (shared ? "Ws1" : "W1")) {
+      s.E = spec.shape[0];
+      if (s.kind != ExpertKind::linear_relu) s.F = spec.shape[2];
+    }
+    if (spec.name == (shared ? "Ws2" : "W2")) s.Do = spec.shape[2];
+  }
+  return s;
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const MoEConfig& cfg) : MoELayer(cfg, LayerOptions{}) {}
+
+MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
+    : impl_(std::make_unique<Impl>()) {
   cfg.validate();
   Impl& m = *impl_;
   m.cfg = cfg;
   m.rcfg = cfg.router();
   m.shape = detail::ExpertShape::of(cfg);
   m.specs = detail::parameter_specs(cfg);
+  const std::vector<detail::ParamSpec> all_specs = m.specs;
+  m.masters = opt.masters || cfg.precision == Precision::fp32;
+  if (!m.masters)
+    m.specs.erase(std::remove_if(m.specs.begin(), m.specs.end(),
+                                 [](const detail::ParamSpec& p) {
+                                   return expert_matrix_slot(p.name) != 0;
+                                 }),
+                  m.specs.end());
   int64_t floats = 0;  // validate() bounded the sum
   for (const auto& spec : m.specs) floats += Tensor::numel_of(spec.shape);
   // Gradients are allocated on first use (backward, grad()): a layer used only for
@@ -148,8 +205,76 @@ MoELayer::MoELayer(const MoEConfig& cfg) : impl_(std::make_unique<Impl>()) {
       m.grads.emplace_back();
     }
   });
-  detail::init_parameters(m.params, m.names, cfg);
+  if (opt.initialise) detail::init_parameters(m.params, m.names, cfg);  // else the zeros
   m.sel_bias = Tensor({cfg.n_experts});
+  if (!m.masters) {
+    int64_t held = 0;  // the copies in the layer's precision, 2 bytes a value in bf16
+    for (const auto& spec : all_specs)
+      if (expert_matrix_slot(spec.name)) held += Tensor::numel_of(spec.shape);
+    allocate_or_throw("expert weights (bf16)", held / 2, [&] {
+      m.wb.hold_only(stack_shape(all_specs, cfg, false));
+      if (cfg.n_shared_experts > 0)
+        m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true));
+    });
+  }
+}
+
+void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float* src) {
+  Impl& m = *impl_;
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  const detail::ParamSpec* spec = nullptr;
+  for (const auto& p : specs)
+    if (p.name == name) spec = &p;
+  MOE_REQUIRE(slot != 0 && spec != nullptr, "set_expert_matrix: '", name,
+              "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
+  MOE_REQUIRE(e >= 0 && e < spec->shape[0], "set_expert_matrix: expert ", e, " of ", name,
+              " out of range 0..", spec->shape[0] - 1);
+  MOE_REQUIRE(src != nullptr, "set_expert_matrix: src is null");
+  const int64_t n = spec->shape[1] * spec->shape[2];
+  if (m.masters) {
+    std::copy(src, src + n, param(name).data.begin() + e * n);  // param() marks the copies stale
+    return;
+  }
+  const bool shared = name[1] == 's';
+  detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
+  wb.assign(slot, e, src, stack_shape(specs, m.cfg, shared));
+}
+
+bool MoELayer::holds_masters() const { return impl_->masters; }
+
+void MoELayer::drop_masters() {
+  Impl& m = *impl_;
+  if (!m.masters || m.cfg.precision == Precision::fp32) return;
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  m.wb.invalidate();
+  m.wb.prepare_forward(m.expert_weights(), m.shape);
+  m.wb.fixed = true;
+  if (m.cfg.n_shared_experts > 0) {
+    // The shared stack's copies, made the same way from its masters.
+    const detail::SharedWeights sw = m.shared_weights();
+    detail::ExpertWeightsBf16& sb = m.shared.bf16_weights();
+    sb.invalidate();
+    sb.prepare_forward({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3}, stack_shape(specs, m.cfg, true));
+    sb.fixed = true;
+  }
+  std::vector<detail::ParamSpec> keep_specs;
+  std::vector<std::string> keep_names;
+  std::vector<Tensor> keep_params, keep_grads;
+  m.index.clear();
+  for (size_t i = 0; i < m.specs.size(); ++i) {
+    if (expert_matrix_slot(m.specs[i].name)) continue;
+    m.index[m.specs[i].name] = keep_names.size();
+    keep_specs.push_back(m.specs[i]);
+    keep_names.push_back(m.names[i]);
+    keep_params.push_back(std::move(m.params[i]));
+    keep_grads.push_back(std::move(m.grads[i]));
+  }
+  m.specs = std::move(keep_specs);
+  m.names = std::move(keep_names);
+  m.params = std::move(keep_params);
+  m.grads = std::move(keep_grads);
+  m.masters = false;
 }
 
 MoELayer::~MoELayer() = default;
@@ -210,15 +335,12 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(T * cfg.k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y), "forward: x and y must not be null");
-  // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
-  const auto& specs = m.specs;
-  for (size_t i = 0; i < specs.size(); ++i)
-    MOE_REQUIRE(m.params[i].shape == specs[i].shape &&
-                    m.params[i].numel() == Tensor::numel_of(specs[i].shape),
-                specs[i].name, ": expected shape ", shape_str(specs[i].shape), " with ",
-                Tensor::numel_of(specs[i].shape), " values, got ", shape_str(m.params[i].shape),
-                " with ", m.params[i].numel());
-  if (cfg.bias_update_rate > 0.0f) {
+  MOE_REQUIRE(!opt.training || m.masters,
+              "forward: training needs the fp32 masters of the experts (W1, ...); this layer "
+              "holds them in ", to_string(cfg.precision),
+              " only (built for evaluation, e.g. by from_pretrained): pass training=false");
+  m.check_params();
+  if (cfg.uses_selection_bias()) {
     MOE_REQUIRE(m.sel_bias.numel() == cfg.n_experts, "expert_bias: expected ", cfg.n_experts,
                 " values, got ", m.sel_bias.numel());
     for (int64_t e = 0; e < cfg.n_experts; ++e)
@@ -319,6 +441,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
+  MOE_REQUIRE(m.masters, "backward: needs the fp32 masters of the experts (W1, ...); this layer "
+              "holds them in ", to_string(m.cfg.precision), " only (evaluation only)");
   m.ensure_grads();
   // An optimizer step follows a backward: the bf16 copies are made again before the next
   // forward (and this backward's transposed copies from the masters as they are now).
@@ -329,7 +453,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   if (T == 0) return;
   if (cfg.router_kind == RouterKind::expert_choice) {
     RouterGrads rg{m.g("W_g"), m.g("b_g"), m.g("W_noise")};
-    detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+    detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
     detail::expert_choice_backward(dx, rg, eg, dy, m.ec_plan, m.routing, m.expert_choice_layer(T));
     return;
   }
@@ -365,7 +489,7 @@ void MoELayer::backward(float* dx, const float* dy) {
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::ExpertScratch scr{b.dh, b.da3};
-  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3")};
+  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
                            plan.offsets.data(), m.shape, m.gg, m.bf16());
 
@@ -434,8 +558,66 @@ void MoELayer::backward(float* dx, const float* dy) {
   }
   if (cfg.n_shared_experts > 0) {
     detail::SharedGrads sg{m.g("Ws1"), m.g("bs1"), m.g("Ws2"), m.g("bs2"), m.g("Ws3"),
-                           m.g("w_shared_gate")};
+                           m.g("w_shared_gate"), m.g("bs3")};
     m.shared.backward(dx, sg, dy, m.shared_weights(), cfg);
+  }
+}
+
+void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t* indices,
+                              const float* weights, int64_t k) {
+  Impl& m = *impl_;
+  const MoEConfig& cfg = m.cfg;
+  const int64_t d = cfg.d_model, E = cfg.n_experts, Do = cfg.out_dim();
+  MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
+  MOE_REQUIRE(k >= 1, "k: must be at least 1, got ", k);
+  MOE_REQUIRE(T * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
+  MOE_REQUIRE(T == 0 || (x && y && indices && weights),
+              "forward_routed: x, y, indices and weights must not be null");
+  m.check_params();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = indices[t * k + j];
+      MOE_REQUIRE(e >= 0 && e < E, "indices: expert ", e, " at token ", t, " (slot ", j,
+                  ") is outside 0..", E - 1);
+      MOE_REQUIRE(std::isfinite(weights[t * k + j]), "weights: non-finite value ",
+                  weights[t * k + j], " at token ", t, " (slot ", j, ")");
+    }
+    for (int64_t i = 0; i < d; ++i)
+      MOE_REQUIRE(std::isfinite(x[t * d + i]), "x: non-finite value at token ", t);
+  }
+  m.have_forward = false;  // the workspace below is the forward's: nothing to go back through
+  // The layer's workspace sized for k assignments per token, without a router's rows.
+  MoEConfig wc = cfg;
+  wc.k = k;
+  wc.router_kind = RouterKind::topk_softmax;
+  allocate_or_throw("forward_routed: workspace for the batch",
+                    detail::layer_workspace_floats(wc, T), [&] { m.ws.reserve(wc, T); });
+  detail::build_capacity_plan(m.plan, indices, weights, T, k, E, int64_t{-1},
+                              DropPolicy::position);
+  detail::LayerBuffers b = m.ws.carve(wc, T);
+  const detail::CapacityPlan& plan = m.plan;
+  const int64_t R = plan.n_kept;
+  const int32_t* d2s = plan.dest_to_src.data();
+#pragma omp parallel for schedule(static) if (R * d >= kParallelMin)
+  for (int64_t s = 0; s < R; ++s) {
+    const float* src = x + (d2s[s] / k) * d;
+    std::copy(src, src + d, b.xg + s * d);
+  }
+  detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
+  detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
+                          m.bf16());
+  // The combine of forward, in the same order: y_t = Σ_j w_tj·out(t, j).
+  const int32_t* s2d = plan.src_to_dest.data();
+  const float* out = b.out;
+#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = y + t * Do;
+    std::fill(yt, yt + Do, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const float g = weights[t * k + j];
+      const float* o = out + int64_t{s2d[t * k + j]} * Do;
+      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
+    }
   }
 }
 

@@ -27,7 +27,7 @@ namespace moe::detail {
 // Parameters (or their gradients) with the layer's names and shapes; absent ones are empty.
 template <typename S>
 struct RefParams {
-  std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3;
+  std::vector<S> W_g, b_g, W_noise, W1, b1, W2, b2, W3, b3;
   SharedRefParams<S> shared;  // n_shared_experts > 0
 
   std::vector<S>& get(const std::string& n) {
@@ -36,6 +36,8 @@ struct RefParams {
     if (n == "Ws2") return shared.Ws2;
     if (n == "bs2") return shared.bs2;
     if (n == "Ws3") return shared.Ws3;
+    if (n == "bs3") return shared.bs3;
+    if (n == "b3") return b3;
     if (n == "w_shared_gate") return shared.w_shared_gate;
     if (n == "W_g") return W_g;
     if (n == "b_g") return b_g;
@@ -105,10 +107,13 @@ BalanceInputs<S> ref_balance_inputs(const RefSaved<S>& sv, const MoEConfig& cfg)
 
 // y is (T, d_out), x (T, d). eps (T, E) is required when training with noise. step and
 // token_offset key the random draws of dispatch (drop_policy / second_expert_policy random).
+// sel_bias (E), when given, is the layer's selection bias (expert_bias), added to the scores
+// for selection only.
 template <typename S>
 void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const RefParams<S>& p,
                        const MoEConfig& cfg, int64_t T, bool training, const S* eps,
-                       uint64_t step = 0, int64_t token_offset = 0) {
+                       uint64_t step = 0, int64_t token_offset = 0,
+                       const float* sel_bias = nullptr) {
   cfg.validate();
   const RouterConfig rc = cfg.router();
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, F = cfg.hidden(),
@@ -118,8 +123,8 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   sv.T = T;
   sv.noisy = training && cfg.noise != Noise::none;
   MOE_ASSERT(!sv.noisy || T == 0 || eps != nullptr);
-  // The router family's score functions, scaling and groups run here (router/scores.hpp);
-  // the selection bias is taken as zero and jitter has no input in this twin.
+  // The router family's score functions, scaling, groups and selection bias run here
+  // (router/scores.hpp); jitter has no input in this twin.
   MOE_ASSERT(!training || cfg.jitter == 0.0f);
   sv.x.assign(x, x + T * d);
   sv.h.assign(static_cast<size_t>(T * E), S(0));
@@ -149,9 +154,9 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     } else {
       std::copy(h, h + E, H);
     }
-    if (!router_scores_default(rc, nullptr) || rc.scaling_factor != 1.0f) {
+    if (!router_scores_default(rc, sel_bias) || rc.scaling_factor != 1.0f) {
       route_row_ref<S>(&sv.indices[t * k], &sv.weights[t * k], &sv.probs[t * E], nullptr, H,
-                       nullptr, rc);
+                       sel_bias, rc);
       continue;
     }
     std::iota(order.begin(), order.end(), 0);
@@ -214,6 +219,13 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
         for (int64_t f = 0; f < F; ++f) {
           for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
           hid[f] = q(silu(a1[f]) * a3[f]);
+        }
+        break;
+      case ExpertKind::clamped_swiglu:
+        for (int64_t f = 0; f < F; ++f) {
+          a3[f] = p.b3.empty() ? S(0) : p.b3[e * F + f];
+          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
+          hid[f] = q(clamped_swiglu(a1[f], a3[f], S(cfg.swiglu_alpha), S(cfg.swiglu_limit)));
         }
         break;
     }
@@ -289,9 +301,14 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
       for (int64_t f = 0; f < F; ++f) {
         if (cfg.expert == ExpertKind::mlp) {
           da1[f] = dh[f] * act_grad(cfg.activation, a1[f]);
-        } else {
+        } else if (cfg.expert == ExpertKind::swiglu) {
           da1[f] = dh[f] * a3[f] * act_grad(Activation::silu, a1[f]);
           da3[f] = dh[f] * silu(a1[f]);
+        } else {
+          S d1, d3;
+          clamped_swiglu_grad(&d1, &d3, a1[f], a3[f], S(cfg.swiglu_alpha), S(cfg.swiglu_limit));
+          da1[f] = dh[f] * d1;
+          da3[f] = dh[f] * d3;
         }
       }
     }
@@ -303,8 +320,9 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
         dx[t * d + i] += da1q[c] * q(p.W1[(e * d + i) * W1w + c]);
       }
     }
-    if (cfg.expert == ExpertKind::swiglu)
+    if (cfg.expert == ExpertKind::swiglu || cfg.expert == ExpertKind::clamped_swiglu)
       for (int64_t f = 0; f < F; ++f) {
+        if (!g.b3.empty()) g.b3[e * F + f] += da3[f];
         da3q[f] = q(da3[f]);
         for (int64_t i = 0; i < d; ++i) {
           g.W3[(e * d + i) * F + f] += xt[i] * da3q[f];

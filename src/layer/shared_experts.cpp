@@ -9,7 +9,8 @@
 namespace moe::detail {
 
 void shared_parameter_specs(std::vector<ParamSpec>& s, const MoEConfig& cfg) {
-  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.shared_hidden(),
+                Do = cfg.out_dim();
   if (n <= 0) return;
   switch (cfg.expert) {
     case ExpertKind::linear_relu:
@@ -27,12 +28,20 @@ void shared_parameter_specs(std::vector<ParamSpec>& s, const MoEConfig& cfg) {
       s.push_back({"Ws2", {n, F, Do}});
       s.push_back({"Ws3", {n, d, F}});
       break;
+    case ExpertKind::clamped_swiglu:
+      s.push_back({"Ws1", {n, d, F}});
+      if (cfg.expert_bias) s.push_back({"bs1", {n, F}});
+      s.push_back({"Ws2", {n, F, Do}});
+      if (cfg.expert_bias) s.push_back({"bs2", {n, Do}});
+      s.push_back({"Ws3", {n, d, F}});
+      if (cfg.expert_bias) s.push_back({"bs3", {n, F}});
+      break;
   }
   if (cfg.shared_gate) s.push_back({"w_shared_gate", {d}});
 }
 
 bool init_shared_parameter(Tensor& p, const std::string& name, const MoEConfig& cfg) {
-  const double d = static_cast<double>(cfg.d_model), F = static_cast<double>(cfg.hidden());
+  const double d = static_cast<double>(cfg.d_model), F = static_cast<double>(cfg.shared_hidden());
   double scale = 0.0;
   uint32_t stream = 0;
   if (name == "Ws1") {
@@ -44,7 +53,7 @@ bool init_shared_parameter(Tensor& p, const std::string& name, const MoEConfig& 
   } else if (name == "Ws3") {
     scale = 1.0 / std::sqrt(d);
     stream = 8;
-  } else if (name != "bs1" && name != "bs2" && name != "w_shared_gate") {
+  } else if (name != "bs1" && name != "bs2" && name != "bs3" && name != "w_shared_gate") {
     return false;
   }
   std::fill(p.data.begin(), p.data.end(), 0.0f);
@@ -66,6 +75,7 @@ namespace {
 ExpertShape shared_shape(const MoEConfig& cfg) {
   ExpertShape s = ExpertShape::of(cfg);
   s.E = cfg.n_shared_experts;
+  s.F = cfg.shared_hidden();
   return s;
 }
 
@@ -73,14 +83,15 @@ ExpertShape shared_shape(const MoEConfig& cfg) {
 
 void SharedExperts::forward(float* y, const float* x, int64_t T, const SharedWeights& w,
                             const MoEConfig& cfg) {
-  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.shared_hidden(),
+                Do = cfg.out_dim();
   T_ = T;
   if (n <= 0 || T == 0) return;
   const int64_t R = n * T;  // every token to every shared expert
   const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;
   xg_.resize(static_cast<size_t>(R * d));
   a1_.resize(static_cast<size_t>(R * W1w));
-  a3_.resize(cfg.expert == ExpertKind::swiglu ? static_cast<size_t>(R * F) : 0);
+  a3_.resize(gated_kind(cfg.expert) ? static_cast<size_t>(R * F) : 0);
   hid_.resize(cfg.expert == ExpertKind::linear_relu ? 0 : static_cast<size_t>(R * F));
   out_.resize(static_cast<size_t>(R * Do));
   sum_.resize(static_cast<size_t>(T * Do));
@@ -91,7 +102,7 @@ void SharedExperts::forward(float* y, const float* x, int64_t T, const SharedWei
 
   ExpertActs acts{a1_.data(), a3_.empty() ? nullptr : a3_.data(),
                   hid_.empty() ? nullptr : hid_.data(), out_.data()};
-  ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3};
+  ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3, w.b3};
   experts_forward(acts, xg_.data(), ew, offsets_.data(), shared_shape(cfg), gg_, bf16(cfg));
 
   const float* out = out_.data();
@@ -117,13 +128,14 @@ void SharedExperts::forward(float* y, const float* x, int64_t T, const SharedWei
 
 void SharedExperts::backward(float* dx, SharedGrads& g, const float* dy, const SharedWeights& w,
                              const MoEConfig& cfg) {
-  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.shared_hidden(),
+                Do = cfg.out_dim();
   const int64_t T = T_;
   if (n <= 0 || T == 0) return;
   const int64_t R = n * T;
   dout_.resize(static_cast<size_t>(R * Do));
   dh_.resize(cfg.expert == ExpertKind::linear_relu ? 0 : static_cast<size_t>(R * F));
-  da3_.resize(cfg.expert == ExpertKind::swiglu ? static_cast<size_t>(R * F) : 0);
+  da3_.resize(gated_kind(cfg.expert) ? static_cast<size_t>(R * F) : 0);
   dxg_.resize(static_cast<size_t>(R * d));
   const float* x = xg_.data();  // the first T rows are x
   const float* gate = gate_.data();
@@ -151,8 +163,8 @@ void SharedExperts::backward(float* dx, SharedGrads& g, const float* dy, const S
   ExpertActs acts{a1_.data(), a3_.empty() ? nullptr : a3_.data(),
                   hid_.empty() ? nullptr : hid_.data(), out_.data()};
   ExpertScratch scr{dh_.empty() ? nullptr : dh_.data(), da3_.empty() ? nullptr : da3_.data()};
-  ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3};
-  ExpertGrads eg{g.dW1, g.db1, g.dW2, g.db2, g.dW3};
+  ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3, w.b3};
+  ExpertGrads eg{g.dW1, g.db1, g.dW2, g.db2, g.dW3, g.db3};
   experts_backward(dxg_.data(), eg, dout, scr, acts, xg_.data(), ew, offsets_.data(),
                    shared_shape(cfg), gg_, bf16(cfg));
   const float* dxg = dxg_.data();

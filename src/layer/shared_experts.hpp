@@ -1,9 +1,11 @@
 // Shared experts (DeepSeek-MoE, Qwen-MoE): n_shared_experts always-active experts of the
-// routed experts' kind and widths, added to every token's output,
+// routed experts' kind and widths (the hidden width F = shared_d_ff when set, else d_ff),
+// added to every token's output,
 //   y_t += g_t · Σ_s shared_s(x_t),   g_t = sigmoid(x_t · w_shared_gate) with shared_gate, else 1.
 // Parameters, stacked over the shared experts like the routed ones (S = n_shared_experts):
 // linear_relu Ws1 (S,d,Do), bs1 (S,Do)?; mlp Ws1 (S,d,F), bs1 (S,F)?, Ws2 (S,F,Do), bs2 (S,Do)?;
-// swiglu Ws1 (S,d,F), Ws2 (S,F,Do), Ws3 (S,d,F); w_shared_gate (d) with shared_gate.
+// swiglu Ws1 (S,d,F), Ws2 (S,F,Do), Ws3 (S,d,F); clamped_swiglu Ws1, bs1 (S,F)?, Ws2,
+// bs2 (S,Do)?, Ws3, bs3 (S,F)?; w_shared_gate (d) with shared_gate.
 // The fast path reuses the routed experts' grouped kernels (experts/experts.hpp) with every
 // token dispatched to every shared expert. Backward: docs/math.md, "shared experts".
 #pragma once
@@ -30,10 +32,12 @@ bool init_shared_parameter(Tensor& p, const std::string& name, const MoEConfig& 
 struct SharedWeights {  // by pointer, null where absent
   const float *W1 = nullptr, *b1 = nullptr, *W2 = nullptr, *b2 = nullptr, *W3 = nullptr;
   const float* w_gate = nullptr;  // (d)
+  const float* b3 = nullptr;      // clamped_swiglu
 };
 struct SharedGrads {  // accumulated (+=)
   float *dW1 = nullptr, *db1 = nullptr, *dW2 = nullptr, *db2 = nullptr, *dW3 = nullptr;
   float* dw_gate = nullptr;
+  float* db3 = nullptr;
 };
 
 // The fast shared experts with what forward saves for backward.
@@ -46,6 +50,8 @@ class SharedExperts {
                 const MoEConfig& cfg);
   // precision bf16: the weights may have changed; their bf16 copies are made again.
   void weights_changed() { wb_.invalidate(); }
+  // The bf16 copies themselves (a layer without masters writes them directly).
+  ExpertWeightsBf16& bf16_weights() { return wb_; }
 
  private:
   const ExpertsBf16* bf16(const MoEConfig& cfg) {
@@ -65,15 +71,17 @@ class SharedExperts {
 // added to y; backward adds to dx and to the gradient vectors of the same names.
 template <typename S>
 struct SharedRefParams {
-  std::vector<S> Ws1, bs1, Ws2, bs2, Ws3, w_shared_gate;
+  std::vector<S> Ws1, bs1, Ws2, bs2, Ws3, bs3, w_shared_gate;
 };
 
 template <typename S>
 void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p,
                         const MoEConfig& cfg) {
-  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.shared_hidden(),
+                Do = cfg.out_dim();
   const bool lin = cfg.expert == ExpertKind::linear_relu;
   const int64_t W1w = lin ? Do : F;
+  const S alpha = static_cast<S>(cfg.swiglu_alpha), limit = static_cast<S>(cfg.swiglu_limit);
   std::vector<S> a1(static_cast<size_t>(W1w)), hid(static_cast<size_t>(F)), sum(static_cast<size_t>(Do));
   // precision bf16: the products' operands rounded to bf16 (the gate's product is fp32).
   const auto q = [bf = cfg.precision == Precision::bf16](S v) {
@@ -98,9 +106,10 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
         if (cfg.expert == ExpertKind::mlp) {
           hid[f] = q(act_forward(cfg.activation, a1[f]));
         } else {
-          S a3 = 0;
+          S a3 = p.bs3.empty() ? S(0) : p.bs3[s * F + f];
           for (int64_t i = 0; i < d; ++i) a3 += xt[i] * q(p.Ws3[(s * d + i) * F + f]);
-          hid[f] = q(silu(a1[f]) * a3);
+          hid[f] = q(cfg.expert == ExpertKind::swiglu ? silu(a1[f]) * a3
+                                                      : clamped_swiglu(a1[f], a3, alpha, limit));
         }
       }
       for (int64_t c = 0; c < Do; ++c) {
@@ -122,9 +131,11 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
 template <typename S>
 void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x, int64_t T,
                          const SharedRefParams<S>& p, const MoEConfig& cfg) {
-  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.hidden(), Do = cfg.out_dim();
+  const int64_t n = cfg.n_shared_experts, d = cfg.d_model, F = cfg.shared_hidden(),
+                Do = cfg.out_dim();
   const bool lin = cfg.expert == ExpertKind::linear_relu;
   const int64_t W1w = lin ? Do : F;
+  const S alpha = static_cast<S>(cfg.swiglu_alpha), limit = static_cast<S>(cfg.swiglu_limit);
   std::vector<S> a1(static_cast<size_t>(W1w)), a3(static_cast<size_t>(F)),
       hid(static_cast<size_t>(F)), dh(static_cast<size_t>(F)), da1(static_cast<size_t>(W1w)),
       da3(static_cast<size_t>(F)), sum(static_cast<size_t>(Do)), dsum(static_cast<size_t>(Do));
@@ -170,9 +181,11 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
           if (cfg.expert == ExpertKind::mlp) {
             hid[f] = q(act_forward(cfg.activation, a1[f]));
           } else {
-            a3[f] = 0;
+            a3[f] = p.bs3.empty() ? S(0) : p.bs3[s * F + f];
             for (int64_t i = 0; i < d; ++i) a3[f] += xq[i] * q(p.Ws3[(s * d + i) * F + f]);
-            hid[f] = q(silu(a1[f]) * a3[f]);
+            hid[f] = q(cfg.expert == ExpertKind::swiglu
+                           ? silu(a1[f]) * a3[f]
+                           : clamped_swiglu(a1[f], a3[f], alpha, limit));
           }
           dh[f] = 0;
           for (int64_t c = 0; c < Do; ++c) {
@@ -181,9 +194,14 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
           }
           if (cfg.expert == ExpertKind::mlp) {
             da1[f] = dh[f] * act_grad(cfg.activation, a1[f]);
-          } else {
+          } else if (cfg.expert == ExpertKind::swiglu) {
             da1[f] = dh[f] * a3[f] * act_grad(Activation::silu, a1[f]);
             da3[f] = dh[f] * silu(a1[f]);
+          } else {
+            S d1, d3;
+            clamped_swiglu_grad(&d1, &d3, a1[f], a3[f], alpha, limit);
+            da1[f] = dh[f] * d1;
+            da3[f] = dh[f] * d3;
           }
         }
         if (!gr.bs2.empty())
@@ -197,8 +215,9 @@ void shared_backward_ref(S* dx, SharedRefParams<S>& gr, const S* dy, const S* x,
           dx[t * d + i] += da1q * q(p.Ws1[(s * d + i) * W1w + c]);
         }
       }
-      if (cfg.expert == ExpertKind::swiglu)
+      if (gated_kind(cfg.expert))
         for (int64_t f = 0; f < F; ++f) {
+          if (!gr.bs3.empty()) gr.bs3[s * F + f] += da3[f];
           const S da3q = q(da3[f]);
           for (int64_t i = 0; i < d; ++i) {
             gr.Ws3[(s * d + i) * F + f] += xq[i] * da3q;

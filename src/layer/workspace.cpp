@@ -17,7 +17,7 @@ int64_t carve_into(LayerBuffers& b, float* base, const MoEConfig& cfg, int64_t T
                         ? E * expert_choice_capacity(cfg, T)
                         : T * k;
   const bool hidden = cfg.expert != ExpertKind::linear_relu;
-  const bool swiglu = cfg.expert == ExpertKind::swiglu;
+  const bool swiglu = cfg.expert == ExpertKind::swiglu || cfg.expert == ExpertKind::clamped_swiglu;
   int64_t used = 0;
   auto take = [&](float*& p, int64_t n) {
     p = base && n > 0 ? base + used : nullptr;

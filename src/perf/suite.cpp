@@ -137,7 +137,8 @@ double expert_flops(const MoEConfig& cfg, int64_t rows) {
   switch (cfg.expert) {
     case ExpertKind::linear_relu: return 2.0 * r * d * o;
     case ExpertKind::mlp: return 2.0 * r * (d * f + f * o);
-    case ExpertKind::swiglu: return 2.0 * r * (2.0 * d * f + f * o);
+    case ExpertKind::swiglu:
+    case ExpertKind::clamped_swiglu: return 2.0 * r * (2.0 * d * f + f * o);
   }
   return 0.0;
 }
@@ -159,6 +160,9 @@ int64_t expert_weight_bytes(const MoEConfig& cfg) {
     case ExpertKind::linear_relu: n = d * o + (cfg.expert_bias ? o : 0); break;
     case ExpertKind::mlp: n = d * f + f * o + (cfg.expert_bias ? f + o : 0); break;
     case ExpertKind::swiglu: n = 2 * d * f + f * o; break;
+    case ExpertKind::clamped_swiglu:
+      n = 2 * d * f + f * o + (cfg.expert_bias ? 2 * f + o : 0);
+      break;
   }
   return n * static_cast<int64_t>(sizeof(float));
 }
@@ -170,6 +174,7 @@ int64_t expert_read_bytes(const MoEConfig& cfg) {
   int64_t bias = 0;
   if (cfg.expert_bias && cfg.expert == ExpertKind::linear_relu) bias = o;
   if (cfg.expert_bias && cfg.expert == ExpertKind::mlp) bias = f + o;
+  if (cfg.expert_bias && cfg.expert == ExpertKind::clamped_swiglu) bias = 2 * f + o;
   bias *= static_cast<int64_t>(sizeof(float));
   return (all - bias) / 2 + bias;
 }

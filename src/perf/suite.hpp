@@ -31,6 +31,10 @@ struct BenchCase {
   // larger of the FLOPs at the GEMM rate and the selected experts' bytes at the read
   // bandwidth, both measured beside each sample.
   bool weights_roof = false;
+  // A block of a checkpoint (`moe bench --model`, group "real-models"): the layer is
+  // load_pretrained(model_dir, model_layer, cfg.precision), cfg is its pretrained_config.
+  std::string model_dir;
+  int64_t model_layer = -1;
 };
 
 // Every configuration, in order: B1, B2, B3-T{1,4,16}, the E-sweep, and the real-model

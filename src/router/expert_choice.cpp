@@ -28,11 +28,14 @@ void validate_expert_choice(const MoEConfig& c) {
          "aux_loss", "expert choice is balanced by construction; use 'switch' (reported as 0) "
          "or 'none'");
   refuse(c.bias_update_rate > 0.0f, "bias_update_rate", "balanced by construction");
+  refuse(c.selection_bias, "selection_bias", "balanced by construction");
   refuse(c.n_groups > 1, "n_groups", "token-choice option");
   refuse(c.second_expert_policy != SecondExpertPolicy::all, "second_expert_policy",
          "token-choice option");
   refuse(c.n_shared_experts > 0, "n_shared_experts", "not combined with expert choice yet");
   refuse(c.jitter > 0.0f, "jitter", "not combined with expert choice yet");
+  refuse(c.expert == ExpertKind::clamped_swiglu, "expert 'clamped_swiglu'",
+         "not combined with expert choice yet");
 }
 
 void expert_choice_select(int32_t* tokens, float* gates, std::vector<int32_t>& scratch,

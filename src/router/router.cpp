@@ -45,6 +45,12 @@ const char* to_string(Noise v) {
 }
 const char* to_string(NoiseScale v) { return v == NoiseScale::softplus ? "softplus" : "linear"; }
 const char* to_string(TieBreak v) { return v == TieBreak::high ? "high" : "low"; }
+GroupScore parse_group_score(const std::string& s) {
+  if (s == "top2_sum") return GroupScore::top2_sum;
+  if (s == "max") return GroupScore::max;
+  throw Error(cat("group_score: unknown value '", s, "' (expected top2_sum or max)"));
+}
+const char* to_string(GroupScore v) { return v == GroupScore::top2_sum ? "top2_sum" : "max"; }
 
 void RouterConfig::validate() const {
   MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);

@@ -76,8 +76,9 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
   }
 
   if (G > 1) {
-    // Group score: the sum of the group's two best (one for groups of one). Experts outside
-    // the best topk_groups groups drop to -inf; validate() keeps k ≤ the eligible count.
+    // Group score: the sum of the group's two best (one for groups of one), or with
+    // group_score max its best. Experts outside the best topk_groups groups drop to -inf;
+    // validate() keeps k ≤ the eligible count.
     const int64_t gs = E / G, tg = cfg.topk_groups;
     scr.gval.resize(static_cast<size_t>(G + tg));
     scr.gidx.resize(static_cast<size_t>(tg + 2));
@@ -86,6 +87,12 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
       const float* v = sel + g * gs;
       if (gs == 1) {
         gscore[g] = v[0];
+        continue;
+      }
+      if (cfg.group_score == GroupScore::max) {
+        float best = v[0];
+        for (int64_t i = 1; i < gs; ++i) best = std::max(best, v[i]);
+        gscore[g] = best;
         continue;
       }
       int32_t i2[2];

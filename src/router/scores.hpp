@@ -8,8 +8,9 @@
 //   sigmoid       sigmoid(H)       s[kept]  (÷ Σ s[kept] with renormalize)  s / Σ_e s_e
 //
 // then weights ×= scaling_factor. Selection ranks s + b, with b the selection bias
-// (bias_update_rate > 0; never part of the weights), among the experts of the best
-// topk_groups groups when n_groups > 1 (a group scores the sum of its two best s + b).
+// (bias_update_rate > 0 or selection_bias; never part of the weights), among the experts of
+// the best topk_groups groups when n_groups > 1 (a group scores the sum of its two best s + b,
+// or with group_score max its best s + b).
 // Ties go to the higher (or lower) index everywhere, as cfg.tie_break says.
 //
 // The reference twin here is templated on the scalar type (plain loops, full sorts); the
@@ -98,7 +99,8 @@ void route_row_ref(int32_t* idx, S* w, S* probs, S* scores, const S* H, const fl
     for (int64_t g = 0; g < G; ++g) {
       std::iota(members.begin(), members.end(), static_cast<int32_t>(g * gs));
       std::sort(members.begin(), members.end(), before);
-      for (int64_t j = 0; j < std::min<int64_t>(2, gs); ++j) gscore[g] += sel[members[j]];
+      const int64_t top = cfg.group_score == GroupScore::max ? 1 : std::min<int64_t>(2, gs);
+      for (int64_t j = 0; j < top; ++j) gscore[g] += sel[members[j]];
     }
     std::iota(gorder.begin(), gorder.end(), 0);
     std::sort(gorder.begin(), gorder.end(), [&](int32_t a, int32_t b) {

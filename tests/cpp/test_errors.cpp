@@ -195,7 +195,7 @@ TEST(Errors, L1_CapacityFactorNotPositive) {
 
 TEST(Errors, L2_UnknownExpertKind) {
   expect_error([] { moe::parse_expert_kind("ffn"); },
-               {"expert: unknown kind 'ffn'", "linear_relu, mlp or swiglu"});
+               {"expert: unknown kind 'ffn'", "linear_relu, mlp, swiglu or clamped_swiglu"});
 }
 
 TEST(Errors, L3_UnknownActivation) {

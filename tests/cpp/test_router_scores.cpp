@@ -27,12 +27,14 @@ struct Family {
   float scaling = 1.0f;
   bool bias = false;
   int64_t groups = 1, topk_groups = 1;
+  moe::GroupScore group_score = moe::GroupScore::top2_sum;
   float jitter = 0.0f;
 
   std::string name() const {
     return std::string(" router=") + moe::to_string(kind) + (renormalize ? " renorm" : "") +
            " scale=" + std::to_string(scaling) + (bias ? " selbias" : "") +
-           " groups=" + std::to_string(groups) + "/" + std::to_string(topk_groups) +
+           " groups=" + std::to_string(groups) + "/" + std::to_string(topk_groups) + " " +
+           moe::to_string(group_score) +
            " jitter=" + std::to_string(jitter);
   }
 };
@@ -72,6 +74,7 @@ FCase make(int64_t T, int64_t d, int64_t E, int64_t k, moe::Noise noise, const F
   cfg.scaling_factor = f.scaling;
   cfg.n_groups = f.groups;
   cfg.topk_groups = f.topk_groups;
+  cfg.group_score = f.group_score;
   cfg.jitter = f.jitter;
   if (f.bias) {
     std::mt19937 rng(seed + 1000);
@@ -93,17 +96,20 @@ std::vector<Family> all_families() {
       for (float scaling : {1.0f, 2.5f})
         for (bool bias : {false, true})
           for (int groups : {1, 4})
-            for (float jitter : {0.0f, 0.3f}) {
-              Family f;
-              f.kind = kind;
-              f.renormalize = renorm;
-              f.scaling = scaling;
-              f.bias = bias;
-              f.groups = groups;
-              f.topk_groups = groups > 1 ? 2 : 1;
-              f.jitter = jitter;
-              out.push_back(f);
-            }
+            for (float jitter : {0.0f, 0.3f})
+              for (auto score : {moe::GroupScore::top2_sum, moe::GroupScore::max}) {
+                if (groups == 1 && score == moe::GroupScore::max) continue;
+                Family f;
+                f.kind = kind;
+                f.renormalize = renorm;
+                f.scaling = scaling;
+                f.bias = bias;
+                f.groups = groups;
+                f.topk_groups = groups > 1 ? 2 : 1;
+                f.group_score = score;
+                f.jitter = jitter;
+                out.push_back(f);
+              }
     }
   return out;
 }
@@ -201,6 +207,7 @@ FCase logits_case(const std::vector<float>& h, int64_t k, const Family& f) {
   cfg.scaling_factor = f.scaling;
   cfg.n_groups = f.groups;
   cfg.topk_groups = f.topk_groups;
+  cfg.group_score = f.group_score;
   fc.c.T = 1;
   fc.c.x = {1.0f};
   fc.c.W_g = h;
@@ -307,6 +314,21 @@ TEST(RouterScores, GroupsPickTheBestTopTwoSums) {
     const moe::RouterState s = logits_case(tie, 1, f).route(false, fast);
     EXPECT_EQ(s.indices, (std::vector<int32_t>{2}));
   }
+  // group_score max (DeepSeek-V2): groups score their best, 1.0, 0.6, 0.7, so group {0, 1}
+  // wins where the top-2 sums put it last.
+  f.groups = 3;
+  f.topk_groups = 1;
+  f.group_score = moe::GroupScore::max;
+  for (bool fast : {true, false}) {
+    const moe::RouterState s = logits_case(h, 2, f).route(false, fast);
+    EXPECT_EQ(s.indices, (std::vector<int32_t>{0, 1}));
+  }
+  f.topk_groups = 2;
+  for (bool fast : {true, false}) {
+    const moe::RouterState s = logits_case(h, 3, f).route(false, fast);
+    EXPECT_EQ(s.indices, (std::vector<int32_t>{0, 4, 5}));
+  }
+  f.group_score = moe::GroupScore::top2_sum;
   // Groups with the selection bias: group {0, 1} wins once biased.
   f.groups = 3;
   f.topk_groups = 1;

@@ -210,7 +210,7 @@ def test_L1_capacity_factor_not_positive():
 
 @needs_layer
 def test_L2_unknown_expert_kind():
-    with raises("expert: unknown kind 'ffn'", "linear_relu, mlp or swiglu"):
+    with raises("expert: unknown kind 'ffn'", "linear_relu, mlp, swiglu or clamped_swiglu"):
         moe.MoE(3, 4, 2, expert="ffn")
 
 

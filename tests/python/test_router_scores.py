@@ -35,10 +35,10 @@ def random_case(opts, seed, expert="mlp", noise="learned", training=True):
                aux_alpha=0.3, z_alpha=0.05, seed=seed,
                capacity_factor=opts.get("capacity_factor"))
     for key in ("router", "renormalize", "scaling_factor", "n_groups", "topk_groups",
-                "jitter", "bias_update_rate", "tie_break"):
+                "jitter", "bias_update_rate", "tie_break", "group_score", "selection_bias"):
         if key in opts:
             cfg[key] = opts[key]
-    bias_on = opts.get("bias_update_rate", 0.0) > 0
+    bias_on = opts.get("bias_update_rate", 0.0) > 0 or opts.get("selection_bias", False)
     for attempt in range(50):
         T = int(rng.integers(10, 25))
         m = moe.MoE(**cfg)
@@ -86,6 +86,11 @@ OPTIONS = [
     dict(jitter=0.2),
     dict(router="sigmoid", renormalize=True, jitter=0.3, n_groups=2, topk_groups=1),
     dict(router="softmax_topk", renormalize=True, jitter=0.1, capacity_factor=0.8),
+    dict(router="softmax_topk", scaling_factor=2.5, n_groups=4, topk_groups=2,
+         group_score="max", k=3),  # DeepSeek-V2's group_limited_greedy
+    dict(router="sigmoid", renormalize=True, scaling_factor=2.5, n_groups=4, topk_groups=2,
+         selection_bias=True, k=4),  # DeepSeek-V3 with its bias loaded, never updated
+    dict(n_groups=4, topk_groups=1, group_score="max", selection_bias=True, k=1),
 ]
 CASES = list(itertools.product(range(len(OPTIONS)), ["learned", "none"]))
 
@@ -252,7 +257,8 @@ def test_moe_train_flags(tmp_path):
     cmd = [MOE, "train", "--steps", "30", "--batch", "64", "--eval-tokens", "256",
            "--threads", "1", "--router", "sigmoid", "--renormalize", "--scaling-factor", "2.5",
            "--bias-update-rate", "0.01", "--n-groups", "2", "--topk-groups", "1",
-           "--jitter", "0.1", "--aux-alpha", "0", "--out", str(out), "--json", "--no-plots"]
+           "--jitter", "0.1", "--aux-alpha", "0", "--group-score", "max", "--out", str(out),
+           "--json", "--no-plots"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads(r.stdout.strip().split("\n")[-1])
@@ -261,6 +267,7 @@ def test_moe_train_flags(tmp_path):
     assert "expert_bias" in tensors and np.any(tensors["expert_bias"] != 0)
     cfg = json.loads(md["moe_config"])
     assert cfg["router"] == "sigmoid" and cfg["n_groups"] == 2 and cfg["jitter"] == pytest.approx(0.1)
+    assert cfg["group_score"] == "max"
 
 
 def test_RS2_selection_bias_shape_and_values(tmp_path):

@@ -154,8 +154,9 @@ def activation(name):
             "silu": lambda z: z * torch.sigmoid(z)}[name]
 
 
-def expert_forward(kind, p, e, x, act="relu"):
-    """Expert e of the stacked weights p applied to rows x (n, d)."""
+def expert_forward(kind, p, e, x, act="relu", alpha=1.702, limit=7.0):
+    """Expert e of the stacked weights p applied to rows x (n, d). clamped_swiglu (GPT-OSS)
+    uses alpha and limit."""
     def b(name):
         return p[name][e] if name in p else 0
 
@@ -166,6 +167,10 @@ def expert_forward(kind, p, e, x, act="relu"):
     if kind == "swiglu":
         a = x @ p["W1"][e]
         return (a * torch.sigmoid(a) * (x @ p["W3"][e])) @ p["W2"][e]
+    if kind == "clamped_swiglu":
+        gate = torch.clamp(x @ p["W1"][e] + b("b1"), max=limit)
+        up = torch.clamp(x @ p["W3"][e] + b("b3"), min=-limit, max=limit)
+        return ((up + 1) * gate * torch.sigmoid(alpha * gate)) @ p["W2"][e] + b("b2")
     raise ValueError(kind)
 
 
@@ -203,7 +208,8 @@ def combine(p, x, cfg, idx, weights, keep):
         if len(ts) == 0:
             continue
         ts_t, js_t = torch.as_tensor(ts), torch.as_tensor(js)
-        out = expert_forward(kind, p, e, x[ts_t], act)
+        out = expert_forward(kind, p, e, x[ts_t], act, cfg.get("swiglu_alpha", 1.702),
+                             cfg.get("swiglu_limit", 7.0))
         y = y.index_add(0, ts_t, weights[ts_t, js_t].unsqueeze(1) * out)
     return y
 

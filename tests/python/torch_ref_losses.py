@@ -166,9 +166,12 @@ def shared_forward(p, x, cfg):
         sp["b1"] = p["bs1"]
     if "bs2" in p:
         sp["b2"] = p["bs2"]
+    if "bs3" in p:
+        sp["b3"] = p["bs3"]
     sp = {a: b for a, b in sp.items() if b is not None}
     for s in range(n):
-        y = y + R.expert_forward(kind, sp, s, x, act)
+        y = y + R.expert_forward(kind, sp, s, x, act, cfg.get("swiglu_alpha", 1.702),
+                                 cfg.get("swiglu_limit", 7.0))
     if cfg.get("shared_gate", False):
         y = y * torch.sigmoid(x @ p["w_shared_gate"]).unsqueeze(1)
     return y

@@ -9,6 +9,7 @@ PyTorch (float64), from the published formulas, as an independent oracle of libm
     w ×= scaling_factor (every router, the default topk_softmax included)
     selection bias b (DeepSeek-V3 balancing without a loss): top-k of s + b, w from s alone
     groups (DeepSeek-V3): group score = sum of its top-2 of s + b; best topk_groups groups
+    (DeepSeek-V2, group_score "max": group score = its best s + b)
     jitter (Switch): the router sees x·u, u ~ U(1 - jitter, 1 + jitter) (given here)
 
 Nothing here calls libmoe; the capacity, expert and loss formulas are torch_ref's.
@@ -45,7 +46,8 @@ def scores_route(H, cfg, sel_bias=None):
     G = cfg.get("n_groups", 1)
     if G > 1:
         gs = E // G
-        top = torch.topk(sel.view(T, G, gs), min(2, gs), dim=2).values.sum(dim=2)  # (T, G)
+        best = 1 if cfg.get("group_score", "top2_sum") == "max" else min(2, gs)
+        top = torch.topk(sel.view(T, G, gs), best, dim=2).values.sum(dim=2)  # (T, G)
         tg = cfg.get("topk_groups", 1)
         gidx = R.topk_order(top, tg, tie)
         if tg < G:

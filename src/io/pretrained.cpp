@@ -1,0 +1,680 @@
+// Pretrained MoE blocks (include/moe/pretrained.hpp, docs/models.md). The families are rows
+// of one table: where the block lives in the checkpoint, its tensor names in the published
+// per-expert layout and in transformers' stacked layout, and how config.json maps onto
+// MoEConfig. The loader itself is generic: it resolves a block into a list of stored weights
+// and how each becomes one of the layer's matrices, then converts them one at a time.
+#include "moe/pretrained.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+
+#include "common/check.hpp"
+#include "io/pretrained_folder.hpp"
+
+namespace moe {
+
+using detail::cat;
+using detail::MatrixMap;
+using detail::PretrainedFolder;
+using detail::StoredWeight;
+using json = nlohmann::ordered_json;
+
+namespace {
+
+// ---- config.json ---------------------------------------------------------------------------
+
+// Typed reads of config.json with errors naming the key. A key read with a default is one
+// that transformers' config class also defaults; the others are required.
+struct ConfigReader {
+  const json& j;
+  std::string what;    // "config.json of '<dir>'"
+  std::string family;
+
+  const json* find(std::initializer_list<const char*> keys, std::string* found = nullptr) const {
+    for (const char* k : keys) {
+      auto it = j.find(k);
+      if (it != j.end() && !it->is_null()) {
+        if (found) *found = k;
+        return &*it;
+      }
+    }
+    return nullptr;
+  }
+  static std::string alternatives(std::initializer_list<const char*> keys) {
+    std::string s;
+    for (const char* k : keys) s += (s.empty() ? "'" : "' (or '") + std::string(k);
+    s += "'";
+    for (size_t i = 1; i < keys.size(); ++i) s += ")";
+    return s;
+  }
+  int64_t as_int(const json& v, const std::string& key) const {
+    MOE_REQUIRE(v.is_number_integer() || v.is_number_unsigned(), what, ": key '", key,
+                "' must be an integer, got ", v.dump());
+    MOE_REQUIRE(!v.is_number_unsigned() ||
+                    v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                what, ": key '", key, "' is too large");
+    return v.get<int64_t>();
+  }
+  int64_t integer(std::initializer_list<const char*> keys) const {
+    std::string key;
+    const json* v = find(keys, &key);
+    MOE_REQUIRE(v != nullptr, what, ": missing key ", alternatives(keys), ", which ", family,
+                " needs");
+    return as_int(*v, key);
+  }
+  int64_t integer_or(const char* key, int64_t def) const {
+    const json* v = find({key});
+    return v ? as_int(*v, key) : def;
+  }
+  double number_or(const char* key, double def) const {
+    const json* v = find({key});
+    if (!v) return def;
+    MOE_REQUIRE(v->is_number(), what, ": key '", key, "' must be a number, got ", v->dump());
+    return v->get<double>();
+  }
+  bool boolean_or(const char* key, bool def) const {
+    const json* v = find({key});
+    if (!v) return def;
+    MOE_REQUIRE(v->is_boolean(), what, ": key '", key, "' must be true or false, got ",
+                v->dump());
+    return v->get<bool>();
+  }
+  std::string string_or(const char* key, const std::string& def) const {
+    const json* v = find({key});
+    if (!v) return def;
+    MOE_REQUIRE(v->is_string(), what, ": key '", key, "' must be a string, got ", v->dump());
+    return v->get<std::string>();
+  }
+  std::vector<int64_t> int_list(const char* key) const {
+    const json* v = find({key});
+    std::vector<int64_t> out;
+    if (!v) return out;
+    MOE_REQUIRE(v->is_array(), what, ": key '", key, "' must be a list of integers, got ",
+                v->dump());
+    for (const json& x : *v) out.push_back(as_int(x, key));
+    return out;
+  }
+  void require_silu(const char* key = "hidden_act") const {
+    const std::string act = string_or(key, "silu");
+    MOE_REQUIRE(act == "silu" || act == "swish", what, ": '", key, "' is '", act, "'; the ",
+                family, " experts libmoe builds are SwiGLU (silu)");
+  }
+};
+
+// ---- families ------------------------------------------------------------------------------
+
+enum class StackLayout {
+  halves_out_major,      // gate_up (E, 2F, d): gate rows [0, F), up rows [F, 2F); down (E, d, F)
+  interleaved_in_major,  // gate_up (E, d, 2F): gate columns even, up odd; down (E, F, d)
+};
+
+// A family's block resolved from config.json: the library's config and the tensor names.
+struct BlockSpec {
+  MoEConfig cfg;
+  int64_t n_layers = 0;
+  std::vector<int64_t> moe_layers;
+  std::string dense_rule;            // why the other layers are dense, for errors
+  std::string router;                // in words
+  bool router_bias = false;          // "<router>.bias"
+  bool selection_bias = false;       // "<router>.e_score_correction_bias"
+  bool expert_biases = false;        // gpt_oss: gate_up_proj_bias, down_proj_bias
+  int64_t fp8_block[2] = {128, 128};
+};
+
+struct Family {
+  const char* model_type;
+  const char* blocks;        // the block's module names, comma-separated, first found wins
+  const char* routers;       // the router's linear under the block, comma-separated
+  const char* experts;       // per-expert "gate,up,down" projections under experts.N ("" none)
+  const char* stacks;        // stacked "gate_up,down" pairs under the block, ';'-separated
+  StackLayout layout;
+  const char* shared;        // the shared expert's MLP under the block ("" none)
+  const char* shared_gate;   // its gate's linear under the block ("" none)
+  void (*configure)(const ConfigReader& c, BlockSpec& b);
+};
+
+void all_layers(const ConfigReader& c, BlockSpec& b) {
+  b.n_layers = c.integer({"num_hidden_layers"});
+  for (int64_t l = 0; l < b.n_layers; ++l) b.moe_layers.push_back(l);
+}
+
+void common_shape(const ConfigReader& c, BlockSpec& b,
+                  std::initializer_list<const char*> experts_keys,
+                  std::initializer_list<const char*> ff_keys) {
+  MoEConfig& m = b.cfg;
+  m.d_model = c.integer({"hidden_size"});
+  m.n_experts = c.integer(experts_keys);
+  m.k = c.integer({"num_experts_per_tok", "experts_per_token"});
+  m.d_ff = c.integer(ff_keys);
+  m.expert = ExpertKind::swiglu;
+  m.expert_bias = false;
+  MOE_REQUIRE(m.d_model >= 1 && m.n_experts >= 1 && m.d_ff >= 1, c.what,
+              ": hidden_size, the number of experts and the experts' width must be >= 1");
+}
+
+std::string topk_words(const MoEConfig& m) {
+  return cat("top-", m.k, " of ", m.n_experts);
+}
+
+void configure_mixtral(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_local_experts", "num_experts"}, {"intermediate_size"});
+  c.require_silu();
+  all_layers(c, b);
+  b.cfg.router_kind = RouterKind::softmax_topk;
+  b.cfg.renormalize = true;
+  b.router = cat("softmax over all experts, ", topk_words(b.cfg), ", renormalised");
+}
+
+// Qwen2-MoE / Qwen3-MoE: MoE unless in mlp_only_layers or off the decoder_sparse_step.
+void qwen_layers(const ConfigReader& c, BlockSpec& b) {
+  b.n_layers = c.integer({"num_hidden_layers"});
+  const std::vector<int64_t> mlp_only = c.int_list("mlp_only_layers");
+  const int64_t step = c.integer_or("decoder_sparse_step", 1);
+  MOE_REQUIRE(step >= 1, c.what, ": 'decoder_sparse_step' must be >= 1, got ", step);
+  for (int64_t l = 0; l < b.n_layers; ++l)
+    if (std::find(mlp_only.begin(), mlp_only.end(), l) == mlp_only.end() && (l + 1) % step == 0)
+      b.moe_layers.push_back(l);
+  b.dense_rule = cat("mlp_only_layers and decoder_sparse_step = ", step);
+}
+
+void softmax_norm(const ConfigReader& c, BlockSpec& b) {
+  b.cfg.router_kind = RouterKind::softmax_topk;
+  b.cfg.renormalize = c.boolean_or("norm_topk_prob", false);
+  b.router = cat("softmax over all experts, ", topk_words(b.cfg),
+                 b.cfg.renormalize ? ", renormalised" : ", not renormalised");
+}
+
+void configure_qwen2_moe(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_experts", "num_local_experts"}, {"moe_intermediate_size"});
+  c.require_silu();
+  qwen_layers(c, b);
+  softmax_norm(c, b);
+  b.cfg.n_shared_experts = 1;
+  b.cfg.shared_d_ff = c.integer({"shared_expert_intermediate_size"});
+  b.cfg.shared_gate = true;
+}
+
+void configure_qwen3_moe(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_experts", "num_local_experts"}, {"moe_intermediate_size"});
+  c.require_silu();
+  qwen_layers(c, b);
+  softmax_norm(c, b);
+}
+
+void configure_olmoe(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_experts", "num_local_experts"}, {"intermediate_size"});
+  c.require_silu();
+  all_layers(c, b);
+  softmax_norm(c, b);
+}
+
+void configure_granitemoe(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_local_experts", "num_experts"}, {"intermediate_size"});
+  c.require_silu();
+  all_layers(c, b);
+  b.cfg.router_kind = RouterKind::topk_softmax;
+  b.router = cat(topk_words(b.cfg), " of the logits, then softmax over the k");
+}
+
+// DeepSeek: dense below first_k_dense_replace; n_shared_experts shared experts of
+// moe_intermediate_size each, stored (and held) as one MLP of their summed width.
+void deepseek_common(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"n_routed_experts", "num_local_experts", "num_experts"},
+               {"moe_intermediate_size"});
+  c.require_silu();
+  MOE_REQUIRE(!c.boolean_or("mlp_bias", false), c.what,
+              ": 'mlp_bias' is true; DeepSeek experts with biases are not supported");
+  b.n_layers = c.integer({"num_hidden_layers"});
+  const int64_t first = c.integer_or("first_k_dense_replace", 0);
+  for (int64_t l = std::max<int64_t>(first, 0); l < b.n_layers; ++l) b.moe_layers.push_back(l);
+  b.dense_rule = cat("first_k_dense_replace = ", first);
+  const int64_t shared = c.integer_or("n_shared_experts", 0);
+  MOE_REQUIRE(shared >= 0, c.what, ": 'n_shared_experts' must be >= 0, got ", shared);
+  if (shared > 0) {
+    b.cfg.n_shared_experts = 1;
+    b.cfg.shared_d_ff = shared * b.cfg.d_ff;
+  }
+  b.cfg.scaling_factor = static_cast<float>(c.number_or("routed_scaling_factor", 1.0));
+}
+
+void deepseek_groups(const ConfigReader& c, BlockSpec& b, int64_t def_groups, int64_t def_topk) {
+  b.cfg.n_groups = c.integer_or("n_group", def_groups);
+  b.cfg.topk_groups = c.integer_or("topk_group", def_topk);
+  MOE_REQUIRE(b.cfg.n_groups >= 1 && b.cfg.n_experts % b.cfg.n_groups == 0, c.what,
+              ": 'n_group' (", b.cfg.n_groups, ") must divide the ", b.cfg.n_experts, " experts");
+}
+
+void configure_deepseek_v2(const ConfigReader& c, BlockSpec& b) {
+  deepseek_common(c, b);
+  // transformers 5.24 never renormalises DeepSeek-V2's weights (norm_topk_prob is unused).
+  b.cfg.router_kind = RouterKind::softmax_topk;
+  const std::string method = c.string_or("topk_method", "greedy");
+  if (method == "group_limited_greedy") {
+    deepseek_groups(c, b, 1, 1);
+    b.cfg.group_score = GroupScore::max;
+  } else {
+    MOE_REQUIRE(method == "greedy", c.what, ": 'topk_method' is '", method,
+                "' (expected greedy or group_limited_greedy)");
+  }
+  b.router = cat("softmax over all experts, ", topk_words(b.cfg),
+                 b.cfg.n_groups > 1 ? cat(" within the best ", b.cfg.topk_groups, " of ",
+                                          b.cfg.n_groups, " groups (a group scores its max)")
+                                    : std::string(),
+                 ", not renormalised, x ", b.cfg.scaling_factor);
+}
+
+void configure_deepseek_v3(const ConfigReader& c, BlockSpec& b) {
+  deepseek_common(c, b);
+  b.cfg.router_kind = RouterKind::sigmoid;
+  b.cfg.renormalize = c.boolean_or("norm_topk_prob", true);
+  deepseek_groups(c, b, 8, 4);
+  b.cfg.group_score = GroupScore::top2_sum;
+  b.cfg.selection_bias = true;
+  b.selection_bias = true;
+  if (const json* q = c.find({"quantization_config"}); q && q->is_object()) {
+    auto bs = q->find("weight_block_size");
+    if (bs != q->end() && !bs->is_null()) {
+      MOE_REQUIRE(bs->is_array() && bs->size() == 2, c.what,
+                  ": quantization_config.weight_block_size must be [rows, cols], got ", bs->dump());
+      for (int i = 0; i < 2; ++i) {
+        b.fp8_block[i] = c.as_int((*bs)[i], "quantization_config.weight_block_size");
+        MOE_REQUIRE(b.fp8_block[i] >= 1, c.what, ": quantization_config.weight_block_size ",
+                    "entries must be >= 1");
+      }
+    }
+  }
+  b.router = cat("sigmoid scores, ", topk_words(b.cfg), " by score + e_score_correction_bias",
+                 b.cfg.n_groups > 1 ? cat(" within the best ", b.cfg.topk_groups, " of ",
+                                          b.cfg.n_groups, " groups (a group scores its top-2 sum)")
+                                    : std::string(),
+                 b.cfg.renormalize ? ", renormalised" : "", ", x ", b.cfg.scaling_factor);
+}
+
+void configure_gpt_oss(const ConfigReader& c, BlockSpec& b) {
+  common_shape(c, b, {"num_local_experts", "num_experts"}, {"intermediate_size"});
+  all_layers(c, b);
+  b.cfg.expert = ExpertKind::clamped_swiglu;
+  b.cfg.expert_bias = true;
+  b.expert_biases = true;
+  b.cfg.swiglu_alpha = static_cast<float>(c.number_or("swiglu_alpha", 1.702));
+  b.cfg.swiglu_limit = static_cast<float>(c.number_or("swiglu_limit", 7.0));
+  b.cfg.router_kind = RouterKind::topk_softmax;
+  b.cfg.router_bias = true;
+  b.router_bias = true;
+  b.router = cat(topk_words(b.cfg), " of the logits (router with a bias), then softmax over the k");
+}
+
+// clang-format off
+const Family kFamilies[] = {
+    {"mixtral",      "block_sparse_moe,mlp", "gate",       "w1,w3,w2",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
+     configure_mixtral},
+    {"qwen2_moe",    "mlp",              "gate",           "gate_proj,up_proj,down_proj",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
+     "shared_expert", "shared_expert_gate", configure_qwen2_moe},
+    {"qwen3_moe",    "mlp",              "gate",           "gate_proj,up_proj,down_proj",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
+     configure_qwen3_moe},
+    {"olmoe",        "mlp",              "gate",           "gate_proj,up_proj,down_proj",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major, "", "",
+     configure_olmoe},
+    {"deepseek_v2",  "mlp",              "gate",           "gate_proj,up_proj,down_proj",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
+     "shared_experts", "", configure_deepseek_v2},
+    {"deepseek_v3",  "mlp",              "gate",           "gate_proj,up_proj,down_proj",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::halves_out_major,
+     "shared_experts", "", configure_deepseek_v3},
+    {"gpt_oss",      "mlp",              "router",         "",
+     "experts.gate_up_proj,experts.down_proj", StackLayout::interleaved_in_major, "", "",
+     configure_gpt_oss},
+    {"granitemoe",   "block_sparse_moe,mlp", "router.layer,router,gate", "",
+     "input_linear.weight,output_linear.weight;experts.gate_up_proj,experts.down_proj",
+     StackLayout::halves_out_major, "", "", configure_granitemoe},
+};
+// clang-format on
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t end = std::min(s.find(sep, start), s.size());
+    if (end > start) out.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
+const Family& family_of(const ConfigReader& c) {
+  const json* mt = c.find({"model_type"});
+  MOE_REQUIRE(mt != nullptr, c.what, ": missing key 'model_type'");
+  MOE_REQUIRE(mt->is_string(), c.what, ": key 'model_type' must be a string, got ", mt->dump());
+  const std::string t = mt->get<std::string>();
+  std::string known;
+  for (const Family& f : kFamilies) {
+    if (t == f.model_type) return f;
+    known += (known.empty() ? "" : ", ") + std::string(f.model_type);
+  }
+  throw Error(cat(c.what, ": model_type '", t, "' is not a family libmoe loads (", known, ")"));
+}
+
+BlockSpec describe(const json& config, const std::string& what, const Family** fam) {
+  ConfigReader c{config, what, ""};
+  const Family& f = family_of(c);
+  c.family = f.model_type;
+  BlockSpec b;
+  b.cfg.noise = Noise::none;
+  b.cfg.aux_alpha = 0.0f;
+  b.cfg.aux_loss_kind = AuxLossKind::none;
+  b.cfg.capacity_factor.reset();
+  b.cfg.precision = Precision::bf16;
+  f.configure(c, b);
+  MOE_REQUIRE(b.n_layers >= 1, c.what, ": 'num_hidden_layers' must be >= 1, got ", b.n_layers);
+  try {
+    b.cfg.validate();
+  } catch (const Error& e) {
+    throw Error(cat(c.what, ": the ", f.model_type, " block is not a valid layer: ", e.what()));
+  }
+  if (fam) *fam = &f;
+  return b;
+}
+
+void check_layer(const BlockSpec& b, int64_t layer, const std::string& what,
+                 const char* family) {
+  MOE_REQUIRE(layer >= 0 && layer < b.n_layers, "layer: ", layer, " is out of range (", what,
+              ": ", b.n_layers, " layers, 0..", b.n_layers - 1, ")");
+  if (std::find(b.moe_layers.begin(), b.moe_layers.end(), layer) != b.moe_layers.end()) return;
+  // The nearest MoE layers below and above.
+  int64_t below = -1, above = -1;
+  for (int64_t l : b.moe_layers) {
+    if (l < layer) below = l;
+    if (l > layer && above < 0) above = l;
+  }
+  std::string nearest;
+  if (below >= 0) nearest = cat(below);
+  if (above >= 0) nearest += (nearest.empty() ? "" : " and ") + cat(above);
+  throw Error(cat("layer: ", layer, " of this ", family, " model is a dense MLP, not an MoE block (",
+                  b.dense_rule, "); the nearest MoE layers are ",
+                  nearest.empty() ? std::string("none") : nearest));
+}
+
+// ---- resolving a block's tensors -------------------------------------------------------------
+
+// One matrix or vector of the layer and where it comes from.
+struct Job {
+  std::string target;  // W_g, W1, W2, W3, Ws1, Ws2, Ws3, b_g, expert_bias, b1, b3, b2,
+                       // w_shared_gate
+  int64_t e = 0;       // expert (matrix targets)
+  size_t weight = 0;   // index into Plan::weights
+  int64_t we = 0;      // matrix of the stored stack
+  MatrixMap map;       // matrix targets
+};
+
+struct Plan {
+  BlockSpec spec;
+  std::string base;     // "<prefix>layers.N.<block>."
+  std::string layout;   // per-expert | stacked
+  std::vector<StoredWeight> weights;
+  std::vector<Job> jobs;  // grouped by weight, in weight order
+};
+
+// "<prefix>layers.<N>.<block>." for the first block name some tensor of the layer starts with.
+std::string block_base(const PretrainedFolder& f, const Family& fam, int64_t layer) {
+  const std::vector<std::string> blocks = split(fam.blocks, ',');
+  const std::string mid = cat("layers.", layer, ".");
+  for (const std::string& blk : blocks)
+    for (const auto& [name, file] : f.tensor_files()) {
+      const size_t at = name.find(mid + blk + ".");
+      if (at == std::string::npos || (at > 0 && name[at - 1] != '.')) continue;
+      return name.substr(0, at) + mid + blk + ".";
+    }
+  std::string tried;
+  for (const std::string& blk : blocks) tried += (tried.empty() ? "" : ", ") + mid + blk + ".*";
+  throw Error(cat("pretrained folder '", f.dir(), "': no tensor of layer ", layer, "'s MoE block (",
+                  tried, ") in ", f.files().size() == 1 ? "its file" : "its files"));
+}
+
+Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const BlockSpec& spec) {
+  Plan p;
+  p.spec = spec;
+  const MoEConfig& m = spec.cfg;
+  const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
+  p.base = block_base(f, fam, layer);
+  const std::string& base = p.base;
+  auto add_weight = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    p.weights.push_back(detail::open_weight(f, name, shape, spec.fp8_block));
+    return p.weights.size() - 1;
+  };
+  auto add_job = [&](const char* target, int64_t e, size_t w, int64_t we, MatrixMap map) {
+    p.jobs.push_back({target, e, w, we, map});
+  };
+  auto out_major = [](int64_t In, int64_t Out, int64_t out_base = 0) {
+    return MatrixMap{true, out_base, 1, 0, In, Out};
+  };
+
+  // Router.
+  std::string router;
+  for (const std::string& r : split(fam.routers, ','))
+    if (router.empty() && (f.has(base + r + ".weight") || f.has(base + r + ".weight_blocks")))
+      router = r;
+  if (router.empty()) router = split(fam.routers, ',').front();  // the error names it
+  add_job("W_g", 0, add_weight(base + router + ".weight", {E, d}), 0, out_major(d, E));
+  if (spec.router_bias) add_job("b_g", 0, add_weight(base + router + ".bias", {E}), 0, {});
+  if (spec.selection_bias)
+    add_job("expert_bias", 0, add_weight(base + router + ".e_score_correction_bias", {E}), 0, {});
+
+  // Routed experts: per-expert names when expert 0's gate is there, else a stacked pair.
+  const std::vector<std::string> proj = split(fam.experts, ',');
+  const auto has_any = [&](const std::string& n) { return f.has(n) || f.has(n + "_blocks"); };
+  if (proj.size() == 3 && has_any(base + "experts.0." + proj[0] + ".weight")) {
+    p.layout = "per-expert";
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string pre = cat(base, "experts.", e, ".");
+      add_job("W1", e, add_weight(pre + proj[0] + ".weight", {F, d}), 0, out_major(d, F));
+      add_job("W3", e, add_weight(pre + proj[1] + ".weight", {F, d}), 0, out_major(d, F));
+      add_job("W2", e, add_weight(pre + proj[2] + ".weight", {d, F}), 0, out_major(F, d));
+    }
+  } else {
+    p.layout = "stacked";
+    const std::vector<std::string> stacks = split(fam.stacks, ';');
+    std::vector<std::string> pair;
+    for (const std::string& s : stacks) {
+      std::vector<std::string> two = split(s, ',');
+      if (pair.empty() && has_any(base + two[0])) pair = two;
+    }
+    if (pair.empty()) {
+      std::string tried = proj.size() == 3 ? cat("'", base, "experts.0.", proj[0], ".weight'") : "";
+      for (const std::string& s : stacks)
+        tried += (tried.empty() ? "'" : ", '") + base + split(s, ',')[0] + "'";
+      throw Error(cat("pretrained folder '", f.dir(), "': the experts of layer ", layer,
+                      " are missing (looked for ", tried, ")"));
+    }
+    const std::string gu = base + pair[0], dn = base + pair[1];
+    // MXFP4 stacks are stored (E, out, in) whatever the layout of the plain ones.
+    const bool in_major = fam.layout == StackLayout::interleaved_in_major;
+    const bool gu_in = in_major && !f.has(gu + "_blocks") && f.has(gu);
+    const bool dn_in = in_major && !f.has(dn + "_blocks") && f.has(dn);
+    const size_t wgu = add_weight(gu, gu_in ? std::vector<int64_t>{E, d, 2 * F}
+                                            : std::vector<int64_t>{E, 2 * F, d});
+    const size_t wdn = add_weight(dn, dn_in ? std::vector<int64_t>{E, F, d}
+                                            : std::vector<int64_t>{E, d, F});
+    for (int64_t e = 0; e < E; ++e) {
+      if (in_major) {  // gate even, up odd
+        add_job("W1", e, wgu, e, MatrixMap{!gu_in, 0, 2, 0, d, F});
+        add_job("W3", e, wgu, e, MatrixMap{!gu_in, 1, 2, 0, d, F});
+      } else {
+        add_job("W1", e, wgu, e, out_major(d, F));
+        add_job("W3", e, wgu, e, out_major(d, F, F));
+      }
+    }
+    for (int64_t e = 0; e < E; ++e)
+      add_job("W2", e, wdn, e, dn_in ? MatrixMap{false, 0, 1, 0, F, d} : out_major(F, d));
+    if (spec.expert_biases) {
+      add_job("b13", 0, add_weight(gu + "_bias", {E, 2 * F}), 0, {});
+      add_job("b2", 0, add_weight(dn + "_bias", {E, d}), 0, {});
+    }
+  }
+
+  // The shared expert: one MLP of width shared_d_ff.
+  if (m.n_shared_experts > 0) {
+    MOE_ASSERT(m.n_shared_experts == 1);
+    const int64_t Fs = m.shared_hidden();
+    const std::string pre = base + fam.shared + ".";
+    add_job("Ws1", 0, add_weight(pre + "gate_proj.weight", {Fs, d}), 0, out_major(d, Fs));
+    add_job("Ws3", 0, add_weight(pre + "up_proj.weight", {Fs, d}), 0, out_major(d, Fs));
+    add_job("Ws2", 0, add_weight(pre + "down_proj.weight", {d, Fs}), 0, out_major(Fs, d));
+    if (m.shared_gate)
+      add_job("w_shared_gate", 0, add_weight(base + fam.shared_gate + ".weight", {1, d}), 0, {});
+  }
+  // Jobs of one stored weight together, so that its pages can be handed back after them.
+  std::stable_sort(p.jobs.begin(), p.jobs.end(),
+                   [](const Job& a, const Job& b) { return a.weight < b.weight; });
+  return p;
+}
+
+bool is_matrix_target(const std::string& t) {
+  return t == "W1" || t == "W2" || t == "W3" || t == "Ws1" || t == "Ws2" || t == "Ws3";
+}
+
+// Runs the plan's jobs into the layer, one matrix at a time through one scratch.
+void execute(MoELayer& L, const Plan& p) {
+  const MoEConfig& m = p.spec.cfg;
+  const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
+  int64_t most = 0;
+  for (const Job& j : p.jobs)
+    if (is_matrix_target(j.target)) most = std::max(most, j.map.In * j.map.Out);
+  std::vector<float> scratch(static_cast<size_t>(most));
+  std::vector<float> row;
+  for (size_t i = 0; i < p.jobs.size(); ++i) {
+    const Job& j = p.jobs[i];
+    const StoredWeight& w = p.weights[j.weight];
+    if (is_matrix_target(j.target)) {
+      detail::read_matrix(scratch.data(), w, j.we, j.map);
+      L.set_expert_matrix(j.target, j.e, scratch.data());
+    } else if (j.target == "W_g") {
+      detail::read_matrix(L.param("W_g").ptr(), w, 0, j.map);
+    } else if (j.target == "b_g" || j.target == "expert_bias") {
+      Tensor& t = j.target == "b_g" ? L.param("b_g") : L.expert_bias();
+      w.row(t.ptr(), 0, 0);
+    } else if (j.target == "w_shared_gate") {
+      w.row(L.param("w_shared_gate").ptr(), 0, 0);
+    } else if (j.target == "b13") {  // (E, 2F): gate even, up odd
+      row.resize(static_cast<size_t>(2 * F));
+      float* b1 = L.param("b1").ptr();
+      float* b3 = L.param("b3").ptr();
+      for (int64_t e = 0; e < E; ++e) {
+        w.row(row.data(), 0, e);
+        for (int64_t c = 0; c < F; ++c) {
+          b1[e * F + c] = row[2 * c];
+          b3[e * F + c] = row[2 * c + 1];
+        }
+      }
+    } else {
+      MOE_ASSERT(j.target == "b2");
+      float* b2 = L.param("b2").ptr();
+      for (int64_t e = 0; e < E; ++e) w.row(b2 + e * d, 0, e);
+    }
+    // The last job of this weight's matrix: its pages go back.
+    const bool last = i + 1 == p.jobs.size() || p.jobs[i + 1].weight != j.weight ||
+                      p.jobs[i + 1].we != j.we;
+    if (last) w.release(j.we);
+  }
+  // A non-finite weight would only show up as non-finite outputs much later.
+  for (const char* name : {"W_g", "b_g"}) {
+    const auto names = L.parameter_names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    for (float v : L.param(name).data)
+      MOE_REQUIRE(std::isfinite(v), "pretrained folder: router tensor '", p.base,
+                  "...' has a non-finite value (", name, ")");
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what) {
+  const json j = parse_json_checked(text, what, "the file");
+  MOE_REQUIRE(j.is_object(), what, ": expected a JSON object, got ", j.type_name());
+  return describe(j, what, nullptr).cfg;
+}
+
+}  // namespace detail
+
+MoEConfig pretrained_config(const std::string& dir, int64_t layer) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  check_layer(b, layer, f.config_what(), fam->model_type);
+  return b.cfg;
+}
+
+MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precision) {
+  LayerOptions opt;
+  opt.masters = false;
+  return load_pretrained(dir, layer, precision, opt);
+}
+
+MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precision,
+                         const LayerOptions& options) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  check_layer(b, layer, f.config_what(), fam->model_type);
+  b.cfg.precision = precision;
+  const Plan plan = resolve(f, layer, *fam, b);  // every name and shape checked first
+  LayerOptions opt = options;
+  opt.initialise = false;  // every parameter is read from the folder
+  MoELayer L(b.cfg, opt);
+  execute(L, plan);
+  return L;
+}
+
+PretrainedInfo inspect_pretrained(const std::string& dir) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  const BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  PretrainedInfo info;
+  const MoEConfig& m = b.cfg;
+  info.family = fam->model_type;
+  info.n_layers = b.n_layers;
+  info.moe_layers = b.moe_layers;
+  for (int64_t l = 0; l < b.n_layers; ++l)
+    if (std::find(b.moe_layers.begin(), b.moe_layers.end(), l) == b.moe_layers.end())
+      info.dense_layers.push_back(l);
+  info.n_experts = m.n_experts;
+  info.k = m.k;
+  info.d_model = m.d_model;
+  info.d_ff = m.d_ff;
+  info.expert = to_string(m.expert);
+  info.router = b.router;
+  info.n_shared_experts = m.n_shared_experts;
+  info.shared_d_ff = m.n_shared_experts > 0 ? m.shared_hidden() : 0;
+  info.shared_gate = m.shared_gate;
+  info.files = f.files();
+  info.config = m;
+  if (b.moe_layers.empty()) return info;
+  const Plan p = resolve(f, b.moe_layers.front(), *fam, b);
+  info.layout = p.layout;
+  int64_t values_experts = 0, values_rest = 0;
+  for (const StoredWeight& w : p.weights) {
+    info.dtypes[w.dtype] += 1;
+    info.file_bytes_per_block += w.file_bytes();
+  }
+  for (const Job& j : p.jobs) {
+    if (is_matrix_target(j.target))
+      values_experts += j.map.In * j.map.Out;
+    else if (j.target == "W_g")
+      values_rest += j.map.In * j.map.Out;
+  }
+  // Vectors: router bias, selection bias, expert biases, shared gate.
+  values_rest += (b.router_bias ? m.n_experts : 0) + (b.selection_bias ? m.n_experts : 0) +
+                 (b.expert_biases ? m.n_experts * (2 * m.d_ff + m.d_model) : 0) +
+                 (m.shared_gate ? m.d_model : 0);
+  info.bf16_bytes_per_block = 2 * values_experts + 4 * values_rest;
+  info.fp32_bytes_per_block = 4 * (values_experts + values_rest);
+  return info;
+}
+
+}  // namespace moe

@@ -1,0 +1,373 @@
+// The model folder of the pretrained loader: config.json, the index, mapped files, and the
+// decoding of stored weights (formats: pretrained_folder.hpp).
+#include "io/pretrained_folder.hpp"
+
+#include <dirent.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "common/check.hpp"
+#include "common/parallel.hpp"
+#include "moe/tensor.hpp"
+
+namespace moe::detail {
+
+namespace {
+
+bool is_regular_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// A small JSON file of the folder, whole, refused past `limit` bytes.
+std::string read_text(const std::string& path, uint64_t limit, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw Error(cat(what, ": cannot read '", path, "' (", std::strerror(errno), ")"));
+  if (static_cast<uint64_t>(st.st_size) > limit)
+    throw Error(cat(what, ": '", path, "' is ", st.st_size, " bytes, more than the limit of ",
+                    limit));
+  std::ifstream in(path, std::ios::binary);
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  if (!in.read(text.data(), static_cast<std::streamsize>(text.size())))
+    throw Error(cat(what, ": cannot read '", path, "'"));
+  return text;
+}
+
+// A file name of the index: a plain relative path inside the folder.
+bool safe_relative(const std::string& f) {
+  if (f.empty() || f[0] == '/' || f.find('\0') != std::string::npos) return false;
+  size_t start = 0;
+  while (start <= f.size()) {
+    const size_t end = std::min(f.find('/', start), f.size());
+    const std::string part = f.substr(start, end - start);
+    if (part.empty() || part == "." || part == "..") return false;
+    start = end + 1;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::map<std::string, std::string> parse_index_json(const std::string& text,
+                                                    const std::string& what) {
+  const nlohmann::ordered_json idx = parse_json_checked(text, what, "the file");
+  MOE_REQUIRE(idx.is_object(), what, ": expected a JSON object, got ", idx.type_name());
+  const auto wm = idx.find("weight_map");
+  MOE_REQUIRE(wm != idx.end() && wm->is_object(), what,
+              ": missing object 'weight_map' (tensor name -> file)");
+  std::map<std::string, std::string> out;
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    MOE_REQUIRE(it->is_string(), what, ": weight_map['", it.key(), "'] must be a file name, got ",
+                it->type_name());
+    const std::string file = it->get<std::string>();
+    MOE_REQUIRE(safe_relative(file), what, ": weight_map['", it.key(), "'] = '", file,
+                "' is not a file inside the folder");
+    out[it.key()] = file;
+  }
+  return out;
+}
+
+PretrainedFolder::PretrainedFolder(const std::string& dir) : dir_(dir) {
+  struct stat st {};
+  MOE_REQUIRE(::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "pretrained folder '", dir,
+              "': not a directory");
+  const std::string cfg_path = dir + "/config.json";
+  MOE_REQUIRE(is_regular_file(cfg_path), "pretrained folder '", dir, "': no config.json");
+  config_ = parse_json_checked(read_text(cfg_path, kConfigJsonMaxBytes, config_what()),
+                               config_what(), "the file");
+  MOE_REQUIRE(config_.is_object(), config_what(), ": expected a JSON object, got ",
+              config_.type_name());
+
+  const std::string index_path = dir + "/model.safetensors.index.json";
+  if (is_regular_file(index_path)) {
+    index_name_ = "model.safetensors.index.json";
+    const std::string what = cat("index '", index_path, "'");
+    where_ = parse_index_json(read_text(index_path, kIndexJsonMaxBytes, what), what);
+    for (const auto& [name, file] : where_)
+      if (std::find(files_.begin(), files_.end(), file) == files_.end()) files_.push_back(file);
+    std::sort(files_.begin(), files_.end());
+    return;
+  }
+  // Unsharded: every *.safetensors of the folder, names from their headers.
+  DIR* d = ::opendir(dir.c_str());
+  MOE_REQUIRE(d != nullptr, "pretrained folder '", dir, "': cannot list (", std::strerror(errno),
+              ")");
+  for (dirent* e = ::readdir(d); e != nullptr; e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0 &&
+        is_regular_file(dir + "/" + n))
+      files_.push_back(n);
+  }
+  ::closedir(d);
+  std::sort(files_.begin(), files_.end());
+  MOE_REQUIRE(!files_.empty(), "pretrained folder '", dir,
+              "': no *.safetensors file and no model.safetensors.index.json");
+  for (const std::string& f : files_)
+    for (const StEntry& e : view(f).header().entries) {
+      auto [it, fresh] = where_.emplace(e.name, f);
+      MOE_REQUIRE(fresh, "pretrained folder '", dir, "': tensor '", e.name, "' is in both '",
+                  it->second, "' and '", f, "'");
+    }
+}
+
+PretrainedFolder::~PretrainedFolder() = default;
+
+std::string PretrainedFolder::config_what() const {
+  return cat("config.json of '", dir_, "'");
+}
+
+const SafetensorsView& PretrainedFolder::view(const std::string& file) const {
+  auto it = views_.find(file);
+  if (it != views_.end()) return *it->second;
+  const std::string path = dir_ + "/" + file;
+  if (!is_regular_file(path)) {
+    if (!index_name_.empty())
+      throw Error(cat("index '", dir_, "/", index_name_, "' names the file '", file,
+                      "', which does not exist in the folder"));
+    throw Error(cat("safetensors file '", path, "': does not exist"));
+  }
+  auto v = std::make_unique<SafetensorsView>(path);
+  return *views_.emplace(file, std::move(v)).first->second;
+}
+
+PretrainedFolder::Ref PretrainedFolder::get(const std::string& name) const {
+  auto it = where_.find(name);
+  MOE_REQUIRE(it != where_.end(), "pretrained folder '", dir_, "': tensor '", name,
+              "' not found", index_name_.empty() ? " in its safetensors files" : " in the index");
+  const SafetensorsView& v = view(it->second);
+  const StEntry* e = v.find(name);
+  MOE_REQUIRE(e != nullptr, "safetensors file '", v.path(), "': tensor '", name,
+              "' is missing (the index places it in this file)");
+  return {&v, e};
+}
+
+// ---- decoding --------------------------------------------------------------------------------
+
+float fp8_e4m3_to_float(uint8_t v) {
+  const int sign = v >> 7, exp = (v >> 3) & 0xf, mant = v & 0x7;
+  float r;
+  if (exp == 0xf && mant == 0x7)
+    r = std::nanf("");  // e4m3fn has NaN only, no infinities
+  else if (exp == 0)
+    r = std::ldexp(static_cast<float>(mant), -9);  // subnormal: mant/8 · 2^-6
+  else
+    r = std::ldexp(1.0f + static_cast<float>(mant) / 8.0f, exp - 7);
+  return sign ? -r : r;
+}
+
+float fp4_e2m1_to_float(uint8_t nibble) {
+  static constexpr float kValues[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  const float r = kValues[nibble & 7];
+  return (nibble & 8) ? -r : r;
+}
+
+namespace {
+
+void decode_plain(float* out, const uint8_t* p, int64_t n, const std::string& dtype) {
+  if (dtype == "F32") {
+    std::memcpy(out, p, static_cast<size_t>(n) * 4);
+  } else if (dtype == "BF16") {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      out[i] = std::bit_cast<float>(static_cast<uint32_t>(h) << 16);
+    }
+  } else if (dtype == "F16") {
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      out[i] = f16_to_float(h);
+    }
+  } else {
+    MOE_ASSERT(dtype == "F64");
+    for (int64_t i = 0; i < n; ++i) {
+      double v;
+      std::memcpy(&v, p + 8 * i, 8);
+      out[i] = static_cast<float>(v);
+    }
+  }
+}
+
+bool plain_dtype(const std::string& d) {
+  return d == "F32" || d == "BF16" || d == "F16" || d == "F64";
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+std::string where(const PretrainedFolder::Ref& r) {
+  return cat("safetensors file '", r.view->path(), "': tensor '", r.entry->name, "'");
+}
+
+void require_shape(const PretrainedFolder::Ref& r, const std::vector<int64_t>& want,
+                   const char* role = "") {
+  MOE_REQUIRE(r.entry->shape == want, where(r), ": expected shape ", moe::shape_str(want), role,
+              ", got ", moe::shape_str(r.entry->shape));
+}
+
+}  // namespace
+
+StoredWeight open_weight(const PretrainedFolder& f, const std::string& name,
+                         const std::vector<int64_t>& shape, const int64_t fp8_block[2]) {
+  MOE_ASSERT(shape.size() >= 1 && shape.size() <= 3);
+  StoredWeight w;
+  w.name = name;
+  w.stack = shape.size() == 3 ? shape[0] : 0;
+  w.rows = shape.size() == 1 ? 1 : shape[shape.size() - 2];  // a vector is one row
+  w.cols = shape.back();
+  std::vector<int64_t> lead;
+  if (w.stack) lead.push_back(w.stack);
+
+  if (!f.has(name) && f.has(name + "_blocks")) {  // MXFP4: e2m1 pairs + e8m0 exponents
+    w.format = StoredWeight::Format::mxfp4;
+    w.dtype = "MXFP4";
+    w.w = f.get(name + "_blocks");
+    MOE_REQUIRE(f.has(name + "_scales"), "pretrained folder '", f.dir(), "': tensor '", name,
+                "_blocks' has no '", name, "_scales' beside it");
+    w.scale = f.get(name + "_scales");
+    MOE_REQUIRE(w.w.entry->dtype == "U8", where(w.w), ": MXFP4 blocks must be U8, got ",
+                w.w.entry->dtype);
+    MOE_REQUIRE(w.scale.entry->dtype == "U8", where(w.scale), ": MXFP4 scales must be U8, got ",
+                w.scale.entry->dtype);
+    MOE_REQUIRE(w.cols % 32 == 0, where(w.w), ": MXFP4 needs a multiple of 32 columns, the ",
+                "layer needs ", w.cols);
+    std::vector<int64_t> b = lead, s = lead;
+    b.insert(b.end(), {w.rows, w.cols / 32, 16});
+    s.insert(s.end(), {w.rows, w.cols / 32});
+    require_shape(w.w, b, " (MXFP4 blocks of 32 values)");
+    require_shape(w.scale, s, " (MXFP4 scales)");
+    w.file = w.w.view->path();
+    return w;
+  }
+  w.w = f.get(name);
+  w.file = w.w.view->path();
+  w.dtype = w.w.entry->dtype;
+  require_shape(w.w, shape);
+  if (plain_dtype(w.dtype)) return w;
+  MOE_REQUIRE(w.dtype == "F8_E4M3", where(w.w), ": dtype ", w.dtype,
+              " is not a weight format libmoe reads (F32, F64, F16, BF16, F8_E4M3 with block "
+              "scales '", name, "_scale_inv', MXFP4 '", name, "_blocks'/'", name, "_scales')");
+  w.format = StoredWeight::Format::fp8_block;
+  MOE_REQUIRE(f.has(name + "_scale_inv"), where(w.w), ": F8_E4M3 weight without its block scales '",
+              name, "_scale_inv'");
+  w.scale = f.get(name + "_scale_inv");
+  MOE_REQUIRE(plain_dtype(w.scale.entry->dtype), where(w.scale),
+              ": block scales must be F32, BF16, F16 or F64, got ", w.scale.entry->dtype);
+  w.block_rows = fp8_block[0];
+  w.block_cols = fp8_block[1];
+  std::vector<int64_t> s = lead;
+  s.insert(s.end(), {ceil_div(w.rows, w.block_rows), ceil_div(w.cols, w.block_cols)});
+  require_shape(w.scale, s, cat(" (blocks of ", w.block_rows, "x", w.block_cols, ")").c_str());
+  return w;
+}
+
+void StoredWeight::row(float* out, int64_t e, int64_t r) const {
+  const int64_t idx = e * rows + r;  // row of the flattened (stack·rows, ·) data
+  switch (format) {
+    case Format::plain: {
+      const size_t item = safetensors_dtype_size(dtype);
+      decode_plain(out, w.view->data(*w.entry) + static_cast<size_t>(idx * cols) * item, cols,
+                   dtype);
+      break;
+    }
+    case Format::fp8_block: {
+      const uint8_t* p = w.view->data(*w.entry) + idx * cols;
+      const int64_t nb = ceil_div(cols, block_cols);
+      const int64_t srow = e * ceil_div(rows, block_rows) + r / block_rows;
+      float scales[1024];
+      std::vector<float> big;
+      float* s = scales;
+      if (nb > 1024) {
+        big.resize(static_cast<size_t>(nb));
+        s = big.data();
+      }
+      const size_t item = safetensors_dtype_size(scale.entry->dtype);
+      decode_plain(s, scale.view->data(*scale.entry) + static_cast<size_t>(srow * nb) * item, nb,
+                   scale.entry->dtype);
+      for (int64_t c = 0; c < cols; ++c) out[c] = fp8_e4m3_to_float(p[c]) * s[c / block_cols];
+      break;
+    }
+    case Format::mxfp4: {
+      const int64_t G = cols / 32;
+      const uint8_t* b = w.view->data(*w.entry) + idx * G * 16;
+      const uint8_t* s = scale.view->data(*scale.entry) + idx * G;
+      for (int64_t g = 0; g < G; ++g) {
+        const float m = std::ldexp(1.0f, static_cast<int>(s[g]) - 127);
+        for (int64_t j = 0; j < 16; ++j) {
+          const uint8_t byte = b[g * 16 + j];
+          out[g * 32 + 2 * j] = fp4_e2m1_to_float(byte & 0xf) * m;  // low nibble first
+          out[g * 32 + 2 * j + 1] = fp4_e2m1_to_float(byte >> 4) * m;
+        }
+      }
+      break;
+    }
+  }
+}
+
+void StoredWeight::release(int64_t e) const {
+  switch (format) {
+    case Format::plain: {
+      const uint64_t n = static_cast<uint64_t>(rows * cols) * safetensors_dtype_size(dtype);
+      w.view->release(*w.entry, static_cast<uint64_t>(e) * n, n);
+      break;
+    }
+    case Format::fp8_block:
+      w.view->release(*w.entry, static_cast<uint64_t>(e * rows * cols),
+                      static_cast<uint64_t>(rows * cols));
+      break;
+    case Format::mxfp4:
+      w.view->release(*w.entry, static_cast<uint64_t>(e * rows * cols / 2),
+                      static_cast<uint64_t>(rows * cols / 2));
+      break;
+  }
+}
+
+int64_t StoredWeight::file_bytes() const {
+  int64_t n = static_cast<int64_t>(w.entry->end - w.entry->begin);
+  if (scale.entry) n += static_cast<int64_t>(scale.entry->end - scale.entry->begin);
+  return n;
+}
+
+void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& m) {
+  const int64_t In = m.In, Out = m.Out, C = w.cols;
+  MOE_ASSERT(e >= 0 && (w.stack == 0 ? e == 0 : e < w.stack));
+  if (m.out_major) {
+    MOE_ASSERT(m.out_base + m.out_step * (Out - 1) < w.rows && m.in_base + In <= C);
+    constexpr int64_t kBlock = 32;  // outputs decoded together, then written transposed
+    const int64_t nb = (Out + kBlock - 1) / kBlock;
+#pragma omp parallel
+    {
+      std::vector<float> tmp(static_cast<size_t>(kBlock * C));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t o0 = b * kBlock, o1 = std::min(Out, o0 + kBlock);
+        for (int64_t o = o0; o < o1; ++o) w.row(tmp.data() + (o - o0) * C, e, m.out_base + m.out_step * o);
+        for (int64_t i = 0; i < In; ++i) {
+          float* d = dst + i * Out;
+          const float* src = tmp.data() + m.in_base + i;
+          for (int64_t o = o0; o < o1; ++o) d[o] = src[(o - o0) * C];
+        }
+      }
+    }
+  } else {
+    MOE_ASSERT(m.in_base + In <= w.rows && m.out_base + m.out_step * (Out - 1) < C);
+#pragma omp parallel
+    {
+      std::vector<float> tmp(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < In; ++i) {
+        w.row(tmp.data(), e, m.in_base + i);
+        float* d = dst + i * Out;
+        for (int64_t o = 0; o < Out; ++o) d[o] = tmp[m.out_base + m.out_step * o];
+      }
+    }
+  }
+}
+
+}  // namespace moe::detail

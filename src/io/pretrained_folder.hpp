@@ -1,0 +1,106 @@
+// A Hugging Face model folder as the pretrained loader sees it: config.json, the tensor names
+// of its safetensors files (from model.safetensors.index.json when sharded, else from the
+// files' headers), files mapped on first use, and stored weights decoded row by row (F32, F64,
+// F16, BF16, F8_E4M3 with block scales, MXFP4). Errors name the file and the tensor.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "io/safetensors_view.hpp"
+#include "moe/layer.hpp"
+
+namespace moe::detail {
+
+// Hard limits on the folder's JSON files, so that a hostile folder cannot ask for unbounded
+// work before anything is checked.
+inline constexpr uint64_t kConfigJsonMaxBytes = 16ull << 20;
+inline constexpr uint64_t kIndexJsonMaxBytes = 256ull << 20;
+
+class PretrainedFolder {
+ public:
+  explicit PretrainedFolder(const std::string& dir);  // reads config.json and the index
+  ~PretrainedFolder();
+
+  const std::string& dir() const { return dir_; }
+  const nlohmann::ordered_json& config() const { return config_; }
+  std::string config_what() const;   // "config.json of '<dir>'"
+  const std::vector<std::string>& files() const { return files_; }
+  bool has(const std::string& name) const { return where_.count(name) != 0; }
+  const std::map<std::string, std::string>& tensor_files() const { return where_; }
+  // The file and header entry of a tensor, mapping its file on first use. Throws naming the
+  // tensor (and the index) when absent or when the index names a missing file.
+  struct Ref {
+    const SafetensorsView* view = nullptr;
+    const StEntry* entry = nullptr;
+  };
+  Ref get(const std::string& name) const;
+  const SafetensorsView& view(const std::string& file) const;
+
+ private:
+  std::string dir_;
+  nlohmann::ordered_json config_;
+  std::vector<std::string> files_;            // relative to dir_
+  std::map<std::string, std::string> where_;  // tensor → file
+  std::string index_name_;                    // empty when unsharded
+  mutable std::map<std::string, std::unique_ptr<SafetensorsView>> views_;
+};
+
+// model.safetensors.index.json: its weight_map (tensor → file), every file name a plain
+// relative path inside the folder. Throws moe::Error naming `what`.
+std::map<std::string, std::string> parse_index_json(const std::string& text,
+                                                    const std::string& what);
+
+// The MoEConfig of the first MoE block that config.json text describes (pretrained.cpp; the
+// fuzzer's door to the family table). Throws moe::Error naming `what`.
+MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what);
+
+// One weight as stored: a matrix (rows, cols) or a stack of them (stack, rows, cols), in its
+// format. For MXFP4, `name` is the logical name and the data are name_blocks / name_scales.
+struct StoredWeight {
+  enum class Format { plain, fp8_block, mxfp4 };
+  std::string name;
+  std::string file;
+  Format format = Format::plain;
+  PretrainedFolder::Ref w, scale;
+  int64_t stack = 0;             // 0: a single matrix
+  int64_t rows = 0, cols = 0;
+  int64_t block_rows = 128, block_cols = 128;  // fp8 block scales
+  std::string dtype;             // of w ("MXFP4" for the packed pair)
+
+  // out (cols) = row r of matrix e (e = 0 when not stacked), dequantised to float32.
+  void row(float* out, int64_t e, int64_t r) const;
+  // Hands back the pages of matrix e (see SafetensorsView::release).
+  void release(int64_t e) const;
+  int64_t file_bytes() const;    // bytes of the data (and scales) in the file
+};
+
+// The weight `name` with the logical shape `shape` ({rows, cols} or {stack, rows, cols}):
+// plain, F8_E4M3 with name + "_scale_inv", or MXFP4 name + "_blocks" / "_scales". Throws
+// naming the file and tensor on a missing tensor, a wrong shape or an unknown dtype.
+// fp8_block is config.json's quantization_config.weight_block_size (default 128 × 128).
+StoredWeight open_weight(const PretrainedFolder& f, const std::string& name,
+                         const std::vector<int64_t>& shape, const int64_t fp8_block[2]);
+
+// How one of the library's "in × out" matrices dst (In, Out) is taken from a stored matrix:
+// out_major: stored rows are outputs (nn.Linear's (out, in)), dst[i][o] =
+//   stored[out_base + out_step·o][in_base + i]; else stored rows are inputs, dst[i][o] =
+//   stored[in_base + i][out_base + out_step·o].
+struct MatrixMap {
+  bool out_major = true;
+  int64_t out_base = 0, out_step = 1, in_base = 0;
+  int64_t In = 0, Out = 0;
+};
+
+// dst (In, Out) from matrix e of w as m says. Parallel over blocks of rows; each thread
+// decodes through its own row scratch.
+void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& m);
+
+// The float32 value of every F8_E4M3 (fn: no infinities) byte, and of every e2m1 nibble.
+float fp8_e4m3_to_float(uint8_t v);
+float fp4_e2m1_to_float(uint8_t nibble);
+
+}  // namespace moe::detail

@@ -1,0 +1,64 @@
+#include "io/safetensors_view.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/check.hpp"
+
+namespace moe::detail {
+
+SafetensorsView::SafetensorsView(const std::string& path) : path_(path) {
+  const std::string what = cat("safetensors file '", path, "'");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(cat(what, ": cannot open (", std::strerror(errno), ")"));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(cat(what, ": not a regular file"));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      throw Error(cat(what, ": cannot map (", std::strerror(err), ")"));
+    }
+    base_ = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);  // the mapping keeps the file
+  try {
+    header_ = parse_safetensors_header(base_, size_, what);
+  } catch (...) {
+    if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+    throw;
+  }
+  for (size_t i = 0; i < header_.entries.size(); ++i) index_[header_.entries[i].name] = i;
+}
+
+SafetensorsView::~SafetensorsView() {
+  if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+const StEntry* SafetensorsView::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &header_.entries[it->second];
+}
+
+void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n) const {
+  if (!base_ || n == 0) return;
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t a = header_.data_start + e.begin + offset;
+  // Whole pages around the range: a neighbour's page dropped too is only read again.
+  const uint64_t lo = a / page * page;
+  const uint64_t hi = std::min<uint64_t>((a + n + page - 1) / page * page, (size_ + page - 1) / page * page);
+  ::madvise(const_cast<uint8_t*>(base_) + lo, hi - lo, MADV_DONTNEED);
+}
+
+}  // namespace moe::detail

@@ -1,0 +1,41 @@
+// A safetensors file mapped read-only: the header parsed and checked once
+// (safetensors_header.hpp), tensors read in place. The pretrained loader touches only the
+// bytes of the tensors it converts, and hands their pages back (release) as soon as it is
+// done with them, so that a multi-GB shard never becomes resident to load one block.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "io/safetensors_header.hpp"
+
+namespace moe::detail {
+
+class SafetensorsView {
+ public:
+  // Opens, maps and checks `path`. Throws moe::Error naming the file.
+  explicit SafetensorsView(const std::string& path);
+  ~SafetensorsView();
+  SafetensorsView(const SafetensorsView&) = delete;
+  SafetensorsView& operator=(const SafetensorsView&) = delete;
+
+  const std::string& path() const { return path_; }
+  const StHeader& header() const { return header_; }
+  const StEntry* find(const std::string& name) const;  // nullptr when absent
+  // The first byte of a tensor's data (valid while the view lives).
+  const uint8_t* data(const StEntry& e) const { return base_ + header_.data_start + e.begin; }
+  // Drops the pages of bytes [offset, offset + n) of e's data from this process (they stay in
+  // the page cache); later reads fault them in again. A hint: never fails.
+  void release(const StEntry& e, uint64_t offset, uint64_t n) const;
+  uint64_t file_size() const { return size_; }
+
+ private:
+  std::string path_;
+  const uint8_t* base_ = nullptr;
+  uint64_t size_ = 0;
+  StHeader header_;
+  std::map<std::string, size_t> index_;
+};
+
+}  // namespace moe::detail
