@@ -318,11 +318,12 @@ void ExpertWeightsBf16::prepare_forward(const ExpertWeights& w, const ExpertShap
 
 void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  W1.assign(static_cast<size_t>(s.E * s.d * mid), 0);
-  if (s.kind != ExpertKind::linear_relu) W2.assign(static_cast<size_t>(s.E * s.F * s.Do), 0);
+  W1.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, mid)), 0);
+  if (s.kind != ExpertKind::linear_relu)
+    W2.assign(static_cast<size_t>(s.E * packed_bf16_size(s.F, s.Do)), 0);
   // W3: the gated kinds (swiglu, clamped_swiglu).
   if (s.kind != ExpertKind::linear_relu && s.kind != ExpertKind::mlp)
-    W3.assign(static_cast<size_t>(s.E * s.d * s.F), 0);
+    W3.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, s.F)), 0);
   W1t.clear();
   W2t.clear();
   W3t.clear();
@@ -332,10 +333,10 @@ void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
 
 void ExpertWeightsBf16::assign(int matrix, int64_t e, const float* src, const ExpertShape& s) {
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  const int64_t n = matrix == 1 ? s.d * mid : matrix == 2 ? s.F * s.Do : s.d * s.F;
-  std::vector<uint16_t>& W = matrix == 1 ? W1 : matrix == 2 ? W2 : W3;
-  MOE_ASSERT(e >= 0 && e < s.E && static_cast<int64_t>(W.size()) >= (e + 1) * n);
-  to_bf16_n(W.data() + e * n, src, n);
+  const int64_t K = matrix == 1 ? s.d : matrix == 2 ? s.F : s.d;
+  const int64_t N = matrix == 1 ? mid : matrix == 2 ? s.Do : s.F;
+  MOE_ASSERT(e >= 0 && e < s.E);
+  pack_expert(matrix == 1 ? W1 : matrix == 2 ? W2 : W3, e, src, K, N);
 }
 
 void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {

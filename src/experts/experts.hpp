@@ -79,8 +79,8 @@ struct ExpertWeightsBf16 {
   // Zeroed forward copies for s, marked fixed and ready: the layer holds no masters.
   void hold_only(const ExpertShape& s);
   // Expert e's matrix (1: W1, 2: W2, 3: W3) from src, fp32 in the masters' per-expert layout
-  // ((d, ·), (F, Do), (d, F)), rounded to bf16 into the forward copy. The copies' layout is
-  // this struct's business: writers outside go through here.
+  // ((d, ·), (F, Do), (d, F)), rounded to bf16 and packed into the forward copy. The copies'
+  // layout is this struct's business: writers outside go through here.
   void assign(int matrix, int64_t e, const float* src, const ExpertShape& s);
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
