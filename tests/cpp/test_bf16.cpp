@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -183,7 +182,7 @@ TEST(Bf16Packed, MatchesTheDoubleSumOfTheSameOperands) {
   using namespace moe::detail;
   Rng rng(12);
   const bool native = packed_bf16_native();
-  std::printf("packed bf16 kernel: %s\n", native ? "vdpbf16ps" : "widened to fp32 (no AVX512-BF16)");
+  RecordProperty("packed_kernel", gemm_bf16_packed_impl());
   for (auto [N, K] : {std::pair<int64_t, int64_t>{1, 1}, {63, 17}, {65, 31}, {130, 129},
                       {200, 64}, {64, 2}}) {
     const int64_t Mmax = 70, lda = K + 3, ldb = N;
