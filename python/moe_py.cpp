@@ -246,6 +246,7 @@ struct PyMoE {
   int64_t T = -1;          // tokens of the last forward, -1 before any
   bool one_token = false;  // the last forward got a 1-D x: backward takes and gives 1-D
   uint64_t step = 0;       // noise counter used when forward is given no step
+  int64_t routed_T = -1, routed_k = 0;  // the last experts_forward, for experts_backward
 
   explicit PyMoE(const moe::MoEConfig& c) : layer(c) {}
   explicit PyMoE(moe::MoELayer&& l) : layer(std::move(l)) {}
@@ -339,11 +340,30 @@ struct PyMoE {
     require_shape(w, "weights", {T, k}, "(T, k) like indices");
     py::array_t<float> y(std::vector<py::ssize_t>{T, c.out_dim()});
     this->T = -1;  // the layer's saved forward is gone
+    routed_T = -1;
     {
       py::gil_scoped_release nogil;
       layer.forward_routed(y.mutable_data(), x.data(), T, idx.data(), w.data(), k);
     }
+    routed_T = T;
+    routed_k = k;
     return y;
+  }
+
+  py::tuple experts_backward(const py::object& dy_) {
+    if (routed_T < 0)
+      throw moe::Error("backward_routed: called before forward_routed (no saved state)");
+    const moe::MoEConfig& c = layer.config();
+    FArray dy = as_f32(dy_, "dy");
+    require_shape(dy, "dy", {routed_T, c.out_dim()}, "(T, d_out) of the last experts_forward");
+    py::array_t<float> dx(std::vector<py::ssize_t>{routed_T, c.d_model});
+    py::array_t<float> dw(std::vector<py::ssize_t>{routed_T, routed_k});
+    {
+      py::gil_scoped_release nogil;
+      layer.backward_routed(dx.mutable_data(), dw.mutable_data(), dy.data());
+    }
+    routed_T = -1;
+    return py::make_tuple(dx, dw);
   }
 
   py::array_t<float> backward(const py::object& dy_) {
@@ -539,8 +559,11 @@ forward, so each step draws fresh noise; pass it to pin the draw.)");
           py::arg("weights"),
           R"(The routed experts alone with the caller's routing: y[t] = Σ_j weights[t, j] ·
 expert_{indices[t, j]}(x[t]). x is (T, d_model); indices (T, k) integers in 0..n_experts-1;
-weights (T, k). No router, shared experts, residual or capacity; evaluation only (no
-backward follows it). Returns y (T, d_out).)");
+weights (T, k). No router, shared experts, residual or capacity. Returns y (T, d_out);
+experts_backward(dy) goes back through it (backward() does not).)");
+  cls.def("experts_backward", &PyMoE::experts_backward, py::arg("dy"),
+          R"(The backward of the last experts_forward, once: dy (T, d_out) → (dx (T, d_model),
+dweights (T, k)); the routed experts' gradients accumulate into `grads`.)");
   cls.def("backward", &PyMoE::backward, py::arg("dy"),
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");

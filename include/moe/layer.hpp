@@ -23,7 +23,8 @@ enum class SecondExpertPolicy { all, random };
 // SPEC §6: the precision of the expert products. The router is fp32 in every precision.
 enum class Precision { fp32, bf16, int8 };
 
-ExpertKind parse_expert_kind(const std::string& s);  // "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
+// "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
+ExpertKind parse_expert_kind(const std::string& s);
 Activation parse_activation(const std::string& s);   // "relu" | "gelu" | "silu"
 DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "random" | "priority"
 RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...
@@ -167,13 +168,17 @@ class MoELayer {
   // The routed experts alone, with the routing given by the caller (what transformers'
   // pluggable experts functions and ScatterMoE take): y (T, d_out) = Σ_j weights[t,j] ·
   // E_{indices[t,j]}(x_t), indices and weights (T, k), k >= 1 of the caller's choosing. No
-  // router, no shared experts, no residual, no capacity; evaluation only (nothing is saved
-  // for backward: a backward after it is refused). In the layer's precision. For the routing
+  // router, no shared experts, no residual, no capacity; backward() after it is refused, its
+  // own backward is backward_routed. In the layer's precision. For the routing
   // of a forward (routing().indices/weights, dropless, no residual, no shared experts) it
   // gives that forward's output bit for bit. Throws moe::Error naming the first token with an
   // index outside 0..n_experts-1 or a non-finite weight or input.
   void forward_routed(float* y, const float* x, int64_t T, const int32_t* indices,
                       const float* weights, int64_t k);
+  // The backward of the last forward_routed, once: dy (T, d_out); dx (T, d_model) and
+  // dweights (T, k) = ∂L/∂weights are assigned; the routed experts' parameter gradients
+  // accumulate (nothing for the router or the shared experts).
+  void backward_routed(float* dx, float* dweights, const float* dy);
 
   // aux_loss "global": forget the expert loads accumulated by the training forwards since
   // the last reset (call it after each optimizer step). Harmless for the other kinds.

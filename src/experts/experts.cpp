@@ -192,7 +192,8 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       const float alpha = s.alpha, limit = s.limit;
 #pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
       for (int64_t i = 0; i < R * F; ++i) {
-        const float h = clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
+        const float h =
+            clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
         if constexpr (bf16)
           hid[i] = to_bf16(h);
         else

@@ -179,14 +179,14 @@ void MoEConfig::validate() const {
     int64_t r = 0;
     return __builtin_add_overflow(a, b, &r) ? std::numeric_limits<int64_t>::max() : r;
   };
-  // An upper bound over every kind: W_g, W_noise, b_g, then W1, W3, W2, b1, b2 per expert.
-  const int64_t per_expert = add(add(mul(hidden(), add(mul(2, d_model), out_dim())), hidden()),
-                                 add(out_dim(), add(mul(2, d_model), 1)));
-  const int64_t per_shared =
-      add(add(mul(shared_hidden(), add(mul(2, d_model), out_dim())), mul(2, shared_hidden())),
-          add(out_dim(), add(mul(2, d_model), 1)));
-  const int64_t total = add(mul(n_experts, add(per_expert, hidden())),
-                            mul(n_shared_experts, per_shared));
+  // An upper bound over every kind: W_g, W_noise, b_g, then W1, W3, W2, b1, b3, b2 per expert
+  // of hidden width F (the shared experts' is shared_hidden()).
+  auto per_expert = [&](int64_t F) {
+    return add(add(mul(F, add(mul(2, d_model), out_dim())), mul(2, F)),
+               add(out_dim(), add(mul(2, d_model), 1)));
+  };
+  const int64_t total = add(mul(n_experts, per_expert(hidden())),
+                            mul(n_shared_experts, per_expert(shared_hidden())));
   MOE_REQUIRE(total <= kMaxParams, "n_experts, d_model, d_ff, d_out: too large together (",
               n_experts, " experts of ", d_model, "x", hidden(), "x", out_dim(),
               " need more than 2^40 parameters)");

@@ -66,6 +66,9 @@ struct MoELayer::Impl {
 
   // What forward saves for backward.
   bool have_forward = false;
+  // What forward_routed saves for backward_routed (k = 0: nothing saved).
+  int64_t routed_k = 0;
+  std::vector<float> routed_weights;  // (T, routed_k)
   int64_t T = 0;
   RouterState routing;
   detail::CapacityPlan plan;
@@ -348,6 +351,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
                   e);
   }
   m.have_forward = false;
+  m.routed_k = 0;
   detail::balance_check_batch(cfg, T);
   // The workspace and the router's (T, E) buffers, before x is read.
   allocate_or_throw("forward: workspace for the batch",
@@ -570,7 +574,7 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
   const int64_t d = cfg.d_model, E = cfg.n_experts, Do = cfg.out_dim();
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(k >= 1, "k: must be at least 1, got ", k);
-  MOE_REQUIRE(T * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
+  MOE_REQUIRE(T <= int64_t{0x7fffffff} / k, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y && indices && weights),
               "forward_routed: x, y, indices and weights must not be null");
   m.check_params();
@@ -585,7 +589,8 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
     for (int64_t i = 0; i < d; ++i)
       MOE_REQUIRE(std::isfinite(x[t * d + i]), "x: non-finite value at token ", t);
   }
-  m.have_forward = false;  // the workspace below is the forward's: nothing to go back through
+  m.have_forward = false;  // the workspace below is the forward's: no layer backward after it
+  m.routed_k = 0;
   // The layer's workspace sized for k assignments per token, without a router's rows.
   MoEConfig wc = cfg;
   wc.k = k;
@@ -619,6 +624,61 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
       for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
     }
   }
+  m.T = T;
+  m.routed_weights.assign(weights, weights + T * k);
+  m.routed_k = k;
+}
+
+void MoELayer::backward_routed(float* dx, float* dweights, const float* dy) {
+  Impl& m = *impl_;
+  MOE_REQUIRE(m.routed_k > 0, "backward_routed: called before forward_routed (no saved state)");
+  const MoEConfig& cfg = m.cfg;
+  const int64_t T = m.T, k = m.routed_k, d = cfg.d_model, Do = cfg.out_dim();
+  MOE_REQUIRE(T == 0 || (dx && dweights && dy),
+              "backward_routed: dx, dweights and dy must not be null");
+  if (T == 0) return;
+  m.ensure_grads();
+  weights_changed();  // as backward: an optimizer step may follow
+  MoEConfig wc = cfg;
+  wc.k = k;
+  wc.router_kind = RouterKind::topk_softmax;
+  detail::LayerBuffers b = m.ws.carve(wc, T);
+  const detail::CapacityPlan& plan = m.plan;
+  const int64_t R = plan.n_kept;
+  const int32_t* s2d = plan.src_to_dest.data();
+  const int32_t* d2s = plan.dest_to_src.data();
+  const float* w = m.routed_weights.data();
+  const float* out = b.out;
+  // The combine's backward, as in backward(): dweights[t,j] = dy_t·out(t,j), dout = w·dy_t.
+#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const float* o = out + int64_t{s2d[t * k + j]} * Do;
+      float acc = 0.0f;
+      for (int64_t c = 0; c < Do; ++c) acc += dy[t * Do + c] * o[c];
+      dweights[t * k + j] = acc;
+    }
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
+  for (int64_t s = 0; s < R; ++s) {
+    const int64_t a = d2s[s];
+    const float* dyt = dy + (a / k) * Do;
+    for (int64_t c = 0; c < Do; ++c) b.dout[s * Do + c] = w[a] * dyt[c];
+  }
+  detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
+  detail::ExpertScratch scr{b.dh, b.da3};
+  detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
+  detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
+                           plan.offsets.data(), m.shape, m.gg, m.bf16());
+#pragma omp parallel for schedule(static) if (T * k * d >= kParallelMin)
+  for (int64_t t = 0; t < T; ++t) {
+    float* dxt = dx + t * d;
+    std::fill(dxt, dxt + d, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const float* src = b.dxg + int64_t{s2d[t * k + j]} * d;
+      for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
+    }
+  }
+  m.routed_k = 0;  // the activations were used as scratch
 }
 
 }  // namespace moe

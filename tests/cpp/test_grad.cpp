@@ -289,13 +289,15 @@ TEST(LayerBackward, DroppedAssignmentsGetNoGradient) {
 TEST(LayerDeterminism, OneAndTwoThreadsBitIdentical) {
   const int saved = omp_get_max_threads();
   for (auto precision : {moe::Precision::fp32, moe::Precision::bf16})
-  for (auto kind : {moe::ExpertKind::linear_relu, moe::ExpertKind::mlp, moe::ExpertKind::swiglu}) {
+  for (auto kind : {moe::ExpertKind::linear_relu, moe::ExpertKind::mlp, moe::ExpertKind::swiglu,
+                    moe::ExpertKind::clamped_swiglu}) {
     SCOPED_TRACE(std::string(moe::to_string(kind)) + " " + moe::to_string(precision));
     moe_test::Case cs{kind, moe::Activation::silu, 2, 1.25, moe::DropPolicy::probs,
                       kind != moe::ExpertKind::linear_relu, moe::Noise::learned,
                       moe::NoiseScale::softplus};
     MoEConfig cfg = moe_test::config_of(cs, 70, 6, 130, 45, 5);
     cfg.precision = precision;
+    cfg.swiglu_limit = 1.0f;  // clamped_swiglu: the clamps bite
     MoELayer L(cfg);
     Rng rng(8);
     moe_test::randomize(L, rng);

@@ -205,12 +205,16 @@ TEST(Errors, RM2_ForwardRoutedNamesTheToken) {
   x[13] = 0.25f;
   EXPECT_EQ(error_of([&] { L.forward_routed(y.data(), x.data(), T, idx.data(), w.data(), 0); }),
             "k: must be at least 1, got 0");
-  // Evaluation only: nothing is saved for a backward.
+  // The layer's backward does not go back through it (backward_routed does).
   std::vector<float> dx(x.size());
   L.forward(y.data(), x.data(), T);
   L.forward_routed(y.data(), x.data(), T, idx.data(), w.data(), k);
   EXPECT_EQ(error_of([&] { L.backward(dx.data(), y.data()); }),
             "backward: called before forward (no saved state)");
+  std::vector<float> dw(T * k);
+  L.forward(y.data(), x.data(), T);
+  EXPECT_EQ(error_of([&] { L.backward_routed(dx.data(), dw.data(), y.data()); }),
+            "backward_routed: called before forward_routed (no saved state)");
 }
 
 // ---- group_score ----------------------------------------------------------------------------
@@ -585,4 +589,66 @@ TEST(RealModelRouted, AnyRoutingAgainstTheTwin) {
         else
           EXPECT_LE(rel_max_err(y, want), 1e-3);
       }
+}
+
+// backward_routed: with the routing of a forward fed back, the routed experts' gradients are
+// those of the layer's own backward, bit for bit (the same rows, products and order), and
+// dweights are the gate gradients ∂L/∂w = dy_t·E_i(x_t) computed from the expert outputs.
+TEST(RealModelRouted, BackwardGivesTheLayersExpertGradients) {
+  for (auto kind : {ExpertKind::mlp, ExpertKind::swiglu, ExpertKind::clamped_swiglu})
+    for (auto prec : {Precision::fp32, Precision::bf16}) {
+      MoEConfig c = base_config(kind, 91);
+      c.router_kind = moe::RouterKind::softmax_topk;
+      c.k = 3;
+      c.aux_alpha = 0.0f;
+      c.z_alpha = 0.0f;
+      c.swiglu_limit = 1.0f;
+      c.precision = prec;
+      SCOPED_TRACE(std::string(moe::to_string(kind)) + " " + moe::to_string(prec));
+      MoELayer L(c);
+      Rng rng(92);
+      moe_test::randomize(L, rng);
+      const int64_t T = 31, k = 3;
+      const auto x = rng.vec(T * 12, 1.5);
+      const auto dy = rng.vec(T * 9, 1.0);
+      std::vector<float> y(T * 9), yr(T * 9), dx(x.size()), dxr(x.size()), dw(T * k);
+      L.zero_grad();
+      L.forward(y.data(), x.data(), T);
+      L.backward(dx.data(), dy.data());
+      std::vector<std::vector<float>> want;
+      const std::vector<std::string> experts =
+          kind == ExpertKind::swiglu ? std::vector<std::string>{"W1", "W2", "W3"}
+          : kind == ExpertKind::mlp  ? std::vector<std::string>{"W1", "b1", "W2", "b2"}
+                                     : std::vector<std::string>{"W1", "b1", "W2", "b2", "W3", "b3"};
+      for (const auto& n : experts) want.push_back(L.grad(n).data);
+      for (const auto& g : want)
+        EXPECT_TRUE(std::any_of(g.begin(), g.end(), [](float v) { return v != 0.0f; }));
+      const auto idx = L.routing().indices;
+      const auto w = L.routing().weights;
+      L.zero_grad();
+      L.forward_routed(yr.data(), x.data(), T, idx.data(), w.data(), k);
+      EXPECT_EQ(yr, y);
+      L.backward_routed(dxr.data(), dw.data(), dy.data());
+      for (size_t i = 0; i < experts.size(); ++i)
+        EXPECT_EQ(L.grad(experts[i]).data, want[i]) << experts[i];
+      EXPECT_EQ(L.grad("W_g").data, std::vector<float>(L.grad("W_g").data.size(), 0.0f));
+      // dweights against the twin's expert outputs in double.
+      const Ref p = Ref::from(L);
+      Saved sv;
+      std::vector<double> yd;
+      const auto xd = moe_test::convert<double>(x);
+      moe::detail::layer_forward_ref<double>(yd, sv, xd.data(), p, c, T, true, nullptr);
+      ASSERT_EQ(sv.indices, idx);
+      std::vector<double> dw_ref(T * k, 0.0);
+      for (int64_t a = 0; a < T * k; ++a)
+        for (int64_t col = 0; col < 9; ++col)
+          dw_ref[a] += static_cast<double>(dy[(a / k) * 9 + col]) * sv.out[a * 9 + col];
+      if (prec == Precision::fp32)
+        moe_test::expect_close(dw, dw_ref, 2e-5, 2e-4, "dweights");
+      else
+        EXPECT_LE(rel_max_err(dw, dw_ref), 1e-3);
+      // Once: the saved activations were used as scratch.
+      EXPECT_EQ(error_of([&] { L.backward_routed(dxr.data(), dw.data(), dy.data()); }),
+                "backward_routed: called before forward_routed (no saved state)");
+    }
 }

@@ -215,3 +215,39 @@ def test_RM2_experts_forward_names_the_token():
     m.experts_forward(x, np.zeros((2, 2), dtype=np.int32), w)
     with pytest.raises(ValueError, match="backward: called before forward"):
         m.backward(np.ones((2, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu", "clamped_swiglu"])
+def test_experts_backward_matches_torch(kind):
+    rng = np.random.default_rng(11)
+    cfg = base(expert=kind, activation="gelu", swiglu_limit=0.7)
+    m, params, _ = make_case(cfg, 95)
+    T, k, E = 19, 3, cfg["n_experts"]
+    x = rng.normal(size=(T, 6)).astype(np.float32)
+    idx = rng.integers(0, E, size=(T, k))
+    w = rng.normal(size=(T, k)).astype(np.float32)
+    dy = rng.normal(size=(T, 4)).astype(np.float32)
+    m.zero_grad()
+    m.experts_forward(x, idx, w)
+    dx, dw = m.experts_backward(dy)
+    experts = [n for n in params if n[0] in "Wb" and n not in ("W_g", "b_g")]
+    P = {n: R.t64(params[n]).requires_grad_(True) for n in experts}
+    xt = R.t64(x).requires_grad_(True)
+    wt = R.t64(w).requires_grad_(True)
+    y = torch.zeros(T, 4, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            y[t] += wt[t, j] * R.expert_forward(kind, P, int(idx[t, j]), xt[t:t + 1], "gelu",
+                                                1.702, 0.7)[0]
+    (y * R.t64(dy)).sum().backward()
+    for got, ref, what in [(dx, xt.grad, "dx"), (dw, wt.grad, "dweights")]:
+        r = ref.numpy()
+        close(got, r, 1e-4, 2e-5 * (1 + np.abs(r).max()), what)
+    g = m.grads
+    for n in experts:
+        r = P[n].grad.numpy()
+        close(g[n], r, 1e-4, 2e-5 * (1 + np.abs(r).max()), f"grad {n}")
+        assert np.count_nonzero(g[n]) > 0
+    assert not np.any(g["W_g"])
+    with pytest.raises(ValueError, match="backward_routed: called before forward_routed"):
+        m.experts_backward(dy)
