@@ -7,11 +7,14 @@
 //   build/bin/bench_gemm --benchmark_filter=dnnl   (OMP_NUM_THREADS=2, as the goals are stated)
 #include <benchmark/benchmark.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "perf/roofline.hpp"
 
 namespace {
@@ -115,6 +118,136 @@ BENCHMARK(BM_grouped_tiles)
     ->Args({16, 512, 2048, 1024, 128, 1024})  // B1 W1, wider tiles
     ->Args({256, 32, 512, 1024, 64, 256})     // B2 W1, the layer's tiles
     ->Args({64, 8, 2048, 1024, 64, 256})      // E1024-like: 8 rows per expert (64 of them)
+    ->UseRealTime();
+
+// The layer's bf16 expert products: E problems [rows, K] x [K, N] with distinct weights, in
+// tiles of at most 512 rows x 2048 columns spread over the threads (experts/grouped_gemm.cpp).
+// packed = 0: oneDNN's run-time-size matmul on row-major weights (gemm_bf16_serial, which
+// packs B per call); packed = 1: the weights packed once (gemm_bf16_packed_serial). Random
+// operands in [-0.5, 0.5).
+void BM_grouped_bf16(benchmark::State& state) {
+  const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3);
+  const bool packed = state.range(4) != 0;
+  const int64_t tm = 512, tn = 2048;
+  std::vector<uint16_t> A(static_cast<size_t>(E * rows * K));
+  std::vector<float> Wf(static_cast<size_t>(K * N));
+  uint32_t seed = 12345;
+  auto next = [&] {
+    seed = seed * 1664525u + 1013904223u;
+    return static_cast<float>(seed >> 8) / 16777216.0f - 0.5f;
+  };
+  for (auto& v : A) v = moe::detail::to_bf16(next());
+  const int64_t wsize = packed ? moe::detail::packed_bf16_size(K, N) : K * N;
+  std::vector<uint16_t> W(static_cast<size_t>(E * wsize));
+  for (int64_t e = 0; e < E; ++e) {
+    for (auto& v : Wf) v = next();
+    if (packed)
+      moe::detail::pack_bf16(W.data() + e * wsize, Wf.data(), N, 1, K, N);
+    else
+      moe::detail::to_bf16_n(W.data() + e * wsize, Wf.data(), K * N);
+  }
+  std::vector<float> C(static_cast<size_t>(E * rows * N));
+  struct Tile {
+    int64_t e, m0, m, n0, n;
+  };
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m0 = 0; m0 < rows; m0 += tm)
+      for (int64_t n0 = 0; n0 < N; n0 += tn)
+        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  const auto n_tiles = static_cast<int64_t>(tiles.size());
+  for (auto _ : state) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_tiles; ++i) {
+      const Tile& t = tiles[static_cast<size_t>(i)];
+      const uint16_t* a = A.data() + (t.e * rows + t.m0) * K;
+      float* c = C.data() + (t.e * rows + t.m0) * N + t.n0;
+      if (packed)
+        moe::detail::gemm_bf16_packed_serial(t.m, t.n0, t.n, K, a, K, W.data() + t.e * wsize,
+                                             0.0f, c, N);
+      else
+        moe::detail::gemm_bf16_serial(t.m, t.n, K, a, K, W.data() + t.e * wsize + t.n0, N, 0.0f,
+                                      c, N);
+    }
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_rate(state, E * rows, N, K);
+}
+BENCHMARK(BM_grouped_bf16)
+    ->ArgNames({"E", "rows", "N", "K", "packed"})
+    ->ArgsProduct({{128}, {32}, {768}, {2048}, {0, 1}})    // Qwen3-30B-A3B W1 / W3
+    ->ArgsProduct({{128}, {32}, {2048}, {768}, {0, 1}})    // Qwen3-30B-A3B W2
+    ->ArgsProduct({{16}, {512}, {2048}, {1024}, {0, 1}})   // B1 W1
+    ->ArgsProduct({{16}, {512}, {1024}, {2048}, {0, 1}})   // B1 W2
+    ->ArgsProduct({{2}, {128}, {14336}, {4096}, {0, 1}})   // Mixtral-8x7B W1, two experts
+    ->ArgsProduct({{2}, {128}, {4096}, {14336}, {0, 1}})   // Mixtral-8x7B W2, two experts
+    ->ArgsProduct({{2}, {1}, {14336}, {4096}, {0, 1}})     // decode, one row per expert
+    ->UseRealTime();
+
+// The alternative to the packed kernel that docs/design.md weighs: oneDNN's matmul created
+// for a fixed row count (a bucket the experts' rows would be padded to), its weights given in
+// the packed bytes' own format BA16a64b2a, one primitive for all experts, each expert one
+// execution on one thread.
+void BM_grouped_bf16_dnnl_fixed(benchmark::State& state) {
+  const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3);
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  const dnnl::memory::desc a({rows, K}, dt::bf16, tag::ab), b({K, N}, dt::bf16, tag::BA16a64b2a),
+      c({rows, N}, dt::f32, tag::ab);
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), eng);
+  state.SetLabel(pd.impl_info_str());
+  const dnnl::matmul mm(pd);
+  std::vector<uint16_t> A(static_cast<size_t>(E * rows * K), moe::detail::to_bf16(0.01f));
+  const int64_t wsize = moe::detail::packed_bf16_size(K, N);
+  std::vector<uint16_t> W(static_cast<size_t>(E * wsize), moe::detail::to_bf16(0.02f));
+  std::vector<float> C(static_cast<size_t>(E * rows * N));
+  for (auto _ : state) {
+#pragma omp parallel
+    {
+      dnnl::stream st(eng);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t e = 0; e < E; ++e) {
+        dnnl::memory am(a, eng, A.data() + e * rows * K), bm(b, eng, W.data() + e * wsize),
+            cm(c, eng, C.data() + e * rows * N);
+        mm.execute(st, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+        st.wait();
+      }
+    }
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_rate(state, E * rows, N, K);
+}
+BENCHMARK(BM_grouped_bf16_dnnl_fixed)
+    ->ArgNames({"E", "rows", "N", "K"})
+    ->Args({128, 32, 768, 2048})
+    ->Args({128, 32, 2048, 768})
+    ->Args({16, 512, 2048, 1024})
+    ->UseRealTime();
+
+// What a change of the weights costs in bf16 (once per optimizer step): one expert's (K, N)
+// fp32 matrix packed for the forward (transposed = 0) or as its transpose for backward (1),
+// against the plain row-major conversions the layer made before the packed layout (mode 2:
+// to_bf16_n; 3: to_bf16_transposed). GB/s of fp32 read.
+void BM_pack_bf16(benchmark::State& state) {
+  const int64_t K = state.range(0), N = state.range(1), mode = state.range(2);
+  std::vector<float> W(static_cast<size_t>(K * N));
+  for (size_t i = 0; i < W.size(); ++i) W[i] = static_cast<float>(i % 251) / 251.0f - 0.5f;
+  std::vector<uint16_t> P(static_cast<size_t>(moe::detail::packed_bf16_size(K, N) + K * N));
+  for (auto _ : state) {
+    if (mode == 0) moe::detail::pack_bf16(P.data(), W.data(), N, 1, K, N);
+    if (mode == 1) moe::detail::pack_bf16(P.data(), W.data(), 1, K, N, K);
+    if (mode == 2) moe::detail::to_bf16_n(P.data(), W.data(), K * N);
+    if (mode == 3) moe::detail::to_bf16_transposed(P.data(), K, W.data(), N, K, N);
+    benchmark::DoNotOptimize(P.data());
+  }
+  state.counters["GB/s"] = benchmark::Counter(
+      static_cast<double>(K * N * 4) * static_cast<double>(state.iterations()) / 1e9,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_pack_bf16)
+    ->ArgNames({"K", "N", "mode"})
+    ->ArgsProduct({{1024}, {2048}, {0, 1, 2, 3}})
     ->UseRealTime();
 
 // The memory roof: one pass of the streaming read kernel over a buffer of range(0) MiB.

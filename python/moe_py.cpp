@@ -19,6 +19,7 @@
 #include "moe/moe.hpp"
 #include "common/gemm.hpp"
 #include "experts/int8.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "moe/optim.hpp"
 #include "moe/pretrained.hpp"
 #include "layer/layer_ref.hpp"  // moe.torch's float64 path (bind_torch_support)
@@ -1034,12 +1035,14 @@ PYBIND11_MODULE(_moe, m) {
     py::dict d;
     d["isa"] = moe::detail::cpu_isa_name();
     d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
+    d["bf16_experts"] = moe::detail::gemm_bf16_packed_impl();
     d["int8_kernel"] = moe::detail::int8_kernel_name();
     return d;
-  }, "What oneDNN runs on this CPU: the best ISA it may use ('isa', limited by "
-     "ONEDNN_MAX_CPU_ISA), the implementation behind the bf16 expert products "
-     "('bf16_gemm') and libmoe's int8 kernel ('int8_kernel': avx512_vnni, or portable "
-     "without VNNI or with MOE_DISABLE_VNNI=1).");
+  }, "What runs on this CPU: the best ISA oneDNN may use ('isa', limited by "
+     "ONEDNN_MAX_CPU_ISA), the kernel of the bf16 products with the expert weights "
+     "('bf16_experts'), oneDNN's implementation of the other bf16 products, the weight "
+     "gradients ('bf16_gemm'), and libmoe's int8 kernel ('int8_kernel': avx512_vnni, or "
+     "portable without VNNI or with MOE_DISABLE_VNNI=1).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

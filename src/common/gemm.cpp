@@ -1,6 +1,5 @@
 #include "common/gemm.hpp"
 
-#include <immintrin.h>
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -68,71 +67,12 @@ struct Bf16Matmul {
   }
 };
 
-// A few rows (decode): oneDNN's gemm packs B on every call, which reads the weights twice
-// and doubles what a memory-bound step costs. Here B is read once, in place, as contiguous
-// runs of its rows: for each block of 4 rows of B and each 64 columns, the rows' values are
-// widened to fp32 and a[m][k]·B[k][·] added to C's accumulators for up to 4 rows of A at a
-// time (more rows reuse the block from cache). Products of two bf16 values are exact in
-// fp32; every C element sums over k in order, in fp32.
-constexpr int64_t kSmallRows = 8;
-
-void gemm_bf16_small(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
-                     const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-#ifdef __AVX512F__
-  constexpr int64_t kCols = 64, kRowsB = 4;
-  const __mmask16 all = 0xffff;
-  for (int64_t k0 = 0; k0 < K; k0 += kRowsB) {
-    const int64_t kc = std::min(kRowsB, K - k0);
-    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-      const int64_t nc = std::min(kCols, N - n0);
-      __mmask16 mask[4];
-      for (int v = 0; v < 4; ++v) {
-        const int64_t c = std::clamp<int64_t>(nc - 16 * v, 0, 16);
-        mask[v] = static_cast<__mmask16>((1u << c) - 1u);
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mr = std::min<int64_t>(4, M - m0);
-        __m512 acc[4][4];
-        for (int64_t r = 0; r < mr; ++r)
-          for (int v = 0; v < 4; ++v)
-            acc[r][v] = k0 == 0 && beta == 0.0f
-                            ? _mm512_setzero_ps()
-                            : _mm512_maskz_loadu_ps(mask[v], C + (m0 + r) * ldc + n0 + 16 * v);
-        for (int64_t kk = 0; kk < kc; ++kk) {
-          const uint16_t* b = B + (k0 + kk) * ldb + n0;
-          __m512 w[4];
-          for (int v = 0; v < 4; ++v)
-            w[v] = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
-                all, _mm512_maskz_cvtepu16_epi32(all, _mm256_maskz_loadu_epi16(mask[v], b + 16 * v)),
-                16));
-          for (int64_t r = 0; r < mr; ++r) {
-            const __m512 a = _mm512_set1_ps(from_bf16(A[(m0 + r) * lda + k0 + kk]));
-            for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(a, w[v], acc[r][v]);
-          }
-        }
-        for (int64_t r = 0; r < mr; ++r)
-          for (int v = 0; v < 4; ++v)
-            _mm512_mask_storeu_ps(C + (m0 + r) * ldc + n0 + 16 * v, mask[v], acc[r][v]);
-      }
-    }
-  }
-#else
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) {
-      float acc = 0.0f;
-      for (int64_t p = 0; p < K; ++p) acc += from_bf16(A[i * lda + p]) * from_bf16(B[p * ldb + j]);
-      C[i * ldc + j] = (beta == 0.0f ? 0.0f : C[i * ldc + j]) + acc;
-    }
-#endif
-}
-
 }  // namespace
 
 void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                       const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   MOE_ASSERT(beta == 0.0f || beta == 1.0f);
   if (M <= 0 || N <= 0) return;
-  if (M <= kSmallRows && K > 0) return gemm_bf16_small(M, N, K, A, lda, B, ldb, beta, C, ldc);
   if (K <= 0) {
     if (beta == 0.0f)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);

@@ -30,9 +30,9 @@ void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K
 // fixed tiles, as with gemm_f32_serial). oneDNN's matmul with run-time sizes and strides:
 // one primitive per beta for the whole process, whatever the shapes, so no call creates or
 // compiles anything after the first. The ISA is oneDNN's choice (AVX512-BF16 here, AMX where
-// present; ONEDNN_MAX_CPU_ISA limits it), and the K loop is never split. Up to 8 rows
-// (decode) a kernel of ours reads B once in place instead (oneDNN packs B per call, which
-// doubles the bytes a memory-bound step reads); its sums run over k in order in fp32.
+// present; ONEDNN_MAX_CPU_ISA limits it), and the K loop is never split. It packs B on every
+// call: the layer uses it where B is activations (the weight gradients); products with a
+// weight matrix read it packed once (common/gemm_bf16_packed.hpp).
 void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
                       const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
 // The implementation oneDNN runs gemm_bf16_serial with, e.g. "gemm:jit", and the ISA it may

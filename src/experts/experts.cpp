@@ -5,6 +5,7 @@
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "experts/activation.hpp"
 #include "experts/int8.hpp"
 
@@ -23,9 +24,9 @@ void set_operands(GemmProblem& p, const uint16_t* A, const uint16_t* B) {
 }
 
 // C rows of expert e (n_e, N) = A rows (n_e, K) · op(B_e) + beta·C, for every expert with
-// rows, then epi on them. B is stacked (E, K, N), or (E, N, K) read transposed when trans_b
-// (fp32 only); epi's bias is stacked (E, N) and its outputs are (R, N) like C, all offset per
-// expert here. T is float or, for bf16 operands, uint16_t.
+// rows, then epi on them. fp32: B is stacked (E, K, N), or (E, N, K) read transposed when
+// trans_b; bf16 (T = uint16_t): B is a stack of packed (K, N) matrices (ExpertWeightsBf16).
+// epi's bias is stacked (E, N) and its outputs are (R, N) like C, all offset per expert here.
 template <typename T>
 void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda, const T* B,
                  bool trans_b, int64_t N, int64_t K, float beta, const int64_t* off, int64_t E,
@@ -38,7 +39,12 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
     p.M = n;
     p.N = N;
     p.K = K;
-    set_operands(p, A + off[e] * lda, B + e * K * N);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      p.Ab = A + off[e] * lda;
+      p.Bp = B + e * packed_bf16_size(K, N);
+    } else {
+      set_operands(p, A + off[e] * lda, B + e * K * N);
+    }
     p.lda = lda;
     p.ldb = trans_b ? K : N;
     p.beta = beta;
@@ -112,17 +118,15 @@ void transpose_per_expert(uint16_t* AT, const Src* A, int64_t cols, const int64_
   }
 }
 
-// W (E, K, N) fp32 -> Wt (E, N, K) bf16, per expert. Tasks of (expert, 256 rows of W).
-void transpose_stack_bf16(std::vector<uint16_t>& Wt, const float* W, int64_t E, int64_t K,
-                          int64_t N) {
-  Wt.resize(static_cast<size_t>(E * K * N));
-  constexpr int64_t kRows = 256;
-  const int64_t nb = (K + kRows - 1) / kRows;
+// Wp = the E experts' matrices of W packed: (K, N) from the row-major (E, K, N) W, or when
+// transposed the (N, K) transposes of them. One task per expert.
+void pack_stack(std::vector<uint16_t>& Wp, const float* W, int64_t E, int64_t K, int64_t N,
+                bool transposed) {
+  const int64_t rows = transposed ? N : K, cols = transposed ? K : N;
+  Wp.resize(static_cast<size_t>(E * packed_bf16_size(rows, cols)));
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < E * nb; ++task) {
-    const int64_t e = task / nb, r0 = (task % nb) * kRows, r1 = std::min(K, r0 + kRows);
-    to_bf16_transposed(Wt.data() + e * K * N + r0, K, W + e * K * N + r0 * N, N, r1 - r0, N);
-  }
+  for (int64_t e = 0; e < E; ++e)
+    ExpertWeightsBf16::pack_expert(Wp, e, W + e * K * N, rows, cols, transposed);
 }
 
 template <typename T>
@@ -298,22 +302,30 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
 
 }  // namespace
 
+void ExpertWeightsBf16::pack_expert(std::vector<uint16_t>& stack, int64_t e, const float* src,
+                                    int64_t K, int64_t N, bool transposed) {
+  const int64_t size = packed_bf16_size(K, N);
+  MOE_ASSERT(static_cast<int64_t>(stack.size()) >= (e + 1) * size);
+  pack_bf16(stack.data() + e * size, src, transposed ? 1 : N, transposed ? K : 1, K, N);
+}
+
 void ExpertWeightsBf16::prepare_forward(const ExpertWeights& w, const ExpertShape& s) {
   if (forward_ready) return;
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  to_bf16_n(grown(W1, s.E * s.d * mid), w.W1, s.E * s.d * mid);
-  if (w.W2) to_bf16_n(grown(W2, s.E * s.F * s.Do), w.W2, s.E * s.F * s.Do);
-  if (w.W3) to_bf16_n(grown(W3, s.E * s.d * s.F), w.W3, s.E * s.d * s.F);
+  pack_stack(W1, w.W1, s.E, s.d, mid, false);
+  if (w.W2) pack_stack(W2, w.W2, s.E, s.F, s.Do, false);
+  if (w.W3) pack_stack(W3, w.W3, s.E, s.d, s.F, false);
   forward_ready = true;
 }
 
 void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  W1.assign(static_cast<size_t>(s.E * s.d * mid), 0);
-  if (s.kind != ExpertKind::linear_relu) W2.assign(static_cast<size_t>(s.E * s.F * s.Do), 0);
+  W1.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, mid)), 0);
+  if (s.kind != ExpertKind::linear_relu)
+    W2.assign(static_cast<size_t>(s.E * packed_bf16_size(s.F, s.Do)), 0);
   // W3: the gated kinds (swiglu, clamped_swiglu).
   if (s.kind != ExpertKind::linear_relu && s.kind != ExpertKind::mlp)
-    W3.assign(static_cast<size_t>(s.E * s.d * s.F), 0);
+    W3.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, s.F)), 0);
   W1t.clear();
   W2t.clear();
   W3t.clear();
@@ -323,21 +335,18 @@ void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
 
 void ExpertWeightsBf16::assign(int matrix, int64_t e, const float* src, const ExpertShape& s) {
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  const int64_t n = matrix == 1 ? s.d * mid : matrix == 2 ? s.F * s.Do : s.d * s.F;
-  std::vector<uint16_t>& W = matrix == 1 ? W1 : matrix == 2 ? W2 : W3;
-  MOE_ASSERT(e >= 0 && e < s.E && static_cast<int64_t>(W.size()) >= (e + 1) * n);
-  // One thread: a loader calls this once per expert matrix, and a parallel region per call
-  // costs more than the rounding (a lot more on a busy machine).
-  uint16_t* dst = W.data() + e * n;
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+  const int64_t K = matrix == 1 ? s.d : matrix == 2 ? s.F : s.d;
+  const int64_t N = matrix == 1 ? mid : matrix == 2 ? s.Do : s.F;
+  MOE_ASSERT(e >= 0 && e < s.E);
+  pack_expert(matrix == 1 ? W1 : matrix == 2 ? W2 : W3, e, src, K, N);
 }
 
 void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {
   if (backward_ready) return;
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  transpose_stack_bf16(W1t, w.W1, s.E, s.d, mid);
-  if (w.W2) transpose_stack_bf16(W2t, w.W2, s.E, s.F, s.Do);
-  if (w.W3) transpose_stack_bf16(W3t, w.W3, s.E, s.d, s.F);
+  pack_stack(W1t, w.W1, s.E, s.d, mid, true);
+  if (w.W2) pack_stack(W2t, w.W2, s.E, s.F, s.Do, true);
+  if (w.W3) pack_stack(W3t, w.W3, s.E, s.d, s.F, true);
   backward_ready = true;
 }
 

@@ -56,14 +56,18 @@ struct ExpertScratch {
   float* da3 = nullptr;  // (R, F) swiglu, clamped_swiglu
 };
 
-// precision "bf16" (SPEC §6): bf16 copies of the fp32 master weights, in the masters' layout
-// for forward and transposed per expert for backward's dx products. They are made from the
-// masters when stale: the owner calls invalidate() whenever the masters may have changed
-// (after a backward, on parameter access, on load), and the next forward or backward makes
-// again the copies it needs. Nothing is repacked while the masters stay the same.
+// precision "bf16" (SPEC §6): bf16 copies of the fp32 master weights, each expert's matrix
+// packed for gemm_bf16_packed_serial (common/gemm_bf16_packed.hpp: panels of 64 columns, rows
+// in pairs, oneDNN's BA16a64b2a), so that no product packs a weight again: the masters'
+// (K, N) for forward, and their transposes (N, K) for backward's dx products. They are made
+// from the masters when stale: the owner calls invalidate() whenever the masters may have
+// changed (after a backward, on parameter access, on load), and the next forward or backward
+// makes again the copies it needs. Nothing is repacked while the masters stay the same.
 struct ExpertWeightsBf16 {
-  std::vector<uint16_t> W1, W2, W3;     // like the masters: (E, d, ·), (E, F, Do), (E, d, F)
-  std::vector<uint16_t> W1t, W2t, W3t;  // per expert transposed: (E, ·, d), (E, Do, F), (E, F, d)
+  // Expert e's matrix starts at e·packed_bf16_size(K, N) for (K, N): W1 (d, ·), W2 (F, Do),
+  // W3 (d, F); W1t (·, d), W2t (Do, F), W3t (F, d).
+  std::vector<uint16_t> W1, W2, W3;
+  std::vector<uint16_t> W1t, W2t, W3t;
   bool forward_ready = false, backward_ready = false;
   // The copies are the weights (a layer without fp32 masters, LayerOptions): never made again
   // from masters, never invalidated; assign() writes them.
@@ -75,11 +79,15 @@ struct ExpertWeightsBf16 {
   // Zeroed forward copies for s, marked fixed and ready: the layer holds no masters.
   void hold_only(const ExpertShape& s);
   // Expert e's matrix (1: W1, 2: W2, 3: W3) from src, fp32 in the masters' per-expert layout
-  // ((d, ·), (F, Do), (d, F)), rounded to bf16 into the forward copy. The copies' layout is
-  // this struct's business: writers outside go through here.
+  // ((d, ·), (F, Do), (d, F)), rounded to bf16 and packed into the forward copy. The copies'
+  // layout is this struct's business: writers outside go through here.
   void assign(int matrix, int64_t e, const float* src, const ExpertShape& s);
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
+  // Expert e's slot of a stack of packed (K, N) matrices (sized for E of them) = bf16 of the
+  // row-major (K, N) src, or of the transpose of the row-major (N, K) src when transposed.
+  static void pack_expert(std::vector<uint16_t>& stack, int64_t e, const float* src, int64_t K,
+                          int64_t N, bool transposed = false);
 };
 
 // The operands of the bf16 products, rounded to bf16 as they enter them: rows (R, ·) each,

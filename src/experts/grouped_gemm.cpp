@@ -6,6 +6,7 @@
 #include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "experts/activation.hpp"
 
 namespace moe::detail {
@@ -25,12 +26,16 @@ namespace {
 // matters beyond a few threads.
 constexpr int64_t kTileM = 1024;
 constexpr int64_t kTileN = 1024;
-// bf16 products (oneDNN's bf16 gemm, which packs its operands per call like sgemm): on B1's
-// shapes 512×512 … 512×2048 tiles ran within 3% of each other and of oneDNN threading a whole
-// expert (405–420 GFLOP/s on 2 threads); at decode (one row, 4096×14336) wider tiles pay:
-// 7.4 ms at 2048 columns, 11.8 ms at 1024, 23 ms at 256 (fewer calls, longer streams).
+// bf16 products. Measured with oneDNN's bf16 gemm (which packs its operands per call like
+// sgemm), before the weights were packed once: on B1's shapes 512×512 … 512×2048 tiles ran
+// within 3% of each other and of oneDNN threading a whole expert (405–420 GFLOP/s on 2
+// threads); at decode (one row, 4096×14336) wider tiles paid: 7.4 ms at 2048 columns, 11.8 ms
+// at 1024, 23 ms at 256 (fewer calls, longer streams). The packed kernel (Bp) keeps them: its
+// row blocks reuse a 64-column panel from L2 whatever the tile, and a tile's panels prefetch
+// one another, so wide tiles suit it too. Tiles start on a panel (kTileNBf16 % 64 == 0).
 constexpr int64_t kTileMBf16 = 512;
 constexpr int64_t kTileNBf16 = 2048;
+static_assert(kTileNBf16 % kPanelCols == 0, "packed products start tiles on a panel");
 
 template <typename F>
 void with_act(Activation a, F&& f) {
@@ -109,7 +114,10 @@ void GroupedGemm::run() {
   for (int64_t i = 0; i < n_tiles; ++i) {
     const Tile& t = tiles[i];
     const GemmProblem& p = probs[t.problem];
-    if (p.Ab) {
+    if (p.Bp) {
+      gemm_bf16_packed_serial(t.m, t.n0, t.n, p.K, p.Ab + t.m0 * p.lda, p.lda, p.Bp, p.beta,
+                              p.C + t.m0 * p.ldc + t.n0, p.ldc);
+    } else if (p.Ab) {
       MOE_ASSERT(!p.trans_a && !p.trans_b && p.Bb);  // bf16 operands come untransposed
       gemm_bf16_serial(t.m, t.n, p.K, p.Ab + t.m0 * p.lda, p.lda, p.Bb + t.n0, p.ldb, p.beta,
                        p.C + t.m0 * p.ldc + t.n0, p.ldc);

@@ -34,7 +34,8 @@ struct TileEpilogue {
 
 // C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N). With Ab and Bb
 // set instead of A and B, the operands are bf16 (no transposes, beta 0 or 1; common/gemm.hpp
-// gemm_bf16_serial) and the product accumulates in fp32.
+// gemm_bf16_serial) and the product accumulates in fp32. With Ab and Bp, B is a packed bf16
+// weight matrix (common/gemm_bf16_packed.hpp; ldb unused).
 struct GemmProblem {
   bool trans_a = false, trans_b = false;
   int64_t M = 0, N = 0, K = 0;
@@ -44,6 +45,7 @@ struct GemmProblem {
   int64_t ldb = 0;
   const uint16_t* Ab = nullptr;
   const uint16_t* Bb = nullptr;
+  const uint16_t* Bp = nullptr;
   float beta = 0.0f;
   float* C = nullptr;
   int64_t ldc = 0;

@@ -15,6 +15,7 @@
 
 #include "common/bf16.hpp"
 #include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "layer/layer_ref.hpp"
 #include "moe/layer.hpp"
 #include "test_layer_util.hpp"
@@ -120,6 +121,147 @@ TEST(Bf16Gemm, MatchesTheDoubleSumOfTheSameOperands) {
   }
 }
 
+// The packed layout (common/gemm_bf16_packed.hpp): every element where packed_bf16_index says,
+// from a row-major source and from the transpose of one, and zeros in all the padding.
+TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
+  using namespace moe::detail;
+  Rng rng(11);
+  for (auto [K, N] : {std::pair<int64_t, int64_t>{1, 1}, {16, 64}, {17, 65}, {37, 130}, {2, 200}}) {
+    SCOPED_TRACE(std::to_string(K) + "x" + std::to_string(N));
+    std::vector<float> W(static_cast<size_t>(K * N));
+    for (auto& v : W) v = static_cast<float>(rng.sym(2.0));
+    std::vector<float> Wt(W.size());  // (N, K)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) Wt[j * K + k] = W[k * N + j];
+    const int64_t size = packed_bf16_size(K, N);
+    EXPECT_EQ(size, (K + 15) / 16 * 16 * ((N + 63) / 64 * 64));
+    std::vector<uint16_t> p(static_cast<size_t>(size), 0xffff), pt(p), pb(p);
+    pack_bf16(p.data(), W.data(), N, 1, K, N);
+    pack_bf16(pt.data(), Wt.data(), 1, K, K, N);
+    std::vector<uint16_t> Wb(W.size());
+    to_bf16_n(Wb.data(), W.data(), K * N);
+    pack_bf16(pb.data(), Wb.data(), N, 1, K, N);
+    std::vector<char> used(static_cast<size_t>(size), 0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t i = packed_bf16_index(K, k, j);
+        ASSERT_GE(i, 0);
+        ASSERT_LT(i, size);
+        ASSERT_FALSE(used[i]) << "two elements share " << i;
+        used[i] = 1;
+        ASSERT_EQ(p[i], to_bf16(W[k * N + j])) << k << "," << j;
+      }
+    for (int64_t i = 0; i < size; ++i)
+      if (!used[i]) {
+        ASSERT_EQ(p[i], 0) << "padding at " << i;
+      }
+    EXPECT_EQ(pt, p);
+    EXPECT_EQ(pb, p);
+  }
+}
+
+namespace {
+
+// The double sum of the same bf16 operands, for C's row i, column j of B.
+double packed_ref(const std::vector<uint16_t>& A, int64_t lda, const std::vector<uint16_t>& B,
+                  int64_t ldb, int64_t i, int64_t j, int64_t K) {
+  double want = 0.0;
+  for (int64_t p = 0; p < K; ++p)
+    want += static_cast<double>(moe::detail::from_bf16(A[i * lda + p])) *
+            moe::detail::from_bf16(B[p * ldb + j]);
+  return want;
+}
+
+}  // namespace
+
+// C = A · B[:, n0 : n0 + n] (+ C) against the double sum of the same operands, on the vdpbf16ps
+// kernel (where the CPU has it) and on the widened fallback: every row count 1..70 (each row
+// block size and remainder), N and K off the panel and pair sizes, column tiles starting at a
+// later panel, strides wider than the rows, and nothing written outside the tile.
+TEST(Bf16Packed, MatchesTheDoubleSumOfTheSameOperands) {
+  using namespace moe::detail;
+  Rng rng(12);
+  const bool native = packed_bf16_native();
+  RecordProperty("packed_kernel", gemm_bf16_packed_impl());
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{1, 1}, {63, 17}, {65, 31}, {130, 129},
+                      {200, 64}, {64, 2}}) {
+    const int64_t Mmax = 70, lda = K + 3, ldb = N;
+    std::vector<uint16_t> A(static_cast<size_t>(Mmax * lda)), B(static_cast<size_t>(K * N));
+    for (auto& v : A) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+    for (auto& v : B) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+    std::vector<uint16_t> Bp(static_cast<size_t>(packed_bf16_size(K, N)));
+    pack_bf16(Bp.data(), B.data(), ldb, 1, K, N);
+    for (int64_t n0 : {int64_t{0}, int64_t{64}}) {
+      if (n0 >= N) continue;
+      const int64_t n = N - n0, ldc = n + 2;
+      for (int64_t M = 1; M <= Mmax; ++M)
+        for (int path = 0; path < 2; ++path)
+          for (float beta : {0.0f, 1.0f}) {
+            if (path == 0 && !native) continue;
+            SCOPED_TRACE(std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+                         " n0 " + std::to_string(n0) + (path ? " widened" : " native") +
+                         " beta " + std::to_string(beta));
+            std::vector<float> C(static_cast<size_t>(M * ldc), 0.5f);
+            if (path == 0)
+              gemm_bf16_packed_serial(M, n0, n, K, A.data(), lda, Bp.data(), beta, C.data(), ldc);
+            else
+              gemm_bf16_packed_widened(M, n0, n, K, A.data(), lda, Bp.data(), beta, C.data(), ldc);
+            for (int64_t i = 0; i < M; ++i) {
+              for (int64_t j = 0; j < n; ++j) {
+                const double want = beta * 0.5 + packed_ref(A, lda, B, ldb, i, n0 + j, K);
+                ASSERT_NEAR(C[i * ldc + j], want, 1e-5 * (1.0 + std::sqrt(static_cast<double>(K))))
+                    << i << "," << j;
+              }
+              ASSERT_EQ(C[i * ldc + n], 0.5f) << "wrote past the tile";
+              ASSERT_EQ(C[i * ldc + n + 1], 0.5f) << "wrote past the tile";
+            }
+          }
+    }
+  }
+}
+
+// Empty operands: no rows or no columns write nothing; K = 0 gives zeros, or keeps C.
+TEST(Bf16Packed, EmptyProductsAndEmptyReductions) {
+  using namespace moe::detail;
+  std::vector<uint16_t> A(8, to_bf16(1.0f)), Bp(static_cast<size_t>(packed_bf16_size(16, 64)), 0);
+  std::vector<float> C(8, 0.5f);
+  gemm_bf16_packed_serial(0, 0, 4, 16, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  gemm_bf16_packed_serial(2, 0, 0, 16, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.5f));
+  gemm_bf16_packed_serial(2, 0, 4, 0, A.data(), 16, Bp.data(), 1.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.5f));
+  gemm_bf16_packed_serial(2, 0, 4, 0, A.data(), 16, Bp.data(), 0.0f, C.data(), 4);
+  EXPECT_EQ(C, std::vector<float>(8, 0.0f));
+}
+
+// A row's bits do not depend on the rows sharing its call or on the column tile: the whole
+// product equals, bit for bit, rows computed alone, in parts of every size, and by column
+// tiles. (The widened fallback promises only thread-count independence, not this.)
+TEST(Bf16Packed, RowBitsDoNotDependOnTheBlockOrTile) {
+  using namespace moe::detail;
+  if (!packed_bf16_native()) GTEST_SKIP() << "no AVX512-BF16 here: the widened path runs";
+  Rng rng(13);
+  const int64_t M = 70, N = 200, K = 259;
+  std::vector<uint16_t> A(static_cast<size_t>(M * K)), B(static_cast<size_t>(K * N));
+  for (auto& v : A) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+  for (auto& v : B) v = to_bf16(static_cast<float>(rng.sym(1.0)));
+  std::vector<uint16_t> Bp(static_cast<size_t>(packed_bf16_size(K, N)));
+  pack_bf16(Bp.data(), B.data(), N, 1, K, N);
+  std::vector<float> whole(static_cast<size_t>(M * N));
+  gemm_bf16_packed_serial(M, 0, N, K, A.data(), K, Bp.data(), 0.0f, whole.data(), N);
+  for (int64_t part = 1; part <= 13; ++part) {
+    std::vector<float> parts(whole.size(), -1.0f);
+    for (int64_t m0 = 0; m0 < M; m0 += part)
+      for (int64_t n0 : {int64_t{0}, int64_t{64}, int64_t{192}}) {
+        const int64_t n = (n0 == 0 ? 64 : n0 == 64 ? 128 : N - 192);
+        gemm_bf16_packed_serial(std::min(part, M - m0), n0, n, K, A.data() + m0 * K, K,
+                                Bp.data(), 0.0f, parts.data() + m0 * N + n0, N);
+      }
+    ASSERT_EQ(std::memcmp(parts.data(), whole.data(), whole.size() * sizeof(float)), 0)
+        << "parts of " << part << " rows";
+  }
+}
+
 namespace {
 
 struct Bf16Run {
@@ -144,51 +286,80 @@ Bf16Run run(MoELayer& L, const std::vector<float>& x, const std::vector<float>& 
 
 // Every expert kind, capacity policy, noise mode and residual of the layer matrix (with
 // routing given by the caller's ε so both sides route alike), forward and every gradient.
+namespace {
+
+// The layer in bf16 against the float64 twin on the same rounded operands: forward ≤ 1e-3,
+// dx and every gradient ≤ 5e-3 of the tensor's largest entry. Worst errors are kept.
+void check_oracle(const moe_test::Case& cs, int64_t T, int64_t d, int64_t E, int64_t F,
+                  int64_t Do, int seed, double& worst_y, double& worst_g) {
+  MoEConfig cfg = moe_test::config_of(cs, d, E, F, Do, 31 + seed);
+  cfg.precision = Precision::bf16;
+  MoELayer L(cfg);
+  Rng rng(500 + seed);
+  moe_test::randomize(L, rng);
+  const auto x = rng.vec(T * d, 1.0);
+  const auto dy = rng.vec(T * cfg.out_dim(), 1.0);
+  moe::ForwardOptions opt;
+  opt.step = 2;
+  const Bf16Run f = run(L, x, dy, T, opt);
+
+  using Ref = moe::detail::RefParams<double>;
+  const Ref p = Ref::from(L);
+  moe::detail::RefSaved<double> sv;
+  std::vector<double> yr, dxr;
+  const auto xd = moe_test::convert<double>(x);
+  const auto eps = moe_test::convert<double>(L.routing().eps);
+  moe::detail::layer_forward_ref<double>(yr, sv, xd.data(), p, cfg, T, true,
+                                         eps.empty() ? nullptr : eps.data());
+  ASSERT_EQ(L.routing().indices, sv.indices);
+  const double ey = rel_max_err(f.y, yr);
+  EXPECT_LE(ey, 1e-3) << "y";
+  worst_y = std::max(worst_y, ey);
+  Ref g = Ref::zeros_like(L);
+  const auto dyd = moe_test::convert<double>(dy);
+  moe::detail::layer_backward_ref<double>(dxr, g, dyd.data(), sv, p, cfg);
+  EXPECT_LE(rel_max_err(f.dx, dxr), 5e-3) << "dx";
+  const auto names = L.parameter_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto& want = g.get(names[i]);
+    if (std::all_of(want.begin(), want.end(), [](double v) { return v == 0.0; })) continue;
+    const double eg = rel_max_err(f.grads[i], want);
+    EXPECT_LE(eg, 5e-3) << "d" << names[i];
+    worst_g = std::max(worst_g, eg);
+  }
+}
+
+}  // namespace
+
 TEST(LayerBf16, MatchesTheRoundedOperandOracle) {
   int n = 0;
   double worst_y = 0.0, worst_g = 0.0;
   for (const auto& cs : moe_test::all_cases()) {
     if (n++ % 3 != 0) continue;  // a third of the matrix still covers every axis
     SCOPED_TRACE(cs.name());
-    const int64_t T = 41, d = 24, E = cs.k == 1 ? 4 : 5;
-    MoEConfig cfg = moe_test::config_of(cs, d, E, 40, 19, 31 + n);
-    cfg.precision = Precision::bf16;
-    MoELayer L(cfg);
-    Rng rng(500 + n);
-    moe_test::randomize(L, rng);
-    const auto x = rng.vec(T * d, 1.0);
-    const auto dy = rng.vec(T * cfg.out_dim(), 1.0);
-    moe::ForwardOptions opt;
-    opt.step = 2;
-    const Bf16Run f = run(L, x, dy, T, opt);
-
-    using Ref = moe::detail::RefParams<double>;
-    const Ref p = Ref::from(L);
-    moe::detail::RefSaved<double> sv;
-    std::vector<double> yr, dxr;
-    const auto xd = moe_test::convert<double>(x);
-    const auto eps = moe_test::convert<double>(L.routing().eps);
-    moe::detail::layer_forward_ref<double>(yr, sv, xd.data(), p, cfg, T, true,
-                                           eps.empty() ? nullptr : eps.data());
-    ASSERT_EQ(L.routing().indices, sv.indices);
-    const double ey = rel_max_err(f.y, yr);
-    EXPECT_LE(ey, 1e-3) << "y";
-    worst_y = std::max(worst_y, ey);
-    Ref g = Ref::zeros_like(L);
-    const auto dyd = moe_test::convert<double>(dy);
-    moe::detail::layer_backward_ref<double>(dxr, g, dyd.data(), sv, p, cfg);
-    EXPECT_LE(rel_max_err(f.dx, dxr), 5e-3) << "dx";
-    const auto names = L.parameter_names();
-    for (size_t i = 0; i < names.size(); ++i) {
-      const auto& want = g.get(names[i]);
-      if (std::all_of(want.begin(), want.end(), [](double v) { return v == 0.0; })) continue;
-      const double eg = rel_max_err(f.grads[i], want);
-      EXPECT_LE(eg, 5e-3) << "d" << names[i];
-      worst_g = std::max(worst_g, eg);
-    }
+    check_oracle(cs, 41, 24, cs.k == 1 ? 4 : 5, 40, 19, n, worst_y, worst_g);
     if (::testing::Test::HasFailure()) return;
   }
   // The oracle rounds what the layer rounds: far tighter than bf16's own 2^-9.
+  RecordProperty("worst_forward", std::to_string(worst_y));
+  RecordProperty("worst_gradient", std::to_string(worst_g));
+}
+
+// Few tokens over many experts (most get no rows, the others 1..4), widths on and off the
+// packed kernel's panels (64 columns) and pairs (16 rows of K): the packed products with
+// empty experts, one-row experts and padded weights, forward and backward.
+TEST(LayerBf16, FewRowsPerExpertAndPaddedWidths) {
+  double worst_y = 0.0, worst_g = 0.0;
+  int seed = 100;
+  for (auto kind : {moe::ExpertKind::swiglu, moe::ExpertKind::mlp, moe::ExpertKind::linear_relu})
+    for (auto [d, F, Do] : {std::array<int64_t, 3>{64, 128, 64}, {33, 65, 17}, {130, 31, 129}}) {
+      moe_test::Case cs{kind, moe::Activation::gelu, 2, std::nullopt, moe::DropPolicy::position,
+                        false, moe::Noise::none, moe::NoiseScale::softplus};
+      SCOPED_TRACE(cs.name() + " d " + std::to_string(d) + " F " + std::to_string(F) + " Do " +
+                   std::to_string(Do));
+      check_oracle(cs, 5, d, 24, F, Do, ++seed, worst_y, worst_g);
+      if (::testing::Test::HasFailure()) return;
+    }
   RecordProperty("worst_forward", std::to_string(worst_y));
   RecordProperty("worst_gradient", std::to_string(worst_g));
 }

@@ -175,9 +175,13 @@ def test_other_isas_give_the_same_results_to_bf16_tolerance():
     products (emulated bf16 or its reference kernels) to bf16 tolerance."""
     base = run_with_isa(None)
     y0, dx0 = np.array(base["y"]), np.array(base["dx"])
+    if base["info"]["isa"] in ("avx512_core_bf16", "avx512_core_amx"):
+        assert base["info"]["bf16_experts"].startswith("packed:avx512_bf16"), base["info"]
     for isa in ["AVX512_CORE", "AVX2"]:
         got = run_with_isa(isa)
         assert got["info"]["isa"] == isa.lower(), got["info"]  # the limit took effect
+        # Below AVX512-BF16 the packed expert products widen to fp32 (no vdpbf16ps).
+        assert got["info"]["bf16_experts"].startswith("packed:widened"), got["info"]
         y, dx = np.array(got["y"]), np.array(got["dx"])
         assert np.abs(y - y0).max() / np.abs(y0).max() < 1e-3, (isa, got["info"])
         assert np.abs(dx - dx0).max() / np.abs(dx0).max() < 5e-3, (isa, got["info"])
