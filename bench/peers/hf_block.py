@@ -87,7 +87,14 @@ def main():
             target.copy_(w.to(target.dtype))
     x = torch.randn(1, a.tokens, config.hidden_size, generator=g).to(dtype)
     times = {}
+    k = getattr(config, "num_experts_per_tok", 1)
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     for impl in a.impls.split(","):
+        # batched_mm gathers a copy of the weights of every (token, expert) pair: at prefill
+        # sizes that is hundreds of GB, so it is only tried where the copies fit in 4 GiB.
+        if impl == "batched_mm" and a.tokens * k * 3 * config.hidden_size * inter * 2 > 4 << 30:
+            times[impl] = "skipped: would gather T*k copies of the expert weights"
+            continue
         config._experts_implementation = impl
         for m in block.modules():
             if hasattr(m, "config"):
