@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
+#include <map>
 #include <limits>
 #include <set>
 
@@ -548,25 +550,74 @@ bool is_matrix_target(const std::string& t) {
   return t == "W1" || t == "W2" || t == "W3" || t == "Ws1" || t == "Ws2" || t == "Ws3";
 }
 
-// Runs the plan's jobs into the layer, one matrix at a time through one scratch.
+// Runs the plan's jobs into the layer. The expert matrices first, in parallel over the
+// stored matrices they read (each thread converts whole matrices through its own scratch,
+// asks the disk for the next ones and hands the pages of a finished one back), then the
+// router, biases and gates, serially.
 void execute(MoELayer& L, const Plan& p) {
   const MoEConfig& m = p.spec.cfg;
   const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
+  const bool masters = L.holds_masters();
   int64_t most = 0;  // the scratch: one expert matrix, when the layer holds no masters
-  for (const Job& j : p.jobs)
-    if (is_matrix_target(j.target) && !L.holds_masters())
-      most = std::max(most, j.map.In * j.map.Out);
-  std::vector<float> scratch(static_cast<size_t>(most));
+  std::map<std::string, float*> master;  // resolved here: param() marks copies stale
+  for (const Job& j : p.jobs) {
+    if (!is_matrix_target(j.target)) continue;
+    if (masters && !master.count(j.target)) master[j.target] = L.param(j.target).ptr();
+    if (!masters) most = std::max(most, j.map.In * j.map.Out);
+  }
+  // Groups of matrix jobs that read one stored matrix (gpt_oss's gate_up gives two).
+  std::vector<size_t> group;  // first job of each group; jobs of a group are adjacent
+  for (size_t i = 0; i < p.jobs.size(); ++i)
+    if (is_matrix_target(p.jobs[i].target) &&
+        (i == 0 || p.jobs[i - 1].weight != p.jobs[i].weight || p.jobs[i - 1].we != p.jobs[i].we))
+      group.push_back(i);
+  const auto group_end = [&](size_t i) {
+    size_t n = i + 1;
+    while (n < p.jobs.size() && p.jobs[n].weight == p.jobs[i].weight &&
+           p.jobs[n].we == p.jobs[i].we)
+      ++n;
+    return n;
+  };
+  const int64_t G = static_cast<int64_t>(group.size());
+  if (G > 0) p.weights[p.jobs[group[0]].weight].prefetch(p.jobs[group[0]].we);
+  std::exception_ptr failed;
+#pragma omp parallel
+  {
+    std::vector<float> scratch(static_cast<size_t>(most));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < G; ++g) {
+      try {
+        // The disk reads the matrix after next while this one is converted (a cold load is
+        // otherwise read, convert, read, ...).
+        if (g + 2 < G) p.weights[p.jobs[group[g + 2]].weight].prefetch(p.jobs[group[g + 2]].we);
+        else if (g + 1 < G && g == 0)
+          p.weights[p.jobs[group[1]].weight].prefetch(p.jobs[group[1]].we);
+        const size_t end = group_end(group[g]);
+        for (size_t i = group[g]; i < end; ++i) {
+          const Job& j = p.jobs[i];
+          const StoredWeight& w = p.weights[j.weight];
+          if (masters) {  // straight into the master
+            detail::read_matrix(master.at(j.target) + j.e * j.map.In * j.map.Out, w, j.we, j.map);
+          } else {
+            detail::read_matrix(scratch.data(), w, j.we, j.map);
+            L.set_expert_matrix(j.target, j.e, scratch.data());
+          }
+        }
+        p.weights[p.jobs[group[g]].weight].release(p.jobs[group[g]].we);
+      } catch (...) {
+#pragma omp critical(moe_pretrained_failed)
+        if (!failed) failed = std::current_exception();
+      }
+    }
+  }
+  if (failed) std::rethrow_exception(failed);
+  if (masters) L.weights_changed();
   std::vector<float> row;
   for (size_t i = 0; i < p.jobs.size(); ++i) {
     const Job& j = p.jobs[i];
     const StoredWeight& w = p.weights[j.weight];
-    if (is_matrix_target(j.target) && L.holds_masters()) {  // straight into the master
-      const int64_t n = j.map.In * j.map.Out;
-      detail::read_matrix(L.param(j.target).ptr() + j.e * n, w, j.we, j.map);
-    } else if (is_matrix_target(j.target)) {
-      detail::read_matrix(scratch.data(), w, j.we, j.map);
-      L.set_expert_matrix(j.target, j.e, scratch.data());
+    if (is_matrix_target(j.target)) {
+      continue;  // done above
     } else if (j.target == "W_g") {
       detail::read_matrix(L.param("W_g").ptr(), w, 0, j.map);
     } else if (j.target == "b_g" || j.target == "expert_bias") {

@@ -310,22 +310,33 @@ void StoredWeight::row(float* out, int64_t e, int64_t r) const {
   }
 }
 
-void StoredWeight::release(int64_t e) const {
-  switch (format) {
-    case Format::plain: {
-      const uint64_t n = static_cast<uint64_t>(rows * cols) * safetensors_dtype_size(dtype);
-      w.view->release(*w.entry, static_cast<uint64_t>(e) * n, n);
+// Bytes [offset, offset + n) of matrix e's data in the file (the scales are small and left to
+// the page faults).
+static void matrix_range(const StoredWeight& w, int64_t e, uint64_t& offset, uint64_t& n) {
+  switch (w.format) {
+    case StoredWeight::Format::plain:
+      n = static_cast<uint64_t>(w.rows * w.cols) * safetensors_dtype_size(w.dtype);
       break;
-    }
-    case Format::fp8_block:
-      w.view->release(*w.entry, static_cast<uint64_t>(e * rows * cols),
-                      static_cast<uint64_t>(rows * cols));
+    case StoredWeight::Format::fp8_block:
+      n = static_cast<uint64_t>(w.rows * w.cols);
       break;
-    case Format::mxfp4:
-      w.view->release(*w.entry, static_cast<uint64_t>(e * rows * cols / 2),
-                      static_cast<uint64_t>(rows * cols / 2));
+    case StoredWeight::Format::mxfp4:
+      n = static_cast<uint64_t>(w.rows * w.cols / 2);
       break;
   }
+  offset = static_cast<uint64_t>(e) * n;
+}
+
+void StoredWeight::release(int64_t e) const {
+  uint64_t offset = 0, n = 0;
+  matrix_range(*this, e, offset, n);
+  w.view->release(*w.entry, offset, n);
+}
+
+void StoredWeight::prefetch(int64_t e) const {
+  uint64_t offset = 0, n = 0;
+  matrix_range(*this, e, offset, n);
+  w.view->prefetch(*w.entry, offset, n);
 }
 
 int64_t StoredWeight::file_bytes() const {

@@ -75,6 +75,8 @@ struct StoredWeight {
   void row(float* out, int64_t e, int64_t r) const;
   // Hands back the pages of matrix e (see SafetensorsView::release).
   void release(int64_t e) const;
+  // Starts reading the bytes of matrix e from disk (see SafetensorsView::prefetch).
+  void prefetch(int64_t e) const;
   int64_t file_bytes() const;    // bytes of the data (and scales) in the file
 };
 

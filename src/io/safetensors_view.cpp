@@ -51,14 +51,22 @@ const StEntry* SafetensorsView::find(const std::string& name) const {
   return it == index_.end() ? nullptr : &header_.entries[it->second];
 }
 
-void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n) const {
+void SafetensorsView::advise(const StEntry& e, uint64_t offset, uint64_t n, int advice) const {
   if (!base_ || n == 0) return;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t a = header_.data_start + e.begin + offset;
   // Whole pages around the range: a neighbour's page dropped too is only read again.
   const uint64_t lo = a / page * page;
   const uint64_t hi = std::min<uint64_t>((a + n + page - 1) / page * page, (size_ + page - 1) / page * page);
-  ::madvise(const_cast<uint8_t*>(base_) + lo, hi - lo, MADV_DONTNEED);
+  ::madvise(const_cast<uint8_t*>(base_) + lo, hi - lo, advice);
+}
+
+void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n) const {
+  advise(e, offset, n, MADV_DONTNEED);
+}
+
+void SafetensorsView::prefetch(const StEntry& e, uint64_t offset, uint64_t n) const {
+  advise(e, offset, n, MADV_WILLNEED);
 }
 
 }  // namespace moe::detail
