@@ -229,3 +229,27 @@ def test_tiny_pretrained_blocks_within_2_percent_of_fp32(tmp_path, family):
     np.testing.assert_array_equal(np.asarray(m8.routing.indices), np.asarray(m32.routing.indices))
     assert np.abs(y32).max() > 0.1
     assert 1e-5 < rel(y8, y32) < 2e-2, rel(y8, y32)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_tiny_pretrained_block_matches_the_quantized_oracle(tmp_path, family):
+    """The same tiny folders (families without shared experts, plain SwiGLU): the int8 block
+    loaded without masters against the float64 oracle applying the same quantization to the
+    fp32 block's weights, on the fp32 block's routing (the same as int8's)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pretrained_folders as pf
+    if family not in pf.FAMILIES:
+        pytest.skip(f"{family} is not a family of pretrained_folders")
+    c = pf.tiny_config(family)
+    layer = c["num_hidden_layers"] - 1
+    path = str(tmp_path / family)
+    pf.write_folder(path, c, {layer: pf.random_weights(c, seed=layer)}, dtype="F32")
+    m32 = moe.MoE.from_pretrained(path, layer, precision="fp32")
+    m8 = moe.MoE.from_pretrained(path, layer, precision="int8")
+    x = np.random.default_rng(6).standard_normal((19, c["hidden_size"])).astype(np.float32)
+    m32.forward(x, training=False)
+    y8 = m8.forward(x, training=False)
+    np.testing.assert_array_equal(np.asarray(m8.routing.indices), np.asarray(m32.routing.indices))
+    want = oracle(m32, x)
+    assert np.abs(want).max() > 0.1
+    assert rel(y8, want) < 1e-3, rel(y8, want)
