@@ -135,7 +135,9 @@ struct LayerOptions {
   // false changes nothing.
   bool masters = true;
   // false: every parameter starts at zero instead of its random initialisation (a loader
-  // that overwrites them all skips drawing them).
+  // that overwrites them all skips drawing them); with masters = false the held bf16 expert
+  // matrices are not even zeroed: the caller writes every one of them (set_expert_matrix)
+  // before a forward.
   bool initialise = true;
 };
 
@@ -198,6 +200,12 @@ class MoELayer {
   // layer holds: the fp32 master (then weights_changed()), or the copy in the layer's precision
   // directly when it holds no masters. Throws moe::Error on an unknown name or e out of range.
   void set_expert_matrix(const std::string& name, int64_t e, const float* src);
+  // The same from bf16 values (uint16_t bit patterns), element (i, o) of the "in × out" matrix
+  // at src[i·s_in + o·s_out]: a checkpoint's (out, in) bf16 tensor is s_in = 1, s_out = in.
+  // A bf16 layer without masters packs them as they are (no rounding: they are bf16 already);
+  // every other layer widens them to fp32 and goes through set_expert_matrix.
+  void set_expert_matrix_bf16(const std::string& name, int64_t e, const uint16_t* src,
+                              int64_t s_in, int64_t s_out);
   // Makes the copies in the layer's precision from the masters, then frees the masters: the
   // layer becomes evaluation-only (as LayerOptions{masters = false}). Nothing to do in fp32.
   void drop_masters();

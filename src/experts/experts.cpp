@@ -120,7 +120,7 @@ void transpose_per_expert(uint16_t* AT, const Src* A, int64_t cols, const int64_
 
 // Wp = the E experts' matrices of W packed: (K, N) from the row-major (E, K, N) W, or when
 // transposed the (N, K) transposes of them. One task per expert.
-void pack_stack(std::vector<uint16_t>& Wp, const float* W, int64_t E, int64_t K, int64_t N,
+void pack_stack(PackedStack& Wp, const float* W, int64_t E, int64_t K, int64_t N,
                 bool transposed) {
   const int64_t rows = transposed ? N : K, cols = transposed ? K : N;
   Wp.resize(static_cast<size_t>(E * packed_bf16_size(rows, cols)));
@@ -302,7 +302,7 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
 
 }  // namespace
 
-void ExpertWeightsBf16::pack_expert(std::vector<uint16_t>& stack, int64_t e, const float* src,
+void ExpertWeightsBf16::pack_expert(PackedStack& stack, int64_t e, const float* src,
                                     int64_t K, int64_t N, bool transposed) {
   const int64_t size = packed_bf16_size(K, N);
   MOE_ASSERT(static_cast<int64_t>(stack.size()) >= (e + 1) * size);
@@ -318,14 +318,20 @@ void ExpertWeightsBf16::prepare_forward(const ExpertWeights& w, const ExpertShap
   forward_ready = true;
 }
 
-void ExpertWeightsBf16::hold_only(const ExpertShape& s) {
+void ExpertWeightsBf16::hold_only(const ExpertShape& s, bool zero) {
   const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
-  W1.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, mid)), 0);
-  if (s.kind != ExpertKind::linear_relu)
-    W2.assign(static_cast<size_t>(s.E * packed_bf16_size(s.F, s.Do)), 0);
+  const auto hold = [zero](PackedStack& W, int64_t n) {
+    W.clear();
+    if (zero)
+      W.assign(static_cast<size_t>(n), 0);
+    else
+      W.resize(static_cast<size_t>(n));  // uninitialised: every byte is assigned later
+  };
+  hold(W1, s.E * packed_bf16_size(s.d, mid));
+  if (s.kind != ExpertKind::linear_relu) hold(W2, s.E * packed_bf16_size(s.F, s.Do));
   // W3: the gated kinds (swiglu, clamped_swiglu).
   if (s.kind != ExpertKind::linear_relu && s.kind != ExpertKind::mlp)
-    W3.assign(static_cast<size_t>(s.E * packed_bf16_size(s.d, s.F)), 0);
+    hold(W3, s.E * packed_bf16_size(s.d, s.F));
   W1t.clear();
   W2t.clear();
   W3t.clear();
@@ -339,6 +345,17 @@ void ExpertWeightsBf16::assign(int matrix, int64_t e, const float* src, const Ex
   const int64_t N = matrix == 1 ? mid : matrix == 2 ? s.Do : s.F;
   MOE_ASSERT(e >= 0 && e < s.E);
   pack_expert(matrix == 1 ? W1 : matrix == 2 ? W2 : W3, e, src, K, N);
+}
+
+void ExpertWeightsBf16::assign_bf16(int matrix, int64_t e, const uint16_t* src, int64_t s_in,
+                                    int64_t s_out, const ExpertShape& s) {
+  const int64_t mid = s.kind == ExpertKind::linear_relu ? s.Do : s.F;
+  const int64_t K = matrix == 1 ? s.d : matrix == 2 ? s.F : s.d;
+  const int64_t N = matrix == 1 ? mid : matrix == 2 ? s.Do : s.F;
+  PackedStack& W = matrix == 1 ? W1 : matrix == 2 ? W2 : W3;
+  const int64_t size = packed_bf16_size(K, N);
+  MOE_ASSERT(e >= 0 && e < s.E && static_cast<int64_t>(W.size()) >= (e + 1) * size);
+  pack_bf16(W.data() + e * size, src, s_in, s_out, K, N);
 }
 
 void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertShape& s) {

@@ -3,6 +3,8 @@
 // Experts without rows are never touched. Derivations: docs/math.md §experts.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/parallel.hpp"
@@ -63,11 +65,34 @@ struct ExpertScratch {
 // from the masters when stale: the owner calls invalidate() whenever the masters may have
 // changed (after a backward, on parameter access, on load), and the next forward or backward
 // makes again the copies it needs. Nothing is repacked while the masters stay the same.
+// A vector whose new elements are left uninitialised (default-initialised): the packed stacks
+// are written whole by their packing before anything reads them, and zero-filling gigabytes
+// of them first costs as much as the packing (a loader's page faults and a memset).
+template <typename T>
+struct UninitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <typename U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+};
+using PackedStack = std::vector<uint16_t, UninitAllocator<uint16_t>>;
+
 struct ExpertWeightsBf16 {
   // Expert e's matrix starts at e·packed_bf16_size(K, N) for (K, N): W1 (d, ·), W2 (F, Do),
   // W3 (d, F); W1t (·, d), W2t (Do, F), W3t (F, d).
-  std::vector<uint16_t> W1, W2, W3;
-  std::vector<uint16_t> W1t, W2t, W3t;
+  PackedStack W1, W2, W3;
+  PackedStack W1t, W2t, W3t;
   bool forward_ready = false, backward_ready = false;
   // The copies are the weights (a layer without fp32 masters, LayerOptions): never made again
   // from masters, never invalidated; assign() writes them.
@@ -76,17 +101,22 @@ struct ExpertWeightsBf16 {
   void invalidate() {
     if (!fixed) forward_ready = backward_ready = false;
   }
-  // Zeroed forward copies for s, marked fixed and ready: the layer holds no masters.
-  void hold_only(const ExpertShape& s);
+  // Forward copies for s, marked fixed and ready: the layer holds no masters. Zeroed, or with
+  // zero = false left unwritten for a caller that assigns every expert matrix (a loader).
+  void hold_only(const ExpertShape& s, bool zero = true);
   // Expert e's matrix (1: W1, 2: W2, 3: W3) from src, fp32 in the masters' per-expert layout
   // ((d, ·), (F, Do), (d, F)), rounded to bf16 and packed into the forward copy. The copies'
   // layout is this struct's business: writers outside go through here.
   void assign(int matrix, int64_t e, const float* src, const ExpertShape& s);
+  // The same from bf16 values, element (i, o) of the matrix at src[i·s_in + o·s_out]: a
+  // checkpoint's bf16 bytes packed as they are, in whatever layout the file has them.
+  void assign_bf16(int matrix, int64_t e, const uint16_t* src, int64_t s_in, int64_t s_out,
+                   const ExpertShape& s);
   void prepare_forward(const ExpertWeights& w, const ExpertShape& s);
   void prepare_backward(const ExpertWeights& w, const ExpertShape& s);
   // Expert e's slot of a stack of packed (K, N) matrices (sized for E of them) = bf16 of the
   // row-major (K, N) src, or of the transpose of the row-major (N, K) src when transposed.
-  static void pack_expert(std::vector<uint16_t>& stack, int64_t e, const float* src, int64_t K,
+  static void pack_expert(PackedStack& stack, int64_t e, const float* src, int64_t K,
                           int64_t N, bool transposed = false);
 };
 

@@ -550,6 +550,14 @@ bool is_matrix_target(const std::string& t) {
   return t == "W1" || t == "W2" || t == "W3" || t == "Ws1" || t == "Ws2" || t == "Ws3";
 }
 
+// A plain BF16 tensor going into a bf16 layer: no decoding needed (its data 2-byte aligned,
+// as safetensors writers lay it out; an odd offset takes the decoding path).
+bool bf16_direct(const StoredWeight& w, Precision precision) {
+  return precision == Precision::bf16 && w.format == StoredWeight::Format::plain &&
+         w.dtype == "BF16" &&
+         reinterpret_cast<uintptr_t>(w.w.view->data(*w.w.entry)) % alignof(uint16_t) == 0;
+}
+
 // Runs the plan's jobs into the layer. The expert matrices first, in parallel over the
 // stored matrices they read (each thread converts whole matrices through its own scratch,
 // asks the disk for the next ones and hands the pages of a finished one back), then the
@@ -558,6 +566,7 @@ void execute(MoELayer& L, const Plan& p) {
   const MoEConfig& m = p.spec.cfg;
   const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
   const bool masters = L.holds_masters();
+  const Precision precision = L.config().precision;
   int64_t most = 0;  // the scratch: one expert matrix, when the layer holds no masters
   std::map<std::string, float*> master;  // resolved here: param() marks copies stale
   for (const Job& j : p.jobs) {
@@ -598,6 +607,18 @@ void execute(MoELayer& L, const Plan& p) {
           const StoredWeight& w = p.weights[j.weight];
           if (masters) {  // straight into the master
             detail::read_matrix(master.at(j.target) + j.e * j.map.In * j.map.Out, w, j.we, j.map);
+          } else if (bf16_direct(w, precision)) {
+            // bf16 in the file and in the layer: packed from the mapped bytes as they are.
+            const MatrixMap& mm = j.map;
+            const int64_t C = w.cols;
+            const auto* base = reinterpret_cast<const uint16_t*>(w.w.view->data(*w.w.entry)) +
+                               j.we * w.rows * C;
+            if (mm.out_major)
+              L.set_expert_matrix_bf16(j.target, j.e, base + mm.out_base * C + mm.in_base, 1,
+                                       mm.out_step * C);
+            else
+              L.set_expert_matrix_bf16(j.target, j.e, base + mm.in_base * C + mm.out_base, C,
+                                       mm.out_step);
           } else {
             detail::read_matrix(scratch.data(), w, j.we, j.map);
             L.set_expert_matrix(j.target, j.e, scratch.data());

@@ -230,9 +230,9 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
       });
     } else {
       allocate_or_throw("expert weights (bf16)", held / 2, [&] {
-        m.wb.hold_only(stack_shape(all_specs, cfg, false));
+        m.wb.hold_only(stack_shape(all_specs, cfg, false), opt.initialise);
         if (cfg.n_shared_experts > 0)
-          m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true));
+          m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true), opt.initialise);
       });
     }
   }
@@ -263,6 +263,33 @@ void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float
   }
   detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
   wb.assign(slot, e, src, stack_shape(specs, m.cfg, shared));
+}
+
+void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const uint16_t* src,
+                                      int64_t s_in, int64_t s_out) {
+  Impl& m = *impl_;
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  const detail::ParamSpec* spec = nullptr;
+  for (const auto& p : specs)
+    if (p.name == name) spec = &p;
+  MOE_REQUIRE(slot != 0 && spec != nullptr, "set_expert_matrix: '", name,
+              "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
+  MOE_REQUIRE(e >= 0 && e < spec->shape[0], "set_expert_matrix: expert ", e, " of ", name,
+              " out of range 0..", spec->shape[0] - 1);
+  MOE_REQUIRE(src != nullptr, "set_expert_matrix: src is null");
+  const int64_t In = spec->shape[1], Out = spec->shape[2];
+  if (!m.masters && m.cfg.precision == Precision::bf16) {
+    const bool shared = name[1] == 's';
+    detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
+    wb.assign_bf16(slot, e, src, s_in, s_out, stack_shape(specs, m.cfg, shared));
+    return;
+  }
+  std::vector<float> wide(static_cast<size_t>(In * Out));
+  for (int64_t i = 0; i < In; ++i)
+    for (int64_t o = 0; o < Out; ++o)
+      wide[static_cast<size_t>(i * Out + o)] = detail::from_bf16(src[i * s_in + o * s_out]);
+  set_expert_matrix(name, e, wide.data());
 }
 
 bool MoELayer::holds_masters() const { return impl_->masters; }

@@ -413,3 +413,27 @@ def test_gpt_oss_clamps_active(tmp_path):
     _, y, idx = ours(tmp_path, 1, x)
     np.testing.assert_array_equal(idx, idx_ref)
     assert rel(y, y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("family,layout", [("mixtral", "published"), ("gpt_oss", "published"),
+                                           ("qwen2_moe", "stacked"), ("granitemoe", "published")])
+def test_bf16_file_packed_as_is(family, layout, tmp_path):
+    """A bf16 file loaded in bf16 is packed from its bytes as they are (no decoding); the same
+    values stored as F32 go through the decoding path. Both must give the same bits, in every
+    tensor layout (per-expert (out, in), stacked gate/up halves, GPT-OSS's interleaved
+    (in, out))."""
+    model = build(family).to(torch.bfloat16)
+    save = model.save_pretrained if layout == "published" else None
+    a, b = tmp_path / "bf16", tmp_path / "f32"
+    if layout == "published":
+        model.save_pretrained(a)
+        model.float().save_pretrained(b)
+    else:
+        save_stacked(model, a, torch.bfloat16)
+        save_stacked(model.float(), b, torch.float32)
+    x = tokens(model.config.hidden_size).numpy()
+    layer = moe_layers(family, model.config)[-1]
+    ya = moe.MoE.from_pretrained(str(a), layer, precision="bf16").forward(x, training=False)
+    yb = moe.MoE.from_pretrained(str(b), layer, precision="bf16").forward(x, training=False)
+    np.testing.assert_array_equal(ya, yb)
+    assert np.abs(ya).max() > 0.1
