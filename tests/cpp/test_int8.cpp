@@ -7,7 +7,8 @@
 #include <gtest/gtest.h>
 #include <malloc.h>
 #if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/allocator_interface.h>
+// From the ASan runtime (its header is not installed with GCC 12 on Debian).
+extern "C" size_t __sanitizer_get_current_allocated_bytes(void);
 #endif
 #include <omp.h>
 
