@@ -238,18 +238,27 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
   }
 }
 
-void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float* src) {
-  Impl& m = *impl_;
-  const int slot = expert_matrix_slot(name);
-  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+// The spec of expert matrix `name` (W1, W2, W3, Ws1, Ws2, Ws3) of a layer with cfg, checked
+// with expert e and a source pointer: what both set_expert_matrix forms require.
+static const detail::ParamSpec& expert_matrix_spec(const std::vector<detail::ParamSpec>& specs,
+                                                   const std::string& name, int64_t e,
+                                                   const void* src) {
   const detail::ParamSpec* spec = nullptr;
   for (const auto& p : specs)
     if (p.name == name) spec = &p;
-  MOE_REQUIRE(slot != 0 && spec != nullptr, "set_expert_matrix: '", name,
+  MOE_REQUIRE(expert_matrix_slot(name) != 0 && spec != nullptr, "set_expert_matrix: '", name,
               "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
   MOE_REQUIRE(e >= 0 && e < spec->shape[0], "set_expert_matrix: expert ", e, " of ", name,
               " out of range 0..", spec->shape[0] - 1);
   MOE_REQUIRE(src != nullptr, "set_expert_matrix: src is null");
+  return *spec;
+}
+
+void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float* src) {
+  Impl& m = *impl_;
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  const detail::ParamSpec* spec = &expert_matrix_spec(specs, name, e, src);
   const int64_t n = spec->shape[1] * spec->shape[2];
   if (m.masters) {
     std::copy(src, src + n, param(name).data.begin() + e * n);  // param() marks the copies stale
@@ -270,14 +279,7 @@ void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const 
   Impl& m = *impl_;
   const int slot = expert_matrix_slot(name);
   const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
-  const detail::ParamSpec* spec = nullptr;
-  for (const auto& p : specs)
-    if (p.name == name) spec = &p;
-  MOE_REQUIRE(slot != 0 && spec != nullptr, "set_expert_matrix: '", name,
-              "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
-  MOE_REQUIRE(e >= 0 && e < spec->shape[0], "set_expert_matrix: expert ", e, " of ", name,
-              " out of range 0..", spec->shape[0] - 1);
-  MOE_REQUIRE(src != nullptr, "set_expert_matrix: src is null");
+  const detail::ParamSpec* spec = &expert_matrix_spec(specs, name, e, src);
   const int64_t In = spec->shape[1], Out = spec->shape[2];
   if (!m.masters && m.cfg.precision == Precision::bf16) {
     const bool shared = name[1] == 's';
