@@ -57,6 +57,10 @@ struct BenchOptions {
 // the files from the page cache), medians.
 struct LoadTiming {
   double load_s = 0, read_s = 0;
+  // Allocating and first touching as many bytes of new memory as were read, the way the layer
+  // allocates its packed weights: a load must do this too, and in a virtual machine whose host
+  // backs memory lazily it can take longer than the disk.
+  double touch_s = 0;
   int64_t bytes = 0;
   std::string note;
 };

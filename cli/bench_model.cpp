@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "bench.hpp"
+#include "common/huge_pages.hpp"
 #include "moe/error.hpp"
 #include "moe/pretrained.hpp"
 
@@ -185,6 +186,19 @@ void run_hf_peer(Result& r, const BenchOptions& o, int threads) {
                 res.value("impl", std::string("?")) + " experts";
 }
 
+// Seconds to allocate `bytes` of new memory as the layer's packed weights are allocated
+// (common/huge_pages.hpp) and write every page of it once, over the benchmark's threads.
+double touch_new_memory_s(size_t bytes) {
+  const double t0 = perf::now_s();
+  auto* p = static_cast<unsigned char*>(detail::huge_alloc(bytes));
+  const int64_t pages = static_cast<int64_t>(bytes / 4096);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < pages; ++i) p[i * 4096] = 1;
+  const double t = perf::now_s() - t0;
+  detail::huge_free(p, bytes);
+  return t;
+}
+
 LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int repeat) {
   LoadTiming lt;
   const auto ranges = block_ranges(dir, layer);
@@ -192,9 +206,12 @@ LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int 
     lt.note = "no tensors of layer " + std::to_string(layer) + " found";
     return lt;
   }
-  std::vector<double> load, read;
+  uint64_t block_bytes = 0;
+  for (const Range& r : ranges) block_bytes += r.end - r.begin;
+  std::vector<double> load, read, touch;
   for (int i = 0; i < std::max(repeat, 1); ++i) {
     uint64_t bytes = 0;
+    touch.push_back(touch_new_memory_s(static_cast<size_t>(block_bytes)));
     evict(ranges);
     read.push_back(read_ranges_s(ranges, bytes));
     lt.bytes = static_cast<int64_t>(bytes);
@@ -205,6 +222,7 @@ LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int 
   }
   lt.load_s = perf::median(load);
   lt.read_s = perf::median(read);
+  lt.touch_s = perf::median(touch);
   return lt;
 }
 

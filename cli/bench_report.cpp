@@ -117,6 +117,7 @@ json to_json(const Result& r, int threads, int repeat) {
   if (r.load) {
     j["load_s"] = r.load->load_s;
     j["disk_read_s"] = r.load->read_s;
+    j["fresh_memory_touch_s"] = r.load->touch_s;
     j["block_file_bytes"] = r.load->bytes;
   }
   if (!r.c.model_dir.empty()) {
@@ -375,7 +376,8 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
                      fmt(x, 2) + "x (" + fmt(r.load->load_s * 1e3, 0) + " ms vs " +
                          fmt(r.load->read_s * 1e3, 0) + " ms to read " +
                          fmt(r.load->bytes / 1048576.0, 0) + " MiB, " +
-                         fmt(r.load->bytes / r.load->read_s / 1e9, 2) + " GB/s)"});
+                         fmt(r.load->bytes / r.load->read_s / 1e9, 2) + " GB/s; touching as " +
+                         "many bytes of new memory: " + fmt(r.load->touch_s * 1e3, 0) + " ms)"});
       }
     }
   }

@@ -22,8 +22,51 @@ int64_t padded_n(int64_t N) { return (N + kPanelCols - 1) / kPanelCols * kPanelC
 // panel row pair (64 words) at a time; a row-major source is read along its rows, a transposed
 // one along the pairs (k, k+1) that sit side by side in it.
 template <typename Src, typename F>
+uint32_t pair_word(const Src* s, int64_t k, int64_t K, F& convert) {  // s: column's element 0
+  const uint32_t lo = k < K ? convert(s[k]) : 0u;
+  const uint32_t hi = k + 1 < K ? convert(s[k + 1]) : 0u;
+  return lo | hi << 16;
+}
+
+// A transposed source (sk == 1: a column of the matrix is a run of the source): one panel's
+// kTilePairs pairs at a time, reading each of its 64 columns along a run of 2·kTilePairs values
+// into a tile that is then written whole. Reading the panel one pair at a time instead touches
+// 64 source rows per 256 bytes written (a stored checkpoint's (out, in) matrices: the loader's
+// time went there).
+constexpr int64_t kTilePairs = 32;
+template <typename Src, typename F>
+void pack_transposed(uint16_t* dst, const Src* src, int64_t sj, int64_t K, int64_t N,
+                     F& convert) {
+  const int64_t Kp = padded_k(K), Np = padded_n(N), pairs = Kp / 2, full = K / 2;
+  uint32_t tile[kTilePairs][kPanelCols];
+  for (int64_t j0 = 0; j0 < Np; j0 += kPanelCols) {
+    uint16_t* panel = dst + j0 * Kp;
+    const int64_t nc = std::max<int64_t>(0, std::min(kPanelCols, N - j0));
+    for (int64_t q0 = 0; q0 < pairs; q0 += kTilePairs) {
+      const int64_t qn = std::min(kTilePairs, pairs - q0);
+      const int64_t qf = std::clamp<int64_t>(full - q0, 0, qn);  // pairs with both rows stored
+      for (int64_t j = 0; j < nc; ++j) {
+        const Src* s = src + (j0 + j) * sj + 2 * q0;
+        // The same column's run two tiles on: 64 columns kTilePairs apart defeat the
+        // hardware's prefetchers, and the loop otherwise waits on memory at every run.
+        if (q0 + 3 * kTilePairs <= pairs)
+          for (int64_t b = 0; b < 2 * kTilePairs * int64_t(sizeof(Src)); b += 64)
+            __builtin_prefetch(reinterpret_cast<const char*>(s + 4 * kTilePairs) + b);
+        for (int64_t t = 0; t < qf; ++t)
+          tile[t][j] = convert(s[2 * t]) | static_cast<uint32_t>(convert(s[2 * t + 1])) << 16;
+        for (int64_t t = qf; t < qn; ++t) tile[t][j] = pair_word(s - 2 * q0, 2 * (q0 + t), K, convert);
+      }
+      for (int64_t t = 0; t < qn; ++t)
+        for (int64_t j = nc; j < kPanelCols; ++j) tile[t][j] = 0;
+      std::memcpy(panel + q0 * kPanelValues, tile, static_cast<size_t>(qn) * sizeof(tile[0]));
+    }
+  }
+}
+
+template <typename Src, typename F>
 void pack_impl(uint16_t* dst, const Src* src, int64_t sk, int64_t sj, int64_t K, int64_t N,
                F&& convert) {
+  if (sk == 1 && sj != 1) return pack_transposed(dst, src, sj, K, N, convert);
   const int64_t Kp = padded_k(K), Np = padded_n(N);
   for (int64_t j0 = 0; j0 < Np; j0 += kPanelCols) {
     uint16_t* panel = dst + j0 * Kp;

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/huge_pages.hpp"
 #include "common/parallel.hpp"
 #include "experts/grouped_gemm.hpp"
 #include "moe/layer.hpp"
@@ -67,7 +68,8 @@ struct ExpertScratch {
 // makes again the copies it needs. Nothing is repacked while the masters stay the same.
 // A vector whose new elements are left uninitialised (default-initialised): the packed stacks
 // are written whole by their packing before anything reads them, and zero-filling gigabytes
-// of them first costs as much as the packing (a loader's page faults and a memset).
+// of them first costs as much as the packing (a loader's page faults and a memset). Large
+// stacks live on huge pages (common/huge_pages.hpp).
 template <typename T>
 struct UninitAllocator : std::allocator<T> {
   template <typename U>
@@ -77,6 +79,14 @@ struct UninitAllocator : std::allocator<T> {
   UninitAllocator() = default;
   template <typename U>
   UninitAllocator(const UninitAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    if (n * sizeof(T) < kHugeAllocMin) return std::allocator<T>::allocate(n);
+    return static_cast<T*>(huge_alloc(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    if (n * sizeof(T) < kHugeAllocMin) return std::allocator<T>::deallocate(p, n);
+    huge_free(p, n * sizeof(T));
+  }
   template <typename U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;

@@ -7,10 +7,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
 #include <exception>
-#include <map>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <set>
+
+#include <omp.h>
 
 #include "common/check.hpp"
 #include "io/pretrained_folder.hpp"
@@ -550,18 +556,16 @@ bool is_matrix_target(const std::string& t) {
   return t == "W1" || t == "W2" || t == "W3" || t == "Ws1" || t == "Ws2" || t == "Ws3";
 }
 
-// A plain BF16 tensor going into a bf16 layer: no decoding needed (its data 2-byte aligned,
-// as safetensors writers lay it out; an odd offset takes the decoding path).
+// A plain BF16 tensor going into a bf16 layer: no decoding needed (its bytes are read into an
+// aligned buffer, wherever they sit in the file).
 bool bf16_direct(const StoredWeight& w, Precision precision) {
   return precision == Precision::bf16 && w.format == StoredWeight::Format::plain &&
-         w.dtype == "BF16" &&
-         reinterpret_cast<uintptr_t>(w.w.view->data(*w.w.entry)) % alignof(uint16_t) == 0;
+         w.dtype == "BF16";
 }
 
-// Runs the plan's jobs into the layer. The expert matrices first, in parallel over the
-// stored matrices they read (each thread converts whole matrices through its own scratch,
-// asks the disk for the next ones and hands the pages of a finished one back), then the
-// router, biases and gates, serially.
+// Runs the plan's jobs into the layer: the expert matrices first, in parallel over the stored
+// matrices they read (decoded ones through each thread's scratch, bf16 ones read by one
+// thread and packed by the others), then the router, biases and gates, serially.
 void execute(MoELayer& L, const Plan& p) {
   const MoEConfig& m = p.spec.cfg;
   const int64_t E = m.n_experts, d = m.d_model, F = m.d_ff;
@@ -587,47 +591,152 @@ void execute(MoELayer& L, const Plan& p) {
       ++n;
     return n;
   };
-  const int64_t G = static_cast<int64_t>(group.size());
-  if (G > 0) p.weights[p.jobs[group[0]].weight].prefetch(p.jobs[group[0]].we);
+  // The matrices of one group, from `scratch` (decoded to fp32) or from `bytes` (the stored
+  // bf16 values of a bf16_direct group, packed as they are).
+  const auto convert_group = [&](size_t first, const uint16_t* bytes,
+                                 std::unique_ptr<float[]>& scratch) {
+    for (size_t i = first; i < group_end(first); ++i) {
+      const Job& j = p.jobs[i];
+      const StoredWeight& w = p.weights[j.weight];
+      if (masters) {  // straight into the master
+        detail::read_matrix(master.at(j.target) + j.e * j.map.In * j.map.Out, w, j.we, j.map);
+      } else if (bytes) {
+        const MatrixMap& mm = j.map;
+        const int64_t C = w.cols;
+        if (mm.out_major)
+          L.set_expert_matrix_bf16(j.target, j.e, bytes + mm.out_base * C + mm.in_base, 1,
+                                   mm.out_step * C);
+        else
+          L.set_expert_matrix_bf16(j.target, j.e, bytes + mm.in_base * C + mm.out_base, C,
+                                   mm.out_step);
+      } else {
+        if (!scratch) scratch.reset(new float[static_cast<size_t>(most)]);
+        detail::read_matrix(scratch.get(), w, j.we, j.map);
+        L.set_expert_matrix(j.target, j.e, scratch.get());
+      }
+    }
+  };
+  std::vector<size_t> decoded, direct;  // groups by how they are converted
+  uint64_t direct_most = 0, direct_all = 0;
+  for (size_t first : group) {
+    const StoredWeight& w = p.weights[p.jobs[first].weight];
+    if (masters || !bf16_direct(w, precision)) {
+      decoded.push_back(first);
+      continue;
+    }
+    direct.push_back(first);
+    const uint64_t n = static_cast<uint64_t>(w.rows * w.cols) * sizeof(uint16_t);
+    direct_most = std::max(direct_most, n);
+    direct_all += n;
+  }
   std::exception_ptr failed;
-#pragma omp parallel
+  const auto fail = [&failed] {
+#pragma omp critical(moe_pretrained_failed)
+    if (!failed) failed = std::current_exception();
+  };
+
+  // Decoded groups: each thread reads (through the mapping) and converts whole matrices.
+  const int64_t G = static_cast<int64_t>(decoded.size());
+  const auto prefetch = [&](int64_t g) {
+    p.weights[p.jobs[decoded[g]].weight].prefetch(p.jobs[decoded[g]].we);
+  };
+  if (G > 0) prefetch(0);
+#pragma omp parallel if (G > 1)
   {
-    std::vector<float> scratch(static_cast<size_t>(most));
+    std::unique_ptr<float[]> scratch;  // made on first use (fp8 and mxfp4 never need it whole)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < G; ++g) {
       try {
         // The disk reads the matrix after next while this one is converted (a cold load is
         // otherwise read, convert, read, ...).
-        if (g + 2 < G) p.weights[p.jobs[group[g + 2]].weight].prefetch(p.jobs[group[g + 2]].we);
-        else if (g + 1 < G && g == 0)
-          p.weights[p.jobs[group[1]].weight].prefetch(p.jobs[group[1]].we);
-        const size_t end = group_end(group[g]);
-        for (size_t i = group[g]; i < end; ++i) {
-          const Job& j = p.jobs[i];
-          const StoredWeight& w = p.weights[j.weight];
-          if (masters) {  // straight into the master
-            detail::read_matrix(master.at(j.target) + j.e * j.map.In * j.map.Out, w, j.we, j.map);
-          } else if (bf16_direct(w, precision)) {
-            // bf16 in the file and in the layer: packed from the mapped bytes as they are.
-            const MatrixMap& mm = j.map;
-            const int64_t C = w.cols;
-            const auto* base = reinterpret_cast<const uint16_t*>(w.w.view->data(*w.w.entry)) +
-                               j.we * w.rows * C;
-            if (mm.out_major)
-              L.set_expert_matrix_bf16(j.target, j.e, base + mm.out_base * C + mm.in_base, 1,
-                                       mm.out_step * C);
-            else
-              L.set_expert_matrix_bf16(j.target, j.e, base + mm.in_base * C + mm.out_base, C,
-                                       mm.out_step);
-          } else {
-            detail::read_matrix(scratch.data(), w, j.we, j.map);
-            L.set_expert_matrix(j.target, j.e, scratch.data());
-          }
-        }
-        p.weights[p.jobs[group[g]].weight].release(p.jobs[group[g]].we);
+        if (g + 2 < G) prefetch(g + 2);
+        else if (g + 1 < G && g == 0) prefetch(1);
+        convert_group(decoded[g], nullptr, scratch);
+        p.weights[p.jobs[decoded[g]].weight].release(p.jobs[decoded[g]].we);
       } catch (...) {
-#pragma omp critical(moe_pretrained_failed)
-        if (!failed) failed = std::current_exception();
+        fail();
+      }
+    }
+  }
+  if (failed) std::rethrow_exception(failed);
+
+  // bf16_direct groups: one thread reads the stored matrices in order with pread (large
+  // sequential reads keep the disk busy; faulting the mapping in, or every thread reading and
+  // then packing in turn, left it idle half the time: docs/design.md, "Loading a block"),
+  // the others pack each as soon as it is read. The buffers hold one stored matrix each and
+  // are bounded to an eighth of the block's bytes (peak memory, SPEC §7), at least two.
+  const int64_t D = static_cast<int64_t>(direct.size());
+  const int threads = D > 1 ? omp_get_max_threads() : 1;
+  if (threads == 1) {
+    std::unique_ptr<float[]> unused;  // convert_group's scratch, never made for these groups
+    std::unique_ptr<uint16_t[]> bytes(D > 0 ? new uint16_t[direct_most / 2] : nullptr);
+    for (int64_t g = 0; g < D; ++g) {
+      p.weights[p.jobs[direct[g]].weight].read_bytes(p.jobs[direct[g]].we, bytes.get());
+      convert_group(direct[g], bytes.get(), unused);
+    }
+  } else {
+    const size_t nbuf = static_cast<size_t>(std::clamp<uint64_t>(
+        direct_all / 8 / direct_most, 2, static_cast<uint64_t>(threads) + 1));
+    std::vector<std::unique_ptr<uint16_t[]>> bufs(nbuf);
+    std::vector<size_t> free_bufs(nbuf);
+    for (size_t b = 0; b < nbuf; ++b) free_bufs[b] = b;
+    std::deque<std::pair<int64_t, size_t>> ready;  // (group, buffer) read, not yet packed
+    bool read_all = false;
+    std::mutex mu;
+    std::condition_variable cv;
+#pragma omp parallel num_threads(threads)
+    {
+      if (omp_get_thread_num() == 0) {  // the reader, then a packer like the others
+        for (int64_t g = 0; g < D; ++g) {
+          size_t b = 0;
+          {
+            std::unique_lock<std::mutex> lock(mu);
+            cv.wait(lock, [&] { return !free_bufs.empty() || failed; });
+            if (failed) break;
+            b = free_bufs.back();
+            free_bufs.pop_back();
+          }
+          try {
+            if (!bufs[b]) bufs[b].reset(new uint16_t[direct_most / 2]);
+            p.weights[p.jobs[direct[g]].weight].read_bytes(p.jobs[direct[g]].we, bufs[b].get());
+          } catch (...) {
+            std::lock_guard<std::mutex> lock(mu);
+            fail();
+            break;
+          }
+          {
+            std::lock_guard<std::mutex> lock(mu);
+            ready.emplace_back(g, b);
+          }
+          cv.notify_all();
+        }
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          read_all = true;
+        }
+        cv.notify_all();
+      }
+      std::unique_ptr<float[]> none;  // convert_group's scratch, never made for these groups
+      for (;;) {
+        std::pair<int64_t, size_t> job;
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          cv.wait(lock, [&] { return !ready.empty() || read_all || failed; });
+          if (ready.empty() || failed) break;
+          job = ready.front();
+          ready.pop_front();
+        }
+        try {
+          convert_group(direct[job.first], bufs[job.second].get(), none);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          fail();
+        }
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          free_bufs.push_back(job.second);
+        }
+        cv.notify_all();
       }
     }
   }

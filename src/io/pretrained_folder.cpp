@@ -333,6 +333,13 @@ void StoredWeight::release(int64_t e) const {
   w.view->release(*w.entry, offset, n);
 }
 
+void StoredWeight::read_bytes(int64_t e, void* dst) const {
+  MOE_ASSERT(format == Format::plain);
+  uint64_t offset = 0, n = 0;
+  matrix_range(*this, e, offset, n);
+  w.view->read(*w.entry, offset, n, dst);
+}
+
 void StoredWeight::prefetch(int64_t e) const {
   uint64_t offset = 0, n = 0;
   matrix_range(*this, e, offset, n);

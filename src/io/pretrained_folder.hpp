@@ -77,6 +77,9 @@ struct StoredWeight {
   void release(int64_t e) const;
   // Starts reading the bytes of matrix e from disk (see SafetensorsView::prefetch).
   void prefetch(int64_t e) const;
+  // dst = the stored bytes of matrix e of a plain weight (rows · cols values of dtype), read
+  // from the file (see SafetensorsView::read).
+  void read_bytes(int64_t e, void* dst) const;
   int64_t file_bytes() const;    // bytes of the data (and scales) in the file
 };
 

@@ -15,11 +15,12 @@ namespace moe::detail {
 
 SafetensorsView::SafetensorsView(const std::string& path) : path_(path) {
   const std::string what = cat("safetensors file '", path, "'");
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error(cat(what, ": cannot open (", std::strerror(errno), ")"));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
+    fd_ = -1;
     throw Error(cat(what, ": not a regular file"));
   }
   size_ = static_cast<uint64_t>(st.st_size);
@@ -28,15 +29,16 @@ SafetensorsView::SafetensorsView(const std::string& path) : path_(path) {
     if (p == MAP_FAILED) {
       const int err = errno;
       ::close(fd);
+      fd_ = -1;
       throw Error(cat(what, ": cannot map (", std::strerror(err), ")"));
     }
     base_ = static_cast<const uint8_t*>(p);
   }
-  ::close(fd);  // the mapping keeps the file
   try {
     header_ = parse_safetensors_header(base_, size_, what);
   } catch (...) {
     if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+    ::close(fd_);
     throw;
   }
   for (size_t i = 0; i < header_.entries.size(); ++i) index_[header_.entries[i].name] = i;
@@ -44,6 +46,7 @@ SafetensorsView::SafetensorsView(const std::string& path) : path_(path) {
 
 SafetensorsView::~SafetensorsView() {
   if (base_) ::munmap(const_cast<uint8_t*>(base_), size_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 const StEntry* SafetensorsView::find(const std::string& name) const {
@@ -67,6 +70,27 @@ void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n) con
 
 void SafetensorsView::prefetch(const StEntry& e, uint64_t offset, uint64_t n) const {
   advise(e, offset, n, MADV_WILLNEED);
+}
+
+}  // namespace moe::detail
+
+namespace moe::detail {
+
+void SafetensorsView::read(const StEntry& e, uint64_t offset, uint64_t n, void* dst) const {
+  MOE_ASSERT(offset + n <= e.end - e.begin);
+  auto* out = static_cast<uint8_t*>(dst);
+  uint64_t at = header_.data_start + e.begin + offset;
+  while (n > 0) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(n, uint64_t{1} << 30));
+    const ssize_t got = ::pread(fd_, out, want, static_cast<off_t>(at));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0)
+      throw Error(cat("safetensors file '", path_, "': cannot read tensor '", e.name, "' (",
+                      got < 0 ? std::strerror(errno) : "the file ends early", ")"));
+    out += got;
+    at += static_cast<uint64_t>(got);
+    n -= static_cast<uint64_t>(got);
+  }
 }
 
 }  // namespace moe::detail

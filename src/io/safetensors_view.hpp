@@ -31,11 +31,17 @@ class SafetensorsView {
   // Asks the kernel to start reading those bytes now (MADV_WILLNEED), so that the disk works
   // while the caller converts the bytes before them. A hint: never fails.
   void prefetch(const StEntry& e, uint64_t offset, uint64_t n) const;
+  // dst = bytes [offset, offset + n) of e's data, read from the file (pread), not through the
+  // mapping: large sequential reads, where faulting the mapped pages in read the same bytes at
+  // half the disk's rate (docs/design.md, "Loading a block"). Throws moe::Error naming the
+  // file when the read fails or comes up short (a file cut after it was opened).
+  void read(const StEntry& e, uint64_t offset, uint64_t n, void* dst) const;
   uint64_t file_size() const { return size_; }
 
  private:
   void advise(const StEntry& e, uint64_t offset, uint64_t n, int advice) const;
   std::string path_;
+  int fd_ = -1;  // kept open for read()
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
   StHeader header_;

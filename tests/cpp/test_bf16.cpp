@@ -16,6 +16,7 @@
 #include "common/bf16.hpp"
 #include "common/gemm.hpp"
 #include "common/gemm_bf16_packed.hpp"
+#include "experts/experts.hpp"
 #include "layer/layer_ref.hpp"
 #include "moe/layer.hpp"
 #include "test_layer_util.hpp"
@@ -126,7 +127,9 @@ TEST(Bf16Gemm, MatchesTheDoubleSumOfTheSameOperands) {
 TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
   using namespace moe::detail;
   Rng rng(11);
-  for (auto [K, N] : {std::pair<int64_t, int64_t>{1, 1}, {16, 64}, {17, 65}, {37, 130}, {2, 200}}) {
+  // K beyond one tile of pairs (64 rows), odd K at a tile's edge, a panel cut short.
+  for (auto [K, N] : {std::pair<int64_t, int64_t>{1, 1}, {16, 64}, {17, 65}, {37, 130}, {2, 200},
+                      {100, 70}, {129, 3}, {65, 64}}) {
     SCOPED_TRACE(std::to_string(K) + "x" + std::to_string(N));
     std::vector<float> W(static_cast<size_t>(K * N));
     for (auto& v : W) v = static_cast<float>(rng.sym(2.0));
@@ -141,6 +144,10 @@ TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
     std::vector<uint16_t> Wb(W.size());
     to_bf16_n(Wb.data(), W.data(), K * N);
     pack_bf16(pb.data(), Wb.data(), N, 1, K, N);
+    std::vector<uint16_t> Wbt(W.size()), pbt(p);  // a bf16 (N, K) source, as a checkpoint's
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j) Wbt[j * K + k] = Wb[k * N + j];
+    pack_bf16(pbt.data(), Wbt.data(), 1, K, K, N);
     std::vector<char> used(static_cast<size_t>(size), 0);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < N; ++j) {
@@ -157,6 +164,26 @@ TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
       }
     EXPECT_EQ(pt, p);
     EXPECT_EQ(pb, p);
+    EXPECT_EQ(pbt, p);
+  }
+}
+
+// The packed stacks' allocator: large stacks on their own 2 MiB-aligned mapping (huge pages
+// where the kernel gives them), small ones from the heap; growing keeps the values; every
+// byte is usable.
+TEST(Bf16Packed, StacksLargeAndSmallHoldTheirValues) {
+  using namespace moe::detail;
+  for (size_t n : {size_t{1000}, kHugeAllocMin / 2 + 12345, kHugeAllocMin}) {
+    SCOPED_TRACE(n);
+    PackedStack s(n);
+    if (n * sizeof(uint16_t) >= kHugeAllocMin) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(s.data()) % (size_t{2} << 20), 0u);
+    }
+    for (size_t i = 0; i < n; ++i) s[i] = static_cast<uint16_t>(i * 2654435761u >> 16);
+    s.resize(3 * n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(s[i], static_cast<uint16_t>(i * 2654435761u >> 16));
+    std::memset(s.data() + n, 0x5a, 2 * n * sizeof(uint16_t));
+    EXPECT_EQ(s.back(), 0x5a5a);
   }
 }
 
