@@ -340,6 +340,12 @@ void StoredWeight::read_bytes(int64_t e, void* dst) const {
   w.view->read(*w.entry, offset, n, dst);
 }
 
+uint64_t StoredWeight::file_offset(int64_t e) const {
+  uint64_t offset = 0, n = 0;
+  matrix_range(*this, e, offset, n);
+  return w.view->header().data_start + w.entry->begin + offset;
+}
+
 void StoredWeight::prefetch(int64_t e) const {
   uint64_t offset = 0, n = 0;
   matrix_range(*this, e, offset, n);

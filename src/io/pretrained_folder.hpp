@@ -80,6 +80,8 @@ struct StoredWeight {
   // dst = the stored bytes of matrix e of a plain weight (rows · cols values of dtype), read
   // from the file (see SafetensorsView::read).
   void read_bytes(int64_t e, void* dst) const;
+  // Where matrix e's data starts in its file (for reading in file order).
+  uint64_t file_offset(int64_t e) const;
   int64_t file_bytes() const;    // bytes of the data (and scales) in the file
 };
 
