@@ -286,9 +286,17 @@ struct PyMoE {
     return d;
   }
 
-  py::array_t<float> forward(const py::object& x_, const py::object& noise_, bool training,
-                             const py::object& step_, int64_t token_offset) {
+  // A layer that can train (fp32 masters, not int8) trains by default; an evaluation-only one
+  // (from_pretrained without masters, drop_masters(), precision int8) evaluates by default.
+  bool trains_by_default() const {
+    return layer.holds_masters() && layer.config().precision != moe::Precision::int8;
+  }
+
+  py::array_t<float> forward(const py::object& x_, const py::object& noise_,
+                             const py::object& training_, const py::object& step_,
+                             int64_t token_offset) {
     const moe::MoEConfig& c = layer.config();
+    const bool training = training_.is_none() ? trains_by_default() : training_.cast<bool>();
     FArray x = as_f32(x_, "x");
     if (x.ndim() != 1 && x.ndim() != 2)
       throw moe::Error(cat("x: expected a 2-D array (T, d_model=", c.d_model,
@@ -549,13 +557,18 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
         [n](PyMoE& self, const py::object& v) { self.set(n, v); });
   }
   cls.def("forward", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
-          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0,
+          py::arg("training") = py::none(), py::arg("step") = py::none(),
+          py::arg("token_offset") = 0,
           R"(y = MoE(x) (plus x with residual). x is (T, d_model) or one token (d_model).
+training: defaults to True for a layer that can train (fp32 masters, precision fp32 or bf16)
+and to False for an evaluation-only one (from_pretrained without masters, drop_masters(),
+precision int8).
 noise: a given ε (T, n_experts); otherwise, in training, ε is drawn from (seed, step,
 token_offset + t, expert). step defaults to a counter that advances on every training
 forward, so each step draws fresh noise; pass it to pin the draw.)");
   cls.def("__call__", &PyMoE::forward, py::arg("x"), py::arg("noise") = py::none(),
-          py::arg("training") = true, py::arg("step") = py::none(), py::arg("token_offset") = 0);
+          py::arg("training") = py::none(), py::arg("step") = py::none(),
+          py::arg("token_offset") = 0);
   cls.def("experts_forward", &PyMoE::experts_forward, py::arg("x"), py::arg("indices"),
           py::arg("weights"),
           R"(The routed experts alone with the caller's routing: y[t] = Σ_j weights[t, j] ·
@@ -569,6 +582,14 @@ dweights (T, k)); the routed experts' gradients accumulate into `grads`.)");
           "dx for dy = ∂L/∂y of the last forward; parameter gradients (with the aux and z "
           "loss terms) accumulate into `grads` until zero_grad().");
   cls.def("zero_grad", [](PyMoE& self) { self.layer.zero_grad(); });
+  cls.def("drop_masters", [](PyMoE& self) { self.layer.drop_masters(); },
+          "Makes the expert matrices' copies in the layer's precision from the fp32 masters, "
+          "then frees the masters: the layer becomes evaluation-only (as from_pretrained "
+          "without masters; W1/W2/W3 are no longer attributes in bf16 and int8). Nothing to "
+          "do in fp32.");
+  cls.def_property_readonly(
+      "holds_masters", [](const PyMoE& self) { return self.layer.holds_masters(); },
+      "Whether the expert matrices are held as fp32 masters (always in fp32).");
   // The DeepSeek-V3 selection bias; the constructor's bias=True says whether b1/b2 exist.
   cls.def_property(
       "expert_bias", [](const PyMoE& self) { return tensor_to_numpy(self.layer.expert_bias()); },
@@ -926,7 +947,7 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
      "*.safetensors, the index when sharded), reading only that layer's tensors; its "
      "evaluation forward equals the family's transformers module (docs/models.md). With "
      "masters=False (the default) the expert matrices are held in `precision` only: an "
-     "evaluation-only layer (forward(x, training=False)) without W1/W2/W3 attributes in bf16. "
+     "evaluation-only layer (its forward(x) evaluates) without W1/W2/W3 attributes in bf16. "
      "masters=True keeps fp32 masters (trainable, three times the memory in bf16).");
   m.def("inspect_pretrained", [](const py::object& path) {
     const moe::PretrainedInfo i = moe::inspect_pretrained(as_path(path));

@@ -135,6 +135,25 @@ def test_masters_and_memory_form(tmp_path):
     assert "W1" in load(path, 1, "fp32").parameter_names
 
 
+def test_forward_defaults_to_what_the_layer_can_do(tmp_path):
+    # An evaluation-only layer evaluates when `training` is left out; a trainable one trains
+    # (its noise counter advances, so two default forwards draw different noise).
+    path, c, _ = make(tmp_path, "mixtral")
+    x = tokens(c)
+    for lean in (load(path, 1, "bf16"), load(path, 1, "int8")):
+        np.testing.assert_array_equal(lean.forward(x), lean.forward(x, training=False))
+    dropped = load(path, 1, "bf16", masters=True)
+    dropped.drop_masters()
+    np.testing.assert_array_equal(dropped.forward(x), dropped.forward(x, training=False))
+    layer = moe.MoE(d_model=16, n_experts=4, k=2, d_ff=8, seed=3)
+    xs = np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)
+    first, second = layer.forward(xs), layer.forward(xs)
+    assert layer.aux_loss > 0  # a training forward computes the balancing loss
+    assert not np.array_equal(first, second)  # fresh noise: step advanced
+    np.testing.assert_array_equal(layer.forward(xs, training=False),
+                                  layer.forward(xs, training=False))
+
+
 def test_inspect(tmp_path):
     path, c, held = make(tmp_path, "deepseek_v2", layers=[1, 2])
     info = moe.inspect_pretrained(path)
