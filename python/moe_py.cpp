@@ -587,6 +587,14 @@ dweights (T, k)); the routed experts' gradients accumulate into `grads`.)");
           "then frees the masters: the layer becomes evaluation-only (as from_pretrained "
           "without masters; W1/W2/W3 are no longer attributes in bf16 and int8). Nothing to "
           "do in fp32.");
+  cls.def("expert_matrix",
+          [](const PyMoE& self, const std::string& name) {
+            return tensor_to_numpy(self.layer.expert_matrix(name));
+          },
+          py::arg("name"),
+          "Expert matrix `name` (W1, W2, W3, Ws1, Ws2, Ws3) as float32 (E, in, out) from "
+          "whatever the layer holds: the masters, or the bf16 / int8 weights of a layer "
+          "without them (bf16 widened exactly, int8 as q·scale).");
   cls.def_property_readonly(
       "holds_masters", [](const PyMoE& self) { return self.layer.holds_masters(); },
       "Whether the expert matrices are held as fp32 masters (always in fp32).");
@@ -715,7 +723,8 @@ void bind_io(py::module_& m, py::class_<PyMoE>& cls) {
     moe::save_checkpoint(self.layer, p, ex);
   }, py::arg("path"), py::arg("metadata") = py::none(), py::arg("optimizer") = py::none(),
      "Write every parameter (and the config, metadata and optimizer state) to a safetensors "
-     "file, atomically.");
+     "file, atomically. A layer without masters writes its expert matrices from the weights "
+     "it holds (expert_matrix), so the file loads like any other.");
   cls.def("load", [](PyMoE& self, const py::object& path, const py::object& optimizer) {
     moe::Optimizer* opt = optimizer_of(optimizer);
     const std::string p = as_path(path);

@@ -210,6 +210,11 @@ class MoELayer {
   // layer becomes evaluation-only (as LayerOptions{masters = false}). Nothing to do in fp32.
   void drop_masters();
   bool holds_masters() const;  // true in fp32
+  // Expert matrix `name` (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has), (E, in, out) in fp32,
+  // from whatever form the layer holds: a copy of the master, or the values of the copies in
+  // the layer's precision (bf16 widened exactly; int8 as q · scale). What save_checkpoint
+  // writes for a layer without masters. Throws moe::Error on another name.
+  Tensor expert_matrix(const std::string& name) const;
 
   const MoEStats& stats() const;
   double aux_loss() const;

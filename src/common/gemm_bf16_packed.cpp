@@ -47,8 +47,9 @@ void pack_transposed(uint16_t* dst, const Src* src, int64_t sj, int64_t K, int64
       const int64_t qf = std::clamp<int64_t>(full - q0, 0, qn);  // pairs with both rows stored
       for (int64_t j = 0; j < nc; ++j) {
         const Src* s = src + (j0 + j) * sj + 2 * q0;
-        // The same column's run two tiles on: 64 columns kTilePairs apart defeat the
-        // hardware's prefetchers, and the loop otherwise waits on memory at every run.
+        // The same column's run two tiles on: 64 runs, a stored row apart each, are more
+        // streams than the hardware prefetchers follow; without this the loop waited on
+        // memory at every run.
         if (q0 + 3 * kTilePairs <= pairs)
           for (int64_t b = 0; b < 2 * kTilePairs * int64_t(sizeof(Src)); b += 64)
             __builtin_prefetch(reinterpret_cast<const char*>(s + 4 * kTilePairs) + b);

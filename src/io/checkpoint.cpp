@@ -5,6 +5,7 @@
 
 #include "common/check.hpp"
 #include "experts/int8.hpp"
+#include "layer/init.hpp"
 #include "moe/checkpoint.hpp"
 #include "moe/optim.hpp"
 
@@ -62,13 +63,32 @@ void save_checkpoint(const MoELayer& layer, const std::string& path,
   const bool int8 = layer.config().precision == Precision::int8;
   std::vector<std::pair<std::string, Tensor>> quantized;  // int8: name, q; name.scale, scale
   std::set<std::string> as_i8;
-  for (const std::string& name : layer.parameter_names()) {
+  // A layer without masters: its expert matrices from the form it holds (expert_matrix), in
+  // the order of the parameters, so that the file is the one a layer with masters writes.
+  std::vector<std::pair<std::string, Tensor>> held;
+  std::vector<std::pair<std::string, const Tensor*>> params;
+  if (layer.holds_masters()) {
+    for (const std::string& name : layer.parameter_names())
+      params.emplace_back(name, &layer.param(name));
+  } else {
+    const std::vector<detail::ParamSpec> specs = detail::parameter_specs(layer.config());
+    held.reserve(specs.size());
+    for (const auto& spec : specs) {
+      if (!int8_matrix(spec.name)) {
+        params.emplace_back(spec.name, &layer.param(spec.name));
+        continue;
+      }
+      held.emplace_back(spec.name, layer.expert_matrix(spec.name));
+      params.emplace_back(spec.name, &held.back().second);
+    }
+  }
+  for (const auto& [name, W] : params) {
     if (!(int8 && int8_matrix(name))) {
-      tensors.emplace_back(name, &layer.param(name));
+      tensors.emplace_back(name, W);
       continue;
     }
     Tensor q, s;
-    quantize_matrix(q, s, layer.param(name));
+    quantize_matrix(q, s, *W);
     quantized.emplace_back(name, std::move(q));
     quantized.emplace_back(scale_name(name), std::move(s));
     as_i8.insert(name);
@@ -101,15 +121,26 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
   SafetensorsFile file = load_safetensors(path);
   const std::string what = cat("checkpoint '", path, "'");
 
-  const std::vector<std::string> names = layer.parameter_names();
+  // The parameters, and for a layer without masters its expert matrices too (written through
+  // set_expert_matrix into the form it holds).
+  std::vector<std::string> names;
+  std::vector<std::vector<int64_t>> shapes;
+  std::vector<bool> is_param;
+  for (const auto& spec : detail::parameter_specs(layer.config())) {
+    const bool param = layer.holds_masters() || !int8_matrix(spec.name);
+    names.push_back(spec.name);
+    shapes.push_back(spec.shape);
+    is_param.push_back(param);
+  }
   const Precision precision = layer.config().precision;
   std::vector<const Tensor*> found;
   std::vector<const Tensor*> scales;  // int8 matrices: their scales, else null
-  for (const std::string& name : names) {
-    const Tensor& want = layer.param(name);
+  for (size_t n = 0; n < names.size(); ++n) {
+    const std::string& name = names[n];
+    const std::vector<int64_t>& want = shapes[n];
     const NamedTensor* t = file.find(name);
     MOE_REQUIRE(t != nullptr, what, ": tensor '", name, "' is missing (the layer expects shape ",
-                shape_str(want.shape), ")");
+                shape_str(want), ")");
     const bool i8 = t->dtype == "I8" && int8_matrix(name);
     MOE_REQUIRE(!i8 || precision == Precision::int8, what, ": tensor '", name,
                 "' holds int8 weights (a checkpoint of precision 'int8'), but this layer has "
@@ -117,13 +148,13 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
                 "to load it");
     MOE_REQUIRE(i8 || t->dtype == "F32", what, ": tensor '", name, "' has dtype ", t->dtype,
                 ", expected F32", int8_matrix(name) ? " (or I8 with precision 'int8')" : "");
-    MOE_REQUIRE(t->tensor.shape == want.shape, what, ": tensor '", name, "' has shape ",
+    MOE_REQUIRE(t->tensor.shape == want, what, ": tensor '", name, "' has shape ",
                 shape_str(t->tensor.shape), " in the file, but the layer expects ",
-                shape_str(want.shape));
+                shape_str(want));
     const Tensor* scale = nullptr;
     if (i8) {
       const NamedTensor* s = file.find(scale_name(name));
-      const std::vector<int64_t> ws{want.shape[0], want.shape[2]};
+      const std::vector<int64_t> ws{want[0], want[2]};
       MOE_REQUIRE(s != nullptr, what, ": tensor '", scale_name(name), "' (the scales of the I8 '",
                   name, "') is missing");
       MOE_REQUIRE(s->dtype == "F32" && s->tensor.shape == ws, what, ": tensor '",
@@ -149,16 +180,24 @@ SafetensorsFile load_checkpoint(MoELayer& layer, const std::string& path, Optimi
       throw Error(cat(what, ": ", e.what()));
     }
   }
+  Tensor matrix;  // an expert matrix of a layer without masters, before set_expert_matrix
   for (size_t i = 0; i < names.size(); ++i) {
-    Tensor& p = layer.param(names[i]);
+    Tensor& p = is_param[i] ? layer.param(names[i]) : matrix;
+    p.shape = shapes[i];
     p.data = found[i]->data;
-    if (!scales[i]) continue;
-    // int8: the masters become the dequantized weights q·scale, whose quantization gives
-    // back the same q (the scales to within their last bit).
-    const int64_t E = p.shape[0], K = p.shape[1], N = p.shape[2];
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < N; ++j) p.data[(e * K + k) * N + j] *= scales[i]->data[e * N + j];
+    if (scales[i]) {
+      // int8: the weights become the dequantized q·scale, whose quantization gives back the
+      // same q (the scales to within their last bit).
+      const int64_t E = p.shape[0], K = p.shape[1], N = p.shape[2];
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < N; ++j)
+            p.data[(e * K + k) * N + j] *= scales[i]->data[e * N + j];
+    }
+    if (is_param[i]) continue;
+    const int64_t per_expert = shapes[i][1] * shapes[i][2];
+    for (int64_t e = 0; e < shapes[i][0]; ++e)
+      layer.set_expert_matrix(names[i], e, matrix.data.data() + e * per_expert);
   }
   if (layer.config().uses_selection_bias()) {
     Tensor& b = layer.expert_bias();

@@ -11,7 +11,9 @@
 
 #include <unistd.h>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "dispatch/capacity_plan.hpp"
 #include "experts/experts.hpp"
 #include "experts/int8.hpp"
@@ -295,6 +297,41 @@ void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const 
 }
 
 bool MoELayer::holds_masters() const { return impl_->masters; }
+
+Tensor MoELayer::expert_matrix(const std::string& name) const {
+  const Impl& m = *impl_;
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  const detail::ParamSpec* spec = nullptr;
+  for (const auto& p : specs)
+    if (p.name == name) spec = &p;
+  MOE_REQUIRE(slot != 0 && spec != nullptr, "expert_matrix: '", name,
+              "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
+  if (m.masters) return param(name);
+  Tensor out(spec->shape);
+  const int64_t E = spec->shape[0], K = spec->shape[1], N = spec->shape[2];
+  const bool shared = name[1] == 's';
+  if (m.cfg.precision == Precision::int8) {
+    const detail::ExpertWeightsInt8& wi = shared ? m.shared.int8_weights() : m.wi;
+    const detail::Int8Stack& st = slot == 1 ? wi.W1 : slot == 2 ? wi.W2 : wi.W3;
+    const int64_t cols = st.NB * detail::Int8Stack::kCols;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < N; ++j)
+          out.data[(e * K + k) * N + j] =
+              static_cast<float>(st.at(e, k, j)) * st.scale[e * cols + j];
+    return out;
+  }
+  const detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
+  const detail::PackedStack& st = slot == 1 ? wb.W1 : slot == 2 ? wb.W2 : wb.W3;
+  const int64_t size = detail::packed_bf16_size(K, N);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < N; ++j)
+        out.data[(e * K + k) * N + j] =
+            detail::from_bf16(st[e * size + detail::packed_bf16_index(K, k, j)]);
+  return out;
+}
 
 void MoELayer::drop_masters() {
   Impl& m = *impl_;

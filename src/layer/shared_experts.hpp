@@ -58,6 +58,8 @@ class SharedExperts {
   // The bf16 / int8 copies themselves (a layer without masters writes them directly).
   ExpertWeightsBf16& bf16_weights() { return wb_; }
   ExpertWeightsInt8& int8_weights() { return wi_; }
+  const ExpertWeightsBf16& bf16_weights() const { return wb_; }
+  const ExpertWeightsInt8& int8_weights() const { return wi_; }
 
  private:
   const ExpertsBf16* bf16(const MoEConfig& cfg) {

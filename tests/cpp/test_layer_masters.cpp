@@ -9,7 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "io/pretrained_folder.hpp"
+#include "moe/checkpoint.hpp"
 #include "moe/layer.hpp"
 #include "test_layer_util.hpp"
 
@@ -107,6 +109,35 @@ TEST(LayerMasters, DropMastersKeepsTheForward) {
   L.set_expert_matrix("Ws2", 0, z.data());
   L.forward(y2.data(), x.data(), T, eval);
   for (float v : y2) EXPECT_EQ(v, 0.0f);
+}
+
+// expert_matrix of a layer without masters gives the held bf16 values (the masters rounded),
+// and a checkpoint of it holds them: a layer with masters loaded from it runs the same.
+TEST(LayerMasters, ExpertMatrixAndCheckpointWithoutMasters) {
+  const MoEConfig c = swiglu_cfg(1);
+  MoELayer L(c);
+  moe_test::Rng rng(9);
+  moe_test::randomize(L, rng);
+  const moe::Tensor W2 = L.param("W2");
+  L.drop_masters();
+  const moe::Tensor held = L.expert_matrix("W2");
+  ASSERT_EQ(held.shape, W2.shape);
+  for (size_t i = 0; i < held.data.size(); ++i)
+    ASSERT_EQ(held.data[i], moe::detail::round_bf16(W2.data[i])) << i;
+  const std::string path = ::testing::TempDir() + "lean_layer.safetensors";
+  moe::save_checkpoint(L, path);
+  MoELayer back(moe::read_checkpoint_config(path));
+  moe::load_checkpoint(back, path);
+  EXPECT_EQ(back.param("W2").data, held.data);
+  const int64_t T = 6;
+  const auto x = random_vec(static_cast<size_t>(T * c.d_model), 4);
+  std::vector<float> y1(T * c.d_model), y2(T * c.d_model);
+  moe::ForwardOptions eval;
+  eval.training = false;
+  L.forward(y1.data(), x.data(), T, eval);
+  back.forward(y2.data(), x.data(), T, eval);
+  EXPECT_EQ(y1, y2);
+  EXPECT_THROW(L.expert_matrix("b_g"), moe::Error);
 }
 
 TEST(LayerMasters, ErrorsNameTheField) {

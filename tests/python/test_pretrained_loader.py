@@ -135,6 +135,36 @@ def test_masters_and_memory_form(tmp_path):
     assert "W1" in load(path, 1, "fp32").parameter_names
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_save_and_load_without_masters(tmp_path, precision):
+    # A loaded block (no fp32 masters) saves the weights it holds; the file makes a layer
+    # with masters and loads into another block without them, each giving the same outputs.
+    path, c, _ = make(tmp_path, "qwen2_moe")  # a shared expert too (Ws1, Ws2, Ws3)
+    lean = load(path, 1, precision)
+    x = tokens(c)
+    y = lean.forward(x)
+    ck = str(tmp_path / "lean.safetensors")
+    lean.save(ck)
+    back = moe.MoE.from_checkpoint(ck)
+    assert back.holds_masters and not lean.holds_masters
+    for name in ("W1", "W2", "W3", "Ws1", "Ws2", "Ws3"):
+        held = lean.expert_matrix(name)
+        assert np.abs(held).max() > 0  # not a pass on zeros
+        np.testing.assert_array_equal(back.expert_matrix(name), held)
+    other_path, _, _ = make(tmp_path / "other", "qwen2_moe", seed=7)
+    other = load(other_path, 1, precision)
+    assert not np.allclose(other.forward(x), y)
+    other.load(ck)
+    if precision == "bf16":  # the same bf16 values, packed the same way
+        np.testing.assert_array_equal(back.forward(x, training=False), y)
+        np.testing.assert_array_equal(other.forward(x), y)
+    else:  # re-quantized: the same int8 values, the scales to within their last bit
+        np.testing.assert_allclose(back.forward(x, training=False), y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(other.forward(x), y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(moe.Error, match="not an expert matrix"):
+        lean.expert_matrix("W_g")
+
+
 def test_forward_defaults_to_what_the_layer_can_do(tmp_path):
     # An evaluation-only layer evaluates when `training` is left out; a trainable one trains
     # (its noise counter advances, so two default forwards draw different noise).
