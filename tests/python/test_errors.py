@@ -309,7 +309,7 @@ def test_L16_precision():
     with raises("precision: 'int8' needs d_model, d_ff and d_out <= 65536, got 8, 65537, 8"):
         moe.MoE(8, 4, 2, precision="int8", d_ff=65537)
     with raises("precision: 'int8' is for evaluation only"):
-        moe.MoE(8, 4, 2, precision="int8").forward(np.zeros((1, 8), np.float32))
+        moe.MoE(8, 4, 2, precision="int8").forward(np.zeros((1, 8), np.float32), training=True)
     r = subprocess.run([MOE, "train", "--precision", "half"], capture_output=True, text=True)
     assert r.returncode == 2 and "precision" in r.stderr and not r.stdout
 

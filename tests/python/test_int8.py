@@ -98,8 +98,9 @@ def test_training_is_refused_and_assignments_reach_the_int8_copies():
     m = moe.MoE(16, 4, 2, precision="int8", expert="swiglu", d_ff=24, seed=1)
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
     with pytest.raises(ValueError, match="precision: 'int8' is for evaluation only"):
-        m.forward(x)
+        m.forward(x, training=True)
     y0 = m.forward(x, training=False)
+    np.testing.assert_array_equal(m.forward(x), y0)  # an int8 layer evaluates by default
     with pytest.raises(ValueError, match="precision"):
         m.backward(np.ones_like(y0))
     m.W2 = -m.W2
