@@ -17,7 +17,7 @@ size_t rounded(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHug
 bool huge_pages_advised() {
   static const bool advised = [] {
     const char* v = std::getenv("MOE_HUGE_PAGES");
-    return !(v && std::string(v) == "0");
+    return v && std::string(v) == "1";
   }();
   return advised;
 }

@@ -691,18 +691,50 @@ void execute(MoELayer& L, const Plan& p) {
     bool read_all = false;
     std::mutex mu;
     std::condition_variable cv;
+    // Packs a read matrix and hands its buffer back.
+    const auto pack = [&](const std::pair<int64_t, size_t>& job) {
+      std::unique_ptr<float[]> none;  // convert_group's scratch, never made for these groups
+      try {
+        convert_group(direct[job.first], bufs[job.second].get(), none);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        fail();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        free_bufs.push_back(job.second);
+      }
+      cv.notify_all();
+    };
 #pragma omp parallel num_threads(threads)
     {
-      if (omp_get_thread_num() == 0) {  // the reader, then a packer like the others
+      // The reader; when every buffer waits to be packed, it packs one itself (packing, with
+      // the first touch of the packed stacks, can be the slower side), and once everything
+      // is read it packs like the others.
+      if (omp_get_thread_num() == 0) {
         for (int64_t g = 0; g < D; ++g) {
           size_t b = 0;
-          {
-            std::unique_lock<std::mutex> lock(mu);
-            cv.wait(lock, [&] { return !free_bufs.empty() || failed; });
-            if (failed) break;
-            b = free_bufs.back();
-            free_bufs.pop_back();
+          bool stop = false;
+          for (;;) {
+            std::pair<int64_t, size_t> job;
+            {
+              std::unique_lock<std::mutex> lock(mu);
+              cv.wait(lock, [&] { return !free_bufs.empty() || !ready.empty() || failed; });
+              if (failed) {
+                stop = true;
+                break;
+              }
+              if (!free_bufs.empty()) {
+                b = free_bufs.back();
+                free_bufs.pop_back();
+                break;
+              }
+              job = ready.front();
+              ready.pop_front();
+            }
+            pack(job);
           }
+          if (stop) break;
           try {
             if (!bufs[b]) bufs[b].reset(new uint16_t[direct_most / 2]);
             p.weights[p.jobs[direct[g]].weight].read_bytes(p.jobs[direct[g]].we, bufs[b].get());
@@ -723,7 +755,6 @@ void execute(MoELayer& L, const Plan& p) {
         }
         cv.notify_all();
       }
-      std::unique_ptr<float[]> none;  // convert_group's scratch, never made for these groups
       for (;;) {
         std::pair<int64_t, size_t> job;
         {
@@ -733,17 +764,7 @@ void execute(MoELayer& L, const Plan& p) {
           job = ready.front();
           ready.pop_front();
         }
-        try {
-          convert_group(direct[job.first], bufs[job.second].get(), none);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mu);
-          fail();
-        }
-        {
-          std::lock_guard<std::mutex> lock(mu);
-          free_bufs.push_back(job.second);
-        }
-        cv.notify_all();
+        pack(job);
       }
     }
   }
