@@ -20,8 +20,9 @@ one mapping of each family, tested against ``transformers`` (tests/python/test_p
 The new module keeps the block's train/eval mode and holds fp32 masters, so training the
 replaced model trains the library's parameters. It has no noise, no capacity limit and no
 auxiliary loss: these models add their router loss at the model level from recorded router
-logits, which the replaced blocks do not record (train with ``output_router_logits=False``,
-their default). The DeepSeek-V3 ``e_score_correction_bias`` is held as the layer's
+logits, which the replaced blocks do not record: ``output_router_logits=True``, in the config
+or in a forward call, is refused by name (train with ``output_router_logits=False``, their
+default). The DeepSeek-V3 ``e_score_correction_bias`` is held as the layer's
 ``expert_bias`` (a buffer in ``transformers`` too; nothing updates it). GPT-OSS's block
 returns ``(hidden_states, router_scores)`` and its decoder layer drops the second item: the
 replacement returns ``(hidden_states, None)``.
@@ -105,6 +106,21 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
     return out
 
 
+def _refuse_router_logits(module: nn.Module, args, kwargs):
+    """Forward pre-hook of the model: the replaced blocks record no router logits, so a
+    forward asking for them (and for the router loss made from them) is refused by name
+    rather than left to fail inside transformers."""
+    asked = kwargs.get("output_router_logits")
+    if asked is None:
+        asked = getattr(module.config, "output_router_logits", False)
+    if asked:
+        raise ValueError(f"{module.config.model_type}: output_router_logits=True is not "
+                         f"supported after moe.hf.replace_moe_blocks (the libmoe blocks do not "
+                         f"record router logits, so no router loss can be made from them); "
+                         f"pass output_router_logits=False or set "
+                         f"config.output_router_logits = False")
+
+
 def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
     """Replaces every MoE block of ``model`` (a ``transformers`` model of one of FAMILIES)
     with a ``moe.torch.MoE`` holding the same weights, built by the pretrained loader;
@@ -130,4 +146,9 @@ def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    from transformers import PreTrainedModel
+    for mod in model.modules():  # the model and its inner base model (model.model)
+        if isinstance(mod, PreTrainedModel) and not getattr(mod, "_moe_hf_hooked", False):
+            mod.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
+            mod._moe_hf_hooked = True
     return len(built)
