@@ -42,6 +42,7 @@ import tempfile
 import torch
 from torch import nn
 
+from . import _moe
 from . import torch as moe_torch
 
 __all__ = ["replace_moe_blocks", "FAMILIES"]
@@ -101,7 +102,10 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config_json)
         cls = _TupleMoE if model_type in _TUPLE_OUTPUT else moe_torch.MoE
-        out = cls.from_pretrained(tmp, layer, precision=precision, masters=True)
+        try:
+            out = cls.from_pretrained(tmp, layer, precision=precision, masters=True)
+        except ValueError as e:  # moe.Error names the temporary folder: name the block
+            raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
     out.train(block.training)
     return out
 

@@ -142,7 +142,8 @@ def test_quantised_in_memory_experts_are_refused_and_nothing_is_replaced():
 
 def test_loader_errors_name_the_family():
     model = tiny("qwen3_moe", hidden_act="gelu")
-    with pytest.raises(ValueError, match="hidden_act"):
+    with pytest.raises(ValueError, match=r"qwen3_moe: MoE block 'model\.layers\.0\.mlp': "
+                                         r".*hidden_act"):
         moe.hf.replace_moe_blocks(model)
 
 
