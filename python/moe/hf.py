@@ -5,83 +5,154 @@
     moe.hf.replace_moe_blocks(model)          # every MoE block is now a moe.torch.MoE
     logits = model(input_ids).logits          # the same logits, libmoe's kernels underneath
 
-Families whose block maps onto the library as it is today (the expert layout of
-``transformers`` 5: a router ``gate.weight`` (E, d) and fused ``experts.gate_up_proj``
-(E, 2F, d) / ``experts.down_proj`` (E, d, F), SwiGLU experts):
+Families: the eight that ``moe.MoE.from_pretrained`` loads (docs/models.md): ``mixtral``,
+``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``deepseek_v2``, ``deepseek_v3``, ``gpt_oss``,
+``granitemoe``. Each MoE block (a module whose ``experts`` hold ``transformers`` 5's fused
+``gate_up_proj`` / ``down_proj`` and whose router is ``gate`` or ``router``) is written, as
+``transformers`` holds it in memory and under the model's own names, to a temporary folder
+with the model's ``config.json``, and built by ``moe.torch.MoE.from_pretrained(folder, layer,
+precision=precision, masters=True)``: the loader's family table decides the routing (softmax
+or sigmoid scores, group-limited selection, the DeepSeek-V3 selection bias,
+``routed_scaling_factor``, renormalisation), the experts (SwiGLU, GPT-OSS's clamped SwiGLU
+with biases) and the shared experts (their own width, Qwen2-MoE's sigmoid gate), so there is
+one mapping of each family, tested against ``transformers`` (tests/python/test_pretrained_hf.py).
 
-- ``mixtral``: softmax over all experts, top-k, renormalised;
-- ``qwen3_moe``, ``olmoe``: the same, renormalised only when ``norm_topk_prob``.
+The new module keeps the block's train/eval mode and holds fp32 masters, so training the
+replaced model trains the library's parameters. It has no noise, no capacity limit and no
+auxiliary loss: these models add their router loss at the model level from recorded router
+logits, which the replaced blocks do not record: ``output_router_logits=True``, in the config
+or in a forward call, is refused by name (train with ``output_router_logits=False``, their
+default). The DeepSeek-V3 ``e_score_correction_bias`` is held as the layer's
+``expert_bias`` (a buffer in ``transformers`` too; nothing updates it). GPT-OSS's block
+returns ``(hidden_states, router_scores)`` and its decoder layer drops the second item: the
+replacement returns ``(hidden_states, None)``.
 
-Each block becomes a ``moe.torch.MoE`` (router "softmax_topk", swiglu experts, no noise, no
-capacity limit, no auxiliary loss: these models add their router loss at the model level,
-from router logits that the replaced block no longer records) holding the same weights,
-transposed to the library's "in × out" convention. Training the replaced model trains the
-library's parameters. Other families (shared experts of their own width, sigmoid routers,
-quantised experts) are refused by name: they need the loader of docs/spec.md §7.
+Refused by name (``ValueError``): other model types, a model without MoE blocks,
+``router_jitter_noise > 0``, experts held quantised in memory (FP8, MXFP4 modules of
+``transformers``' quantisers: any tensor of the block that is not a float), and whatever the
+loader refuses (``hidden_act`` other than silu, shapes).
 """
 from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
 
 import torch
 from torch import nn
 
+from . import _moe
 from . import torch as moe_torch
 
 __all__ = ["replace_moe_blocks", "FAMILIES"]
 
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "gpt_oss", "granitemoe")
+
+# Families whose decoder layer unpacks the MoE block's output as (hidden_states, extra).
+_TUPLE_OUTPUT = ("gpt_oss",)
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _renormalize(model_type: str, config) -> bool:
-    if model_type == "mixtral":
-        return True
-    return bool(getattr(config, "norm_topk_prob", False))
+class _TupleMoE(moe_torch.MoE):
+    """A moe.torch.MoE returning (y, None), for decoder layers that unpack two values
+    (GPT-OSS: ``hidden_states, _ = self.mlp(hidden_states)``)."""
+
+    def forward(self, x: torch.Tensor):
+        return super().forward(x), None
 
 
-def _convert(block: nn.Module, model_type: str, config, precision: str) -> nn.Module:
-    gate, experts = block.gate, block.experts
-    W_g = gate.weight.detach()  # (E, d)
-    E, d = W_g.shape
-    gate_up = experts.gate_up_proj.detach()  # (E, 2F, d): gate rows first, then up rows
-    down = experts.down_proj.detach()        # (E, d, F)
-    F = down.shape[-1]
-    if gate_up.shape != (E, 2 * F, d):
-        raise ValueError(f"{model_type}: experts.gate_up_proj has shape {tuple(gate_up.shape)}, "
-                         f"expected {(E, 2 * F, d)}")
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{model_type}: hidden_act '{act}' is not supported (libmoe's swiglu "
-                         f"experts use silu)")
-    if getattr(config, "router_jitter_noise", 0.0):
-        raise ValueError(f"{model_type}: router_jitter_noise = {config.router_jitter_noise} is "
-                         f"not supported (it scales the experts' input too)")
-    m = moe_torch.MoE(d, E, int(gate.top_k), expert="swiglu", d_ff=F, noise="none",
-                      aux_alpha=0.0, z_alpha=0.0, router="softmax_topk",
-                      renormalize=_renormalize(model_type, config), capacity_factor=None,
-                      precision=precision)
-    with torch.no_grad():
-        m.W_g.copy_(W_g.t())
-        m.W1.copy_(gate_up[:, :F, :].transpose(1, 2))
-        m.W3.copy_(gate_up[:, F:, :].transpose(1, 2))
-        m.W2.copy_(down.transpose(1, 2))
-    m.train(block.training)
-    return m
+def _is_block(mod: nn.Module) -> bool:
+    experts = getattr(mod, "experts", None)
+    return (isinstance(experts, nn.Module) and hasattr(experts, "gate_up_proj")
+            and (hasattr(mod, "gate") or hasattr(mod, "router")))
+
+
+def _config_json(config) -> str:
+    c = json.loads(config.to_json_string(use_diff=False))
+    # The in-memory tensors written are floats (quantised ones are refused): the folder must
+    # not tell the loader to expect FP8 scales or MXFP4 blocks.
+    c.pop("quantization_config", None)
+    return json.dumps(c)
+
+
+def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
+             precision: str) -> nn.Module:
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.[^.]+$", name)
+    if m is None:
+        raise ValueError(f"{model_type}: MoE block '{name}' is not named "
+                         f"'...layers.<N>.<block>'; cannot tell its layer")
+    layer = int(m.group(1))
+    tensors = {}
+    for key, t in block.state_dict().items():
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{model_type}: MoE block '{name}': tensor '{key}' is held as "
+                             f"{t.dtype}; quantised in-memory experts are not supported "
+                             f"(load the model dequantised, or load the folder with "
+                             f"moe.MoE.from_pretrained)")
+        if t.device.type != "cpu":
+            raise ValueError(f"{model_type}: MoE block '{name}': tensor '{key}' is on "
+                             f"{t.device}; libmoe runs on the CPU")
+        tensors[f"{name}.{key}"] = t.detach().contiguous()
+    from safetensors.torch import save_file
+    with tempfile.TemporaryDirectory(prefix="moe_hf_") as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(config_json)
+        cls = _TupleMoE if model_type in _TUPLE_OUTPUT else moe_torch.MoE
+        try:
+            out = cls.from_pretrained(tmp, layer, precision=precision, masters=True)
+        except ValueError as e:  # moe.Error names the temporary folder: name the block
+            raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
+    out.train(block.training)
+    return out
+
+
+def _refuse_router_logits(module: nn.Module, args, kwargs):
+    """Forward pre-hook of the model: the replaced blocks record no router logits, so a
+    forward asking for them (and for the router loss made from them) is refused by name
+    rather than left to fail inside transformers."""
+    asked = kwargs.get("output_router_logits")
+    if asked is None:
+        asked = getattr(module.config, "output_router_logits", False)
+    if asked:
+        raise ValueError(f"{module.config.model_type}: output_router_logits=True is not "
+                         f"supported after moe.hf.replace_moe_blocks (the libmoe blocks do not "
+                         f"record router logits, so no router loss can be made from them); "
+                         f"pass output_router_logits=False or set "
+                         f"config.output_router_logits = False")
 
 
 def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
     """Replaces every MoE block of ``model`` (a ``transformers`` model of one of FAMILIES)
-    with a ``moe.torch.MoE`` holding the same weights; returns how many were replaced."""
+    with a ``moe.torch.MoE`` holding the same weights, built by the pretrained loader;
+    returns how many were replaced."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"model_type '{model_type}': not one of the families this drop-in "
                          f"supports ({', '.join(FAMILIES)})")
-    blocks = [(name, mod) for name, mod in model.named_modules()
-              if hasattr(mod, "gate") and hasattr(mod, "experts")
-              and hasattr(getattr(mod, "experts"), "gate_up_proj")]
-    for name, block in blocks:
+    jitter = getattr(config, "router_jitter_noise", 0.0)
+    if jitter:
+        raise ValueError(f"{model_type}: router_jitter_noise = {jitter} is not supported (it "
+                         f"scales the experts' input too)")
+    blocks = [(name, mod) for name, mod in model.named_modules() if _is_block(mod)]
+    if not blocks:
+        raise ValueError(f"{model_type}: no MoE block (a router 'gate' or 'router' and "
+                         f"experts.gate_up_proj) found")
+    config_json = _config_json(config)
+    # Every block is built before any is replaced: an error leaves the model as it was.
+    built = [(name, _convert(name, block, model_type, config_json, precision))
+             for name, block in blocks]
+    for name, new in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _convert(block, model_type, config, precision))
-    if not blocks:
-        raise ValueError(f"{model_type}: no MoE block (gate + experts.gate_up_proj) found")
-    return len(blocks)
+        setattr(parent, child, new)
+    from transformers import PreTrainedModel
+    for mod in model.modules():  # the model and its inner base model (model.model)
+        if isinstance(mod, PreTrainedModel) and not getattr(mod, "_moe_hf_hooked", False):
+            mod.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
+            mod._moe_hf_hooked = True
+    return len(built)
