@@ -72,7 +72,7 @@ void save_checkpoint(const MoELayer& layer, const std::string& path,
       params.emplace_back(name, &layer.param(name));
   } else {
     const std::vector<detail::ParamSpec> specs = detail::parameter_specs(layer.config());
-    held.reserve(specs.size());
+    held.reserve(specs.size());  // params points into it: no reallocation
     for (const auto& spec : specs) {
       if (!int8_matrix(spec.name)) {
         params.emplace_back(spec.name, &layer.param(spec.name));

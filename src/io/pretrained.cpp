@@ -595,7 +595,7 @@ void execute(MoELayer& L, const Plan& p) {
   // bf16 values of a bf16_direct group, packed as they are).
   const auto convert_group = [&](size_t first, const uint16_t* bytes,
                                  std::unique_ptr<float[]>& scratch) {
-    for (size_t i = first; i < group_end(first); ++i) {
+    for (size_t i = first, end = group_end(first); i < end; ++i) {
       const Job& j = p.jobs[i];
       const StoredWeight& w = p.weights[j.weight];
       if (masters) {  // straight into the master

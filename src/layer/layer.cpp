@@ -240,16 +240,24 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
   }
 }
 
-// The spec of expert matrix `name` (W1, W2, W3, Ws1, Ws2, Ws3) of a layer with cfg, checked
-// with expert e and a source pointer: what both set_expert_matrix forms require.
-static const detail::ParamSpec& expert_matrix_spec(const std::vector<detail::ParamSpec>& specs,
-                                                   const std::string& name, int64_t e,
-                                                   const void* src) {
+// The spec of expert matrix `name` (W1, W2, W3, Ws1, Ws2, Ws3) of a layer with cfg; `who`
+// names the caller in the error.
+static const detail::ParamSpec& find_expert_matrix(const std::vector<detail::ParamSpec>& specs,
+                                                   const std::string& name, const char* who) {
   const detail::ParamSpec* spec = nullptr;
   for (const auto& p : specs)
     if (p.name == name) spec = &p;
-  MOE_REQUIRE(expert_matrix_slot(name) != 0 && spec != nullptr, "set_expert_matrix: '", name,
+  MOE_REQUIRE(expert_matrix_slot(name) != 0 && spec != nullptr, who, ": '", name,
               "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
+  return *spec;
+}
+
+// The same, checked with expert e and a source pointer: what both set_expert_matrix forms
+// require.
+static const detail::ParamSpec& expert_matrix_spec(const std::vector<detail::ParamSpec>& specs,
+                                                   const std::string& name, int64_t e,
+                                                   const void* src) {
+  const detail::ParamSpec* spec = &find_expert_matrix(specs, name, "set_expert_matrix");
   MOE_REQUIRE(e >= 0 && e < spec->shape[0], "set_expert_matrix: expert ", e, " of ", name,
               " out of range 0..", spec->shape[0] - 1);
   MOE_REQUIRE(src != nullptr, "set_expert_matrix: src is null");
@@ -302,11 +310,7 @@ Tensor MoELayer::expert_matrix(const std::string& name) const {
   const Impl& m = *impl_;
   const int slot = expert_matrix_slot(name);
   const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
-  const detail::ParamSpec* spec = nullptr;
-  for (const auto& p : specs)
-    if (p.name == name) spec = &p;
-  MOE_REQUIRE(slot != 0 && spec != nullptr, "expert_matrix: '", name,
-              "' is not an expert matrix of this layer (W1, W2, W3, Ws1, Ws2, Ws3 as the kind has)");
+  const detail::ParamSpec* spec = &find_expert_matrix(specs, name, "expert_matrix");
   if (m.masters) return param(name);
   Tensor out(spec->shape);
   const int64_t E = spec->shape[0], K = spec->shape[1], N = spec->shape[2];
