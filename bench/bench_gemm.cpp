@@ -80,6 +80,19 @@ void gemm_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_sgemm_dnnl)->Apply(gemm_shapes);
 BENCHMARK(BM_sgemm_blocked)->Apply(gemm_shapes);
 
+// The tiles of E problems of `rows` rows and N columns: at most tm rows x tn columns each.
+struct Tile {
+  int64_t e, m0, m, n0, n;
+};
+std::vector<Tile> tiles_of(int64_t E, int64_t rows, int64_t N, int64_t tm, int64_t tn) {
+  std::vector<Tile> tiles;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t m0 = 0; m0 < rows; m0 += tm)
+      for (int64_t n0 = 0; n0 < N; n0 += tn)
+        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  return tiles;
+}
+
 // The layer's expert GEMMs as it runs them (experts/grouped_gemm.cpp): E problems
 // [rows, K] x [K, N] cut into fixed tiles of tile_m x tile_n outputs, one serial sgemm per
 // tile over the full K, tiles spread over the OpenMP threads. Args: E, rows per expert, N, K,
@@ -89,14 +102,7 @@ void BM_grouped_tiles(benchmark::State& state) {
                 tm = state.range(4), tn = state.range(5);
   Operands op(E * rows, N, K);
   std::vector<float> W(static_cast<size_t>(E * K * N), 0.25f);
-  struct Tile {
-    int64_t e, m0, m, n0, n;
-  };
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t m0 = 0; m0 < rows; m0 += tm)
-      for (int64_t n0 = 0; n0 < N; n0 += tn)
-        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  const std::vector<Tile> tiles = tiles_of(E, rows, N, tm, tn);
   const auto n_tiles = static_cast<int64_t>(tiles.size());
   for (auto _ : state) {
 #pragma omp parallel for schedule(dynamic, 1)
@@ -147,14 +153,7 @@ void BM_grouped_bf16(benchmark::State& state) {
       moe::detail::to_bf16_n(W.data() + e * wsize, Wf.data(), K * N);
   }
   std::vector<float> C(static_cast<size_t>(E * rows * N));
-  struct Tile {
-    int64_t e, m0, m, n0, n;
-  };
-  std::vector<Tile> tiles;
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t m0 = 0; m0 < rows; m0 += tm)
-      for (int64_t n0 = 0; n0 < N; n0 += tn)
-        tiles.push_back({e, m0, std::min(tm, rows - m0), n0, std::min(tn, N - n0)});
+  const std::vector<Tile> tiles = tiles_of(E, rows, N, tm, tn);
   const auto n_tiles = static_cast<int64_t>(tiles.size());
   for (auto _ : state) {
 #pragma omp parallel for schedule(dynamic, 1)

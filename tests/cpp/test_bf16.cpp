@@ -27,22 +27,7 @@ using moe::MoEConfig;
 using moe::MoELayer;
 using moe::Precision;
 using moe_test::Rng;
-
-// max |got - want| / max |want|, and the zero-trust guard: want must not be all zeros.
-template <typename A, typename B>
-double rel_max_err(const std::vector<A>& got, const std::vector<B>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
-    EXPECT_TRUE(std::isfinite(g)) << "entry " << i << " is " << g;
-    num = std::max(num, std::abs(g - w));
-    den = std::max(den, std::abs(w));
-  }
-  if (got.empty()) return 0.0;
-  EXPECT_GT(den, 0.0) << "the reference is all zeros";
-  return den > 0.0 ? num / den : num;
-}
+using moe_test::rel_max_err;
 
 uint32_t bits(float f) {
   uint32_t u;
@@ -330,25 +315,15 @@ void check_oracle(const moe_test::Case& cs, int64_t T, int64_t d, int64_t E, int
   opt.step = 2;
   const Bf16Run f = run(L, x, dy, T, opt);
 
-  using Ref = moe::detail::RefParams<double>;
-  const Ref p = Ref::from(L);
-  moe::detail::RefSaved<double> sv;
-  std::vector<double> yr, dxr;
-  const auto xd = moe_test::convert<double>(x);
-  const auto eps = moe_test::convert<double>(L.routing().eps);
-  moe::detail::layer_forward_ref<double>(yr, sv, xd.data(), p, cfg, T, true,
-                                         eps.empty() ? nullptr : eps.data());
-  ASSERT_EQ(L.routing().indices, sv.indices);
-  const double ey = rel_max_err(f.y, yr);
+  moe_test::RefRun r;
+  ASSERT_NO_FATAL_FAILURE(moe_test::run_reference(r, L, x, dy, T));
+  const double ey = rel_max_err(f.y, r.y);
   EXPECT_LE(ey, 1e-3) << "y";
   worst_y = std::max(worst_y, ey);
-  Ref g = Ref::zeros_like(L);
-  const auto dyd = moe_test::convert<double>(dy);
-  moe::detail::layer_backward_ref<double>(dxr, g, dyd.data(), sv, p, cfg);
-  EXPECT_LE(rel_max_err(f.dx, dxr), 5e-3) << "dx";
+  EXPECT_LE(rel_max_err(f.dx, r.dx), 5e-3) << "dx";
   const auto names = L.parameter_names();
   for (size_t i = 0; i < names.size(); ++i) {
-    const auto& want = g.get(names[i]);
+    const auto& want = r.grads.get(names[i]);
     if (std::all_of(want.begin(), want.end(), [](double v) { return v == 0.0; })) continue;
     const double eg = rel_max_err(f.grads[i], want);
     EXPECT_LE(eg, 5e-3) << "d" << names[i];

@@ -10,6 +10,7 @@
 #include "moe/layer.hpp"
 #include "moe/optim.hpp"
 #include "test_checkpoint_util.hpp"
+#include "test_layer_util.hpp"
 
 namespace {
 
@@ -17,6 +18,7 @@ using moe::MoEConfig;
 using moe::MoELayer;
 using moe::Tensor;
 using moe_test::ScratchDir;
+using moe_test::eval_forward;
 using moe_test::throws_error_with;
 
 MoEConfig small_config(moe::ExpertKind kind, uint64_t seed) {
@@ -51,14 +53,6 @@ void expect_same_params(const MoELayer& a, const MoELayer& b) {
     ASSERT_EQ(x.data.size(), y.data.size()) << n;
     EXPECT_EQ(0, std::memcmp(x.data.data(), y.data.data(), x.data.size() * sizeof(float))) << n;
   }
-}
-
-std::vector<float> eval_forward(MoELayer& layer, const std::vector<float>& x, int64_t T) {
-  std::vector<float> y(static_cast<size_t>(T * layer.config().out_dim()));
-  moe::ForwardOptions opt;
-  opt.training = false;
-  layer.forward(y.data(), x.data(), T, opt);
-  return y;
 }
 
 }  // namespace

@@ -187,22 +187,13 @@ TEST(LayerFastVsRef, BackwardEveryConfiguration) {
       opt.step = 1;
       const FastRun f = run_fast(L, x, dy, T, opt);
 
-      const Ref p = Ref::from(L);
-      Saved sv;
-      std::vector<double> yr, dxr;
-      const auto xd = moe_test::convert<double>(x);
-      const auto eps = moe_test::convert<double>(L.routing().eps);
-      moe::detail::layer_forward_ref<double>(yr, sv, xd.data(), p, cfg, T, true,
-                                             eps.empty() ? nullptr : eps.data());
-      ASSERT_EQ(L.routing().indices, sv.indices);
-      Ref g = Ref::zeros_like(L);
-      const auto dyd = moe_test::convert<double>(dy);
-      moe::detail::layer_backward_ref<double>(dxr, g, dyd.data(), sv, p, cfg);
+      moe_test::RefRun r;
+      ASSERT_NO_FATAL_FAILURE(moe_test::run_reference(r, L, x, dy, T));
       const double guard = T == 1 ? 0.0 : 0.2;
-      moe_test::expect_close(f.dx, dxr, 3e-5 * (1 + max_abs(dxr)), 3e-4, "dx", guard);
+      moe_test::expect_close(f.dx, r.dx, 3e-5 * (1 + max_abs(r.dx)), 3e-4, "dx", guard);
       const auto names = L.parameter_names();
       for (size_t i = 0; i < names.size(); ++i) {
-        const auto& want = g.get(names[i]);
+        const auto& want = r.grads.get(names[i]);
         // Experts that got no rows have zero gradients by design: the guard is loose here.
         moe_test::expect_close(f.grads[i], want, 3e-5 * (1 + max_abs(want)), 3e-4,
                                "d" + names[i], 0.0);

@@ -31,31 +31,8 @@ using moe::MoEConfig;
 using moe::MoELayer;
 using moe::Precision;
 using moe_test::Rng;
-
-// ‖got − want‖ / ‖want‖ (Frobenius), with the zero-trust guard and NaN/Inf failing.
-template <typename A, typename B>
-double rel_fro(const std::vector<A>& got, const std::vector<B>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double num = 0.0, den = 0.0;
-  size_t nonzero = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
-    EXPECT_TRUE(std::isfinite(g)) << "entry " << i << " is " << g;
-    num += (g - w) * (g - w);
-    den += w * w;
-    nonzero += w != 0.0;
-  }
-  EXPECT_GT(nonzero, want.size() / 2) << "the reference is mostly zeros";
-  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-std::vector<float> forward(MoELayer& L, const std::vector<float>& x, int64_t T) {
-  std::vector<float> y(static_cast<size_t>(T * L.config().out_dim()));
-  moe::ForwardOptions opt;
-  opt.training = false;
-  L.forward(y.data(), x.data(), T, opt);
-  return y;
-}
+using moe_test::eval_forward;
+using moe_test::rel_fro;
 
 // The fp32 layer and its int8 twin with the same parameters.
 struct Pair {
@@ -165,8 +142,8 @@ TEST(LayerInt8, MatchesTheQuantizedOracleAndFp32) {
     Pair p = make_pair(cfg, 600 + n);
     Rng rng(700 + n);
     const auto x = rng.vec(T * d, 1.0);
-    const auto y32 = forward(p.f32, x, T);
-    const auto y8 = forward(p.i8, x, T);
+    const auto y32 = eval_forward(p.f32, x, T);
+    const auto y8 = eval_forward(p.i8, x, T);
     ASSERT_EQ(p.f32.routing().indices, p.i8.routing().indices) << "the router is fp32 in both";
 
     using Ref = moe::detail::RefParams<double>;
@@ -233,8 +210,8 @@ TEST(LayerInt8, SharedExpertsRouterFamilyAndExpertChoice) {
     const int64_t T = 24;
     Rng rng(900 + i);
     const auto x = rng.vec(T * c32.d_model, 1.0);
-    const auto y32 = forward(p.f32, x, T);
-    const auto y8 = forward(p.i8, x, T);
+    const auto y32 = eval_forward(p.f32, x, T);
+    const auto y8 = eval_forward(p.i8, x, T);
     const MoEConfig& c8 = p.i8.config();
     using Ref = moe::detail::RefParams<double>;
     std::vector<double> yr;
@@ -296,9 +273,9 @@ TEST(LayerInt8, CopiesFollowTheMastersAndAssignMatchesPrepare) {
   const int64_t T = 9;
   Rng rng(6);
   const auto x = rng.vec(T * 24, 1.0);
-  const auto before = forward(p.i8, x, T);
+  const auto before = eval_forward(p.i8, x, T);
   for (float& v : p.i8.param("W2").data) v *= -2.0f;
-  const auto after = forward(p.i8, x, T);
+  const auto after = eval_forward(p.i8, x, T);
   std::vector<double> yr;
   moe::detail::RefSaved<double> sv;
   const auto xd = moe_test::convert<double>(x);
@@ -378,7 +355,7 @@ TEST(LayerInt8, CheckpointHoldsI8WeightsAndScales) {
   const int64_t T = 7;
   Rng rng(9);
   const auto x = rng.vec(T * 20, 1.0);
-  const auto y0 = forward(p.i8, x, T), y1 = forward(back, x, T);
+  const auto y0 = eval_forward(p.i8, x, T), y1 = eval_forward(back, x, T);
   EXPECT_LE(rel_fro(y1, y0), 1e-6);
   try {
     moe::load_checkpoint(p.f32, path);
@@ -407,12 +384,12 @@ TEST(LayerInt8, OneAndTwoThreadsBitIdentical) {
   const auto x = rng.vec(T * 256, 1.0);
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
-  const auto y1 = forward(p.i8, x, T);
+  const auto y1 = eval_forward(p.i8, x, T);
   omp_set_num_threads(2);
-  const auto y2 = forward(p.i8, x, T);
+  const auto y2 = eval_forward(p.i8, x, T);
   omp_set_num_threads(saved);
   EXPECT_EQ(y1, y2);
-  EXPECT_LE(rel_fro(y1, forward(p.f32, x, T)), 2e-2);
+  EXPECT_LE(rel_fro(y1, eval_forward(p.f32, x, T)), 2e-2);
 }
 
 // Held memory: after drop_masters() an int8 layer holds its expert matrices only as int8
@@ -447,14 +424,14 @@ TEST(LayerInt8, WithoutMastersHoldsOnlyInt8BytesAndScales) {
   moe_test::randomize(L, rng);
   std::vector<std::vector<float>> mats;  // the expert matrices, for the lean layer below
   for (const char* n : {"W1", "W2", "W3", "Ws1", "Ws2", "Ws3"}) mats.push_back(L.param(n).data);
-  const auto y0 = forward(L, x, T);
+  const auto y0 = eval_forward(L, x, T);
   const int64_t before = heap();
   L.drop_masters();
   const int64_t freed = before - heap();
   EXPECT_FALSE(L.holds_masters());
   for (const auto& n : L.parameter_names()) EXPECT_TRUE(n[0] != 'W' || n == "W_g") << n;
   EXPECT_NEAR(static_cast<double>(freed), static_cast<double>(master_bytes), 0.02 * master_bytes);
-  EXPECT_EQ(forward(L, x, T), y0) << "dropping the masters changed the output";
+  EXPECT_EQ(eval_forward(L, x, T), y0) << "dropping the masters changed the output";
 
   const int64_t h0 = heap();
   moe::LayerOptions o;
@@ -469,5 +446,5 @@ TEST(LayerInt8, WithoutMastersHoldsOnlyInt8BytesAndScales) {
     const int64_t E = names[i][1] == 's' ? 1 : 4, per = static_cast<int64_t>(mats[i].size()) / E;
     for (int64_t e = 0; e < E; ++e) lean.set_expert_matrix(names[i], e, mats[i].data() + e * per);
   }
-  EXPECT_EQ(forward(lean, x, T), y0) << "set_expert_matrix gave other int8 weights";
+  EXPECT_EQ(eval_forward(lean, x, T), y0) << "set_expert_matrix gave other int8 weights";
 }

@@ -20,6 +20,7 @@ namespace {
 using moe::LayerOptions;
 using moe::MoEConfig;
 using moe::MoELayer;
+using moe_test::eval_forward;
 
 MoEConfig swiglu_cfg(int64_t shared) {
   MoEConfig c;
@@ -43,15 +44,6 @@ MoEConfig swiglu_cfg(int64_t shared) {
 std::vector<float> random_vec(size_t n, uint64_t seed) {
   moe_test::Rng r(seed);
   return r.vec(static_cast<int64_t>(n), 1.0);
-}
-
-// L's evaluation forward of the T tokens x (d_model = d_out).
-std::vector<float> evaluate(MoELayer& L, const std::vector<float>& x, int64_t T) {
-  std::vector<float> y(x.size());
-  moe::ForwardOptions eval;
-  eval.training = false;
-  L.forward(y.data(), x.data(), T, eval);
-  return y;
 }
 
 // Copies every expert matrix of `from` (with masters) into `to` through set_expert_matrix, and
@@ -84,7 +76,7 @@ TEST(LayerMasters, HeldOnlyEqualsMasters) {
     copy_into(lean, full);
     const int64_t T = 9;
     const auto x = random_vec(static_cast<size_t>(T * c.d_model), 11);
-    const std::vector<float> y1 = evaluate(full, x, T), y2 = evaluate(lean, x, T);
+    const std::vector<float> y1 = eval_forward(full, x, T), y2 = eval_forward(lean, x, T);
     double scale = 0.0;
     for (float v : y1) scale = std::max(scale, std::abs(static_cast<double>(v)));
     ASSERT_GT(scale, 0.1);
@@ -99,16 +91,16 @@ TEST(LayerMasters, DropMastersKeepsTheForward) {
   moe_test::randomize(L, rng);
   const int64_t T = 7;
   const auto x = random_vec(static_cast<size_t>(T * c.d_model), 5);
-  const std::vector<float> y1 = evaluate(L, x, T);
+  const std::vector<float> y1 = eval_forward(L, x, T);
   L.drop_masters();
   EXPECT_FALSE(L.holds_masters());
   L.weights_changed();  // must not throw the copies away
-  EXPECT_EQ(evaluate(L, x, T), y1);
+  EXPECT_EQ(eval_forward(L, x, T), y1);
   // A routed matrix written afterwards changes the output.
   std::vector<float> z(static_cast<size_t>(c.d_ff * c.d_model), 0.0f);
   for (int64_t e = 0; e < c.n_experts; ++e) L.set_expert_matrix("W2", e, z.data());
   L.set_expert_matrix("Ws2", 0, z.data());
-  for (float v : evaluate(L, x, T)) EXPECT_EQ(v, 0.0f);
+  for (float v : eval_forward(L, x, T)) EXPECT_EQ(v, 0.0f);
 }
 
 // expert_matrix of a layer without masters gives the held bf16 values (the masters rounded),
@@ -131,7 +123,7 @@ TEST(LayerMasters, ExpertMatrixAndCheckpointWithoutMasters) {
   EXPECT_EQ(back.param("W2").data, held.data);
   const int64_t T = 6;
   const auto x = random_vec(static_cast<size_t>(T * c.d_model), 4);
-  EXPECT_EQ(evaluate(back, x, T), evaluate(L, x, T));
+  EXPECT_EQ(eval_forward(back, x, T), eval_forward(L, x, T));
   EXPECT_THROW(L.expert_matrix("b_g"), moe::Error);
 }
 

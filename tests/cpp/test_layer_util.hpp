@@ -4,6 +4,7 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -77,6 +78,71 @@ void expect_close(const std::vector<A>& got, const std::vector<B>& want, double 
         << what << ": only " << nonzero << " of " << got.size()
         << " reference entries are non-zero (zero-trust)";
   }
+}
+
+// max |got - want| / max |want|, nothing non-finite; want must not be all zeros.
+template <typename A, typename B>
+double rel_max_err(const std::vector<A>& got, const std::vector<B>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
+    EXPECT_TRUE(std::isfinite(g)) << "entry " << i << " is " << g;
+    num = std::max(num, std::abs(g - w));
+    den = std::max(den, std::abs(w));
+  }
+  if (got.empty()) return 0.0;
+  EXPECT_GT(den, 0.0) << "the reference is all zeros";
+  return den > 0.0 ? num / den : num;
+}
+
+// ‖got − want‖ / ‖want‖ (Frobenius), nothing non-finite; most of want must be non-zero.
+template <typename A, typename B>
+double rel_fro(const std::vector<A>& got, const std::vector<B>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0.0, den = 0.0;
+  size_t nonzero = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
+    EXPECT_TRUE(std::isfinite(g)) << "entry " << i << " is " << g;
+    num += (g - w) * (g - w);
+    den += w * w;
+    nonzero += w != 0.0;
+  }
+  EXPECT_GT(nonzero, want.size() / 2) << "the reference is mostly zeros";
+  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The layer's evaluation forward of the T tokens x.
+inline std::vector<float> eval_forward(moe::MoELayer& layer, const std::vector<float>& x,
+                                       int64_t T) {
+  std::vector<float> y(static_cast<size_t>(T * layer.config().out_dim()));
+  moe::ForwardOptions opt;
+  opt.training = false;
+  layer.forward(y.data(), x.data(), T, opt);
+  return y;
+}
+
+// The float64 reference twin on the layer's parameters: the forward of x with the routing
+// noise ε the layer's last forward drew (which must route as the layer did), then the
+// backward of dy. Call under ASSERT_NO_FATAL_FAILURE.
+struct RefRun {
+  std::vector<double> y, dx;
+  moe::detail::RefParams<double> grads;  // named as the layer's parameters
+};
+inline void run_reference(RefRun& r, const moe::MoELayer& L, const std::vector<float>& x,
+                          const std::vector<float>& dy, int64_t T) {
+  using Ref = moe::detail::RefParams<double>;
+  const Ref p = Ref::from(L);
+  moe::detail::RefSaved<double> sv;
+  const auto xd = convert<double>(x);
+  const auto eps = convert<double>(L.routing().eps);
+  moe::detail::layer_forward_ref<double>(r.y, sv, xd.data(), p, L.config(), T, true,
+                                         eps.empty() ? nullptr : eps.data());
+  ASSERT_EQ(L.routing().indices, sv.indices) << "the twin routed otherwise";
+  r.grads = Ref::zeros_like(L);
+  const auto dyd = convert<double>(dy);
+  moe::detail::layer_backward_ref<double>(r.dx, r.grads, dyd.data(), sv, p, L.config());
 }
 
 // Central differences, step h, of an objective over every entry of v, each against the

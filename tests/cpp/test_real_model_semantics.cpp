@@ -21,6 +21,7 @@ using moe::MoEConfig;
 using moe::MoELayer;
 using moe::Precision;
 using moe_test::Rng;
+using moe_test::rel_max_err;
 using Ref = moe::detail::RefParams<double>;
 using Saved = moe::detail::RefSaved<double>;
 
@@ -33,22 +34,6 @@ std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "(no error)";
-}
-
-// max |got - want| / max |want|; want must not be all zeros.
-template <typename A, typename B>
-double rel_max_err(const std::vector<A>& got, const std::vector<B>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    const double g = static_cast<double>(got[i]), w = static_cast<double>(want[i]);
-    EXPECT_TRUE(std::isfinite(g)) << "entry " << i << " is " << g;
-    num = std::max(num, std::abs(g - w));
-    den = std::max(den, std::abs(w));
-  }
-  if (got.empty()) return 0.0;
-  EXPECT_GT(den, 0.0) << "the reference is all zeros";
-  return den > 0.0 ? num / den : num;
 }
 
 MoEConfig base_config(ExpertKind kind, uint64_t seed) {

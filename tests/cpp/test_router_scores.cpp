@@ -651,22 +651,13 @@ TEST(LayerScoresFastVsRef, ScoreFunctionsScalingAndGroups) {
       L.forward(y.data(), x.data(), T);
       L.backward(dx.data(), dy.data());
 
-      using Ref = moe::detail::RefParams<double>;
-      const Ref p = Ref::from(L);
-      moe::detail::RefSaved<double> sv;
-      std::vector<double> yr, dxr;
-      const auto xd = moe_test::convert<double>(x);
-      const auto eps = moe_test::convert<double>(L.routing().eps);
-      moe::detail::layer_forward_ref<double>(yr, sv, xd.data(), p, cfg, T, true,
-                                             eps.empty() ? nullptr : eps.data());
-      ASSERT_EQ(L.routing().indices, sv.indices);
-      moe_test::expect_close(y, yr, 1e-5, 1e-4, "y");
-      Ref g = Ref::zeros_like(L);
-      const auto dyd = moe_test::convert<double>(dy);
-      moe::detail::layer_backward_ref<double>(dxr, g, dyd.data(), sv, p, cfg);
-      moe_test::expect_close(dx, dxr, 3e-5, 3e-4, "dx");
+      moe_test::RefRun r;
+      ASSERT_NO_FATAL_FAILURE(moe_test::run_reference(r, L, x, dy, T));
+      moe_test::expect_close(y, r.y, 1e-5, 1e-4, "y");
+      moe_test::expect_close(dx, r.dx, 3e-5, 3e-4, "dx");
       for (const auto& name : L.parameter_names())
-        moe_test::expect_close(L.grad(name).data, g.get(name), 3e-5, 3e-4, "d" + name, 0.0);
+        moe_test::expect_close(L.grad(name).data, r.grads.get(name), 3e-5, 3e-4, "d" + name,
+                               0.0);
     }
 }
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import moe
+from precision_oracle import CASES, pair, rounded_oracle
 
 
 def bf16(a):
@@ -21,62 +22,17 @@ def bf16(a):
     return u.astype(np.uint32).view(np.float32).astype(np.float64)
 
 
-def act(kind, z):
-    if kind == "relu":
-        return np.maximum(z, 0)
-    if kind == "gelu":
-        from math import erf, sqrt
-        return 0.5 * z * (1 + np.vectorize(erf)(z / sqrt(2)))
-    return z / (1 + np.exp(-z))
-
-
 def oracle(m, x):
     """y from the routing of the last forward, experts in float64 on bf16-rounded inputs."""
-    cfg = m.config
-    r = m.routing
-    idx, w = np.asarray(r.indices), np.asarray(r.weights, dtype=np.float64)
-    y = np.zeros((x.shape[0], m.d_out))
-    for t in range(x.shape[0]):
-        xt = bf16(x[t])
-        for j in range(cfg["k"]):
-            e = idx[t, j]
-            if cfg["expert"] == "linear_relu":
-                z = xt @ bf16(m.W1[e])
-                if cfg["bias"]:
-                    z = z + m.b1[e]
-                out = np.maximum(z, 0)
-            elif cfg["expert"] == "mlp":
-                a1 = xt @ bf16(m.W1[e]) + (m.b1[e] if cfg["bias"] else 0)
-                h = act(cfg["activation"], a1).astype(np.float32)
-                out = bf16(h) @ bf16(m.W2[e]) + (m.b2[e] if cfg["bias"] else 0)
-            else:
-                a1 = xt @ bf16(m.W1[e])
-                a3 = xt @ bf16(m.W3[e])
-                h = (a1 / (1 + np.exp(-a1)) * a3).astype(np.float32)
-                out = bf16(h) @ bf16(m.W2[e])
-            y[t] += w[t, j] * out
-    return y
-
-
-CASES = [("linear_relu", "relu", 5, 1, 7), ("mlp", "relu", 6, 2, 33), ("mlp", "gelu", 4, 2, 65),
-         ("mlp", "silu", 8, 3, 1), ("swiglu", "relu", 3, 2, 70)]
-
-
-def pair(d, E, k, **kw):
-    """The same layer in fp32 and bf16 (same weights)."""
-    m32 = moe.MoE(d, E, k, **kw)
-    m16 = moe.MoE(d, E, k, precision="bf16", **kw)
-    for name, value in m32.parameters().items():
-        setattr(m16, name, value)
-    return m32, m16
+    return rounded_oracle(m, x, bf16, bf16)
 
 
 @pytest.mark.parametrize("expert,activation,E,k,T", CASES)
 def test_bf16_matches_the_rounding_oracle_and_fp32(expert, activation, E, k, T):
     rng = np.random.default_rng(E * 100 + T)
     d, f = 34, 75  # sizes off every vector width
-    m32, m16 = pair(d, E, k, expert=expert, d_ff=f, activation=activation, noise="none",
-                    router_init_std=0.5, seed=E + T)
+    m32, m16 = pair("bf16", d, E, k, expert=expert, d_ff=f, activation=activation,
+                    noise="none", router_init_std=0.5, seed=E + T)
     assert m16.config["precision"] == "bf16" and m32.config["precision"] == "fp32"
     x = rng.standard_normal((T, d)).astype(np.float32)
     y32 = m32.forward(x, training=False)
@@ -94,8 +50,8 @@ def test_bf16_matches_the_rounding_oracle_and_fp32(expert, activation, E, k, T):
 @pytest.mark.parametrize("expert", ["mlp", "swiglu"])
 def test_bf16_gradients_are_close_to_fp32(expert):
     rng = np.random.default_rng(3)
-    m32, m16 = pair(40, 6, 2, expert=expert, d_ff=72, activation="gelu", noise="learned",
-                    router_init_std=0.5, capacity_factor=1.25, seed=4)
+    m32, m16 = pair("bf16", 40, 6, 2, expert=expert, d_ff=72, activation="gelu",
+                    noise="learned", router_init_std=0.5, capacity_factor=1.25, seed=4)
     x = rng.standard_normal((64, 40)).astype(np.float32)
     dy = rng.standard_normal((64, 40)).astype(np.float32)
     for m in (m32, m16):

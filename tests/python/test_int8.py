@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import moe
+from precision_oracle import CASES, pair, rel, rounded_oracle
 
 
 def quantized(v, axis):
@@ -24,65 +25,17 @@ def quantized(v, axis):
     return q.astype(np.float64) * s.astype(np.float64)
 
 
-def act(kind, z):
-    if kind == "relu":
-        return np.maximum(z, 0)
-    if kind == "gelu":
-        from math import erf, sqrt
-        return 0.5 * z * (1 + np.vectorize(erf)(z / sqrt(2)))
-    return z / (1 + np.exp(-z))
-
-
 def oracle(m, x):
     """y from the routing of the last forward, experts on the quantized operands."""
-    cfg = m.config
-    r = m.routing
-    idx, w = np.asarray(r.indices), np.asarray(r.weights, dtype=np.float64)
-    W1 = [quantized(m.W1[e], 0) for e in range(cfg["n_experts"])]
-    W2 = [quantized(m.W2[e], 0) for e in range(cfg["n_experts"])] if cfg["expert"] != "linear_relu" else None
-    W3 = [quantized(m.W3[e], 0) for e in range(cfg["n_experts"])] if cfg["expert"] == "swiglu" else None
-    y = np.zeros((x.shape[0], m.d_out))
-    for t in range(x.shape[0]):
-        xt = quantized(x[t], 0)
-        for j in range(cfg["k"]):
-            e = idx[t, j]
-            if cfg["expert"] == "linear_relu":
-                out = np.maximum(xt @ W1[e] + (m.b1[e] if cfg["bias"] else 0), 0)
-            else:
-                if cfg["expert"] == "mlp":
-                    h = act(cfg["activation"], xt @ W1[e] + (m.b1[e] if cfg["bias"] else 0))
-                else:
-                    a1, a3 = xt @ W1[e], xt @ W3[e]
-                    h = a1 / (1 + np.exp(-a1)) * a3
-                out = quantized(h.astype(np.float32), 0) @ W2[e]
-                out = out + (m.b2[e] if cfg["bias"] and cfg["expert"] == "mlp" else 0)
-            y[t] += w[t, j] * out
-    return y
-
-
-def rel(a, b):
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-CASES = [("linear_relu", "relu", 5, 1, 7), ("mlp", "relu", 6, 2, 33), ("mlp", "gelu", 4, 2, 65),
-         ("mlp", "silu", 8, 3, 1), ("swiglu", "relu", 3, 2, 70)]
-
-
-def pair(d, E, k, **kw):
-    """The same layer in fp32 and int8 (same weights)."""
-    m32 = moe.MoE(d, E, k, **kw)
-    m8 = moe.MoE(d, E, k, precision="int8", **kw)
-    for name, value in m32.parameters().items():
-        setattr(m8, name, value)
-    return m32, m8
+    return rounded_oracle(m, x, lambda W: quantized(W, 0), lambda v: quantized(v, 0))
 
 
 @pytest.mark.parametrize("expert,activation,E,k,T", CASES)
 def test_int8_matches_the_quantized_oracle_and_fp32(expert, activation, E, k, T):
     rng = np.random.default_rng(E * 100 + T)
     d, f = 34, 75  # sizes off every vector width and the kernel's 64-column blocks
-    m32, m8 = pair(d, E, k, expert=expert, d_ff=f, activation=activation, noise="none",
-                   router_init_std=0.5, seed=E + T)
+    m32, m8 = pair("int8", d, E, k, expert=expert, d_ff=f, activation=activation,
+                   noise="none", router_init_std=0.5, seed=E + T)
     assert m8.config["precision"] == "int8"
     x = rng.standard_normal((T, d)).astype(np.float32)
     y32 = m32.forward(x, training=False)
