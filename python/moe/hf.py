@@ -19,10 +19,14 @@ one mapping of each family, tested against ``transformers`` (tests/python/test_p
 
 The new module keeps the block's train/eval mode and holds fp32 masters, so training the
 replaced model trains the library's parameters. It has no noise, no capacity limit and no
-auxiliary loss: these models add their router loss at the model level from recorded router
-logits, which the replaced blocks do not record: ``output_router_logits=True``, in the config
-or in a forward call, is refused by name (train with ``output_router_logits=False``, their
-default). The DeepSeek-V3 ``e_score_correction_bias`` is held as the layer's
+auxiliary loss of its own: these models add their router loss at the model level from the
+router logits ``transformers`` records (``output_router_logits=True``). Each replaced block
+records them as the family's router did: a child module ``router_logits`` (an instance of the
+family's router class, so ``transformers``' output hooks find it, holding no parameters) is
+called with the block's input and its ``W_g`` (and ``b_g``) when hooks are installed on it,
+and returns ``x·W_g (+ b_g)`` at the tuple position the family records; the router loss's
+gradient reaches ``W_g`` through it and adds to the library's own. The DeepSeek-V3
+``e_score_correction_bias`` is held as the layer's
 ``expert_bias`` (a buffer in ``transformers`` too; nothing updates it). GPT-OSS's block
 returns ``(hidden_states, router_scores)`` and its decoder layer drops the second item: the
 replacement returns ``(hidden_states, None)``.
@@ -56,12 +60,78 @@ _TUPLE_OUTPUT = ("gpt_oss",)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class _TupleMoE(moe_torch.MoE):
-    """A moe.torch.MoE returning (y, None), for decoder layers that unpack two values
-    (GPT-OSS: ``hidden_states, _ = self.mlp(hidden_states)``)."""
+# Families whose router returns float32 logits whatever the model's dtype.
+_FLOAT_LOGITS = ("deepseek_v2", "deepseek_v3", "granitemoe")
+
+
+def _recorder_init(self, index: int, float_logits: bool):
+    nn.Module.__init__(self)  # not the router's __init__: no weight of its own
+    self.index = index
+    self.float_logits = float_logits
+
+
+def _recorder_forward(self, x2d, W_g, b_g):
+    logits = torch.nn.functional.linear(x2d.float(), W_g.t(), b_g)
+    if not self.float_logits:
+        logits = logits.to(x2d.dtype)
+    out = [None] * (self.index + 1)
+    out[self.index] = logits
+    return tuple(out)
+
+
+def _recorder_reduce(self, protocol):
+    return (_make_recorder, (type(self).__mro__[1], self.index, self.float_logits),
+            self.__dict__.copy())
+
+
+_RECORDER_CLASSES: dict = {}
+
+
+def _make_recorder(router_cls, index: int, float_logits: bool) -> nn.Module:
+    """A parameterless module of a subclass of the family's router class (transformers'
+    output hooks match by class) returning the logits at the recorded tuple position.
+    Pickled as this call and its state (hooks included), so copies and torch.save need no
+    generated class by name."""
+    cls = _RECORDER_CLASSES.get(router_cls)
+    if cls is None:
+        cls = type(f"{router_cls.__name__}Logits", (router_cls,),
+                   {"__init__": _recorder_init, "forward": _recorder_forward,
+                    "__reduce_ex__": _recorder_reduce, "__module__": __name__})
+        _RECORDER_CLASSES[router_cls] = cls
+    return cls(index, float_logits)
+
+
+class _HFMoE(moe_torch.MoE):
+    """A moe.torch.MoE in a transformers model: records its router logits through its
+    ``router_logits`` child when transformers has hooked it."""
+
+    tuple_output = False
 
     def forward(self, x: torch.Tensor):
-        return super().forward(x), None
+        rec = self._modules.get("router_logits")
+        if rec is not None and rec._forward_hooks:
+            rec(x.reshape(-1, x.shape[-1]), self.W_g, getattr(self, "b_g", None))
+        y = super().forward(x)
+        return (y, None) if self.tuple_output else y
+
+
+class _TupleMoE(_HFMoE):
+    """Returning (y, None), for decoder layers that unpack two values (GPT-OSS:
+    ``hidden_states, _ = self.mlp(hidden_states)``)."""
+
+    tuple_output = True
+
+
+def _router_spec(model: nn.Module):
+    """(router class, tuple index) of transformers' router-logits recorder for this model,
+    or None when this transformers records none (then router logits are refused)."""
+    spec = (getattr(type(model), "_can_record_outputs", None) or {}).get("router_logits")
+    if spec is None:
+        return None
+    if isinstance(spec, type):
+        return spec, 1  # transformers' default index for a bare class
+    cls = getattr(spec, "target_class", None)
+    return (cls, int(getattr(spec, "index", 0))) if isinstance(cls, type) else None
 
 
 def _is_block(mod: nn.Module) -> bool:
@@ -79,7 +149,7 @@ def _config_json(config) -> str:
 
 
 def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
-             precision: str) -> nn.Module:
+             precision: str, router) -> nn.Module:
     m = re.search(r"(?:^|\.)layers\.(\d+)\.[^.]+$", name)
     if m is None:
         raise ValueError(f"{model_type}: MoE block '{name}' is not named "
@@ -101,26 +171,29 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(config_json)
-        cls = _TupleMoE if model_type in _TUPLE_OUTPUT else moe_torch.MoE
+        cls = _TupleMoE if model_type in _TUPLE_OUTPUT else _HFMoE
         try:
             out = cls.from_pretrained(tmp, layer, precision=precision, masters=True)
         except ValueError as e:  # moe.Error names the temporary folder: name the block
             raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
+    if router is not None:
+        out.router_logits = _make_recorder(router[0], router[1], model_type in _FLOAT_LOGITS)
     out.train(block.training)
     return out
 
 
 def _refuse_router_logits(module: nn.Module, args, kwargs):
-    """Forward pre-hook of the model: the replaced blocks record no router logits, so a
-    forward asking for them (and for the router loss made from them) is refused by name
-    rather than left to fail inside transformers."""
+    """Forward pre-hook of the model where this transformers has no router-logits recorder
+    to serve: a forward asking for router logits (and for the router loss made from them) is
+    refused by name rather than left to fail inside transformers."""
     asked = kwargs.get("output_router_logits")
     if asked is None:
         asked = getattr(module.config, "output_router_logits", False)
     if asked:
         raise ValueError(f"{module.config.model_type}: output_router_logits=True is not "
-                         f"supported after moe.hf.replace_moe_blocks (the libmoe blocks do not "
-                         f"record router logits, so no router loss can be made from them); "
+                         f"supported after moe.hf.replace_moe_blocks with this transformers "
+                         f"version (it declares no router-logits recorder for the blocks to "
+                         f"serve, so no router loss can be made); "
                          f"pass output_router_logits=False or set "
                          f"config.output_router_logits = False")
 
@@ -143,16 +216,29 @@ def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
         raise ValueError(f"{model_type}: no MoE block (a router 'gate' or 'router' and "
                          f"experts.gate_up_proj) found")
     config_json = _config_json(config)
+    router = _router_spec(model)
     # Every block is built before any is replaced: an error leaves the model as it was.
-    built = [(name, _convert(name, block, model_type, config_json, precision))
+    built = [(name, _convert(name, block, model_type, config_json, precision, router))
              for name, block in blocks]
     for name, new in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
     from transformers import PreTrainedModel
-    for mod in model.modules():  # the model and its inner base model (model.model)
-        if isinstance(mod, PreTrainedModel) and not getattr(mod, "_moe_hf_hooked", False):
-            mod.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
-            mod._moe_hf_hooked = True
+    if router is None:
+        for mod in model.modules():  # the model and its inner base model (model.model)
+            if isinstance(mod, PreTrainedModel) and not getattr(mod, "_moe_hf_hooked", False):
+                mod.register_forward_pre_hook(_refuse_router_logits, with_kwargs=True)
+                mod._moe_hf_hooked = True
+        return len(built)
+    # transformers hooks the recorders on a model's first forward that asks for an output;
+    # where that forward has run already, the new blocks' recorders are hooked here.
+    for mod in model.modules():
+        if isinstance(mod, PreTrainedModel) and getattr(
+                mod, "_output_capturing_hooks_installed", False):
+            from transformers.utils.output_capturing import install_output_capuring_hook
+            for sub in mod.modules():
+                rec = sub._modules.get("router_logits") if isinstance(sub, _HFMoE) else None
+                if rec is not None and not rec._forward_hooks:
+                    install_output_capuring_hook(rec, "router_logits", router[1])
     return len(built)

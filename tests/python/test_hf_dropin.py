@@ -2,8 +2,10 @@
 pretrained loader: tiny causal LMs built in code (no downloads; the builders of
 test_pretrained_hf.py, random MoE weights of order one so that routing is decided by the
 inputs), their MoE blocks replaced by moe.torch.MoE built from the same weights. The logits
-agree to fp32 rounding, and ten AdamW steps of a causal-LM loss give the same losses."""
+agree to fp32 rounding, the recorded router logits and the router loss too, and ten AdamW
+steps of a causal-LM loss (with and without the router loss) give the same losses."""
 import copy
+import io
 import os
 
 import pytest
@@ -147,32 +149,107 @@ def test_loader_errors_name_the_family():
         moe.hf.replace_moe_blocks(model)
 
 
-def test_router_logits_are_refused_by_name():
-    """The replaced blocks record no router logits: asking for them (per call or in the
-    config) is a clear error, not an IndexError inside transformers."""
+def run_with_router_logits(model, ids):
+    with torch.no_grad():
+        return model(ids, labels=ids, output_router_logits=True)
+
+
+@pytest.mark.parametrize("hooked_before", [False, True], ids=["fresh", "hooked-before"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_logits_and_router_loss_equal(family, hooked_before):
+    """output_router_logits=True: the replaced blocks record, for every MoE layer, the logits
+    the family's router records (the same tuple entry, shape and dtype), and the model's
+    router loss (aux_loss, added to the loss) is the original's. hooked-before: the model
+    ran a forward asking for outputs before the replacement, so transformers had hooked its
+    own routers then and the new blocks are hooked by replace_moe_blocks."""
+    ref = tiny(family).eval()
+    ours = copy.deepcopy(ref)
+    ids = ids_batch(ref)
+    if hooked_before:
+        run_with_router_logits(ours, ids)
+    moe.hf.replace_moe_blocks(ours)
+    a, b = run_with_router_logits(ref, ids), run_with_router_logits(ours, ids)
+    assert len(a.router_logits) == len(b.router_logits) == n_moe_layers(ref)
+    for x, y in zip(a.router_logits, b.router_logits):
+        assert x.shape == y.shape and x.shape[0] == 22 and x.dtype == y.dtype
+        assert (y - x).abs().max() <= 1e-5 * x.abs().max()
+    if family.startswith("deepseek"):  # no router loss in these models
+        assert a.aux_loss is None and b.aux_loss is None
+    else:
+        assert abs(b.aux_loss.item() - a.aux_loss.item()) <= 1e-5 * abs(a.aux_loss.item())
+    assert abs(b.loss.item() - a.loss.item()) <= 1e-5 * abs(a.loss.item())
+    # without output_router_logits nothing is recorded and the logits are the same
+    with torch.no_grad():
+        plain = ours(ids)
+    assert getattr(plain, "router_logits", None) is None
+    assert torch.allclose(plain.logits, b.logits)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("deepseek")])
+def test_adamw_steps_with_the_router_loss_give_the_same_losses(family):
+    """Training with the router loss (output_router_logits=True, a coefficient of 0.5 so that
+    it matters): its gradient reaches the library's W_g through the recorded logits and adds
+    to the library's own, so ten AdamW steps give the original's losses and router losses
+    (eps = 1e-5: see test_ten_adamw_steps_give_the_same_losses)."""
+    ref = tiny(family, output_router_logits=True, router_aux_loss_coef=0.5).train()
+    ours = copy.deepcopy(ref)
+    moe.hf.replace_moe_blocks(ours)
+    ids = ids_batch(ref, (2, 12), seed=2)
+    runs = []
+    for model in (ref, ours):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-5)
+        run = []
+        for _ in range(10):
+            opt.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            run.append((out.loss.item(), out.aux_loss.item()))
+        runs.append(run)
+    for (la, aa), (lb, ab) in zip(*runs):
+        assert abs(la - lb) <= 1e-4 * abs(la) and abs(aa - ab) <= 1e-4 * abs(aa), runs
+    assert runs[0][-1][1] != runs[0][0][1]  # the router loss moved
+
+
+def test_router_logits_refused_without_a_recorder_to_serve(monkeypatch):
+    """A transformers that declares no router-logits recorder (other versions): asking for
+    router logits after the replacement is a clear error, not a failure inside transformers."""
+    monkeypatch.setattr(moe.hf, "_router_spec", lambda model: None)
     model = tiny("mixtral")
     moe.hf.replace_moe_blocks(model)
     ids = ids_batch(model)
     with pytest.raises(ValueError, match="mixtral: output_router_logits=True"):
         model(ids, labels=ids, output_router_logits=True)
-    with pytest.raises(ValueError, match="mixtral: output_router_logits=True"):
-        model.model(ids, output_router_logits=True)
     model.config.output_router_logits = True
     with pytest.raises(ValueError, match="output_router_logits=True"):
-        model(ids)
+        model.model(ids)
     assert model(ids, output_router_logits=False).logits.shape == (2, 11, 64)
-    model.config.output_router_logits = False
-    assert model(ids).logits.shape == (2, 11, 64)
 
 
 def test_replaced_model_copies():
     """copy.deepcopy (and torch.save) of a replaced model: the libmoe blocks, GPT-OSS's
-    tuple-returning one included, rebuild their layers with the same weights."""
+    tuple-returning one included, rebuild their layers with the same weights, and their
+    router-logits recorders (hooks included, for a copy made after a forward hooked them)."""
     model = tiny("gpt_oss").eval()
     moe.hf.replace_moe_blocks(model)
     ids = ids_batch(model)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, twin(ids).logits)
-    with pytest.raises(ValueError, match="gpt_oss: output_router_logits=True"):
-        twin(ids, output_router_logits=True)
+    a, b = run_with_router_logits(model, ids), run_with_router_logits(twin, ids)
+    assert all(torch.equal(x, y) for x, y in zip(a.router_logits, b.router_logits))
+    # a copy made after transformers hooked the recorders records too
+    late = copy.deepcopy(model)
+    c = run_with_router_logits(late, ids)
+    assert len(c.router_logits) == len(a.router_logits)
+    assert all(torch.equal(x, y) for x, y in zip(a.router_logits, c.router_logits))
+    # torch.save of a model no forward has hooked yet
+    fresh = tiny("mixtral").eval()
+    moe.hf.replace_moe_blocks(fresh)
+    buf = io.BytesIO()
+    torch.save(fresh, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    d, e = run_with_router_logits(fresh, ids), run_with_router_logits(back, ids)
+    assert torch.equal(d.logits, e.logits)
+    assert all(torch.equal(x, y) for x, y in zip(d.router_logits, e.router_logits))
