@@ -191,14 +191,19 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       gg.run();
       const float *a1 = acts.a1, *a3 = acts.a3;
       const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-      for (int64_t i = 0; i < R * F; ++i) {
-        const float h =
-            clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
+      const auto store = [hid](int64_t i, float h) {
         if constexpr (bf16)
           hid[i] = to_bf16(h);
         else
           hid[i] = h;
+      };
+      if (clamped) {
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i)
+          store(i, clamped_swiglu_f32(a1[i], a3[i], alpha, limit));
+      } else {
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
+        for (int64_t i = 0; i < R * F; ++i) store(i, silu_f32(a1[i]) * a3[i]);
       }
       add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
                   E, e2);

@@ -363,9 +363,13 @@ void experts_forward_int8(ExpertActs& acts, const float* xg, const ExpertWeights
       const int64_t n = R * s.F;
       const bool clamped = s.kind == ExpertKind::clamped_swiglu;
       const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
-      for (int64_t i = 0; i < n; ++i)
-        hid[i] = clamped ? clamped_swiglu(a1[i], a3[i], alpha, limit) : silu(a1[i]) * a3[i];
+      if (clamped) {
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
+        for (int64_t i = 0; i < n; ++i) hid[i] = clamped_swiglu_f32(a1[i], a3[i], alpha, limit);
+      } else {
+#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
+        for (int64_t i = 0; i < n; ++i) hid[i] = silu_f32(a1[i]) * a3[i];
+      }
       break;
     }
   }
