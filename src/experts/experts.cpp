@@ -129,6 +129,15 @@ void pack_stack(PackedStack& Wp, const float* W, int64_t E, int64_t K, int64_t N
     ExpertWeightsBf16::pack_expert(Wp, e, W + e * K * N, rows, cols, transposed);
 }
 
+// A float as a product operand of type T: itself, or rounded to bf16.
+template <typename T>
+inline T as_operand(float v) {
+  if constexpr (std::is_same_v<T, uint16_t>)
+    return to_bf16(v);
+  else
+    return v;
+}
+
 template <typename T>
 T* grown(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
@@ -191,19 +200,13 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       gg.run();
       const float *a1 = acts.a1, *a3 = acts.a3;
       const float alpha = s.alpha, limit = s.limit;
-      const auto store = [hid](int64_t i, float h) {
-        if constexpr (bf16)
-          hid[i] = to_bf16(h);
-        else
-          hid[i] = h;
-      };
       if (clamped) {
 #pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
         for (int64_t i = 0; i < R * F; ++i)
-          store(i, clamped_swiglu_f32(a1[i], a3[i], alpha, limit));
+          hid[i] = as_operand<T>(clamped_swiglu_f32(a1[i], a3[i], alpha, limit));
       } else {
 #pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) store(i, silu_f32(a1[i]) * a3[i]);
+        for (int64_t i = 0; i < R * F; ++i) hid[i] = as_operand<T>(silu_f32(a1[i]) * a3[i]);
       }
       add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
                   E, e2);
