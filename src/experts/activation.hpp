@@ -84,4 +84,18 @@ inline void clamped_swiglu_grad(S* d1, S* d3, S a1, S a3, S alpha, S limit) {
   *d3 = a3 >= -limit && a3 <= limit ? g * sg : S(0);
 }
 
+// The float forms of the backward's elementwise passes, on sigmoid_f32 like the forward's.
+inline float silu_grad_f32(float z) {
+  const float s = sigmoid_f32(z);
+  return s * (1.0f + z * (1.0f - s));
+}
+inline void clamped_swiglu_grad_f32(float* d1, float* d3, float a1, float a3, float alpha,
+                                    float limit) {
+  const float g = std::min(a1, limit);
+  const float u = std::min(std::max(a3, -limit), limit);
+  const float sg = sigmoid_f32(alpha * g);
+  *d1 = select_f32(a1 <= limit, (u + 1.0f) * sg * (1.0f + alpha * g * (1.0f - sg)), 0.0f);
+  *d3 = select_f32((a3 >= -limit) & (a3 <= limit), g * sg, 0.0f);  // &: no branch
+}
+
 }  // namespace moe::detail

@@ -261,10 +261,10 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
         float* da3 = scr.da3;
         const float* a3 = acts.a3;
         const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
         for (int64_t i = 0; i < R * F; ++i) {
           float d1, d3;
-          clamped_swiglu_grad(&d1, &d3, a1[i], a3[i], alpha, limit);
+          clamped_swiglu_grad_f32(&d1, &d3, a1[i], a3[i], alpha, limit);
           da3[i] = dh[i] * d3;
           dh[i] *= d1;
           da3b[i] = to_bf16(da3[i]);
@@ -281,10 +281,10 @@ void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratc
       } else if (glu) {
         uint16_t* da3b = grown(sb.da3, R * F);
         const float* a3 = acts.a3;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
         for (int64_t i = 0; i < R * F; ++i) {
-          da3b[i] = to_bf16(dh[i] * silu(a1[i]));
-          dhb[i] = to_bf16(dh[i] * a3[i] * act_grad(Activation::silu, a1[i]));
+          da3b[i] = to_bf16(dh[i] * silu_f32(a1[i]));
+          dhb[i] = to_bf16(dh[i] * a3[i] * silu_grad_f32(a1[i]));
         }
         add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
         add_weight_grad(gg, g.dW3, xT, d, da3b, F, off, E);
@@ -440,20 +440,20 @@ void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& sc
       const float *a1 = acts.a1, *a3 = acts.a3;
       if (clamped) {
         const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
         for (int64_t i = 0; i < R * F; ++i) {
           float d1, d3;
-          clamped_swiglu_grad(&d1, &d3, a1[i], a3[i], alpha, limit);
+          clamped_swiglu_grad_f32(&d1, &d3, a1[i], a3[i], alpha, limit);
           da3[i] = dh[i] * d3;
           dh[i] *= d1;  // becomes da1
         }
         if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
         if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
       } else {
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
         for (int64_t i = 0; i < R * F; ++i) {
-          da3[i] = dh[i] * silu(a1[i]);
-          dh[i] *= a3[i] * act_grad(Activation::silu, a1[i]);  // becomes da1
+          da3[i] = dh[i] * silu_f32(a1[i]);
+          dh[i] *= a3[i] * silu_grad_f32(a1[i]);  // becomes da1
         }
       }
       add_weight_grad(gg, g.dW1, xg, d, dh, F, off, E);
