@@ -36,6 +36,21 @@ def ids_batch(model, shape=(2, 11), seed=1):
                          generator=torch.Generator().manual_seed(seed))
 
 
+def adamw_steps(model, ids, steps=10):
+    """(loss, router loss or None) of each of `steps` AdamW steps (lr 1e-3, eps 1e-5) of the
+    causal-LM loss on one batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5)
+    run = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        aux = getattr(out, "aux_loss", None)
+        run.append((out.loss.item(), None if aux is None else aux.item()))
+    return run
+
+
 CASES = [(f, {}) for f in FAMILIES] + [
     ("qwen3_moe", {"norm_topk_prob": False}), ("olmoe", {"norm_topk_prob": True}),
     ("qwen2_moe", {"norm_topk_prob": True}), ("deepseek_v3", {"norm_topk_prob": False}),
@@ -101,17 +116,7 @@ def test_ten_adamw_steps_give_the_same_losses(family):
     assert all(hf_models.moe_block(ours, i).training
                for i in hf_models.moe_layers(family, ours.config))
     ids = ids_batch(ref, (2, 12), seed=2)  # one batch, learned in 10 steps
-    losses = []
-    for model in (ref, ours):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5)
-        run = []
-        for _ in range(10):
-            opt.zero_grad(set_to_none=True)
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(run)
+    losses = [[loss for loss, _ in adamw_steps(model, ids)] for model in (ref, ours)]
     for a, b in zip(*losses):
         assert abs(a - b) <= 1e-4 * abs(a), (losses[0], losses[1])
     assert losses[0][-1] < losses[0][0]  # it trained
@@ -197,17 +202,7 @@ def test_adamw_steps_with_the_router_loss_give_the_same_losses(family):
     ours = copy.deepcopy(ref)
     moe.hf.replace_moe_blocks(ours)
     ids = ids_batch(ref, (2, 12), seed=2)
-    runs = []
-    for model in (ref, ours):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-5)
-        run = []
-        for _ in range(10):
-            opt.zero_grad(set_to_none=True)
-            out = model(ids, labels=ids)
-            out.loss.backward()
-            opt.step()
-            run.append((out.loss.item(), out.aux_loss.item()))
-        runs.append(run)
+    runs = [adamw_steps(model, ids) for model in (ref, ours)]
     for (la, aa), (lb, ab) in zip(*runs):
         assert abs(la - lb) <= 1e-4 * abs(la) and abs(aa - ab) <= 1e-4 * abs(aa), runs
     assert runs[0][-1][1] != runs[0][0][1]  # the router loss moved
