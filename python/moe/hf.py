@@ -80,8 +80,12 @@ def _recorder_forward(self, x2d, W_g, b_g):
 
 
 def _recorder_reduce(self, protocol):
-    return (_make_recorder, (type(self).__mro__[1], self.index, self.float_logits),
+    return (_make_recorder, (type(self).__bases__[0], self.index, self.float_logits),
             self.__dict__.copy())
+
+
+class _RecorderBase:
+    """Marks the generated recorder classes (found by isinstance after a replacement)."""
 
 
 _RECORDER_CLASSES: dict = {}
@@ -94,7 +98,7 @@ def _make_recorder(router_cls, index: int, float_logits: bool) -> nn.Module:
     generated class by name."""
     cls = _RECORDER_CLASSES.get(router_cls)
     if cls is None:
-        cls = type(f"{router_cls.__name__}Logits", (router_cls,),
+        cls = type(f"{router_cls.__name__}Logits", (router_cls, _RecorderBase),
                    {"__init__": _recorder_init, "forward": _recorder_forward,
                     "__reduce_ex__": _recorder_reduce, "__module__": __name__})
         _RECORDER_CLASSES[router_cls] = cls
@@ -126,12 +130,8 @@ def _router_spec(model: nn.Module):
     """(router class, tuple index) of transformers' router-logits recorder for this model,
     or None when this transformers records none (then router logits are refused)."""
     spec = (getattr(type(model), "_can_record_outputs", None) or {}).get("router_logits")
-    if spec is None:
-        return None
-    if isinstance(spec, type):
-        return spec, 1  # transformers' default index for a bare class
-    cls = getattr(spec, "target_class", None)
-    return (cls, int(getattr(spec, "index", 0))) if isinstance(cls, type) else None
+    cls = getattr(spec, "target_class", None)  # an OutputRecorder, as in transformers 5
+    return (cls, int(spec.index)) if isinstance(cls, type) else None
 
 
 def _is_block(mod: nn.Module) -> bool:
@@ -233,12 +233,11 @@ def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
         return len(built)
     # transformers hooks the recorders on a model's first forward that asks for an output;
     # where that forward has run already, the new blocks' recorders are hooked here.
-    for mod in model.modules():
-        if isinstance(mod, PreTrainedModel) and getattr(
-                mod, "_output_capturing_hooks_installed", False):
-            from transformers.utils.output_capturing import install_output_capuring_hook
-            for sub in mod.modules():
-                rec = sub._modules.get("router_logits") if isinstance(sub, _HFMoE) else None
-                if rec is not None and not rec._forward_hooks:
-                    install_output_capuring_hook(rec, "router_logits", router[1])
+    hooked = [m for m in model.modules() if isinstance(m, PreTrainedModel)
+              and getattr(m, "_output_capturing_hooks_installed", False)]
+    if hooked:
+        from transformers.utils.output_capturing import install_output_capuring_hook
+        for rec in (r for m in hooked for r in m.modules() if isinstance(r, _RecorderBase)):
+            if not rec._forward_hooks:  # once, where models nest
+                install_output_capuring_hook(rec, "router_logits", router[1])
     return len(built)
