@@ -112,10 +112,24 @@ struct State {
         if (dnnl_set_max_cpu_isa(isa) == dnnl_success) info.onednn_cap = isa_name(want);
       }
     }
+    if (const char* rows = std::getenv("MOE_AMX_MIN_ROWS"); rows && *rows) {
+      char* end = nullptr;
+      const long long v = std::strtoll(rows, &end, 10);
+      if (*end != '\0' || v < 1) {
+        error = cat("MOE_AMX_MIN_ROWS: '", rows, "' is not a row count (an integer ≥ 1)");
+        return;
+      }
+      info.amx_min_rows = v;
+    }
     const char* emu = std::getenv("MOE_AMX_EMULATE");
     info.amx_emulated = emu && *emu && std::strcmp(emu, "0") != 0;
   }
 };
+
+State& state() {
+  static State s;
+  return s;
+}
 
 }  // namespace
 
@@ -131,9 +145,23 @@ bool request_amx_permission() {
 }
 
 const CpuInfo& cpu() {
-  static const State state;
-  MOE_REQUIRE(state.error.empty(), state.error);
-  return state.info;
+  const State& s = state();
+  MOE_REQUIRE(s.error.empty(), s.error);
+  return s.info;
+}
+
+IsaOverride::IsaOverride(Isa level, bool amx_emulated) {
+  CpuInfo& info = state().info;
+  level_ = info.level;
+  emulated_ = info.amx_emulated;
+  info.level = static_cast<int>(level) < static_cast<int>(info.best) ? level : info.best;
+  info.amx_emulated = amx_emulated;
+}
+
+IsaOverride::~IsaOverride() {
+  CpuInfo& info = state().info;
+  info.level = level_;
+  info.amx_emulated = emulated_;
 }
 
 const char* isa_name(Isa isa) {

@@ -21,6 +21,7 @@
 // (kernels/amx_tile.hpp) whatever the CPU: the tests use it to run every AMX kernel, and the
 // whole layer on it, on machines without AMX. It is a test mode (slow), not a level.
 #pragma once
+#include <cstdint>
 #include <string>
 
 namespace moe::detail {
@@ -45,6 +46,9 @@ struct CpuInfo {
   Isa level = Isa::avx2;  // best, lowered by MOE_MAX_ISA
   std::string cap;        // MOE_MAX_ISA as given ("" when unset)
   bool amx_emulated = false;  // MOE_AMX_EMULATE=1
+  // Products with fewer rows than this stay on the streaming AVX-512 kernels where AMX is
+  // chosen (decode: the weights' bytes bound both). MOE_AMX_MIN_ROWS=<n> sets it (n ≥ 1).
+  int64_t amx_min_rows = 4;
   // oneDNN's own cap as libmoe set it ("" when libmoe left it alone), for reports.
   std::string onednn_cap;
 };
@@ -63,6 +67,22 @@ inline bool vnni_kernels() { return isa_at_least(Isa::avx512) && cpu().has.avx51
 const char* isa_name(Isa isa);
 // Parses a level name as MOE_MAX_ISA takes it; false when it is none.
 bool parse_isa(const std::string& s, Isa* out);
+
+// Tests only: until it ends, the level is `level` (never above cpu().best) and the AMX
+// kernels run emulated when amx_emulated, in this process, so that one test binary runs
+// every kernel the CPU allows. oneDNN keeps the cap it got at its first use. Not to be used
+// while kernels run on other threads.
+class IsaOverride {
+ public:
+  IsaOverride(Isa level, bool amx_emulated);
+  ~IsaOverride();
+  IsaOverride(const IsaOverride&) = delete;
+  IsaOverride& operator=(const IsaOverride&) = delete;
+
+ private:
+  Isa level_;
+  bool emulated_;
+};
 
 // Asks Linux for permission to use AMX tile data in this process (once); true when granted.
 // cpu() calls it; exposed for the tests.

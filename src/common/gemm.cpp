@@ -10,6 +10,7 @@
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 
 namespace moe::detail {
 
@@ -62,6 +63,7 @@ struct Bf16Matmul {
     accumulate = dnnl::matmul(pd1);
   }
   static Bf16Matmul& get() {
+    (void)cpu();          // MOE_MAX_ISA caps oneDNN before its first primitive
     static Bf16Matmul m;  // thread-safe initialisation
     return m;
   }
@@ -108,6 +110,7 @@ void gemm_bf16_serial(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
 const char* gemm_bf16_impl() { return Bf16Matmul::get().impl.c_str(); }
 
 const char* cpu_isa_name() {
+  (void)cpu();
   switch (dnnl::get_effective_cpu_isa()) {
     case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
     case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
@@ -130,6 +133,7 @@ void gemm_f32_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
     return;
   }
+  (void)cpu();  // MOE_MAX_ISA caps oneDNN before its first use
   // Called outside a parallel region, oneDNN would thread the call itself and may split K
   // across threads, which makes the bits depend on OMP_NUM_THREADS (and oversubscribes when
   // we are already parallel above it). One thread keeps the blocking, and the bits, ours.

@@ -1,21 +1,22 @@
 #include "common/gemm_bf16_packed.hpp"
 
 #include <immintrin.h>
-#include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "common/bf16.hpp"
+#include "common/cpu.hpp"
 #include "common/check.hpp"
 #include "common/gemm.hpp"
+#include "kernels/amx_gemm.hpp"
 
 namespace moe::detail {
 
 namespace {
 constexpr int64_t kPanelValues = 2 * kPanelCols;  // one pair of rows of a panel
-int64_t padded_k(int64_t K) { return (K + 15) / 16 * 16; }
+int64_t padded_k(int64_t K) { return (K + kPanelKAlign - 1) / kPanelKAlign * kPanelKAlign; }
 int64_t padded_n(int64_t N) { return (N + kPanelCols - 1) / kPanelCols * kPanelCols; }
 
 // Each 32-bit word of a panel is the pair (row k, row k+1) of one column: written whole, one
@@ -103,16 +104,12 @@ void pack_bf16(uint16_t* dst, const uint16_t* src, int64_t sk, int64_t sj, int64
   pack_impl(dst, src, sk, sj, K, N, [](uint16_t v) { return v; });
 }
 
-bool packed_bf16_native() {
-  static const bool native = [] {
-    if (!__builtin_cpu_supports("avx512bf16")) return false;
-    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
-    return isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
-  }();
-  return native;
-}
+bool packed_bf16_native() { return isa_at_least(Isa::avx512_bf16); }
 
 const char* gemm_bf16_packed_impl() {
+  if (amx_kernels())
+    return amx_hardware() ? "packed:amx_bf16 (tdpbf16ps; vdpbf16ps below MOE_AMX_MIN_ROWS rows)"
+                          : "packed:amx_bf16 emulated (MOE_AMX_EMULATE; tests only)";
   return packed_bf16_native() ? "packed:avx512_bf16 (vdpbf16ps)"
                               : "packed:widened to fp32, sgemm (no AVX512-BF16 allowed)";
 }
@@ -213,10 +210,40 @@ void gemm_bf16_packed_serial(int64_t M, int64_t n0, int64_t n, int64_t K, const 
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
     return;
   }
-  if (packed_bf16_native())
+  if (amx_kernels() && M >= cpu().amx_min_rows)
+    gemm_bf16_packed_amx(!amx_hardware(), M, n0, n, K, A, lda, Bp, beta, C, ldc);
+  else if (packed_bf16_native())
     gemm_native(M, n0, n, K, A, lda, Bp, beta != 0.0f, C, ldc);
   else
     gemm_bf16_packed_widened(M, n0, n, K, A, lda, Bp, beta, C, ldc);
+}
+
+void gemm_bf16_packed_avx512(int64_t M, int64_t n0, int64_t n, int64_t K, const uint16_t* A,
+                             int64_t lda, const uint16_t* Bp, float beta, float* C,
+                             int64_t ldc) {
+  MOE_ASSERT((beta == 0.0f || beta == 1.0f) && n0 % kPanelCols == 0 && K > 0);
+  gemm_native(M, n0, n, K, A, lda, Bp, beta != 0.0f, C, ldc);
+}
+
+void gemm_bf16_packed_amx(bool emulated, int64_t M, int64_t n0, int64_t n, int64_t K,
+                          const uint16_t* A, int64_t lda, const uint16_t* Bp, float beta,
+                          float* C, int64_t ldc) {
+  MOE_ASSERT((beta == 0.0f || beta == 1.0f) && n0 % kPanelCols == 0 && K > 0);
+  const int64_t Kp = padded_k(K);
+  AmxGemmArgs g;
+  g.M = M;
+  g.n = n;
+  g.kbytes = Kp * 2;
+  g.A = reinterpret_cast<const uint8_t*>(A);
+  g.lda = lda * 2;
+  g.a_bytes = K * 2;
+  g.pad = 0;
+  g.B = reinterpret_cast<const uint8_t*>(Bp + n0 * Kp);
+  g.panel_bytes = Kp * kPanelCols * 2;
+  g.accumulate = beta != 0.0f;
+  g.C = C;
+  g.ldc = ldc;
+  amx_gemm_run(g, AmxOp::bf16, emulated);
 }
 
 void gemm_bf16_packed_widened(int64_t M, int64_t n0, int64_t n, int64_t K, const uint16_t* A,

@@ -7,8 +7,10 @@
 #include <cstring>
 
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 #include "common/parallel.hpp"
 #include "experts/activation.hpp"
+#include "kernels/amx_gemm.hpp"
 
 namespace moe::detail {
 
@@ -65,13 +67,6 @@ void tile_portable(int32_t* acc, const uint8_t* A, int64_t lda, const int8_t* B,
   std::memcpy(acc, c, sizeof(c));
 }
 
-bool vnni_enabled_now() {
-  const char* off = std::getenv("MOE_DISABLE_VNNI");
-  if (off && *off && std::strcmp(off, "0") != 0) return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-}
-
 template <int MR>
 void tile(bool vnni, int32_t* acc, const uint8_t* A, int64_t lda, const int8_t* B, int64_t K4) {
   if (vnni)
@@ -81,7 +76,7 @@ void tile(bool vnni, int32_t* acc, const uint8_t* A, int64_t lda, const int8_t* 
 }
 
 void tile_rows(int mr, int32_t* acc, const uint8_t* A, int64_t lda, const int8_t* B, int64_t K4) {
-  const bool v = int8_vnni_enabled();
+  const bool v = vnni_kernels();
   switch (mr) {
     case 1: return tile<1>(v, acc, A, lda, B, K4);
     case 2: return tile<2>(v, acc, A, lda, B, K4);
@@ -110,18 +105,45 @@ struct Product {
   float* out = nullptr;  // like C (act_out)
 };
 
-// Rows [0, M) × block nb of product p.
-void run_block(const Product& p, int64_t nb) {
+// The int32 sums of rows [m0, m0 + mr) × block nb of product p into acc (mr, 64).
+void block_sums(const Product& p, int64_t nb, int64_t m0, int64_t mr, int32_t* acc) {
   const Int8Stack& B = *p.B;
   const int8_t* Bb = B.block(p.e, nb);
+  if (amx_kernels() && mr >= cpu().amx_min_rows) {
+    AmxGemmArgs g;
+    g.M = mr;
+    g.n = kCols;
+    g.kbytes = g.a_bytes = B.K4 * 4;
+    g.A = p.A + m0 * p.lda;
+    g.lda = p.lda;
+    g.pad = 128;  // the rows are padded already (quantize_rows_u8): never read
+    g.B = reinterpret_cast<const uint8_t*>(Bb);
+    g.panel_bytes = B.K4 * 256;
+    g.C = acc;
+    g.ldc = kCols;
+    amx_gemm_run(g, AmxOp::u8s8, !amx_hardware());
+    return;
+  }
+  for (int64_t r0 = 0; r0 < mr; r0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, mr - r0));
+    tile_rows(rows, acc + r0 * kCols, p.A + (m0 + r0) * p.lda, p.lda, Bb, B.K4);
+  }
+}
+
+// Rows [0, M) × block nb of product p: the sums (all rows at once on AMX, which reads the
+// block's weights once for up to 32 rows; 6 at a time otherwise), then the epilogue.
+void run_block(const Product& p, int64_t nb) {
+  const Int8Stack& B = *p.B;
   const int64_t j0 = nb * kCols, nc = std::min(kCols, B.N - j0);
   const float* sw = B.scale.data() + p.e * B.NB * kCols + j0;
   const int32_t* cs = B.colsum.data() + p.e * B.NB * kCols + j0;
-  alignas(64) int32_t acc[kMaxRows * kCols];
-  for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, p.M - m0));
-    tile_rows(mr, acc, p.A + m0 * p.lda, p.lda, Bb, B.K4);
-    for (int r = 0; r < mr; ++r) {
+  constexpr int64_t kRowsPerPass = 256;  // bounds the sums' buffer
+  thread_local std::vector<int32_t> sums;
+  for (int64_t m0 = 0; m0 < p.M; m0 += kRowsPerPass) {
+    const int64_t mr = std::min(kRowsPerPass, p.M - m0);
+    int32_t* acc = grown(sums, mr * kCols);
+    block_sums(p, nb, m0, mr, acc);
+    for (int64_t r = 0; r < mr; ++r) {
       const int64_t row = m0 + r;
       const float sx = p.a_scale[row];
       float* c = p.C + row * p.ldc + j0;
@@ -180,18 +202,17 @@ void add_products(std::vector<Product>& ps, const Int8Stack& B, const uint8_t* A
   }
 }
 
-void quantize_row_u8(uint8_t* dst, int64_t ldd, float* scale_out, const float* src,
-                     int64_t cols) {
-  float amax = 0.0f;
-  bool nan = false;
-  int64_t c = 0;
-#ifdef __AVX512F__
-  // maskz forms throughout: GCC 12 warns falsely on the unmasked intrinsics' undefined
-  // pass-through operand.
+#define MOE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// The AVX-512 halves of quantize_row_u8: each handles the whole 16-value blocks and returns
+// how many values it did; the scalar loops finish the row with the same arithmetic. maskz
+// forms throughout: GCC 12 warns falsely on the unmasked intrinsics' undefined pass-through.
+MOE_AVX512_TARGET int64_t amax_avx512(const float* src, int64_t cols, float* amax, bool* nan) {
   const __mmask16 all = 0xffff;
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 vnan = 0;
+  int64_t c = 0;
   for (; c + 16 <= cols; c += 16) {
     const __m512 v = _mm512_loadu_ps(src + c);
     vnan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -200,9 +221,33 @@ void quantize_row_u8(uint8_t* dst, int64_t ldd, float* scale_out, const float* s
   }
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, vmax);
-  for (float l : lanes) amax = l > amax ? l : amax;
-  nan = vnan != 0;
-#endif
+  for (float l : lanes) *amax = l > *amax ? l : *amax;
+  *nan = vnan != 0;
+  return c;
+}
+
+MOE_AVX512_TARGET int64_t quantize_avx512(uint8_t* dst, const float* src, int64_t cols,
+                                          float scale) {
+  const __mmask16 all = 0xffff;
+  const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  const __m512i off = _mm512_set1_epi32(128);
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m512 r = _mm512_maskz_roundscale_ps(all, _mm512_maskz_div_ps(all, _mm512_loadu_ps(src + c), s),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_maskz_max_ps(all, _mm512_maskz_min_ps(all, r, hi), lo);
+    const __m512i q = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, r), off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_maskz_cvtepi32_epi8(all, q));
+  }
+  return c;
+}
+
+void quantize_row_u8(uint8_t* dst, int64_t ldd, float* scale_out, const float* src,
+                     int64_t cols) {
+  const bool wide = isa_at_least(Isa::avx512);
+  float amax = 0.0f;
+  bool nan = false;
+  int64_t c = wide ? amax_avx512(src, cols, &amax, &nan) : 0;
   for (; c < cols; ++c) {
     const float a = std::fabs(src[c]);
     amax = a > amax ? a : amax;
@@ -214,30 +259,19 @@ void quantize_row_u8(uint8_t* dst, int64_t ldd, float* scale_out, const float* s
     std::memset(dst, 128, static_cast<size_t>(ldd));
     return;
   }
-  c = 0;
-#ifdef __AVX512F__
-  const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
-  const __m512i off = _mm512_set1_epi32(128);
-  for (; c + 16 <= cols; c += 16) {
-    __m512 r = _mm512_maskz_roundscale_ps(all, _mm512_maskz_div_ps(all, _mm512_loadu_ps(src + c), s),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_maskz_max_ps(all, _mm512_maskz_min_ps(all, r, hi), lo);
-    const __m512i q = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(all, r), off);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_maskz_cvtepi32_epi8(all, q));
-  }
-#endif
+  c = wide ? quantize_avx512(dst, src, cols, scale) : 0;
   for (; c < cols; ++c) dst[c] = static_cast<uint8_t>(quantize_int8(src[c], scale) + 128);
   std::memset(dst + cols, 128, static_cast<size_t>(ldd - cols));
 }
 
 }  // namespace
 
-bool int8_vnni_enabled() {
-  static const bool on = vnni_enabled_now();
-  return on;
+const char* int8_kernel_name() {
+  if (amx_kernels())
+    return amx_hardware() ? "amx_int8 (tdpbusd; avx512_vnni below MOE_AMX_MIN_ROWS rows)"
+                          : "amx_int8 emulated (MOE_AMX_EMULATE; tests only)";
+  return vnni_kernels() ? "avx512_vnni" : "portable";
 }
-
-const char* int8_kernel_name() { return int8_vnni_enabled() ? "avx512_vnni" : "portable"; }
 
 void quantize_rows_u8(uint8_t* dst, int64_t ldd, float* scales, const float* src, int64_t lds,
                       int64_t rows, int64_t cols) {
@@ -264,7 +298,7 @@ void Int8Stack::resize(int64_t E_, int64_t K_, int64_t N_) {
   E = E_;
   K = K_;
   N = N_;
-  K4 = (K + 3) / 4;
+  K4 = (K + kK4Align * 4 - 1) / (kK4Align * 4) * kK4Align;  // whole AMX tiles of K
   NB = (N + kCols - 1) / kCols;
   q.assign(static_cast<size_t>(E * NB * K4 * 256), 0);
   scale.assign(static_cast<size_t>(E * NB * kCols), 0.0f);

@@ -12,9 +12,10 @@
 //
 // Products: y_j = sx · sw_j · Σ_i qx_i · qw_ij. The kernel feeds unsigned bytes (qx + 128)
 // to AVX512-VNNI's vpdpbusd (u8 × s8 → s32) and subtracts 128 · Σ_i qw_ij per column. The
-// sums are exact (|Σ| < 2^31 for widths ≤ 65536, which validate() requires), so the VNNI
-// kernel and the portable loop used without VNNI (or with MOE_DISABLE_VNNI=1) give the same
-// bits, and so does any thread count.
+// sums are exact (|Σ| < 2^31 for widths ≤ 65536, which validate() requires), so every kernel
+// gives the same bits, and so does any thread count: AMX's tdpbusd (kernels/amx_gemm.hpp, at
+// MOE_AMX_MIN_ROWS rows or more where the level is amx), AVX512-VNNI's vpdpbusd (level avx512
+// and up on a CPU with VNNI), and a portable loop (MOE_MAX_ISA=avx2, or no VNNI).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -43,11 +44,13 @@ inline float int8_scale(float amax, bool nan) {
 
 // One stacked weight (E, K, N) quantized per expert and output column, packed for the
 // kernel: per expert, blocks of 64 columns; in a block, for each group of 4 rows k, the
-// 64 columns' 4 bytes side by side (256 bytes), so that one 64-byte load feeds one vpdpbusd
-// and a block's whole K streams from one contiguous run. K is padded to a multiple of 4 and
-// N to 64 with zeros (scale 0 beyond N).
+// 64 columns' 4 bytes side by side (256 bytes), so that one 64-byte load feeds one vpdpbusd,
+// 16 groups × 16 columns are an AMX B tile at a stride of 256 bytes, and a block's whole K
+// streams from one contiguous run. K is padded to a multiple of 64 (K4 to 16: a whole tile)
+// and N to 64 with zeros (scale 0 beyond N).
 struct Int8Stack {
   static constexpr int64_t kCols = 64;
+  static constexpr int64_t kK4Align = 16;  // K4 is padded to this (one AMX tile of K)
   int64_t E = 0, K = 0, N = 0, K4 = 0, NB = 0;
   std::vector<int8_t> q;        // E · NB · K4 · 256
   std::vector<float> scale;     // (E, NB·64)
@@ -117,10 +120,7 @@ void quantize_rows_u8(uint8_t* dst, int64_t ldd, float* scales, const float* src
 void gemm_u8s8_expert(float* C, int64_t ldc, const uint8_t* A, int64_t lda, const float* a_scale,
                       int64_t M, const Int8Stack& B, int64_t e);
 
-// Whether the VNNI kernel runs: the CPU has AVX512-VNNI and MOE_DISABLE_VNNI is not set
-// (read once). Without it, a portable loop computes the same integers.
-bool int8_vnni_enabled();
-// "avx512_vnni" or "portable", for reports.
+// The kernel the products run, for reports: "amx_int8 …", "avx512_vnni" or "portable".
 const char* int8_kernel_name();
 
 // The int8 forward of experts_forward: acts.out is assigned from xg (R, d); acts.a1 (and

@@ -6,13 +6,14 @@
 #include "common/vec_math.hpp"
 #include "router/router_rows.hpp"
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
+
+#include "common/cpu.hpp"
 // GCC 12 warns inside its own AVX-512 headers: the shuffle and reduce intrinsics pass
 // _mm512_undefined_ps() as the unused merge source, which -Wmaybe-uninitialized reports.
 #if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #endif
 // The `omp simd` loops below run over alignas(64) local buffers and carry no aligned() clause:
 // clang 14 with -fsanitize=undefined (the fuzz build) crashes generating the alignment check
@@ -38,7 +39,11 @@ bool row_finite(const float* row, int64_t E) {
   return std::all_of(row, row + E, [](float v) { return std::isfinite(v); });
 }
 
-#if defined(__AVX512F__)
+// The AVX-512 kernels: compiled for AVX-512 whatever the build's baseline (no -march=native)
+// and called only where cpu() allows it (common/cpu.hpp). Each computes the same values as
+// its portable twin, in the same order, so the level never changes a result.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxBlocks = 256;  // rows of up to 4096 experts take the vector path
@@ -300,41 +305,11 @@ int64_t topk_rows_avx512(int32_t* idx, float* val, const float* rows, int64_t ld
   return -1;
 }
 
-#endif  // __AVX512F__
-
-}  // namespace
-
-void topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int64_t n,
-                   int64_t E, int64_t k, bool tie_high) {
-#if defined(__AVX512F__)
-  if (E <= kMaxBlocks * kLanes) {
-    topk_rows_avx512<false>(idx, val, rows, ld, n, E, k, tie_high);
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < n; ++r)
-    topk_portable(idx + r * k, val + r * k, rows + r * ld, E, k, tie_high);
-}
-
-int64_t check_topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int64_t n,
-                            int64_t E, int64_t k, bool tie_high) {
-#if defined(__AVX512F__)
-  if (E <= kMaxBlocks * kLanes) return topk_rows_avx512<true>(idx, val, rows, ld, n, E, k, tie_high);
-#endif
-  for (int64_t r = 0; r < n; ++r) {
-    const float* row = rows + r * ld;
-    if (!row_finite(row, E)) return r;
-    topk_portable(idx + r * k, val + r * k, row, E, k, tie_high);
-  }
-  return -1;
-}
-
 template <int kMode>
-bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
-                   int64_t E) {
+bool noisy_row_avx512(float* H, const float* h, const float* eps, const float* pre, float sigma,
+                      int64_t E) {
   constexpr int kBlock = 16;
   alignas(64) float pb[kBlock];
-#if defined(__AVX512F__)
   __mmask16 bad = 0;
   for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
     const __mmask16 valid = valid_lanes(E - e0, 0);
@@ -354,8 +329,96 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
     _mm512_mask_storeu_ps(H + e0, valid, o);
   }
   return bad == 0;
-#else
-  alignas(64) float out[kBlock];
+}
+
+// k of 2, 4, 8 or 16: whole rows per vector.
+void softmax_kept_rows_avx512(float* w, int64_t n, int64_t k) {
+  // Whole rows per vector: each lane subtracts its row's first value, and a butterfly
+  // within each group of k lanes gives every lane of a row the same sum (x + y = y + x).
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i row_first = _mm512_andnot_si512(_mm512_set1_epi32(static_cast<int>(k - 1)), lane);
+  const int64_t m = n * k;
+  alignas(64) float b[kLanes];
+  for (int64_t i = 0; i < m; i += kLanes) {
+    const __mmask16 valid = valid_lanes(m - i, 0);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, w + i);
+    _mm512_store_ps(b, _mm512_sub_ps(v, _mm512_permutexvar_ps(row_first, v)));
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
+    const __m512 e = _mm512_load_ps(b);
+    __m512 sum = e;
+    for (int sh = 1; sh < k; sh <<= 1)
+      sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(sh)), sum));
+    _mm512_mask_storeu_ps(w + i, valid, _mm512_div_ps(e, sum));
+  }
+}
+
+// exp_row_f32's lanes: their sums into b (16).
+void exp_row_avx512(float* ex, float* b, const float* H, float mx, int64_t E) {
+  constexpr int kBlock = 16;
+  const __m512 ninf = _mm512_set1_ps(-INFINITY), vmx = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+    const __mmask16 valid = valid_lanes(E - e0, 0);  // e^-inf = 0 past the row
+    _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(ninf, valid, H + e0), vmx));
+#pragma omp simd
+    for (int l = 0; l < kBlock; ++l) b[l] = exp_f32(b[l]);
+    const __m512 e = _mm512_load_ps(b);
+    acc = _mm512_add_ps(acc, e);
+    _mm512_mask_storeu_ps(ex + e0, valid, e);
+  }
+  _mm512_store_ps(b, acc);
+}
+
+// k ≤ 16: one vector; the sum in a fixed butterfly order.
+void softmax_kept_avx512(float* w, const float* val, int64_t k) {
+  const __mmask16 valid = valid_lanes(k, 0);
+  alignas(64) float b[kLanes];
+  _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, val),
+                                   _mm512_set1_ps(val[0])));
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
+  const __m512 e = _mm512_load_ps(b);
+  __m512 sum = _mm512_add_ps(e, _mm512_shuffle_f32x4(e, e, _MM_SHUFFLE(1, 0, 3, 2)));
+  sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, _MM_SHUFFLE(2, 3, 0, 1)));
+  sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, _MM_SHUFFLE(1, 0, 3, 2)));
+  sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, _MM_SHUFFLE(2, 3, 0, 1)));
+  _mm512_mask_storeu_ps(w, valid, _mm512_div_ps(e, sum));
+}
+#pragma GCC pop_options
+
+bool wide() { return isa_at_least(Isa::avx512); }
+
+}  // namespace
+
+void topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int64_t n,
+                   int64_t E, int64_t k, bool tie_high) {
+  if (wide() && E <= kMaxBlocks * kLanes) {
+    topk_rows_avx512<false>(idx, val, rows, ld, n, E, k, tie_high);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    topk_portable(idx + r * k, val + r * k, rows + r * ld, E, k, tie_high);
+}
+
+int64_t check_topk_rows_f32(int32_t* idx, float* val, const float* rows, int64_t ld, int64_t n,
+                            int64_t E, int64_t k, bool tie_high) {
+  if (wide() && E <= kMaxBlocks * kLanes)
+    return topk_rows_avx512<true>(idx, val, rows, ld, n, E, k, tie_high);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = rows + r * ld;
+    if (!row_finite(row, E)) return r;
+    topk_portable(idx + r * k, val + r * k, row, E, k, tie_high);
+  }
+  return -1;
+}
+
+template <int kMode>
+bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre, float sigma,
+                   int64_t E) {
+  if (wide()) return noisy_row_avx512<kMode>(H, h, eps, pre, sigma, E);
+  constexpr int kBlock = 16;
+  alignas(64) float pb[kBlock], out[kBlock];
   bool ok = true;
   for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
@@ -373,7 +436,6 @@ bool noisy_row_f32(float* H, const float* h, const float* eps, const float* pre,
     std::copy(out, out + n, H + e0);
   }
   return ok;
-#endif
 }
 template bool noisy_row_f32<0>(float*, const float*, const float*, const float*, float, int64_t);
 template bool noisy_row_f32<1>(float*, const float*, const float*, const float*, float, int64_t);
@@ -385,29 +447,7 @@ void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
     std::fill(w, w + n, 1.0f);  // e^0 / e^0, exactly
     return;
   }
-#if defined(__AVX512F__)
-  if (k == 2 || k == 4 || k == 8 || k == 16) {
-    // Whole rows per vector: each lane subtracts its row's first value, and a butterfly
-    // within each group of k lanes gives every lane of a row the same sum (x + y = y + x).
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i row_first = _mm512_andnot_si512(_mm512_set1_epi32(static_cast<int>(k - 1)), lane);
-    const int64_t m = n * k;
-    alignas(64) float b[kLanes];
-    for (int64_t i = 0; i < m; i += kLanes) {
-      const __mmask16 valid = valid_lanes(m - i, 0);
-      const __m512 v = _mm512_maskz_loadu_ps(valid, w + i);
-      _mm512_store_ps(b, _mm512_sub_ps(v, _mm512_permutexvar_ps(row_first, v)));
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
-      const __m512 e = _mm512_load_ps(b);
-      __m512 sum = e;
-      for (int sh = 1; sh < k; sh <<= 1)
-        sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(sh)), sum));
-      _mm512_mask_storeu_ps(w + i, valid, _mm512_div_ps(e, sum));
-    }
-    return;
-  }
-#endif
+  if (wide() && (k == 2 || k == 4 || k == 8 || k == 16)) return softmax_kept_rows_avx512(w, n, k);
   if (k > kBuf / 4) {
     for (int64_t r = 0; r < n; ++r) softmax_kept_f32(w + r * k, w + r * k, k);
     return;
@@ -441,33 +481,22 @@ void softmax_kept_rows_f32(float* w, int64_t n, int64_t k) {
 float exp_row_f32(float* ex, const float* H, float mx, int64_t E) {
   constexpr int kBlock = 16;
   alignas(64) float b[kBlock];
-#if defined(__AVX512F__)
-  const __m512 ninf = _mm512_set1_ps(-INFINITY), vmx = _mm512_set1_ps(mx);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
-    const __mmask16 valid = valid_lanes(E - e0, 0);  // e^-inf = 0 past the row
-    _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(ninf, valid, H + e0), vmx));
+  if (wide()) {
+    exp_row_avx512(ex, b, H, mx, E);
+  } else {
+    alignas(64) float acc[kBlock] = {};
+    for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
+      for (int l = 0; l < kBlock; ++l) b[l] = l < n ? H[e0 + l] - mx : -INFINITY;
 #pragma omp simd
-    for (int l = 0; l < kBlock; ++l) b[l] = exp_f32(b[l]);
-    const __m512 e = _mm512_load_ps(b);
-    acc = _mm512_add_ps(acc, e);
-    _mm512_mask_storeu_ps(ex + e0, valid, e);
-  }
-  _mm512_store_ps(b, acc);
-#else
-  alignas(64) float acc[kBlock] = {};
-  for (int64_t e0 = 0; e0 < E; e0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, E - e0));
-    for (int l = 0; l < kBlock; ++l) b[l] = l < n ? H[e0 + l] - mx : -INFINITY;
-#pragma omp simd
-    for (int l = 0; l < kBlock; ++l) {
-      b[l] = exp_f32(b[l]);
-      acc[l] += b[l];
+      for (int l = 0; l < kBlock; ++l) {
+        b[l] = exp_f32(b[l]);
+        acc[l] += b[l];
+      }
+      for (int l = 0; l < n; ++l) ex[e0 + l] = b[l];
     }
-    for (int l = 0; l < n; ++l) ex[e0 + l] = b[l];
+    std::copy(acc, acc + kBlock, b);
   }
-  std::copy(acc, acc + kBlock, b);
-#endif
   for (int w = kBlock / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) b[l] += b[l + w];
   return b[0];
@@ -478,23 +507,7 @@ void softmax_kept_f32(float* w, const float* val, int64_t k) {
     w[0] = 1.0f;
     return;
   }
-#if defined(__AVX512F__)
-  if (k <= kLanes) {  // one vector; the sum in a fixed butterfly order
-    const __mmask16 valid = valid_lanes(k, 0);
-    alignas(64) float b[kLanes];
-    _mm512_store_ps(b, _mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, val),
-                                     _mm512_set1_ps(val[0])));
-#pragma omp simd
-    for (int l = 0; l < kLanes; ++l) b[l] = exp_f32(b[l]);
-    const __m512 e = _mm512_load_ps(b);
-    __m512 sum = _mm512_add_ps(e, _mm512_shuffle_f32x4(e, e, _MM_SHUFFLE(1, 0, 3, 2)));
-    sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, _MM_SHUFFLE(2, 3, 0, 1)));
-    sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, _MM_SHUFFLE(1, 0, 3, 2)));
-    sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, _MM_SHUFFLE(2, 3, 0, 1)));
-    _mm512_mask_storeu_ps(w, valid, _mm512_div_ps(e, sum));
-    return;
-  }
-#endif
+  if (wide() && k <= kLanes) return softmax_kept_avx512(w, val, k);
   const float sum = exp_row_f32(w, val, val[0], k);
   for (int64_t j = 0; j < k; ++j) w[j] /= sum;
 }

@@ -122,7 +122,7 @@ TEST(Bf16Packed, LayoutMatchesTheIndexAndPadsWithZeros) {
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < N; ++j) Wt[j * K + k] = W[k * N + j];
     const int64_t size = packed_bf16_size(K, N);
-    EXPECT_EQ(size, (K + 15) / 16 * 16 * ((N + 63) / 64 * 64));
+    EXPECT_EQ(size, (K + 31) / 32 * 32 * ((N + 63) / 64 * 64));  // K to a whole AMX tile
     std::vector<uint16_t> p(static_cast<size_t>(size), 0xffff), pt(p), pb(p);
     pack_bf16(p.data(), W.data(), N, 1, K, N);
     pack_bf16(pt.data(), Wt.data(), 1, K, K, N);
@@ -248,7 +248,10 @@ TEST(Bf16Packed, EmptyProductsAndEmptyReductions) {
 
 // A row's bits do not depend on the rows sharing its call or on the column tile: the whole
 // product equals, bit for bit, rows computed alone, in parts of every size, and by column
-// tiles. (The widened fallback promises only thread-count independence, not this.)
+// tiles — on the vdpbf16ps kernel (the AMX kernel's twin of this test: test_amx.cpp). The
+// dispatch of gemm_bf16_packed_serial picks a kernel by row count where AMX runs, so there the
+// bits follow the kernel a row count picks. (The widened fallback promises only thread-count
+// independence, not this.)
 TEST(Bf16Packed, RowBitsDoNotDependOnTheBlockOrTile) {
   using namespace moe::detail;
   if (!packed_bf16_native()) GTEST_SKIP() << "no AVX512-BF16 here: the widened path runs";
@@ -260,13 +263,13 @@ TEST(Bf16Packed, RowBitsDoNotDependOnTheBlockOrTile) {
   std::vector<uint16_t> Bp(static_cast<size_t>(packed_bf16_size(K, N)));
   pack_bf16(Bp.data(), B.data(), N, 1, K, N);
   std::vector<float> whole(static_cast<size_t>(M * N));
-  gemm_bf16_packed_serial(M, 0, N, K, A.data(), K, Bp.data(), 0.0f, whole.data(), N);
+  gemm_bf16_packed_avx512(M, 0, N, K, A.data(), K, Bp.data(), 0.0f, whole.data(), N);
   for (int64_t part = 1; part <= 13; ++part) {
     std::vector<float> parts(whole.size(), -1.0f);
     for (int64_t m0 = 0; m0 < M; m0 += part)
       for (int64_t n0 : {int64_t{0}, int64_t{64}, int64_t{192}}) {
         const int64_t n = (n0 == 0 ? 64 : n0 == 64 ? 128 : N - 192);
-        gemm_bf16_packed_serial(std::min(part, M - m0), n0, n, K, A.data() + m0 * K, K,
+        gemm_bf16_packed_avx512(std::min(part, M - m0), n0, n, K, A.data() + m0 * K, K,
                                 Bp.data(), 0.0f, parts.data() + m0 * N + n0, N);
       }
     ASSERT_EQ(std::memcmp(parts.data(), whole.data(), whole.size() * sizeof(float)), 0)
@@ -276,60 +279,16 @@ TEST(Bf16Packed, RowBitsDoNotDependOnTheBlockOrTile) {
 
 namespace {
 
-struct Bf16Run {
-  std::vector<float> y, dx;
-  std::vector<std::vector<float>> grads;
-};
-
-Bf16Run run(MoELayer& L, const std::vector<float>& x, const std::vector<float>& dy, int64_t T,
-            const moe::ForwardOptions& opt, bool backward = true) {
-  Bf16Run r;
-  r.y.resize(static_cast<size_t>(T * L.config().out_dim()));
-  r.dx.resize(x.size());
-  L.zero_grad();
-  L.forward(r.y.data(), x.data(), T, opt);
-  if (!backward) return r;
-  L.backward(r.dx.data(), dy.data());
-  for (const auto& n : L.parameter_names()) r.grads.push_back(L.grad(n).data);
-  return r;
-}
-
-}  // namespace
-
-// Every expert kind, capacity policy, noise mode and residual of the layer matrix (with
-// routing given by the caller's ε so both sides route alike), forward and every gradient.
-namespace {
-
-// The layer in bf16 against the float64 twin on the same rounded operands: forward ≤ 1e-3,
-// dx and every gradient ≤ 5e-3 of the tensor's largest entry. Worst errors are kept.
+// The layer in bf16 against the float64 twin on the same rounded operands.
 void check_oracle(const moe_test::Case& cs, int64_t T, int64_t d, int64_t E, int64_t F,
                   int64_t Do, int seed, double& worst_y, double& worst_g) {
   MoEConfig cfg = moe_test::config_of(cs, d, E, F, Do, 31 + seed);
   cfg.precision = Precision::bf16;
-  MoELayer L(cfg);
-  Rng rng(500 + seed);
-  moe_test::randomize(L, rng);
-  const auto x = rng.vec(T * d, 1.0);
-  const auto dy = rng.vec(T * cfg.out_dim(), 1.0);
-  moe::ForwardOptions opt;
-  opt.step = 2;
-  const Bf16Run f = run(L, x, dy, T, opt);
-
-  moe_test::RefRun r;
-  ASSERT_NO_FATAL_FAILURE(moe_test::run_reference(r, L, x, dy, T));
-  const double ey = rel_max_err(f.y, r.y);
-  EXPECT_LE(ey, 1e-3) << "y";
-  worst_y = std::max(worst_y, ey);
-  EXPECT_LE(rel_max_err(f.dx, r.dx), 5e-3) << "dx";
-  const auto names = L.parameter_names();
-  for (size_t i = 0; i < names.size(); ++i) {
-    const auto& want = r.grads.get(names[i]);
-    if (std::all_of(want.begin(), want.end(), [](double v) { return v == 0.0; })) continue;
-    const double eg = rel_max_err(f.grads[i], want);
-    EXPECT_LE(eg, 5e-3) << "d" << names[i];
-    worst_g = std::max(worst_g, eg);
-  }
+  moe_test::check_rounded_oracle(cfg, T, 500 + seed, worst_y, worst_g);
 }
+
+using Bf16Run = moe_test::LayerRun;
+using moe_test::run_layer;
 
 }  // namespace
 
@@ -348,7 +307,7 @@ TEST(LayerBf16, MatchesTheRoundedOperandOracle) {
 }
 
 // Few tokens over many experts (most get no rows, the others 1..4), widths on and off the
-// packed kernel's panels (64 columns) and pairs (16 rows of K): the packed products with
+// packed kernel's panels (64 columns) and tiles (32 rows of K): the packed products with
 // empty experts, one-row experts and padded weights, forward and backward.
 TEST(LayerBf16, FewRowsPerExpertAndPaddedWidths) {
   double worst_y = 0.0, worst_g = 0.0;
@@ -383,7 +342,7 @@ Fp32AndBf16 run_fp32_and_bf16(const MoEConfig& c32, uint64_t seed, int64_t T) {
   for (const auto& name : L32.parameter_names()) L16.param(name).data = L32.param(name).data;
   const auto x = rng.vec(T * c32.d_model, 1.0), dy = rng.vec(T * c32.out_dim(), 1.0);
   moe::ForwardOptions opt;
-  Fp32AndBf16 r{run(L32, x, dy, T, opt), run(L16, x, dy, T, opt), L32.parameter_names()};
+  Fp32AndBf16 r{run_layer(L32, x, dy, T, opt), run_layer(L16, x, dy, T, opt), L32.parameter_names()};
   r.same_routing = L32.routing().indices == L16.routing().indices;
   return r;
 }

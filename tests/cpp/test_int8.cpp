@@ -300,14 +300,14 @@ TEST(LayerInt8, CopiesFollowTheMastersAndAssignMatchesPrepare) {
   EXPECT_EQ(a.W1.q, b.W1.q);
   EXPECT_EQ(a.W2.scale, b.W2.scale);
   EXPECT_EQ(a.W3.colsum, b.W3.colsum);
-  // What a stack holds: a byte a weight (K padded to 4, N to 64) and 8 bytes a column (scale,
-  // column sum): about a quarter of fp32 at real widths.
+  // What a stack holds: a byte a weight (K padded to 64, a whole AMX tile; N to 64) and 8
+  // bytes a column (scale, column sum): about a quarter of fp32 at real widths.
   moe::detail::Int8Stack big;
   big.resize(2, 256, 512);
   EXPECT_EQ(big.bytes(), 2 * (256 * 512 + 8 * 512));
   EXPECT_LT(big.bytes(), 4 * 2 * 256 * 512 / 3.8);
-  big.resize(1, 5, 65);  // padded: K4 = 2 groups of 4, two blocks of 64 columns
-  EXPECT_EQ(big.bytes(), 2 * 4 * 128 + 8 * 128);
+  big.resize(1, 5, 65);  // padded: K to 64 (K4 = 16 groups of 4), two blocks of 64 columns
+  EXPECT_EQ(big.bytes(), 64 * 128 + 8 * 128);
   // Without masters (hold_only), the assigned stacks are the weights: invalidate() keeps them.
   moe::detail::ExpertWeightsInt8 c;
   c.hold_only(s);

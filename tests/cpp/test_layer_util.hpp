@@ -145,6 +145,57 @@ inline void run_reference(RefRun& r, const moe::MoELayer& L, const std::vector<f
   moe::detail::layer_backward_ref<double>(r.dx, r.grads, dyd.data(), sv, p, L.config());
 }
 
+// A layer's forward of x and, with backward, its backward of dy: y, dx and every parameter
+// gradient (in parameter_names() order).
+struct LayerRun {
+  std::vector<float> y, dx;
+  std::vector<std::vector<float>> grads;
+};
+inline LayerRun run_layer(moe::MoELayer& L, const std::vector<float>& x,
+                          const std::vector<float>& dy, int64_t T,
+                          const moe::ForwardOptions& opt, bool backward = true) {
+  LayerRun r;
+  r.y.resize(static_cast<size_t>(T * L.config().out_dim()));
+  r.dx.resize(x.size());
+  L.zero_grad();
+  L.forward(r.y.data(), x.data(), T, opt);
+  if (!backward) return r;
+  L.backward(r.dx.data(), dy.data());
+  for (const auto& n : L.parameter_names()) r.grads.push_back(L.grad(n).data);
+  return r;
+}
+
+// A training forward and backward of the layer cfg (random weights and operands from seed)
+// against the float64 twin on the same rounded operands: forward ≤ 1e-3, dx and every
+// gradient ≤ 5e-3 of the tensor's largest entry. The worst errors are kept. Returns the run.
+inline LayerRun check_rounded_oracle(const moe::MoEConfig& cfg, int64_t T, uint64_t seed,
+                                     double& worst_y, double& worst_g) {
+  moe::MoELayer L(cfg);
+  Rng rng(seed);
+  randomize(L, rng);
+  const auto x = rng.vec(T * cfg.d_model, 1.0);
+  const auto dy = rng.vec(T * cfg.out_dim(), 1.0);
+  moe::ForwardOptions opt;
+  opt.step = 2;
+  const LayerRun f = run_layer(L, x, dy, T, opt);
+  RefRun r;
+  run_reference(r, L, x, dy, T);
+  if (::testing::Test::HasFatalFailure()) return f;
+  const double ey = rel_max_err(f.y, r.y);
+  EXPECT_LE(ey, 1e-3) << "y";
+  worst_y = std::max(worst_y, ey);
+  EXPECT_LE(rel_max_err(f.dx, r.dx), 5e-3) << "dx";
+  const auto names = L.parameter_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto& want = r.grads.get(names[i]);
+    if (std::all_of(want.begin(), want.end(), [](double v) { return v == 0.0; })) continue;
+    const double eg = rel_max_err(f.grads[i], want);
+    EXPECT_LE(eg, 5e-3) << "d" << names[i];
+    worst_g = std::max(worst_g, eg);
+  }
+  return f;
+}
+
 // Central differences, step h, of an objective over every entry of v, each against the
 // analytic gradient an[i] within atol + rtol·|fd|. eval(saved) evaluates the objective at the
 // current v (filling that step's saved state); same(saved) says whether the step left every
