@@ -17,9 +17,11 @@
 
 #include "common/check.hpp"
 #include "dispatch/capacity_plan.hpp"
+#include "dispatch/gather_combine.hpp"
 #include "dist/comm.hpp"
 #include "experts/experts.hpp"
 #include "experts/int8.hpp"
+#include "experts/precision.hpp"
 #include "losses/losses.hpp"
 #include "moe/dist.hpp"
 
@@ -119,20 +121,8 @@ struct ExpertParallelMoE::Impl {
   // Backward scratch.
   std::vector<float> dG, dout, dxg, dh, da3, dprobs, dlogits, rgrad;
   ::moe::detail::GroupedGemm gg;
-  // precision bf16 (as MoELayer): copies of the local experts' weights, operands.
-  ::moe::detail::ExpertWeightsBf16 wb;
-  ::moe::detail::ExpertScratchBf16 sb;
-  ::moe::detail::ExpertsBf16 bf16_state{&wb, &sb};
-  const ::moe::detail::ExpertsBf16* bf16() const {
-    return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
-  }
-  // precision int8 (evaluation, as MoELayer): the local experts' quantized weights.
-  ::moe::detail::ExpertWeightsInt8 wi;
-  ::moe::detail::ExpertScratchInt8 si;
-  ::moe::detail::ExpertsInt8 int8_state{&wi, &si};
-  const ::moe::detail::ExpertsInt8* int8() const {
-    return cfg.precision == Precision::int8 ? &int8_state : nullptr;
-  }
+  // The local experts' weights and operands in the layer's precision (as MoELayer).
+  ::moe::detail::ExpertPrecision prec;
 
   const float* p(const char* name) const {
     auto it = index.find(name);
@@ -391,35 +381,15 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
   out.resize(static_cast<size_t>(Re * Do));
   ::moe::detail::ExpertActs acts{a1.data(), a3.data(), hid.data(), out.data()};
   ::moe::detail::experts_forward(acts, xg.data(), expert_weights(), expert_off.data(), shape, gg,
-                                 bf16(), int8());
+                                 &prec);
 
   // 7. Combine: outputs go back by the reverse exchange, then the k-way sum per token in
   // rank order, as MoELayer::forward does it.
   copy_runs_to_xchg(xchg.data(), out.data(), runs, Do);
   ret.resize(static_cast<size_t>(std::max(nk * Do, int64_t{1})));
   comm.alltoallv_rows(ret.data(), send_rows, xchg.data(), recv_rows, Do);
-  {
-    const int32_t* s2d = plan.src_to_dest.data();
-    const float* w = routing.weights.data();
-    const float* o = ret.data();
-    const float* xs = x.data();
-    const bool residual = cfg.residual;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      float* yt = y + t * Do;
-      if (residual)
-        std::copy(xs + t * d, xs + (t + 1) * d, yt);
-      else
-        std::fill(yt, yt + Do, 0.0f);
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t s = s2d[t * k + j];
-        if (s < 0) continue;
-        const float g = w[t * k + j];
-        const float* os = o + int64_t{s} * Do;
-        for (int64_t c = 0; c < Do; ++c) yt[c] += g * os[c];
-      }
-    }
-  }
+  ::moe::detail::combine_rows(y, ret.data(), plan.src_to_dest.data(), routing.weights.data(), T,
+                              k, Do, cfg.residual ? x.data() : nullptr);
 
   // 8. Statistics and losses of the global batch. Loads are exact integer sums; Σ probs and
   // the z-loss sum are per-rank double partials added in rank order.
@@ -482,29 +452,8 @@ void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   // Combine backward (local): dG = dy·out, dout = G·dy, as MoELayer::backward.
   dG.assign(static_cast<size_t>(T * k), 0.0f);
   dout.resize(static_cast<size_t>(std::max(nk, Re) * Do));
-  {
-    const float* o = ret.data();
-    float* dg = dG.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t s = s2d[t * k + j];
-        float acc = 0.0f;
-        if (s >= 0) {
-          const float* os = o + int64_t{s} * Do;
-          for (int64_t c = 0; c < Do; ++c) acc += dy[t * Do + c] * os[c];
-        }
-        dg[t * k + j] = acc;
-      }
-    float* dsend = dout.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t s = 0; s < nk; ++s) {
-      const int64_t a = d2s[s];
-      const float g = w[a];
-      const float* dyt = dy + (a / k) * Do;
-      for (int64_t c = 0; c < Do; ++c) dsend[s * Do + c] = g * dyt[c];
-    }
-  }
+  ::moe::detail::combine_backward_weights(dG.data(), dy, ret.data(), s2d, T, k, Do);
+  ::moe::detail::combine_backward_rows(dout.data(), dy, d2s, w, nk, k, Do);
 
   // Mirror of dispatch: dout rows travel to the experts' owners like x did…
   comm.alltoallv_rows(xchg.data(), recv_rows, dout.data(), send_rows, Do);
@@ -518,9 +467,8 @@ void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   ::moe::detail::ExpertScratch scr{dh.data(), da3.data()};
   ::moe::detail::ExpertGrads eg{g("W1"), g("b1"), g("W2"), g("b2"), g("W3")};
   ::moe::detail::experts_backward(dxg.data(), eg, dout_e.data(), scr, acts, xg.data(),
-                                  expert_weights(), expert_off.data(), shape, gg, bf16());
-  wb.invalidate();  // an optimizer step follows
-  wi.invalidate();
+                                  expert_weights(), expert_off.data(), shape, gg, &prec);
+  prec.invalidate();  // an optimizer step follows
   // …and dx rows come back like the outputs did.
   copy_runs_to_xchg(xchg.data(), dxg.data(), runs, d);
   std::vector<float> dxret(static_cast<size_t>(std::max(nk * d, int64_t{1})));
@@ -574,20 +522,8 @@ void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   }
 
   // Scatter the experts' dx per token in rank order, plus the residual path.
-  const bool residual = cfg.residual;
-  const float* dr = dxret.data();
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    float* dxt = dx + t * d;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t s = s2d[t * k + j];
-      if (s < 0) continue;
-      const float* src = dr + int64_t{s} * d;
-      for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
-    }
-    if (residual)
-      for (int64_t c = 0; c < d; ++c) dxt[c] += dy[t * Do + c];
-  }
+  ::moe::detail::gather_backward_rows(dx, dxret.data(), s2d, T, k, d, false,
+                                      cfg.residual ? dy : nullptr);
 }
 
 ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
@@ -638,6 +574,7 @@ ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
   m.El = m.shard.count(m.comm.rank());
   m.Emax = (cfg.n_experts + P - 1) / P;
   m.shape = ::moe::detail::ExpertShape::of(cfg);
+  m.prec.precision = cfg.precision;
   m.shape.E = m.El;
   for (const auto& n : full->parameter_names()) {
     m.index[n] = m.names.size();
@@ -667,8 +604,7 @@ int64_t ExpertParallelMoE::expert_begin() const { return impl_->e0; }
 int64_t ExpertParallelMoE::expert_end() const { return impl_->e0 + impl_->El; }
 std::vector<std::string> ExpertParallelMoE::parameter_names() const { return impl_->names; }
 Tensor& ExpertParallelMoE::param(const std::string& n) {
-  impl_->wb.invalidate();  // the caller may write through it
-  impl_->wi.invalidate();
+  impl_->prec.invalidate();  // the caller may write through it
   return impl_->params[impl_->find(n)];
 }
 const Tensor& ExpertParallelMoE::param(const std::string& n) const {

@@ -8,20 +8,11 @@
 #include "common/gemm_bf16_packed.hpp"
 #include "experts/activation.hpp"
 #include "experts/int8.hpp"
+#include "experts/precision.hpp"
 
 namespace moe::detail {
 
 namespace {
-
-// The operands of p: fp32 (A, B) or bf16 (Ab, Bb).
-void set_operands(GemmProblem& p, const float* A, const float* B) {
-  p.A = A;
-  p.B = B;
-}
-void set_operands(GemmProblem& p, const uint16_t* A, const uint16_t* B) {
-  p.Ab = A;
-  p.Bb = B;
-}
 
 // C rows of expert e (n_e, N) = A rows (n_e, K) · op(B_e) + beta·C, for every expert with
 // rows, then epi on them. fp32: B is stacked (E, K, N), or (E, N, K) read transposed when
@@ -43,7 +34,8 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
       p.Ab = A + off[e] * lda;
       p.Bp = B + e * packed_bf16_size(K, N);
     } else {
-      set_operands(p, A + off[e] * lda, B + e * K * N);
+      p.A = A + off[e] * lda;
+      p.B = B + e * K * N;
     }
     p.lda = lda;
     p.ldb = trans_b ? K : N;
@@ -59,24 +51,44 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
 }
 
 // dW_e (M, N) += A rowsᵀ (M, n_e) · D rows (n_e, N) for every expert with rows: the
-// reduction runs over the expert's rows, in one GEMM, never token by token. fp32: A is
-// (R, M) and its rows are read transposed. bf16: A holds each expert's rows already
-// transposed (transpose_per_expert), (M, n_e) at A + off[e]·M with row stride n_e.
-template <typename T>
-void add_weight_grad(GroupedGemm& gg, float* dW, const T* A, int64_t M, const T* D, int64_t N,
-                     const int64_t* off, int64_t E) {
-  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+// reduction runs over the expert's rows, in one GEMM, never token by token. fp32: A (R, M)
+// and D (R, N) rows, A read transposed. bf16: A holds each expert's rows already transposed
+// (transpose_per_expert), (M, n_e) at A + off[e]·M with row stride n_e, and D each expert's
+// rows packed as a (n_e, N) weight matrix (pack_per_expert) at D + poff[e]: the packed
+// kernels (AMX where present) run the weight gradients too.
+void add_weight_grad(GroupedGemm& gg, float* dW, const float* A, int64_t M, const float* D,
+                     int64_t N, const int64_t* off, int64_t E) {
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
     GemmProblem p;
-    p.trans_a = !bf16;
+    p.trans_a = true;
     p.M = M;
     p.N = N;
     p.K = n;
-    set_operands(p, A + off[e] * M, D + off[e] * N);
-    p.lda = bf16 ? n : M;
+    p.A = A + off[e] * M;
+    p.B = D + off[e] * N;
+    p.lda = M;
     p.ldb = N;
+    p.beta = 1.0f;
+    p.C = dW + e * M * N;
+    p.ldc = N;
+    gg.add(p);
+  }
+}
+void add_weight_grad(GroupedGemm& gg, float* dW, const uint16_t* AT, int64_t M,
+                     const uint16_t* Dp, const std::vector<int64_t>& poff, int64_t N,
+                     const int64_t* off, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    GemmProblem p;
+    p.M = M;
+    p.N = N;
+    p.K = n;
+    p.Ab = AT + off[e] * M;
+    p.lda = n;
+    p.Bp = Dp + poff[e];
     p.beta = 1.0f;
     p.C = dW + e * M * N;
     p.ldc = N;
@@ -216,98 +228,151 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
   }
 }
 
-void experts_backward_bf16(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
-                           const ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                           const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                           const ExpertsBf16& bf) {
-  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
-  ExpertWeightsBf16& wb = *bf.w;
-  ExpertScratchBf16& sb = *bf.scratch;
-  wb.prepare_backward(w, s);
-  uint16_t* xT = grown(sb.xgT, R * d);
-  transpose_per_expert(xT, xg, d, off, E);
-  uint16_t* dob = grown(sb.dout, R * Do);
-  switch (s.kind) {
-    case ExpertKind::linear_relu: {
-      const float* out = acts.out;
-#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
-      for (int64_t i = 0; i < R * Do; ++i) {
-        if (!(out[i] > 0.0f)) dout[i] = 0.0f;
-        dob[i] = to_bf16(dout[i]);
-      }
-      if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
-      add_weight_grad(gg, g.dW1, xT, d, dob, Do, off, E);
-      add_rowwise(gg, dxg, d, dob, Do, wb.W1t.data(), false, d, Do, 0.0f, off, E);
-      gg.run();
-      break;
-    }
-    case ExpertKind::mlp:
-    case ExpertKind::swiglu:
-    case ExpertKind::clamped_swiglu: {
-      const bool glu = gated_kind(s.kind), clamped = s.kind == ExpertKind::clamped_swiglu;
-      if (g.db2) add_bias_grad(g.db2, dout, Do, off, E);
-      to_bf16_n(dob, dout, R * Do);
-      uint16_t* hT = grown(sb.hidT, R * F);
-      transpose_per_expert(hT, sb.hid.data(), F, off, E);
-      add_weight_grad(gg, g.dW2, hT, F, dob, Do, off, E);
-      add_rowwise(gg, scr.dh, F, dob, Do, wb.W2t.data(), false, F, Do, 0.0f, off, E);
-      gg.run();
-      float* dh = scr.dh;
-      uint16_t* dhb = grown(sb.dh, R * F);
-      const float* a1 = acts.a1;
-      if (clamped) {
-        // The bias gradients take the unrounded da1 and da3 (kept in dh and scr.da3).
-        uint16_t* da3b = grown(sb.da3, R * F);
-        float* da3 = scr.da3;
-        const float* a3 = acts.a3;
-        const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) {
-          float d1, d3;
-          clamped_swiglu_grad_f32(&d1, &d3, a1[i], a3[i], alpha, limit);
-          da3[i] = dh[i] * d3;
-          dh[i] *= d1;
-          da3b[i] = to_bf16(da3[i]);
-          dhb[i] = to_bf16(dh[i]);
-        }
-        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
-        if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
-        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
-        add_weight_grad(gg, g.dW3, xT, d, da3b, F, off, E);
-        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
-        gg.run();
-        add_rowwise(gg, dxg, d, da3b, F, wb.W3t.data(), false, d, F, 1.0f, off, E);
-        gg.run();
-      } else if (glu) {
-        uint16_t* da3b = grown(sb.da3, R * F);
-        const float* a3 = acts.a3;
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) {
-          da3b[i] = to_bf16(dh[i] * silu_f32(a1[i]));
-          dhb[i] = to_bf16(dh[i] * a3[i] * silu_grad_f32(a1[i]));
-        }
-        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
-        add_weight_grad(gg, g.dW3, xT, d, da3b, F, off, E);
-        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
-        gg.run();
-        add_rowwise(gg, dxg, d, da3b, F, wb.W3t.data(), false, d, F, 1.0f, off, E);
-        gg.run();
-      } else {
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) {
-          dh[i] *= act_grad(s.act, a1[i]);
-          dhb[i] = to_bf16(dh[i]);
-        }
-        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
-        add_weight_grad(gg, g.dW1, xT, d, dhb, F, off, E);
-        add_rowwise(gg, dxg, d, dhb, F, wb.W1t.data(), false, d, F, 0.0f, off, E);
-        gg.run();
-      }
-      break;
-    }
+// Each expert's rows of D (R, N) rounded to bf16 and packed as a (n_e, N) weight matrix,
+// expert e's at Dp + poff[e]: the B operand of its weight gradient. One task per expert.
+void pack_per_expert(std::vector<uint16_t>& Dp, std::vector<int64_t>& poff, const float* D,
+                     int64_t N, const int64_t* off, int64_t E) {
+  poff.assign(static_cast<size_t>(E + 1), 0);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    poff[e + 1] = poff[e] + (n > 0 ? packed_bf16_size(n, N) : 0);
+  }
+  uint16_t* dst = grown(Dp, poff[E]);
+#pragma omp parallel for schedule(dynamic, 1) if (off[E] * N >= kParallelMin)
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n > 0) pack_bf16(dst + poff[e], D + off[e] * N, N, 1, n, N);
   }
 }
 
+// The backward's upstream operands: dout (the output's gradient), dh and da3 (the hidden
+// pre-activations' gradients), each (R, width) in fp32 when computed.
+enum Upstream { kDout = 0, kDh = 1, kDa3 = 2 };
+
+// The operands of the backward's products in fp32: the upstream values as they are, the
+// forward's saved x and hidden rows, the masters read transposed for dx.
+struct Fp32Operands {
+  const ExpertWeights& w;
+  const ExpertShape& s;
+  const float* x;    // (R, d)
+  const float* hid;  // (R, F)
+  const int64_t* off;
+  const float* D[3] = {};
+  int64_t N[3] = {};
+  void take(Upstream u, const float* v, int64_t n) {
+    D[u] = v;
+    N[u] = n;
+  }
+  // dW += (x or hid)ᵀ · upstream u, per expert.
+  void weight_grad(GroupedGemm& gg, float* dW, bool of_x, Upstream u) {
+    add_weight_grad(gg, dW, of_x ? x : hid, of_x ? s.d : s.F, D[u], N[u], off, s.E);
+  }
+  // C (R, width of matrix's input) = upstream u · W_matrixᵀ (+ C with beta 1), per expert.
+  void dx(GroupedGemm& gg, float* C, Upstream u, int matrix, float beta) {
+    const float* W = matrix == 1 ? w.W1 : matrix == 2 ? w.W2 : w.W3;
+    const int64_t K = matrix == 2 ? s.F : s.d;
+    add_rowwise(gg, C, K, D[u], N[u], W, true, K, N[u], beta, off, s.E);
+  }
+};
+
+// The same in bf16: each upstream rounded once into the scratch (the dx products' rows)
+// and packed per expert (the weight gradients' B), x and hidden rows transposed per expert
+// (the weight gradients' A), the packed transposed copies of the weights for dx.
+struct Bf16Operands {
+  ExpertWeightsBf16& wb;
+  ExpertScratchBf16& sb;
+  const ExpertShape& s;
+  const uint16_t* xT;  // per expert (d, n_e)
+  const uint16_t* hT;  // per expert (F, n_e)
+  const int64_t* off;
+  const uint16_t* D[3] = {};
+  int64_t N[3] = {};
+  void take(Upstream u, const float* v, int64_t n) {
+    std::vector<uint16_t>& rows = u == kDout ? sb.dout : u == kDh ? sb.dh : sb.da3;
+    const int64_t R = off[s.E];
+    uint16_t* dst = grown(rows, R * n);
+    to_bf16_n(dst, v, R * n);
+    D[u] = dst;
+    N[u] = n;
+    pack_per_expert(sb.packed[u], sb.packed_off[u], v, n, off, s.E);
+  }
+  void weight_grad(GroupedGemm& gg, float* dW, bool of_x, Upstream u) {
+    add_weight_grad(gg, dW, of_x ? xT : hT, of_x ? s.d : s.F, sb.packed[u].data(),
+                    sb.packed_off[u], N[u], off, s.E);
+  }
+  void dx(GroupedGemm& gg, float* C, Upstream u, int matrix, float beta) {
+    const PackedStack& Wt = matrix == 1 ? wb.W1t : matrix == 2 ? wb.W2t : wb.W3t;
+    const int64_t K = matrix == 2 ? s.F : s.d;
+    add_rowwise(gg, C, K, D[u], N[u], Wt.data(), false, K, N[u], beta, off, s.E);
+  }
+};
+
+// The experts' backward on either precision's operands (docs/math.md §experts): the
+// elementwise passes and bias gradients in fp32, the products through ops.
+template <class Ops>
+void backward_products(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
+                       const ExpertActs& acts, const int64_t* off, const ExpertShape& s,
+                       GroupedGemm& gg, Ops& ops) {
+  const int64_t E = s.E, F = s.F, Do = s.Do, R = off[E];
+  if (s.kind == ExpertKind::linear_relu) {
+    // da = dout ⊙ 1[out > 0]: out = relu(a), so out > 0 exactly where a > 0.
+    const float* out = acts.out;
+#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
+    for (int64_t i = 0; i < R * Do; ++i)
+      if (!(out[i] > 0.0f)) dout[i] = 0.0f;
+    if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
+    ops.take(kDout, dout, Do);
+    ops.weight_grad(gg, g.dW1, true, kDout);
+    ops.dx(gg, dxg, kDout, 1, 0.0f);
+    gg.run();
+    return;
+  }
+  const bool glu = gated_kind(s.kind), clamped = s.kind == ExpertKind::clamped_swiglu;
+  if (g.db2) add_bias_grad(g.db2, dout, Do, off, E);
+  ops.take(kDout, dout, Do);
+  ops.weight_grad(gg, g.dW2, false, kDout);
+  ops.dx(gg, scr.dh, kDout, 2, 0.0f);
+  gg.run();
+  // dh becomes da1 in place, da3 beside it. A separate pass: fused into the dh tiles'
+  // epilogue it measured 1–2% slower (B1).
+  float *dh = scr.dh, *da3 = scr.da3;
+  const float* a1 = acts.a1;
+  if (clamped) {
+    const float* a3 = acts.a3;
+    const float alpha = s.alpha, limit = s.limit;
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
+    for (int64_t i = 0; i < R * F; ++i) {
+      float d1, d3;
+      clamped_swiglu_grad_f32(&d1, &d3, a1[i], a3[i], alpha, limit);
+      da3[i] = dh[i] * d3;
+      dh[i] *= d1;
+    }
+  } else if (glu) {
+    const float* a3 = acts.a3;
+#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
+    for (int64_t i = 0; i < R * F; ++i) {
+      da3[i] = dh[i] * silu_f32(a1[i]);
+      dh[i] *= a3[i] * silu_grad_f32(a1[i]);
+    }
+  } else {
+#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
+    for (int64_t i = 0; i < R * F; ++i) dh[i] *= act_grad(s.act, a1[i]);
+  }
+  if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
+  if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
+  ops.take(kDh, dh, F);
+  ops.weight_grad(gg, g.dW1, true, kDh);
+  if (glu) {
+    ops.take(kDa3, da3, F);
+    ops.weight_grad(gg, g.dW3, true, kDa3);
+  }
+  ops.dx(gg, dxg, kDh, 1, 0.0f);
+  gg.run();
+  if (glu) {
+    ops.dx(gg, dxg, kDa3, 3, 1.0f);
+    gg.run();
+  }
+}
 }  // namespace
 
 void ExpertWeightsBf16::pack_expert(PackedStack& stack, int64_t e, const float* src,
@@ -377,14 +442,16 @@ void ExpertWeightsBf16::prepare_backward(const ExpertWeights& w, const ExpertSha
 
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertsBf16* bf, const ExpertsInt8* i8) {
+                     ExpertPrecision* prec) {
   const int64_t d = s.d, F = s.F, R = off[s.E];
   if (R == 0) return;
-  if (i8) return experts_forward_int8(acts, xg, w, off, s, *i8);
-  if (!bf) return forward_products(acts, xg, w.W1, w.W2, w.W3, acts.hid, w, off, s, gg);
+  if (prec && prec->is_int8())
+    return experts_forward_int8(acts, xg, w, off, s, prec->int8, prec->int8_ops);
+  if (!prec || !prec->is_bf16())
+    return forward_products(acts, xg, w.W1, w.W2, w.W3, acts.hid, w, off, s, gg);
   // bf16: the weights' copies (made again if the masters changed) and the rows rounded.
-  ExpertWeightsBf16& wb = *bf->w;
-  ExpertScratchBf16& sb = *bf->scratch;
+  ExpertWeightsBf16& wb = prec->bf16;
+  ExpertScratchBf16& sb = prec->bf16_ops;
   wb.prepare_forward(w, s);
   uint16_t* x = grown(sb.xg, R * d);
   to_bf16_rows(x, d, xg, d, R, d);
@@ -396,75 +463,25 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
 void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
                       const ExpertActs& acts, const float* xg, const ExpertWeights& w,
                       const int64_t* off, const ExpertShape& s, GroupedGemm& gg,
-                      const ExpertsBf16* bf) {
-  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
+                      ExpertPrecision* prec) {
+  const int64_t E = s.E, R = off[E];
   if (R == 0) return;
-  if (bf) return experts_backward_bf16(dxg, g, dout, scr, acts, xg, w, off, s, gg, *bf);
-  switch (s.kind) {
-    case ExpertKind::linear_relu: {
-      // da = dout ⊙ 1[out > 0]: out = relu(a), so out > 0 exactly where a > 0.
-      const float* out = acts.out;
-#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
-      for (int64_t i = 0; i < R * Do; ++i)
-        if (!(out[i] > 0.0f)) dout[i] = 0.0f;
-      if (g.db1) add_bias_grad(g.db1, dout, Do, off, E);
-      add_weight_grad(gg, g.dW1, xg, d, dout, Do, off, E);
-      add_rowwise(gg, dxg, d, dout, Do, w.W1, true, d, Do, 0.0f, off, E);
-      gg.run();
-      break;
-    }
-    case ExpertKind::mlp: {
-      if (g.db2) add_bias_grad(g.db2, dout, Do, off, E);
-      add_weight_grad(gg, g.dW2, acts.hid, F, dout, Do, off, E);
-      add_rowwise(gg, scr.dh, F, dout, Do, w.W2, true, F, Do, 0.0f, off, E);
-      gg.run();
-      // A separate pass: fused into the dh tiles' epilogue it measured 1–2% slower (B1).
-      float* dh = scr.dh;
-      const float* a1 = acts.a1;
-#pragma omp parallel for schedule(static) if (R * F >= kParallelMin)
-      for (int64_t i = 0; i < R * F; ++i) dh[i] *= act_grad(s.act, a1[i]);
-      if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
-      add_weight_grad(gg, g.dW1, xg, d, dh, F, off, E);
-      add_rowwise(gg, dxg, d, dh, F, w.W1, true, d, F, 0.0f, off, E);
-      gg.run();
-      break;
-    }
-    case ExpertKind::swiglu:
-    case ExpertKind::clamped_swiglu: {
-      const bool clamped = s.kind == ExpertKind::clamped_swiglu;
-      if (clamped && g.db2) add_bias_grad(g.db2, dout, Do, off, E);
-      add_weight_grad(gg, g.dW2, acts.hid, F, dout, Do, off, E);
-      add_rowwise(gg, scr.dh, F, dout, Do, w.W2, true, F, Do, 0.0f, off, E);
-      gg.run();
-      float *dh = scr.dh, *da3 = scr.da3;
-      const float *a1 = acts.a1, *a3 = acts.a3;
-      if (clamped) {
-        const float alpha = s.alpha, limit = s.limit;
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) {
-          float d1, d3;
-          clamped_swiglu_grad_f32(&d1, &d3, a1[i], a3[i], alpha, limit);
-          da3[i] = dh[i] * d3;
-          dh[i] *= d1;  // becomes da1
-        }
-        if (g.db1) add_bias_grad(g.db1, dh, F, off, E);
-        if (g.db3) add_bias_grad(g.db3, da3, F, off, E);
-      } else {
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) {
-          da3[i] = dh[i] * silu_f32(a1[i]);
-          dh[i] *= a3[i] * silu_grad_f32(a1[i]);  // becomes da1
-        }
-      }
-      add_weight_grad(gg, g.dW1, xg, d, dh, F, off, E);
-      add_weight_grad(gg, g.dW3, xg, d, da3, F, off, E);
-      add_rowwise(gg, dxg, d, dh, F, w.W1, true, d, F, 0.0f, off, E);
-      gg.run();
-      add_rowwise(gg, dxg, d, da3, F, w.W3, true, d, F, 1.0f, off, E);
-      gg.run();
-      break;
-    }
+  if (!prec || !prec->is_bf16()) {
+    Fp32Operands ops{w, s, xg, acts.hid, off};
+    return backward_products(dxg, g, dout, scr, acts, off, s, gg, ops);
   }
+  ExpertWeightsBf16& wb = prec->bf16;
+  ExpertScratchBf16& sb = prec->bf16_ops;
+  wb.prepare_backward(w, s);
+  uint16_t* xT = grown(sb.xgT, R * s.d);
+  transpose_per_expert(xT, xg, s.d, off, E);
+  uint16_t* hT = nullptr;
+  if (s.kind != ExpertKind::linear_relu) {
+    hT = grown(sb.hidT, R * s.F);
+    transpose_per_expert(hT, sb.hid.data(), s.F, off, E);
+  }
+  Bf16Operands ops{wb, sb, s, xT, hT, off};
+  backward_products(dxg, g, dout, scr, acts, off, s, gg, ops);
 }
 
 }  // namespace moe::detail

@@ -131,33 +131,33 @@ struct ExpertWeightsBf16 {
 };
 
 // The operands of the bf16 products, rounded to bf16 as they enter them: rows (R, ·) each,
-// and for the weight gradients the rows of each expert transposed, (·, n_e) at row offset
-// off[e]·width. Grows, never shrinks.
+// for the weight gradients the rows of each expert transposed, (·, n_e) at row offset
+// off[e]·width, and the upstream gradients (dout, dh, da3) packed per expert as the B of
+// the weight gradients (packed_off: each expert's start). Grows, never shrinks.
 struct ExpertScratchBf16 {
   std::vector<uint16_t> xg, hid, dout, dh, da3, xgT, hidT;
+  std::vector<uint16_t> packed[3];
+  std::vector<int64_t> packed_off[3];
 };
 
-// The bf16 path of experts_forward / experts_backward; null means fp32.
-struct ExpertsBf16 {
-  ExpertWeightsBf16* w = nullptr;
-  ExpertScratchBf16* scratch = nullptr;
-};
+class ExpertPrecision;  // experts/precision.hpp
 
-struct ExpertsInt8;  // experts/int8.hpp
-
-// acts.out is assigned from xg (R, d). With i8 (precision int8, evaluation only), the int8
-// products of experts/int8.hpp run instead (acts.a1, a3, hid hold fp32 values). With bf, every product takes bf16 operands and
-// accumulates in fp32 (biases, activations and everything else stay fp32); acts.hid is then
-// not written (the bf16 hidden activations live in the scratch, for backward).
+// acts.out is assigned from xg (R, d). prec (experts/precision.hpp) holds the stack's
+// precision state; null or fp32: the masters' fp32 products. int8 (evaluation only): the int8
+// products of experts/int8.hpp (acts.a1, a3, hid hold fp32 values). bf16: every product takes
+// bf16 operands and accumulates in fp32 (biases, activations and everything else stay fp32);
+// acts.hid is then not written (the bf16 hidden activations live in prec's scratch, for
+// backward).
 void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                      const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
-                     const ExpertsBf16* bf = nullptr, const ExpertsInt8* i8 = nullptr);
+                     ExpertPrecision* prec = nullptr);
 
 // dxg (R, d) is assigned; dout (R, Do) is the gradient of acts.out and is used as scratch
-// (overwritten). Parameter gradients accumulate. bf must be what the forward had.
+// (overwritten). Parameter gradients accumulate. prec must be what the forward had (fp32 or
+// bf16): the same products in both, on their operands (one code path, experts.cpp).
 void experts_backward(float* dxg, ExpertGrads& g, float* dout, ExpertScratch& scr,
                       const ExpertActs& acts, const float* xg, const ExpertWeights& w,
                       const int64_t* offsets, const ExpertShape& s, GroupedGemm& gg,
-                      const ExpertsBf16* bf = nullptr);
+                      ExpertPrecision* prec = nullptr);
 
 }  // namespace moe::detail

@@ -365,12 +365,11 @@ void ExpertWeightsInt8::assign(const std::string& matrix, int64_t e, const float
 }
 
 void experts_forward_int8(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                          const int64_t* off, const ExpertShape& s, const ExpertsInt8& i8) {
+                          const int64_t* off, const ExpertShape& s, ExpertWeightsInt8& wi,
+                          ExpertScratchInt8& sc) {
   using Epi = Product::Epi;
   const int64_t R = off[s.E];
   if (R == 0) return;
-  ExpertWeightsInt8& wi = *i8.w;
-  ExpertScratchInt8& sc = *i8.scratch;
   wi.prepare(w, s);
   const int64_t ldx = wi.W1.K4 * 4;
   uint8_t* xq = grown(sc.x, R * ldx);

@@ -104,11 +104,6 @@ struct ExpertScratchInt8 {
   std::vector<float> x_scale, hid_scale;
 };
 
-struct ExpertsInt8 {
-  ExpertWeightsInt8* w = nullptr;
-  ExpertScratchInt8* scratch = nullptr;
-};
-
 // Quantizes rows of src (rows, cols), stride lds, to dst (rows, ldd bytes) as qx + 128 (the
 // padding up to ldd filled with 128, i.e. zero) and their scales. Parallel when large.
 void quantize_rows_u8(uint8_t* dst, int64_t ldd, float* scales, const float* src, int64_t lds,
@@ -126,6 +121,7 @@ const char* int8_kernel_name();
 // The int8 forward of experts_forward: acts.out is assigned from xg (R, d); acts.a1 (and
 // a3 for swiglu) receive the fp32 pre-activations, acts.hid is not written.
 void experts_forward_int8(ExpertActs& acts, const float* xg, const ExpertWeights& w,
-                          const int64_t* offsets, const ExpertShape& s, const ExpertsInt8& i8);
+                          const int64_t* offsets, const ExpertShape& s, ExpertWeightsInt8& wi,
+                          ExpertScratchInt8& sc);
 
 }  // namespace moe::detail

@@ -28,7 +28,7 @@ void expert_choice_forward(float* y, ExpertChoicePlan& plan, RouterState& routin
   }
 
   ExpertActs acts{b.a1, b.a3, b.hid, b.out};
-  experts_forward(acts, b.xg, L.experts, plan.offsets.data(), *L.shape, *L.gg, L.bf16, L.int8);
+  experts_forward(acts, b.xg, L.experts, plan.offsets.data(), *L.shape, *L.gg, L.prec);
 
   // Combine: per token, its rows in expert order.
   const int32_t* toff = plan.tok_offsets.data();
@@ -99,7 +99,7 @@ void expert_choice_backward(float* dx, RouterGrads& rg, ExpertGrads& eg, const f
   ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   ExpertScratch scr{b.dh, b.da3};
   experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, L.experts, plan.offsets.data(), *L.shape,
-                   *L.gg, L.bf16);
+                   *L.gg, L.prec);
 
   // Router: S = softmax(H), so dS enters exactly as the balancing loss's ∂L/∂probs would;
   // the selection itself is piecewise constant. z-loss through h. dx is assigned here.

@@ -6,6 +6,7 @@
 
 #include "dispatch/expert_choice.hpp"
 #include "experts/experts.hpp"
+#include "experts/precision.hpp"
 #include "layer/workspace.hpp"
 #include "moe/layer.hpp"
 
@@ -18,10 +19,9 @@ struct ExpertChoiceLayer {
   const ExpertShape* shape = nullptr;
   RouterParams router;
   ExpertWeights experts;
-  const ExpertsBf16* bf16 = nullptr;  // precision bf16, else null
+  ExpertPrecision* prec = nullptr;  // the experts' precision state (null: fp32)
   LayerBuffers b;  // carved for T with R = E·C rows (layer_workspace_floats)
   GroupedGemm* gg = nullptr;
-  const ExpertsInt8* int8 = nullptr;  // precision int8 (evaluation), else null
 };
 
 // y is (T, d_out), x is (T, d). routing holds router_forward's output for x (its probs are

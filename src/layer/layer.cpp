@@ -15,8 +15,10 @@
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "dispatch/capacity_plan.hpp"
+#include "dispatch/gather_combine.hpp"
 #include "experts/experts.hpp"
 #include "experts/int8.hpp"
+#include "experts/precision.hpp"
 #include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
 #include "layer/shared_experts.hpp"
@@ -81,14 +83,8 @@ struct MoELayer::Impl {
   detail::GroupedGemm gg;
   detail::BalanceState balance;  // aux_loss kinds: global loads, shazeer scratch
   detail::SharedExperts shared;  // n_shared_experts > 0
-  // precision bf16: the copies of the expert weights and the products' bf16 operands.
-  detail::ExpertWeightsBf16 wb;
-  detail::ExpertScratchBf16 sb;
-  detail::ExpertsBf16 bf16_state{&wb, &sb};
-  // precision int8: the quantized expert weights and the rows' int8 operands.
-  detail::ExpertWeightsInt8 wi;
-  detail::ExpertScratchInt8 si;
-  detail::ExpertsInt8 int8_state{&wi, &si};
+  // The routed experts' weights and operands in the layer's precision (bf16, int8).
+  detail::ExpertPrecision prec;
 
   // LayerOptions::masters: false once the expert matrices live only in the layer's precision
   // (then specs/names/params leave them out).
@@ -137,15 +133,9 @@ struct MoELayer::Impl {
   detail::ExpertWeights expert_weights() const {
     return {p("W1"), p("b1"), p("W2"), p("b2"), p("W3"), p("b3")};
   }
-  const detail::ExpertsBf16* bf16() const {
-    return cfg.precision == Precision::bf16 ? &bf16_state : nullptr;
-  }
-  const detail::ExpertsInt8* int8() const {
-    return cfg.precision == Precision::int8 ? &int8_state : nullptr;
-  }
   detail::ExpertChoiceLayer expert_choice_layer(int64_t T) {
-    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), bf16(), ws.carve(cfg, T),
-            &gg, int8()};
+    return {&cfg, &rcfg, &shape, router_params(), expert_weights(), &prec, ws.carve(cfg, T),
+            &gg};
   }
   // param() hands out mutable tensors: a caller may have replaced one with a wrong shape.
   void check_params() const {
@@ -197,6 +187,8 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
   m.cfg = cfg;
   m.rcfg = cfg.router();
   m.shape = detail::ExpertShape::of(cfg);
+  m.prec.precision = cfg.precision;
+  m.shared.precision().precision = cfg.precision;
   m.specs = detail::parameter_specs(cfg);
   const std::vector<detail::ParamSpec> all_specs = m.specs;
   m.masters = opt.masters || cfg.precision == Precision::fp32;
@@ -224,19 +216,15 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
     int64_t held = 0;  // the copies in the layer's precision, 2 bytes a value in bf16
     for (const auto& spec : all_specs)
       if (expert_matrix_slot(spec.name)) held += Tensor::numel_of(spec.shape);
-    if (cfg.precision == Precision::int8) {  // a byte a value (and 8 per column)
-      allocate_or_throw("expert weights (int8)", held / 4, [&] {
-        m.wi.hold_only(stack_shape(all_specs, cfg, false));
-        if (cfg.n_shared_experts > 0)
-          m.shared.int8_weights().hold_only(stack_shape(all_specs, cfg, true));
-      });
-    } else {
-      allocate_or_throw("expert weights (bf16)", held / 2, [&] {
-        m.wb.hold_only(stack_shape(all_specs, cfg, false), opt.initialise);
-        if (cfg.n_shared_experts > 0)
-          m.shared.bf16_weights().hold_only(stack_shape(all_specs, cfg, true), opt.initialise);
-      });
-    }
+    // A byte a value in int8 (and 8 per column), two in bf16.
+    const bool int8 = cfg.precision == Precision::int8;
+    allocate_or_throw(int8 ? "expert weights (int8)" : "expert weights (bf16)",
+                      int8 ? held / 4 : held / 2, [&] {
+                        m.prec.hold_only(stack_shape(all_specs, cfg, false), opt.initialise);
+                        if (cfg.n_shared_experts > 0)
+                          m.shared.precision().hold_only(stack_shape(all_specs, cfg, true),
+                                                         opt.initialise);
+                      });
   }
 }
 
@@ -274,14 +262,8 @@ void MoELayer::set_expert_matrix(const std::string& name, int64_t e, const float
     std::copy(src, src + n, param(name).data.begin() + e * n);  // param() marks the copies stale
     return;
   }
-  const bool shared = name[1] == 's';
-  if (m.cfg.precision == Precision::int8) {  // quantized from src, one expert matrix
-    static const char* const kMatrix[] = {"", "W1", "W2", "W3"};  // by slot
-    (shared ? m.shared.int8_weights() : m.wi).assign(kMatrix[slot], e, src);
-    return;
-  }
-  detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
-  wb.assign(slot, e, src, stack_shape(specs, m.cfg, shared));
+  const bool shared = name[1] == 's';  // rounded or quantized from src, one expert matrix
+  (shared ? m.shared.precision() : m.prec).assign(slot, e, src, stack_shape(specs, m.cfg, shared));
 }
 
 void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const uint16_t* src,
@@ -293,8 +275,8 @@ void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const 
   const int64_t In = spec->shape[1], Out = spec->shape[2];
   if (!m.masters && m.cfg.precision == Precision::bf16) {
     const bool shared = name[1] == 's';
-    detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
-    wb.assign_bf16(slot, e, src, s_in, s_out, stack_shape(specs, m.cfg, shared));
+    (shared ? m.shared.precision() : m.prec)
+        .assign_bf16(slot, e, src, s_in, s_out, stack_shape(specs, m.cfg, shared));
     return;
   }
   std::vector<float> wide(static_cast<size_t>(In * Out));
@@ -313,27 +295,8 @@ Tensor MoELayer::expert_matrix(const std::string& name) const {
   const detail::ParamSpec* spec = &find_expert_matrix(specs, name, "expert_matrix");
   if (m.masters) return param(name);
   Tensor out(spec->shape);
-  const int64_t E = spec->shape[0], K = spec->shape[1], N = spec->shape[2];
   const bool shared = name[1] == 's';
-  if (m.cfg.precision == Precision::int8) {
-    const detail::ExpertWeightsInt8& wi = shared ? m.shared.int8_weights() : m.wi;
-    const detail::Int8Stack& st = slot == 1 ? wi.W1 : slot == 2 ? wi.W2 : wi.W3;
-    const int64_t cols = st.NB * detail::Int8Stack::kCols;
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < N; ++j)
-          out.data[(e * K + k) * N + j] =
-              static_cast<float>(st.at(e, k, j)) * st.scale[e * cols + j];
-    return out;
-  }
-  const detail::ExpertWeightsBf16& wb = shared ? m.shared.bf16_weights() : m.wb;
-  const detail::PackedStack& st = slot == 1 ? wb.W1 : slot == 2 ? wb.W2 : wb.W3;
-  const int64_t size = detail::packed_bf16_size(K, N);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < N; ++j)
-        out.data[(e * K + k) * N + j] =
-            detail::from_bf16(st[e * size + detail::packed_bf16_index(K, k, j)]);
+  (shared ? m.shared.precision() : m.prec).read(slot, out.data.data(), stack_shape(specs, m.cfg, shared));
   return out;
 }
 
@@ -341,29 +304,12 @@ void MoELayer::drop_masters() {
   Impl& m = *impl_;
   if (!m.masters || m.cfg.precision == Precision::fp32) return;
   const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
-  if (m.cfg.precision == Precision::int8) {  // the int8 weights, quantized once, stay
-    m.wi.invalidate();
-    m.wi.prepare(m.expert_weights(), m.shape);
-    m.wi.fixed = true;
-    if (m.cfg.n_shared_experts > 0) {
-      const detail::SharedWeights sw = m.shared_weights();
-      detail::ExpertWeightsInt8& si = m.shared.int8_weights();
-      si.invalidate();
-      si.prepare({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3, sw.b3}, stack_shape(specs, m.cfg, true));
-      si.fixed = true;
-    }
-  } else {
-    m.wb.invalidate();
-    m.wb.prepare_forward(m.expert_weights(), m.shape);
-    m.wb.fixed = true;
-    if (m.cfg.n_shared_experts > 0) {
-      // The shared stack's copies, made the same way from its masters.
-      const detail::SharedWeights sw = m.shared_weights();
-      detail::ExpertWeightsBf16& sb = m.shared.bf16_weights();
-      sb.invalidate();
-      sb.prepare_forward({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3}, stack_shape(specs, m.cfg, true));
-      sb.fixed = true;
-    }
+  // The copies, made once more from the masters, become the weights (int8 quantized once).
+  m.prec.fix_from(m.expert_weights(), m.shape);
+  if (m.cfg.n_shared_experts > 0) {
+    const detail::SharedWeights sw = m.shared_weights();
+    m.shared.precision().fix_from({sw.W1, sw.b1, sw.W2, sw.b2, sw.W3, sw.b3},
+                                  stack_shape(specs, m.cfg, true));
   }
   std::vector<detail::ParamSpec> keep_specs;
   std::vector<std::string> keep_names;
@@ -409,8 +355,7 @@ void MoELayer::zero_grad() {
 }
 void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
 void MoELayer::weights_changed() {
-  impl_->wb.invalidate();
-  impl_->wi.invalidate();
+  impl_->prec.invalidate();
   impl_->shared.weights_changed();
 }
 const MoEStats& MoELayer::stats() const { return impl_->stats; }
@@ -498,37 +443,15 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   const detail::CapacityPlan& plan = m.plan;
   const int64_t R = plan.n_kept;
   std::copy(x, x + T * d, b.x);
-  const int32_t* d2s = plan.dest_to_src.data();
-#pragma omp parallel for schedule(static) if (R * d >= kParallelMin)
-  for (int64_t s = 0; s < R; ++s) {
-    const float* src = x + (d2s[s] / k) * d;
-    std::copy(src, src + d, b.xg + s * d);
-  }
+  detail::gather_rows(b.xg, x, plan.dest_to_src.data(), R, k, d);
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16(), m.int8());
+                          &m.prec);
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
-  const int32_t* s2d = plan.src_to_dest.data();
-  const float* w = m.routing.weights.data();
-  const float* out = b.out;
-  const bool residual = cfg.residual;
-#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    float* yt = y + t * Do;
-    if (residual)
-      std::copy(x + t * d, x + (t + 1) * d, yt);
-    else
-      std::fill(yt, yt + Do, 0.0f);
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t s = s2d[t * k + j];
-      if (s < 0) continue;
-      const float g = w[t * k + j];
-      const float* o = out + int64_t{s} * Do;
-      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
-    }
-  }
+  detail::combine_rows(y, b.out, plan.src_to_dest.data(), m.routing.weights.data(), T, k, Do,
+                       cfg.residual ? x : nullptr);
 
   if (cfg.n_shared_experts > 0) m.shared.forward(y, x, T, m.shared_weights(), cfg);
 
@@ -581,30 +504,14 @@ void MoELayer::backward(float* dx, const float* dy) {
   // Combine backward: dG[t,j] = dy_t · out(t,j) and dout(t,j) = G[t,j]·dy_t for kept j;
   // a dropped assignment contributed nothing, so it gets nothing back.
   float* dG = b.dweights;
-#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t s = s2d[t * k + j];
-      float acc = 0.0f;
-      if (s >= 0) {
-        const float* o = out + int64_t{s} * Do;
-        for (int64_t c = 0; c < Do; ++c) acc += dy[t * Do + c] * o[c];
-      }
-      dG[t * k + j] = acc;
-    }
-#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
-  for (int64_t s = 0; s < R; ++s) {
-    const int64_t a = d2s[s];
-    const float g = w[a];
-    const float* dyt = dy + (a / k) * Do;
-    for (int64_t c = 0; c < Do; ++c) b.dout[s * Do + c] = g * dyt[c];
-  }
+  detail::combine_backward_weights(dG, dy, out, s2d, T, k, Do);
+  detail::combine_backward_rows(b.dout, dy, d2s, w, R, k, Do);
 
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::ExpertScratch scr{b.dh, b.da3};
   detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
-                           plan.offsets.data(), m.shape, m.gg, m.bf16());
+                           plan.offsets.data(), m.shape, m.gg, &m.prec);
 
   // Router: gate weights, balancing loss (through P, or for shazeer through the gates, h and
   // the noise scale), z-loss through h. dx is assigned here.
@@ -656,19 +563,7 @@ void MoELayer::backward(float* dx, const float* dy) {
   }
 
   // Scatter the experts' dx back per token, in rank order, plus the residual path.
-  const bool residual = cfg.residual;
-#pragma omp parallel for schedule(static) if (T * (k + 1) * d >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    float* dxt = dx + t * d;
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t s = s2d[t * k + j];
-      if (s < 0) continue;
-      const float* src = b.dxg + int64_t{s} * d;
-      for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
-    }
-    if (residual)
-      for (int64_t c = 0; c < d; ++c) dxt[c] += dy[t * Do + c];
-  }
+  detail::gather_backward_rows(dx, b.dxg, s2d, T, k, d, false, cfg.residual ? dy : nullptr);
   if (cfg.n_shared_experts > 0) {
     detail::SharedGrads sg{m.g("Ws1"), m.g("bs1"), m.g("Ws2"), m.g("bs2"), m.g("Ws3"),
                            m.g("w_shared_gate"), m.g("bs3")};
@@ -710,29 +605,12 @@ void MoELayer::forward_routed(float* y, const float* x, int64_t T, const int32_t
                               DropPolicy::position);
   detail::LayerBuffers b = m.ws.carve(wc, T);
   const detail::CapacityPlan& plan = m.plan;
-  const int64_t R = plan.n_kept;
-  const int32_t* d2s = plan.dest_to_src.data();
-#pragma omp parallel for schedule(static) if (R * d >= kParallelMin)
-  for (int64_t s = 0; s < R; ++s) {
-    const float* src = x + (d2s[s] / k) * d;
-    std::copy(src, src + d, b.xg + s * d);
-  }
+  detail::gather_rows(b.xg, x, plan.dest_to_src.data(), plan.n_kept, k, d);
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::experts_forward(acts, b.xg, m.expert_weights(), plan.offsets.data(), m.shape, m.gg,
-                          m.bf16(), m.int8());
+                          &m.prec);
   // The combine of forward, in the same order: y_t = Σ_j w_tj·out(t, j).
-  const int32_t* s2d = plan.src_to_dest.data();
-  const float* out = b.out;
-#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    float* yt = y + t * Do;
-    std::fill(yt, yt + Do, 0.0f);
-    for (int64_t j = 0; j < k; ++j) {
-      const float g = weights[t * k + j];
-      const float* o = out + int64_t{s2d[t * k + j]} * Do;
-      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
-    }
-  }
+  detail::combine_rows(y, b.out, plan.src_to_dest.data(), weights, T, k, Do, nullptr);
   m.T = T;
   m.routed_weights.assign(weights, weights + T * k);
   m.routed_k = k;
@@ -759,34 +637,14 @@ void MoELayer::backward_routed(float* dx, float* dweights, const float* dy) {
   const float* w = m.routed_weights.data();
   const float* out = b.out;
   // The combine's backward, as in backward(): dweights[t,j] = dy_t·out(t,j), dout = w·dy_t.
-#pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const float* o = out + int64_t{s2d[t * k + j]} * Do;
-      float acc = 0.0f;
-      for (int64_t c = 0; c < Do; ++c) acc += dy[t * Do + c] * o[c];
-      dweights[t * k + j] = acc;
-    }
-#pragma omp parallel for schedule(static) if (R * Do >= kParallelMin)
-  for (int64_t s = 0; s < R; ++s) {
-    const int64_t a = d2s[s];
-    const float* dyt = dy + (a / k) * Do;
-    for (int64_t c = 0; c < Do; ++c) b.dout[s * Do + c] = w[a] * dyt[c];
-  }
+  detail::combine_backward_weights(dweights, dy, out, s2d, T, k, Do);
+  detail::combine_backward_rows(b.dout, dy, d2s, w, R, k, Do);
   detail::ExpertActs acts{b.a1, b.a3, b.hid, b.out};
   detail::ExpertScratch scr{b.dh, b.da3};
   detail::ExpertGrads eg{m.g("W1"), m.g("b1"), m.g("W2"), m.g("b2"), m.g("W3"), m.g("b3")};
   detail::experts_backward(b.dxg, eg, b.dout, scr, acts, b.xg, m.expert_weights(),
-                           plan.offsets.data(), m.shape, m.gg, m.bf16());
-#pragma omp parallel for schedule(static) if (T * k * d >= kParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    float* dxt = dx + t * d;
-    std::fill(dxt, dxt + d, 0.0f);
-    for (int64_t j = 0; j < k; ++j) {
-      const float* src = b.dxg + int64_t{s2d[t * k + j]} * d;
-      for (int64_t c = 0; c < d; ++c) dxt[c] += src[c];
-    }
-  }
+                           plan.offsets.data(), m.shape, m.gg, &m.prec);
+  detail::gather_backward_rows(dx, b.dxg, s2d, T, k, d, true, nullptr);
   m.routed_k = 0;  // the activations were used as scratch
 }
 

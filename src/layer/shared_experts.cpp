@@ -103,8 +103,7 @@ void SharedExperts::forward(float* y, const float* x, int64_t T, const SharedWei
   ExpertActs acts{a1_.data(), a3_.empty() ? nullptr : a3_.data(),
                   hid_.empty() ? nullptr : hid_.data(), out_.data()};
   ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3, w.b3};
-  experts_forward(acts, xg_.data(), ew, offsets_.data(), shared_shape(cfg), gg_, bf16(cfg),
-                  int8(cfg));
+  experts_forward(acts, xg_.data(), ew, offsets_.data(), shared_shape(cfg), gg_, &prec_);
 
   const float* out = out_.data();
   float* sum = sum_.data();
@@ -167,7 +166,7 @@ void SharedExperts::backward(float* dx, SharedGrads& g, const float* dy, const S
   ExpertWeights ew{w.W1, w.b1, w.W2, w.b2, w.W3, w.b3};
   ExpertGrads eg{g.dW1, g.db1, g.dW2, g.db2, g.dW3, g.db3};
   experts_backward(dxg_.data(), eg, dout, scr, acts, xg_.data(), ew, offsets_.data(),
-                   shared_shape(cfg), gg_, bf16(cfg));
+                   shared_shape(cfg), gg_, &prec_);
   const float* dxg = dxg_.data();
 #pragma omp parallel for schedule(static) if (T * n * d >= kParallelMin)
   for (int64_t t = 0; t < T; ++t)

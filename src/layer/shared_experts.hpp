@@ -19,6 +19,7 @@
 #include "experts/experts.hpp"
 #include "experts/int8.hpp"
 #include "experts/int8_ref.hpp"
+#include "experts/precision.hpp"
 #include "layer/init.hpp"
 #include "moe/layer.hpp"
 
@@ -50,35 +51,20 @@ class SharedExperts {
   // dx (T, d) += the shared path's part for dy (T, Do); parameter gradients accumulate.
   void backward(float* dx, SharedGrads& g, const float* dy, const SharedWeights& w,
                 const MoEConfig& cfg);
-  // precision bf16: the weights may have changed; their bf16 copies are made again.
-  void weights_changed() {
-    wb_.invalidate();
-    wi_.invalidate();
-  }
-  // The bf16 / int8 copies themselves (a layer without masters writes them directly).
-  ExpertWeightsBf16& bf16_weights() { return wb_; }
-  ExpertWeightsInt8& int8_weights() { return wi_; }
-  const ExpertWeightsBf16& bf16_weights() const { return wb_; }
-  const ExpertWeightsInt8& int8_weights() const { return wi_; }
+  // The weights may have changed: their copies in the layer's precision are made again.
+  void weights_changed() { prec_.invalidate(); }
+  // The shared stack's precision state (its precision is set by the owning layer; a layer
+  // without masters writes the copies through it).
+  ExpertPrecision& precision() { return prec_; }
+  const ExpertPrecision& precision() const { return prec_; }
 
  private:
-  const ExpertsBf16* bf16(const MoEConfig& cfg) {
-    return cfg.precision == Precision::bf16 ? &bf16_ : nullptr;
-  }
-  const ExpertsInt8* int8(const MoEConfig& cfg) {
-    return cfg.precision == Precision::int8 ? &int8_ : nullptr;
-  }
   int64_t T_ = 0;
   std::vector<float> xg_, a1_, a3_, hid_, out_, sum_, gate_;  // saved
   std::vector<float> dout_, dh_, da3_, dxg_;                   // backward scratch
   std::vector<int64_t> offsets_;
   GroupedGemm gg_;
-  ExpertWeightsBf16 wb_;
-  ExpertScratchBf16 sb_;
-  ExpertsBf16 bf16_{&wb_, &sb_};
-  ExpertWeightsInt8 wi_;  // precision int8
-  ExpertScratchInt8 si_;
-  ExpertsInt8 int8_{&wi_, &si_};
+  ExpertPrecision prec_;
 };
 
 // The reference twin on any scalar type (plain loops). Weights by name; a (T, Do) output
