@@ -17,6 +17,7 @@
 #include "common/check.hpp"
 #include "moe/checkpoint.hpp"
 #include "moe/moe.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm.hpp"
 #include "experts/int8.hpp"
 #include "common/gemm_bf16_packed.hpp"
@@ -1062,17 +1063,25 @@ PYBIND11_MODULE(_moe, m) {
     omp_set_num_threads(n);
   }, py::arg("n"), "Set the number of OpenMP threads used by libmoe.");
   m.def("cpu_info", []() {
+    const moe::detail::CpuInfo& c = moe::detail::cpu();
     py::dict d;
+    d["cpu"] = c.model;
+    d["best"] = moe::detail::isa_name(c.best);
+    d["level"] = moe::detail::isa_name(c.level);
+    d["max_isa"] = c.cap;
+    d["amx_emulated"] = c.amx_emulated;
+    d["amx_min_rows"] = c.amx_min_rows;
     d["isa"] = moe::detail::cpu_isa_name();
-    d["bf16_gemm"] = moe::detail::gemm_bf16_impl();
     d["bf16_experts"] = moe::detail::gemm_bf16_packed_impl();
     d["int8_kernel"] = moe::detail::int8_kernel_name();
     return d;
-  }, "What runs on this CPU: the best ISA oneDNN may use ('isa', limited by "
-     "ONEDNN_MAX_CPU_ISA), the kernel of the bf16 products with the expert weights "
-     "('bf16_experts'), oneDNN's implementation of the other bf16 products, the weight "
-     "gradients ('bf16_gemm'), and libmoe's int8 kernel ('int8_kernel': avx512_vnni, or "
-     "portable without VNNI or with MOE_DISABLE_VNNI=1).");
+  }, "What runs on this CPU: its name ('cpu'), the highest kernel level it supports ('best': "
+     "avx2, avx512, avx512_bf16 or amx) and the level in use ('level', lowered by "
+     "MOE_MAX_ISA, given as 'max_isa'), whether the AMX kernels run on their C++ emulation "
+     "('amx_emulated', MOE_AMX_EMULATE=1, tests only) and from how many rows per product "
+     "('amx_min_rows', MOE_AMX_MIN_ROWS), the ISA oneDNN uses for the fp32 products ('isa'), "
+     "and the kernels of the bf16 expert products ('bf16_experts') and of int8 "
+     "('int8_kernel').");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -2,8 +2,8 @@
 // exact sum of the same integers, and the layer forward against the float64 twin on the same
 // quantized operands (experts/int8_ref.hpp; tight: 1e-3 of the output's Frobenius norm) and
 // against the fp32 layer (loose: 2%, what int8 quantization costs), for every expert kind,
-// dropless and capacity, shared experts and expert choice. The portable (non-VNNI) kernel:
-// tests/python/test_int8.py runs this process's layer again with MOE_DISABLE_VNNI=1.
+// dropless and capacity, shared experts and expert choice. Every kernel (portable, VNNI, AMX
+// emulated) gives the same bits: test_isa_levels.cpp and tests/python/test_int8.py.
 #include <gtest/gtest.h>
 #include <malloc.h>
 #if defined(__SANITIZE_ADDRESS__)

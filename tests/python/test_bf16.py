@@ -116,28 +116,47 @@ print(json.dumps({"info": moe.cpu_info(), "y": y.tolist(), "dx": dx.tolist()}))
 """
 
 
-def run_with_isa(isa):
+def run_with_isa(env_extra):
     env = dict(os.environ)
-    if isa:
-        env["ONEDNN_MAX_CPU_ISA"] = isa
+    env.pop("MOE_MAX_ISA", None)
+    env.pop("MOE_AMX_EMULATE", None)
+    env.update(env_extra)
     r = subprocess.run([sys.executable, "-c", ISA_SCRIPT], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_other_isas_give_the_same_results_to_bf16_tolerance():
-    """Machines without AMX or without AVX512-BF16: oneDNN held to older ISAs runs the same
-    products (emulated bf16 or its reference kernels) to bf16 tolerance."""
-    base = run_with_isa(None)
+def test_every_kernel_level_gives_the_same_results_to_bf16_tolerance():
+    """Every level this CPU can run (MOE_MAX_ISA, which also holds oneDNN) and the AMX kernels
+    on their emulation (MOE_AMX_EMULATE=1): the same products to bf16 tolerance, each level
+    naming the kernel it ran."""
+    base = run_with_isa({})
     y0, dx0 = np.array(base["y"]), np.array(base["dx"])
-    if base["info"]["isa"] in ("avx512_core_bf16", "avx512_core_amx"):
-        assert base["info"]["bf16_experts"].startswith("packed:avx512_bf16"), base["info"]
-    for isa in ["AVX512_CORE", "AVX2"]:
-        got = run_with_isa(isa)
-        assert got["info"]["isa"] == isa.lower(), got["info"]  # the limit took effect
-        # Below AVX512-BF16 the packed expert products widen to fp32 (no vdpbf16ps).
-        assert got["info"]["bf16_experts"].startswith("packed:widened"), got["info"]
+    best = base["info"]["best"]
+    assert base["info"]["level"] == best, base["info"]
+    order = ["avx2", "avx512", "avx512_bf16", "amx"]
+    runs = [({"MOE_MAX_ISA": lv}, lv) for lv in order[:order.index(best) + 1]]
+    runs.append(({"MOE_AMX_EMULATE": "1"}, best))
+    for env, level in runs:
+        got = run_with_isa(env)
+        info = got["info"]
+        assert info["level"] == level, (env, info)
+        if env.get("MOE_AMX_EMULATE"):
+            assert info["bf16_experts"].startswith("packed:amx_bf16 emulated"), info
+        elif level in ("avx2", "avx512"):  # no vdpbf16ps: the packed products widen to fp32
+            assert info["bf16_experts"].startswith("packed:widened"), info
+        elif level == "avx512_bf16":
+            assert info["bf16_experts"].startswith("packed:avx512_bf16"), info
         y, dx = np.array(got["y"]), np.array(got["dx"])
-        assert np.abs(y - y0).max() / np.abs(y0).max() < 1e-3, (isa, got["info"])
-        assert np.abs(dx - dx0).max() / np.abs(dx0).max() < 5e-3, (isa, got["info"])
+        assert np.abs(y - y0).max() / np.abs(y0).max() < 1e-3, (env, info)
+        assert np.abs(dx - dx0).max() / np.abs(dx0).max() < 5e-3, (env, info)
+
+
+def test_an_unknown_level_is_refused_by_name():
+    env = dict(os.environ, MOE_MAX_ISA="avx512bf16")
+    r = subprocess.run([sys.executable, "-c", "import moe; moe.cpu_info()"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    assert "MOE_MAX_ISA: 'avx512bf16' is not a level; accepted: avx2, avx512, avx512_bf16, amx" \
+        in r.stderr, r.stderr[-2000:]
