@@ -18,10 +18,11 @@ namespace {
 // rows, then epi on them. fp32: B is stacked (E, K, N), or (E, N, K) read transposed when
 // trans_b; bf16 (T = uint16_t): B is a stack of packed (K, N) matrices (ExpertWeightsBf16).
 // epi's bias is stacked (E, N) and its outputs are (R, N) like C, all offset per expert here.
+// With B2 and C2 (a pair, epi glu): C2 rows = A rows · B2_e as well, stacked like B.
 template <typename T>
 void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda, const T* B,
                  bool trans_b, int64_t N, int64_t K, float beta, const int64_t* off, int64_t E,
-                 const TileEpilogue& epi = {}) {
+                 const TileEpilogue& epi = {}, const T* B2 = nullptr, float* C2 = nullptr) {
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
@@ -33,10 +34,13 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
     if constexpr (std::is_same_v<T, uint16_t>) {
       p.Ab = A + off[e] * lda;
       p.Bp = B + e * packed_bf16_size(K, N);
+      if (B2) p.Bp2 = B2 + e * packed_bf16_size(K, N);
     } else {
       p.A = A + off[e] * lda;
       p.B = B + e * K * N;
+      if (B2) p.B2 = B2 + e * K * N;
     }
+    if (C2) p.C2 = C2 + off[e] * ldc;
     p.lda = lda;
     p.ldb = trans_b ? K : N;
     p.beta = beta;
@@ -44,6 +48,7 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
     p.ldc = ldc;
     p.epi = epi;
     if (epi.bias) p.epi.bias = epi.bias + e * N;
+    if (epi.bias2) p.epi.bias2 = epi.bias2 + e * N;
     if (epi.out) p.epi.out = epi.out + off[e] * ldc;
     if (epi.out_bf16) p.epi.out_bf16 = epi.out_bf16 + off[e] * ldc;
     gg.add(p);
@@ -165,7 +170,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
                       GroupedGemm& gg) {
   using Op = TileEpilogue::Op;
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do, R = off[E];
+  const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do;
   switch (s.kind) {
     case ExpertKind::linear_relu: {
       TileEpilogue epi;  // out = relu(x·W1 + b1)
@@ -197,29 +202,27 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
     }
     case ExpertKind::swiglu:
     case ExpertKind::clamped_swiglu: {
-      // hid needs both a1 and a3 tiles, which are different products: a separate pass.
-      // clamped_swiglu adds its biases b1, b3 and b2 in the products' epilogues.
+      // a1 = x·W1 (+ b1) and a3 = x·W3 (+ b3) as a pair, tile by tile, and hid from both
+      // tiles in the pair's epilogue (rounded to bf16 in bf16). clamped_swiglu adds its
+      // biases b1, b3 and b2 in the products' epilogues.
       const bool clamped = s.kind == ExpertKind::clamped_swiglu;
-      TileEpilogue e1, e3, e2;
+      TileEpilogue glu, e2;
+      glu.op = Op::glu;
+      glu.clamped = clamped;
+      glu.alpha = s.alpha;
+      glu.limit = s.limit;
+      if constexpr (bf16)
+        glu.out_bf16 = hid;
+      else
+        glu.out = hid;
       if (clamped) {
-        e1.op = e3.op = e2.op = Op::bias;
-        e1.bias = w.b1;
-        e3.bias = w.b3;
+        glu.bias = w.b1;
+        glu.bias2 = w.b3;
+        e2.op = Op::bias;
         e2.bias = w.b2;
       }
-      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E, e1);
-      add_rowwise(gg, acts.a3, F, x, d, W3, false, F, d, 0.0f, off, E, e3);
+      add_rowwise(gg, acts.a1, F, x, d, W1, false, F, d, 0.0f, off, E, glu, W3, acts.a3);
       gg.run();
-      const float *a1 = acts.a1, *a3 = acts.a3;
-      const float alpha = s.alpha, limit = s.limit;
-      if (clamped) {
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i)
-          hid[i] = as_operand<T>(clamped_swiglu_f32(a1[i], a3[i], alpha, limit));
-      } else {
-#pragma omp parallel for simd schedule(static) if (R * F >= kParallelMin)
-        for (int64_t i = 0; i < R * F; ++i) hid[i] = as_operand<T>(silu_f32(a1[i]) * a3[i]);
-      }
       add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
                   E, e2);
       gg.run();

@@ -58,6 +58,32 @@ void apply_epilogue(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int
   switch (e.op) {
     case Op::none:
       break;
+    case Op::glu: {
+      const float* b2 = e.bias2 ? e.bias2 + n0 : nullptr;
+      rows([&](int64_t o) {
+        float* c = p.C + o;
+        float* c2 = p.C2 + o;
+        if (b)
+          for (int64_t j = 0; j < n; ++j) c[j] += b[j];
+        if (b2)
+          for (int64_t j = 0; j < n; ++j) c2[j] += b2[j];
+        float* h = e.out ? e.out + o : nullptr;
+        uint16_t* hb = e.out_bf16 ? e.out_bf16 + o : nullptr;
+        const float alpha = e.alpha, limit = e.limit;
+        if (e.clamped) {
+          if (h)
+            for (int64_t j = 0; j < n; ++j) h[j] = clamped_swiglu_f32(c[j], c2[j], alpha, limit);
+          if (hb)
+            for (int64_t j = 0; j < n; ++j) hb[j] = to_bf16(clamped_swiglu_f32(c[j], c2[j], alpha, limit));
+        } else {
+          if (h)
+            for (int64_t j = 0; j < n; ++j) h[j] = silu_f32(c[j]) * c2[j];
+          if (hb)
+            for (int64_t j = 0; j < n; ++j) hb[j] = to_bf16(silu_f32(c[j]) * c2[j]);
+        }
+      });
+      break;
+    }
     case Op::bias:
       if (b)
         rows([&](int64_t o) {
@@ -91,6 +117,24 @@ void apply_epilogue(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int
       break;
   }
 }
+// Rows [m0, m0+m) × columns [n0, n0+n) of C = A · B (or the packed Bp) of problem p.
+void run_tile(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int64_t n, const float* A,
+              const float* B, const uint16_t* Bp, float* C) {
+  if (Bp) {
+    gemm_bf16_packed_serial(m, n0, n, p.K, p.Ab + m0 * p.lda, p.lda, Bp, p.beta,
+                            C + m0 * p.ldc + n0, p.ldc);
+  } else if (p.Ab) {
+    MOE_ASSERT(!p.trans_a && !p.trans_b && p.Bb);  // bf16 operands come untransposed
+    gemm_bf16_serial(m, n, p.K, p.Ab + m0 * p.lda, p.lda, p.Bb + n0, p.ldb, p.beta,
+                     C + m0 * p.ldc + n0, p.ldc);
+  } else {
+    const float* a = p.trans_a ? A + m0 : A + m0 * p.lda;
+    const float* b = p.trans_b ? B + n0 * p.ldb : B + n0;
+    gemm_f32_serial(p.trans_a, p.trans_b, m, n, p.K, 1.0f, a, p.lda, b, p.ldb, p.beta,
+                    C + m0 * p.ldc + n0, p.ldc);
+  }
+}
+
 }  // namespace
 
 void GroupedGemm::plan() {
@@ -114,19 +158,8 @@ void GroupedGemm::run() {
   for (int64_t i = 0; i < n_tiles; ++i) {
     const Tile& t = tiles[i];
     const GemmProblem& p = probs[t.problem];
-    if (p.Bp) {
-      gemm_bf16_packed_serial(t.m, t.n0, t.n, p.K, p.Ab + t.m0 * p.lda, p.lda, p.Bp, p.beta,
-                              p.C + t.m0 * p.ldc + t.n0, p.ldc);
-    } else if (p.Ab) {
-      MOE_ASSERT(!p.trans_a && !p.trans_b && p.Bb);  // bf16 operands come untransposed
-      gemm_bf16_serial(t.m, t.n, p.K, p.Ab + t.m0 * p.lda, p.lda, p.Bb + t.n0, p.ldb, p.beta,
-                       p.C + t.m0 * p.ldc + t.n0, p.ldc);
-    } else {
-      const float* A = p.trans_a ? p.A + t.m0 : p.A + t.m0 * p.lda;
-      const float* B = p.trans_b ? p.B + t.n0 * p.ldb : p.B + t.n0;
-      gemm_f32_serial(p.trans_a, p.trans_b, t.m, t.n, p.K, 1.0f, A, p.lda, B, p.ldb, p.beta,
-                      p.C + t.m0 * p.ldc + t.n0, p.ldc);
-    }
+    run_tile(p, t.m0, t.m, t.n0, t.n, p.A, p.B, p.Bp, p.C);
+    if (p.C2) run_tile(p, t.m0, t.m, t.n0, t.n, p.A, p.B2, p.Bp2, p.C2);
     apply_epilogue(p, t.m0, t.m, t.n0, t.n);
   }
   problems_.clear();

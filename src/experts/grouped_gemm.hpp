@@ -24,18 +24,27 @@ struct TileEpilogue {
     bias,             // C += bias
     bias_act,         // C += bias; out = act(C)
     bias_act_inplace, // C = act(C + bias)
+    glu,              // C += bias, C2 += bias2; out = silu(C)·C2, or clamped_swiglu(C, C2)
   };
   Op op = Op::none;
   Activation act = Activation::relu;
   const float* bias = nullptr;  // (N); null: no bias
   float* out = nullptr;         // like C
   uint16_t* out_bf16 = nullptr; // like C: act(C) rounded to bf16, the next product's operand
+  // glu: the second product's bias (N) and the clamped form's constants (GPT-OSS).
+  const float* bias2 = nullptr;
+  bool clamped = false;
+  float alpha = 1.702f, limit = 7.0f;
 };
 
 // C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N). With Ab and Bb
 // set instead of A and B, the operands are bf16 (no transposes, beta 0 or 1; common/gemm.hpp
 // gemm_bf16_serial) and the product accumulates in fp32. With Ab and Bp, B is a packed bf16
 // weight matrix (common/gemm_bf16_packed.hpp; ldb unused).
+// A pair (the gated experts' W1 and W3, epilogue glu): C2 = op(A) · B2 (or Bp2) as well, tile
+// by tile, so that the epilogue finds both tiles of a product pair still in cache and writes
+// the hidden activations in one pass (the Qwen3-30B-A3B shape: 32 rows × 768 columns per
+// expert, two 96 KiB tiles).
 struct GemmProblem {
   bool trans_a = false, trans_b = false;
   int64_t M = 0, N = 0, K = 0;
@@ -49,6 +58,9 @@ struct GemmProblem {
   float beta = 0.0f;
   float* C = nullptr;
   int64_t ldc = 0;
+  const float* B2 = nullptr;      // pair: fp32 second weight, like B
+  const uint16_t* Bp2 = nullptr;  // pair: packed bf16 second weight, like Bp
+  float* C2 = nullptr;            // pair: the second product, like C
   TileEpilogue epi;
 };
 

@@ -90,7 +90,8 @@ void tile_rows(int mr, int32_t* acc, const uint8_t* A, int64_t lda, const int8_t
 // One product of the forward: C rows of expert e = dequant(A · B_e) + bias, then the
 // epilogue: C = z (none), C = act(z) (act_inplace), or C = z and out = act(z) (act_out).
 struct Product {
-  enum class Epi { none, act_inplace, act_out };
+  // glu: a pair (B2, C2, bias2), and out = silu(C)·C2 or clamped_swiglu(C, C2) per block.
+  enum class Epi { none, act_inplace, act_out, glu };
   const Int8Stack* B = nullptr;
   int64_t e = 0;
   const uint8_t* A = nullptr;
@@ -102,12 +103,17 @@ struct Product {
   const float* bias = nullptr;  // (N) of expert e, or null
   Epi epi = Epi::none;
   Activation act = Activation::relu;
-  float* out = nullptr;  // like C (act_out)
+  float* out = nullptr;  // like C (act_out, glu)
+  const Int8Stack* B2 = nullptr;  // glu: the pair's second weight, its output and bias
+  float* C2 = nullptr;
+  const float* bias2 = nullptr;
+  bool clamped = false;
+  float alpha = 1.702f, limit = 7.0f;
 };
 
 // The int32 sums of rows [m0, m0 + mr) × block nb of product p into acc (mr, 64).
-void block_sums(const Product& p, int64_t nb, int64_t m0, int64_t mr, int32_t* acc) {
-  const Int8Stack& B = *p.B;
+void block_sums(const Product& p, const Int8Stack& B, int64_t nb, int64_t m0, int64_t mr,
+                int32_t* acc) {
   const int8_t* Bb = B.block(p.e, nb);
   if (amx_kernels() && mr >= cpu().amx_min_rows) {
     AmxGemmArgs g;
@@ -132,8 +138,8 @@ void block_sums(const Product& p, int64_t nb, int64_t m0, int64_t mr, int32_t* a
 
 // Rows [0, M) × block nb of product p: the sums (all rows at once on AMX, which reads the
 // block's weights once for up to 32 rows; 6 at a time otherwise), then the epilogue.
-void run_block(const Product& p, int64_t nb) {
-  const Int8Stack& B = *p.B;
+void run_stack(const Product& p, const Int8Stack& B, float* C, const float* bias,
+               Product::Epi epi, int64_t nb) {
   const int64_t j0 = nb * kCols, nc = std::min(kCols, B.N - j0);
   const float* sw = B.scale.data() + p.e * B.NB * kCols + j0;
   const int32_t* cs = B.colsum.data() + p.e * B.NB * kCols + j0;
@@ -142,17 +148,18 @@ void run_block(const Product& p, int64_t nb) {
   for (int64_t m0 = 0; m0 < p.M; m0 += kRowsPerPass) {
     const int64_t mr = std::min(kRowsPerPass, p.M - m0);
     int32_t* acc = grown(sums, mr * kCols);
-    block_sums(p, nb, m0, mr, acc);
+    block_sums(p, B, nb, m0, mr, acc);
     for (int64_t r = 0; r < mr; ++r) {
       const int64_t row = m0 + r;
       const float sx = p.a_scale[row];
-      float* c = p.C + row * p.ldc + j0;
+      float* c = C + row * p.ldc + j0;
       const int32_t* a = acc + r * kCols;
       for (int64_t j = 0; j < nc; ++j) {
         const float z = static_cast<float>(a[j] - 128 * cs[j]) * sx * sw[j] +
-                        (p.bias ? p.bias[j0 + j] : 0.0f);
-        switch (p.epi) {
-          case Product::Epi::none: c[j] = z; break;
+                        (bias ? bias[j0 + j] : 0.0f);
+        switch (epi) {
+          case Product::Epi::none:
+          case Product::Epi::glu: c[j] = z; break;
           case Product::Epi::act_inplace: c[j] = act_forward(p.act, z); break;
           case Product::Epi::act_out:
             c[j] = z;
@@ -161,6 +168,26 @@ void run_block(const Product& p, int64_t nb) {
         }
       }
     }
+  }
+}
+
+// Rows [0, M) × block nb of product p: the sums (all rows at once on AMX, which reads the
+// block's weights once for up to 32 rows; 6 at a time otherwise), then the epilogue; a pair
+// (glu) computes both products' blocks, then the hidden values from both while in cache.
+void run_block(const Product& p, int64_t nb) {
+  run_stack(p, *p.B, p.C, p.bias, p.epi, nb);
+  if (p.epi != Product::Epi::glu) return;
+  run_stack(p, *p.B2, p.C2, p.bias2, p.epi, nb);
+  const int64_t j0 = nb * kCols, nc = std::min(kCols, p.B->N - j0);
+  const float alpha = p.alpha, limit = p.limit;
+  for (int64_t row = 0; row < p.M; ++row) {
+    const float* a1 = p.C + row * p.ldc + j0;
+    const float* a3 = p.C2 + row * p.ldc + j0;
+    float* h = p.out + row * p.ldc + j0;
+    if (p.clamped)
+      for (int64_t j = 0; j < nc; ++j) h[j] = clamped_swiglu_f32(a1[j], a3[j], alpha, limit);
+    else
+      for (int64_t j = 0; j < nc; ++j) h[j] = silu_f32(a1[j]) * a3[j];
   }
 }
 
@@ -388,21 +415,16 @@ void experts_forward_int8(ExpertActs& acts, const float* xg, const ExpertWeights
       break;
     case ExpertKind::swiglu:
     case ExpertKind::clamped_swiglu: {  // biases b1, b3 (clamped_swiglu) in the epilogues
-      add_products(ps, wi.W1, xq, xs, acts.a1, w.b1, off, Epi::none, s.act, nullptr);
-      add_products(ps, wi.W3, xq, xs, acts.a3, w.b3, off, Epi::none, s.act, nullptr);
-      run_products(ps);
-      const float *a1 = acts.a1, *a3 = acts.a3;
-      float* hid = acts.hid;
-      const int64_t n = R * s.F;
-      const bool clamped = s.kind == ExpertKind::clamped_swiglu;
-      const float alpha = s.alpha, limit = s.limit;
-      if (clamped) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-        for (int64_t i = 0; i < n; ++i) hid[i] = clamped_swiglu_f32(a1[i], a3[i], alpha, limit);
-      } else {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-        for (int64_t i = 0; i < n; ++i) hid[i] = silu_f32(a1[i]) * a3[i];
+      add_products(ps, wi.W1, xq, xs, acts.a1, w.b1, off, Epi::glu, s.act, acts.hid);
+      for (Product& p : ps) {  // each expert's W1 product paired with its W3 product
+        p.B2 = &wi.W3;
+        p.C2 = acts.a3 + (p.C - acts.a1);
+        p.bias2 = w.b3 ? w.b3 + p.e * s.F : nullptr;
+        p.clamped = s.kind == ExpertKind::clamped_swiglu;
+        p.alpha = s.alpha;
+        p.limit = s.limit;
       }
+      run_products(ps);
       break;
     }
   }

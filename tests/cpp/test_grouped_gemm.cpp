@@ -6,10 +6,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "experts/activation.hpp"
 #include "common/bf16.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "experts/grouped_gemm.hpp"
 
 namespace {
@@ -95,6 +97,7 @@ TEST_P(GroupedGemmEpilogue, MatchesNaiveAndIsBitIdenticalAcrossThreads) {
           ASSERT_NEAR(one.C[at], moe::detail::act_forward(c.act, z), 2 * tol) << i << "," << j;
           break;
         case Op::none:
+        case Op::glu:  // a pair: GroupedGemm.PairsWriteTheGatedHidden
           break;
       }
       nonzero += one.C[at] != 0.0f;
@@ -149,6 +152,90 @@ TEST(GroupedGemm, Bf16ProblemsWithTheirEpilogue) {
       nonzero += c != 0.0f;
     }
   EXPECT_GT(nonzero, M * N / 2);
+}
+
+// A pair (the gated experts' W1 and W3) with the glu epilogue, past one tile in rows and
+// columns, fp32 and packed bf16, swiglu and clamped_swiglu with biases: C and C2 are the two
+// products (+ biases), the hidden values are exactly silu(C)·C2 / clamped_swiglu(C, C2) of
+// them (rounded to bf16 in bf16), and 1 and 2 threads give the same bits.
+TEST(GroupedGemm, PairsWriteTheGatedHidden) {
+  for (bool bf16 : {false, true})
+    for (bool clamped : {false, true}) {
+      SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + (clamped ? " clamped" : ""));
+      const int64_t M = bf16 ? 530 : 1030, N = bf16 ? 2100 : 1050, K = 37;
+      const auto A = values(M * K, 11), B = values(K * N, 12), B2 = values(K * N, 13),
+                 b1 = values(N, 14), b3 = values(N, 15);
+      std::vector<uint16_t> Ab(A.size()), Bp(static_cast<size_t>(moe::detail::packed_bf16_size(K, N))),
+          Bp2(Bp.size());
+      for (size_t i = 0; i < A.size(); ++i) Ab[i] = moe::detail::to_bf16(A[i]);
+      moe::detail::pack_bf16(Bp.data(), B.data(), N, 1, K, N);
+      moe::detail::pack_bf16(Bp2.data(), B2.data(), N, 1, K, N);
+      std::vector<float> results[2][3];  // [threads][C, C2, hid as float]
+      for (int threads = 1; threads <= 2; ++threads) {
+        std::vector<float> C(static_cast<size_t>(M * N)), C2(C.size()), h(C.size(), 7.0f);
+        std::vector<uint16_t> hb(C.size(), 0);
+        GemmProblem p;
+        p.M = M;
+        p.N = N;
+        p.K = K;
+        if (bf16) {
+          p.Ab = Ab.data();
+          p.Bp = Bp.data();
+          p.Bp2 = Bp2.data();
+          p.epi.out_bf16 = hb.data();
+        } else {
+          p.A = A.data();
+          p.B = B.data();
+          p.B2 = B2.data();
+          p.ldb = N;
+          p.epi.out = h.data();
+        }
+        p.lda = K;
+        p.C = C.data();
+        p.C2 = C2.data();
+        p.ldc = N;
+        p.epi.op = Op::glu;
+        p.epi.clamped = clamped;
+        p.epi.alpha = 1.5f;
+        p.epi.limit = 0.75f;
+        if (clamped) {
+          p.epi.bias = b1.data();
+          p.epi.bias2 = b3.data();
+        }
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        GroupedGemm gg;
+        gg.add(p);
+        gg.run();
+        omp_set_num_threads(saved);
+        if (bf16)
+          for (size_t i = 0; i < h.size(); ++i) h[i] = moe::detail::from_bf16(hb[i]);
+        results[threads - 1][0] = C;
+        results[threads - 1][1] = C2;
+        results[threads - 1][2] = h;
+      }
+      for (int i = 0; i < 3; ++i) ASSERT_EQ(results[0][i], results[1][i]) << "1 and 2 threads, output " << i;
+      const auto &C = results[0][0], &C2 = results[0][1], &h = results[0][2];
+      int64_t nonzero = 0;
+      for (int64_t i = 0; i < M; i += 7)
+        for (int64_t j = 0; j < N; ++j) {
+          const size_t at = static_cast<size_t>(i * N + j);
+          double z1 = clamped ? b1[j] : 0.0, z3 = clamped ? b3[j] : 0.0;
+          for (int64_t q = 0; q < K; ++q) {
+            const double a = bf16 ? moe::detail::round_bf16(A[i * K + q]) : A[i * K + q];
+            z1 += a * (bf16 ? moe::detail::round_bf16(B[q * N + j]) : B[q * N + j]);
+            z3 += a * (bf16 ? moe::detail::round_bf16(B2[q * N + j]) : B2[q * N + j]);
+          }
+          ASSERT_NEAR(C[at], z1, 1e-4 * (1.0 + std::abs(z1))) << i << "," << j;
+          ASSERT_NEAR(C2[at], z3, 1e-4 * (1.0 + std::abs(z3))) << i << "," << j;
+          float want = clamped ? moe::detail::clamped_swiglu_f32(C[at], C2[at], 1.5f, 0.75f)
+                               : moe::detail::silu_f32(C[at]) * C2[at];
+          if (bf16) want = moe::detail::round_bf16(want);
+          ASSERT_EQ(h[at], want) << i << "," << j;
+          nonzero += h[at] != 0.0f;
+        }
+      EXPECT_GT(nonzero, M / 7 * N / 2);
+    }
 }
 
 }  // namespace
