@@ -13,8 +13,10 @@
 #include <vector>
 
 #include "common/bf16.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm.hpp"
 #include "common/gemm_bf16_packed.hpp"
+#include "experts/int8.hpp"
 #include "perf/roofline.hpp"
 
 namespace {
@@ -126,14 +128,32 @@ BENCHMARK(BM_grouped_tiles)
     ->Args({64, 8, 2048, 1024, 64, 256})      // E1024-like: 8 rows per expert (64 of them)
     ->UseRealTime();
 
+// The bf16 roof of this machine, measured once per run: oneDNN's bf16 matmul at a dense
+// 2048³ shape (perf/roofline.hpp), GFLOP/s. Every bf16 row reports its ratio to it.
+double bf16_roof_gflops() {
+  static const double gflops = [] {
+    moe::perf::Bf16Roof roof(2048, 2048, 2048);
+    std::vector<double> t;
+    for (int i = 0; i < 5; ++i) t.push_back(roof.run_s());
+    return roof.flops() / moe::perf::median(t) / 1e9;
+  }();
+  return gflops;
+}
+
 // The layer's bf16 expert products: E problems [rows, K] x [K, N] with distinct weights, in
 // tiles of at most 512 rows x 2048 columns spread over the threads (experts/grouped_gemm.cpp).
 // packed = 0: oneDNN's run-time-size matmul on row-major weights (gemm_bf16_serial, which
-// packs B per call); packed = 1: the weights packed once (gemm_bf16_packed_serial). Random
-// operands in [-0.5, 0.5).
+// packs B per call); packed = 1: the weights packed once (gemm_bf16_packed_serial, the kernel
+// its dispatch picks); 2: the vdpbf16ps kernel by name; 3: the AMX kernel by name (skipped
+// without AMX). Random operands in [-0.5, 0.5). roof_ratio: GFLOP/s over bf16_roof_gflops().
 void BM_grouped_bf16(benchmark::State& state) {
   const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3);
-  const bool packed = state.range(4) != 0;
+  const int64_t kernel = state.range(4);
+  const bool packed = kernel != 0;
+  if (kernel == 3 && !moe::detail::amx_hardware())
+    return state.SkipWithError("no AMX on this CPU (or MOE_MAX_ISA below amx)");
+  if (kernel == 2 && !moe::detail::packed_bf16_native())
+    return state.SkipWithError("no AVX512-BF16 on this CPU (or MOE_MAX_ISA below it)");
   const int64_t tm = 512, tn = 2048;
   std::vector<uint16_t> A(static_cast<size_t>(E * rows * K));
   std::vector<float> Wf(static_cast<size_t>(K * N));
@@ -161,9 +181,15 @@ void BM_grouped_bf16(benchmark::State& state) {
       const Tile& t = tiles[static_cast<size_t>(i)];
       const uint16_t* a = A.data() + (t.e * rows + t.m0) * K;
       float* c = C.data() + (t.e * rows + t.m0) * N + t.n0;
-      if (packed)
+      if (kernel == 1)
         moe::detail::gemm_bf16_packed_serial(t.m, t.n0, t.n, K, a, K, W.data() + t.e * wsize,
                                              0.0f, c, N);
+      else if (kernel == 2)
+        moe::detail::gemm_bf16_packed_avx512(t.m, t.n0, t.n, K, a, K, W.data() + t.e * wsize,
+                                             0.0f, c, N);
+      else if (kernel == 3)
+        moe::detail::gemm_bf16_packed_amx(false, t.m, t.n0, t.n, K, a, K,
+                                          W.data() + t.e * wsize, 0.0f, c, N);
       else
         moe::detail::gemm_bf16_serial(t.m, t.n, K, a, K, W.data() + t.e * wsize + t.n0, N, 0.0f,
                                       c, N);
@@ -171,16 +197,74 @@ void BM_grouped_bf16(benchmark::State& state) {
     benchmark::DoNotOptimize(C.data());
   }
   set_rate(state, E * rows, N, K);
+  state.counters["roof_ratio"] = benchmark::Counter(
+      2.0 * static_cast<double>(E * rows) * static_cast<double>(N) * static_cast<double>(K) *
+          static_cast<double>(state.iterations()) / 1e9 / bf16_roof_gflops(),
+      benchmark::Counter::kIsRate);
+  state.SetLabel(moe::detail::gemm_bf16_packed_impl());
 }
 BENCHMARK(BM_grouped_bf16)
-    ->ArgNames({"E", "rows", "N", "K", "packed"})
-    ->ArgsProduct({{128}, {32}, {768}, {2048}, {0, 1}})    // Qwen3-30B-A3B W1 / W3
-    ->ArgsProduct({{128}, {32}, {2048}, {768}, {0, 1}})    // Qwen3-30B-A3B W2
-    ->ArgsProduct({{16}, {512}, {2048}, {1024}, {0, 1}})   // B1 W1
-    ->ArgsProduct({{16}, {512}, {1024}, {2048}, {0, 1}})   // B1 W2
-    ->ArgsProduct({{2}, {128}, {14336}, {4096}, {0, 1}})   // Mixtral-8x7B W1, two experts
-    ->ArgsProduct({{2}, {128}, {4096}, {14336}, {0, 1}})   // Mixtral-8x7B W2, two experts
-    ->ArgsProduct({{2}, {1}, {14336}, {4096}, {0, 1}})     // decode, one row per expert
+    ->ArgNames({"E", "rows", "N", "K", "kernel"})
+    ->ArgsProduct({{128}, {32}, {768}, {2048}, {0, 1, 2, 3}})    // Qwen3-30B-A3B W1 / W3
+    ->ArgsProduct({{128}, {32}, {2048}, {768}, {0, 1, 2, 3}})    // Qwen3-30B-A3B W2
+    ->ArgsProduct({{16}, {512}, {2048}, {1024}, {0, 1, 2, 3}})   // B1 W1
+    ->ArgsProduct({{16}, {512}, {1024}, {2048}, {0, 1, 2, 3}})   // B1 W2
+    ->ArgsProduct({{2}, {128}, {14336}, {4096}, {0, 1, 2, 3}})   // Mixtral-8x7B W1, two experts
+    ->ArgsProduct({{2}, {128}, {4096}, {14336}, {0, 1, 2, 3}})   // Mixtral-8x7B W2, two experts
+    ->ArgsProduct({{2}, {1}, {14336}, {4096}, {0, 1, 2, 3}})     // decode, one row per expert
+    ->ArgsProduct({{2}, {4}, {14336}, {4096}, {1, 2, 3}})        // the AMX row threshold
+    ->ArgsProduct({{2}, {16}, {14336}, {4096}, {1, 2, 3}})
+    ->UseRealTime();
+
+// The int8 expert products (experts/int8.hpp): E experts' [rows, K] x [K, N] quantized
+// products with their dequantizing epilogue, one task per (expert, 64 columns). kernel 1: the
+// dispatch's choice; 2: AVX512-VNNI (level avx512); 3: AMX's tdpbusd (skipped without AMX);
+// 4: the portable loop (level avx2). GOP/s of multiply-adds ×2, and the ratio to the bf16 roof.
+void BM_grouped_int8(benchmark::State& state) {
+  using namespace moe::detail;
+  const int64_t E = state.range(0), rows = state.range(1), N = state.range(2), K = state.range(3);
+  const int64_t kernel = state.range(4);
+  if (kernel == 3 && !amx_hardware()) return state.SkipWithError("no AMX on this CPU");
+  if (kernel == 2 && !(cpu().has.avx512_vnni && isa_at_least(Isa::avx512)))
+    return state.SkipWithError("no AVX512-VNNI on this CPU");
+  const Isa level = kernel == 2 ? Isa::avx512 : kernel == 4 ? Isa::avx2 : cpu().level;
+  IsaOverride pick(level, false);
+  Int8Stack W;
+  W.resize(E, K, N);
+  std::vector<float> Wf(static_cast<size_t>(K * N)), x(static_cast<size_t>(E * rows * K));
+  uint32_t seed = 777;
+  auto next = [&] {
+    seed = seed * 1664525u + 1013904223u;
+    return static_cast<float>(seed >> 8) / 16777216.0f - 0.5f;
+  };
+  for (int64_t e = 0; e < E; ++e) {
+    for (auto& v : Wf) v = next();
+    W.assign(e, Wf.data());
+  }
+  for (auto& v : x) v = next();
+  const int64_t lda = W.K4 * 4;
+  std::vector<uint8_t> A(static_cast<size_t>(E * rows * lda));
+  std::vector<float> scale(static_cast<size_t>(E * rows)), C(static_cast<size_t>(E * rows * N));
+  quantize_rows_u8(A.data(), lda, scale.data(), x.data(), K, E * rows, K);
+  for (auto _ : state) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t e = 0; e < E; ++e)
+      gemm_u8s8_expert(C.data() + e * rows * N, N, A.data() + e * rows * lda, lda,
+                       scale.data() + e * rows, rows, W, e);
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_rate(state, E * rows, N, K);
+  state.counters["roof_ratio"] = benchmark::Counter(
+      2.0 * static_cast<double>(E * rows) * static_cast<double>(N) * static_cast<double>(K) *
+          static_cast<double>(state.iterations()) / 1e9 / bf16_roof_gflops(),
+      benchmark::Counter::kIsRate);
+  state.SetLabel(int8_kernel_name());
+}
+BENCHMARK(BM_grouped_int8)
+    ->ArgNames({"E", "rows", "N", "K", "kernel"})
+    ->ArgsProduct({{128}, {32}, {768}, {2048}, {1, 2, 3, 4}})   // Qwen3-30B-A3B W1 / W3
+    ->ArgsProduct({{2}, {128}, {14336}, {4096}, {1, 2, 3}})     // Mixtral-8x7B W1, two experts
+    ->ArgsProduct({{2}, {1}, {14336}, {4096}, {1, 2, 3}})       // decode
     ->UseRealTime();
 
 // The alternative to the packed kernel that docs/design.md weighs: oneDNN's matmul created
