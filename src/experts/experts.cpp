@@ -14,11 +14,23 @@ namespace moe::detail {
 
 namespace {
 
+// The kernel of the products on operands of type T: fp32 or packed bf16.
+template <typename T>
+using KernelOf = std::conditional_t<std::is_same_v<T, uint16_t>, KernelBf16Packed, KernelF32>;
+
+// Expert e's weight matrix of a stack: fp32 stacked (E, K, N), or (E, N, K) read transposed
+// when trans_b; bf16: a stack of packed (K, N) matrices (ExpertWeightsBf16).
+KernelF32::B weight_of(const float* W, int64_t e, int64_t K, int64_t N, bool trans_b) {
+  return {W + e * K * N, trans_b ? K : N, trans_b};
+}
+KernelBf16Packed::B weight_of(const uint16_t* W, int64_t e, int64_t K, int64_t N, bool) {
+  return W + e * KernelBf16Packed::weight_size(K, N);
+}
+
 // C rows of expert e (n_e, N) = A rows (n_e, K) · op(B_e) + beta·C, for every expert with
-// rows, then epi on them. fp32: B is stacked (E, K, N), or (E, N, K) read transposed when
-// trans_b; bf16 (T = uint16_t): B is a stack of packed (K, N) matrices (ExpertWeightsBf16).
-// epi's bias is stacked (E, N) and its outputs are (R, N) like C, all offset per expert here.
-// With B2 and C2 (a pair, epi glu): C2 rows = A rows · B2_e as well, stacked like B.
+// rows, then epi on them. epi's bias is stacked (E, N) and its outputs are (R, N) like C, all
+// offset per expert here. With B2 and C2 (a pair, epi glu): C2 rows = A rows · B2_e as well,
+// stacked like B.
 template <typename T>
 void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda, const T* B,
                  bool trans_b, int64_t N, int64_t K, float beta, const int64_t* off, int64_t E,
@@ -26,23 +38,17 @@ void add_rowwise(GroupedGemm& gg, float* C, int64_t ldc, const T* A, int64_t lda
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    GemmProblem p;
-    p.trans_b = trans_b;
+    GemmProblem<KernelOf<T>> p;
     p.M = n;
     p.N = N;
     p.K = K;
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      p.Ab = A + off[e] * lda;
-      p.Bp = B + e * packed_bf16_size(K, N);
-      if (B2) p.Bp2 = B2 + e * packed_bf16_size(K, N);
-    } else {
-      p.A = A + off[e] * lda;
-      p.B = B + e * K * N;
-      if (B2) p.B2 = B2 + e * K * N;
+    p.a.p = A + off[e] * lda;
+    p.a.ld = lda;
+    p.b = weight_of(B, e, K, N, trans_b);
+    if (B2) {
+      p.b2 = weight_of(B2, e, K, N, trans_b);
+      p.C2 = C2 + off[e] * ldc;
     }
-    if (C2) p.C2 = C2 + off[e] * ldc;
-    p.lda = lda;
-    p.ldb = trans_b ? K : N;
     p.beta = beta;
     p.C = C + off[e] * ldc;
     p.ldc = ldc;
@@ -66,15 +72,12 @@ void add_weight_grad(GroupedGemm& gg, float* dW, const float* A, int64_t M, cons
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    GemmProblem p;
-    p.trans_a = true;
+    GemmProblem<KernelF32> p;
     p.M = M;
     p.N = N;
     p.K = n;
-    p.A = A + off[e] * M;
-    p.B = D + off[e] * N;
-    p.lda = M;
-    p.ldb = N;
+    p.a = {A + off[e] * M, M, true};
+    p.b = {D + off[e] * N, N, false};
     p.beta = 1.0f;
     p.C = dW + e * M * N;
     p.ldc = N;
@@ -87,13 +90,12 @@ void add_weight_grad(GroupedGemm& gg, float* dW, const uint16_t* AT, int64_t M,
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    GemmProblem p;
+    GemmProblem<KernelBf16Packed> p;
     p.M = M;
     p.N = N;
     p.K = n;
-    p.Ab = AT + off[e] * M;
-    p.lda = n;
-    p.Bp = Dp + poff[e];
+    p.a = {AT + off[e] * M, n};
+    p.b = Dp + poff[e];
     p.beta = 1.0f;
     p.C = dW + e * M * N;
     p.ldc = N;

@@ -24,8 +24,7 @@ namespace {
 // 1024×1024, balanced row splits (530 rows as 2×265 rather than 512 + 18) nothing
 // measurable. The cost: fewer tiles to share among threads (B1's W2 pass has 16), which
 // matters beyond a few threads.
-constexpr int64_t kTileM = 1024;
-constexpr int64_t kTileN = 1024;
+static_assert(KernelF32::kTileM == 1024 && KernelF32::kTileN == 1024);
 // bf16 products. Measured with oneDNN's bf16 gemm (which packs its operands per call like
 // sgemm), before the weights were packed once: on B1's shapes 512×512 … 512×2048 tiles ran
 // within 3% of each other and of oneDNN threading a whole expert (405–420 GFLOP/s on 2
@@ -33,9 +32,8 @@ constexpr int64_t kTileN = 1024;
 // at 1024, 23 ms at 256 (fewer calls, longer streams). The packed kernel (Bp) keeps them: its
 // row blocks reuse a 64-column panel from L2 whatever the tile, and a tile's panels prefetch
 // one another, so wide tiles suit it too. Tiles start on a panel (kTileNBf16 % 64 == 0).
-constexpr int64_t kTileMBf16 = 512;
-constexpr int64_t kTileNBf16 = 2048;
-static_assert(kTileNBf16 % kPanelCols == 0, "packed products start tiles on a panel");
+static_assert(KernelBf16Packed::kTileM == 512 && KernelBf16Packed::kTileN == 2048);
+static_assert(KernelBf16Packed::kTileN % kPanelCols == 0, "packed products start tiles on a panel");
 
 template <typename F>
 void with_act(Activation a, F&& f) {
@@ -48,7 +46,8 @@ void with_act(Activation a, F&& f) {
 
 // The epilogue of rows [m0, m0+m), columns [n0, n0+n) of problem p. The activation is a
 // template constant inside the loops so that they vectorise.
-void apply_epilogue(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
+template <class P>
+void apply_epilogue(const P& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
   using Op = TileEpilogue::Op;
   const TileEpilogue& e = p.epi;
   const float* b = e.bias ? e.bias + n0 : nullptr;
@@ -117,52 +116,54 @@ void apply_epilogue(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int
       break;
   }
 }
-// Rows [m0, m0+m) × columns [n0, n0+n) of C = A · B (or the packed Bp) of problem p.
-void run_tile(const GemmProblem& p, int64_t m0, int64_t m, int64_t n0, int64_t n, const float* A,
-              const float* B, const uint16_t* Bp, float* C) {
-  if (Bp) {
-    gemm_bf16_packed_serial(m, n0, n, p.K, p.Ab + m0 * p.lda, p.lda, Bp, p.beta,
-                            C + m0 * p.ldc + n0, p.ldc);
-  } else if (p.Ab) {
-    MOE_ASSERT(!p.trans_a && !p.trans_b && p.Bb);  // bf16 operands come untransposed
-    gemm_bf16_serial(m, n, p.K, p.Ab + m0 * p.lda, p.lda, p.Bb + n0, p.ldb, p.beta,
-                     C + m0 * p.ldc + n0, p.ldc);
-  } else {
-    const float* a = p.trans_a ? A + m0 : A + m0 * p.lda;
-    const float* b = p.trans_b ? B + n0 * p.ldb : B + n0;
-    gemm_f32_serial(p.trans_a, p.trans_b, m, n, p.K, 1.0f, a, p.lda, b, p.ldb, p.beta,
-                    C + m0 * p.ldc + n0, p.ldc);
-  }
+// Rows [m0, m0+m) × columns [n0, n0+n) of C = op(A) · op(b) of problem p, on its kernel.
+void run_tile(const GemmProblem<KernelF32>& p, const KernelF32::B& b, float* C, int64_t m0,
+              int64_t m, int64_t n0, int64_t n) {
+  const float* a = p.a.trans ? p.a.p + m0 : p.a.p + m0 * p.a.ld;
+  const float* bt = b.trans ? b.p + n0 * b.ld : b.p + n0;
+  gemm_f32_serial(p.a.trans, b.trans, m, n, p.K, 1.0f, a, p.a.ld, bt, b.ld, p.beta,
+                  C + m0 * p.ldc + n0, p.ldc);
+}
+void run_tile(const GemmProblem<KernelBf16Packed>& p, const KernelBf16Packed::B& b, float* C,
+              int64_t m0, int64_t m, int64_t n0, int64_t n) {
+  gemm_bf16_packed_serial(m, n0, n, p.K, p.a.p + m0 * p.a.ld, p.a.ld, b, p.beta,
+                          C + m0 * p.ldc + n0, p.ldc);
 }
 
 }  // namespace
 
-void GroupedGemm::plan() {
-  tiles_.clear();
-  for (size_t i = 0; i < problems_.size(); ++i) {
-    const GemmProblem& p = problems_[i];
-    const int64_t tm = p.Ab ? kTileMBf16 : kTileM, tn = p.Ab ? kTileNBf16 : kTileN;
-    for (int64_t m0 = 0; m0 < p.M; m0 += tm)
-      for (int64_t n0 = 0; n0 < p.N; n0 += tn)
-        tiles_.push_back(
-            Tile{static_cast<int32_t>(i), m0, std::min(tm, p.M - m0), n0, std::min(tn, p.N - n0)});
+const char* KernelF32::name() { return "sgemm (oneDNN, one serial call per tile)"; }
+const char* KernelBf16Packed::name() { return gemm_bf16_packed_impl(); }
+int64_t KernelBf16Packed::weight_size(int64_t K, int64_t N) { return packed_bf16_size(K, N); }
+
+template <class Kernel>
+void GroupedGemm::List<Kernel>::run() {
+  if (problems.empty()) return;
+  tiles.clear();
+  for (size_t i = 0; i < problems.size(); ++i) {
+    const GemmProblem<Kernel>& p = problems[i];
+    for (int64_t m0 = 0; m0 < p.M; m0 += Kernel::kTileM)
+      for (int64_t n0 = 0; n0 < p.N; n0 += Kernel::kTileN)
+        tiles.push_back(Tile{static_cast<int32_t>(i), m0, std::min(Kernel::kTileM, p.M - m0), n0,
+                             std::min(Kernel::kTileN, p.N - n0)});
   }
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const GemmProblem<Kernel>* probs = problems.data();
+  const Tile* ts = tiles.data();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n_tiles; ++i) {
+    const Tile& t = ts[i];
+    const GemmProblem<Kernel>& p = probs[t.problem];
+    run_tile(p, p.b, p.C, t.m0, t.m, t.n0, t.n);
+    if (p.epi.op == TileEpilogue::Op::glu) run_tile(p, p.b2, p.C2, t.m0, t.m, t.n0, t.n);
+    apply_epilogue(p, t.m0, t.m, t.n0, t.n);
+  }
+  problems.clear();
 }
 
 void GroupedGemm::run() {
-  plan();
-  const int64_t n_tiles = static_cast<int64_t>(tiles_.size());
-  const GemmProblem* probs = problems_.data();
-  const Tile* tiles = tiles_.data();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < n_tiles; ++i) {
-    const Tile& t = tiles[i];
-    const GemmProblem& p = probs[t.problem];
-    run_tile(p, t.m0, t.m, t.n0, t.n, p.A, p.B, p.Bp, p.C);
-    if (p.C2) run_tile(p, t.m0, t.m, t.n0, t.n, p.A, p.B2, p.Bp2, p.C2);
-    apply_epilogue(p, t.m0, t.m, t.n0, t.n);
-  }
-  problems_.clear();
+  f32_.run();
+  bf16_.run();
 }
 
 }  // namespace moe::detail

@@ -1,7 +1,7 @@
 // Many independent GEMMs (one per expert) run as one parallel loop over fixed-size output
-// tiles. Each tile is a serial oneDNN sgemm over the full reduction dimension, and the tiling
-// depends only on the shapes, never on the thread count: the results are bit-identical for
-// any OMP_NUM_THREADS (the same argument as common/gemm.hpp).
+// tiles. Each tile is one serial call of its kernel (below) over the full reduction
+// dimension, and the tiling depends only on the shapes, never on the thread count: the
+// results are bit-identical for any OMP_NUM_THREADS (the same argument as common/gemm.hpp).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -37,50 +37,83 @@ struct TileEpilogue {
   float alpha = 1.702f, limit = 7.0f;
 };
 
-// C (M, N) = op(A) · op(B) + beta·C, row-major, op(A) (M, K), op(B) (K, N). With Ab and Bb
-// set instead of A and B, the operands are bf16 (no transposes, beta 0 or 1; common/gemm.hpp
-// gemm_bf16_serial) and the product accumulates in fp32. With Ab and Bp, B is a packed bf16
-// weight matrix (common/gemm_bf16_packed.hpp; ldb unused).
-// A pair (the gated experts' W1 and W3, epilogue glu): C2 = op(A) · B2 (or Bp2) as well, tile
-// by tile, so that the epilogue finds both tiles of a product pair still in cache and writes
-// the hidden activations in one pass (the Qwen3-30B-A3B shape: 32 rows × 768 columns per
-// expert, two 96 KiB tiles).
+// The kernels a grouped product runs: each a type that owns the layout of its weights, says
+// its name and runs one tile (STYLE 15). GroupedGemm asks the problem's kernel; it never
+// branches on which operand pointers are set.
+//
+// KernelF32: fp32 operands as stored, A (M, K) and B (K, N) row-major or read transposed,
+// any beta; a tile is one serial oneDNN sgemm (common/gemm.hpp).
+struct KernelF32 {
+  struct A {
+    const float* p = nullptr;
+    int64_t ld = 0;
+    bool trans = false;  // A is stored (K, M): op(A) = Aᵀ
+  };
+  struct B {
+    const float* p = nullptr;
+    int64_t ld = 0;
+    bool trans = false;  // B is stored (N, K)
+  };
+  static constexpr int64_t kTileM = 1024, kTileN = 1024;  // grouped_gemm.cpp says why
+  static const char* name();
+};
+
+// KernelBf16Packed: bf16 rows against a weight matrix packed once (common/gemm_bf16_packed.hpp:
+// panels of 64 columns, rows in pairs, K padded to 32); beta 0 or 1; fp32 accumulation. The
+// packed bytes feed every kernel of the level (AMX tiles, vdpbf16ps, or widened to fp32).
+struct KernelBf16Packed {
+  struct A {
+    const uint16_t* p = nullptr;
+    int64_t ld = 0;
+  };
+  using B = const uint16_t*;  // one packed (K, N) matrix
+  static constexpr int64_t kTileM = 512, kTileN = 2048;  // tiles start on a panel
+  static int64_t weight_size(int64_t K, int64_t N);      // values of one packed matrix
+  static const char* name();
+};
+
+// C (M, N) = op(A) · op(B) + beta·C on kernel K, then the epilogue on each tile.
+// A pair (the gated experts' W1 and W3, epilogue glu): C2 = op(A) · B2 as well, tile by tile,
+// so that the epilogue finds both tiles of a product pair still in cache and writes the
+// hidden activations in one pass (the Qwen3-30B-A3B shape: 32 rows × 768 columns per expert,
+// two 96 KiB tiles).
+template <class Kernel>
 struct GemmProblem {
-  bool trans_a = false, trans_b = false;
   int64_t M = 0, N = 0, K = 0;
-  const float* A = nullptr;
-  int64_t lda = 0;
-  const float* B = nullptr;
-  int64_t ldb = 0;
-  const uint16_t* Ab = nullptr;
-  const uint16_t* Bb = nullptr;
-  const uint16_t* Bp = nullptr;
+  typename Kernel::A a;
+  typename Kernel::B b{};
+  typename Kernel::B b2{};  // glu: the pair's second weight
   float beta = 0.0f;
   float* C = nullptr;
+  float* C2 = nullptr;  // glu: the pair's second product, like C
   int64_t ldc = 0;
-  const float* B2 = nullptr;      // pair: fp32 second weight, like B
-  const uint16_t* Bp2 = nullptr;  // pair: packed bf16 second weight, like Bp
-  float* C2 = nullptr;            // pair: the second product, like C
   TileEpilogue epi;
 };
 
 // Reusable: the problem and tile lists keep their storage across calls.
 class GroupedGemm {
  public:
-  void clear() { problems_.clear(); }
-  void add(const GemmProblem& p) {
-    if (p.M > 0 && p.N > 0) problems_.push_back(p);
+  void add(const GemmProblem<KernelF32>& p) {
+    if (p.M > 0 && p.N > 0) f32_.problems.push_back(p);
   }
-  void run();  // runs the products and their epilogues, and clears the list
+  void add(const GemmProblem<KernelBf16Packed>& p) {
+    if (p.M > 0 && p.N > 0) bf16_.problems.push_back(p);
+  }
+  void run();  // runs the products and their epilogues, and clears the lists
 
  private:
-  void plan();  // tiles_ from problems_
   struct Tile {
     int32_t problem;
     int64_t m0, m, n0, n;
   };
-  std::vector<GemmProblem> problems_;
-  std::vector<Tile> tiles_;
+  template <class Kernel>
+  struct List {
+    std::vector<GemmProblem<Kernel>> problems;
+    std::vector<Tile> tiles;
+    void run();
+  };
+  List<KernelF32> f32_;
+  List<KernelBf16Packed> bf16_;
 };
 
 }  // namespace moe::detail

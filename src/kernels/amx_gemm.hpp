@@ -53,6 +53,21 @@ constexpr int kC0 = 0, kC1 = 1, kC2 = 2, kC3 = 3, kA0 = 4, kA1 = 5, kB0 = 6, kB1
 constexpr int64_t kRowBytesB = 256;     // one K step of a panel
 constexpr int64_t kChunkB = 16 * kRowBytesB;  // one tile's K steps of a panel
 constexpr int64_t kKBlock = 512;        // bytes of A per K block (more than 32 rows)
+// The weights stream from memory (a model's experts do not fit in cache) and a tile load
+// waits for its 16 lines: each chunk asks for the B lines kAhead chunks on (16 KiB of a
+// panel) into L2, as the AVX-512 kernel prefetches its next panel. Not measured on AMX
+// hardware yet (docs/design.md).
+constexpr int64_t kAhead = 4;
+
+// The lines of `cols` bytes (64 or 128, from col0) of the 16 panel rows of chunk c, into L2
+// (only where the panel has them).
+inline void prefetch_chunk(const uint8_t* panel, int64_t chunks, int64_t c, int64_t col0,
+                           int64_t bytes) {
+  if (c >= chunks) return;
+  const uint8_t* b = panel + c * kChunkB + col0;
+  for (int r = 0; r < 16; ++r)
+    for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(b + r * kRowBytesB + l, 0, 2);
+}
 
 template <class Tiles, AmxOp op, int C, int A, int B>
 inline void dp() {
@@ -97,8 +112,10 @@ void block_wide(const AmxGemmArgs& g, const uint8_t* a, int64_t lda, int64_t m0,
   if (cols[2]) c_load<Tiles, kC2>(g, m0, rows, c0 + 32, cols[2], from_c);
   if (cols[3]) c_load<Tiles, kC3>(g, m0, rows, c0 + 48, cols[3], from_c);
   const uint8_t* panel = g.B + p * g.panel_bytes;
+  const int64_t chunks = g.kbytes / kTileBytes;
   for (int64_t k = k0; k < k1; k += kTileBytes) {
     const uint8_t* b = panel + (k / kTileBytes) * kChunkB;
+    prefetch_chunk(panel, chunks, k / kTileBytes + kAhead, 0, kRowBytesB);
     Tiles::template load<kA0>(a + k, lda);
     Tiles::template load<kB0>(b, kRowBytesB);
     dp<Tiles, op, kC0, kA0, kB0>();
@@ -135,8 +152,10 @@ void block_square(const AmxGemmArgs& g, const uint8_t* a, int64_t lda, int64_t m
   }
   const uint8_t* panel = g.B + (c0 / 64) * g.panel_bytes + (c0 % 64) * 4;
   const uint8_t* a1 = a + 16 * lda;
+  const int64_t chunks = g.kbytes / kTileBytes;
   for (int64_t k = k0; k < k1; k += kTileBytes) {
     const uint8_t* b = panel + (k / kTileBytes) * kChunkB;
+    prefetch_chunk(panel, chunks, k / kTileBytes + kAhead, 0, 128);
     Tiles::template load<kA0>(a + k, lda);
     Tiles::template load<kB0>(b, kRowBytesB);
     dp<Tiles, op, kC0, kA0, kB0>();

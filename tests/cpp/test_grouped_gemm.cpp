@@ -19,6 +19,8 @@ namespace {
 using moe::Activation;
 using moe::detail::GemmProblem;
 using moe::detail::GroupedGemm;
+using moe::detail::KernelBf16Packed;
+using moe::detail::KernelF32;
 using Op = moe::detail::TileEpilogue::Op;
 
 std::vector<float> values(int64_t n, uint32_t salt) {
@@ -45,14 +47,12 @@ Output run(const Case& c, const std::vector<float>& A, const std::vector<float>&
            const std::vector<float>& bias, int threads) {
   Output o{std::vector<float>(static_cast<size_t>(c.M * c.N), 7.0f),
            std::vector<float>(static_cast<size_t>(c.M * c.N), 7.0f)};
-  GemmProblem p;
+  GemmProblem<KernelF32> p;
   p.M = c.M;
   p.N = c.N;
   p.K = c.K;
-  p.A = A.data();
-  p.lda = c.K;
-  p.B = B.data();
-  p.ldb = c.N;
+  p.a = {A.data(), c.K, false};
+  p.b = {B.data(), c.N, false};
   p.C = o.C.data();
   p.ldc = c.N;
   p.epi.op = c.op;
@@ -112,23 +112,24 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{1030, 1025, 7, Op::bias_act_inplace, Activation::relu},
                       Case{2050, 9, 5, Op::bias, Activation::relu}));
 
-// bf16 operands through the same tiles and epilogues: rows past one 512-row tile, columns
-// past one 2048-column tile; the epilogue also writes act(C) rounded to bf16.
+// bf16 operands against a packed weight through the same tiles and epilogues: rows past one
+// 512-row tile, columns past one 2048-column tile; the epilogue also writes act(C) rounded to
+// bf16.
 TEST(GroupedGemm, Bf16ProblemsWithTheirEpilogue) {
   const int64_t M = 530, N = 2100, K = 19;
   const auto A = values(M * K, 6), B = values(K * N, 7), bias = values(N, 8);
   std::vector<uint16_t> Ab(A.size()), Bb(B.size()), hb(static_cast<size_t>(M * N));
   for (size_t i = 0; i < A.size(); ++i) Ab[i] = moe::detail::to_bf16(A[i]);
   for (size_t i = 0; i < B.size(); ++i) Bb[i] = moe::detail::to_bf16(B[i]);
+  std::vector<uint16_t> Bp(static_cast<size_t>(KernelBf16Packed::weight_size(K, N)));
+  moe::detail::pack_bf16(Bp.data(), Bb.data(), N, 1, K, N);
   std::vector<float> C(static_cast<size_t>(M * N));
-  GemmProblem p;
+  GemmProblem<KernelBf16Packed> p;
   p.M = M;
   p.N = N;
   p.K = K;
-  p.Ab = Ab.data();
-  p.lda = K;
-  p.Bb = Bb.data();
-  p.ldb = N;
+  p.a = {Ab.data(), K};
+  p.b = Bp.data();
   p.C = C.data();
   p.ldc = N;
   p.epi.op = Op::bias_act;
@@ -174,38 +175,35 @@ TEST(GroupedGemm, PairsWriteTheGatedHidden) {
       for (int threads = 1; threads <= 2; ++threads) {
         std::vector<float> C(static_cast<size_t>(M * N)), C2(C.size()), h(C.size(), 7.0f);
         std::vector<uint16_t> hb(C.size(), 0);
-        GemmProblem p;
-        p.M = M;
-        p.N = N;
-        p.K = K;
-        if (bf16) {
-          p.Ab = Ab.data();
-          p.Bp = Bp.data();
-          p.Bp2 = Bp2.data();
-          p.epi.out_bf16 = hb.data();
-        } else {
-          p.A = A.data();
-          p.B = B.data();
-          p.B2 = B2.data();
-          p.ldb = N;
-          p.epi.out = h.data();
-        }
-        p.lda = K;
-        p.C = C.data();
-        p.C2 = C2.data();
-        p.ldc = N;
-        p.epi.op = Op::glu;
-        p.epi.clamped = clamped;
-        p.epi.alpha = 1.5f;
-        p.epi.limit = 0.75f;
+        moe::detail::TileEpilogue epi;
+        epi.op = Op::glu;
+        epi.clamped = clamped;
+        epi.alpha = 1.5f;
+        epi.limit = 0.75f;
         if (clamped) {
-          p.epi.bias = b1.data();
-          p.epi.bias2 = b3.data();
+          epi.bias = b1.data();
+          epi.bias2 = b3.data();
+        }
+        GroupedGemm gg;
+        if (bf16) {
+          GemmProblem<KernelBf16Packed> p;
+          p.a = {Ab.data(), K};
+          p.b = Bp.data();
+          p.b2 = Bp2.data();
+          epi.out_bf16 = hb.data();
+          p.M = M, p.N = N, p.K = K, p.C = C.data(), p.C2 = C2.data(), p.ldc = N, p.epi = epi;
+          gg.add(p);
+        } else {
+          GemmProblem<KernelF32> p;
+          p.a = {A.data(), K, false};
+          p.b = {B.data(), N, false};
+          p.b2 = {B2.data(), N, false};
+          epi.out = h.data();
+          p.M = M, p.N = N, p.K = K, p.C = C.data(), p.C2 = C2.data(), p.ldc = N, p.epi = epi;
+          gg.add(p);
         }
         const int saved = omp_get_max_threads();
         omp_set_num_threads(threads);
-        GroupedGemm gg;
-        gg.add(p);
         gg.run();
         omp_set_num_threads(saved);
         if (bf16)
