@@ -192,11 +192,14 @@ def test_inspect_config_builds_the_layer(tmp_path, family):
     """Regression (issue 22): inspect_pretrained's config named the experts' bias switch
     expert_bias (the P9 error) and held 0 for the default widths; it is moe.MoE's keywords,
     as layer.config is, so moe.MoE(**config) builds a layer of the block's configuration."""
-    path, c, held = make(tmp_path, family, stacked=family == "gpt_oss", layers=[1])
-    config = moe.inspect_pretrained(path)["config"]
+    layers = [1, 2] if family.startswith("deepseek") else [0, 1]
+    path, c, held = make(tmp_path, family, stacked=family == "gpt_oss", layers=layers)
+    info = moe.inspect_pretrained(path)
+    config = info["config"]
     assert "expert_bias" not in config and "bias" in config
     layer = moe.MoE(**config)
-    assert layer.config == load(path, 1, "fp32").config == config
+    first = load(path, info["moe_layers"][0], config["precision"])
+    assert layer.config == first.config == config
 
 
 def test_inspect(tmp_path):
