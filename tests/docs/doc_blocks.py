@@ -98,9 +98,11 @@ def find(path, ident):
 STAND_INS = [
     # moe train: 30 steps (its default is 3000): the flags of the block are all parsed and run.
     (r"(\bmoe train\b(?!.*--help).*)", r"\1 --steps 30 --eval-tokens 256"),
-    # moe bench: --quick sizes, no PyTorch peer, one repeat (the block's --repeat replaced).
+    # moe bench: --quick sizes, no PyTorch peer, one repeat (the block's --repeat replaced);
+    # real-models writes its small checkpoints into the test's folder.
     (r"(\bmoe bench\b.*)", lambda m: re.sub(r" --(repeat \d+|no-peer|quick)\b", "", m.group(1))
-     + " --quick --no-peer --repeat 1"),
+     + " --quick --no-peer --repeat 1"
+     + (' --workdir "$DOCTEST_TMP"' if "real-models" in m.group(1) else "")),
     # scripts/seeds.py: one seed, 30 steps a run, in a temporary folder.
     (r"(scripts/seeds\.py\b.*)", r'\1 --seeds 0 --common "--steps 30" --work "$DOCTEST_TMP/seeds"'),
     # Google Benchmark programs: list the benchmarks the filter selects instead of timing them
