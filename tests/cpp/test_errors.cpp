@@ -4,6 +4,7 @@
 // test's row in docs/errors.md (read as tests/python/errors_doc.py reads it).
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
