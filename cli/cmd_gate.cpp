@@ -4,6 +4,7 @@
 //   out: {"gates": …} with the logits' shape.
 #include <iostream>
 #include <memory>
+#include <sstream>
 #include <string>
 
 #include "commands.hpp"
@@ -27,7 +28,11 @@ json gate_json(const json& in) {
                      " (the number of experts, logits' last dimension), got " +
                      std::to_string(k));
   const double sigma = get_number(in, "noise_stddev", 1.0);
-  if (sigma < 0.0) throw InputError("noise_stddev: must be >= 0, got " + std::to_string(sigma));
+  if (sigma < 0.0) {  // the library's message (docs/errors.md R4), the value as JSON had it
+    std::ostringstream os;
+    os << "noise_stddev: must be finite and >= 0, got " << sigma;
+    throw InputError(os.str());
+  }
   const bool training = get_bool(in, "training", true);
   const uint64_t seed = get_seed(in, "seed", 0);
   const auto round = get_int_opt(in, "round");

@@ -581,14 +581,14 @@ void add_train_command(CLI::App& app, int& status) {
       "train",
       "Train an MoE layer (residual) + linear head with MSE and Adam on a synthetic mixture of "
       "regimes (each input cluster labelled by its own hidden teacher network). With no "
-      "arguments, runs the embedded default (about a minute on 2 cores).");
+      "arguments, runs the embedded default (3000 steps of 512 tokens: seconds on 2 cores).");
   // A flag given twice takes its last value, so that scripts can append overrides.
   sub->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   sub->add_option("--steps", o->steps, "training steps")->capture_default_str();
   sub->add_option("--batch", o->batch, "tokens per step")->capture_default_str();
   sub->add_option("--experts", o->experts, "number of experts E")->capture_default_str();
   sub->add_option("--k", o->k, "experts per token")->capture_default_str();
-  sub->add_option("--expert", o->expert, "expert kind: linear_relu | mlp | swiglu")
+  sub->add_option("--expert", o->expert, "expert kind: linear_relu | mlp | swiglu | clamped_swiglu")
       ->capture_default_str();
   sub->add_option("--activation", o->activation, "mlp activation: relu | gelu | silu")
       ->capture_default_str();
@@ -668,7 +668,7 @@ void add_train_command(CLI::App& app, int& status) {
   sub->add_option("--out", o->out, "run folder (default: a fresh runs/YYYYmmdd-HHMMSS)");
   sub->add_flag("--json", o->json_out,
                 "print the summary as one JSON object on stdout (progress goes to stderr)");
-  sub->add_flag("--no-plots", o->no_plots, "do not call scripts/plot_run.py");
+  sub->add_flag("--no-plots", o->no_plots, "do not make the PNG plots (plot_run.py)");
   sub->add_option("--log-every", o->log_every,
                   "steps between progress lines when not on a terminal (0: about 20 lines)")
       ->capture_default_str();
@@ -679,7 +679,10 @@ void add_train_command(CLI::App& app, int& status) {
   sub->footer(
       "Run folder: metrics.csv (per step: loss, aux, tokens/s, load CV, drop rate, each expert's "
       "share), summary.json, regime_expert.csv, model.safetensors, and PNG plots (loss.png, "
-      "experts.png, specialisation.png) made by scripts/plot_run.py under .venv/bin/python.");
+      "experts.png, specialisation.png) made by share/libmoe/plot_run.py beside this moe's bin/ "
+      "folder, under MOE_PYTHON, else the build tree's project environment .venv/bin/python, "
+      "else the python3 beside moe (a virtual environment's), else /usr/bin/python3; the "
+      "plots need matplotlib there.");
   sub->callback([o, &status] { status = run_train(*o); });
 }
 

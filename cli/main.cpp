@@ -35,6 +35,21 @@ int main(int argc, char** argv) {
   moe::cli::add_bench_command(app, status);
   moe::cli::add_inspect_command(app, status);
 
+  // CLI11 reads an unknown first word as a stray argument and answers "A subcommand is
+  // required"; name it instead.
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known = known || sub->check_name(argv[1]);
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+    }
+    if (!known) {
+      std::cerr << "moe: unknown command '" << one_line(argv[1]) << "' (expected one of "
+                << names << "; see --help)\n";
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -24,23 +24,49 @@ namespace {
   throw std::runtime_error(what + " '" + path + "': " + std::strerror(errno));
 }
 
+// The folder of the running executable, "" when /proc/self/exe cannot be read.
+std::string exe_dir() {
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string() : exe.parent_path().string();
+}
+
+// A build tree's bin/ sits beside its CMakeCache.txt; an installed moe's does not.
+[[maybe_unused]] bool running_from_build_tree() {
+  const std::string dir = exe_dir();
+  return !dir.empty() && fs::exists(fs::path(dir) / ".." / "CMakeCache.txt");
+}
+
 std::string find_plot_script() {
   if (const char* env = std::getenv("MOE_PLOT_SCRIPT")) return env;
-#ifdef MOE_SOURCE_DIR
-  const std::string src = std::string(MOE_SOURCE_DIR) + "/scripts/plot_run.py";
-  if (fs::exists(src)) return src;
-#endif
-  return "scripts/plot_run.py";
+  return resource_dir() + "/plot_run.py";
 }
 
 }  // namespace
 
+std::string resource_dir() {
+  // What moe runs travels with it: build/share/libmoe (copied there at configure time), an
+  // install's PREFIX/share/libmoe, a wheel's environment share/libmoe; never the source
+  // tree, which an installed moe must not need.
+  const std::string dir = exe_dir();
+  return dir.empty() ? std::string("share/libmoe")
+                     : (fs::path(dir).parent_path() / "share" / "libmoe").string();
+}
+
 std::string project_python() {
   if (const char* env = std::getenv("MOE_PYTHON"); env && *env) return env;
 #ifdef MOE_SOURCE_DIR
-  const std::string venv = std::string(MOE_SOURCE_DIR) + "/.venv/bin/python";
-  if (::access(venv.c_str(), X_OK) == 0) return venv;
+  // The build tree's moe uses the project environment of its source tree.
+  if (running_from_build_tree()) {
+    const std::string venv = std::string(MOE_SOURCE_DIR) + "/.venv/bin/python";
+    if (::access(venv.c_str(), X_OK) == 0) return venv;
+  }
 #endif
+  // An installed moe: the python3 beside it (the virtual environment pip installed it into).
+  if (const std::string dir = exe_dir(); !dir.empty()) {
+    const std::string sibling = dir + "/python3";
+    if (::access(sibling.c_str(), X_OK) == 0) return sibling;
+  }
   return ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
 }
 

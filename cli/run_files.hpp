@@ -14,11 +14,16 @@ std::string make_run_dir(const std::string& out);
 void write_file_atomic(const std::string& path, const std::string& text);
 
 // The Python interpreter for the helper scripts (plots, benchmark peers): $MOE_PYTHON when
-// set, else the project's environment .venv/bin/python of the source tree (scripts/setup.sh
-// makes it, with matplotlib and torch), else /usr/bin/python3, else python3 from PATH.
+// set; for the build tree's moe, the project's environment .venv/bin/python of its source
+// tree (scripts/setup.sh makes it, with matplotlib and torch); for an installed moe, the
+// python3 beside it (a virtual environment's bin/); else /usr/bin/python3, else python3.
 std::string project_python();
 
-// Runs `project_python() scripts/plot_run.py run_dir` (the script from the source tree).
+// share/libmoe beside the executable's bin/ folder: the helper scripts moe runs (the build
+// tree's copy, an install's or a wheel's), so that nothing needs the source tree.
+std::string resource_dir();
+
+// Runs `project_python() resource_dir()/plot_run.py run_dir` ($MOE_PLOT_SCRIPT overrides).
 // Its output goes to our stderr when to_stderr, else to our stdout. Returns a one-line
 // description of what happened ("wrote ..." / "skipped: ...").
 struct PlotResult {

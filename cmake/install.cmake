@@ -1,6 +1,7 @@
 # What `cmake --install` puts under the prefix: the public headers, libmoe.a and libmoe.so
 # (libmoe_dist.so with MPI), the `moe` command and the CMake package libmoe
-# (lib/cmake/libmoe: targets moe::moe, moe::moe_static, moe::dist). Included by the top
+# (lib/cmake/libmoe: targets moe::moe, moe::moe_static, moe::dist), share/libmoe/plot_run.py.
+# Included by the top
 # CMakeLists.txt outside scikit-build (a Python wheel installs python/moe instead).
 include(CMakePackageConfigHelpers)
 
@@ -22,6 +23,8 @@ install(TARGETS ${moe_export_targets} EXPORT libmoeTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(TARGETS moe_cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+# What moe runs beside it (bin/../share/libmoe): the plotting script of `moe train`.
+install(FILES ${CMAKE_SOURCE_DIR}/scripts/plot_run.py DESTINATION ${CMAKE_INSTALL_DATADIR}/libmoe)
 
 set(moe_cmake_dir ${CMAKE_INSTALL_LIBDIR}/cmake/libmoe)
 set(MOE_PACKAGE_HAS_DIST OFF)  # read by libmoeConfig.cmake.in

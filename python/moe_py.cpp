@@ -242,6 +242,31 @@ struct GradPool {
 };
 
 // moe.MoE: a MoELayer plus what the Python side needs between calls.
+// The configuration as a dict of moe.MoE's keywords: moe.MoE(**m.config) rebuilds the
+// layer. Its fields are config_to_json's (the one list of MoEConfig fields, whose names
+// are the keywords: the experts' bias switch is "bias" there too), with the widths
+// resolved (d_ff None for linear_relu).
+py::dict config_dict(const moe::MoEConfig& c) {
+  py::dict d = py::module_::import("json").attr("loads")(moe::config_to_json(c));
+  d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
+                                                       : py::object(py::int_(c.hidden()));
+  d["d_out"] = c.out_dim();
+  d["shared_d_ff"] =
+      c.shared_d_ff > 0 ? py::object(py::int_(c.shared_d_ff)) : py::object(py::none());
+  // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
+  for (const auto& item : d)
+    if (py::isinstance<py::int_>(item.second) && !py::isinstance<py::bool_>(item.second)) {
+      const std::string key = py::str(item.first);
+      static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
+                                            "z_alpha", "router_init_std", "scaling_factor",
+                                            "bias_update_rate", "jitter", "swiglu_alpha",
+                                            "swiglu_limit"};
+      for (const char* f : kFloats)
+        if (key == f) d[item.first] = py::float_(item.second.cast<double>());
+    }
+  return d;
+}
+
 struct PyMoE {
   moe::MoELayer layer;
   std::shared_ptr<GradPool> grad_pool = std::make_shared<GradPool>();
@@ -408,32 +433,7 @@ struct PyMoE {
     return d;
   }
 
-  // The configuration as a dict of moe.MoE's keywords: moe.MoE(**m.config) rebuilds the
-  // layer. Its fields are config_to_json's (the one list of MoEConfig fields), with the
-  // widths resolved (d_ff None for linear_relu) and the experts' bias switch under its
-  // keyword, bias.
-  py::dict config() const {
-    const moe::MoEConfig& c = layer.config();
-    py::dict d = py::module_::import("json").attr("loads")(moe::config_to_json(c));
-    d["d_ff"] = c.expert == moe::ExpertKind::linear_relu ? py::object(py::none())
-                                                         : py::object(py::int_(c.hidden()));
-    d["d_out"] = c.out_dim();
-    d["shared_d_ff"] =
-        c.shared_d_ff > 0 ? py::object(py::int_(c.shared_d_ff)) : py::object(py::none());
-    d["bias"] = d.attr("pop")("expert_bias");
-    // JSON writes a whole float as an integer (1 for 1.0): the float fields stay floats.
-    for (const auto& item : d)
-      if (py::isinstance<py::int_>(item.second) && !py::isinstance<py::bool_>(item.second)) {
-        const std::string key = py::str(item.first);
-        static const char* const kFloats[] = {"capacity_factor", "noise_stddev", "aux_alpha",
-                                              "z_alpha", "router_init_std", "scaling_factor",
-                                              "bias_update_rate", "jitter", "swiglu_alpha",
-                                              "swiglu_limit"};
-        for (const char* f : kFloats)
-          if (key == f) d[item.first] = py::float_(item.second.cast<double>());
-      }
-    return d;
-  }
+  py::dict config() const { return config_dict(layer.config()); }
 };
 
 // MoE() takes no keywords beyond its named ones. The experts' b1/b2 switch was once called
@@ -981,7 +981,7 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
     d["bf16_bytes_per_block"] = i.bf16_bytes_per_block;
     d["fp32_bytes_per_block"] = i.fp32_bytes_per_block;
     d["files"] = i.files;
-    d["config"] = py::module_::import("json").attr("loads")(moe::config_to_json(i.config));
+    d["config"] = config_dict(i.config);
     return d;
   }, py::arg("path"),
      "What `moe inspect` prints about a model folder, as a dict: family, layers, moe_layers, "

@@ -338,6 +338,11 @@ class MoE(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
+        # The last forward's losses are non-leaf tensors of an autograd graph, which neither
+        # deepcopy nor pickle accepts: the copy keeps their values, detached.
+        for name in ("aux_loss", "z_loss"):
+            if isinstance(state.get(name), torch.Tensor):
+                state[name] = state[name].detach().clone()
         state["layer"] = None
         state["_handle"] = None
         state["_layer_config"] = self.layer.config

@@ -76,7 +76,9 @@ std::string config_to_json(const MoEConfig& c) {
   j["d_ff"] = c.d_ff;
   j["d_out"] = c.d_out;
   j["activation"] = to_string(c.activation);
-  j["expert_bias"] = c.expert_bias;
+  // The experts' b1/b2 switch is "bias", as moe.MoE's keyword (MoEConfig::expert_bias in
+  // C++); files written before this name read "expert_bias", still accepted below.
+  j["bias"] = c.expert_bias;
   j["swiglu_alpha"] = float_json(c.swiglu_alpha);
   j["swiglu_limit"] = float_json(c.swiglu_limit);
   j["capacity_factor"] = c.capacity_factor ? ojson(*c.capacity_factor) : ojson(nullptr);
@@ -131,7 +133,7 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "d_ff") c.d_ff = get_int(v, k);
     else if (key == "d_out") c.d_out = get_int(v, k);
     else if (key == "activation") c.activation = parse_activation(get_string(v, k));
-    else if (key == "expert_bias") c.expert_bias = get_bool(v, k);
+    else if (key == "bias" || key == "expert_bias") c.expert_bias = get_bool(v, k);
     else if (key == "swiglu_alpha") c.swiglu_alpha = get_float(v, k);
     else if (key == "swiglu_limit") c.swiglu_limit = get_float(v, k);
     else if (key == "capacity_factor")

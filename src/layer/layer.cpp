@@ -393,7 +393,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   MOE_REQUIRE(!opt.training || m.masters,
               "forward: training needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(cfg.precision),
-              " only (built for evaluation, e.g. by from_pretrained): pass training=false");
+              " only (built for evaluation, e.g. by from_pretrained): evaluate it (training off), "
+              "or build it with fp32 masters");
   m.check_params();
   if (cfg.uses_selection_bias()) {
     MOE_REQUIRE(m.sel_bias.numel() == cfg.n_experts, "expert_bias: expected ", cfg.n_experts,

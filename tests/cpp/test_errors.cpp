@@ -1,11 +1,16 @@
 // docs/errors.md, C++ column: one test per row, named after the row (R1, L3, ...). Each checks
-// that the public entry point throws moe::Error (never another exception, never a crash) and
-// that the message names the argument and the bad value as the table says.
+// that the public entry point throws moe::Error (never another exception, never a crash), that
+// the message names the argument and the bad value, and that it is one of the messages of the
+// test's row in docs/errors.md (read as tests/python/errors_doc.py reads it).
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
 #include <limits>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -13,18 +18,90 @@
 
 namespace {
 
+// A message pattern of the table as a regex: `<name>` any value, `[..]` or a bracketed shape
+// in letters (`[E, d, d_ff]`) any shape, `…` or `...` any text, the rest literal.
+std::string pattern_regex(const std::string& t) {
+  const std::string ellipsis = "\xE2\x80\xA6";
+  std::string out;
+  for (size_t i = 0; i < t.size();) {
+    if (t.compare(i, 3, "...") == 0 || t.compare(i, 3, ellipsis) == 0) {
+      out += ".*?";
+      i += 3;
+      continue;
+    }
+    if (t[i] == '<' || t[i] == '[') {
+      const char close = t[i] == '<' ? '>' : ']';
+      size_t j = i + 1;
+      while (j < t.size() && t[j] != close && t[j] != t[i]) ++j;
+      const std::string inner = j < t.size() && t[j] == close ? t.substr(i + 1, j - i - 1) : "";
+      bool shape = false;
+      for (char c : inner) shape = shape || std::isalpha(static_cast<unsigned char>(c)) || c == '.';
+      if (t[i] == '<' && !inner.empty()) {
+        out += ".+?";
+        i = j + 1;
+        continue;
+      }
+      if (t[i] == '[' && shape) {
+        out += inner[0] == '<' ? "\\[.+?\\]" : "\\[[^\\]]*\\]";
+        i = j + 1;
+        continue;
+      }
+    }
+    if (std::string("\\^$.|?*+()[]{}").find(t[i]) != std::string::npos) out += '\\';
+    out += t[i++];
+  }
+  return out;
+}
+
+// The code spans of row `row`'s cells after its Case cell.
+std::vector<std::string> errors_md_row(const std::string& row) {
+  std::ifstream in(MOE_ERRORS_MD);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("| " + row + " |", 0) != 0) continue;
+    size_t cell = 0, pos = 0;
+    for (int bars = 0; bars < 2 && pos != std::string::npos; ++bars) pos = line.find('|', pos + 1);
+    cell = pos == std::string::npos ? line.size() : pos;
+    std::vector<std::string> spans;
+    for (size_t a = line.find('`', cell); a != std::string::npos; a = line.find('`', a + 1)) {
+      const size_t b = line.find('`', a + 1);
+      if (b == std::string::npos) break;
+      spans.push_back(line.substr(a + 1, b - a - 1));
+      a = b;
+    }
+    return spans;
+  }
+  return {};
+}
+
+// Row `row`, else the running test's (R1 of R1_KOutsideOneToE), must show msg.
+void expect_in_errors_md(const std::string& msg, const char* row_or_null) {
+  const std::string test = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+  const std::string row = row_or_null ? row_or_null : test.substr(0, test.find('_'));
+  const auto spans = errors_md_row(row);
+  ASSERT_FALSE(spans.empty()) << "docs/errors.md has no row " << row;
+  for (const std::string& t : spans)
+    if (std::regex_match(msg, std::regex(pattern_regex(t)))) return;
+  std::ostringstream shown;
+  for (const std::string& t : spans) shown << "\n  " << t;
+  ADD_FAILURE() << "docs/errors.md row " << row << " does not show this message:\n  " << msg
+                << "\nthe row's messages:" << shown.str();
+}
+
 using moe::MoEConfig;
 using moe::MoELayer;
 using moe::RouterConfig;
 
 // Runs f, which must throw moe::Error whose message contains every one of `parts`.
+// The message must also be one of its docs/errors.md row's: the test's, or `row`.
 template <typename F>
-void expect_error(F&& f, std::initializer_list<const char*> parts) {
+void expect_error(F&& f, std::initializer_list<const char*> parts, const char* row = nullptr) {
   try {
     f();
   } catch (const moe::Error& e) {
     const std::string msg = e.what();
     for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg;
+    expect_in_errors_md(msg, row);
     return;
   } catch (const std::exception& e) {
     ADD_FAILURE() << "expected moe::Error, got another exception: " << e.what();
@@ -290,7 +367,7 @@ TEST(Errors, L12_BackwardBeforeForward) {
   expect_error([&] { L.backward(dx.data(), dy.data()); }, {"backward: called before forward"});
   // A forward that failed leaves no state to go back through either.
   std::vector<float> x(3, std::nanf("")), y(3);
-  expect_error([&] { L.forward(y.data(), x.data(), 1); }, {"non-finite"});
+  expect_error([&] { L.forward(y.data(), x.data(), 1); }, {"non-finite"}, "R8");
   expect_error([&] { L.backward(dx.data(), dy.data()); }, {"backward: called before forward"});
 }
 
@@ -363,3 +440,14 @@ TEST(Errors, X2_LossSizes) {
 }
 
 }  // namespace
+
+// --- rows only C++ reaches (docs/errors.md) ---------------------------------------------------
+
+TEST(Errors, M2_SetExpertMatrixNames) {
+  MoELayer L(layer_cfg(3, 4, 2));
+  std::vector<float> w(3 * 5, 0.0f);
+  expect_error([&] { L.set_expert_matrix("W_g", 0, w.data()); },
+               {"set_expert_matrix: 'W_g' is not an expert matrix of this layer"});
+  expect_error([&] { L.set_expert_matrix("W1", 4, w.data()); },
+               {"set_expert_matrix: expert 4 of W1 out of range 0..3"});
+}

@@ -16,6 +16,21 @@ for f in include/moe/moe.hpp lib/libmoe.so lib/libmoe.a lib/cmake/libmoe/libmoeC
          lib/cmake/libmoe/libmoeConfigVersion.cmake bin/moe; do
   [ -e "$tmp/prefix/$f" ] || { echo "not installed: $f" >&2; exit 1; }
 done
+# The installed moe carries what it runs: moe train's plots come from the prefix's
+# share/libmoe, not from the source tree (issue 22). The interpreter is named (MOE_PYTHON: the
+# project environment, which has matplotlib); the script is the installed one.
+[ -f "$tmp/prefix/share/libmoe/plot_run.py" ] || { echo "not installed: share/libmoe/plot_run.py" >&2; exit 1; }
+if [ -x "$src/.venv/bin/python" ]; then
+  (cd "$tmp" && env -u MOE_PLOT_SCRIPT MOE_PYTHON="$src/.venv/bin/python" \
+     "$tmp/prefix/bin/moe" train --steps 40 --eval-tokens 256 --out "$tmp/run" >"$tmp/train.log" 2>&1) ||
+    { cat "$tmp/train.log" >&2; echo "installed moe train failed" >&2; exit 1; }
+  grep -q "written by $tmp/prefix/share/libmoe/plot_run.py" "$tmp/train.log" ||
+    { cat "$tmp/train.log" >&2; echo "installed moe train: plots not made by the installed script" >&2; exit 1; }
+  for f in loss.png experts.png specialisation.png; do
+    [ -s "$tmp/run/$f" ] || { echo "installed moe train wrote no $f" >&2; exit 1; }
+  done
+  echo "installed moe train: plots by the prefix's share/libmoe/plot_run.py"
+fi
 # Nothing internal is installed: the headers under src/ stay in the tree.
 if find "$tmp/prefix/include" -name '*.hpp' | grep -v '/include/moe/'; then
   echo "headers outside include/moe were installed" >&2

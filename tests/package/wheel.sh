@@ -11,6 +11,14 @@ cd "$(dirname "$0")/../.."
 repo=$PWD
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# The wheel is built from a copy of the source tree (the files git tracks or would track),
+# which is deleted before the installed package runs: what is installed must carry what it
+# runs (issue 22: moe train ran its plots through the clone's scripts/plot_run.py).
+src="$tmp/src"
+mkdir "$src"
+git -C "$repo" ls-files -z --cached --others --exclude-standard |
+  (cd "$repo" && xargs -0 tar cf - --no-recursion 2>/dev/null) | tar xf - -C "$src"
+cp "$repo/python/constraints.txt" "$tmp/constraints.txt"
 python="${PYTHON:-/usr/bin/python3}"  # the interpreter the environments are made from
 pip_q=(--quiet --disable-pip-version-check --no-input)
 start=$SECONDS
@@ -25,13 +33,13 @@ if command -v ccache >/dev/null; then
 fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$tmp/build-env/bin/pip" wheel "${pip_q[@]}" --no-deps --no-build-isolation \
-  "${defines[@]}" -w "$tmp/dist" "$repo" >"$tmp/wheel.log" 2>&1 ||
+  "${defines[@]}" -w "$tmp/dist" "$src" >"$tmp/wheel.log" 2>&1 ||
   { tail -n 60 "$tmp/wheel.log" >&2; echo "wheel: pip wheel failed" >&2; exit 1; }
 built=$SECONDS
 wheel=$(ls "$tmp"/dist/libmoe-*.whl)
 # The wheel holds the package and the command, nothing of the C++ development files.
 "$python" -m zipfile -l "$wheel" >"$tmp/contents"
-for f in moe/__init__.py moe/_moe "/scripts/moe"; do
+for f in moe/__init__.py moe/_moe "/scripts/moe" "/data/share/libmoe/plot_run.py"; do
   grep -q "$f" "$tmp/contents" || { echo "wheel: $f is missing from $wheel" >&2; exit 1; }
 done
 if grep -E 'include/|\.a$|cmake/' "$tmp/contents"; then
@@ -40,7 +48,31 @@ if grep -E 'include/|\.a$|cmake/' "$tmp/contents"; then
 fi
 
 "$python" -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install "${pip_q[@]}" "$wheel" numpy==2.4.6
+# The README's block "pip install ." (README.md, id pip-install) runs as written in the fresh
+# environment, from the source copy; `pip install .` stands for installing the wheel just
+# built from that same tree (with its plots extra: matplotlib), so the library is compiled
+# once.
+block=$(python3 "$repo/tests/docs/doc_blocks.py" extract README.md pip-install)
+(cd "$src" && env -u PYTHONPATH PATH="$tmp/venv/bin:$PATH" WHEEL="$wheel" \
+   CONSTRAINTS="$tmp/constraints.txt" bash -euo pipefail -c '
+     pip() {
+       if [ "$*" = "install ." ]; then
+         command pip install --quiet --disable-pip-version-check "${WHEEL}[plots]" -c "$CONSTRAINTS"
+       else command pip "$@"; fi
+     }
+     '"$block") >"$tmp/readme-block.log" 2>&1 ||
+  { cat "$tmp/readme-block.log" >&2; echo "wheel: the README's pip install block failed" >&2; exit 1; }
+rm -rf "$src"
+# moe train from the installed wheel, the source copy gone: the plots come from the
+# environment's share/libmoe and its python3 (matplotlib from the plots extra).
+(cd "$tmp" && env -u PYTHONPATH -u MOE_PYTHON -u MOE_PLOT_SCRIPT PATH="$tmp/venv/bin:$PATH" \
+   moe train --steps 40 --eval-tokens 256 --out "$tmp/run" >"$tmp/train.log" 2>&1) ||
+  { cat "$tmp/train.log" >&2; echo "wheel: moe train failed" >&2; exit 1; }
+for f in loss.png experts.png specialisation.png summary.json; do
+  [ -s "$tmp/run/$f" ] || { cat "$tmp/train.log" >&2; echo "wheel: moe train wrote no $f" >&2; exit 1; }
+done
+grep -q "written by $tmp/venv/share/libmoe/plot_run.py" "$tmp/train.log" ||
+  { cat "$tmp/train.log" >&2; echo "wheel: the plots did not come from the installed script" >&2; exit 1; }
 # Away from the repository, with no PYTHONPATH: only the installed package can be imported.
 (cd "$tmp" && env -u PYTHONPATH "$tmp/venv/bin/python" "$repo/tests/package/wheel_smoke.py")
 found=$(PATH="$tmp/venv/bin:$PATH" command -v moe)

@@ -131,6 +131,19 @@ def test_table_and_goals_on_a_terminal():
     assert "B1 forward >= 80% of the roof" in r.stdout
 
 
+def test_quick_lists_the_goals_without_judging_them_and_runs_no_peer():
+    """Regression (issue 22): --quick judged its small sizes against the full-size goals
+    (5 MISSED) and ran the PyTorch peer for every row (a minute or more)."""
+    r = subprocess.run([MOE, "bench", "--quick", "--no-dist", "--threads", "2", "--repeat", "1",
+                        "--config", "B1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    goals = r.stdout[r.stdout.index("Goals"):]
+    assert "B1 forward >= 80% of the roof" in goals
+    assert "MISSED" not in goals and "[met" not in goals
+    assert goals.count("not judged at --quick sizes") == goals.count("[n/a")
+    assert "peer" not in r.stderr and "n/a (--quick)" in r.stdout
+
+
 def bench_with_memory(available, *args):
     env = dict(os.environ, MOE_BENCH_MEM_AVAILABLE=str(available))
     r = subprocess.run([MOE, "bench", "--quick", "--no-peer", "--no-dist", "--threads", "2",
@@ -178,6 +191,17 @@ def test_expert_parallel_rows_report_the_communication_share():
         assert row["row_bytes_sent_per_rank"] == pytest.approx(row["row_bytes_model"], rel=0.5)
     table = bench("--config", "dist").stdout
     assert "Expert parallelism on loopback" in table and "comm share" in table
+    # Regression (issue 22): byte counts are whole numbers (they were printed as 1.10182e+06).
+    for row in rows:
+        for key in ("row_bytes_sent_per_rank", "row_bytes_model", "control_bytes_per_rank"):
+            assert isinstance(row[key], int), (key, row[key])
+    assert "e+" not in table
+    raw = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                          str(DIST_BENCH), "--json", "--tokens", "64", "--d", "64", "--dff",
+                          "128", "--steps", "2"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert raw.returncode == 0, raw.stderr
+    assert "e+" not in raw.stdout and isinstance(json.loads(raw.stdout)["row_bytes_model"], int)
 
 
 PEER = ROOT / "bench" / "peers" / "moe_peer.py"

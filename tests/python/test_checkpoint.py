@@ -118,3 +118,22 @@ def test_refuses_a_broken_file(tmp_path, mangle):
         trained_layer().load(bad)
     with pytest.raises(ValueError, match="missing|No such|not found|open"):
         trained_layer().load(tmp_path / "does-not-exist.safetensors")
+
+
+def test_config_json_names_the_experts_bias_switch_bias(tmp_path):
+    """Issue 22: one name for the experts' b1/b2 switch. The checkpoint's moe_config says
+    "bias", as moe.MoE's keyword and layer.config do; a file of the old name still loads."""
+    import json
+    m = moe.MoE(4, 4, 2, d_ff=8, bias=False)
+    path = tmp_path / "m.safetensors"
+    m.save(str(path))
+    tensors, md = moe.load_safetensors(str(path))
+    cfg = json.loads(md["moe_config"])
+    assert cfg["bias"] is False and "expert_bias" not in cfg
+    assert moe.MoE(**{k: v for k, v in m.config.items()}).config == m.config
+    cfg["expert_bias"] = cfg.pop("bias")          # as files written before the rename
+    md["moe_config"] = json.dumps(cfg)
+    old = tmp_path / "old.safetensors"
+    moe.save_safetensors(str(old), tensors, md)
+    back = moe.MoE.from_checkpoint(str(old))
+    assert back.config["bias"] is False and "b1" not in back.parameter_names

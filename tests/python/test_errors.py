@@ -1,6 +1,8 @@
 """docs/errors.md, Python and CLI columns: one test per row, named after the row (R1, L3, P2,
 C4 ...). Python errors are moe.Error (a ValueError) carrying the C++ message; the CLI prints
-one line `moe: <message>` on stderr, nothing on stdout, and exits with status 2."""
+one line `moe: <message>` on stderr, nothing on stdout, and exits with status 2. Every
+message the helpers below see must be one of its row's messages in docs/errors.md
+(errors_doc.py), and every row of the table has a test here or in the files of ROW_FILES."""
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import moe
+import errors_doc
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE = os.environ.get("MOE_BIN", str(ROOT / "build" / "bin" / "moe"))
@@ -18,8 +21,9 @@ needs_layer = pytest.mark.skipif(not hasattr(moe, "MoE"), reason="moe.MoE not bu
 needs_io = pytest.mark.skipif(not hasattr(moe, "load_safetensors"), reason="moe I/O not built yet")
 
 
-def raises(*parts):
-    """pytest.raises(moe.Error) whose message must contain every part."""
+def raises(*parts, row=None):
+    """pytest.raises(moe.Error) whose message must contain every part and be one of the
+    messages of its docs/errors.md row (the test's, unless `row` names another)."""
     class _Ctx:
         def __enter__(self):
             self.cm = pytest.raises(ValueError)
@@ -32,6 +36,7 @@ def raises(*parts):
             msg = str(self.info.value)
             for p in parts:
                 assert p in msg, f"{p!r} not in {msg!r}"
+            errors_doc.check(msg, row)
             return out
     return _Ctx()
 
@@ -47,6 +52,7 @@ def cli(cmd, doc, *parts, args=()):
     assert len(lines) == 1 and lines[0].startswith("moe: "), r.stderr
     for p in parts:
         assert p in lines[0], f"{p!r} not in {lines[0]!r}"
+    errors_doc.check(lines[0])
     return lines[0]
 
 
@@ -98,7 +104,7 @@ def test_R4_negative_noise_stddev():
 
 @needs_cli
 def test_R4_cli():
-    cli("gate", dict(logits=[1, 2], k=1, noise_stddev=-1), "noise_stddev: must be >= 0")
+    cli("gate", dict(logits=[1, 2], k=1, noise_stddev=-1), "noise_stddev: must be finite and >= 0, got -1")
 
 
 @needs_layer
@@ -287,7 +293,7 @@ def test_L12_backward_before_forward():
         m.backward(np.zeros((2, 3), np.float32))
     x = np.ones((2, 3), np.float32)
     x[1, 1] = np.nan
-    with raises("x: non-finite value at token 1"):
+    with raises("x: non-finite value at token 1", row="R8"):
         m.forward(x)
     with raises("backward: called before forward"):
         m.backward(np.zeros((2, 3), np.float32))
@@ -446,7 +452,8 @@ def test_C8_unreadable_input(tmp_path):
 
 @needs_cli
 def test_C9_usage_errors():
-    cli(None, "", "(see --help)", args=["frobnicate"])
+    # Regression (issue 22): an unknown command was "A subcommand is required".
+    cli(None, "", "unknown command 'frobnicate'", "see --help", args=["frobnicate"])
     cli(None, "", "--input", args=["gate"])
 
 
@@ -461,3 +468,54 @@ def test_C10_deep_and_huge_json():
 def test_C11_empty_batch_cli():
     # T = 0 cannot be written as a JSON matrix whose width is known: [] is refused by name.
     cli("route", dict(ROUTE, X=[]), "X: empty array")
+
+
+# --- the table itself -------------------------------------------------------------------------
+
+# Rows whose tests live beside the feature they belong to (each calls errors_doc.check).
+ROW_FILES = ["test_errors.py", "test_router_scores.py", "test_real_model_semantics.py",
+             "test_expert_choice.py", "test_pretrained_loader.py", "test_router_losses.py"]
+# Rows only C++ can trigger: tests/cpp/test_errors.cpp holds them to the table.
+CPP_ONLY = {"R12", "L13", "L14", "M2"}
+# Rows no test can reach on the project's machines; the row says why.
+UNREACHABLE = {"EC2"}  # n_experts * capacity >= 2^31 needs the router's (T, E) buffers: > 40 GB
+
+
+def test_every_row_has_a_test():
+    here = Path(__file__).parent
+    text = "".join((here / f).read_text() for f in ROW_FILES)
+    cpp = (ROOT / "tests" / "cpp" / "test_errors.cpp").read_text()
+    missing = [r for r in errors_doc.rows() if r not in UNREACHABLE
+               and f"def test_{r}_" not in text and f"TEST(Errors, {r}_" not in cpp]
+    assert not missing, f"docs/errors.md rows with no test: {missing}"
+
+
+def test_a_changed_message_fails():
+    """The check itself: a message the table does not show is refused."""
+    assert errors_doc.matches("L4", "drop_policy: unknown value 'x' (expected position, probs, "
+                                    "random or priority)")
+    assert not errors_doc.matches("L4", "drop_policy: unknown value 'x' (expected position or "
+                                        "probs)")
+
+
+@needs_layer
+def test_EC1_expert_choice_refuses_options():
+    with raises("drop_policy: not supported with router 'expert_choice'"):
+        moe.MoE(4, 4, 2, router="expert_choice", drop_policy="probs")
+    with raises("jitter: not supported with router 'expert_choice'"):
+        moe.MoE(4, 4, 2, router="expert_choice", jitter=0.1)
+
+
+@needs_layer
+def test_M1_layer_without_masters():
+    m = moe.MoE(4, 4, 2, d_ff=8, precision="bf16")
+    m.drop_masters()
+    x = np.ones((3, 4), np.float32)
+    # Regression (issue 22): the message said "pass training=false" (C++'s spelling) to
+    # Python users; it names no surface's keyword now.
+    with raises("forward: training needs the fp32 masters") as e:
+        m.forward(x, training=True)
+    assert "training=false" not in str(e.value)
+    m.forward(x, training=False)
+    with raises("backward: needs the fp32 masters"):
+        m.backward(np.ones((3, 4), np.float32))

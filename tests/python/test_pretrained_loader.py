@@ -123,8 +123,11 @@ def test_masters_and_memory_form(tmp_path):
     lean = load(path, 1, "bf16")
     assert "W1" not in lean.parameter_names and "Ws1" not in lean.parameter_names
     assert "W_g" in lean.parameter_names and "w_shared_gate" in lean.parameter_names
-    with pytest.raises(moe.Error, match="training needs the fp32 masters"):
+    with pytest.raises(moe.Error, match="training needs the fp32 masters") as err:
         lean.forward(tokens(c), training=True)
+    # Regression (issue 22): the message told Python users to "pass training=false", which
+    # is C++'s spelling; it names no surface's keyword now.
+    assert "training=false" not in str(err.value)
     full = load(path, 1, "bf16", masters=True)
     np.testing.assert_allclose(full.W1, held[1]["gate"].transpose(0, 2, 1), rtol=1e-6)
     np.testing.assert_allclose(full.W2, held[1]["down"].transpose(0, 2, 1), rtol=1e-6)
@@ -182,6 +185,21 @@ def test_forward_defaults_to_what_the_layer_can_do(tmp_path):
     assert not np.array_equal(first, second)  # fresh noise: step advanced
     np.testing.assert_array_equal(layer.forward(xs, training=False),
                                   layer.forward(xs, training=False))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"])
+def test_inspect_config_builds_the_layer(tmp_path, family):
+    """Regression (issue 22): inspect_pretrained's config named the experts' bias switch
+    expert_bias (the P9 error) and held 0 for the default widths; it is moe.MoE's keywords,
+    as layer.config is, so moe.MoE(**config) builds a layer of the block's configuration."""
+    layers = [1, 2] if family.startswith("deepseek") else [0, 1]
+    path, c, held = make(tmp_path, family, stacked=family == "gpt_oss", layers=layers)
+    info = moe.inspect_pretrained(path)
+    config = info["config"]
+    assert "expert_bias" not in config and "bias" in config
+    layer = moe.MoE(**config)
+    first = load(path, info["moe_layers"][0], config["precision"])
+    assert layer.config == first.config == config
 
 
 def test_inspect(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moe
+import errors_doc
 import moe.torch
 import torch_ref as R
 import torch_ref_losses as RL
@@ -150,7 +151,7 @@ def test_keywords_config_and_pickle():
 ])
 def test_RM1_real_model_fields_named(kwargs, message):
     """docs/errors.md row RM1 (Python column)."""
-    with pytest.raises(ValueError, match=message):
+    with errors_doc.raises(ValueError, match=message):
         moe.MoE(6, 4, 2, **kwargs)
 
 
@@ -198,22 +199,22 @@ def test_RM2_experts_forward_names_the_token():
     m = moe.MoE(4, 3, 2, seed=1)
     x = np.ones((2, 4), dtype=np.float32)
     w = np.full((2, 2), 0.5, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"indices: expert index out of range 0..2 at token 1, got 3"):
+    with errors_doc.raises(ValueError, match=r"indices: expert index out of range 0..2 at token 1, got 3"):
         m.experts_forward(x, np.array([[0, 1], [2, 3]]), w)
-    with pytest.raises(ValueError, match="indices: expected an integer array"):
+    with errors_doc.raises(ValueError, match="indices: expected an integer array"):
         m.experts_forward(x, np.zeros((2, 2), dtype=np.float32), w)
-    with pytest.raises(ValueError, match=r"weights: expected shape \[2, 2\]"):
+    with errors_doc.raises(ValueError, match=r"weights: expected shape \[2, 2\]"):
         m.experts_forward(x, np.zeros((2, 2), dtype=np.int32), w[:, :1])
     bad = w.copy()
     bad[1, 0] = np.inf
-    with pytest.raises(ValueError, match=r"weights: non-finite value inf at token 1 \(slot 0\)"):
+    with errors_doc.raises(ValueError, match=r"weights: non-finite value inf at token 1 \(slot 0\)"):
         m.experts_forward(x, np.zeros((2, 2), dtype=np.int32), bad)
-    with pytest.raises(ValueError, match=r"x: expected shape \[2, 4\]|x: expected"):
+    with errors_doc.raises(ValueError, match=r"x: expected shape \[2, 4\]|x: expected"):
         m.experts_forward(np.ones((2, 5), dtype=np.float32), np.zeros((2, 2), dtype=np.int32), w)
     # Evaluation only: no backward follows it.
     m.forward(x)
     m.experts_forward(x, np.zeros((2, 2), dtype=np.int32), w)
-    with pytest.raises(ValueError, match="backward: called before forward"):
+    with errors_doc.raises(ValueError, match="backward: called before forward", row="L12"):
         m.backward(np.ones((2, 4), dtype=np.float32))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import moe
+import errors_doc
 import torch_ref as R
 import torch_ref_scores as RS
 
@@ -273,26 +274,26 @@ def test_moe_train_flags(tmp_path):
 def test_RS2_selection_bias_shape_and_values(tmp_path):
     """docs/errors.md row RS2 (Python column)."""
     m = moe.MoE(4, 4, 2, router="sigmoid", bias_update_rate=0.1)
-    with pytest.raises(ValueError, match=r"expert_bias: expected shape \[4\], got \[2\]"):
+    with errors_doc.raises(ValueError, match=r"expert_bias: expected shape \[4\], got \[2\]"):
         m.expert_bias = [0.0, 1.0]
     m.expert_bias = [0.0, np.inf, 0.0, 0.0]
-    with pytest.raises(ValueError, match="expert_bias: non-finite value at expert 1"):
+    with errors_doc.raises(ValueError, match="expert_bias: non-finite value at expert 1"):
         m.forward(np.zeros((2, 4)))
     m.expert_bias = np.zeros(4)
     m.save(tmp_path / "a.safetensors")
     tensors, md = moe.load_safetensors(tmp_path / "a.safetensors")
     tensors["expert_bias"] = np.zeros(3, dtype=np.float32)
     moe.save_safetensors(tmp_path / "b.safetensors", tensors, md)
-    with pytest.raises(ValueError, match=r"tensor 'expert_bias' has shape \[3\] in the file, "
+    with errors_doc.raises(ValueError, match=r"tensor 'expert_bias' has shape \[3\] in the file, "
                                          r"but the layer expects \[4\]"):
         m.load(tmp_path / "b.safetensors")
 
 
 def test_RS1_router_family_options_named():
     """docs/errors.md row RS1 (Python column): the messages name the field."""
-    with pytest.raises(ValueError, match="scaling_factor: must be finite and > 0, got -1"):
+    with errors_doc.raises(ValueError, match="scaling_factor: must be finite and > 0, got -1"):
         moe.MoE(4, 6, 2, scaling_factor=-1.0)
-    with pytest.raises(ValueError, match=r"n_groups: must divide n_experts \(6\), got 4"):
+    with errors_doc.raises(ValueError, match=r"n_groups: must divide n_experts \(6\), got 4"):
         moe.MoE(4, 6, 2, n_groups=4)
-    with pytest.raises(ValueError, match=r"jitter: must be in \[0, 1\), got 1"):
+    with errors_doc.raises(ValueError, match=r"jitter: must be in \[0, 1\), got 1"):
         moe.MoE(4, 6, 2, jitter=1.0)

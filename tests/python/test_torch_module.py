@@ -411,6 +411,26 @@ def test_torch_save_and_load_module_and_state_dict(tmp_path):
     assert loaded.layer is not m.layer and dup.layer is not m.layer
 
 
+def test_deepcopy_and_torch_save_after_a_forward_with_gradients(tmp_path):
+    """Regression (issue 22): after a forward with autograd on, aux_loss and z_loss are
+    non-leaf tensors; copy.deepcopy and torch.save used to refuse the module ("Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol")."""
+    m, _ = make()
+    x = randn(6, 8, seed=31)
+    loss = m(x).square().mean() + m.aux_loss + m.z_loss
+    assert m.aux_loss.grad_fn is not None
+    dup = copy.deepcopy(m)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (dup, loaded):
+        assert other.aux_loss.grad_fn is None and float(other.aux_loss) == float(m.aux_loss)
+        assert other.layer is not m.layer
+    loss.backward()                      # the original's graph is untouched by the copies
+    m.eval(); dup.eval()
+    with torch.no_grad():
+        assert torch.equal(dup(x), m(x))
+
+
 # ---- the README's "From PyTorch" example runs as written ------------------------------------
 
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -111,12 +112,14 @@ int main(int argc, char** argv) {
         std::printf(
             "{\"P\": %d, \"tokens_per_rank\": %lld, \"d_model\": %lld, \"n_experts\": %lld, "
             "\"k\": %lld, \"d_ff\": %lld, \"steps\": %lld, \"step_seconds\": %.6g, "
-            "\"mpi_seconds\": %.6g, \"comm_share\": %.4f, \"row_bytes_sent_per_rank\": %.6g, "
-            "\"row_bytes_model\": %.6g, \"control_bytes_per_rank\": %.6g}\n",
+            "\"mpi_seconds\": %.6g, \"comm_share\": %.4f, \"row_bytes_sent_per_rank\": %lld, "
+            "\"row_bytes_model\": %lld, \"control_bytes_per_rank\": %lld}\n",
             P, static_cast<long long>(T), static_cast<long long>(d),
             static_cast<long long>(a.experts), static_cast<long long>(a.k),
             static_cast<long long>(a.dff), static_cast<long long>(a.steps), step_s, mpi_s,
-            mpi_s / step_s, rows_b, model_b, ctl_b);
+            mpi_s / step_s,
+            // Byte counts as whole numbers (%.6g wrote 1101824 as 1.10182e+06).
+            std::llround(rows_b), std::llround(model_b), std::llround(ctl_b));
       } else {
         std::printf("moe_dist_bench: P=%d T/rank=%lld d=%lld E=%lld k=%lld d_ff=%lld, %lld steps\n",
                     P, static_cast<long long>(T), static_cast<long long>(d),
