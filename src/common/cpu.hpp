@@ -53,8 +53,12 @@ struct CpuInfo {
   std::string onednn_cap;
 };
 
-// Read once (thread-safe); throws moe::Error on an invalid MOE_MAX_ISA, every call.
+// Read once (thread-safe); throws moe::Error on an invalid MOE_MAX_ISA or MOE_AMX_MIN_ROWS,
+// every call made outside a parallel region.
 const CpuInfo& cpu();
+// The same check for the public boundary (RouterConfig/MoEConfig::validate): every call into
+// the kernels passes one first, so the error never has to leave a parallel region.
+void check_cpu_settings();
 
 inline bool isa_at_least(Isa want) { return static_cast<int>(cpu().level) >= static_cast<int>(want); }
 // The AMX kernels run: on the instructions (level amx) or on their emulation (MOE_AMX_EMULATE).

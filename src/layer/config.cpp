@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 #include "experts/int8.hpp"
 #include "moe/layer.hpp"
 #include "router/expert_choice.hpp"
@@ -130,6 +131,7 @@ RouterConfig MoEConfig::router() const {
 }
 
 void MoEConfig::validate() const {
+  detail::check_cpu_settings();  // MOE_MAX_ISA, MOE_AMX_MIN_ROWS
   MOE_REQUIRE(d_model >= 1, "d_model: must be at least 1, got ", d_model);
   MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
   MOE_REQUIRE(k >= 1 && k <= n_experts, "k: must be in 1..", n_experts, " (n_experts), got ", k);

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm.hpp"
 #include "common/philox.hpp"
 #include "common/vec_math.hpp"
@@ -53,6 +54,7 @@ GroupScore parse_group_score(const std::string& s) {
 const char* to_string(GroupScore v) { return v == GroupScore::top2_sum ? "top2_sum" : "max"; }
 
 void RouterConfig::validate() const {
+  detail::check_cpu_settings();  // MOE_MAX_ISA, MOE_AMX_MIN_ROWS
   MOE_REQUIRE(n_experts >= 1, "n_experts: must be at least 1, got ", n_experts);
   MOE_REQUIRE(d_model >= 1, "d_model: must be at least 1, got ", d_model);
   MOE_REQUIRE(k >= 1 && k <= n_experts, "k: must be in 1..", n_experts, " (n_experts), got ", k);

@@ -6,6 +6,7 @@ message the helpers below see must be one of its row's messages in docs/errors.m
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -519,3 +520,33 @@ def test_M1_layer_without_masters():
     m.forward(x, training=False)
     with raises("backward: needs the fp32 masters"):
         m.backward(np.ones((3, 4), np.float32))
+
+
+V1_SCRIPT = """
+import numpy as np
+import moe
+try:
+    moe.MoE(8, 4, 2).forward(np.ones((3, 8), np.float32), training=False)
+except moe.Error as e:
+    print(e)
+"""
+
+
+def test_V1_environment_settings_refused_by_name():
+    """A kernel level or row threshold that is not one: refused by name wherever a kernel is
+    first chosen, in Python and in the CLI (read once per process, hence subprocesses)."""
+    for var, value, part in [("MOE_MAX_ISA", "avx512bf16", "is not a level"),
+                             ("MOE_AMX_MIN_ROWS", "0", "is not a row count")]:
+        env = dict(os.environ, **{var: value})
+        r = subprocess.run([sys.executable, "-c", V1_SCRIPT], capture_output=True, text=True,
+                           env=env, timeout=120)
+        msg = r.stdout.strip()
+        assert part in msg, (r.stdout, r.stderr[-2000:])
+        errors_doc.check(msg, "V1")
+        c = subprocess.run([MOE, "route", "--input", "-"], capture_output=True, text=True, env=env,
+                           input=json.dumps({"X": [[1.0, 2.0]], "W_g": [[1.0, 0.0], [0.0, 1.0]],
+                                             "k": 1}), timeout=60)
+        assert c.returncode == 2, (c.returncode, c.stdout, c.stderr)
+        assert c.stderr.startswith("moe: ") and part in c.stderr, c.stderr
+        errors_doc.check(c.stderr.splitlines()[0], "V1")
+
