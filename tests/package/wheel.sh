@@ -31,10 +31,22 @@ defines=()
 if command -v ccache >/dev/null; then
   defines+=(--config-settings=cmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache)
 fi
+# The build tree is kept (build-dir) so that its compile commands can be read below.
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   "$tmp/build-env/bin/pip" wheel "${pip_q[@]}" --no-deps --no-build-isolation \
-  "${defines[@]}" -w "$tmp/dist" "$src" >"$tmp/wheel.log" 2>&1 ||
+  "${defines[@]}" --config-settings=build-dir="$tmp/wheel-build" -w "$tmp/dist" "$src" \
+  >"$tmp/wheel.log" 2>&1 ||
   { tail -n 60 "$tmp/wheel.log" >&2; echo "wheel: pip wheel failed" >&2; exit 1; }
+# One build for every CPU (docs/design.md, "The CPU and the matrix engine"): the wheel's code
+# is compiled for the baseline, never for the build machine.
+commands="$tmp/wheel-build/compile_commands.json"
+[ -s "$commands" ] || { echo "wheel: no compile commands in $tmp/wheel-build" >&2; exit 1; }
+if grep -q -- '-march=native' "$commands"; then
+  echo "wheel: built with -march=native" >&2
+  exit 1
+fi
+grep -q -- '-march=x86-64-v3' "$commands" ||
+  { echo "wheel: not built for the x86-64-v3 baseline" >&2; exit 1; }
 built=$SECONDS
 wheel=$(ls "$tmp"/dist/libmoe-*.whl)
 # The wheel holds the package and the command, nothing of the C++ development files.
@@ -75,6 +87,9 @@ grep -q "written by $tmp/venv/share/libmoe/plot_run.py" "$tmp/train.log" ||
   { cat "$tmp/train.log" >&2; echo "wheel: the plots did not come from the installed script" >&2; exit 1; }
 # Away from the repository, with no PYTHONPATH: only the installed package can be imported.
 (cd "$tmp" && env -u PYTHONPATH "$tmp/venv/bin/python" "$repo/tests/package/wheel_smoke.py")
+# The same on the lowest kernel level, as on an AVX2-only CPU (MOE_MAX_ISA, src/common/cpu.hpp).
+(cd "$tmp" && env -u PYTHONPATH MOE_MAX_ISA=avx2 "$tmp/venv/bin/python" \
+   "$repo/tests/package/wheel_smoke.py" avx2)
 found=$(PATH="$tmp/venv/bin:$PATH" command -v moe)
 [ "$found" = "$tmp/venv/bin/moe" ] || { echo "wheel: moe resolves to $found" >&2; exit 1; }
 help=$(env -u PYTHONPATH PATH="$tmp/venv/bin:$PATH" moe --help)

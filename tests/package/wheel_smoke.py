@@ -1,6 +1,8 @@
 """Run by tests/package/wheel.sh inside a fresh virtual environment where only the libmoe
 wheel (and its dependency numpy) is installed: the package imports from the environment, not
-from the repository, runs a forward and a backward, and refuses the old constructor keyword."""
+from the repository, runs a forward and a backward, and refuses the old constructor keyword.
+With an argument (a kernel level), moe.cpu_info() must say that level is in use: wheel.sh
+runs it again under MOE_MAX_ISA=avx2, as on a CPU with AVX2 alone."""
 import pathlib
 import sys
 
@@ -29,4 +31,15 @@ except ValueError as e:
     assert "bias" in str(e), e
 else:
     raise AssertionError("expert_bias= was accepted")
-print(f"wheel smoke test: moe from {where.parent}, y = {y[0, 0]:.3f} {y[0, 1]:.3f}")
+info = moe.cpu_info()
+if len(sys.argv) > 1:
+    assert info["level"] == sys.argv[1], info
+# bf16 and int8 products on whatever kernels the level allows (widened / portable on avx2).
+x = np.random.default_rng(0).standard_normal((20, 32)).astype(np.float32)
+for precision in ["bf16", "int8"]:
+    q = moe.MoE(32, 4, 2, d_ff=48, expert="swiglu", noise="none", seed=3, precision=precision)
+    f = moe.MoE(32, 4, 2, d_ff=48, expert="swiglu", noise="none", seed=3)
+    yq, yf = q.forward(x, training=False), f.forward(x, training=False)
+    assert np.abs(yq - yf).max() <= 3e-2 * np.abs(yf).max(), (precision, info)
+print(f"wheel smoke test: moe from {where.parent}, y = {y[0, 0]:.3f} {y[0, 1]:.3f}, "
+      f"level {info['level']} ({info['bf16_experts']}; int8 {info['int8_kernel']})")
