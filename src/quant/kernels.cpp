@@ -1,0 +1,244 @@
+#include "quant/kernels.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "common/bf16.hpp"
+#include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
+#include "quant/kernels_impl.hpp"
+
+namespace moe::detail {
+
+namespace quant_impl {
+
+namespace {
+struct CodeTables {
+  std::array<uint16_t, 128> bf16{};
+  std::array<float, 256> f32{};
+};
+CodeTables make_tables(QuantFormatId id) {
+  const QuantFormat& f = quant_format(id);
+  const std::array<float, 256>& v = quant_code_values(id);
+  CodeTables t;
+  t.f32 = v;
+  if (f.code_bits == 4) {
+    for (int i = 0; i < 32; ++i)
+      t.bf16[i] = f.linear_codes ? to_bf16(static_cast<float>(i - 16)) : i < 16 ? to_bf16(v[i]) : 0;
+  } else {
+    // Sign and magnitude: the widening reads the magnitude of code & 127 and ORs bit 7 into
+    // the sign, which must be what the table says.
+    for (int i = 0; i < 128; ++i) {
+      t.bf16[i] = to_bf16(v[i]);
+      MOE_ASSERT((to_bf16(v[i + 128]) ^ 0x8000u) == t.bf16[i]);
+    }
+  }
+  return t;
+}
+const CodeTables& tables(QuantFormatId id) {
+  static const CodeTables t[] = {make_tables(QuantFormatId::int4), make_tables(QuantFormatId::mxfp4),
+                                 make_tables(QuantFormatId::fp8)};
+  return t[static_cast<int>(id)];
+}
+}  // namespace
+
+const uint16_t* bf16_code_table(QuantFormatId id) { return tables(id).bf16.data(); }
+const float* f32_code_table(QuantFormatId id) { return tables(id).f32.data(); }
+const float* e8m0_table() {
+  static const std::array<float, 256> t = [] {
+    std::array<float, 256> v{};
+    for (int s = 0; s < 256; ++s) v[s] = e8m0_value(static_cast<uint8_t>(s));
+    return v;
+  }();
+  return t.data();
+}
+
+}  // namespace quant_impl
+
+// ---- rows ------------------------------------------------------------------------------------
+
+int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M) {
+  return M * W.sub_blocks() * 32 * 4;  // fp32 at most
+}
+
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, const float* X, int64_t ldx,
+                             int64_t M, void* buf) {
+  QuantRows r;
+  r.path = path;
+  r.M = M;
+  r.ld = W.sub_blocks() * 32;
+  r.data = buf;
+  const int64_t K = W.K, ld = r.ld;
+  for (int64_t i = 0; i < M; ++i) {
+    const float* x = X + i * ldx;
+    if (quant_rows_bf16(path)) {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      if (W.act_order)
+        for (int64_t k = 0; k < K; ++k) d[k] = to_bf16(x[W.perm[k]]);
+      else
+        for (int64_t k = 0; k < K; ++k) d[k] = to_bf16(x[k]);
+      std::fill(d + K, d + ld, uint16_t{0});
+    } else {
+      float* d = static_cast<float*>(buf) + i * ld;
+      if (W.act_order)
+        for (int64_t k = 0; k < K; ++k) d[k] = x[W.perm[k]];
+      else
+        std::memcpy(d, x, static_cast<size_t>(K) * sizeof(float));
+      std::fill(d + K, d + ld, 0.0f);
+    }
+  }
+  return r;
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc) {
+  MOE_ASSERT(n0 >= 0 && n0 + n <= W.N && rows.ld == W.sub_blocks() * 32);
+  if (n <= 0) return;
+  // Row blocks of at most 8, as even as possible (a row's bits do not depend on its block).
+  const int64_t blocks = (rows.M + 7) / 8;
+  for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
+    const int64_t m = (rows.M - i0) / (blocks - bi);
+    float* c = C + i0 * ldc;
+    switch (rows.path) {
+      case QuantPath::avx512_bf16:
+        quant_impl::decode_avx512_bf16(W, static_cast<const uint16_t*>(rows.data) + i0 * rows.ld,
+                                       rows.ld, m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx512:
+        quant_impl::decode_avx512(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld,
+                                  m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx2:
+        quant_impl::decode_avx2(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld, m,
+                                n0, n, c, ldc);
+        break;
+    }
+    i0 += m;
+  }
+}
+
+// ---- prefill ---------------------------------------------------------------------------------
+
+int64_t quant_prefill_workspace_size(const QuantMatrix& W) {
+  return packed_bf16_size(std::min(W.K, kQuantPanelK), kPanelCols);
+}
+
+namespace {
+// The portable widening (path avx2, and the tests' twin of the AVX-512 one).
+void widen_panel_portable(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                          uint16_t* panel) {
+  const QuantFormat& f = W.fmt();
+  const std::array<float, 256>& values = quant_code_values(W.format);
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t col = j0 + j;
+    const uint8_t* codes = W.codes + col * W.code_stride;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = k0 + k, b = r / W.block_k;
+      const int code = f.code_bits == 4 ? (r % 2 ? codes[r / 2] >> 4 : codes[r / 2] & 15) : codes[r];
+      float v = values[code];
+      if (f.linear_codes) v -= static_cast<float>(W.zero_points ? W.zeros[col * W.zero_stride + b] : 8);
+      const float s = quant_scale_value(f.scale, W.scales, (col / f.block_n) * W.scale_stride + b);
+      panel[packed_bf16_index(kc, k, j)] = to_bf16(v * s);
+    }
+    if (kc % 2) panel[packed_bf16_index(kc, kc, j)] = 0;
+  }
+  for (int64_t j = nc; j < kPanelCols; ++j)
+    for (int64_t k = 0; k < (kc + 1) / 2 * 2; ++k) panel[packed_bf16_index(kc, k, j)] = 0;
+}
+}  // namespace
+
+void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
+                       int64_t kc, uint16_t* panel) {
+  MOE_ASSERT(k0 % 32 == 0 && k0 + kc <= W.K && nc >= 0 && nc <= kPanelCols && j0 + nc <= W.N);
+  // The AVX-512 widening writes 16 columns of a row pair as 64 contiguous bytes.
+  MOE_ASSERT(packed_bf16_index(kc, 0, 1) == 2 && packed_bf16_index(kc, 1, 0) == 1);
+  if (widen == QuantPath::avx2)
+    widen_panel_portable(W, j0, nc, k0, kc, panel);
+  else
+    quant_impl::widen_panel_avx512(W, j0, nc, k0, kc, panel);
+  // The padding rows after the last pair (packed_bf16_size knows how far K is padded).
+  const int64_t pairs = (kc + 1) / 2, padded = packed_bf16_size(kc, kPanelCols) / kPanelCols;
+  for (int64_t k = 2 * pairs; k < padded; k += 2)
+    std::memset(panel + packed_bf16_index(kc, k, 0), 0, sizeof(uint16_t) * 2 * kPanelCols);
+}
+
+void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws) {
+  MOE_ASSERT(quant_rows_bf16(rows.path) && n0 >= 0 && n0 + n <= W.N);
+  const auto* A = static_cast<const uint16_t*>(rows.data);
+  for (int64_t j = 0; j < n; j += kPanelCols) {
+    const int64_t nc = std::min(kPanelCols, n - j);
+    for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
+      const int64_t kc = std::min(kQuantPanelK, W.K - k0);
+      quant_widen_panel(W, widen, n0 + j, nc, k0, kc, ws);
+      gemm_bf16_packed_serial(rows.M, 0, nc, kc, A + k0, rows.ld, ws, k0 > 0 ? 1.0f : 0.0f,
+                              C + j, ldc);
+    }
+  }
+}
+
+// ---- the parallel driver ---------------------------------------------------------------------
+
+void QuantWorkspace::reserve(const QuantMatrix& W, int64_t M, int threads) {
+  const auto need = static_cast<size_t>(quant_rows_bytes(W, M));
+  if (rows.size() < need) rows.resize(need);
+  const auto panel = static_cast<size_t>(quant_prefill_workspace_size(W) * threads);
+  if (panels.size() < panel) panels.resize(panel);
+}
+
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
+  MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
+              " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  if (M <= 0) return;
+  // Prefill takes bf16 rows whatever the path (the path then only picks the widening).
+  const QuantPath rows_path = method == QuantMethod::prefill ? QuantPath::avx512_bf16 : path;
+  const int threads = omp_get_max_threads();
+  ws.reserve(W, M, threads);
+  const QuantRows rows = quant_prepare_rows(W, rows_path, X, ldx, M, ws.rows.data());
+  const int64_t tiles = (W.N + kQuantTileN - 1) / kQuantTileN;
+  const int64_t panel = quant_prefill_workspace_size(W);
+#pragma omp parallel for schedule(static) if (tiles > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * kQuantTileN, n = std::min(kQuantTileN, W.N - n0);
+    if (method == QuantMethod::decode)
+      quant_decode_serial(W, rows, n0, n, C + n0, ldc);
+    else
+      quant_prefill_serial(W, rows, path, n0, n, C + n0, ldc,
+                           ws.panels.data() + omp_get_thread_num() * panel);
+  }
+}
+
+std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
+  std::string name = W.fmt().name;
+  switch (W.format) {
+    case QuantFormatId::int4:
+      name += "_g" + std::to_string(W.block_k) + (W.zero_points ? "_zp" : "_sym");
+      if (W.act_order) name += "_act";
+      break;
+    case QuantFormatId::mxfp4: name += "_e8m0x32"; break;
+    case QuantFormatId::fp8: name += "_e4m3_b128x128"; break;
+  }
+  name += ":";
+  name += quant_path_name(path);
+  const bool eight = W.fmt().code_bits == 8;
+  switch (path) {
+    case QuantPath::avx512_bf16:
+      name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpermw widening, vdpbf16ps)";
+      break;
+    case QuantPath::avx512:
+      name += eight ? " (vpermi2w widening, fp32 vfmadd)" : " (vpermw widening, fp32 vfmadd)";
+      break;
+    case QuantPath::avx2:
+      name += eight ? " (vgatherdps widening, fp32 vfmadd)" : " (vpsrlvd widening, fp32 vfmadd)";
+      break;
+  }
+  return name;
+}
+
+}  // namespace moe::detail

@@ -1,0 +1,92 @@
+// The products every low-bit format runs, written once for all rows of kQuantFormats:
+//
+//   decode   C (M, n) = rows (M, K) · dequant(W)[:, n0 : n0 + n] for few rows (M ≤ 16): the
+//            stored bytes stream once and are widened in registers — 4-bit codes through a
+//            32-entry bf16 table (vpermw; int4's zero point moves the index), 8-bit codes
+//            through a 128-entry one (two vpermi2w and the sign bit) — and multiplied into
+//            fp32 accumulators. avx512_bf16: bf16 rows, vdpbf16ps over each block, the
+//            block's scale applied to its fp32 partial sum (vfmadd), so the widened values are
+//            exact. avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded
+//            in. Columns are independent: a column's bits depend on the path only — not on M,
+//            n0, n, the tiling or the thread that ran it.
+//   prefill  the same product for many rows: each panel of 64 columns and 2048 rows of K is
+//            widened once per call into a bf16 panel in gemm_bf16_packed's layout
+//            (bf16(value · scale), rounded to nearest even) in the caller's workspace, which
+//            stays in cache, and handed to gemm_bf16_packed_serial (so prefill runs on whatever
+//            engine that kernel uses: vdpbf16ps, AMX). K is summed chunk after chunk in order.
+//
+// Rows are prepared once per call (quant_prepare_rows): rounded to bf16 or kept fp32 as the
+// path takes them, gathered into the kernel's K order (int4 act-order), zero-padded to a
+// multiple of 32.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant/quant_matrix.hpp"
+
+namespace moe::detail {
+
+// Rows prepared for one matrix and one path.
+struct QuantRows {
+  QuantPath path = QuantPath::avx2;
+  int64_t M = 0;   // rows
+  int64_t ld = 0;  // elements between rows: sub_blocks() · 32
+  const void* data = nullptr;  // uint16_t (bf16) when quant_rows_bf16(path), else float
+};
+
+// Bytes quant_prepare_rows writes for M rows of W.
+int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
+// X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, M) bytes).
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, const float* X, int64_t ldx,
+                             int64_t M, void* buf);
+
+// C (M, n) = rows · dequant(W)[:, n0 : n0 + n] on the calling thread, with rows.path's kernel;
+// C (stride ldc) points at column n0. Any M; rows in blocks of up to 8.
+void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc);
+
+// The K rows of one prefill panel (a multiple of every block_k).
+constexpr int64_t kQuantPanelK = 2048;
+// uint16_t values of the workspace quant_prefill_serial needs (one widened panel).
+int64_t quant_prefill_workspace_size(const QuantMatrix& W);
+// C (M, n) = rows · dequant(W)[:, n0 : n0 + n] through widened bf16 panels and
+// gemm_bf16_packed_serial; rows must be bf16 (path avx512_bf16 — or any path's bf16 rows: the
+// widening's own instructions follow `widen`), ws holds quant_prefill_workspace_size(W) values.
+void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws);
+
+// The panel widening itself (public for tests): panel (packed_bf16_size(kc, 64) values) =
+// the packed bf16 form of the (kc, 64) matrix whose (k, j) is bf16(value · scale) at kernel
+// position k0 + k of column j0 + j, zero for j ≥ nc and in the padding.
+void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
+                       int64_t kc, uint16_t* panel);
+
+// Which kernel runs M rows: decode (registers) or prefill (panels). By measurement
+// (docs/quant.md): decode up to kQuantDecodeMaxRows rows.
+enum class QuantMethod : int { decode, prefill };
+constexpr int64_t kQuantDecodeMaxRows = 16;
+constexpr QuantMethod quant_method_for(int64_t M) {
+  return M <= kQuantDecodeMaxRows ? QuantMethod::decode : QuantMethod::prefill;
+}
+
+// Columns per parallel task of quant_matmul (fixed: results never depend on the thread count).
+constexpr int64_t kQuantTileN = 64;
+
+// Buffers quant_matmul uses, sized once by reserve() (STYLE.md 5: no allocation per call
+// once reserved for the largest call).
+struct QuantWorkspace {
+  std::vector<unsigned char> rows;
+  std::vector<uint16_t> panels;  // one panel per thread
+  void reserve(const QuantMatrix& W, int64_t M, int threads);
+};
+
+// C (M, N) = X (M, K) · dequant(W): rows prepared once, column tiles of kQuantTileN spread
+// over the OpenMP threads. X is fp32 in W's own K order.
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws);
+
+// "int4_g128_zp:avx512_bf16 (vpermw, vdpbf16ps)" and the like, for reports.
+std::string quant_kernel_name(const QuantMatrix& W, QuantPath path);
+
+}  // namespace moe::detail

@@ -1,0 +1,142 @@
+// The AVX2 decode of quant/kernels.hpp (the x86-64-v3 baseline: every CPU libmoe runs on):
+// fp32 rows, the weights widened 8 at a time to fp32 with the block's scale folded in, vfmadd.
+// 4-bit codes: a broadcast word shifted per lane (vpsrlvd); int4's are integers (code − zero,
+// converted), mxfp4's go through two vpermps of the 16-entry table; 8-bit codes are gathered
+// from the 256-entry table.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/check.hpp"
+#include "quant/kernels_impl.hpp"
+
+#define MOE_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+
+namespace moe::detail::quant_impl {
+
+namespace {
+
+struct Tables2 {
+  __m256 lo, hi;         // 4-bit table codes: values 0..7 and 8..15
+  const float* values;   // 8-bit codes: the 256 values
+};
+
+template <Codes Cd>
+MOE_AVX2 inline void block_params2(const QuantMatrix& W, int64_t j, int64_t b, __m256* scale,
+                                   __m256i* zero) {
+  if constexpr (Cd == Codes::int4_sym || Cd == Codes::int4_zp) {
+    const uint16_t h = static_cast<const uint16_t*>(W.scales)[j * W.scale_stride + b];
+    *scale = _mm256_set1_ps(_cvtsh_ss(h));
+    *zero = _mm256_set1_epi32(Cd == Codes::int4_zp ? W.zeros[j * W.zero_stride + b] : 8);
+  } else if constexpr (Cd == Codes::mxfp4) {
+    *scale = _mm256_set1_ps(e8m0_table()[static_cast<const uint8_t*>(W.scales)[j * W.scale_stride + b]]);
+    *zero = _mm256_setzero_si256();
+  } else {
+    *scale = _mm256_set1_ps(static_cast<const float*>(W.scales)[(j / 128) * W.scale_stride + b]);
+    *zero = _mm256_setzero_si256();
+  }
+}
+
+// Values k0 .. k0 + 7 of a column (k0 a multiple of 8) as fp32, unscaled.
+template <Codes Cd>
+MOE_AVX2 inline __m256 widen8(const uint8_t* col, int64_t k0, int64_t K, const Tables2& T,
+                              __m256i zero) {
+  if constexpr (Cd == Codes::fp8) {
+    uint64_t raw = 0;
+    std::memcpy(&raw, col + k0, static_cast<size_t>(std::clamp<int64_t>(K - k0, 0, 8)));
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw)));
+    return _mm256_i32gather_ps(T.values, c, 4);
+  } else {
+    uint32_t word;
+    std::memcpy(&word, col + k0 / 2, 4);
+    const __m256i q = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)),
+                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+        _mm256_set1_epi32(15));
+    if constexpr (Cd == Codes::mxfp4) {
+      const __m256 lo = _mm256_permutevar8x32_ps(T.lo, q), hi = _mm256_permutevar8x32_ps(T.hi, q);
+      return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+    } else {
+      return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, zero));
+    }
+  }
+}
+
+template <Codes Cd, int MR, int NC>
+MOE_AVX2 void tile_avx2(const QuantMatrix& W, const Tables2& T, const float* A, int64_t lda,
+                        int64_t j0, float* C, int64_t ldc) {
+  const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
+  const uint8_t* col[NC];
+  for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
+  __m256 acc[MR][NC];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm256_setzero_ps();
+  for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
+    const int64_t k1 = std::min(S, s0 + spb) * 32;
+    __m256 sv[NC];
+    __m256i zv[NC];
+    for (int c = 0; c < NC; ++c) block_params2<Cd>(W, j0 + c, b, &sv[c], &zv[c]);
+    for (int64_t k = 32 * s0; k < k1; k += 8) {
+      __m256 w[NC];
+      for (int c = 0; c < NC; ++c) w[c] = _mm256_mul_ps(widen8<Cd>(col[c], k, W.K, T, zv[c]), sv[c]);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 a = _mm256_loadu_ps(A + m * lda + k);
+        for (int c = 0; c < NC; ++c) acc[m][c] = _mm256_fmadd_ps(a, w[c], acc[m][c]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) {
+      // A fixed reduction order: lanes (i, i + 4), then pairs, then the last two.
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][c]), _mm256_extractf128_ps(acc[m][c], 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      C[m * ldc + c] = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+    }
+}
+
+constexpr int nc_avx2(int MR) { return MR <= 2 ? 2 : 1; }
+
+template <Codes Cd, int MR>
+MOE_AVX2 void rows_avx2(const QuantMatrix& W, const float* A, int64_t lda, int64_t n0, int64_t n,
+                        float* C, int64_t ldc) {
+  constexpr int NC = nc_avx2(MR);
+  Tables2 T;
+  const float* v = f32_code_table(W.format);
+  T.lo = _mm256_loadu_ps(v);
+  T.hi = _mm256_loadu_ps(v + 8);
+  T.values = v;
+  int64_t j = 0;
+  for (; j + NC <= n; j += NC) tile_avx2<Cd, MR, NC>(W, T, A, lda, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_avx2<Cd, MR, 1>(W, T, A, lda, n0 + j, C + j, ldc);
+}
+
+template <Codes Cd>
+void rows_avx2_m(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc) {
+  switch (M) {
+    case 1: return rows_avx2<Cd, 1>(W, A, lda, n0, n, C, ldc);
+    case 2: return rows_avx2<Cd, 2>(W, A, lda, n0, n, C, ldc);
+    case 3: return rows_avx2<Cd, 3>(W, A, lda, n0, n, C, ldc);
+    case 4: return rows_avx2<Cd, 4>(W, A, lda, n0, n, C, ldc);
+    case 5: return rows_avx2<Cd, 5>(W, A, lda, n0, n, C, ldc);
+    case 6: return rows_avx2<Cd, 6>(W, A, lda, n0, n, C, ldc);
+    case 7: return rows_avx2<Cd, 7>(W, A, lda, n0, n, C, ldc);
+    default: return rows_avx2<Cd, 8>(W, A, lda, n0, n, C, ldc);
+  }
+}
+
+}  // namespace
+
+void decode_avx2(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc) {
+  MOE_ASSERT(M >= 1 && M <= 8);
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return rows_avx2_m<Codes::int4_sym>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::int4_zp: return rows_avx2_m<Codes::int4_zp>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::mxfp4: return rows_avx2_m<Codes::mxfp4>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::fp8: return rows_avx2_m<Codes::fp8>(W, A, lda, M, n0, n, C, ldc);
+  }
+}
+
+}  // namespace moe::detail::quant_impl

@@ -1,0 +1,355 @@
+// The AVX-512 kernels of quant/kernels.hpp: decode with bf16 rows (vdpbf16ps) or fp32 rows
+// (vfmadd), and the panel widening of prefill. Each function carries its own target: the build
+// targets x86-64-v3, and these run only where cpu() allows them.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
+#include "quant/kernels_impl.hpp"
+
+// GCC 12's AVX-512 intrinsics pass an undefined merge source, which its
+// -W(maybe-)uninitialized reports inside its own header (as in common/philox.cpp).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define MOE_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
+#define MOE_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")))
+
+namespace moe::detail::quant_impl {
+
+namespace {
+
+// ---- one format's codes, scales and zero points (the rows of kQuantFormats) -----------------
+
+// The code tables in registers: 4-bit formats use t[0], 8-bit ones t[0..3].
+struct Tables {
+  __m512i t[4];
+};
+
+MOE_AVX512 inline Tables load_tables(QuantFormatId id) {
+  const uint16_t* w = bf16_code_table(id);
+  Tables T;
+  for (int i = 0; i < 4; ++i) T.t[i] = _mm512_loadu_si512(w + 32 * i);
+  return T;
+}
+
+// Per (column, block): the scale as fp32 and, for linear codes, the table index offset
+// 16 − zero as words.
+struct BlockParams {
+  float scale;
+  int offset;
+};
+
+template <Codes Cd>
+MOE_AVX512 inline BlockParams block_params(const QuantMatrix& W, int64_t j, int64_t b) {
+  if constexpr (Cd == Codes::int4_sym || Cd == Codes::int4_zp) {
+    const uint16_t h = static_cast<const uint16_t*>(W.scales)[j * W.scale_stride + b];
+    const int z = Cd == Codes::int4_zp ? W.zeros[j * W.zero_stride + b] : 8;
+    return {_cvtsh_ss(h), 16 - z};
+  } else if constexpr (Cd == Codes::mxfp4) {
+    return {e8m0_table()[static_cast<const uint8_t*>(W.scales)[j * W.scale_stride + b]], 0};
+  } else {
+    return {static_cast<const float*>(W.scales)[(j / 128) * W.scale_stride + b], 0};
+  }
+}
+
+// 32 codes of sub-block s of a column (col: its first byte) → 32 bf16 words in k order.
+// 4-bit: byte i → dword i = (low nibble) | (high nibble) << 16, then one vpermw through the
+// table. 8-bit: bytes → words, two vpermi2w (magnitudes 0..63, 64..127), the sign bit back.
+template <Codes Cd>
+MOE_AVX512 inline __m512i widen_bf16(const uint8_t* col, int64_t s, int64_t K, const Tables& T,
+                                     __m512i offset) {
+  if constexpr (Cd == Codes::fp8) {
+    const uint8_t* p = col + 32 * s;
+    const int64_t valid = K - 32 * s;
+    const __m256i raw = valid >= 32
+                            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << valid) - 1u), p);
+    const __m512i c = _mm512_cvtepu8_epi16(raw);
+    const __m512i lo = _mm512_permutex2var_epi16(T.t[0], c, T.t[1]);
+    const __m512i hi = _mm512_permutex2var_epi16(T.t[2], c, T.t[3]);
+    const __mmask32 upper = _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40));
+    const __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
+    // mag | (c << 8 & 0x8000): the code's sign bit onto the word's
+    return _mm512_ternarylogic_epi32(mag, _mm512_slli_epi16(c, 8),
+                                     _mm512_set1_epi16(static_cast<short>(0x8000)), 0xF8);
+  } else {
+    (void)K;
+    const __m512i d =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(col + 16 * s)));
+    // (d | d << 12) & 0x000f000f: the low nibble in the low word, the high one in the high word
+    __m512i idx = _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12),
+                                            _mm512_set1_epi32(0x000f000f), 0xA8);
+    if constexpr (Cd != Codes::mxfp4) idx = _mm512_add_epi16(idx, offset);
+    return _mm512_permutexvar_epi16(idx, T.t[0]);
+  }
+}
+
+// Words 0..15 / 16..31 of w as fp32 (bf16 → fp32 is a shift).
+MOE_AVX512 inline __m512 bf16_lo_f32(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+}
+MOE_AVX512 inline __m512 bf16_hi_f32(__m512i w) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)), 16));
+}
+
+// ---- decode with bf16 rows -----------------------------------------------------------------
+
+// MR rows × NC columns (j0 ..): per block, vdpbf16ps sums the exact widened codes into fp32
+// block sums, which the block's scale multiplies into the accumulators.
+template <Codes Cd, int MR, int NC>
+MOE_AVX512_BF16 void tile_bf16(const QuantMatrix& W, const Tables& T, const uint16_t* A,
+                               int64_t lda, int64_t j0, float* C, int64_t ldc) {
+  const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
+  const uint8_t* col[NC];
+  for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
+  __m512 acc[MR][NC];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
+    const int64_t s1 = std::min(S, s0 + spb);
+    __m512i off[NC];
+    float sc[NC];
+    for (int c = 0; c < NC; ++c) {
+      const BlockParams p = block_params<Cd>(W, j0 + c, b);
+      sc[c] = p.scale;
+      off[c] = _mm512_set1_epi16(static_cast<short>(p.offset));
+    }
+    __m512 blk[MR][NC];
+    for (int m = 0; m < MR; ++m)
+      for (int c = 0; c < NC; ++c) blk[m][c] = _mm512_setzero_ps();
+    for (int64_t s = s0; s < s1; ++s) {
+      __m512i w[NC];
+      for (int c = 0; c < NC; ++c) w[c] = widen_bf16<Cd>(col[c], s, W.K, T, off[c]);
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh a = (__m512bh)_mm512_loadu_si512(A + m * lda + 32 * s);
+        for (int c = 0; c < NC; ++c) blk[m][c] = _mm512_dpbf16_ps(blk[m][c], a, (__m512bh)w[c]);
+      }
+    }
+    for (int c = 0; c < NC; ++c) {
+      const __m512 sv = _mm512_set1_ps(sc[c]);
+      for (int m = 0; m < MR; ++m) acc[m][c] = _mm512_fmadd_ps(blk[m][c], sv, acc[m][c]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+
+// Columns per tile for MR rows: block sums and accumulators both stay in the 32 registers.
+constexpr int nc_bf16(int MR) { return MR == 1 ? 8 : MR == 2 ? 4 : MR == 3 ? 3 : MR <= 6 ? 2 : 1; }
+
+template <Codes Cd, int MR>
+MOE_AVX512_BF16 void rows_bf16(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t n0,
+                               int64_t n, float* C, int64_t ldc) {
+  constexpr int NC = nc_bf16(MR);
+  const Tables T = load_tables(W.format);
+  int64_t j = 0;
+  for (; j + NC <= n; j += NC) tile_bf16<Cd, MR, NC>(W, T, A, lda, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_bf16<Cd, MR, 1>(W, T, A, lda, n0 + j, C + j, ldc);
+}
+
+template <Codes Cd>
+void rows_bf16_m(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc) {
+  switch (M) {
+    case 1: return rows_bf16<Cd, 1>(W, A, lda, n0, n, C, ldc);
+    case 2: return rows_bf16<Cd, 2>(W, A, lda, n0, n, C, ldc);
+    case 3: return rows_bf16<Cd, 3>(W, A, lda, n0, n, C, ldc);
+    case 4: return rows_bf16<Cd, 4>(W, A, lda, n0, n, C, ldc);
+    case 5: return rows_bf16<Cd, 5>(W, A, lda, n0, n, C, ldc);
+    case 6: return rows_bf16<Cd, 6>(W, A, lda, n0, n, C, ldc);
+    case 7: return rows_bf16<Cd, 7>(W, A, lda, n0, n, C, ldc);
+    default: return rows_bf16<Cd, 8>(W, A, lda, n0, n, C, ldc);
+  }
+}
+
+// ---- decode with fp32 rows -----------------------------------------------------------------
+
+// The weights widened to fp32 with the block's scale folded in (exact for int4 and mxfp4, one
+// fp32 rounding for fp8), then one vfmadd per row and 16 values.
+template <Codes Cd, int MR, int NC>
+MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, int64_t lda,
+                         int64_t j0, float* C, int64_t ldc) {
+  const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
+  const uint8_t* col[NC];
+  for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
+  __m512 acc[MR][NC];
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
+    const int64_t s1 = std::min(S, s0 + spb);
+    __m512i off[NC];
+    __m512 sv[NC];
+    for (int c = 0; c < NC; ++c) {
+      const BlockParams p = block_params<Cd>(W, j0 + c, b);
+      sv[c] = _mm512_set1_ps(p.scale);
+      off[c] = _mm512_set1_epi16(static_cast<short>(p.offset));
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      __m512 w0[NC], w1[NC];
+      for (int c = 0; c < NC; ++c) {
+        const __m512i w = widen_bf16<Cd>(col[c], s, W.K, T, off[c]);
+        w0[c] = _mm512_mul_ps(bf16_lo_f32(w), sv[c]);
+        w1[c] = _mm512_mul_ps(bf16_hi_f32(w), sv[c]);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512 a0 = _mm512_loadu_ps(A + m * lda + 32 * s);
+        const __m512 a1 = _mm512_loadu_ps(A + m * lda + 32 * s + 16);
+        for (int c = 0; c < NC; ++c) {
+          acc[m][c] = _mm512_fmadd_ps(a0, w0[c], acc[m][c]);
+          acc[m][c] = _mm512_fmadd_ps(a1, w1[c], acc[m][c]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+
+constexpr int nc_f32(int MR) { return MR == 1 ? 8 : MR == 2 ? 4 : MR <= 4 ? 4 : 2; }
+
+template <Codes Cd, int MR>
+MOE_AVX512 void rows_f32(const QuantMatrix& W, const float* A, int64_t lda, int64_t n0, int64_t n,
+                         float* C, int64_t ldc) {
+  constexpr int NC = nc_f32(MR);
+  const Tables T = load_tables(W.format);
+  int64_t j = 0;
+  for (; j + NC <= n; j += NC) tile_f32<Cd, MR, NC>(W, T, A, lda, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_f32<Cd, MR, 1>(W, T, A, lda, n0 + j, C + j, ldc);
+}
+
+template <Codes Cd>
+void rows_f32_m(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                int64_t n, float* C, int64_t ldc) {
+  switch (M) {
+    case 1: return rows_f32<Cd, 1>(W, A, lda, n0, n, C, ldc);
+    case 2: return rows_f32<Cd, 2>(W, A, lda, n0, n, C, ldc);
+    case 3: return rows_f32<Cd, 3>(W, A, lda, n0, n, C, ldc);
+    case 4: return rows_f32<Cd, 4>(W, A, lda, n0, n, C, ldc);
+    case 5: return rows_f32<Cd, 5>(W, A, lda, n0, n, C, ldc);
+    case 6: return rows_f32<Cd, 6>(W, A, lda, n0, n, C, ldc);
+    case 7: return rows_f32<Cd, 7>(W, A, lda, n0, n, C, ldc);
+    default: return rows_f32<Cd, 8>(W, A, lda, n0, n, C, ldc);
+  }
+}
+
+// ---- the panel widening of prefill ---------------------------------------------------------
+
+// fp32 → bf16, nearest even, NaN quieted: bf16.hpp's to_bf16 on 16 lanes (the same bits).
+MOE_AVX512 inline __m256i to_bf16_16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// rows[i] (16 dwords each) → rows[l][i] = old rows[i][l].
+MOE_AVX512 inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane q: column 4q + c of rows 4i .. 4i + 3
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i z = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_i32x4(x, z, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(x, z, 0xDD);
+    t[4 + c] = _mm512_shuffle_i32x4(y, v, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(y, v, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// 16 columns (c0 ..) of the panel, sub-blocks [0, ns) of the chunk: each column's 32 values
+// widened, scaled, rounded and masked past kc, then transposed into 16 pair rows.
+template <Codes Cd>
+MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0, int64_t c0,
+                              int64_t ncols, int64_t k0, int64_t kc, uint16_t* panel) {
+  const int64_t ns = (kc + 31) / 32, pairs = (kc + 1) / 2;
+  for (int64_t sub = 0; sub < ns; ++sub) {
+    const int64_t s = k0 / 32 + sub, b = 32 * s / W.block_k;
+    const int64_t left = kc - 32 * sub;
+    const __mmask32 keep = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
+    __m512i r[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      if (c0 + i >= ncols) {
+        r[i] = _mm512_setzero_si512();
+        continue;
+      }
+      const int64_t j = j0 + c0 + i;
+      const BlockParams p = block_params<Cd>(W, j, b);
+      const __m512i w = widen_bf16<Cd>(W.codes + j * W.code_stride, s, W.K, T,
+                                      _mm512_set1_epi16(static_cast<short>(p.offset)));
+      const __m512 sv = _mm512_set1_ps(p.scale);
+      const __m256i lo = to_bf16_16(_mm512_mul_ps(bf16_lo_f32(w), sv));
+      const __m256i hi = to_bf16_16(_mm512_mul_ps(bf16_hi_f32(w), sv));
+      r[i] = _mm512_maskz_mov_epi16(keep, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    }
+    transpose_16x16(r);
+    for (int64_t i = 0; i < 16 && 16 * sub + i < pairs; ++i)
+      _mm512_storeu_si512(panel + packed_bf16_index(kc, 2 * (16 * sub + i), c0), r[i]);
+  }
+}
+
+template <Codes Cd>
+MOE_AVX512 void widen_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                            uint16_t* panel) {
+  const Tables T = load_tables(W.format);
+  for (int64_t c0 = 0; c0 < kPanelCols; c0 += 16)
+    widen_columns<Cd>(W, T, j0, c0, nc, k0, kc, panel);
+}
+
+}  // namespace
+
+void decode_avx512_bf16(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t M,
+                        int64_t n0, int64_t n, float* C, int64_t ldc) {
+  MOE_ASSERT(M >= 1 && M <= 8);
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return rows_bf16_m<Codes::int4_sym>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::int4_zp: return rows_bf16_m<Codes::int4_zp>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::mxfp4: return rows_bf16_m<Codes::mxfp4>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::fp8: return rows_bf16_m<Codes::fp8>(W, A, lda, M, n0, n, C, ldc);
+  }
+}
+
+void decode_avx512(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                   int64_t n, float* C, int64_t ldc) {
+  MOE_ASSERT(M >= 1 && M <= 8);
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return rows_f32_m<Codes::int4_sym>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::int4_zp: return rows_f32_m<Codes::int4_zp>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::mxfp4: return rows_f32_m<Codes::mxfp4>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::fp8: return rows_f32_m<Codes::fp8>(W, A, lda, M, n0, n, C, ldc);
+  }
+}
+
+void widen_panel_avx512(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                        uint16_t* panel) {
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return widen_panel<Codes::int4_sym>(W, j0, nc, k0, kc, panel);
+    case Codes::int4_zp: return widen_panel<Codes::int4_zp>(W, j0, nc, k0, kc, panel);
+    case Codes::mxfp4: return widen_panel<Codes::mxfp4>(W, j0, nc, k0, kc, panel);
+    case Codes::fp8: return widen_panel<Codes::fp8>(W, j0, nc, k0, kc, panel);
+  }
+}
+
+}  // namespace moe::detail::quant_impl
