@@ -22,15 +22,16 @@ void check_gptq(const GptqInt4& t) {
               t.group);
   MOE_REQUIRE(t.qweight && t.qzeros && t.scales, "GPTQ int4: qweight, qzeros and scales are required");
   const int64_t g = gptq_group(t);
-  MOE_REQUIRE(g % 32 == 0 || t.group == -1, "GPTQ int4: group_size ", t.group,
-              " is not a multiple of 32, which the int4 kernel layout needs");
+  MOE_REQUIRE(t.group == -1 || g == 32 || g == 64 || g % 128 == 0, "GPTQ int4: group_size ",
+              t.group, " is not 32, 64 or a multiple of 128, which the int4 kernel layout needs");
 }
 
 void check_awq(const AwqInt4& t) {
   MOE_REQUIRE(t.K > 0 && t.N > 0 && t.N % 8 == 0, "AWQ int4: in_features (", t.K,
               ") must be positive and out_features (", t.N, ") a positive multiple of 8");
-  MOE_REQUIRE(t.group > 0 && t.group % 32 == 0, "AWQ int4: q_group_size ", t.group,
-              " is not a positive multiple of 32, which the int4 kernel layout needs");
+  MOE_REQUIRE(t.group == 32 || t.group == 64 || (t.group > 0 && t.group % 128 == 0),
+              "AWQ int4: q_group_size ", t.group,
+              " is not 32, 64 or a multiple of 128, which the int4 kernel layout needs");
   MOE_REQUIRE(t.qweight && t.qzeros && t.scales, "AWQ int4: qweight, qzeros and scales are required");
 }
 
@@ -64,8 +65,8 @@ int64_t AwqInt4::groups() const { return group > 0 ? (K + group - 1) / group : 0
 Int4Kernel::Weights int4_from_gptq(const GptqInt4& t) {
   check_gptq(t);
   const int64_t K = t.K, N = t.N, G = t.groups(), g = gptq_group(t);
-  // The kernel's group: GPTQ's, or all of K rounded up to a sub-block (group_size -1).
-  const int64_t kg = t.group == -1 ? (K + 31) / 32 * 32 : g;
+  // The kernel's group: GPTQ's, or all of K rounded up to a chunk (group_size -1).
+  const int64_t kg = t.group == -1 ? (K + 127) / 128 * 128 : g;
   // Kernel order: rows sorted by group, stably; each group must then be the rows
   // [gi·group, (gi+1)·group) of that order.
   std::vector<int32_t> order(static_cast<size_t>(K));

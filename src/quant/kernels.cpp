@@ -60,35 +60,59 @@ const float* e8m0_table() {
 
 // ---- rows ------------------------------------------------------------------------------------
 
+namespace {
+int64_t chunks_of(const QuantMatrix& W) { return (W.K + kQuantChunk - 1) / kQuantChunk; }
+}  // namespace
+
 int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M) {
-  return M * W.sub_blocks() * 32 * 4;  // fp32 at most
+  // fp32 rows of whole chunks at most, and the interleaved rows' lane sums.
+  return M * chunks_of(W) * (kQuantChunk * 4 + 16 * 4);
 }
 
-QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, const float* X, int64_t ldx,
-                             int64_t M, void* buf) {
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
+                             const float* X, int64_t ldx, int64_t M, void* buf) {
   QuantRows r;
   r.path = path;
+  r.method = method;
   r.M = M;
-  r.ld = W.sub_blocks() * 32;
+  const int64_t chunks = chunks_of(W), K = W.K;
+  r.ld = chunks * kQuantChunk;
   r.data = buf;
-  const int64_t K = W.K, ld = r.ld;
+  const bool bf16 = method == QuantMethod::prefill || quant_rows_bf16(path);
+  r.interleaved = method == QuantMethod::decode && path == QuantPath::avx512_bf16 &&
+                  W.fmt().code_bits == 4;
+  // The value at kernel position k of row x (act-order gathers, padding is zero).
+  auto at = [&](const float* x, int64_t k) {
+    return k < K ? x[W.act_order ? W.perm[k] : k] : 0.0f;
+  };
   for (int64_t i = 0; i < M; ++i) {
     const float* x = X + i * ldx;
-    if (quant_rows_bf16(path)) {
-      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
-      if (W.act_order)
-        for (int64_t k = 0; k < K; ++k) d[k] = to_bf16(x[W.perm[k]]);
-      else
-        for (int64_t k = 0; k < K; ++k) d[k] = to_bf16(x[k]);
-      std::fill(d + K, d + ld, uint16_t{0});
+    if (!bf16) {
+      float* d = static_cast<float*>(buf) + i * r.ld;
+      for (int64_t k = 0; k < r.ld; ++k) d[k] = at(x, k);
+    } else if (!r.interleaved) {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * r.ld;
+      for (int64_t k = 0; k < r.ld; ++k) d[k] = to_bf16(at(x, k));
     } else {
-      float* d = static_cast<float*>(buf) + i * ld;
-      if (W.act_order)
-        for (int64_t k = 0; k < K; ++k) d[k] = x[W.perm[k]];
-      else
-        std::memcpy(d, x, static_cast<size_t>(K) * sizeof(float));
-      std::fill(d + K, d + ld, 0.0f);
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * r.ld;
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int p = 0; p < kQuantChunk; ++p)
+          d[c * kQuantChunk + p] = to_bf16(at(x, c * kQuantChunk + quant_impl::interleaved_source(p)));
     }
+  }
+  if (r.interleaved && W.zero_points) {
+    // Per chunk and fp32 lane t: the sum of the row values that vdpbf16ps adds into lane t
+    // (words 2t and 2t + 1 of each of the chunk's four vectors), for z · Σ.
+    float* sums = reinterpret_cast<float*>(static_cast<uint16_t*>(buf) + M * r.ld);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int t = 0; t < 16; ++t) {
+          const uint16_t* a = static_cast<const uint16_t*>(buf) + i * r.ld + c * kQuantChunk;
+          float sum = 0.0f;
+          for (int v = 0; v < 4; ++v) sum += from_bf16(a[32 * v + 2 * t]) + from_bf16(a[32 * v + 2 * t + 1]);
+          sums[(i * chunks + c) * 16 + t] = sum;
+        }
+    r.sums = sums;
   }
   return r;
 }
@@ -97,17 +121,19 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, const float* 
 
 void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc) {
-  MOE_ASSERT(n0 >= 0 && n0 + n <= W.N && rows.ld == W.sub_blocks() * 32);
+  MOE_ASSERT(n0 >= 0 && n0 + n <= W.N && rows.method == QuantMethod::decode &&
+             rows.ld == chunks_of(W) * kQuantChunk);
   if (n <= 0) return;
-  // Row blocks of at most 8, as even as possible (a row's bits do not depend on its block).
-  const int64_t blocks = (rows.M + 7) / 8;
+  // Row blocks as even as possible (a row's bits do not depend on its block): up to 16 rows
+  // on avx512_bf16, 8 on the fp32 paths.
+  const int64_t most = rows.path == QuantPath::avx512_bf16 ? 16 : 8;
+  const int64_t blocks = (rows.M + most - 1) / most;
   for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
     const int64_t m = (rows.M - i0) / (blocks - bi);
     float* c = C + i0 * ldc;
     switch (rows.path) {
       case QuantPath::avx512_bf16:
-        quant_impl::decode_avx512_bf16(W, static_cast<const uint16_t*>(rows.data) + i0 * rows.ld,
-                                       rows.ld, m, n0, n, c, ldc);
+        quant_impl::decode_avx512_bf16(W, rows, i0, m, n0, n, c, ldc);
         break;
       case QuantPath::avx512:
         quant_impl::decode_avx512(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld,
@@ -169,7 +195,7 @@ void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_
 
 void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
                           int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws) {
-  MOE_ASSERT(quant_rows_bf16(rows.path) && n0 >= 0 && n0 + n <= W.N);
+  MOE_ASSERT(rows.method == QuantMethod::prefill && n0 >= 0 && n0 + n <= W.N);
   const auto* A = static_cast<const uint16_t*>(rows.data);
   for (int64_t j = 0; j < n; j += kPanelCols) {
     const int64_t nc = std::min(kPanelCols, n - j);
@@ -195,12 +221,11 @@ void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, cons
                   int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
   MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
               " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  validate(W);
   if (M <= 0) return;
-  // Prefill takes bf16 rows whatever the path (the path then only picks the widening).
-  const QuantPath rows_path = method == QuantMethod::prefill ? QuantPath::avx512_bf16 : path;
   const int threads = omp_get_max_threads();
   ws.reserve(W, M, threads);
-  const QuantRows rows = quant_prepare_rows(W, rows_path, X, ldx, M, ws.rows.data());
+  const QuantRows rows = quant_prepare_rows(W, path, method, X, ldx, M, ws.rows.data());
   const int64_t tiles = (W.N + kQuantTileN - 1) / kQuantTileN;
   const int64_t panel = quant_prefill_workspace_size(W);
 #pragma omp parallel for schedule(static) if (tiles > 1)

@@ -1,14 +1,19 @@
 // The products every low-bit format runs, written once for all rows of kQuantFormats:
 //
 //   decode   C (M, n) = rows (M, K) · dequant(W)[:, n0 : n0 + n] for few rows (M ≤ 16): the
-//            stored bytes stream once and are widened in registers — 4-bit codes through a
-//            32-entry bf16 table (vpermw; int4's zero point moves the index), 8-bit codes
-//            through a 128-entry one (two vpermi2w and the sign bit) — and multiplied into
-//            fp32 accumulators. avx512_bf16: bf16 rows, vdpbf16ps over each block, the
-//            block's scale applied to its fp32 partial sum (vfmadd), so the widened values are
-//            exact. avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded
-//            in. Columns are independent: a column's bits depend on the path only — not on M,
-//            n0, n, the tiling or the thread that ran it.
+//            stored bytes stream once, 128 values of a column (a chunk) at a time, and are
+//            widened in registers. avx512_bf16: 4-bit codes split into nibbles and looked up
+//            in a 16-entry bf16 table held as two vpshufb byte tables (low and high bytes,
+//            interleaved by vpunpck*bw) — each 128-bit lane then holds one 32-value sub-block,
+//            so block scales below 128 are one vector per chunk; the rows are gathered once per
+//            call into the order the unpacks leave the values in. 8-bit codes go through a
+//            128-entry table (two vpermi2w) and the sign bit. vdpbf16ps sums the exact widened
+//            values of a chunk into fp32; the chunk's scale vector multiplies that sum into the
+//            accumulators (vfmadd), and int4's zero points come off as z · Σ rows (the row
+//            sums per lane prepared with the rows). avx512 / avx2: fp32 rows, the weights
+//            widened to fp32 with the scale folded in, vfmadd. Columns are independent: a
+//            column's bits depend on the path only — not on M, n0, n, the tiling or the thread
+//            that ran it.
 //   prefill  the same product for many rows: each panel of 64 columns and 2048 rows of K is
 //            widened once per call into a bf16 panel in gemm_bf16_packed's layout
 //            (bf16(value · scale), rounded to nearest even) in the caller's workspace, which
@@ -16,8 +21,8 @@
 //            engine that kernel uses: vdpbf16ps, AMX). K is summed chunk after chunk in order.
 //
 // Rows are prepared once per call (quant_prepare_rows): rounded to bf16 or kept fp32 as the
-// path takes them, gathered into the kernel's K order (int4 act-order), zero-padded to a
-// multiple of 32.
+// path takes them, gathered into the kernel's K order (int4 act-order, and the decode's
+// interleave), zero-padded to whole chunks.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -27,22 +32,38 @@
 
 namespace moe::detail {
 
-// Rows prepared for one matrix and one path.
+// Which kernel runs M rows: decode (registers) or prefill (panels). By measurement
+// (docs/quant.md): decode up to kQuantDecodeMaxRows rows.
+enum class QuantMethod : int { decode, prefill };
+constexpr int64_t kQuantDecodeMaxRows = 16;
+constexpr QuantMethod quant_method_for(int64_t M) {
+  return M <= kQuantDecodeMaxRows ? QuantMethod::decode : QuantMethod::prefill;
+}
+
+// Values of K per decode chunk (one 64-byte load of 4-bit codes).
+constexpr int64_t kQuantChunk = 128;
+
+// Rows prepared for one matrix, path and method.
 struct QuantRows {
   QuantPath path = QuantPath::avx2;
-  int64_t M = 0;   // rows
-  int64_t ld = 0;  // elements between rows: sub_blocks() · 32
-  const void* data = nullptr;  // uint16_t (bf16) when quant_rows_bf16(path), else float
+  QuantMethod method = QuantMethod::decode;
+  bool interleaved = false;  // avx512_bf16 decode of 4-bit codes: the unpacks' order
+  int64_t M = 0;             // rows
+  int64_t ld = 0;            // elements between rows (whole chunks)
+  const void* data = nullptr;  // uint16_t (bf16) when quant_rows_bf16(path) or prefill, else float
+  const float* sums = nullptr;  // interleaved int4 with zero points: (M, chunks, 16) lane sums
 };
 
-// Bytes quant_prepare_rows writes for M rows of W.
+// Bytes quant_prepare_rows writes for M rows of W (whatever the path and method).
 int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
 // X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, M) bytes).
-QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, const float* X, int64_t ldx,
-                             int64_t M, void* buf);
+// Prefill rows are bf16 in K order whatever the path.
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
+                             const float* X, int64_t ldx, int64_t M, void* buf);
 
 // C (M, n) = rows · dequant(W)[:, n0 : n0 + n] on the calling thread, with rows.path's kernel;
-// C (stride ldc) points at column n0. Any M; rows in blocks of up to 8.
+// C (stride ldc) points at column n0. Any M (rows in blocks of up to 16, or 8 on the fp32
+// paths).
 void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc);
 
@@ -51,8 +72,8 @@ constexpr int64_t kQuantPanelK = 2048;
 // uint16_t values of the workspace quant_prefill_serial needs (one widened panel).
 int64_t quant_prefill_workspace_size(const QuantMatrix& W);
 // C (M, n) = rows · dequant(W)[:, n0 : n0 + n] through widened bf16 panels and
-// gemm_bf16_packed_serial; rows must be bf16 (path avx512_bf16 — or any path's bf16 rows: the
-// widening's own instructions follow `widen`), ws holds quant_prefill_workspace_size(W) values.
+// gemm_bf16_packed_serial; rows prepared for prefill (bf16, K order), `widen` picks the
+// widening's instructions, ws holds quant_prefill_workspace_size(W) values.
 void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
                           int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws);
 
@@ -61,14 +82,6 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
 // position k0 + k of column j0 + j, zero for j ≥ nc and in the padding.
 void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
                        int64_t kc, uint16_t* panel);
-
-// Which kernel runs M rows: decode (registers) or prefill (panels). By measurement
-// (docs/quant.md): decode up to kQuantDecodeMaxRows rows.
-enum class QuantMethod : int { decode, prefill };
-constexpr int64_t kQuantDecodeMaxRows = 16;
-constexpr QuantMethod quant_method_for(int64_t M) {
-  return M <= kQuantDecodeMaxRows ? QuantMethod::decode : QuantMethod::prefill;
-}
 
 // Columns per parallel task of quant_matmul (fixed: results never depend on the thread count).
 constexpr int64_t kQuantTileN = 64;

@@ -68,25 +68,34 @@ MOE_AVX2 void tile_avx2(const QuantMatrix& W, const Tables2& T, const float* A, 
                         int64_t j0, float* C, int64_t ldc) {
   const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
   const uint8_t* col[NC];
+  #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
   __m256 acc[MR][NC];
+  #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[m][c] = _mm256_setzero_ps();
   for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
     const int64_t k1 = std::min(S, s0 + spb) * 32;
     __m256 sv[NC];
     __m256i zv[NC];
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) block_params2<Cd>(W, j0 + c, b, &sv[c], &zv[c]);
     for (int64_t k = 32 * s0; k < k1; k += 8) {
       __m256 w[NC];
+      #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) w[c] = _mm256_mul_ps(widen8<Cd>(col[c], k, W.K, T, zv[c]), sv[c]);
+      #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         const __m256 a = _mm256_loadu_ps(A + m * lda + k);
+        #pragma GCC unroll 16
         for (int c = 0; c < NC; ++c) acc[m][c] = _mm256_fmadd_ps(a, w[c], acc[m][c]);
       }
     }
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       // A fixed reduction order: lanes (i, i + 4), then pairs, then the last two.
       const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][c]), _mm256_extractf128_ps(acc[m][c], 1));

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
@@ -103,72 +104,217 @@ MOE_AVX512 inline __m512 bf16_hi_f32(__m512i w) {
 
 // ---- decode with bf16 rows -----------------------------------------------------------------
 
-// MR rows × NC columns (j0 ..): per block, vdpbf16ps sums the exact widened codes into fp32
-// block sums, which the block's scale multiplies into the accumulators.
-template <Codes Cd, int MR, int NC>
-MOE_AVX512_BF16 void tile_bf16(const QuantMatrix& W, const Tables& T, const uint16_t* A,
-                               int64_t lda, int64_t j0, float* C, int64_t ldc) {
-  const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
-  const uint8_t* col[NC];
-  for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
-  __m512 acc[MR][NC];
-  for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
-  for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
-    const int64_t s1 = std::min(S, s0 + spb);
-    __m512i off[NC];
-    float sc[NC];
-    for (int c = 0; c < NC; ++c) {
-      const BlockParams p = block_params<Cd>(W, j0 + c, b);
-      sc[c] = p.scale;
-      off[c] = _mm512_set1_epi16(static_cast<short>(p.offset));
-    }
-    __m512 blk[MR][NC];
-    for (int m = 0; m < MR; ++m)
-      for (int c = 0; c < NC; ++c) blk[m][c] = _mm512_setzero_ps();
-    for (int64_t s = s0; s < s1; ++s) {
-      __m512i w[NC];
-      for (int c = 0; c < NC; ++c) w[c] = widen_bf16<Cd>(col[c], s, W.K, T, off[c]);
-      for (int m = 0; m < MR; ++m) {
-        const __m512bh a = (__m512bh)_mm512_loadu_si512(A + m * lda + 32 * s);
-        for (int c = 0; c < NC; ++c) blk[m][c] = _mm512_dpbf16_ps(blk[m][c], a, (__m512bh)w[c]);
-      }
-    }
-    for (int c = 0; c < NC; ++c) {
-      const __m512 sv = _mm512_set1_ps(sc[c]);
-      for (int m = 0; m < MR; ++m) acc[m][c] = _mm512_fmadd_ps(blk[m][c], sv, acc[m][c]);
+// The weights stream from memory once: each column's read fetches the same place `ahead`
+// bytes further on (whole tiles of NC columns later, which sit right after this tile's when
+// the columns are adjacent, as every stored layout has them).
+constexpr int64_t kPrefetchBytes = 4096;
+inline int64_t prefetch_columns(const QuantMatrix& W, int NC) {
+  const int64_t tile = NC * W.code_stride;
+  return (kPrefetchBytes + tile - 1) / tile * NC;
+}
+MOE_AVX512 inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
+// The 4-bit tables as two vpshufb byte tables (the low and the high bytes of the 16 bf16
+// values, in every 128-bit lane): int4 symmetric reads q − 8, int4 with zero points q (the
+// zero point comes off later), mxfp4 its E2M1 values.
+struct NibbleTables {
+  __m512i lo, hi;
+};
+MOE_AVX512 inline NibbleTables nibble_tables(const QuantMatrix& W) {
+  const uint16_t* w = bf16_code_table(W.format);
+  const int off = W.format == QuantFormatId::int4 ? (W.zero_points ? 16 : 8) : 0;
+  alignas(16) uint8_t lo[16], hi[16];
+  for (int q = 0; q < 16; ++q) {
+    lo[q] = static_cast<uint8_t>(w[q + off] & 0xff);
+    hi[q] = static_cast<uint8_t>(w[q + off] >> 8);
+  }
+  return {_mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lo))),
+          _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)))};
+}
+
+// Chunk ch (128 values, nsub ≤ 4 sub-blocks stored) of a column of 4-bit codes → 4 vectors of
+// 32 bf16 values in the interleaved order (kernels_impl.hpp: interleaved_source).
+MOE_AVX512 inline void widen_chunk4(const uint8_t* col, int64_t ch, int64_t nsub,
+                                    const NibbleTables& T, __m512i w[4]) {
+  const uint8_t* p = col + 64 * ch;
+  const __m512i v = nsub >= 4 ? _mm512_loadu_si512(p)
+                              : _mm512_maskz_loadu_epi8(~0ull >> (64 - 16 * nsub), p);
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i lo = _mm512_and_si512(v, nib);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+  const __m512i a = _mm512_shuffle_epi8(T.lo, lo), b = _mm512_shuffle_epi8(T.hi, lo);
+  const __m512i c = _mm512_shuffle_epi8(T.lo, hi), d = _mm512_shuffle_epi8(T.hi, hi);
+  w[0] = _mm512_unpacklo_epi8(a, b);
+  w[1] = _mm512_unpackhi_epi8(a, b);
+  w[2] = _mm512_unpacklo_epi8(c, d);
+  w[3] = _mm512_unpackhi_epi8(c, d);
+}
+
+// Chunk ch of a column of 8-bit codes → 4 vectors of 32 bf16 values in K order.
+MOE_AVX512 inline void widen_chunk8(const uint8_t* col, int64_t ch, int64_t K, const Tables& T,
+                                    __m512i w[4]) {
+  #pragma GCC unroll 16
+  for (int v = 0; v < 4; ++v) {
+    const int64_t s = 4 * ch + v;
+    w[v] = 32 * s < K ? widen_bf16<Codes::fp8>(col, s, K, T, _mm512_setzero_si512())
+                      : _mm512_setzero_si512();
+  }
+}
+
+// Lane group L (fp32 lanes 4L .. 4L + 3) of a chunk's vectors holds sub-block L (4-bit codes)
+// or a share of all four (8-bit codes, whose blocks are whole chunks): `spread` maps each
+// lane to its block among those the chunk touches.
+MOE_AVX512 inline __m512i spread_index(int64_t block_k) {
+  return block_k == 32   ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+         : block_k == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                         : _mm512_setzero_si512();
+}
+
+// Where a chunk's scales start and how many it reads: blocks of 32 or 64 give 4 or 2 per
+// chunk, larger ones one per (block_k / 128) chunks. Kept as running counters (no division in
+// the loop).
+struct ChunkBlocks {
+  int64_t per_chunk, chunks_per_block;  // per_chunk 0: blocks of 128 or more
+  int64_t b0 = 0, seen = 0;             // the chunk's first block; chunks seen in it
+  explicit ChunkBlocks(int64_t block_k)
+      : per_chunk(block_k < kQuantChunk ? kQuantChunk / block_k : 0),
+        chunks_per_block(block_k < kQuantChunk ? 1 : block_k / kQuantChunk) {}
+  // The blocks a chunk of nsub sub-blocks touches, as a load mask.
+  unsigned mask(int64_t nsub) const {
+    const int64_t nb = per_chunk == 4 ? nsub : per_chunk == 2 ? (nsub + 1) >> 1 : 1;
+    return (1u << nb) - 1u;
+  }
+  void next() {
+    if (per_chunk) {
+      b0 += per_chunk;
+    } else if (++seen == chunks_per_block) {
+      seen = 0;
+      ++b0;
     }
   }
+};
+
+// The scales of a chunk (a column's scale row from block b0 on, `mask` of them), one per lane.
+template <Codes Cd>
+MOE_AVX512 inline __m512 chunk_scale(const void* row, int64_t b0, unsigned mask, bool one,
+                                     __m512i spread) {
+  if constexpr (Cd == Codes::fp8) {
+    return _mm512_set1_ps(static_cast<const float*>(row)[b0]);
+  } else if constexpr (Cd == Codes::mxfp4) {
+    // E8M0 → fp32 bits s << 23; 0 is 2^-127 (a subnormal) and 255 NaN.
+    const __m128i s = _mm_cvtepu8_epi32(
+        _mm_maskz_loadu_epi8(static_cast<__mmask16>(mask), static_cast<const uint8_t*>(row) + b0));
+    __m128i bits = _mm_slli_epi32(s, 23);
+    bits = _mm_mask_mov_epi32(bits, _mm_cmpeq_epi32_mask(s, _mm_setzero_si128()),
+                              _mm_set1_epi32(0x00400000));
+    bits = _mm_mask_mov_epi32(bits, _mm_cmpeq_epi32_mask(s, _mm_set1_epi32(255)),
+                              _mm_set1_epi32(0x7fc00000));
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castsi128_ps(bits)));
+  } else {
+    const uint16_t* sc = static_cast<const uint16_t*>(row) + b0;
+    if (one) return _mm512_set1_ps(_cvtsh_ss(*sc));
+    const __m128 f = _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>(mask), sc));
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(f));
+  }
+}
+
+// int4's zero points of a chunk, one per lane, as fp32.
+MOE_AVX512 inline __m512 chunk_zero(const uint8_t* row, int64_t b0, unsigned mask, bool one,
+                                    __m512i spread) {
+  if (one) return _mm512_set1_ps(static_cast<float>(row[b0]));
+  const __m128 f = _mm_cvtepi32_ps(
+      _mm_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(mask), row + b0)));
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(f));
+}
+
+// MR rows × NC columns (j0 ..): per chunk, four vdpbf16ps sum a column's exact widened values
+// against each row into an fp32 chunk sum; int4's zero points come off it (z · the row's lane
+// sums), and the chunk's scales multiply it into the accumulators.
+template <Codes Cd, int MR, int NC>
+MOE_AVX512_BF16 void tile_bf16(const QuantMatrix& W, const NibbleTables& NT, const Tables& T,
+                               const QuantRows& R, int64_t i0, int64_t j0, float* C, int64_t ldc) {
+  constexpr bool four = Cd != Codes::fp8, zp = Cd == Codes::int4_zp;
+  constexpr int64_t scale_size = Cd == Codes::fp8 ? 4 : Cd == Codes::mxfp4 ? 1 : 2;
+  const int64_t S = W.sub_blocks(), chunks = (S + 3) / 4;
+  const __m512i spread = spread_index(W.block_k);
+  const int64_t ahead = prefetch_columns(W, NC) * W.code_stride;
+  const uint16_t* A = static_cast<const uint16_t*>(R.data) + i0 * R.ld;
+  const float* sums = zp ? R.sums + i0 * chunks * 16 : nullptr;
+  const uint8_t* col[NC];
+  const char* srow[NC];
+  const uint8_t* zrow[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = j0 + c;
+    col[c] = W.codes + j * W.code_stride;
+    srow[c] = static_cast<const char*>(W.scales) +
+              (j / W.fmt().block_n) * W.scale_stride * scale_size;
+    zrow[c] = zp ? W.zeros + j * W.zero_stride : nullptr;
+  }
+  __m512 acc[MR][NC];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+  ChunkBlocks blocks(W.block_k);
+  const bool one = blocks.per_chunk == 0;
+  for (int64_t ch = 0; ch < chunks; ++ch, blocks.next()) {
+    const int64_t nsub = std::min<int64_t>(4, S - 4 * ch);
+    const unsigned mask = blocks.mask(nsub);
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      __m512i w[4];
+      if constexpr (four) {
+        prefetch(col[c] + ahead + 64 * ch);
+        widen_chunk4(col[c], ch, nsub, NT, w);
+      } else {
+        prefetch(col[c] + ahead + 128 * ch);
+        prefetch(col[c] + ahead + 128 * ch + 64);
+        widen_chunk8(col[c], ch, W.K, T, w);
+      }
+      const __m512 sv = chunk_scale<Cd>(srow[c], blocks.b0, mask, one, spread);
+      __m512 zv = _mm512_setzero_ps();
+      if constexpr (zp) zv = chunk_zero(zrow[c], blocks.b0, mask, one, spread);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const uint16_t* a = A + m * R.ld + kQuantChunk * ch;
+        __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)w[0]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)w[1]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 64), (__m512bh)w[2]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 96), (__m512bh)w[3]);
+        if constexpr (zp) blk = _mm512_fnmadd_ps(zv, _mm512_loadu_ps(sums + (m * chunks + ch) * 16), blk);
+        acc[m][c] = _mm512_fmadd_ps(blk, sv, acc[m][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
 }
 
-// Columns per tile for MR rows: block sums and accumulators both stay in the 32 registers.
-constexpr int nc_bf16(int MR) { return MR == 1 ? 8 : MR == 2 ? 4 : MR == 3 ? 3 : MR <= 6 ? 2 : 1; }
+// Columns per tile for MR rows: MR·NC accumulators beside a column's four widened vectors,
+// its scales and the tables, in the 32 registers.
+constexpr int nc_bf16(int MR) { return MR <= 2 ? 8 : std::max(1, std::min(8, 20 / MR)); }
 
 template <Codes Cd, int MR>
-MOE_AVX512_BF16 void rows_bf16(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t n0,
+MOE_AVX512_BF16 void rows_bf16(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t n0,
                                int64_t n, float* C, int64_t ldc) {
   constexpr int NC = nc_bf16(MR);
+  const NibbleTables NT = nibble_tables(W);
   const Tables T = load_tables(W.format);
   int64_t j = 0;
-  for (; j + NC <= n; j += NC) tile_bf16<Cd, MR, NC>(W, T, A, lda, n0 + j, C + j, ldc);
-  for (; j < n; ++j) tile_bf16<Cd, MR, 1>(W, T, A, lda, n0 + j, C + j, ldc);
+  for (; j + NC <= n; j += NC) tile_bf16<Cd, MR, NC>(W, NT, T, R, i0, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_bf16<Cd, MR, 1>(W, NT, T, R, i0, n0 + j, C + j, ldc);
 }
 
-template <Codes Cd>
-void rows_bf16_m(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t M, int64_t n0,
-                 int64_t n, float* C, int64_t ldc) {
-  switch (M) {
-    case 1: return rows_bf16<Cd, 1>(W, A, lda, n0, n, C, ldc);
-    case 2: return rows_bf16<Cd, 2>(W, A, lda, n0, n, C, ldc);
-    case 3: return rows_bf16<Cd, 3>(W, A, lda, n0, n, C, ldc);
-    case 4: return rows_bf16<Cd, 4>(W, A, lda, n0, n, C, ldc);
-    case 5: return rows_bf16<Cd, 5>(W, A, lda, n0, n, C, ldc);
-    case 6: return rows_bf16<Cd, 6>(W, A, lda, n0, n, C, ldc);
-    case 7: return rows_bf16<Cd, 7>(W, A, lda, n0, n, C, ldc);
-    default: return rows_bf16<Cd, 8>(W, A, lda, n0, n, C, ldc);
-  }
+template <Codes Cd, int... MR>
+void rows_bf16_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc, std::integer_sequence<int, MR...>) {
+  // MR = 1 .. 16: the call whose MR is M.
+  ((M == MR + 1 ? rows_bf16<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
 }
 
 // ---- decode with fp32 rows -----------------------------------------------------------------
@@ -180,14 +326,18 @@ MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, 
                          int64_t j0, float* C, int64_t ldc) {
   const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
   const uint8_t* col[NC];
+  #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
   __m512 acc[MR][NC];
+  #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
   for (int64_t s0 = 0, b = 0; s0 < S; s0 += spb, ++b) {
     const int64_t s1 = std::min(S, s0 + spb);
     __m512i off[NC];
     __m512 sv[NC];
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       const BlockParams p = block_params<Cd>(W, j0 + c, b);
       sv[c] = _mm512_set1_ps(p.scale);
@@ -195,14 +345,17 @@ MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, 
     }
     for (int64_t s = s0; s < s1; ++s) {
       __m512 w0[NC], w1[NC];
+      #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) {
         const __m512i w = widen_bf16<Cd>(col[c], s, W.K, T, off[c]);
         w0[c] = _mm512_mul_ps(bf16_lo_f32(w), sv[c]);
         w1[c] = _mm512_mul_ps(bf16_hi_f32(w), sv[c]);
       }
+      #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         const __m512 a0 = _mm512_loadu_ps(A + m * lda + 32 * s);
         const __m512 a1 = _mm512_loadu_ps(A + m * lda + 32 * s + 16);
+        #pragma GCC unroll 16
         for (int c = 0; c < NC; ++c) {
           acc[m][c] = _mm512_fmadd_ps(a0, w0[c], acc[m][c]);
           acc[m][c] = _mm512_fmadd_ps(a1, w1[c], acc[m][c]);
@@ -210,7 +363,9 @@ MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, 
       }
     }
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+    #pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
 }
 
@@ -266,6 +421,7 @@ MOE_AVX512 inline void transpose_16x16(__m512i r[16]) {
     r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
     r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
+  #pragma GCC unroll 16
   for (int c = 0; c < 4; ++c) {
     const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
     const __m512i y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
@@ -320,14 +476,15 @@ MOE_AVX512 void widen_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_
 
 }  // namespace
 
-void decode_avx512_bf16(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t M,
+void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
                         int64_t n0, int64_t n, float* C, int64_t ldc) {
-  MOE_ASSERT(M >= 1 && M <= 8);
+  MOE_ASSERT(M >= 1 && M <= 16);
+  constexpr auto mr = std::make_integer_sequence<int, 16>{};
   switch (codes_of(W)) {
-    case Codes::int4_sym: return rows_bf16_m<Codes::int4_sym>(W, A, lda, M, n0, n, C, ldc);
-    case Codes::int4_zp: return rows_bf16_m<Codes::int4_zp>(W, A, lda, M, n0, n, C, ldc);
-    case Codes::mxfp4: return rows_bf16_m<Codes::mxfp4>(W, A, lda, M, n0, n, C, ldc);
-    case Codes::fp8: return rows_bf16_m<Codes::fp8>(W, A, lda, M, n0, n, C, ldc);
+    case Codes::int4_sym: return rows_bf16_m<Codes::int4_sym>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::int4_zp: return rows_bf16_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::mxfp4: return rows_bf16_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::fp8: return rows_bf16_m<Codes::fp8>(W, rows, i0, M, n0, n, C, ldc, mr);
   }
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "quant/kernels.hpp"
 #include "quant/quant_matrix.hpp"
 
 namespace moe::detail::quant_impl {
@@ -26,9 +27,21 @@ const float* f32_code_table(QuantFormatId id);
 // 2^(s − 127) for every E8M0 byte (255: NaN).
 const float* e8m0_table();
 
-// Rows (M ≤ 8) of a decode over columns [n0, n0 + n): A has stride lda, C points at column n0.
-void decode_avx512_bf16(const QuantMatrix& W, const uint16_t* A, int64_t lda, int64_t M,
+// The decode's order of a chunk's 128 values for 4-bit codes on avx512_bf16: position p holds
+// value interleaved_source(p). Of the 64 code bytes (byte i: values 2i, 2i + 1), vector v of
+// the four widened ones is vpunpcklbw (v = 0, 2) or vpunpckhbw (v = 1, 3) of the low (v < 2)
+// or high (v ≥ 2) nibbles' table bytes; in its 128-bit lane L, word j is byte
+// 16L + 8·(v & 1) + j. Lane L of every vector thus holds sub-block L of the chunk only.
+constexpr int interleaved_source(int p) {
+  const int v = p / 32, L = (p % 32) / 8, j = p % 8;
+  return 32 * L + 16 * (v & 1) + 2 * j + (v >> 1);
+}
+
+// Rows (M ≤ 16) of a decode over columns [n0, n0 + n): rows.data (bf16) from row i0 on, C
+// points at column n0 of row i0.
+void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
                         int64_t n0, int64_t n, float* C, int64_t ldc);
+// Rows (M ≤ 8) on the fp32 paths: A has stride lda.
 void decode_avx512(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
                    int64_t n, float* C, int64_t ldc);
 void decode_avx2(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,

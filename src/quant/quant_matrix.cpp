@@ -22,8 +22,10 @@ void validate(const QuantMatrix& W) {
   const QuantFormat& f = W.fmt();
   MOE_REQUIRE(W.K > 0 && W.N > 0, f.name, " weight: K and N must be positive, got K = ", W.K,
               ", N = ", W.N);
-  MOE_REQUIRE(W.block_k > 0 && W.block_k % 32 == 0, f.name,
-              " weight: block_k must be a positive multiple of 32, got ", W.block_k);
+  MOE_REQUIRE(W.block_k == 32 || W.block_k == 64 || (W.block_k > 0 && W.block_k % 128 == 0),
+              f.name, " weight: block_k must be 32, 64 or a multiple of 128, got ", W.block_k);
+  MOE_REQUIRE(f.code_bits == 4 || W.block_k % 128 == 0, f.name,
+              " weight: 8-bit codes need blocks of a multiple of 128 along K, got ", W.block_k);
   MOE_REQUIRE(f.block_k == 0 || W.block_k == f.block_k, f.name, " weight: block_k must be ",
               f.block_k, ", got ", W.block_k);
   MOE_REQUIRE(W.codes && W.scales, f.name, " weight: codes and scales must be given");
