@@ -61,9 +61,12 @@ int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
 QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
                              const float* X, int64_t ldx, int64_t M, void* buf);
 
+// Bytes of bf16 rows one decode pass keeps in L1 (rows per pass: 4 to 16).
+constexpr int64_t kQuantDecodeRowBytes = 32 * 1024;
+
 // C (M, n) = rows · dequant(W)[:, n0 : n0 + n] on the calling thread, with rows.path's kernel;
-// C (stride ldc) points at column n0. Any M (rows in blocks of up to 16, or 8 on the fp32
-// paths).
+// C (stride ldc) points at column n0. Any M (rows in passes of up to 16 whose rows fit
+// kQuantDecodeRowBytes on avx512_bf16, of up to 8 on the fp32 paths).
 void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc);
 

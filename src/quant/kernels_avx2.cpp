@@ -1,8 +1,8 @@
 // The AVX2 decode of quant/kernels.hpp (the x86-64-v3 baseline: every CPU libmoe runs on):
 // fp32 rows, the weights widened 8 at a time to fp32 with the block's scale folded in, vfmadd.
 // 4-bit codes: a broadcast word shifted per lane (vpsrlvd); int4's are integers (code − zero,
-// converted), mxfp4's go through two vpermps of the 16-entry table; 8-bit codes are gathered
-// from the 256-entry table.
+// converted), mxfp4's go through two vpermps of the 16-entry table; fp8's E4M3 is converted by
+// arithmetic (checked against the table once).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -19,7 +19,7 @@ namespace {
 
 struct Tables2 {
   __m256 lo, hi;         // 4-bit table codes: values 0..7 and 8..15
-  const float* values;   // 8-bit codes: the 256 values
+  const float* values;   // the code values (unused by the arithmetic conversions)
 };
 
 template <Codes Cd>
@@ -43,10 +43,29 @@ template <Codes Cd>
 MOE_AVX2 inline __m256 widen8(const uint8_t* col, int64_t k0, int64_t K, const Tables2& T,
                               __m256i zero) {
   if constexpr (Cd == Codes::fp8) {
-    uint64_t raw = 0;
-    std::memcpy(&raw, col + k0, static_cast<size_t>(std::clamp<int64_t>(K - k0, 0, 8)));
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(raw)));
-    return _mm256_i32gather_ps(T.values, c, 4);
+    // E4M3 by arithmetic, with no subnormal fp32 on the way: a normal code's magnitude bits
+    // << 20 are its fp32 mantissa and its exponent 120 short (added as an integer); a
+    // subnormal one (exponent field 0) is its 3 bits · 2^-9; then the sign bit; S.1111.111 is
+    // NaN. (The table check in kernels.cpp holds this to the values.)
+    (void)T;
+    __m128i raw;
+    if (K - k0 >= 8) {
+      raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(col + k0));
+    } else {
+      uint64_t tail = 0;
+      if (K > k0) std::memcpy(&tail, col + k0, static_cast<size_t>(K - k0));
+      raw = _mm_cvtsi64_si128(static_cast<long long>(tail));
+    }
+    const __m256i c = _mm256_cvtepu8_epi32(raw);
+    const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7f));
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
+    __m256 v = _mm256_blendv_ps(
+        normal, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag)));
+    v = _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24)));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f)));
+    return _mm256_blendv_ps(v, _mm256_set1_ps(__builtin_nanf("")), nan);
   } else {
     uint32_t word;
     std::memcpy(&word, col + k0 / 2, 4);
@@ -67,6 +86,9 @@ template <Codes Cd, int MR, int NC>
 MOE_AVX2 void tile_avx2(const QuantMatrix& W, const Tables2& T, const float* A, int64_t lda,
                         int64_t j0, float* C, int64_t ldc) {
   const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
+  // Into L2, 8 KiB (whole tiles) ahead, as the AVX-512 kernels do.
+  const int64_t tile = NC * W.code_stride, ahead = (8192 + tile - 1) / tile * tile;
+  constexpr int64_t shift = Cd == Codes::fp8 ? 0 : 1;  // code byte of value k: k >> shift
   const uint8_t* col[NC];
   #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
@@ -83,6 +105,10 @@ MOE_AVX2 void tile_avx2(const QuantMatrix& W, const Tables2& T, const float* A, 
     for (int c = 0; c < NC; ++c) block_params2<Cd>(W, j0 + c, b, &sv[c], &zv[c]);
     for (int64_t k = 32 * s0; k < k1; k += 8) {
       __m256 w[NC];
+      if (((k >> shift) & 63) == 0)
+        #pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(col[c] + ahead + (k >> shift)), _MM_HINT_T1);
       #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) w[c] = _mm256_mul_ps(widen8<Cd>(col[c], k, W.K, T, zv[c]), sv[c]);
       #pragma GCC unroll 16

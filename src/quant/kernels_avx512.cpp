@@ -61,6 +61,20 @@ MOE_AVX512 inline BlockParams block_params(const QuantMatrix& W, int64_t j, int6
   }
 }
 
+// The weights stream from memory once: each column's read fetches into L2 the same place
+// 8 KiB further on (whole tiles of NC columns later, which sit right after this tile's when
+// the columns are adjacent, as every stored layout has them). Measured on one Zen 4 core,
+// int4 K 2048 × N 768 cold: no prefetch 8.0 GB/s, into L1 4 KiB ahead 11.2, into L2 8 KiB
+// ahead 17.6 (the same kernel hot: 20).
+constexpr int64_t kPrefetchBytes = 8192;
+inline int64_t prefetch_columns(const QuantMatrix& W, int NC) {
+  const int64_t tile = NC * W.code_stride;
+  return (kPrefetchBytes + tile - 1) / tile * NC;
+}
+MOE_AVX512 inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+
 // 32 codes of sub-block s of a column (col: its first byte) → 32 bf16 words in k order.
 // 4-bit: byte i → dword i = (low nibble) | (high nibble) << 16, then one vpermw through the
 // table. 8-bit: bytes → words, two vpermi2w (magnitudes 0..63, 64..127), the sign bit back.
@@ -104,17 +118,6 @@ MOE_AVX512 inline __m512 bf16_hi_f32(__m512i w) {
 
 // ---- decode with bf16 rows -----------------------------------------------------------------
 
-// The weights stream from memory once: each column's read fetches the same place `ahead`
-// bytes further on (whole tiles of NC columns later, which sit right after this tile's when
-// the columns are adjacent, as every stored layout has them).
-constexpr int64_t kPrefetchBytes = 4096;
-inline int64_t prefetch_columns(const QuantMatrix& W, int NC) {
-  const int64_t tile = NC * W.code_stride;
-  return (kPrefetchBytes + tile - 1) / tile * NC;
-}
-MOE_AVX512 inline void prefetch(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-}
 
 // The 4-bit tables as two vpshufb byte tables (the low and the high bytes of the 16 bf16
 // values, in every 128-bit lane): int4 symmetric reads q − 8, int4 with zero points q (the
@@ -325,6 +328,8 @@ template <Codes Cd, int MR, int NC>
 MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, int64_t lda,
                          int64_t j0, float* C, int64_t ldc) {
   const int64_t S = W.sub_blocks(), spb = W.block_k / 32;
+  constexpr int64_t step = Cd == Codes::fp8 ? 32 : 16;  // code bytes per sub-block
+  const int64_t ahead = prefetch_columns(W, NC) * W.code_stride;
   const uint8_t* col[NC];
   #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) col[c] = W.codes + (j0 + c) * W.code_stride;
@@ -345,6 +350,9 @@ MOE_AVX512 void tile_f32(const QuantMatrix& W, const Tables& T, const float* A, 
     }
     for (int64_t s = s0; s < s1; ++s) {
       __m512 w0[NC], w1[NC];
+      if ((s * step) % 64 == 0)
+        #pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c) prefetch(col[c] + ahead + s * step);
       #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) {
         const __m512i w = widen_bf16<Cd>(col[c], s, W.K, T, off[c]);
