@@ -1,16 +1,19 @@
 // Decode (and prefill) of the low-bit formats (src/quant/) at their byte roof: GB/s of stored
 // bytes read (codes + scales + zero points) for M = 1, 4, 16 rows, beside the read roof
-// measured in the same run just before each entry with the same OpenMP threads (the best of
-// two read patterns: perf::ReadRoof's stream_read_sum and an AVX-512 loop of four 64-byte
-// loads per step), and the existing bf16 packed kernel on the same shape. Cold: each iteration
+// measured in the same run just before each entry with the same OpenMP threads, over cold
+// slices of the entry's own batch size (the best of three read patterns: perf's
+// stream_read_sum, an AVX-512 loop of four 64-byte loads per step, and the same fetching
+// 8 KiB ahead into L2 as the kernels do), and the existing bf16 packed kernel on the same
+// shape. Cold: each iteration
 // reads the next batch of a rotation of distinct matrices whose bytes exceed the last-level
 // cache eight times (256 MiB at least; the LLC size is printed), so no weight is in cache
 // when it is read.
 //
 // One iteration = one MoE decode's worth of one projection: kBatch distinct experts' matrices
 // (K 2048 × N 768, Qwen3-30B-A3B's W1), M rows each, one OpenMP region over (matrix, 64-column
-// tile) tasks. Counters: GB/s (the median iteration), GB/s_best (the fastest), roof_GB/s (the
-// best read pass), of_roof = GB/s_best ÷ roof_GB/s, and MB per matrix. On a shared machine the
+// tile) tasks. Counters: GB/s (the median iteration), GB/s_best and us_best (the fastest
+// iteration: its rate and its time for the kBatch matrices), roof_GB/s (the best read of a
+// slice that size), of_roof = GB/s_best ÷ roof_GB/s, and MB per matrix. On a shared machine the
 // median drifts with the neighbours' load; the best iteration and the best read pass are the
 // figures that compare (docs/quant.md).
 //
@@ -156,10 +159,10 @@ Copies make_copies(const Format& f) {
 
 enum class Method { decode, prefill };
 
-// A read pass with four independent 64-byte loads per step, fixed 1 MiB chunks over the
-// threads (the other read pattern of the roof).
+// A read pass with four independent 64-byte loads per step, fixed 64 KiB chunks over the
+// threads.
 __attribute__((target("avx512f"))) double read_pass_avx512(const float* p, int64_t n) {
-  constexpr int64_t kChunk = int64_t{1} << 18;  // floats
+  constexpr int64_t kChunk = int64_t{1} << 14;  // floats: 64 KiB, a kernel task's bytes
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   double total = 0.0;
 #pragma omp parallel for schedule(static) reduction(+ : total)
@@ -177,24 +180,57 @@ __attribute__((target("avx512f"))) double read_pass_avx512(const float* p, int64
   return total;
 }
 
-// The read roof now: the best of `passes` passes of each pattern over a rotation-sized buffer.
-double read_roof_gbs(int passes) {
-  static moe::perf::ReadRoof roof(rotation_bytes());
+// The same with each thread's next lines fetched into L2 8 KiB ahead (what the kernels do).
+__attribute__((target("avx512f"))) double read_pass_prefetch(const float* p, int64_t n) {
+  constexpr int64_t kChunk = int64_t{1} << 14, kAhead = 2048;  // floats
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = lo; i + 64 <= hi; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead + 16), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead + 32), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + kAhead + 48), _MM_HINT_T1);
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+      a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+    }
+    total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+  return total;
+}
+
+// The read roof now, at the grain of a kernel's iteration: `slices` consecutive slices of
+// `bytes` each (cold: they rotate through a rotation-sized buffer) read by each of the three
+// patterns with the same threads; the best slice's rate. Short slices and long passes meet
+// a shared machine's neighbours differently, so the roof is timed as the kernels are.
+double read_roof_gbs(int64_t bytes, int slices) {
   static std::vector<float> buf = [] {
     std::vector<float> b(static_cast<size_t>(rotation_bytes() / 4));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < static_cast<int64_t>(b.size()); ++i) b[i] = 1.0f;
     return b;
   }();
+  static int64_t pos = 0;
   static volatile double sink = 0.0;
+  const int64_t n = std::min<int64_t>(bytes / 4, static_cast<int64_t>(buf.size()));
   double best = 1e30;
-  for (int i = 0; i < passes; ++i) {
-    best = std::min(best, roof.run_s());
-    const auto t0 = std::chrono::steady_clock::now();
-    sink = sink + read_pass_avx512(buf.data(), static_cast<int64_t>(buf.size()));
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return static_cast<double>(rotation_bytes()) / best / 1e9;
+  for (int i = 0; i < slices; ++i)
+    for (int pattern = 0; pattern < 3; ++pattern) {
+      if (pos + n > static_cast<int64_t>(buf.size())) pos = 0;
+      const float* p = buf.data() + pos;
+      pos += n;
+      const auto t0 = std::chrono::steady_clock::now();
+      sink = sink + (pattern == 0   ? moe::perf::stream_read_sum(p, n)
+                     : pattern == 1 ? read_pass_avx512(p, n)
+                                    : read_pass_prefetch(p, n));
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+  return static_cast<double>(n * 4) / best / 1e9;
 }
 
 void report(benchmark::State& state, std::vector<double> times, int64_t bytes_per_iter,
@@ -206,6 +242,7 @@ void report(benchmark::State& state, std::vector<double> times, int64_t bytes_pe
   state.counters["roof_GB/s"] = roof;
   state.counters["of_roof"] = b / times.front() / 1e9 / roof;
   state.counters["MB_each"] = static_cast<double>(bytes_each) / 1e6;
+  state.counters["us_best"] = times.front() * 1e6;
 }
 
 void BM_quant(benchmark::State& state, Format f, Method method, QuantPath path, int64_t M) {
@@ -238,7 +275,7 @@ void BM_quant(benchmark::State& state, Format f, Method method, QuantPath path, 
     panels.resize(static_cast<size_t>(quant_prefill_workspace_size(c.views[0]) * threads));
   }
   const int64_t panel = f.bf16 ? 0 : quant_prefill_workspace_size(c.views[0]);
-  const double roof = read_roof_gbs(3);
+  const double roof = read_roof_gbs(kBatch * c.bytes_each, 40);
   // The rotation goes on across Google Benchmark's calls of this entry (a call starting again
   // at the first batch would find it in the LLC, read by the previous call's first iteration).
   static int64_t next = 0;
@@ -283,14 +320,16 @@ void BM_quant(benchmark::State& state, Format f, Method method, QuantPath path, 
   state.SetLabel(f.bf16 ? std::string(gemm_bf16_packed_impl()) : quant_kernel_name(c.views[0], path));
 }
 
+// The roof alone, over slices of one int4 batch's size (kBatch matrices of int4 g128).
 void BM_read_roof(benchmark::State& state) {
+  const int64_t bytes = state.range(0) << 20;
   std::vector<double> times;
   for (auto _ : state) {
-    const double dt = static_cast<double>(rotation_bytes()) / read_roof_gbs(1) / 1e9;
+    const double dt = static_cast<double>(bytes) / read_roof_gbs(bytes, 1) / 1e9;
     state.SetIterationTime(dt);
     times.push_back(dt);
   }
-  report(state, times, rotation_bytes(), rotation_bytes(), read_roof_gbs(3));
+  report(state, times, bytes, bytes, read_roof_gbs(bytes, 40));
 }
 
 }  // namespace
@@ -299,9 +338,9 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   g_llc = llc_bytes();
   std::printf("threads %d, LLC %.1f MiB, rotation %.0f MiB per format, read roof %.2f GB/s "
-              "(best of 10 passes of two patterns), best path %s\n",
+              "(best 8 MiB slice of three patterns), best path %s\n",
               omp_get_max_threads(), static_cast<double>(g_llc) / (1 << 20),
-              static_cast<double>(rotation_bytes()) / (1 << 20), read_roof_gbs(10),
+              static_cast<double>(rotation_bytes()) / (1 << 20), read_roof_gbs(8 << 20, 40),
               quant_path_name(quant_best_path()));
   const Format formats[] = {
       {"int4_g32_sym", QuantFormatId::int4, 32, false, false},
@@ -311,14 +350,17 @@ int main(int argc, char** argv) {
       {"mxfp4", QuantFormatId::mxfp4, 0, false, false},
       {"fp8", QuantFormatId::fp8, 0, false, false},
   };
-  benchmark::RegisterBenchmark("read_roof", BM_read_roof)->UseManualTime()->MinTime(1.0);
+  benchmark::RegisterBenchmark("read_roof", BM_read_roof)->Arg(8)->Arg(32)->UseManualTime()->MinTime(0.5);
   for (const int64_t M : {1, 4, 16}) {
     for (const Format& f : formats) {
-      for (const QuantPath p : {QuantPath::avx512_bf16, QuantPath::avx512, QuantPath::avx2})
+      for (const QuantPath p : {QuantPath::avx512_vnni, QuantPath::avx512_bf16, QuantPath::avx512,
+                                QuantPath::avx2}) {
+        if (!quant_path_supports(p, f.id)) continue;
         benchmark::RegisterBenchmark(
             (f.label + "/decode/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
             [=](benchmark::State& s) { BM_quant(s, f, Method::decode, p, M); })
             ->UseManualTime()->MinTime(0.5);
+      }
       benchmark::RegisterBenchmark(
           (f.label + "/prefill/M:" + std::to_string(M) + "/avx512").c_str(),
           [=](benchmark::State& s) { BM_quant(s, f, Method::prefill, QuantPath::avx512_bf16, M); })

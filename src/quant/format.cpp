@@ -62,8 +62,24 @@ QuantPath quant_best_path() {
   return QuantPath::avx2;
 }
 
+QuantPath quant_decode_path(QuantFormatId format) {
+  if (quant_path_allowed(QuantPath::avx512_vnni) && quant_path_supports(QuantPath::avx512_vnni, format))
+    return QuantPath::avx512_vnni;
+  return quant_best_path();
+}
+
 bool quant_path_allowed(QuantPath p) {
-  return static_cast<int>(p) <= static_cast<int>(quant_best_path());
+  switch (p) {
+    case QuantPath::avx2: return true;
+    case QuantPath::avx512: return isa_at_least(Isa::avx512);
+    case QuantPath::avx512_bf16: return isa_at_least(Isa::avx512_bf16);
+    case QuantPath::avx512_vnni: return vnni_kernels();
+  }
+  return false;
+}
+
+bool quant_path_supports(QuantPath p, QuantFormatId format) {
+  return p != QuantPath::avx512_vnni || quant_format(format).code_bits == 4;
 }
 
 const char* quant_path_name(QuantPath p) {
@@ -71,6 +87,7 @@ const char* quant_path_name(QuantPath p) {
     case QuantPath::avx2: return "avx2";
     case QuantPath::avx512: return "avx512";
     case QuantPath::avx512_bf16: return "avx512_bf16";
+    case QuantPath::avx512_vnni: return "avx512_vnni";
   }
   return "?";
 }

@@ -118,18 +118,32 @@ float quant_scale_value(QuantScale s, const void* scales, int64_t index);
 
 // ---- kernel paths: which instructions a kernel runs, and the activations it takes ----------
 
+// avx512_vnni: int8 rows (each 32 values quantized to their own scale, max |x| / 127, nearest
+//   even), vpdpbusd against the 4-bit codes as unsigned bytes (int4: the code; mxfp4:
+//   2·E2M1 + 12 from a vpshufb table), exact int32 sums per chunk; 4-bit codes only.
 // avx512_bf16: bf16 rows (rounded to nearest even on entry), vdpbf16ps, fp32 accumulation.
 // avx512, avx2: fp32 rows, the weights widened to fp32 with the scale folded in, vfmadd.
-enum class QuantPath : int { avx2 = 0, avx512 = 1, avx512_bf16 = 2 };
+enum class QuantPath : int { avx2 = 0, avx512 = 1, avx512_bf16 = 2, avx512_vnni = 3 };
+enum class QuantRowsType : int { f32, bf16, s8 };
+constexpr QuantRowsType quant_rows_type(QuantPath p) {
+  return p == QuantPath::avx512_bf16 ? QuantRowsType::bf16
+         : p == QuantPath::avx512_vnni ? QuantRowsType::s8
+                                       : QuantRowsType::f32;
+}
 
-// The best path the CPU allows (common/cpu.hpp: cpu().level, capped by MOE_MAX_ISA). On an AMX
-// CPU decode stays on avx512_bf16 (streaming: AMX would wait on the same bytes); prefill hands
-// its widened panels to gemm_bf16_packed_serial, which picks its own engine.
+// The widest path of the bf16 / fp32 family the CPU allows (common/cpu.hpp: cpu().level,
+// capped by MOE_MAX_ISA): avx512_bf16, avx512 or avx2. Prefill widens with it; on an AMX CPU
+// its panels go to gemm_bf16_packed_serial, which picks its own engine.
 QuantPath quant_best_path();
+// The decode path for a matrix, by measurement (docs/quant.md): avx512_vnni for 4-bit codes
+// where the CPU has AVX512-VNNI (and MOE_MAX_ISA allows avx512), else quant_best_path().
+QuantPath quant_decode_path(QuantFormatId format);
 // Whether this CPU (and MOE_MAX_ISA) allows the path: the tests run each allowed one.
 bool quant_path_allowed(QuantPath p);
+// Whether the path reads the format (avx512_vnni: 4-bit codes only).
+bool quant_path_supports(QuantPath p, QuantFormatId format);
 const char* quant_path_name(QuantPath p);
-// Whether the path's rows are bf16 (else fp32).
-constexpr bool quant_rows_bf16(QuantPath p) { return p == QuantPath::avx512_bf16; }
+// Whether the path's rows are bf16.
+constexpr bool quant_rows_bf16(QuantPath p) { return quant_rows_type(p) == QuantRowsType::bf16; }
 
 }  // namespace moe::detail

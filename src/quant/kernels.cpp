@@ -86,9 +86,62 @@ int64_t chunks_of(const QuantMatrix& W) { return (W.K + kQuantChunk - 1) / kQuan
 }  // namespace
 
 int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M) {
-  // fp32 rows of whole chunks at most, and the interleaved rows' lane sums.
-  return M * chunks_of(W) * (kQuantChunk * 4 + 16 * 4);
+  // fp32 rows of whole chunks at most, and the lane sums and scales.
+  return M * chunks_of(W) * (kQuantChunk * 4 + 2 * 16 * 4);
 }
+
+float quant_s8_scale(const float* v, int64_t n) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    amax = std::max(amax, std::fabs(v[i]));
+    nan = nan || v[i] != v[i];
+  }
+  return nan ? std::nanf("") : amax / 127.0f;
+}
+
+int8_t quant_s8(float v, float scale) {
+  if (scale == 0.0f) return 0;
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(r < 127.0f ? (r > -127.0f ? r : -127.0f) : 127.0f);  // NaN: 127
+}
+
+namespace {
+// s8 rows (QuantRows, kernels.hpp): per row and chunk, 128 int8 values (even then odd), then
+// after all rows the lane scales and the lane sums.
+template <typename At>
+void prepare_s8(const QuantMatrix& W, QuantRows& r, const float* X, int64_t ldx, At&& at) {
+  const int64_t chunks = chunks_of(W), M = r.M;
+  int8_t* q = static_cast<int8_t*>(const_cast<void*>(r.data));
+  float* scales = reinterpret_cast<float*>(q + M * r.ld);
+  float* sums = scales + M * chunks * 16;
+  // mxfp4's codes enter doubled (2·E2M1 + 12 are integers): its row scales carry the 1/2.
+  const float half = W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
+  float v[kQuantChunk];
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t k = 0; k < kQuantChunk; ++k) v[k] = at(X + i * ldx, c * kQuantChunk + k);
+      int8_t* d = q + i * r.ld + c * kQuantChunk;
+      float* sc = scales + (i * chunks + c) * 16;
+      float* su = sums + (i * chunks + c) * 16;
+      for (int b = 0; b < 4; ++b) {
+        const float s = quant_s8_scale(v + 32 * b, 32);
+        for (int k = 0; k < 32; ++k) {
+          const int e = 32 * b + k;  // value e of the chunk: byte e / 2 of the even or odd half
+          d[(e % 2) * 64 + e / 2] = quant_s8(v[e], s);
+        }
+        for (int t = 4 * b; t < 4 * b + 4; ++t) sc[t] = s * half;
+      }
+      for (int t = 0; t < 16; ++t) {
+        int sum = 0;
+        for (int u = 0; u < 4; ++u) sum += d[4 * t + u] + d[64 + 4 * t + u];
+        su[t] = static_cast<float>(sum);
+      }
+    }
+  r.scales = scales;
+  r.sums = sums;
+}
+}  // namespace
 
 QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
                              const float* X, int64_t ldx, int64_t M, void* buf) {
@@ -99,13 +152,19 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   const int64_t chunks = chunks_of(W), K = W.K;
   r.ld = chunks * kQuantChunk;
   r.data = buf;
+  MOE_ASSERT(method == QuantMethod::prefill || quant_path_supports(path, W.format));
   const bool bf16 = method == QuantMethod::prefill || quant_rows_bf16(path);
-  r.interleaved = method == QuantMethod::decode && path == QuantPath::avx512_bf16 &&
+  r.interleaved = method == QuantMethod::decode &&
+                  (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
                   W.fmt().code_bits == 4;
   // The value at kernel position k of row x (act-order gathers, padding is zero).
   auto at = [&](const float* x, int64_t k) {
     return k < K ? x[W.act_order ? W.perm[k] : k] : 0.0f;
   };
+  if (method == QuantMethod::decode && quant_rows_type(path) == QuantRowsType::s8) {
+    prepare_s8(W, r, X, ldx, at);
+    return r;
+  }
   for (int64_t i = 0; i < M; ++i) {
     const float* x = X + i * ldx;
     if (!bf16) {
@@ -149,9 +208,11 @@ void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
   // avx512_bf16 as many rows (4 to 16) as keep a pass's rows in a 32 KiB L1 (each column
   // reads all of them: 16 rows of K 2048 from L2 took 2.3x as long as two passes of 8, 1048
   // against 449 us), 8 on the fp32 paths.
-  const int64_t most = rows.path == QuantPath::avx512_bf16
-                           ? std::clamp<int64_t>(kQuantDecodeRowBytes / (2 * rows.ld), 4, 16)
-                           : 8;
+  const int64_t row_bytes = rows.path == QuantPath::avx512_bf16   ? 2 * rows.ld
+                            : rows.path == QuantPath::avx512_vnni ? rows.ld + rows.ld
+                                                                   : 0;
+  const int64_t most =
+      row_bytes ? std::clamp<int64_t>(kQuantDecodeRowBytes / row_bytes, 4, 16) : 8;
   const int64_t blocks = (rows.M + most - 1) / most;
   for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
     const int64_t m = (rows.M - i0) / (blocks - bi);
@@ -159,6 +220,9 @@ void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
     switch (rows.path) {
       case QuantPath::avx512_bf16:
         quant_impl::decode_avx512_bf16(W, rows, i0, m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx512_vnni:
+        quant_impl::decode_avx512_vnni(W, rows, i0, m, n0, n, c, ldc);
         break;
       case QuantPath::avx512:
         quant_impl::decode_avx512(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld,
@@ -246,6 +310,8 @@ void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, cons
                   int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
   MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
               " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  MOE_REQUIRE(method == QuantMethod::prefill || quant_path_supports(path, W.format),
+              "quant_matmul: path ", quant_path_name(path), " does not decode ", W.fmt().name);
   validate(W);
   if (M <= 0) return;
   const int threads = omp_get_max_threads();
@@ -278,8 +344,12 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
   name += quant_path_name(path);
   const bool eight = W.fmt().code_bits == 8;
   switch (path) {
+    case QuantPath::avx512_vnni:
+      name += W.format == QuantFormatId::mxfp4 ? " (vpshufb widening, int8 rows, vpdpbusd)"
+                                               : " (nibbles as bytes, int8 rows, vpdpbusd)";
+      break;
     case QuantPath::avx512_bf16:
-      name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpermw widening, vdpbf16ps)";
+      name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpshufb widening, vdpbf16ps)";
       break;
     case QuantPath::avx512:
       name += eight ? " (vpermi2w widening, fp32 vfmadd)" : " (vpermw widening, fp32 vfmadd)";

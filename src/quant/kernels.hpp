@@ -44,15 +44,29 @@ constexpr QuantMethod quant_method_for(int64_t M) {
 constexpr int64_t kQuantChunk = 128;
 
 // Rows prepared for one matrix, path and method.
+//   f32, bf16  (M, ld) in the kernel's K order; bf16 decode of 4-bit codes interleaved
+//              within each chunk (kernels_impl.hpp: interleaved_source), with the lane sums
+//              int4's zero points need.
+//   s8         (avx512_vnni) per chunk 128 bytes: the 64 even values then the 64 odd ones (so
+//              byte i of each half meets code byte i's low or high nibble), each 32 values
+//              quantized to their own scale; per (row, chunk) 16 lane scales (lane t: its
+//              sub-block's scale, times 1/2 for mxfp4's doubled codes) and 16 lane sums (the
+//              int8 values lane t of vpdpbusd adds: values 8t .. 8t + 7).
 struct QuantRows {
   QuantPath path = QuantPath::avx2;
   QuantMethod method = QuantMethod::decode;
-  bool interleaved = false;  // avx512_bf16 decode of 4-bit codes: the unpacks' order
+  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni
   int64_t M = 0;             // rows
   int64_t ld = 0;            // elements between rows (whole chunks)
-  const void* data = nullptr;  // uint16_t (bf16) when quant_rows_bf16(path) or prefill, else float
-  const float* sums = nullptr;  // interleaved int4 with zero points: (M, chunks, 16) lane sums
+  const void* data = nullptr;  // float, uint16_t (bf16; prefill always) or int8_t
+  const float* sums = nullptr;    // (M, chunks, 16): bf16 int4 with zero points, and s8 rows
+  const float* scales = nullptr;  // (M, chunks, 16): s8 rows
 };
+
+// The int8 quantization of s8 rows, per 32 values v: scale = max |v| / 127 (NaN when one is
+// NaN), q = clamp(nearest-even(v / scale), −127, 127), 0 when the scale is 0.
+float quant_s8_scale(const float* v, int64_t n);
+int8_t quant_s8(float v, float scale);
 
 // Bytes quant_prepare_rows writes for M rows of W (whatever the path and method).
 int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);

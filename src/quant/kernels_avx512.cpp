@@ -22,6 +22,8 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
 #define MOE_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")))
+#define MOE_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
 
 namespace moe::detail::quant_impl {
 
@@ -320,6 +322,102 @@ void rows_bf16_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M
   ((M == MR + 1 ? rows_bf16<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
 }
 
+// ---- decode with int8 rows (4-bit codes) ---------------------------------------------------
+
+// mxfp4's codes as unsigned bytes for vpdpbusd: 2·E2M1 + 12 (0 .. 24; the 1/2 rides on the
+// row scales, the 12 comes off with the row sums), in every 128-bit lane.
+MOE_AVX512 inline __m512i mxfp4_byte_table() {
+  const float* v = f32_code_table(QuantFormatId::mxfp4);
+  alignas(16) uint8_t t[16];
+  for (int q = 0; q < 16; ++q) t[q] = static_cast<uint8_t>(2.0f * v[q] + 12.0f);
+  return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+// MR rows × NC columns: per chunk, two vpdpbusd sum a column's codes (low nibbles against the
+// rows' even values, high against the odd ones) into exact int32 lane sums; converted, the
+// zero point (int4: 8 or z; mxfp4: 12) comes off as z · the rows' lane sums, and the
+// weights' and the rows' scales multiply the result into the accumulators.
+template <Codes Cd, int MR, int NC>
+MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
+                               int64_t i0, int64_t j0, float* C, int64_t ldc) {
+  constexpr bool zp = Cd == Codes::int4_zp;
+  constexpr int64_t scale_size = Cd == Codes::mxfp4 ? 1 : 2;
+  const int64_t S = W.sub_blocks(), chunks = (S + 3) / 4;
+  const __m512i spread = spread_index(W.block_k);
+  const int64_t ahead = prefetch_columns(W, NC) * W.code_stride;
+  const int8_t* A = static_cast<const int8_t*>(R.data) + i0 * R.ld;
+  const float* rs = R.scales + i0 * chunks * 16;
+  const float* sums = R.sums + i0 * chunks * 16;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512 fixed_zero = _mm512_set1_ps(Cd == Codes::mxfp4 ? 12.0f : 8.0f);
+  const uint8_t* col[NC];
+  const char* srow[NC];
+  const uint8_t* zrow[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) {
+    const int64_t j = j0 + c;
+    col[c] = W.codes + j * W.code_stride;
+    srow[c] = static_cast<const char*>(W.scales) + j * W.scale_stride * scale_size;
+    zrow[c] = zp ? W.zeros + j * W.zero_stride : nullptr;
+  }
+  __m512 acc[MR][NC];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+  ChunkBlocks blocks(W.block_k);
+  const bool one = blocks.per_chunk == 0;
+  for (int64_t ch = 0; ch < chunks; ++ch, blocks.next()) {
+    const int64_t nsub = std::min<int64_t>(4, S - 4 * ch);
+    const unsigned mask = blocks.mask(nsub);
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      prefetch(col[c] + ahead + 64 * ch);
+      const uint8_t* p = col[c] + 64 * ch;
+      const __m512i v = nsub >= 4 ? _mm512_loadu_si512(p)
+                                  : _mm512_maskz_loadu_epi8(~0ull >> (64 - 16 * nsub), p);
+      __m512i lo = _mm512_and_si512(v, nib);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      if constexpr (Cd == Codes::mxfp4) {
+        lo = _mm512_shuffle_epi8(mx_table, lo);
+        hi = _mm512_shuffle_epi8(mx_table, hi);
+      }
+      const __m512 sv = chunk_scale<Cd>(srow[c], blocks.b0, mask, one, spread);
+      __m512 zv = fixed_zero;
+      if constexpr (zp) zv = chunk_zero(zrow[c], blocks.b0, mask, one, spread);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* a = A + m * R.ld + kQuantChunk * ch;
+        const int64_t at = (m * chunks + ch) * 16;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a));
+        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(a + 64));
+        const __m512 f = _mm512_fnmadd_ps(zv, _mm512_loadu_ps(sums + at), _mm512_cvtepi32_ps(d));
+        acc[m][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_loadu_ps(rs + at)), acc[m][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+
+template <Codes Cd, int MR>
+MOE_AVX512_VNNI void rows_vnni(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t n0,
+                               int64_t n, float* C, int64_t ldc) {
+  constexpr int NC = nc_bf16(MR);
+  const __m512i table = mxfp4_byte_table();
+  int64_t j = 0;
+  for (; j + NC <= n; j += NC) tile_vnni<Cd, MR, NC>(W, table, R, i0, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_vnni<Cd, MR, 1>(W, table, R, i0, n0 + j, C + j, ldc);
+}
+
+template <Codes Cd, int... MR>
+void rows_vnni_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc, std::integer_sequence<int, MR...>) {
+  ((M == MR + 1 ? rows_vnni<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
+}
+
 // ---- decode with fp32 rows -----------------------------------------------------------------
 
 // The weights widened to fp32 with the block's scale folded in (exact for int4 and mxfp4, one
@@ -493,6 +591,18 @@ void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
     case Codes::int4_zp: return rows_bf16_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::mxfp4: return rows_bf16_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::fp8: return rows_bf16_m<Codes::fp8>(W, rows, i0, M, n0, n, C, ldc, mr);
+  }
+}
+
+void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
+                        int64_t n0, int64_t n, float* C, int64_t ldc) {
+  MOE_ASSERT(M >= 1 && M <= 16);
+  constexpr auto mr = std::make_integer_sequence<int, 16>{};
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return rows_vnni_m<Codes::int4_sym>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::int4_zp: return rows_vnni_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::mxfp4: return rows_vnni_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::fp8: MOE_ASSERT(!"avx512_vnni reads 4-bit codes only"); return;
   }
 }
 

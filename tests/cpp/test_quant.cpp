@@ -32,7 +32,12 @@ namespace {
 using namespace moe::detail;
 using moe_test::Rng;
 
-const QuantPath kPaths[] = {QuantPath::avx2, QuantPath::avx512, QuantPath::avx512_bf16};
+const QuantPath kPaths[] = {QuantPath::avx2, QuantPath::avx512, QuantPath::avx512_bf16,
+                            QuantPath::avx512_vnni};
+// The paths this CPU allows that decode W's format.
+bool runs(QuantPath p, const QuantMatrix& W) {
+  return quant_path_allowed(p) && quant_path_supports(p, W.format);
+}
 
 // ---- weights of every format, random over all their codes ----------------------------------
 
@@ -95,10 +100,26 @@ Held random_weights(const Variant& v, int64_t K, int64_t N, Rng& rng) {
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
-// The rows as the path rounds them.
-std::vector<double> rounded_rows(const std::vector<float>& X, QuantPath p) {
+// The rows (M, K) as the path rounds them, in W's own K order: bf16, fp32, or int8 per 32
+// values of the kernel's K order (act-order gathers them) times their scale.
+std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>& X, QuantPath p) {
+  const int64_t K = W.K, M = static_cast<int64_t>(X.size()) / K;
   std::vector<double> r(X.size());
-  for (size_t i = 0; i < X.size(); ++i) r[i] = quant_rows_bf16(p) ? round_bf16(X[i]) : X[i];
+  for (int64_t i = 0; i < M; ++i) {
+    const float* x = X.data() + i * K;
+    if (quant_rows_type(p) != QuantRowsType::s8) {
+      for (int64_t k = 0; k < K; ++k) r[i * K + k] = quant_rows_bf16(p) ? round_bf16(x[k]) : x[k];
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      float v[32] = {};
+      const int64_t n = std::min<int64_t>(32, K - k0);
+      auto src = [&](int64_t k) { return W.act_order ? W.perm[k] : k; };
+      for (int64_t t = 0; t < n; ++t) v[t] = x[src(k0 + t)];
+      const float s = quant_s8_scale(v, 32);
+      for (int64_t t = 0; t < n; ++t) r[i * K + src(k0 + t)] = static_cast<double>(quant_s8(v[t], s)) * s;
+    }
+  }
   return r;
 }
 
@@ -189,9 +210,9 @@ TEST(QuantFormats, KernelNamesSayFormatAndPath) {
   RecordProperty("best_path", quant_path_name(quant_best_path()));
   Int4Kernel::Weights w;
   w.resize(128, 1, 128, false);
-  RecordProperty("int4", Int4Kernel::name(w, quant_best_path()));
-  RecordProperty("mxfp4", Mxfp4Kernel::name(quant_best_path()));
-  RecordProperty("fp8", Fp8Kernel::name(quant_best_path()));
+  RecordProperty("int4", Int4Kernel::name(w, quant_decode_path(QuantFormatId::int4)));
+  RecordProperty("mxfp4", Mxfp4Kernel::name(quant_decode_path(QuantFormatId::mxfp4)));
+  RecordProperty("fp8", Fp8Kernel::name(quant_decode_path(QuantFormatId::fp8)));
 }
 
 // ---- decode ----------------------------------------------------------------------------------
@@ -199,22 +220,34 @@ TEST(QuantFormats, KernelNamesSayFormatAndPath) {
 TEST(QuantDecode, EveryPathMatchesTheTwin) {
   Rng rng(7);
   int checked = 0;
+  // What each path's rounding of the rows costs against the exact rows (reported).
+  double worst_exact[4] = {};
   for (const Variant& v : kVariants)
     for (const Shape& s : kShapes) {
       const Held h = random_weights(v, s.K, s.N, rng);
       for (const int64_t M : {1, 2, 3, 4, 5, 7, 8, 9, 16}) {
         const std::vector<float> X = rng.vec(M * s.K, 1.0);
+        const std::vector<double> exact = M * s.N >= 64 ? twin(h.view, to_double(X), M)
+                                                        : std::vector<double>();
         for (const QuantPath p : kPaths) {
-          if (!quant_path_allowed(p)) continue;
+          if (!runs(p, h.view)) continue;
           const std::vector<float> C = run(h.view, p, QuantMethod::decode, X, M);
-          expect_rel(C, twin(h.view, rounded_rows(X, p), M), 1e-3,
+          expect_rel(C, twin(h.view, rounded_rows(h.view, X, p), M), 1e-3,
                      v.label() + " K " + std::to_string(s.K) + " N " + std::to_string(s.N) +
                          " M " + std::to_string(M) + " " + quant_path_name(p));
+          if (!exact.empty()) {
+            double& w = worst_exact[static_cast<int>(p)];
+            w = std::max(w, moe_test::rel_max_err(C, exact));
+          }
           ++checked;
         }
       }
     }
   RecordProperty("cases", checked);
+  for (const QuantPath p : kPaths)
+    if (quant_path_allowed(p))
+      RecordProperty(std::string("worst_vs_exact_rows_") + quant_path_name(p),
+                     std::to_string(worst_exact[static_cast<int>(p)]));
 }
 
 TEST(QuantDecode, ZeroRowsGiveZerosAndNoRowsWriteNothing) {
@@ -224,7 +257,7 @@ TEST(QuantDecode, ZeroRowsGiveZerosAndNoRowsWriteNothing) {
     std::vector<float> X = rng.vec(3 * 200, 1.0);
     std::fill(X.begin() + 200, X.begin() + 400, 0.0f);
     for (const QuantPath p : kPaths) {
-      if (!quant_path_allowed(p)) continue;
+      if (!runs(p, h.view)) continue;
       for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
         const std::vector<float> C = run(h.view, p, m, X, 3);
         for (int64_t j = 0; j < 70; ++j) EXPECT_EQ(C[70 + j], 0.0f) << v.label();
@@ -244,7 +277,7 @@ TEST(QuantDecode, BitsDependOnNeitherThreadsNorTilingNorRowCount) {
     const int64_t M = 16;
     const std::vector<float> X = rng.vec(M * 300, 1.0);
     for (const QuantPath p : kPaths) {
-      if (!quant_path_allowed(p)) continue;
+      if (!runs(p, h.view)) continue;
       for (const QuantMethod method : {QuantMethod::decode, QuantMethod::prefill}) {
         const int saved = omp_get_max_threads();
         omp_set_num_threads(1);
@@ -301,9 +334,9 @@ TEST(QuantPrefill, MatchesTheTwinOnTheWidenedWeights) {
       const Held h = random_weights(v, s.K, s.N, rng);
       for (const int64_t M : {1, 16, 37}) {
         const std::vector<float> X = rng.vec(M * s.K, 1.0);
-        const std::vector<double> Xr = rounded_rows(X, QuantPath::avx512_bf16);
+        const std::vector<double> Xr = rounded_rows(h.view, X, QuantPath::avx512_bf16);
         for (const QuantPath p : kPaths) {
-          if (!quant_path_allowed(p)) continue;
+          if (!runs(p, h.view)) continue;
           const std::vector<float> C = run(h.view, p, QuantMethod::prefill, X, M);
           const std::string what = v.label() + " K " + std::to_string(s.K) + " N " +
                                    std::to_string(s.N) + " M " + std::to_string(M) + " " +
@@ -337,7 +370,7 @@ TEST(QuantPrefill, WidenedPanelsAreTheDefinitionOnEveryPath) {
           want[packed_bf16_index(c.kc, k, j)] =
               to_bf16(static_cast<float>(quant_value_at(W, c.k0 + k, c.j0 + j)));
       for (const QuantPath p : kPaths) {
-        if (!quant_path_allowed(p)) continue;
+        if (!runs(p, W)) continue;
         std::vector<uint16_t> got(static_cast<size_t>(size), 0xdead);
         quant_widen_panel(W, p, c.j0, c.nc, c.k0, c.kc, got.data());
         EXPECT_EQ(got, want) << v.label() << " " << quant_path_name(p) << " j0 " << c.j0
@@ -566,10 +599,11 @@ TEST(Int4Import, GptqRepackedHoldsTheDefinition) {
     // The kernels, rows given in the checkpoint's own K order.
     const std::vector<float> X = rng.vec(3 * c.K, 1.0);
     for (const QuantPath p : kPaths) {
-      if (!quant_path_allowed(p)) continue;
+      if (!runs(p, w.view())) continue;
       for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
         const std::vector<float> C = run(w.view(), p, m, X, 3);
-        const std::vector<double> Xr = rounded_rows(X, m == QuantMethod::prefill ? QuantPath::avx512_bf16 : p);
+        const std::vector<double> Xr =
+            rounded_rows(w.view(), X, m == QuantMethod::prefill ? QuantPath::avx512_bf16 : p);
         std::vector<double> want(static_cast<size_t>(3 * c.N), 0.0);
         for (int64_t i = 0; i < 3; ++i)
           for (int64_t k = 0; k < c.K; ++k)
@@ -642,9 +676,9 @@ TEST(Int4Import, AwqRepackedHoldsTheDefinition) {
     const Int4Kernel::Weights w = int4_from_awq(a.t);
     expect_same_values(w.view(), ref, "AWQ group " + std::to_string(group));
     const std::vector<float> X = rng.vec(2 * 320, 1.0);
-    const QuantPath p = quant_best_path();
+    const QuantPath p = quant_decode_path(QuantFormatId::int4);
     const std::vector<float> C = run(w.view(), p, QuantMethod::decode, X, 2);
-    expect_rel(C, twin(w.view(), rounded_rows(X, p), 2), 1e-3, "AWQ");
+    expect_rel(C, twin(w.view(), rounded_rows(w.view(), X, p), 2), 1e-3, "AWQ");
   }
 }
 
@@ -662,7 +696,8 @@ TEST(QuantOracle, WriteCases) {
   // The Python test gives a folder; each case is raw little-endian arrays plus meta.txt
   // ("key value" lines). The Python side reads the published arrays with NumPy (and torch /
   // transformers where they define the format) and compares with what libmoe made of them:
-  // its dequantized weights (through the kernel layout) and a decode product.
+  // its dequantized weights (through the kernel layout) and a decode product (given the rows
+  // as the decode path rounded them: bf16, or int8 per 32 values).
   const char* dir_env = std::getenv("MOE_QUANT_ORACLE_DIR");
   if (!dir_env) GTEST_SKIP() << "run by tests/python/test_quant_formats.py";
   const std::string root = dir_env;
@@ -678,11 +713,11 @@ TEST(QuantOracle, WriteCases) {
     write_raw(dir, "dequant", deq);
     const int64_t M = 3;
     const std::vector<float> X = rng.vec(M * W.K, 1.0);
-    write_raw(dir, "x", X);
-    write_raw(dir, "y", run(W, quant_best_path(), QuantMethod::decode, X, M));
+    const QuantPath p = quant_decode_path(W.format);
+    write_raw(dir, "x", rounded_rows(W, X, p));  // the rows as the decode path rounds them
+    write_raw(dir, "y", run(W, p, QuantMethod::decode, X, M));
     std::ofstream(dir + "/meta.txt") << "kind " << kind << "\nK " << W.K << "\nN " << W.N
-                                     << "\nM " << M << "\nrows_bf16 "
-                                     << quant_rows_bf16(quant_best_path()) << "\n" << meta;
+                                     << "\nM " << M << "\n" << meta;
   };
   struct G {
     int64_t K, N, group;
