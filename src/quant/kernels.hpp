@@ -2,27 +2,34 @@
 //
 //   decode   C (M, n) = rows (M, K) · dequant(W)[:, n0 : n0 + n] for few rows (M ≤ 16): the
 //            stored bytes stream once, 128 values of a column (a chunk) at a time, and are
-//            widened in registers. avx512_bf16: 4-bit codes split into nibbles and looked up
-//            in a 16-entry bf16 table held as two vpshufb byte tables (low and high bytes,
-//            interleaved by vpunpck*bw) — each 128-bit lane then holds one 32-value sub-block,
-//            so block scales below 128 are one vector per chunk; the rows are gathered once per
-//            call into the order the unpacks leave the values in. 8-bit codes go through a
-//            128-entry table (two vpermi2w) and the sign bit. vdpbf16ps sums the exact widened
-//            values of a chunk into fp32; the chunk's scale vector multiplies that sum into the
-//            accumulators (vfmadd), and int4's zero points come off as z · Σ rows (the row
-//            sums per lane prepared with the rows). avx512 / avx2: fp32 rows, the weights
-//            widened to fp32 with the scale folded in, vfmadd. Columns are independent: a
-//            column's bits depend on the path only — not on M, n0, n, the tiling or the thread
-//            that ran it.
+//            widened in registers.
+//            avx512_vnni (4-bit codes where the CPU has VNNI; chosen by measurement): the
+//            nibbles are the unsigned bytes vpdpbusd multiplies with int8 rows (mxfp4's through
+//            a vpshufb table of 2·E2M1 + 12), two instructions a chunk and row, exact int32
+//            sums; the zero point comes off as z · the rows' lane sums, and the weights' and
+//            the rows' scales multiply the sum into fp32 accumulators.
+//            avx512_bf16: 4-bit codes split into nibbles and looked up in a 16-entry bf16
+//            table held as two vpshufb byte tables (low and high bytes, interleaved by
+//            vpunpck*bw); 8-bit codes through a 128-entry table (two vpermi2w) and the sign
+//            bit. vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
+//            scale vector multiplies that sum into the accumulators (vfmadd), and int4's zero
+//            points come off as z · Σ rows (the row sums per lane prepared with the rows).
+//            On both, each 128-bit lane of a widened 4-bit chunk holds one 32-value
+//            sub-block, so block scales below 128 are one vector per chunk; the rows are
+//            gathered once per call into the order the widening leaves the values in.
+//            avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded in,
+//            vfmadd.
+//            Columns are independent: a column's bits depend on the path only — not on M,
+//            n0, n, the tiling or the thread that ran it.
 //   prefill  the same product for many rows: each panel of 64 columns and 2048 rows of K is
 //            widened once per call into a bf16 panel in gemm_bf16_packed's layout
 //            (bf16(value · scale), rounded to nearest even) in the caller's workspace, which
 //            stays in cache, and handed to gemm_bf16_packed_serial (so prefill runs on whatever
 //            engine that kernel uses: vdpbf16ps, AMX). K is summed chunk after chunk in order.
 //
-// Rows are prepared once per call (quant_prepare_rows): rounded to bf16 or kept fp32 as the
-// path takes them, gathered into the kernel's K order (int4 act-order, and the decode's
-// interleave), zero-padded to whole chunks.
+// Rows are prepared once per call (quant_prepare_rows): rounded to bf16, quantized to int8 or
+// kept fp32 as the path takes them, gathered into the kernel's K order (int4 act-order, and
+// the decode's interleave), zero-padded to whole chunks.
 #pragma once
 #include <cstdint>
 #include <string>

@@ -572,12 +572,102 @@ MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0,
   }
 }
 
+// 4-bit codes: per column and chunk, lane L of two vpshufb byte tables holds the low and high
+// bytes of bf16(value(q) · scale) for the block sub-block L falls in — 16 products rounded
+// once per block instead of one per value, the same numbers — so a chunk widens straight into
+// its 64 (even, odd) pairs: four vpshufb, four vpunpck*bw, four vpunpck*wd.
+template <Codes Cd>
+MOE_AVX512 inline __m128i scaled_table(const QuantMatrix& W, int64_t j, int64_t b, bool high) {
+  const float* values = f32_code_table(W.format);
+  float s, z = 0.0f;
+  if constexpr (Cd == Codes::mxfp4) {
+    s = e8m0_table()[static_cast<const uint8_t*>(W.scales)[j * W.scale_stride + b]];
+  } else {
+    s = _cvtsh_ss(static_cast<const uint16_t*>(W.scales)[j * W.scale_stride + b]);
+    z = Cd == Codes::int4_zp ? static_cast<float>(W.zeros[j * W.zero_stride + b]) : 8.0f;
+  }
+  const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values), _mm512_set1_ps(z)),
+                                 _mm512_set1_ps(s));
+  const __m256i w = to_bf16_16(v);
+  return _mm256_cvtepi16_epi8(high ? _mm256_srli_epi16(w, 8) : w);
+}
+
+template <Codes Cd>
+MOE_AVX512 void widen_columns4(const QuantMatrix& W, int64_t j0, int64_t c0, int64_t ncols,
+                               int64_t k0, int64_t kc, uint16_t* panel) {
+  const int64_t S = W.sub_blocks(), bk = W.block_k, pairs = (kc + 1) / 2;
+  const int64_t chunks = (kc + kQuantChunk - 1) / kQuantChunk;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  alignas(64) __m512i D[4][16];
+  for (int64_t cl = 0; cl < chunks; ++cl) {
+    const int64_t ch = k0 / kQuantChunk + cl, nsub = std::min<int64_t>(4, S - 4 * ch);
+    for (int64_t i = 0; i < 16; ++i) {
+      if (c0 + i >= ncols) {
+        for (int d = 0; d < 4; ++d) D[d][i] = _mm512_setzero_si512();
+        continue;
+      }
+      const int64_t j = j0 + c0 + i;
+      // The tables of the chunk's blocks: one for blocks of 128 or more, else one per lane.
+      __m512i tlo, thi;
+      if (bk >= kQuantChunk) {
+        const int64_t b = kQuantChunk * ch / bk;
+        tlo = _mm512_broadcast_i32x4(scaled_table<Cd>(W, j, b, false));
+        thi = _mm512_broadcast_i32x4(scaled_table<Cd>(W, j, b, true));
+      } else {
+        __m128i lo[4], hi[4];
+        for (int L = 0; L < 4; ++L) {
+          const int64_t b = (kQuantChunk * ch + 32 * L) / bk;
+          if (L > 0 && b == (kQuantChunk * ch + 32 * (L - 1)) / bk) {
+            lo[L] = lo[L - 1];
+            hi[L] = hi[L - 1];
+          } else if (L < nsub) {
+            lo[L] = scaled_table<Cd>(W, j, b, false);
+            hi[L] = scaled_table<Cd>(W, j, b, true);
+          } else {
+            lo[L] = hi[L] = _mm_setzero_si128();
+          }
+        }
+        tlo = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(lo[0]), lo[1], 1), lo[2], 2), lo[3], 3);
+        thi = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(hi[0]), hi[1], 1), hi[2], 2), hi[3], 3);
+      }
+      const uint8_t* p = W.codes + j * W.code_stride + 64 * ch;
+      const __m512i v = nsub >= 4 ? _mm512_loadu_si512(p)
+                                  : _mm512_maskz_loadu_epi8(~0ull >> (64 - 16 * nsub), p);
+      const __m512i lo = _mm512_and_si512(v, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      const __m512i llo = _mm512_shuffle_epi8(tlo, lo), lhi = _mm512_shuffle_epi8(thi, lo);
+      const __m512i hlo = _mm512_shuffle_epi8(tlo, hi), hhi = _mm512_shuffle_epi8(thi, hi);
+      // Words of the even and of the odd values, bytes 16L .. 16L + 7 and 16L + 8 .. 15 ...
+      const __m512i we = _mm512_unpacklo_epi8(llo, lhi), wo = _mm512_unpacklo_epi8(hlo, hhi);
+      const __m512i xe = _mm512_unpackhi_epi8(llo, lhi), xo = _mm512_unpackhi_epi8(hlo, hhi);
+      // ... paired: D[d] lane L, dword t is the pair of code byte 16L + 4d + t.
+      D[0][i] = _mm512_unpacklo_epi16(we, wo);
+      D[1][i] = _mm512_unpackhi_epi16(we, wo);
+      D[2][i] = _mm512_unpacklo_epi16(xe, xo);
+      D[3][i] = _mm512_unpackhi_epi16(xe, xo);
+    }
+    for (int d = 0; d < 4; ++d) {
+      transpose_16x16(D[d]);
+      for (int r = 0; r < 16; ++r) {
+        const int64_t pair = kQuantChunk / 2 * cl + 16 * (r / 4) + 4 * d + r % 4;
+        if (pair < pairs) _mm512_storeu_si512(panel + packed_bf16_index(kc, 2 * pair, c0), D[d][r]);
+      }
+    }
+  }
+  if (kc % 2)  // the last pair's second value is padding
+    for (int64_t i = 0; i < 16; ++i) panel[packed_bf16_index(kc, kc, c0 + i)] = 0;
+}
+
 template <Codes Cd>
 MOE_AVX512 void widen_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
                             uint16_t* panel) {
   const Tables T = load_tables(W.format);
-  for (int64_t c0 = 0; c0 < kPanelCols; c0 += 16)
-    widen_columns<Cd>(W, T, j0, c0, nc, k0, kc, panel);
+  for (int64_t c0 = 0; c0 < kPanelCols; c0 += 16) {
+    if (Cd == Codes::fp8 || k0 % kQuantChunk != 0)  // (prefill's panels start on chunks)
+      widen_columns<Cd>(W, T, j0, c0, nc, k0, kc, panel);
+    else
+      widen_columns4<Cd>(W, j0, c0, nc, k0, kc, panel);
+  }
 }
 
 }  // namespace

@@ -361,8 +361,11 @@ TEST(QuantPrefill, WidenedPanelsAreTheDefinitionOnEveryPath) {
     struct Cut {
       int64_t j0, nc, k0, kc;
     };
-    for (const Cut c : {Cut{0, 64, 0, 2048}, Cut{64, 36, 2048, 52}, Cut{5, 17, 32, 33},
-                        Cut{99, 1, 96, 1}, Cut{30, 64, 0, 2100}}) {
+    // Prefill's panels start on a 128-value chunk (its own 4-bit widening); others take the
+    // general one.
+    for (const Cut c : {Cut{0, 64, 0, 2048}, Cut{64, 36, 2048, 52}, Cut{7, 50, 0, 301},
+                        Cut{0, 64, 2048, 51}, Cut{5, 17, 32, 33}, Cut{99, 1, 96, 1},
+                        Cut{30, 64, 0, 2100}}) {
       const int64_t size = packed_bf16_size(c.kc, kPanelCols);
       std::vector<uint16_t> want(static_cast<size_t>(size), 0);
       for (int64_t k = 0; k < c.kc; ++k)
