@@ -1,5 +1,6 @@
 // Decode (and prefill) of the low-bit formats (src/quant/) at their byte roof: GB/s of stored
-// bytes read (codes + scales + zero points) for M = 1, 4, 16 rows, beside the read roof
+// bytes read (codes + scales + zero points) for M = 1, 4, 16 rows (and 64, where prefill
+// takes over), beside the read roof
 // measured in the same run just before each entry with the same OpenMP threads, over cold
 // slices of the entry's own batch size (the best of three read patterns: perf's
 // stream_read_sum, an AVX-512 loop of four 64-byte loads per step, and the same fetching
@@ -351,11 +352,13 @@ int main(int argc, char** argv) {
       {"fp8", QuantFormatId::fp8, 0, false, false},
   };
   benchmark::RegisterBenchmark("read_roof", BM_read_roof)->Arg(8)->Arg(32)->UseManualTime()->MinTime(0.5);
-  for (const int64_t M : {1, 4, 16}) {
+  // M 1, 4, 16 on every path; M 64 (where prefill takes over) on the fastest ones.
+  for (const int64_t M : {1, 4, 16, 64}) {
     for (const Format& f : formats) {
       for (const QuantPath p : {QuantPath::avx512_vnni, QuantPath::avx512_bf16, QuantPath::avx512,
                                 QuantPath::avx2}) {
         if (!quant_path_supports(p, f.id)) continue;
+        if (M == 64 && p != quant_decode_path(f.id)) continue;
         benchmark::RegisterBenchmark(
             (f.label + "/decode/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
             [=](benchmark::State& s) { BM_quant(s, f, Method::decode, p, M); })

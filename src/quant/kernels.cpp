@@ -107,39 +107,52 @@ int8_t quant_s8(float v, float scale) {
 }
 
 namespace {
+// Row x in the kernel's K order, zero-padded to n (act-order gathers; else a copy).
+void gather_row(const QuantMatrix& W, const float* x, float* v, int64_t n) {
+  if (W.act_order)
+    for (int64_t k = 0; k < W.K; ++k) v[k] = x[W.perm[k]];
+  else
+    std::memcpy(v, x, static_cast<size_t>(W.K) * sizeof(float));
+  std::fill(v + W.K, v + n, 0.0f);
+}
+
+// The interleaved order's sources (kernels_impl.hpp), as a table.
+struct InterleaveTable {
+  int src[kQuantChunk];
+  constexpr InterleaveTable() : src() {
+    for (int p = 0; p < kQuantChunk; ++p) src[p] = quant_impl::interleaved_source(p);
+  }
+};
+constexpr InterleaveTable kInterleave;
+
 // s8 rows (QuantRows, kernels.hpp): per row and chunk, 128 int8 values (even then odd), then
-// after all rows the lane scales and the lane sums.
-template <typename At>
-void prepare_s8(const QuantMatrix& W, QuantRows& r, const float* X, int64_t ldx, At&& at) {
-  const int64_t chunks = chunks_of(W), M = r.M;
-  int8_t* q = static_cast<int8_t*>(const_cast<void*>(r.data));
-  float* scales = reinterpret_cast<float*>(q + M * r.ld);
-  float* sums = scales + M * chunks * 16;
+// after all rows the lane scales and the lane sums. v: the row in kernel order.
+void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
+                    int8_t* q, float* scales, float* sums) {
+  const int64_t chunks = chunks_of(W);
   // mxfp4's codes enter doubled (2·E2M1 + 12 are integers): its row scales carry the 1/2.
   const float half = W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
-  float v[kQuantChunk];
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t k = 0; k < kQuantChunk; ++k) v[k] = at(X + i * ldx, c * kQuantChunk + k);
-      int8_t* d = q + i * r.ld + c * kQuantChunk;
-      float* sc = scales + (i * chunks + c) * 16;
-      float* su = sums + (i * chunks + c) * 16;
-      for (int b = 0; b < 4; ++b) {
-        const float s = quant_s8_scale(v + 32 * b, 32);
-        for (int k = 0; k < 32; ++k) {
-          const int e = 32 * b + k;  // value e of the chunk: byte e / 2 of the even or odd half
-          d[(e % 2) * 64 + e / 2] = quant_s8(v[e], s);
-        }
-        for (int t = 4 * b; t < 4 * b + 4; ++t) sc[t] = s * half;
-      }
-      for (int t = 0; t < 16; ++t) {
-        int sum = 0;
-        for (int u = 0; u < 4; ++u) sum += d[4 * t + u] + d[64 + 4 * t + u];
-        su[t] = static_cast<float>(sum);
-      }
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* vc = v + c * kQuantChunk;
+    int8_t* d = q + i * r.ld + c * kQuantChunk;
+    float* sc = scales + (i * chunks + c) * 16;
+    float* su = sums + (i * chunks + c) * 16;
+    int8_t t[kQuantChunk];
+    for (int b = 0; b < 4; ++b) {
+      const float s = quant_s8_scale(vc + 32 * b, 32);
+      for (int k = 32 * b; k < 32 * b + 32; ++k) t[k] = quant_s8(vc[k], s);
+      for (int l = 4 * b; l < 4 * b + 4; ++l) sc[l] = s * half;
     }
-  r.scales = scales;
-  r.sums = sums;
+    for (int e = 0; e < 64; ++e) {  // value 2e to byte e of the even half, 2e + 1 of the odd
+      d[e] = t[2 * e];
+      d[64 + e] = t[2 * e + 1];
+    }
+    for (int l = 0; l < 16; ++l) {
+      int sum = 0;
+      for (int k = 8 * l; k < 8 * l + 8; ++k) sum += t[k];
+      su[l] = static_cast<float>(sum);
+    }
+  }
 }
 }  // namespace
 
@@ -149,36 +162,44 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   r.path = path;
   r.method = method;
   r.M = M;
-  const int64_t chunks = chunks_of(W), K = W.K;
-  r.ld = chunks * kQuantChunk;
+  const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk;
+  r.ld = ld;
   r.data = buf;
   MOE_ASSERT(method == QuantMethod::prefill || quant_path_supports(path, W.format));
-  const bool bf16 = method == QuantMethod::prefill || quant_rows_bf16(path);
+  const QuantRowsType type =
+      method == QuantMethod::prefill ? QuantRowsType::bf16 : quant_rows_type(path);
   r.interleaved = method == QuantMethod::decode &&
                   (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
                   W.fmt().code_bits == 4;
-  // The value at kernel position k of row x (act-order gathers, padding is zero).
-  auto at = [&](const float* x, int64_t k) {
-    return k < K ? x[W.act_order ? W.perm[k] : k] : 0.0f;
-  };
-  if (method == QuantMethod::decode && quant_rows_type(path) == QuantRowsType::s8) {
-    prepare_s8(W, r, X, ldx, at);
-    return r;
-  }
+  // Each row once in kernel order (fp32 rows are that), then converted by plain loops.
+  thread_local std::vector<float> row;
+  if (row.size() < static_cast<size_t>(ld)) row.resize(static_cast<size_t>(ld));
+  float* v = row.data();
+  int8_t* q = static_cast<int8_t*>(buf);
+  float* s8_scales = reinterpret_cast<float*>(q + M * ld);
+  float* s8_sums = s8_scales + M * chunks * 16;
   for (int64_t i = 0; i < M; ++i) {
     const float* x = X + i * ldx;
-    if (!bf16) {
-      float* d = static_cast<float*>(buf) + i * r.ld;
-      for (int64_t k = 0; k < r.ld; ++k) d[k] = at(x, k);
-    } else if (!r.interleaved) {
-      uint16_t* d = static_cast<uint16_t*>(buf) + i * r.ld;
-      for (int64_t k = 0; k < r.ld; ++k) d[k] = to_bf16(at(x, k));
-    } else {
-      uint16_t* d = static_cast<uint16_t*>(buf) + i * r.ld;
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int p = 0; p < kQuantChunk; ++p)
-          d[c * kQuantChunk + p] = to_bf16(at(x, c * kQuantChunk + quant_impl::interleaved_source(p)));
+    if (type == QuantRowsType::f32) {
+      gather_row(W, x, static_cast<float*>(buf) + i * ld, ld);
+      continue;
     }
+    gather_row(W, x, v, ld);
+    if (type == QuantRowsType::s8) {
+      prepare_s8_row(W, r, v, i, q, s8_scales, s8_sums);
+    } else if (!r.interleaved) {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      for (int64_t k = 0; k < ld; ++k) d[k] = to_bf16(v[k]);
+    } else {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      for (int64_t c = 0; c < ld; c += kQuantChunk)
+        for (int p = 0; p < kQuantChunk; ++p) d[c + p] = to_bf16(v[c + kInterleave.src[p]]);
+    }
+  }
+  if (type == QuantRowsType::s8) {
+    r.scales = s8_scales;
+    r.sums = s8_sums;
+    return r;
   }
   if (r.interleaved && W.zero_points) {
     // Per chunk and fp32 lane t: the sum of the row values that vdpbf16ps adds into lane t

@@ -576,8 +576,11 @@ MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0,
 // bytes of bf16(value(q) · scale) for the block sub-block L falls in — 16 products rounded
 // once per block instead of one per value, the same numbers — so a chunk widens straight into
 // its 64 (even, odd) pairs: four vpshufb, four vpunpck*bw, four vpunpck*wd.
+struct ByteTable {
+  __m128i lo, hi;
+};
 template <Codes Cd>
-MOE_AVX512 inline __m128i scaled_table(const QuantMatrix& W, int64_t j, int64_t b, bool high) {
+MOE_AVX512 inline ByteTable scaled_table(const QuantMatrix& W, int64_t j, int64_t b) {
   const float* values = f32_code_table(W.format);
   float s, z = 0.0f;
   if constexpr (Cd == Codes::mxfp4) {
@@ -589,7 +592,7 @@ MOE_AVX512 inline __m128i scaled_table(const QuantMatrix& W, int64_t j, int64_t 
   const __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(values), _mm512_set1_ps(z)),
                                  _mm512_set1_ps(s));
   const __m256i w = to_bf16_16(v);
-  return _mm256_cvtepi16_epi8(high ? _mm256_srli_epi16(w, 8) : w);
+  return {_mm256_cvtepi16_epi8(w), _mm256_cvtepi16_epi8(_mm256_srli_epi16(w, 8))};
 }
 
 template <Codes Cd>
@@ -610,9 +613,9 @@ MOE_AVX512 void widen_columns4(const QuantMatrix& W, int64_t j0, int64_t c0, int
       // The tables of the chunk's blocks: one for blocks of 128 or more, else one per lane.
       __m512i tlo, thi;
       if (bk >= kQuantChunk) {
-        const int64_t b = kQuantChunk * ch / bk;
-        tlo = _mm512_broadcast_i32x4(scaled_table<Cd>(W, j, b, false));
-        thi = _mm512_broadcast_i32x4(scaled_table<Cd>(W, j, b, true));
+        const ByteTable t = scaled_table<Cd>(W, j, kQuantChunk * ch / bk);
+        tlo = _mm512_broadcast_i32x4(t.lo);
+        thi = _mm512_broadcast_i32x4(t.hi);
       } else {
         __m128i lo[4], hi[4];
         for (int L = 0; L < 4; ++L) {
@@ -621,8 +624,9 @@ MOE_AVX512 void widen_columns4(const QuantMatrix& W, int64_t j0, int64_t c0, int
             lo[L] = lo[L - 1];
             hi[L] = hi[L - 1];
           } else if (L < nsub) {
-            lo[L] = scaled_table<Cd>(W, j, b, false);
-            hi[L] = scaled_table<Cd>(W, j, b, true);
+            const ByteTable t = scaled_table<Cd>(W, j, b);
+            lo[L] = t.lo;
+            hi[L] = t.hi;
           } else {
             lo[L] = hi[L] = _mm_setzero_si128();
           }
