@@ -376,7 +376,7 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
       name += eight ? " (vpermi2w widening, fp32 vfmadd)" : " (vpermw widening, fp32 vfmadd)";
       break;
     case QuantPath::avx2:
-      name += eight ? " (vgatherdps widening, fp32 vfmadd)" : " (vpsrlvd widening, fp32 vfmadd)";
+      name += eight ? " (E4M3 by arithmetic, fp32 vfmadd)" : " (vpsrlvd widening, fp32 vfmadd)";
       break;
   }
   return name;
