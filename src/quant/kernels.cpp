@@ -1,0 +1,385 @@
+#include "quant/kernels.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+
+#include "common/bf16.hpp"
+#include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
+#include "quant/kernels_impl.hpp"
+
+namespace moe::detail {
+
+namespace quant_impl {
+
+namespace {
+// The avx2 kernel's E4M3 conversion, on scalars: normal codes (magnitude << 20) + (120 << 23)
+// as fp32 bits, subnormal ones magnitude · 2^-9, then the sign; NaN for S.1111.111.
+bool e4m3_arithmetic_matches(const std::array<float, 256>& v) {
+  for (uint32_t c = 0; c < 256; ++c) {
+    const uint32_t mag = c & 0x7f, bits = (mag << 20) + (120u << 23);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    if (mag < 8) f = static_cast<float>(mag) * 0x1p-9f;
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u |= (c & 0x80u) << 24;
+    std::memcpy(&f, &u, 4);
+    const bool same = mag == 0x7f ? v[c] != v[c] : f == v[c] && std::signbit(f) == std::signbit(v[c]);
+    if (!same) return false;
+  }
+  return true;
+}
+
+struct CodeTables {
+  std::array<uint16_t, 128> bf16{};
+  std::array<float, 256> f32{};
+};
+CodeTables make_tables(QuantFormatId id) {
+  const QuantFormat& f = quant_format(id);
+  const std::array<float, 256>& v = quant_code_values(id);
+  CodeTables t;
+  t.f32 = v;
+  if (f.code_bits == 4) {
+    for (int i = 0; i < 32; ++i)
+      t.bf16[i] = f.linear_codes ? to_bf16(static_cast<float>(i - 16)) : i < 16 ? to_bf16(v[i]) : 0;
+  } else {
+    // Sign and magnitude: the widening reads the magnitude of code & 127 and ORs bit 7 into
+    // the sign, which must be what the table says.
+    for (int i = 0; i < 128; ++i) {
+      t.bf16[i] = to_bf16(v[i]);
+      MOE_ASSERT((to_bf16(v[i + 128]) ^ 0x8000u) == t.bf16[i]);
+    }
+    // The avx2 path converts E4M3 by arithmetic (kernels_avx2.cpp): the same numbers.
+    MOE_ASSERT(id != QuantFormatId::fp8 || e4m3_arithmetic_matches(v));
+  }
+  return t;
+}
+const CodeTables& tables(QuantFormatId id) {
+  static const CodeTables t[] = {make_tables(QuantFormatId::int4), make_tables(QuantFormatId::mxfp4),
+                                 make_tables(QuantFormatId::fp8)};
+  return t[static_cast<int>(id)];
+}
+}  // namespace
+
+const uint16_t* bf16_code_table(QuantFormatId id) { return tables(id).bf16.data(); }
+const float* f32_code_table(QuantFormatId id) { return tables(id).f32.data(); }
+const float* e8m0_table() {
+  static const std::array<float, 256> t = [] {
+    std::array<float, 256> v{};
+    for (int s = 0; s < 256; ++s) v[s] = e8m0_value(static_cast<uint8_t>(s));
+    return v;
+  }();
+  return t.data();
+}
+
+}  // namespace quant_impl
+
+// ---- rows ------------------------------------------------------------------------------------
+
+namespace {
+int64_t chunks_of(const QuantMatrix& W) { return (W.K + kQuantChunk - 1) / kQuantChunk; }
+}  // namespace
+
+int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M) {
+  // fp32 rows of whole chunks at most, and the lane sums and scales.
+  return M * chunks_of(W) * (kQuantChunk * 4 + 2 * 16 * 4);
+}
+
+float quant_s8_scale(const float* v, int64_t n) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    amax = std::max(amax, std::fabs(v[i]));
+    nan = nan || v[i] != v[i];
+  }
+  return nan ? std::nanf("") : amax / 127.0f;
+}
+
+int8_t quant_s8(float v, float scale) {
+  if (scale == 0.0f) return 0;
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(r < 127.0f ? (r > -127.0f ? r : -127.0f) : 127.0f);  // NaN: 127
+}
+
+namespace {
+// Row x in the kernel's K order, zero-padded to n (act-order gathers; else a copy).
+void gather_row(const QuantMatrix& W, const float* x, float* v, int64_t n) {
+  if (W.act_order)
+    for (int64_t k = 0; k < W.K; ++k) v[k] = x[W.perm[k]];
+  else
+    std::memcpy(v, x, static_cast<size_t>(W.K) * sizeof(float));
+  std::fill(v + W.K, v + n, 0.0f);
+}
+
+// The interleaved order's sources (kernels_impl.hpp), as a table.
+struct InterleaveTable {
+  int src[kQuantChunk];
+  constexpr InterleaveTable() : src() {
+    for (int p = 0; p < kQuantChunk; ++p) src[p] = quant_impl::interleaved_source(p);
+  }
+};
+constexpr InterleaveTable kInterleave;
+
+// s8 rows (QuantRows, kernels.hpp): per row and chunk, 128 int8 values (even then odd), then
+// after all rows the lane scales and the lane sums. v: the row in kernel order.
+void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
+                    int8_t* q, float* scales, float* sums) {
+  const int64_t chunks = chunks_of(W);
+  // mxfp4's codes enter doubled (2·E2M1 + 12 are integers): its row scales carry the 1/2.
+  const float half = W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* vc = v + c * kQuantChunk;
+    int8_t* d = q + i * r.ld + c * kQuantChunk;
+    float* sc = scales + (i * chunks + c) * 16;
+    float* su = sums + (i * chunks + c) * 16;
+    int8_t t[kQuantChunk];
+    for (int b = 0; b < 4; ++b) {
+      const float s = quant_s8_scale(vc + 32 * b, 32);
+      for (int k = 32 * b; k < 32 * b + 32; ++k) t[k] = quant_s8(vc[k], s);
+      for (int l = 4 * b; l < 4 * b + 4; ++l) sc[l] = s * half;
+    }
+    for (int e = 0; e < 64; ++e) {  // value 2e to byte e of the even half, 2e + 1 of the odd
+      d[e] = t[2 * e];
+      d[64 + e] = t[2 * e + 1];
+    }
+    for (int l = 0; l < 16; ++l) {
+      int sum = 0;
+      for (int k = 8 * l; k < 8 * l + 8; ++k) sum += t[k];
+      su[l] = static_cast<float>(sum);
+    }
+  }
+}
+}  // namespace
+
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
+                             const float* X, int64_t ldx, int64_t M, void* buf) {
+  QuantRows r;
+  r.path = path;
+  r.method = method;
+  r.M = M;
+  const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk;
+  r.ld = ld;
+  r.data = buf;
+  MOE_ASSERT(method == QuantMethod::prefill || quant_path_supports(path, W.format));
+  const QuantRowsType type =
+      method == QuantMethod::prefill ? QuantRowsType::bf16 : quant_rows_type(path);
+  r.interleaved = method == QuantMethod::decode &&
+                  (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
+                  W.fmt().code_bits == 4;
+  // Each row once in kernel order (fp32 rows are that), then converted by plain loops.
+  thread_local std::vector<float> row;
+  if (row.size() < static_cast<size_t>(ld)) row.resize(static_cast<size_t>(ld));
+  float* v = row.data();
+  int8_t* q = static_cast<int8_t*>(buf);
+  float* s8_scales = reinterpret_cast<float*>(q + M * ld);
+  float* s8_sums = s8_scales + M * chunks * 16;
+  for (int64_t i = 0; i < M; ++i) {
+    const float* x = X + i * ldx;
+    if (type == QuantRowsType::f32) {
+      gather_row(W, x, static_cast<float*>(buf) + i * ld, ld);
+      continue;
+    }
+    gather_row(W, x, v, ld);
+    if (type == QuantRowsType::s8) {
+      prepare_s8_row(W, r, v, i, q, s8_scales, s8_sums);
+    } else if (!r.interleaved) {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      for (int64_t k = 0; k < ld; ++k) d[k] = to_bf16(v[k]);
+    } else {
+      uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      for (int64_t c = 0; c < ld; c += kQuantChunk)
+        for (int p = 0; p < kQuantChunk; ++p) d[c + p] = to_bf16(v[c + kInterleave.src[p]]);
+    }
+  }
+  if (type == QuantRowsType::s8) {
+    r.scales = s8_scales;
+    r.sums = s8_sums;
+    return r;
+  }
+  if (r.interleaved && W.zero_points) {
+    // Per chunk and fp32 lane t: the sum of the row values that vdpbf16ps adds into lane t
+    // (words 2t and 2t + 1 of each of the chunk's four vectors), for z · Σ.
+    float* sums = reinterpret_cast<float*>(static_cast<uint16_t*>(buf) + M * r.ld);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int t = 0; t < 16; ++t) {
+          const uint16_t* a = static_cast<const uint16_t*>(buf) + i * r.ld + c * kQuantChunk;
+          float sum = 0.0f;
+          for (int v = 0; v < 4; ++v) sum += from_bf16(a[32 * v + 2 * t]) + from_bf16(a[32 * v + 2 * t + 1]);
+          sums[(i * chunks + c) * 16 + t] = sum;
+        }
+    r.sums = sums;
+  }
+  return r;
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc) {
+  MOE_ASSERT(n0 >= 0 && n0 + n <= W.N && rows.method == QuantMethod::decode &&
+             rows.ld == chunks_of(W) * kQuantChunk);
+  if (n <= 0) return;
+  // Row blocks as even as possible (a row's bits do not depend on its block): on
+  // avx512_bf16 as many rows (4 to 16) as keep a pass's rows in a 32 KiB L1 (each column
+  // reads all of them: 16 rows of K 2048 from L2 took 2.3x as long as two passes of 8, 1048
+  // against 449 us), 8 on the fp32 paths.
+  const int64_t row_bytes = rows.path == QuantPath::avx512_bf16   ? 2 * rows.ld
+                            : rows.path == QuantPath::avx512_vnni ? rows.ld + rows.ld
+                                                                   : 0;
+  const int64_t most =
+      row_bytes ? std::clamp<int64_t>(kQuantDecodeRowBytes / row_bytes, 4, 16) : 8;
+  const int64_t blocks = (rows.M + most - 1) / most;
+  for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
+    const int64_t m = (rows.M - i0) / (blocks - bi);
+    float* c = C + i0 * ldc;
+    switch (rows.path) {
+      case QuantPath::avx512_bf16:
+        quant_impl::decode_avx512_bf16(W, rows, i0, m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx512_vnni:
+        quant_impl::decode_avx512_vnni(W, rows, i0, m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx512:
+        quant_impl::decode_avx512(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld,
+                                  m, n0, n, c, ldc);
+        break;
+      case QuantPath::avx2:
+        quant_impl::decode_avx2(W, static_cast<const float*>(rows.data) + i0 * rows.ld, rows.ld, m,
+                                n0, n, c, ldc);
+        break;
+    }
+    i0 += m;
+  }
+}
+
+// ---- prefill ---------------------------------------------------------------------------------
+
+int64_t quant_prefill_workspace_size(const QuantMatrix& W) {
+  return packed_bf16_size(std::min(W.K, kQuantPanelK), kPanelCols);
+}
+
+namespace {
+// The portable widening (path avx2, and the tests' twin of the AVX-512 one).
+void widen_panel_portable(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                          uint16_t* panel) {
+  const QuantFormat& f = W.fmt();
+  const std::array<float, 256>& values = quant_code_values(W.format);
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t col = j0 + j;
+    const uint8_t* codes = W.codes + col * W.code_stride;
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = k0 + k, b = r / W.block_k;
+      const int code = f.code_bits == 4 ? (r % 2 ? codes[r / 2] >> 4 : codes[r / 2] & 15) : codes[r];
+      float v = values[code];
+      if (f.linear_codes) v -= static_cast<float>(W.zero_points ? W.zeros[col * W.zero_stride + b] : 8);
+      const float s = quant_scale_value(f.scale, W.scales, (col / f.block_n) * W.scale_stride + b);
+      panel[packed_bf16_index(kc, k, j)] = to_bf16(v * s);
+    }
+    if (kc % 2) panel[packed_bf16_index(kc, kc, j)] = 0;
+  }
+  for (int64_t j = nc; j < kPanelCols; ++j)
+    for (int64_t k = 0; k < (kc + 1) / 2 * 2; ++k) panel[packed_bf16_index(kc, k, j)] = 0;
+}
+}  // namespace
+
+void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
+                       int64_t kc, uint16_t* panel) {
+  MOE_ASSERT(k0 % 32 == 0 && k0 + kc <= W.K && nc >= 0 && nc <= kPanelCols && j0 + nc <= W.N);
+  // The AVX-512 widening writes 16 columns of a row pair as 64 contiguous bytes.
+  MOE_ASSERT(packed_bf16_index(kc, 0, 1) == 2 && packed_bf16_index(kc, 1, 0) == 1);
+  if (widen == QuantPath::avx2)
+    widen_panel_portable(W, j0, nc, k0, kc, panel);
+  else
+    quant_impl::widen_panel_avx512(W, j0, nc, k0, kc, panel);
+  // The padding rows after the last pair (packed_bf16_size knows how far K is padded).
+  const int64_t pairs = (kc + 1) / 2, padded = packed_bf16_size(kc, kPanelCols) / kPanelCols;
+  for (int64_t k = 2 * pairs; k < padded; k += 2)
+    std::memset(panel + packed_bf16_index(kc, k, 0), 0, sizeof(uint16_t) * 2 * kPanelCols);
+}
+
+void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws) {
+  MOE_ASSERT(rows.method == QuantMethod::prefill && n0 >= 0 && n0 + n <= W.N);
+  const auto* A = static_cast<const uint16_t*>(rows.data);
+  for (int64_t j = 0; j < n; j += kPanelCols) {
+    const int64_t nc = std::min(kPanelCols, n - j);
+    for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
+      const int64_t kc = std::min(kQuantPanelK, W.K - k0);
+      quant_widen_panel(W, widen, n0 + j, nc, k0, kc, ws);
+      gemm_bf16_packed_serial(rows.M, 0, nc, kc, A + k0, rows.ld, ws, k0 > 0 ? 1.0f : 0.0f,
+                              C + j, ldc);
+    }
+  }
+}
+
+// ---- the parallel driver ---------------------------------------------------------------------
+
+void QuantWorkspace::reserve(const QuantMatrix& W, int64_t M, int threads) {
+  const auto need = static_cast<size_t>(quant_rows_bytes(W, M));
+  if (rows.size() < need) rows.resize(need);
+  const auto panel = static_cast<size_t>(quant_prefill_workspace_size(W) * threads);
+  if (panels.size() < panel) panels.resize(panel);
+}
+
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
+  MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
+              " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  MOE_REQUIRE(method == QuantMethod::prefill || quant_path_supports(path, W.format),
+              "quant_matmul: path ", quant_path_name(path), " does not decode ", W.fmt().name);
+  validate(W);
+  if (M <= 0) return;
+  const int threads = omp_get_max_threads();
+  ws.reserve(W, M, threads);
+  const QuantRows rows = quant_prepare_rows(W, path, method, X, ldx, M, ws.rows.data());
+  const int64_t tiles = (W.N + kQuantTileN - 1) / kQuantTileN;
+  const int64_t panel = quant_prefill_workspace_size(W);
+#pragma omp parallel for schedule(static) if (tiles > 1)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * kQuantTileN, n = std::min(kQuantTileN, W.N - n0);
+    if (method == QuantMethod::decode)
+      quant_decode_serial(W, rows, n0, n, C + n0, ldc);
+    else
+      quant_prefill_serial(W, rows, path, n0, n, C + n0, ldc,
+                           ws.panels.data() + omp_get_thread_num() * panel);
+  }
+}
+
+std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
+  std::string name = W.fmt().name;
+  switch (W.format) {
+    case QuantFormatId::int4:
+      name += "_g" + std::to_string(W.block_k) + (W.zero_points ? "_zp" : "_sym");
+      if (W.act_order) name += "_act";
+      break;
+    case QuantFormatId::mxfp4: name += "_e8m0x32"; break;
+    case QuantFormatId::fp8: name += "_e4m3_b128x128"; break;
+  }
+  name += ":";
+  name += quant_path_name(path);
+  const bool eight = W.fmt().code_bits == 8;
+  switch (path) {
+    case QuantPath::avx512_vnni:
+      name += W.format == QuantFormatId::mxfp4 ? " (vpshufb widening, int8 rows, vpdpbusd)"
+                                               : " (nibbles as bytes, int8 rows, vpdpbusd)";
+      break;
+    case QuantPath::avx512_bf16:
+      name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpshufb widening, vdpbf16ps)";
+      break;
+    case QuantPath::avx512:
+      name += eight ? " (vpermi2w widening, fp32 vfmadd)" : " (vpermw widening, fp32 vfmadd)";
+      break;
+    case QuantPath::avx2:
+      name += eight ? " (E4M3 by arithmetic, fp32 vfmadd)" : " (vpsrlvd widening, fp32 vfmadd)";
+      break;
+  }
+  return name;
+}
+
+}  // namespace moe::detail

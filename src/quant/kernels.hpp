@@ -1,0 +1,129 @@
+// The products every low-bit format runs, written once for all rows of kQuantFormats:
+//
+//   decode   C (M, n) = rows (M, K) · dequant(W)[:, n0 : n0 + n] for few rows (M ≤ 16): the
+//            stored bytes stream once, 128 values of a column (a chunk) at a time, and are
+//            widened in registers.
+//            avx512_vnni (4-bit codes where the CPU has VNNI; chosen by measurement): the
+//            nibbles are the unsigned bytes vpdpbusd multiplies with int8 rows (mxfp4's through
+//            a vpshufb table of 2·E2M1 + 12), two instructions a chunk and row, exact int32
+//            sums; the zero point comes off as z · the rows' lane sums, and the weights' and
+//            the rows' scales multiply the sum into fp32 accumulators.
+//            avx512_bf16: 4-bit codes split into nibbles and looked up in a 16-entry bf16
+//            table held as two vpshufb byte tables (low and high bytes, interleaved by
+//            vpunpck*bw); 8-bit codes through a 128-entry table (two vpermi2w) and the sign
+//            bit. vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
+//            scale vector multiplies that sum into the accumulators (vfmadd), and int4's zero
+//            points come off as z · Σ rows (the row sums per lane prepared with the rows).
+//            On both, each 128-bit lane of a widened 4-bit chunk holds one 32-value
+//            sub-block, so block scales below 128 are one vector per chunk; the rows are
+//            gathered once per call into the order the widening leaves the values in.
+//            avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded in,
+//            vfmadd.
+//            Columns are independent: a column's bits depend on the path only — not on M,
+//            n0, n, the tiling or the thread that ran it.
+//   prefill  the same product for many rows: each panel of 64 columns and 2048 rows of K is
+//            widened once per call into a bf16 panel in gemm_bf16_packed's layout
+//            (bf16(value · scale), rounded to nearest even) in the caller's workspace, which
+//            stays in cache, and handed to gemm_bf16_packed_serial (so prefill runs on whatever
+//            engine that kernel uses: vdpbf16ps, AMX). K is summed chunk after chunk in order.
+//
+// Rows are prepared once per call (quant_prepare_rows): rounded to bf16, quantized to int8 or
+// kept fp32 as the path takes them, gathered into the kernel's K order (int4 act-order, and
+// the decode's interleave), zero-padded to whole chunks.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant/quant_matrix.hpp"
+
+namespace moe::detail {
+
+// Which kernel runs M rows: decode (registers) or prefill (panels). By measurement
+// (docs/quant.md): decode up to kQuantDecodeMaxRows rows.
+enum class QuantMethod : int { decode, prefill };
+constexpr int64_t kQuantDecodeMaxRows = 16;
+constexpr QuantMethod quant_method_for(int64_t M) {
+  return M <= kQuantDecodeMaxRows ? QuantMethod::decode : QuantMethod::prefill;
+}
+
+// Values of K per decode chunk (one 64-byte load of 4-bit codes).
+constexpr int64_t kQuantChunk = 128;
+
+// Rows prepared for one matrix, path and method.
+//   f32, bf16  (M, ld) in the kernel's K order; bf16 decode of 4-bit codes interleaved
+//              within each chunk (kernels_impl.hpp: interleaved_source), with the lane sums
+//              int4's zero points need.
+//   s8         (avx512_vnni) per chunk 128 bytes: the 64 even values then the 64 odd ones (so
+//              byte i of each half meets code byte i's low or high nibble), each 32 values
+//              quantized to their own scale; per (row, chunk) 16 lane scales (lane t: its
+//              sub-block's scale, times 1/2 for mxfp4's doubled codes) and 16 lane sums (the
+//              int8 values lane t of vpdpbusd adds: values 8t .. 8t + 7).
+struct QuantRows {
+  QuantPath path = QuantPath::avx2;
+  QuantMethod method = QuantMethod::decode;
+  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni
+  int64_t M = 0;             // rows
+  int64_t ld = 0;            // elements between rows (whole chunks)
+  const void* data = nullptr;  // float, uint16_t (bf16; prefill always) or int8_t
+  const float* sums = nullptr;    // (M, chunks, 16): bf16 int4 with zero points, and s8 rows
+  const float* scales = nullptr;  // (M, chunks, 16): s8 rows
+};
+
+// The int8 quantization of s8 rows, per 32 values v: scale = max |v| / 127 (NaN when one is
+// NaN), q = clamp(nearest-even(v / scale), −127, 127), 0 when the scale is 0.
+float quant_s8_scale(const float* v, int64_t n);
+int8_t quant_s8(float v, float scale);
+
+// Bytes quant_prepare_rows writes for M rows of W (whatever the path and method).
+int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
+// X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, M) bytes).
+// Prefill rows are bf16 in K order whatever the path.
+QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
+                             const float* X, int64_t ldx, int64_t M, void* buf);
+
+// Bytes of bf16 rows one decode pass keeps in L1 (rows per pass: 4 to 16).
+constexpr int64_t kQuantDecodeRowBytes = 32 * 1024;
+
+// C (M, n) = rows · dequant(W)[:, n0 : n0 + n] on the calling thread, with rows.path's kernel;
+// C (stride ldc) points at column n0. Any M (rows in passes of up to 16 whose rows fit
+// kQuantDecodeRowBytes on avx512_bf16, of up to 8 on the fp32 paths).
+void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc);
+
+// The K rows of one prefill panel (a multiple of every block_k).
+constexpr int64_t kQuantPanelK = 2048;
+// uint16_t values of the workspace quant_prefill_serial needs (one widened panel).
+int64_t quant_prefill_workspace_size(const QuantMatrix& W);
+// C (M, n) = rows · dequant(W)[:, n0 : n0 + n] through widened bf16 panels and
+// gemm_bf16_packed_serial; rows prepared for prefill (bf16, K order), `widen` picks the
+// widening's instructions, ws holds quant_prefill_workspace_size(W) values.
+void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws);
+
+// The panel widening itself (public for tests): panel (packed_bf16_size(kc, 64) values) =
+// the packed bf16 form of the (kc, 64) matrix whose (k, j) is bf16(value · scale) at kernel
+// position k0 + k of column j0 + j, zero for j ≥ nc and in the padding.
+void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
+                       int64_t kc, uint16_t* panel);
+
+// Columns per parallel task of quant_matmul (fixed: results never depend on the thread count).
+constexpr int64_t kQuantTileN = 64;
+
+// Buffers quant_matmul uses, sized once by reserve() (STYLE.md 5: no allocation per call
+// once reserved for the largest call).
+struct QuantWorkspace {
+  std::vector<unsigned char> rows;
+  std::vector<uint16_t> panels;  // one panel per thread
+  void reserve(const QuantMatrix& W, int64_t M, int threads);
+};
+
+// C (M, N) = X (M, K) · dequant(W): rows prepared once, column tiles of kQuantTileN spread
+// over the OpenMP threads. X is fp32 in W's own K order.
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws);
+
+// "int4_g128_zp:avx512_bf16 (vpermw, vdpbf16ps)" and the like, for reports.
+std::string quant_kernel_name(const QuantMatrix& W, QuantPath path);
+
+}  // namespace moe::detail

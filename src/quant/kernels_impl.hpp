@@ -1,0 +1,57 @@
+// Internal to quant/kernels*.cpp: the per-path entry points and what they share.
+#pragma once
+#include <cstdint>
+
+#include "quant/kernels.hpp"
+#include "quant/quant_matrix.hpp"
+
+namespace moe::detail::quant_impl {
+
+// The compile-time shapes of the table's rows (the dispatch picks one per matrix).
+enum class Codes : int { int4_sym, int4_zp, mxfp4, fp8 };
+inline Codes codes_of(const QuantMatrix& W) {
+  switch (W.format) {
+    case QuantFormatId::int4: return W.zero_points ? Codes::int4_zp : Codes::int4_sym;
+    case QuantFormatId::mxfp4: return Codes::mxfp4;
+    case QuantFormatId::fp8: return Codes::fp8;
+  }
+  return Codes::int4_sym;
+}
+
+// The bf16 words of a format's code table (quant_code_values), as the widening reads them:
+// 4-bit codes: 32 entries — linear codes (int4) hold t − 16 (the index is code + 16 − zero),
+// table codes (mxfp4) the 16 values; 8-bit codes: 128 magnitudes (the sign is bit 7).
+const uint16_t* bf16_code_table(QuantFormatId id);
+// The same as fp32 (4-bit: 16 values; 8-bit: 256).
+const float* f32_code_table(QuantFormatId id);
+// 2^(s − 127) for every E8M0 byte (255: NaN).
+const float* e8m0_table();
+
+// The decode's order of a chunk's 128 values for 4-bit codes on avx512_bf16: position p holds
+// value interleaved_source(p). Of the 64 code bytes (byte i: values 2i, 2i + 1), vector v of
+// the four widened ones is vpunpcklbw (v = 0, 2) or vpunpckhbw (v = 1, 3) of the low (v < 2)
+// or high (v ≥ 2) nibbles' table bytes; in its 128-bit lane L, word j is byte
+// 16L + 8·(v & 1) + j. Lane L of every vector thus holds sub-block L of the chunk only.
+constexpr int interleaved_source(int p) {
+  const int v = p / 32, L = (p % 32) / 8, j = p % 8;
+  return 32 * L + 16 * (v & 1) + 2 * j + (v >> 1);
+}
+
+// Rows (M ≤ 16) of a decode over columns [n0, n0 + n): rows.data (bf16) from row i0 on, C
+// points at column n0 of row i0.
+void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
+                        int64_t n0, int64_t n, float* C, int64_t ldc);
+// The same with int8 rows (4-bit codes).
+void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
+                        int64_t n0, int64_t n, float* C, int64_t ldc);
+// Rows (M ≤ 8) on the fp32 paths: A has stride lda.
+void decode_avx512(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                   int64_t n, float* C, int64_t ldc);
+void decode_avx2(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
+                 int64_t n, float* C, int64_t ldc);
+
+// quant_widen_panel with AVX-512 (k0 a multiple of 32).
+void widen_panel_avx512(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                        uint16_t* panel);
+
+}  // namespace moe::detail::quant_impl
