@@ -53,6 +53,7 @@ constexpr int kC0 = 0, kC1 = 1, kC2 = 2, kC3 = 3, kA0 = 4, kA1 = 5, kB0 = 6, kB1
 constexpr int64_t kRowBytesB = 256;     // one K step of a panel
 constexpr int64_t kChunkB = 16 * kRowBytesB;  // one tile's K steps of a panel
 constexpr int64_t kKBlock = 512;        // bytes of A per K block (more than 32 rows)
+constexpr int64_t kRegionRows = 128, kRegionCols = 256;  // C regions (more than 32 rows)
 // The weights stream from memory (a model's experts do not fit in cache) and a tile load
 // waits for its 16 lines: each chunk asks for the B lines kAhead chunks on (16 KiB of a
 // panel) into L2, as the AVX-512 kernel prefetches its next panel. Not measured on AMX
@@ -210,38 +211,43 @@ void amx_gemm(const AmxGemmArgs& g) {
     cfg.colsb[t] = kTileBytes;
   }
   Tiles::config(cfg);
+  // Above 32 rows C is produced in regions of 128 rows × 256 columns (128 KiB of fp32 or
+  // int32), each over all of K before the next: a region's C stays in L2 between K blocks
+  // instead of going to memory and back once per K block.
   const int64_t kblock = g.M > 32 ? kKBlock : g.kbytes;
-  const int64_t panels = (g.n + 63) / 64;
-  for (int64_t k0 = 0; k0 < g.kbytes; k0 += kblock) {
-    const int64_t k1 = std::min(g.kbytes, k0 + kblock);
-    const bool from_c = k0 > 0 || g.accumulate;
-    for (int64_t m0 = 0; m0 < g.M; m0 += 32) {
-      const int64_t rows = std::min<int64_t>(32, g.M - m0);
-      // A square block reads its second tile at 16 rows from its first: both in place or
-      // both in the buffer, whose rows follow each other.
-      int64_t lda;
-      const uint8_t* a = a_rows(m0, &lda);
-      if (rows > 16 && m0 + 16 >= copy_from && m0 < copy_from) {
-        // The first tile in place, the second in the buffer: run them as two wide blocks.
-        for (int64_t h = 0; h < 2; ++h) {
-          const int64_t mh = m0 + 16 * h;
-          int64_t ldh;
-          const uint8_t* ah = a_rows(mh, &ldh);
-          const int r = static_cast<int>(std::min<int64_t>(16, g.M - mh));
-          for (int64_t p = 0; p < panels; ++p)
-            block_wide<Tiles, op>(g, ah, ldh, mh, r, p, k0, k1, from_c);
+  const int64_t region_rows = g.M > 32 ? kRegionRows : g.M, region_cols = g.M > 32 ? kRegionCols : g.n;
+  for (int64_t r0 = 0; r0 < g.M; r0 += region_rows)
+    for (int64_t c0 = 0; c0 < g.n; c0 += region_cols) {
+      const int64_t r1 = std::min(g.M, r0 + region_rows), c1 = std::min(g.n, c0 + region_cols);
+      for (int64_t k0 = 0; k0 < g.kbytes; k0 += kblock) {
+        const int64_t k1 = std::min(g.kbytes, k0 + kblock);
+        const bool from_c = k0 > 0 || g.accumulate;
+        for (int64_t m0 = r0; m0 < r1; m0 += 32) {
+          const int64_t rows = std::min<int64_t>(32, r1 - m0);
+          int64_t lda;
+          const uint8_t* a = a_rows(m0, &lda);
+          if (rows <= 16) {
+            for (int64_t p = c0 / 64; p * 64 < c1; ++p)
+              block_wide<Tiles, op>(g, a, lda, m0, static_cast<int>(rows), p, k0, k1, from_c);
+          } else if (m0 + 16 >= copy_from && m0 < copy_from) {
+            // A square block reads its second tile 16 rows after its first: here the first
+            // is in place and the second in the buffer, so they run as two wide blocks.
+            for (int64_t h = 0; h < 2; ++h) {
+              const int64_t mh = m0 + 16 * h;
+              int64_t ldh;
+              const uint8_t* ah = a_rows(mh, &ldh);
+              const int r = static_cast<int>(std::min<int64_t>(16, r1 - mh));
+              for (int64_t p = c0 / 64; p * 64 < c1; ++p)
+                block_wide<Tiles, op>(g, ah, ldh, mh, r, p, k0, k1, from_c);
+            }
+          } else {
+            for (int64_t cg = c0; cg < c1; cg += 32)
+              block_square<Tiles, op>(g, a, lda, m0, static_cast<int>(rows - 16), cg, k0, k1,
+                                      from_c);
+          }
         }
-        continue;
-      }
-      if (rows <= 16) {
-        for (int64_t p = 0; p < panels; ++p)
-          block_wide<Tiles, op>(g, a, lda, m0, static_cast<int>(rows), p, k0, k1, from_c);
-      } else {
-        for (int64_t c0 = 0; c0 < g.n; c0 += 32)
-          block_square<Tiles, op>(g, a, lda, m0, static_cast<int>(rows - 16), c0, k0, k1, from_c);
       }
     }
-  }
   Tiles::release();
 }
 
