@@ -104,8 +104,9 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
   if (res.contains("fwdbwd_s") && res["fwdbwd_s"].is_number())
     r.peer_fwdbwd_s = res["fwdbwd_s"].get<double>();
   if (res.contains("blas") && res["blas"].is_string()) r.peer_blas = res["blas"];
-  r.peer_form = res.value("form", std::string());
-  r.peer_form_fwdbwd = res.value("form_fwdbwd", std::string());
+  if (res.contains("form") && res["form"].is_string()) r.peer_form = res["form"];
+  if (res.contains("form_fwdbwd") && res["form_fwdbwd"].is_string())
+    r.peer_form_fwdbwd = res["form_fwdbwd"];
   // Every form a PyTorch user would write, each measured: the peer is the fastest.
   if (res.contains("forms") && res["forms"].is_object())
     for (const auto& [name, f] : res["forms"].items()) {

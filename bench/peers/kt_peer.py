@@ -30,16 +30,19 @@ relative to the largest reference value (int8 differs by its quantization).
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
 CLASSES = {"bf16": "AMXBF16_MOE", "int8": "AMXInt8_MOE"}
+_OUT = None  # the real standard output: kt-kernel's C++ code prints its own lines to fd 1
 
 
 def emit(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    out = _OUT or sys.stdout
+    out.write(json.dumps(obj) + "\n")
+    out.flush()
 
 
 def load_kt():
@@ -137,7 +140,7 @@ def run(a):
     for i in range(max(a.layers, 1)):
         cfg = ext.moe.MOEConfig(E, k, d, f)
         cfg.layer_idx = i
-        cfg.max_len = max(T, 1)
+        cfg.max_len = -(-max(T, 1) // 64) * 64  # buffers in whole M_STEP tiles
         cfg.pool = cpu.backend_
         cfg.gate_proj = gate.data_ptr()
         cfg.up_proj = up.data_ptr()
@@ -179,6 +182,11 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--layers", type=int, default=1)
     a = ap.parse_args()
+    # Standard output carries the one JSON line only; what kt-kernel prints goes to stderr.
+    global _OUT
+    sys.stdout.flush()
+    _OUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     if a.probe:
         probe()
         return

@@ -176,6 +176,29 @@ TEST(BenchPerf, EveryReadPatternReadsEveryWord) {
   }
 }
 
+// The AVX2 kernels too (MOE_MAX_ISA=avx2 keeps the AVX-512 ones out), on any machine with AVX2.
+TEST(BenchPerf, EveryReadPatternReadsEveryWordWithAvx2Loads) {
+  if (!__builtin_cpu_supports("avx2")) GTEST_SKIP() << "no AVX2";
+  const char* old = std::getenv("MOE_MAX_ISA");
+  const std::string saved = old ? old : "";
+  ::setenv("MOE_MAX_ISA", "avx2", 1);
+  std::vector<uint32_t> words(50001);
+  for (size_t i = 0; i < words.size(); ++i) words[i] = static_cast<uint32_t>(i * 40503u + 7);
+  for (int64_t offset : {int64_t{0}, int64_t{5}}) {
+    for (int64_t count : {int64_t{3}, int64_t{48}, int64_t{49000}}) {
+      uint32_t ref = 0;
+      for (int64_t i = 0; i < count; ++i) ref += words[static_cast<size_t>(offset + i)];
+      for (const moe::perf::ReadPattern& p : moe::perf::read_patterns(2))
+        EXPECT_EQ(moe::perf::read_pattern_sum(words.data() + offset, count * 4, p), ref)
+            << p.name() << " offset " << offset << " count " << count;
+    }
+  }
+  if (old)
+    ::setenv("MOE_MAX_ISA", saved.c_str(), 1);
+  else
+    ::unsetenv("MOE_MAX_ISA");
+}
+
 TEST(BenchPerf, ReadPatternsCoverThreadsStreamsAndLoads) {
   using Load = moe::perf::ReadPattern::Load;
   const auto one = moe::perf::read_patterns(1);
@@ -234,7 +257,9 @@ TEST(BenchPerf, ColdRotationReadsPastTheLastLevelCache) {
     // The copies read at least margin x the LLC between two calls on one of them ...
     EXPECT_GE(static_cast<double>(n) * c.per_call, c.margin * c.llc) << c.per_call;
     // ... and no more copies than that needs.
-    if (n > 1) EXPECT_LT(static_cast<double>(n - 1) * c.per_call, c.margin * c.llc) << c.per_call;
+    if (n > 1) {
+      EXPECT_LT(static_cast<double>(n - 1) * c.per_call, c.margin * c.llc) << c.per_call;
+    }
   }
   EXPECT_EQ(cold_layer_count(75 * MiB, 480 * MiB, 2.0), 13);
   EXPECT_EQ(cold_layer_count(704 * MiB, 32 * MiB, 2.0), 1);
