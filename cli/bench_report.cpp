@@ -74,9 +74,11 @@ json to_json(const Result& r, int threads, int repeat) {
   if (!r.ran) {
     for (const char* f : {"fwd_s", "fwdbwd_s", "gflops_fwd", "gflops_fwdbwd", "roof_gflops",
                           "ratio_fwd", "ratio_fwdbwd", "router_share", "peak_bytes", "peer_fwd_s",
-                          "peer_fwdbwd_s", "peer_speedup_fwd", "peer_speedup_fwdbwd"})
+                          "peer_fwdbwd_s", "peer_speedup_fwd", "peer_speedup_fwdbwd", "kt_fwd_s",
+                          "kt_speedup_fwd"})
       j[f] = nullptr;
     j["note"] = r.note;
+    if (!r.kt_note.empty()) j["kt_note"] = r.kt_note;
     return j;
   }
   const auto gfb = gflops_fwdbwd(r);

@@ -128,7 +128,8 @@ class PeerMoE(torch.nn.Module):
                 continue
             outs.append(self.run_expert(e, xe))
         out = torch.cat(outs) * flat_w[order].unsqueeze(1)
-        y = x.new_zeros(T, self.d_out).index_add_(0, tok, out)  # the one combine
+        # (under autocast the products come out bf16: combined in the input's dtype)
+        y = x.new_zeros(T, self.d_out).index_add_(0, tok, out.to(x.dtype))  # the one combine
         return y, self.aux(H, top_i, training), int(order.numel())
 
     def forward_loop(self, x, H, top_i, gates, training):
@@ -138,7 +139,7 @@ class PeerMoE(torch.nn.Module):
         for e in torch.nonzero(hit.sum(dim=(1, 2))).flatten().tolist():
             rank, tok = torch.where(hit[e])
             out = self.run_expert(e, x[tok]) * gates[tok, rank].unsqueeze(1)
-            y.index_add_(0, tok, out)
+            y.index_add_(0, tok, out.to(y.dtype))
         return y, self.aux(H, top_i, training), int(top_i.numel())
 
     def aux(self, H, top_i, training):
