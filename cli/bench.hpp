@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/layer.hpp"
+#include "perf/machine.hpp"
 #include "perf/roofline.hpp"
 #include "perf/suite.hpp"
 
@@ -51,6 +52,17 @@ struct BenchOptions {
   int64_t layer = -1;     // --layer of --model
   int64_t tokens = 512;   // --tokens: the prefill row's T (a decode row at T = 1 follows)
   std::string workdir;    // --workdir: where --config real-models writes its checkpoints
+  bool no_kt = false;     // --no-kt: do not run the kt-kernel peer
+  std::string kt_python;  // --kt-python: the interpreter with kt-kernel (default kt_python())
+  // Cold decode: the copies a decode row rotates over read at least this many times the
+  // last-level cache between two calls on the same copy (perf::cold_layer_count).
+  double cold_margin = 2.0;
+};
+
+// One form of the PyTorch peer (bench/peers/moe_peer.py measures each; the fastest is the peer).
+struct PeerForm {
+  std::string name;  // "x @ W + b, sorted, bf16 tensors", ...
+  std::optional<double> fwd_s, fwdbwd_s;
 };
 
 // Load time of one block against the time to read its bytes from disk (both after dropping
@@ -100,6 +112,24 @@ struct Result {
   int64_t kept_rows = 0, dropped = 0, experts_evaluated = 0;
   std::optional<double> peer_fwd_s, peer_fwdbwd_s;
   std::string peer_note, peer_blas;
+  std::string peer_form, peer_form_fwdbwd;  // the fastest form of the torch peer (each measure)
+  std::vector<PeerForm> peer_forms;         // every form it measured
+  // Cold decode (memory_roof rows): the layer copies rotated over, the bytes one call reads
+  // (the selected experts' weights and the router's) and why the rotation is short, if it is.
+  // The peers are given the same count.
+  int cold_layers = 1;
+  int cold_layers_wanted = 1;
+  std::string cold_note;
+  // The read roof's pattern (the fastest of perf::read_patterns, chosen once per run).
+  std::string read_pattern;
+  // The routing libmoe's forward chose on the row's inputs: what the kt-kernel peer is given.
+  std::vector<int32_t> route_indices;  // (T, k)
+  std::vector<float> route_weights;    // (T, k)
+  // kt-kernel (KTransformers) peer: best of the repeats; kt_note says why it did not run
+  // ("skipped: ..."); kt_impl names the class, the variant kt-kernel loaded and its version.
+  std::optional<double> kt_fwd_s;
+  std::string kt_note, kt_impl;
+  std::optional<double> kt_check_err;  // its output against a float32 evaluation, relative
   std::optional<LoadTiming> load;  // checkpoint rows: the block's load time
 };
 
@@ -112,7 +142,10 @@ struct Goal {
 // bench_layer.cpp: the layer beside its roofs.
 int64_t mem_available_bytes();
 int64_t bytes_needed(const BenchCase& c, bool with_grads);
-void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>& mem_roof);
+// The row's input tokens x (T, d): values in [-1, 1) from a fixed hash.
+std::vector<float> bench_input(int64_t T, int64_t d);
+void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>& mem_roof,
+               const perf::MachineInfo& machine);
 
 // bench_peers.cpp: the PyTorch peer of a configuration, moe.torch's overhead.
 std::string peer_python();
@@ -121,6 +154,21 @@ std::string shell_quote(const std::string& s);
 json run_json_command(const std::string& cmd, int& rc);
 void run_peer(Result& r, const BenchOptions& o, int threads);
 std::vector<json> run_module_overhead(const BenchOptions& o, int threads, std::string& note);
+
+// bench_kt.cpp: the kt-kernel (KTransformers) peer, bench/peers/kt_peer.py under kt_python().
+// The interpreter: --kt-python, else MOE_KT_PYTHON, else $MOE_KT_VENV/bin/python, else the
+// source tree's .venv-kt/bin/python (scripts/bench_setup.sh makes it).
+std::string kt_python(const BenchOptions& o);
+// Why the kt-kernel peer does not apply to the row ("" when it does): its precision is not
+// bf16 or int8, its experts are not plain swiglu without biases, it has shared experts, it
+// trains.
+std::string kt_not_applicable(const BenchCase& c);
+// What kt-kernel offers in this environment ({"ok": true, "variant": ..., "classes": [...]} or
+// {"ok": false, "reason": ...}); probed once per run (bench/peers/kt_peer.py --probe).
+json kt_probe(const BenchOptions& o);
+// Runs the peer for the row (r.route_indices / r.route_weights from run_layer), filling
+// kt_fwd_s and kt_impl, or kt_note with "skipped: <reason>".
+void run_kt_peer(Result& r, const BenchOptions& o, int threads);
 
 // bench_model.cpp: checkpoint blocks (--model, --config real-models).
 std::vector<BenchCase> model_cases(const std::string& dir, int64_t layer, int64_t T, Precision p,
@@ -134,6 +182,12 @@ LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int 
 
 // bench_dist.cpp: expert parallelism on loopback.
 DistResult run_dist(int P, bool quick);
+
+// bench_machine.cpp: the report header: the machine (CPU model, ISA flags), its last-level
+// cache, the read roof's patterns, and the lines of the kernels libmoe chose.
+void print_machine_header(std::ostream& os, const perf::MachineInfo& m,
+                          const perf::ReadRoof* roof);
+json machine_json(const perf::MachineInfo& m, const perf::ReadRoof* roof);
 
 // bench_report.cpp: what is printed.
 double load_average();

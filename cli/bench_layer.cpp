@@ -39,6 +39,8 @@ std::vector<float> pattern(int64_t n, uint32_t salt) {
 
 }  // namespace
 
+std::vector<float> bench_input(int64_t T, int64_t d) { return pattern(T * d, 1); }
+
 // MemAvailable, or MOE_BENCH_MEM_AVAILABLE (bytes) when set: the tests use it to reach the
 // skip and forward-only paths without a machine that is short of memory.
 int64_t mem_available_bytes() {
@@ -68,11 +70,12 @@ int64_t bytes_needed(const BenchCase& c, bool with_grads) {
 }
 
 
-void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>& mem_roof) {
+void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>& mem_roof,
+               const perf::MachineInfo& machine) {
   const BenchCase& c = r.c;
   const MoEConfig& m = c.cfg;
   const int64_t T = c.T, d = m.d_model, Do = m.out_dim();
-  const auto x = pattern(T * d, 1), dy = pattern(T * Do, 2);
+  const auto x = bench_input(T, d), dy = pattern(T * Do, 2);
   std::vector<float> y(static_cast<size_t>(T * Do)), dx(static_cast<size_t>(T * d));
   r.gflop_fwd = perf::layer_flops_fwd(c) / 1e9;
 
@@ -92,7 +95,13 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
       mem_roof = std::make_unique<perf::ReadRoof>(o.quick ? (int64_t{128} << 20)
                                                           : (int64_t{1} << 30));
       mem_roof->run_s();  // warm-up
+      // The roof is the fastest of several read patterns (threads, streams per thread,
+      // non-temporal loads, prefetch), chosen once here; every sample below uses it.
+      std::cerr << "bench: read roof: timing " << perf::read_patterns(omp_get_max_threads()).size()
+                << " read patterns...\n";
+      mem_roof->calibrate(o.quick ? 1 : 2);
     }
+    r.read_pattern = mem_roof->pattern().name();
   }
   if (!c.memory_roof) {
     if (bf16) {
@@ -156,6 +165,10 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   const int64_t kept_full = heap.live() - constructed;
   if (T >= 2 && kept_half > 0) r.ws_growth = static_cast<double>(kept_full) / kept_half;
 
+  // The routing of that forward: what the kt-kernel peer is given, so that it runs the same
+  // experts on the same rows.
+  r.route_indices = layer.routing().indices;
+  r.route_weights = layer.routing().weights;
   const MoEStats& st = layer.stats();
   r.kept_rows = T * m.k - st.dropped_assignments;
   r.dropped = st.dropped_assignments;
@@ -165,6 +178,43 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   if (c.memory_roof || c.weights_roof)
     r.selected_bytes = r.experts_evaluated * perf::expert_read_bytes(m) +
                        d * m.n_experts * static_cast<int64_t>(sizeof(float));
+
+  // Cold decode: a decode step of a real model reads each layer's weights once, from memory.
+  // Calling the same layer again and again would find part of them in the last-level cache
+  // (the Xeon reports 480 MiB of L3), so decode rows rotate over independent copies
+  // of the block (the same weights, held again), enough that the calls on the others read
+  // cold_margin × the LLC between two calls on one copy; a sample is one sweep over the copies,
+  // divided by their count. The copies are what the memory allows; fewer than wanted is said.
+  // The heap figures (peak, largest allocation) stay those of one layer.
+  const int64_t peak_one = heap.peak(), largest_one = heap.largest();
+  std::vector<MoELayer> copies;
+  if (c.memory_roof) {
+    r.cold_layers_wanted =
+        perf::cold_layer_count(r.selected_bytes, machine.llc_bytes, o.cold_margin);
+    const int64_t per_copy = std::max<int64_t>(constructed, 1);
+    const double budget = static_cast<double>(mem_available_bytes()) * o.mem_fraction;
+    const int fit = 1 + static_cast<int>(std::min(budget / static_cast<double>(per_copy), 1e6));
+    r.cold_layers = std::max(1, std::min(r.cold_layers_wanted, fit));
+    if (r.cold_layers < r.cold_layers_wanted)
+      r.cold_note = "cold rotation short: " + std::to_string(r.cold_layers) + " of the " +
+                    std::to_string(r.cold_layers_wanted) + " layer copies needed fit in memory";
+    if (r.cold_layers > 1)
+      std::cerr << "bench: " << c.name << " cold decode: " << r.cold_layers
+                << " copies of the layer (" << fmt(r.selected_bytes / 1048576.0, 1)
+                << " MiB read per call, LLC " << fmt(machine.llc_bytes / 1048576.0, 1)
+                << " MiB)...\n";
+    for (int i = 1; i < r.cold_layers; ++i) {
+      copies.push_back(from_ckpt ? load_pretrained(c.model_dir, c.model_layer, m.precision)
+                                 : MoELayer(m));
+      copies.back().forward(y.data(), x.data(), T, fo);  // its warm-up (packing, workspace)
+    }
+  }
+  // One timed sample of the forward: a sweep over the layer and its copies, per layer.
+  auto fwd_sample = [&] {
+    layer.forward(y.data(), x.data(), T, fo);
+    for (MoELayer& l : copies) l.forward(y.data(), x.data(), T, fo);
+  };
+  const double per_sweep = 1.0 + static_cast<double>(copies.size());
 
   // Interleaved: per repeat roof, forward, [forward+backward], so that each layer sample has
   // a roof sample taken within a second of it and the VM's drift cancels in their ratio.
@@ -183,7 +233,7 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   for (int i = 0; i < rep; ++i) {
     const double roof_gflops = roof ? roof_flops / roof_run() / 1e9 : 0.0;
     const double read_bw = mem ? mem_roof->bytes() / mem_roof->run_s() : 0.0;
-    const double tf = timed([&] { fwd(T); }, allocs_fwd);
+    const double tf = timed(fwd_sample, allocs_fwd) / per_sweep;
     fwd_samples.push_back(tf);
     if (roof) r.roof_samples.push_back(roof_gflops);
     if (mem) r.read_bw_samples.push_back(read_bw);
@@ -199,7 +249,7 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
     }
   }
   r.fwd_s = perf::median(fwd_samples);
-  r.allocs_fwd = static_cast<double>(allocs_fwd) / rep;
+  r.allocs_fwd = static_cast<double>(allocs_fwd) / rep / per_sweep;
   if (c.backward) {
     r.fwdbwd_s = perf::median(fwdbwd_samples);
     r.allocs_fwdbwd = static_cast<double>(allocs_fwdbwd) / rep;
@@ -216,8 +266,8 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
     r.memory_bound = t_bytes > r.roof_s;
     r.roof_s = std::max(r.roof_s, t_bytes);
   }
-  r.peak_bytes = heap.peak();
-  r.largest_alloc = heap.largest();
+  r.peak_bytes = copies.empty() ? heap.peak() : peak_one;
+  r.largest_alloc = copies.empty() ? heap.largest() : largest_one;
   r.workspace_bytes = std::max<int64_t>(0, r.peak_bytes - r.param_bytes - r.grad_bytes);
 
   // The router alone, on the layer's own weights, in the same mode.

@@ -129,20 +129,27 @@ std::vector<BenchCase> model_cases(const std::string& dir, int64_t layer, int64_
   MoEConfig cfg = pretrained_config(dir, layer);
   cfg.precision = p;
   std::vector<BenchCase> out;
-  for (const int64_t t : {T, int64_t{1}}) {
+  // Prefill at T, then decode at 1, 4 and 16 tokens (those below T), measured cold.
+  std::vector<int64_t> ts = {T};
+  for (const int64_t t : {int64_t{1}, int64_t{4}, int64_t{16}})
+    if (t < T) ts.push_back(t);
+  if (T == 1) ts = {1};
+  for (const int64_t t : ts) {
+    const bool decode = t <= 16 && (t < T || T == 1);
     BenchCase c;
-    c.name = label + (t == 1 ? "-decode" : "-T" + std::to_string(t));
+    c.name = label + (!decode ? "-T" + std::to_string(t)
+                              : t == 1 ? std::string("-decode")
+                                       : "-decode-T" + std::to_string(t));
     c.group = "model";
     c.cfg = cfg;
     c.T = t;
     c.training = false;
     c.backward = false;
-    c.weights_roof = t != 1;
-    c.memory_roof = t == 1;
+    c.weights_roof = !decode;
+    c.memory_roof = decode;
     c.model_dir = dir;
     c.model_layer = layer;
     out.push_back(c);
-    if (T == 1) break;
   }
   return out;
 }
@@ -174,7 +181,9 @@ void run_hf_peer(Result& r, const BenchOptions& o, int threads) {
       shell_quote(c.model_dir) + " --layer " + std::to_string(c.model_layer) + " --tokens " +
       std::to_string(c.T) + " --threads " + std::to_string(threads) + " --repeat " +
       std::to_string(std::max(o.repeat, 1)) + " --dtype " +
-      (c.cfg.precision == Precision::fp32 ? "fp32" : "bf16");
+      (c.cfg.precision == Precision::fp32 ? "fp32" : "bf16") +
+      // Cold decode: as many copies of the block as libmoe's row rotated over.
+      " --layers " + std::to_string(c.memory_roof ? std::max(r.cold_layers, 1) : 1);
   int rc = 0;
   const json res = run_json_command(cmd, rc);
   if (rc != 0 || res.is_discarded() || !res.contains("fwd_s")) {

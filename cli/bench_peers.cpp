@@ -79,7 +79,9 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
              {"seed", m.seed},
              {"router", to_string(m.router_kind)},
              {"renormalize", m.renormalize},
-             {"dtype", m.precision == Precision::bf16 ? "bf16" : "fp32"}};
+             {"dtype", m.precision == Precision::bf16 ? "bf16" : "fp32"},
+             // Cold decode: as many copies of the layer as libmoe's row rotated over.
+             {"layers", c.memory_roof ? std::max(r.cold_layers, 1) : 1}};
   cs["cf"] = m.capacity_factor ? json(*m.capacity_factor) : json(nullptr);
   const std::string script =
       o.peer_script.empty() ? std::string(MOE_SOURCE_DIR) + "/bench/peers/moe_peer.py" : o.peer_script;
@@ -102,6 +104,19 @@ void run_peer(Result& r, const BenchOptions& o, int threads) {
   if (res.contains("fwdbwd_s") && res["fwdbwd_s"].is_number())
     r.peer_fwdbwd_s = res["fwdbwd_s"].get<double>();
   if (res.contains("blas") && res["blas"].is_string()) r.peer_blas = res["blas"];
+  if (res.contains("form") && res["form"].is_string()) r.peer_form = res["form"];
+  if (res.contains("form_fwdbwd") && res["form_fwdbwd"].is_string())
+    r.peer_form_fwdbwd = res["form_fwdbwd"];
+  // Every form a PyTorch user would write, each measured: the peer is the fastest.
+  if (res.contains("forms") && res["forms"].is_object())
+    for (const auto& [name, f] : res["forms"].items()) {
+      PeerForm pf;
+      pf.name = name;
+      if (f.contains("fwd_s") && f["fwd_s"].is_number()) pf.fwd_s = f["fwd_s"].get<double>();
+      if (f.contains("fwdbwd_s") && f["fwdbwd_s"].is_number())
+        pf.fwdbwd_s = f["fwdbwd_s"].get<double>();
+      r.peer_forms.push_back(pf);
+    }
 }
 
 // What moe.torch.MoE adds over the bare library at B1, one JSON object per precision

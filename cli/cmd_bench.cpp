@@ -119,6 +119,7 @@ int run_bench(const BenchOptions& o) {
 
   std::vector<Result> results;
   std::unique_ptr<perf::ReadRoof> mem_roof;
+  const perf::MachineInfo machine = perf::read_machine_info();
   for (const BenchCase& c : cases) {
     Result r;
     r.c = c;
@@ -141,7 +142,7 @@ int run_bench(const BenchOptions& o) {
     }
     std::cerr << "bench: " << c.name << " (T=" << c.T << ", E=" << c.cfg.n_experts
               << ", d=" << c.cfg.d_model << ", d_ff=" << c.cfg.hidden() << ")...\n";
-    run_layer(r, o, mem_roof);
+    run_layer(r, o, mem_roof, machine);
     if (!r.note.empty()) {
       r.peer_note = "n/a (" + r.note + ")";
     } else if (!peer_ok) {
@@ -156,11 +157,26 @@ int run_bench(const BenchOptions& o) {
                 << "...\n";
       ckpt ? run_hf_peer(r, o, threads) : run_peer(r, o, threads);
     }
-    if (ckpt && c.T > 1 && r.ran) {
+    // The kt-kernel peer: rows whose experts it runs (swiglu, bf16 / int8, evaluation).
+    if (!r.ran) {
+      r.kt_note = "skipped: the row did not run";
+    } else if (o.no_peer) {
+      r.kt_note = "skipped: --no-peer";
+    } else if (const std::string why = kt_not_applicable(c); !why.empty()) {
+      r.kt_note = "skipped: " + why;
+    } else {
+      std::cerr << "bench: " << c.name << " kt-kernel peer...\n";
+      run_kt_peer(r, o, threads);
+    }
+    if (ckpt && !c.memory_roof && r.ran) {
       std::cerr << "bench: " << c.name << " load time against reading its bytes...\n";
       r.load = measure_load(c.model_dir, c.model_layer, c.cfg.precision, std::min(o.repeat, 3));
     }
-    if (o.json_out) std::cout << to_json(r, threads, o.repeat).dump() << std::endl;
+    if (o.json_out) {
+      json j = to_json(r, threads, o.repeat);
+      j["machine"] = machine_json(machine, mem_roof.get());
+      std::cout << j.dump() << std::endl;
+    }
     results.push_back(r);
   }
   std::vector<DistResult> dist;
@@ -179,7 +195,11 @@ int run_bench(const BenchOptions& o) {
   const auto report_goals = [&](std::ostream& os) { print_goals(goals, os); };
   if (o.json_out) {
     for (const Result& r : results)
-      if (!r.ran) std::cout << to_json(r, threads, o.repeat).dump() << std::endl;
+      if (!r.ran) {
+        json j = to_json(r, threads, o.repeat);
+        j["machine"] = machine_json(machine, mem_roof.get());
+        std::cout << j.dump() << std::endl;
+      }
     for (const DistResult& d : dist) {
       json j = d.res.is_object() ? d.res : json::object();
       j["name"] = "dist-P" + std::to_string(d.P);
@@ -192,6 +212,8 @@ int run_bench(const BenchOptions& o) {
               << " repeat(s)" << (o.quick ? ", --quick sizes" : "") << ", load average "
               << fmt(load_average(), 2) << " at the end on " << std::thread::hardware_concurrency()
               << " CPU(s)\n";
+    print_machine_header(std::cout, machine, mem_roof.get());
+    std::cout << '\n';
     print_table(results, std::cout);
     std::cout << '\n';
     report_goals(std::cout);
@@ -254,7 +276,17 @@ void add_bench_command(CLI::App& app, int& status) {
                   "(default /tmp/moe-bench-checkpoints; reused when present)");
   sub->add_option("--repeat", o->repeat, "Timed repeats per measurement; the median is kept")
       ->check(CLI::PositiveNumber);
-  sub->add_flag("--no-peer", o->no_peer, "Do not run the PyTorch peer");
+  sub->add_flag("--no-peer", o->no_peer,
+                "Do not run the peers (PyTorch, transformers, kt-kernel)");
+  sub->add_flag("--no-kt", o->no_kt, "Do not run the kt-kernel (KTransformers) peer");
+  sub->add_option("--kt-python", o->kt_python,
+                  "Interpreter with kt-kernel installed (default: MOE_KT_PYTHON, else "
+                  "$MOE_KT_VENV/bin/python, else .venv-kt/bin/python of the source tree, made by "
+                  "scripts/bench_setup.sh)");
+  sub->add_option("--cold-margin", o->cold_margin,
+                  "Decode rows rotate over copies of the layer until the others read this many "
+                  "times the last-level cache between two calls on one copy (default 2)")
+      ->check(CLI::Range(0.0, 64.0));
   sub->add_flag("--no-dist", o->no_dist,
                 "Do not run the expert-parallel rows (mpirun -np 2 and 4 of moe_dist_bench)");
   sub->add_flag("--quick", o->quick, "Small sizes: a smoke test that runs in seconds");
@@ -266,9 +298,10 @@ void add_bench_command(CLI::App& app, int& status) {
                   "Skip a configuration that needs more than this share of MemAvailable")
       ->check(CLI::Range(0.05, 1.0));
   sub->footer(
-      "Every figure is measured in this run beside its roof. The peer runs under MOE_PYTHON, "
-      "else the project's .venv/bin/python, else /usr/bin/python3, with "
-      "OPENBLAS_CORETYPE=Cooperlake, when torch is installed there.");
+      "Every figure is measured in this run beside its roof. The PyTorch and transformers peers "
+      "run under MOE_PYTHON, else the project's .venv/bin/python, else /usr/bin/python3, with "
+      "OPENBLAS_CORETYPE=Cooperlake, when torch is installed there; the kt-kernel peer under "
+      "--kt-python (scripts/bench_setup.sh makes .venv-kt/).");
   sub->callback([o, &status] { status = run_bench(*o); });
 }
 

@@ -7,11 +7,17 @@ transformers registers and that runs on CPU ("eager", "batched_mm", "grouped_mm"
 the fastest is the peer.
 
     python hf_block.py --model DIR --layer N --tokens T [--threads 2] [--repeat 3] [--dtype bf16]
+                       [--layers 1]
+
+--layers N (cold decode): N independent copies of the block (the same weights, held N times),
+called in turn and the time divided by N, so that the weights come from memory and not from
+the cache, as libmoe's decode rows are measured.
 
 Prints one JSON line: {"fwd_s": best seconds, "impl": name, "impls": {name: seconds},
 "torch": version, "transformers": version}.
 """
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -62,6 +68,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--impls", default="eager,batched_mm,grouped_mm")
+    ap.add_argument("--layers", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -85,6 +92,8 @@ def main():
         target = router.weight if hasattr(router, "weight") else router.layer.weight
         if w is not None and tuple(w.shape) == tuple(target.shape):
             target.copy_(w.to(target.dtype))
+    # Cold decode: copies of the block, each with weights of its own.
+    blocks = [block] + [copy.deepcopy(block) for _ in range(max(a.layers, 1) - 1)]
     x = torch.randn(1, a.tokens, config.hidden_size, generator=g).to(dtype)
     times = {}
     k = getattr(config, "num_experts_per_tok", 1)
@@ -96,23 +105,26 @@ def main():
             times[impl] = "skipped: would gather T*k copies of the expert weights"
             continue
         config._experts_implementation = impl
-        for m in block.modules():
-            if hasattr(m, "config"):
-                m.config._experts_implementation = impl
+        for b in blocks:
+            for m in b.modules():
+                if hasattr(m, "config"):
+                    m.config._experts_implementation = impl
         try:
             with torch.no_grad():
-                block(x)  # warm-up
+                for b in blocks:
+                    b(x)  # warm-up
                 best = float("inf")
                 for _ in range(a.repeat):
                     t0 = time.perf_counter()
-                    block(x)
-                    best = min(best, time.perf_counter() - t0)
+                    for b in blocks:
+                        b(x)
+                    best = min(best, (time.perf_counter() - t0) / len(blocks))
             times[impl] = best
         except Exception as e:  # an implementation that does not run on CPU is skipped
             times[impl] = f"failed: {type(e).__name__}"
     ok = {k: v for k, v in times.items() if isinstance(v, float)}
     impl = min(ok, key=ok.get)
-    print(json.dumps({"fwd_s": ok[impl], "impl": impl, "impls": times,
+    print(json.dumps({"fwd_s": ok[impl], "impl": impl, "impls": times, "layers": len(blocks),
                       "torch": torch.__version__, "transformers": transformers.__version__}))
 
 

@@ -4,9 +4,12 @@
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 
 #include "common/bf16.hpp"
@@ -166,25 +169,223 @@ double stream_read_sum(const float* p, int64_t n) {
   return total;
 }
 
+namespace {
+
+using Load = ReadPattern::Load;
+
+// One stream's 64-byte lines go into two accumulators (two lines per step) so that the adds of
+// a single stream do not chain; S streams advance in lockstep, each over its own contiguous
+// part. Integer adds: the sum is exact whatever the order.
+template <int S, Load L>
+__attribute__((target("avx512f"))) uint32_t sum_lines_avx512(const char* p, int64_t lines) {
+  const int64_t per = lines / S / 2 * 2;  // lines per stream, even
+  __m512i acc[S][2];
+  for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < per; i += 2) {
+    for (int s = 0; s < S; ++s) {
+      const char* q = p + (s * per + i) * 64;
+      if constexpr (L == Load::prefetch) _mm_prefetch(q + kReadPrefetchBytes, _MM_HINT_T0);
+      __m512i a, b;
+      if constexpr (L == Load::nontemporal) {
+        a = _mm512_stream_load_si512(const_cast<char*>(q));
+        b = _mm512_stream_load_si512(const_cast<char*>(q + 64));
+      } else {
+        a = _mm512_load_si512(q);
+        b = _mm512_load_si512(q + 64);
+      }
+      acc[s][0] = _mm512_add_epi32(acc[s][0], a);
+      acc[s][1] = _mm512_add_epi32(acc[s][1], b);
+    }
+  }
+  __m512i t = _mm512_setzero_si512();
+  for (int s = 0; s < S; ++s) t = _mm512_add_epi32(t, _mm512_add_epi32(acc[s][0], acc[s][1]));
+  for (int64_t i = S * per; i < lines; ++i)
+    t = _mm512_add_epi32(t, _mm512_load_si512(p + i * 64));
+  alignas(64) uint32_t lanes[16];  // (not _mm512_reduce_add_epi32: GCC 12 warns inside it)
+  _mm512_store_si512(lanes, t);
+  uint32_t r = 0;
+  for (uint32_t v : lanes) r += v;
+  return r;
+}
+
+template <int S, Load L>
+__attribute__((target("avx2"))) uint32_t sum_lines_avx2(const char* p, int64_t lines) {
+  const int64_t per = lines / S;
+  __m256i acc[S][2];
+  for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < per; ++i) {
+    for (int s = 0; s < S; ++s) {
+      const char* q = p + (s * per + i) * 64;
+      if constexpr (L == Load::prefetch) _mm_prefetch(q + kReadPrefetchBytes, _MM_HINT_T0);
+      __m256i a, b;
+      if constexpr (L == Load::nontemporal) {
+        a = _mm256_stream_load_si256(reinterpret_cast<const __m256i*>(q));
+        b = _mm256_stream_load_si256(reinterpret_cast<const __m256i*>(q + 32));
+      } else {
+        a = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));
+        b = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32));
+      }
+      acc[s][0] = _mm256_add_epi32(acc[s][0], a);
+      acc[s][1] = _mm256_add_epi32(acc[s][1], b);
+    }
+  }
+  __m256i t = _mm256_setzero_si256();
+  for (int s = 0; s < S; ++s) t = _mm256_add_epi32(t, _mm256_add_epi32(acc[s][0], acc[s][1]));
+  for (int64_t i = S * per; i < lines; ++i) {
+    t = _mm256_add_epi32(t, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i * 64)));
+    t = _mm256_add_epi32(t, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i * 64 + 32)));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), t);
+  uint32_t r = 0;
+  for (uint32_t v : lanes) r += v;
+  return r;
+}
+
+uint32_t sum_words(const char* p, int64_t bytes) {
+  uint32_t r = 0;
+  for (int64_t i = 0; i + 4 <= bytes; i += 4) {
+    uint32_t w;
+    std::memcpy(&w, p + i, 4);
+    r += w;
+  }
+  return r;
+}
+
+using LinesFn = uint32_t (*)(const char*, int64_t);
+
+template <int S>
+LinesFn pick_lines(Load load) {
+  // MOE_MAX_ISA=avx2 (the cap of issue 20's CPU-feature module) keeps the AVX-512 loads out, so
+  // that the AVX2 kernels run, and are tested, on an AVX-512 machine too.
+  const char* cap = std::getenv("MOE_MAX_ISA");
+  const bool capped = cap && std::string(cap) == "avx2";
+  const bool avx512 = !capped && __builtin_cpu_supports("avx512f");
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx512) {
+    switch (load) {
+      case Load::plain: return sum_lines_avx512<S, Load::plain>;
+      case Load::nontemporal: return sum_lines_avx512<S, Load::nontemporal>;
+      case Load::prefetch: return sum_lines_avx512<S, Load::prefetch>;
+    }
+  }
+  if (avx2) {
+    switch (load) {
+      case Load::plain: return sum_lines_avx2<S, Load::plain>;
+      case Load::nontemporal: return sum_lines_avx2<S, Load::nontemporal>;
+      case Load::prefetch: return sum_lines_avx2<S, Load::prefetch>;
+    }
+  }
+  return nullptr;
+}
+
+LinesFn lines_fn(const ReadPattern& pat) {
+  switch (pat.streams) {
+    case 1: return pick_lines<1>(pat.load);
+    case 2: return pick_lines<2>(pat.load);
+    case 4: return pick_lines<4>(pat.load);
+    case 8: return pick_lines<8>(pat.load);
+    default: MOE_REQUIRE(false, "read pattern: streams must be 1, 2, 4 or 8, got ", pat.streams);
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+std::string ReadPattern::name() const {
+  std::string s = std::to_string(threads) + (threads == 1 ? " thread x " : " threads x ") +
+                  std::to_string(streams) + (streams == 1 ? " stream" : " streams");
+  switch (load) {
+    case Load::plain: return s + ", plain loads";
+    case Load::nontemporal: return s + ", non-temporal loads";
+    case Load::prefetch: return s + ", prefetch " + std::to_string(kReadPrefetchBytes) + " B ahead";
+  }
+  return s;
+}
+
+std::vector<ReadPattern> read_patterns(int max_threads) {
+  std::vector<int> threads = {1};
+  if (max_threads > 1) threads.push_back(max_threads);
+  std::vector<ReadPattern> out;
+  for (int t : threads)
+    for (int s : {1, 4})
+      for (Load l : {Load::plain, Load::nontemporal, Load::prefetch}) out.push_back({t, s, l});
+  return out;
+}
+
+uint32_t read_pattern_sum(const void* p, int64_t bytes, const ReadPattern& pat) {
+  MOE_REQUIRE(bytes >= 0 && bytes % 4 == 0, "read_pattern_sum: bytes must be a multiple of 4, got ",
+              bytes);
+  MOE_REQUIRE(pat.threads >= 1, "read pattern: threads must be >= 1, got ", pat.threads);
+  const char* c = static_cast<const char*>(p);
+  const LinesFn fn = lines_fn(pat);
+  if (!fn) return sum_words(c, bytes);  // neither AVX2 nor AVX-512: plain words
+  // Head to the first 64-byte boundary and the tail after the last whole line: word by word.
+  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(c) % 64) % 64);
+  const char* body = c + head;
+  const int64_t lines = (bytes - head) / 64;
+  uint32_t total = sum_words(c, head) + sum_words(body + lines * 64, bytes - head - lines * 64);
+  const int T = pat.threads;
+  std::vector<uint32_t> part(static_cast<size_t>(T), 0u);
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = lines * t / nt, hi = lines * (t + 1) / nt;
+    if (t < T) part[static_cast<size_t>(t)] = fn(body + lo * 64, hi - lo);
+  }
+  for (uint32_t v : part) total += v;
+  return total;
+}
+
+size_t best_read_pattern(const std::vector<ReadPatternResult>& results) {
+  MOE_REQUIRE(!results.empty(), "best_read_pattern: no results");
+  size_t best = 0;
+  for (size_t i = 1; i < results.size(); ++i)
+    if (results[i].bytes_per_s > results[best].bytes_per_s) best = i;
+  return best;
+}
+
 ReadRoof::ReadRoof(int64_t bytes) : n_(bytes / static_cast<int64_t>(sizeof(float))) {
   MOE_REQUIRE(bytes >= 4, "bandwidth buffer: must hold at least one float, got ", bytes, " bytes");
-  // Uninitialised storage, first touched in parallel with the reading threads' own chunks so
-  // that the pages sit where the readers are.
-  buf_.reset(new float[static_cast<size_t>(n_)]);
+  // 64-byte aligned (streaming loads need it), uninitialised, first touched in parallel with
+  // the reading threads' own chunks so that the pages sit where the readers are.
+  const size_t alloc = (static_cast<size_t>(n_) * sizeof(float) + 63) / 64 * 64;
+  buf_ = static_cast<float*>(std::aligned_alloc(64, alloc));
+  MOE_REQUIRE(buf_ != nullptr, "bandwidth buffer: cannot allocate ", bytes, " bytes");
   constexpr int64_t kChunk = int64_t{1} << 18;
-  float* buf = buf_.get();
+  float* buf = buf_;
   const int64_t n = n_;
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
     const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
     for (int64_t i = lo; i < hi; ++i) buf[i] = 1.0f / static_cast<float>(1 + (i & 1023));
   }
+  pattern_.threads = omp_get_max_threads();
+}
+
+ReadRoof::~ReadRoof() { std::free(buf_); }
+
+const std::vector<ReadPatternResult>& ReadRoof::calibrate(int passes) {
+  static volatile uint32_t sink = 0;
+  results_.clear();
+  for (const ReadPattern& pat : read_patterns(omp_get_max_threads())) {
+    double best = 0.0;
+    for (int i = 0; i < std::max(passes, 1); ++i) {
+      const double t0 = now_s();
+      sink = sink + read_pattern_sum(buf_, bytes(), pat);
+      const double t = now_s() - t0;
+      if (best == 0.0 || t < best) best = t;
+    }
+    results_.push_back({pat, static_cast<double>(bytes()) / best});
+  }
+  pattern_ = results_[best_read_pattern(results_)].pattern;
+  return results_;
 }
 
 double ReadRoof::run_s() {
-  static volatile double sink = 0.0;
+  static volatile uint32_t sink = 0;
   const double t0 = now_s();
-  sink = sink + stream_read_sum(buf_.get(), n_);
+  sink = sink + read_pattern_sum(buf_, bytes(), pattern_);
   return now_s() - t0;
 }
 

@@ -84,18 +84,58 @@ struct Bandwidth {
   int64_t bytes = 0;
 };
 
+// One way of reading memory for the read roof. A single plain stream per thread can read well
+// below what the memory delivers (on an AMX Xeon a 2-thread sum read 21 GB/s where libmoe's
+// int8 kernel streamed its weights at 30 GB/s), so the roof is the best of several.
+struct ReadPattern {
+  enum class Load { plain, nontemporal, prefetch };
+  int threads = 1;  // OpenMP threads, each reading one contiguous part of the buffer
+  int streams = 1;  // independent sequential streams per thread (its part split in as many)
+  Load load = Load::plain;  // nontemporal: vmovntdqa (streaming) loads; prefetch: software
+                            // prefetch kReadPrefetchBytes ahead of each stream
+  std::string name() const;  // "2 threads x 4 streams, non-temporal loads"
+};
+constexpr int64_t kReadPrefetchBytes = 2048;
+
+struct ReadPatternResult {
+  ReadPattern pattern;
+  double bytes_per_s = 0.0;  // best of the passes timed
+};
+
+// The patterns the roof tries: 1 and max_threads threads (once when max_threads <= 1), 1 and 4
+// streams per thread, plain, non-temporal and prefetched loads.
+std::vector<ReadPattern> read_patterns(int max_threads);
+
+// Reads every 32-bit word of [p, p + bytes) with the pattern (AVX-512, AVX2 or scalar loads,
+// as the CPU has them) and returns their sum modulo 2^32: the same value for every pattern and
+// thread count (the tests check it), so the read cannot be optimised away. bytes % 4 == 0.
+uint32_t read_pattern_sum(const void* p, int64_t bytes, const ReadPattern& pattern);
+
+// Index of the fastest result (the first of equals); results must not be empty.
+size_t best_read_pattern(const std::vector<ReadPatternResult>& results);
+
 // The memory roof, re-measurable: a buffer of `bytes` (far beyond the last-level cache),
-// first touched in parallel by the threads that will read it; run_s() times one
-// stream_read_sum pass over it (the first call also warms it up).
+// 64-byte aligned, first touched in parallel by the threads that will read it. calibrate()
+// times every read_patterns() pattern over it and keeps the fastest; run_s() times one pass
+// with the kept pattern (before calibrate(): max threads, one plain stream each).
 class ReadRoof {
  public:
   explicit ReadRoof(int64_t bytes);
+  ~ReadRoof();
+  ReadRoof(const ReadRoof&) = delete;
+  ReadRoof& operator=(const ReadRoof&) = delete;
+  // passes: timed passes per pattern, the best kept. Returns every pattern's result.
+  const std::vector<ReadPatternResult>& calibrate(int passes = 2);
   double run_s();
   int64_t bytes() const { return n_ * static_cast<int64_t>(sizeof(float)); }
+  const ReadPattern& pattern() const { return pattern_; }
+  const std::vector<ReadPatternResult>& results() const { return results_; }
 
  private:
   int64_t n_;
-  std::unique_ptr<float[]> buf_;
+  float* buf_ = nullptr;
+  ReadPattern pattern_;
+  std::vector<ReadPatternResult> results_;
 };
 
 // The memory roof measured once: median of `repeat` ReadRoof passes after one warm-up.

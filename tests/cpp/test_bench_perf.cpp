@@ -4,12 +4,23 @@
 // must be B1, B2, B3 and the E-sweep as documented. No timing is asserted.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <vector>
 
 #include "moe/layer.hpp"
+#include "perf/machine.hpp"
 #include "perf/roofline.hpp"
 #include "perf/suite.hpp"
+
+#include <omp.h>
 
 namespace {
 
@@ -146,6 +157,182 @@ TEST(BenchPerf, GemmRateIsPositiveAndFinite) {
   const auto b = moe::perf::measure_read_bandwidth(int64_t{1} << 20, 1);
   EXPECT_EQ(b.bytes, int64_t{1} << 20);
   EXPECT_GT(b.bytes_per_s, 0.0);
+}
+
+// Every read pattern of the roof reads every word: the same sum (mod 2^32) as a plain loop,
+// for buffers that start off a 64-byte line, end off it, and are smaller than a line.
+TEST(BenchPerf, EveryReadPatternReadsEveryWord) {
+  std::vector<uint32_t> words(100003);
+  for (size_t i = 0; i < words.size(); ++i) words[i] = static_cast<uint32_t>(i * 2654435761u);
+  for (int64_t offset : {int64_t{0}, int64_t{1}, int64_t{3}, int64_t{17}}) {
+    for (int64_t count : {int64_t{0}, int64_t{5}, int64_t{16}, int64_t{1000}, int64_t{99000}}) {
+      uint32_t ref = 0;
+      for (int64_t i = 0; i < count; ++i) ref += words[static_cast<size_t>(offset + i)];
+      for (const moe::perf::ReadPattern& p : moe::perf::read_patterns(3)) {
+        EXPECT_EQ(moe::perf::read_pattern_sum(words.data() + offset, count * 4, p), ref)
+            << p.name() << " offset " << offset << " count " << count;
+      }
+    }
+  }
+}
+
+// The AVX2 kernels too (MOE_MAX_ISA=avx2 keeps the AVX-512 ones out), on any machine with AVX2.
+TEST(BenchPerf, EveryReadPatternReadsEveryWordWithAvx2Loads) {
+  if (!__builtin_cpu_supports("avx2")) GTEST_SKIP() << "no AVX2";
+  const char* old = std::getenv("MOE_MAX_ISA");
+  const std::string saved = old ? old : "";
+  ::setenv("MOE_MAX_ISA", "avx2", 1);
+  std::vector<uint32_t> words(50001);
+  for (size_t i = 0; i < words.size(); ++i) words[i] = static_cast<uint32_t>(i * 40503u + 7);
+  for (int64_t offset : {int64_t{0}, int64_t{5}}) {
+    for (int64_t count : {int64_t{3}, int64_t{48}, int64_t{49000}}) {
+      uint32_t ref = 0;
+      for (int64_t i = 0; i < count; ++i) ref += words[static_cast<size_t>(offset + i)];
+      for (const moe::perf::ReadPattern& p : moe::perf::read_patterns(2))
+        EXPECT_EQ(moe::perf::read_pattern_sum(words.data() + offset, count * 4, p), ref)
+            << p.name() << " offset " << offset << " count " << count;
+    }
+  }
+  if (old)
+    ::setenv("MOE_MAX_ISA", saved.c_str(), 1);
+  else
+    ::unsetenv("MOE_MAX_ISA");
+}
+
+TEST(BenchPerf, ReadPatternsCoverThreadsStreamsAndLoads) {
+  using Load = moe::perf::ReadPattern::Load;
+  const auto one = moe::perf::read_patterns(1);
+  const auto two = moe::perf::read_patterns(2);
+  EXPECT_EQ(one.size(), 6u);  // 1 thread x {1, 4} streams x {plain, non-temporal, prefetch}
+  EXPECT_EQ(two.size(), 12u);
+  int threads2 = 0, streams4 = 0, nt = 0, pf = 0;
+  for (const auto& p : two) {
+    threads2 += p.threads == 2;
+    streams4 += p.streams == 4;
+    nt += p.load == Load::nontemporal;
+    pf += p.load == Load::prefetch;
+  }
+  EXPECT_EQ(threads2, 6);
+  EXPECT_EQ(streams4, 6);
+  EXPECT_EQ(nt, 4);
+  EXPECT_EQ(pf, 4);
+  EXPECT_EQ(two.back().name(), "2 threads x 4 streams, prefetch 2048 B ahead");
+  EXPECT_EQ(two[1].name(), "1 thread x 1 stream, non-temporal loads");
+}
+
+TEST(BenchPerf, TheRoofIsTheFastestPattern) {
+  using moe::perf::ReadPatternResult;
+  const auto pats = moe::perf::read_patterns(2);
+  std::vector<ReadPatternResult> rs;
+  const double gbps[] = {21, 24, 19, 30, 29, 22, 26, 25, 27, 18, 23, 20};
+  for (size_t i = 0; i < pats.size(); ++i) rs.push_back({pats[i], gbps[i] * 1e9});
+  EXPECT_EQ(moe::perf::best_read_pattern(rs), 3u);
+  rs[11].bytes_per_s = 31e9;
+  EXPECT_EQ(moe::perf::best_read_pattern(rs), 11u);
+  rs[5].bytes_per_s = 31e9;  // a tie keeps the first
+  EXPECT_EQ(moe::perf::best_read_pattern(rs), 5u);
+
+  // A real roof: calibrate() times them all and keeps the one whose bandwidth is largest.
+  moe::perf::ReadRoof roof(int64_t{4} << 20);
+  const auto& got = roof.calibrate(1);
+  ASSERT_EQ(got.size(), moe::perf::read_patterns(omp_get_max_threads()).size());
+  const size_t best = moe::perf::best_read_pattern(got);
+  EXPECT_EQ(roof.pattern().name(), got[best].pattern.name());
+  for (const auto& r : got) EXPECT_GE(got[best].bytes_per_s, r.bytes_per_s);
+  EXPECT_GT(roof.run_s(), 0.0);
+}
+
+TEST(BenchPerf, ColdRotationReadsPastTheLastLevelCache) {
+  using moe::perf::cold_layer_count;
+  const int64_t MiB = int64_t{1} << 20;
+  struct Case {
+    int64_t per_call, llc;
+    double margin;
+  };
+  for (const Case& c : {Case{75 * MiB, 480 * MiB, 2.0}, Case{704 * MiB, 480 * MiB, 2.0},
+                        Case{704 * MiB, 32 * MiB, 2.0}, Case{37 * MiB, 32 * MiB, 2.0},
+                        Case{1 * MiB, 32 * MiB, 1.0}, Case{3 * MiB, 32 * MiB, 1.5}}) {
+    const int n = cold_layer_count(c.per_call, c.llc, c.margin);
+    EXPECT_GE(n, 1);
+    // The copies read at least margin x the LLC between two calls on one of them ...
+    EXPECT_GE(static_cast<double>(n) * c.per_call, c.margin * c.llc) << c.per_call;
+    // ... and no more copies than that needs.
+    if (n > 1) {
+      EXPECT_LT(static_cast<double>(n - 1) * c.per_call, c.margin * c.llc) << c.per_call;
+    }
+  }
+  EXPECT_EQ(cold_layer_count(75 * MiB, 480 * MiB, 2.0), 13);
+  EXPECT_EQ(cold_layer_count(704 * MiB, 32 * MiB, 2.0), 1);
+  // An unknown cache counts as 512 MiB; a call that reads nothing needs no copies.
+  EXPECT_EQ(cold_layer_count(64 * MiB, 0, 1.0), 8);
+  EXPECT_EQ(cold_layer_count(0, 32 * MiB, 2.0), 1);
+}
+
+TEST(BenchPerf, MachineTextParsers) {
+  using moe::perf::parse_size_bytes;
+  EXPECT_EQ(parse_size_bytes("32768K"), int64_t{32} << 20);
+  EXPECT_EQ(parse_size_bytes("1024K\n"), int64_t{1} << 20);
+  EXPECT_EQ(parse_size_bytes("32 MiB (1 instance)"), int64_t{32} << 20);
+  EXPECT_EQ(parse_size_bytes("480 MiB"), int64_t{480} << 20);
+  EXPECT_EQ(parse_size_bytes("33554432 (1 instance)"), int64_t{32} << 20);
+  EXPECT_EQ(parse_size_bytes("1.5 GiB"), int64_t{3} << 29);
+  EXPECT_EQ(parse_size_bytes("none"), -1);
+
+  const std::string cpuinfo =
+      "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum "
+      "8480+\nflags\t\t: fpu sse avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 "
+      "amx_bf16 amx_tile amx_int8\n\nprocessor\t: 1\nmodel name\t: other\n";
+  EXPECT_EQ(moe::perf::cpuinfo_field(cpuinfo, "model name"), "Intel(R) Xeon(R) Platinum 8480+");
+  EXPECT_EQ(moe::perf::cpuinfo_field(cpuinfo, "vendor_id"), "GenuineIntel");
+  EXPECT_EQ(moe::perf::cpuinfo_field(cpuinfo, "cache size"), "");
+  EXPECT_EQ(moe::perf::isa_flags(moe::perf::cpuinfo_field(cpuinfo, "flags")),
+            (std::vector<std::string>{"avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                      "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                      "amx_int8"}));
+  // The other spelling of a flag counts too.
+  EXPECT_EQ(moe::perf::isa_flags("avx2 avx512bf16"),
+            (std::vector<std::string>{"avx2", "avx512_bf16"}));
+
+  const auto l = moe::perf::llc_from_lscpu(
+      "L1d cache:   64 KiB (2 instances)\nL2 cache:    2 MiB (2 instances)\n"
+      "L3 cache:    480 MiB (2 instances)\nNUMA node(s): 1\n");
+  EXPECT_EQ(l.level, 3);
+  EXPECT_EQ(l.bytes, int64_t{480} << 20);
+  EXPECT_EQ(l.instances, 2);
+}
+
+TEST(BenchPerf, LastLevelCacheFromSysfs) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::temp_directory_path() / ("moe_sysfs_" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  auto cache = [&](const std::string& cpu, int idx, int level, const char* type, const char* size,
+                   const char* shared) {
+    const fs::path d = root / cpu / "cache" / ("index" + std::to_string(idx));
+    fs::create_directories(d);
+    std::ofstream(d / "level") << level << '\n';
+    std::ofstream(d / "type") << type << '\n';
+    std::ofstream(d / "size") << size << '\n';
+    std::ofstream(d / "shared_cpu_list") << shared << '\n';
+  };
+  // Four CPUs, L1d/L1i/L2 per CPU, two L3 instances of 16 MiB each shared by pairs.
+  for (int c = 0; c < 4; ++c) {
+    const std::string cpu = "cpu" + std::to_string(c), self = std::to_string(c);
+    cache(cpu, 0, 1, "Data", "32K", self.c_str());
+    cache(cpu, 1, 1, "Instruction", "32K", self.c_str());
+    cache(cpu, 2, 2, "Unified", "1024K", self.c_str());
+    cache(cpu, 3, 3, "Unified", "16384K", c < 2 ? "0-1" : "2-3");
+  }
+  fs::create_directories(root / "cpufreq");  // not a cpuN folder
+  const auto c = moe::perf::llc_from_sysfs(root.string());
+  EXPECT_EQ(c.level, 3);
+  EXPECT_EQ(c.instances, 2);
+  EXPECT_EQ(c.bytes, int64_t{32} << 20);
+  fs::remove_all(root);
+  EXPECT_EQ(moe::perf::llc_from_sysfs(root.string()).bytes, 0);
+  // This machine: a size from somewhere, or the reason there is none.
+  const auto m = moe::perf::read_machine_info();
+  EXPECT_FALSE(m.llc_source.empty());
+  EXPECT_GT(m.cpus, 0);
 }
 
 }  // namespace

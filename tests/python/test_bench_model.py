@@ -35,12 +35,13 @@ def test_real_models_quick(quick_dirs):
             str(quick_dirs))
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     names = [row["name"] for row in rows]
-    assert names == ["ckpt-Qwen3-30B-A3B-T32", "ckpt-Qwen3-30B-A3B-decode",
-                     "ckpt-Mixtral-8x7B-T32", "ckpt-Mixtral-8x7B-decode"], names
+    decode = ["decode", "decode-T4", "decode-T16"]
+    assert names == [f"ckpt-{m}-{s}" for m in ("Qwen3-30B-A3B", "Mixtral-8x7B")
+                     for s in ["T32"] + decode], names
     for row in rows:
         assert row["precision"] == "bf16" and row["fwd_s"] > 0
         assert row["model_layer"] == 0 and Path(row["model_dir"]).is_dir()
-    prefill = [row for row in rows if not row["name"].endswith("decode")]
+    prefill = [row for row in rows if "decode" not in row["name"]]
     for row in prefill:  # load time beside the time to read the same bytes
         assert row["load_s"] > 0 and row["disk_read_s"] > 0 and row["block_file_bytes"] > 0
     # the checkpoints are sharded with an index, as published ones are
@@ -58,7 +59,9 @@ def test_model_folder_with_peer(quick_dirs, tmp_path):
                     "--out", str(d), "--quick"], check=True, capture_output=True)
     r = run("--model", str(d), "--layer", "0", "--tokens", "16", "--json")
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-    assert [row["name"] for row in rows] == ["model-T16", "model-decode"]
+    assert [row["name"] for row in rows] == ["model-T16", "model-decode", "model-decode-T4"]
+    for row in rows[1:]:  # decode rows: cold, and the peer rotated over as many copies
+        assert row["cold_layers"] >= 1
     assert rows[0]["peer_fwd_s"] > 0, r.stderr
     assert "prefill >= 3x faster than transformers" in r.stderr
 

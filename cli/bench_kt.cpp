@@ -1,0 +1,158 @@
+// `moe bench`: the kt-kernel (KTransformers) peer, bench/peers/kt_peer.py run as a subprocess
+// under the interpreter of its own environment (.venv-kt/, scripts/bench_setup.sh: kt-kernel
+// pins torch 2.9.1, the project's .venv/ has torch 2.15). Given the row's tokens and the routing
+// libmoe chose for them through a temporary file, so that both run the same experts on the same
+// rows. Where it cannot run, the row says "skipped: <reason>", never a number.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include "bench.hpp"
+#include "moe/error.hpp"
+
+namespace moe::cli::bench {
+
+std::string kt_python(const BenchOptions& o) {
+  if (!o.kt_python.empty()) return o.kt_python;
+  if (const char* env = std::getenv("MOE_KT_PYTHON"); env && *env) return env;
+  if (const char* env = std::getenv("MOE_KT_VENV"); env && *env) return std::string(env) + "/bin/python";
+  return std::string(MOE_SOURCE_DIR) + "/.venv-kt/bin/python";
+}
+
+std::string kt_not_applicable(const BenchCase& c) {
+  const MoEConfig& m = c.cfg;
+  if (m.precision != Precision::bf16 && m.precision != Precision::int8)
+    return std::string("kt-kernel has no ") + to_string(m.precision) + " MoE (bf16 and int8 only)";
+  if (m.expert != ExpertKind::swiglu)  // (the activation field is mlp's: swiglu's is silu)
+    return std::string("kt-kernel's MoE runs swiglu experts, this row's are ") + to_string(m.expert);
+  if (m.expert_bias) return "kt-kernel's MoE has no expert biases";
+  if (m.n_shared_experts > 0) return "kt-kernel's MoE has no shared experts";
+  if (c.training || c.backward) return "kt-kernel's MoE is inference only";
+  return "";
+}
+
+namespace {
+
+std::string peer_script() { return std::string(MOE_SOURCE_DIR) + "/bench/peers/kt_peer.py"; }
+
+// A temporary file holding x (T, d) float32, ids (T, k) int32, weights (T, k) float32.
+std::string write_routing(const Result& r) {
+  char path[] = "/tmp/moe-bench-kt-XXXXXX";
+  const int fd = ::mkstemp(path);
+  if (fd < 0) return "";
+  ::close(fd);
+  const int64_t T = r.c.T, d = r.c.cfg.d_model;
+  const std::vector<float> x = bench_input(T, d);
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(x.data()),
+          static_cast<std::streamsize>(x.size() * sizeof(float)));
+  f.write(reinterpret_cast<const char*>(r.route_indices.data()),
+          static_cast<std::streamsize>(r.route_indices.size() * sizeof(int32_t)));
+  f.write(reinterpret_cast<const char*>(r.route_weights.data()),
+          static_cast<std::streamsize>(r.route_weights.size() * sizeof(float)));
+  if (!f) {
+    std::remove(path);
+    return "";
+  }
+  return path;
+}
+
+}  // namespace
+
+json kt_probe(const BenchOptions& o) {
+  static json cached;
+  if (!cached.is_null()) return cached;
+  const std::string py = kt_python(o);
+  if (::access(py.c_str(), X_OK) != 0) {
+    cached = {{"ok", false},
+              {"reason", "no kt-kernel environment (" + py +
+                             " not found: run scripts/bench_setup.sh)"}};
+    return cached;
+  }
+  int rc = 0;
+  const json res =
+      run_json_command(shell_quote(py) + " " + shell_quote(peer_script()) + " --probe 2>/dev/null", rc);
+  if (rc != 0 || res.is_discarded() || !res.is_object() || !res.contains("ok")) {
+    cached = {{"ok", false},
+              {"reason", "kt-kernel probe failed (status " + std::to_string(rc) + ", " + py + ")"}};
+    return cached;
+  }
+  cached = res;
+  return cached;
+}
+
+void run_kt_peer(Result& r, const BenchOptions& o, int threads) {
+  const BenchCase& c = r.c;
+  if (o.no_kt) {
+    r.kt_note = "skipped: --no-kt";
+    return;
+  }
+  if (const std::string why = kt_not_applicable(c); !why.empty()) {
+    r.kt_note = "skipped: " + why;
+    return;
+  }
+  const json probe = kt_probe(o);
+  if (!probe.value("ok", false)) {
+    r.kt_note = "skipped: " + probe.value("reason", std::string("kt-kernel unavailable"));
+    return;
+  }
+  const MoEConfig& m = c.cfg;
+  if (static_cast<int64_t>(r.route_indices.size()) != c.T * m.k) {
+    r.kt_note = "skipped: libmoe's routing for the row was not recorded";
+    return;
+  }
+  const std::string routing = write_routing(r);
+  if (routing.empty()) {
+    r.kt_note = "skipped: could not write the routing file";
+    return;
+  }
+  const json cs = {{"T", c.T},
+                   {"d", m.d_model},
+                   {"f", m.hidden()},
+                   {"E", m.n_experts},
+                   {"k", m.k},
+                   {"precision", to_string(m.precision)},
+                   {"seed", m.seed}};
+  const std::string cmd = shell_quote(kt_python(o)) + " " + shell_quote(peer_script()) +
+                          " --case " + shell_quote(cs.dump()) + " --routing " +
+                          shell_quote(routing) + " --threads " + std::to_string(threads) +
+                          " --repeat " + std::to_string(std::max(o.repeat, 1)) + " --layers " +
+                          std::to_string(std::max(r.cold_layers, 1));
+  int rc = 0;
+  const json res = run_json_command(cmd, rc);
+  std::remove(routing.c_str());
+  if (!res.is_discarded() && res.is_object() && res.contains("skipped")) {
+    r.kt_note = "skipped: " + res["skipped"].get<std::string>();
+    return;
+  }
+  if (rc != 0 || res.is_discarded() || !res.contains("fwd_s")) {
+    // A kernel that kills its process (an instruction this CPU lacks, an assertion) ends here.
+    r.kt_note = "skipped: the kt-kernel peer exited with status " + std::to_string(rc) +
+                " and no result";
+    return;
+  }
+  r.kt_impl = "kt-kernel " + res.value("kt_kernel", std::string("?")) + " " +
+              res.value("class", std::string("?")) + " (" + res.value("variant", std::string("?")) +
+              " variant" +
+              (m.precision == Precision::int8
+                   ? ", int8 kernel " + res.value("int8_kernel", std::string("?"))
+                   : std::string()) +
+              ", torch " + res.value("torch", std::string("?")) + ")";
+  if (res.contains("check_rel_err") && res["check_rel_err"].is_number()) {
+    r.kt_check_err = res["check_rel_err"].get<double>();
+    // bf16 rounding of the output and, for int8, the quantization: a few percent at most. A
+    // larger error means the peer did not compute the block (a layout misread): not a figure.
+    if (*r.kt_check_err > 0.1) {
+      r.kt_note = "skipped: kt-kernel's output differs from the float32 reference by " +
+                  fmt(100.0 * *r.kt_check_err, 1) + "% of its largest value";
+      return;
+    }
+  }
+  r.kt_fwd_s = res["fwd_s"].get<double>();
+}
+
+}  // namespace moe::cli::bench
