@@ -6,6 +6,10 @@
 #include <string>
 
 #include "bench.hpp"
+#include "common/cpu.hpp"
+#include "common/gemm.hpp"
+#include "common/gemm_bf16_packed.hpp"
+#include "experts/int8.hpp"
 
 namespace moe::cli::bench {
 
@@ -17,11 +21,24 @@ std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
-// The kernels libmoe chose on this machine, one line each ("bf16 experts: ...", "int8: ...").
-// THE place for them: the CPU-feature module (issue 20, item 1) returns its report here, and
-// both the table's header and the JSON's "machine" object print what this returns. Empty until
-// that module exists.
-std::vector<std::string> kernel_report_lines() { return {}; }
+// The kernels libmoe chose on this machine, one line each, from the CPU module
+// (common/cpu.hpp): the level (and MOE_MAX_ISA when it lowered it), then each precision's
+// kernel. Both the table's header and the JSON's "machine" object print these.
+std::vector<std::string> kernel_report_lines() {
+  const detail::CpuInfo& c = detail::cpu();
+  std::string level = std::string("level ") + detail::isa_name(c.level) + " (best on this CPU: " +
+                      detail::isa_name(c.best);
+  if (!c.cap.empty()) level += ", MOE_MAX_ISA=" + c.cap;
+  if (c.amx_emulated) level += ", MOE_AMX_EMULATE=1: AMX kernels emulated, not for timing";
+  level += ")";
+  return {level,
+          std::string("bf16 experts: ") + detail::gemm_bf16_packed_impl() +
+              (c.level == detail::Isa::amx ? ", from " + std::to_string(c.amx_min_rows) +
+                                                 " rows (MOE_AMX_MIN_ROWS)"
+                                           : std::string()),
+          std::string("int8 experts: ") + detail::int8_kernel_name(),
+          std::string("fp32 products and roofs: oneDNN ") + detail::cpu_isa_name()};
+}
 
 }  // namespace
 

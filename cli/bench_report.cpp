@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "bench.hpp"
+#include "common/cpu.hpp"
 #include "moe/error.hpp"
 #include "moe/router.hpp"
 
@@ -350,30 +351,39 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     g.push_back({"E-sweep: expert time grows <= 2x from E=8 to E=1024", std::nullopt, why});
   }
 
-  // bf16 on the matrix engine: each row beside the bf16 roof and the bf16 peer.
+  // bf16: each row beside the bf16 roof and the bf16 peer. The targets depend on the CPU:
+  // on AMX (issue 20's, measured against the fastest form a PyTorch user writes) the peer
+  // itself runs on the matrix engine; without it (AVX512-BF16) the peer is far slower and the
+  // targets were set higher. The goal's text names which set applies.
   const Precision bf = Precision::bf16;
   const bool any_bf16 = std::any_of(rs.begin(), rs.end(), [](const Result& r) {
     return r.c.cfg.precision == Precision::bf16;
   });
   if (any_bf16) {
+    const bool amx = detail::cpu().level == detail::Isa::amx;
+    const std::string on = amx ? " [AMX]" : " [no AMX]";
     const Result* b1b = find(rs, "B1", bf);
-    at_least("bf16 B1 forward >= 70% of the bf16 roof", roof_ratio(b1b), 0.7, "", na(b1b, false));
-    at_least("bf16 B1 forward >= 3x faster than the bf16 peer", peer_x(b1b, false), 3.0, "x",
-             na(b1b, true));
-    at_least("bf16 B1 forward+backward >= 55% of the bf16 roof", roof_ratio_fb(b1b), 0.55, "",
+    at_least("bf16 B1 forward >= 70% of the bf16 roof" + on, roof_ratio(b1b), 0.7, "",
              na(b1b, false));
-    at_least("bf16 B1 forward+backward >= 10x faster than the bf16 peer", peer_x(b1b, true),
-             10.0, "x", na(b1b, true));
+    at_least("bf16 B1 forward >= " + fmt(amx ? 1.2 : 3.0, 1) + "x faster than the bf16 peer" + on,
+             peer_x(b1b, false), amx ? 1.2 : 3.0, "x", na(b1b, true));
+    at_least("bf16 B1 forward+backward >= 55% of the bf16 roof" + on, roof_ratio_fb(b1b), 0.55,
+             "", na(b1b, false));
+    at_least("bf16 B1 forward+backward >= " + fmt(amx ? 5.0 : 10.0, 0) +
+                 "x faster than the bf16 peer" + on,
+             peer_x(b1b, true), amx ? 5.0 : 10.0, "x", na(b1b, true));
     const Result* q3 = find(rs, "Qwen3-30B-A3B", bf);
     const Result* mx = find(rs, "Mixtral-8x7B", bf);
-    at_least("bf16 Qwen3-30B-A3B block forward >= 70% of its roof", roof_ratio(q3), 0.7, "",
+    at_least("bf16 Qwen3-30B-A3B block forward >= 70% of its roof" + on, roof_ratio(q3), 0.7, "",
              na(q3, false));
-    at_least("bf16 Qwen3-30B-A3B block >= 1.8x faster than the bf16 peer", peer_x(q3, false),
-             1.8, "x", na(q3, true));
-    at_least("bf16 Mixtral-8x7B block forward >= 70% of its roof", roof_ratio(mx), 0.7, "",
+    at_least("bf16 Qwen3-30B-A3B block >= " + fmt(amx ? 2.0 : 1.8, 1) +
+                 "x faster than the bf16 peer" + on,
+             peer_x(q3, false), amx ? 2.0 : 1.8, "x", na(q3, true));
+    at_least("bf16 Mixtral-8x7B block forward >= 70% of its roof" + on, roof_ratio(mx), 0.7, "",
              na(mx, false));
-    at_least("bf16 Mixtral-8x7B block >= 3x faster than the bf16 peer", peer_x(mx, false), 3.0,
-             "x", na(mx, true));
+    at_least("bf16 Mixtral-8x7B block >= " + fmt(amx ? 1.25 : 3.0, 2) +
+                 "x faster than the bf16 peer" + on,
+             peer_x(mx, false), amx ? 1.25 : 3.0, "x", na(mx, true));
     if (const Result* d = find(rs, "B3-T1", bf)) {
       const double m = 1.0 / d->ratio_fwd;
       g.push_back({"bf16 B3 T=1 within 1.15x of its memory roof", m <= 1.15,

@@ -14,6 +14,7 @@
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm.hpp"
 
 namespace moe::perf {
@@ -33,6 +34,7 @@ void fill_pattern(std::vector<float>& v, uint32_t salt) {
 }
 
 GemmRate measure_gemm(int64_t M, int64_t N, int64_t K, int repeat, bool blocked) {
+  detail::check_cpu_settings();  // MOE_MAX_ISA caps oneDNN before its first use
   MOE_REQUIRE(M > 0 && N > 0 && K > 0, "gemm shape: must be positive, got ", M, "x", N, "x", K);
   std::vector<float> A(static_cast<size_t>(M * K)), B(static_cast<size_t>(K * N)),
       C(static_cast<size_t>(M * N), 0.0f);
@@ -59,6 +61,7 @@ GemmRate measure_gemm(int64_t M, int64_t N, int64_t K, int repeat, bool blocked)
 SgemmRoof::SgemmRoof(int64_t M, int64_t N, int64_t K)
     : M_(M), N_(N), K_(K), A_(static_cast<size_t>(M * K)), B_(static_cast<size_t>(K * N)),
       C_(static_cast<size_t>(M * N), 0.0f) {
+  detail::check_cpu_settings();  // MOE_MAX_ISA caps oneDNN before its first use
   MOE_REQUIRE(M > 0 && N > 0 && K > 0, "gemm shape: must be positive, got ", M, "x", N, "x", K);
   fill_pattern(A_, 1u);
   fill_pattern(B_, 2u);
@@ -81,7 +84,8 @@ struct Bf16Roof::State {
 };
 
 Bf16Roof::Bf16Roof(int64_t M, int64_t N, int64_t K)
-    : M_(M), N_(N), K_(K), s_(std::make_unique<State>()) {
+    : M_(M), N_(N), K_(K),
+      s_((detail::check_cpu_settings(), std::make_unique<State>())) {  // MOE_MAX_ISA first
   MOE_REQUIRE(M > 0 && N > 0 && K > 0, "gemm shape: must be positive, got ", M, "x", N, "x", K);
   using dt = dnnl::memory::data_type;
   using tag = dnnl::memory::format_tag;
