@@ -111,6 +111,11 @@ STAND_INS = [
     # The router benchmark script times for minutes: its syntax, and its program's list.
     (r"^bench/run_router_bench\.sh (\S+)$",
      r"bash -n bench/run_router_bench.sh && \1/bin/bench_router --benchmark_list_tests=true"),
+    # The bench setup script installs kt-kernel's own environment (~3 GB): its syntax only.
+    (r"^scripts/bench_setup\.sh\b.*", r"bash -n scripts/bench_setup.sh"),
+    # ... and its interpreter: the peer script runs on the suite's Python (it reports kt-kernel
+    # as not importable there, and exits 0).
+    (r"^\.venv-kt/bin/python\b", r"python3"),
     # moe_dist_bench: small sizes (its defaults are the docs' sizes; the last value counts).
     (r"(build/bin/moe_dist_bench\b.*)", r"\1 --tokens 64 --d 64 --dff 128 --steps 3"),
     # Presets: the name must be one CMake lists (configuring and building them is CI's:
