@@ -315,7 +315,7 @@ struct PyMoE {
   // A layer that can train (fp32 masters, not int8) trains by default; an evaluation-only one
   // (from_pretrained without masters, drop_masters(), precision int8) evaluates by default.
   bool trains_by_default() const {
-    return layer.holds_masters() && layer.config().precision != moe::Precision::int8;
+    return layer.holds_masters() && !moe::evaluation_only(layer.config().precision);
   }
 
   py::array_t<float> forward(const py::object& x_, const py::object& noise_,
@@ -467,6 +467,7 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 const std::string& precision, const std::string& group_score,
                                 bool selection_bias, const py::object& shared_d_ff,
                                 double swiglu_alpha, double swiglu_limit,
+                                int64_t int4_group, bool int4_zero_points,
                                 const py::kwargs& unknown) {
   refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
@@ -524,6 +525,8 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   }
   c.swiglu_alpha = static_cast<float>(swiglu_alpha);
   c.swiglu_limit = static_cast<float>(swiglu_limit);
+  c.int4_group = int4_group;
+  c.int4_zero_points = int4_zero_points;
   return std::make_unique<PyMoE>(c);
 }
 
@@ -550,7 +553,8 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("jitter") = 0.0, py::arg("precision") = "fp32",
           py::arg("group_score") = "top2_sum", py::arg("selection_bias") = false,
           py::arg("shared_d_ff") = py::none(), py::arg("swiglu_alpha") = 1.702,
-          py::arg("swiglu_limit") = 7.0);
+          py::arg("swiglu_limit") = 7.0, py::arg("int4_group") = 128,
+          py::arg("int4_zero_points") = false);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(

@@ -21,7 +21,8 @@ enum class DropPolicy { position, probs, random, priority };
 enum class AuxLossKind { switch_lb, seq, global, shazeer, none };  // "switch" | ...
 enum class SecondExpertPolicy { all, random };
 // SPEC §6: the precision of the expert products. The router is fp32 in every precision.
-enum class Precision { fp32, bf16, int8 };
+// int8, int4, mxfp4 and fp8 are evaluation only (evaluation_only below).
+enum class Precision { fp32, bf16, int8, int4, mxfp4, fp8 };
 
 // "linear_relu" | "mlp" | "swiglu" | "clamped_swiglu"
 ExpertKind parse_expert_kind(const std::string& s);
@@ -30,7 +31,8 @@ DropPolicy parse_drop_policy(const std::string& s);  // "position" | "probs" | "
 RouterKind parse_router_kind(const std::string& s);  // "topk_softmax" | "softmax_topk" | ...
 AuxLossKind parse_aux_loss(const std::string& s);    // "switch" | "seq" | "global" | ...
 SecondExpertPolicy parse_second_expert_policy(const std::string& s);  // "all" | "random"
-Precision parse_precision(const std::string& s);     // "fp32" | "bf16" | "int8"
+// "fp32" | "bf16" | "int8" | "int4" | "mxfp4" | "fp8"
+Precision parse_precision(const std::string& s);
 const char* to_string(ExpertKind v);
 const char* to_string(Activation v);
 const char* to_string(DropPolicy v);
@@ -38,6 +40,12 @@ const char* to_string(RouterKind v);
 const char* to_string(AuxLossKind v);
 const char* to_string(SecondExpertPolicy v);
 const char* to_string(Precision v);
+// The precisions a layer evaluates in but cannot train in: int8 and the low-bit formats.
+constexpr bool evaluation_only(Precision p) { return p != Precision::fp32 && p != Precision::bf16; }
+// The low-bit weight formats (docs/quant.md): weights held in their stored bytes.
+constexpr bool low_bit(Precision p) {
+  return p == Precision::int4 || p == Precision::mxfp4 || p == Precision::fp8;
+}
 
 struct MoEConfig {
   int64_t d_model = 0;
@@ -89,8 +97,15 @@ struct MoEConfig {
   // copies made again after each change, bf16 operands with fp32 accumulation; the router,
   // biases, activations, combine and gradients stay fp32 (docs/design.md, "bf16"). int8
   // (evaluation only): per-column int8 weights made from the masters, per-row int8
-  // activations, exact int32 sums (docs/design.md, "Precision int8").
+  // activations, exact int32 sums (docs/design.md, "Precision int8"). int4, mxfp4, fp8
+  // (evaluation only): the expert matrices in a low-bit format, made from the masters by
+  // libmoe's quantizers or read as a checkpoint stores them (docs/quant.md).
   Precision precision = Precision::fp32;
+  // int4 made by libmoe: K values per scale (32, 64 or 128) and zero points (asymmetric
+  // groups). 128 and symmetric by default: the fewest bytes a weight (4.25 bits), at the
+  // same decode speed as 64 (docs/quant.md, "Measured").
+  int64_t int4_group = 128;
+  bool int4_zero_points = false;
 
   void validate() const;  // throws moe::Error naming the bad field
   void validate_router_family() const;  // part of validate()

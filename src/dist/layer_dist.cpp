@@ -260,8 +260,9 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
     MOE_REQUIRE(Tl >= 0, "T: must be >= 0, got ", Tl);
     MOE_REQUIRE(Tl * k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", Tl);
     MOE_REQUIRE(Tl == 0 || (xin && y), "forward: x and y must not be null");
-    MOE_REQUIRE(!(opt.training && cfg.precision == Precision::int8),
-                "precision: 'int8' is for evaluation only; a training forward needs fp32 or bf16");
+    MOE_REQUIRE(!(opt.training && evaluation_only(cfg.precision)), "precision: '",
+                to_string(cfg.precision),
+                "' is for evaluation only; a training forward needs fp32 or bf16");
     for (size_t i = 0; i < names.size(); ++i) {
       MOE_REQUIRE(params[i].numel() == Tensor::numel_of(params[i].shape) &&
                       params[i].numel() == grads[i].numel(),
@@ -439,8 +440,8 @@ void ExpertParallelMoE::Impl::forward(float* y, const float* xin, int64_t Tl,
 void ExpertParallelMoE::Impl::backward(float* dx, const float* dy) {
   const int64_t d = cfg.d_model, E = cfg.n_experts, k = cfg.k, Do = cfg.out_dim();
   comm.guarded([&] {
-    MOE_REQUIRE(cfg.precision != Precision::int8,
-                "precision: 'int8' is for evaluation only; backward needs fp32 or bf16");
+    MOE_REQUIRE(!evaluation_only(cfg.precision), "precision: '", to_string(cfg.precision),
+                "' is for evaluation only; backward needs fp32 or bf16");
     MOE_REQUIRE(have_forward, "backward: called before forward (no saved state)");
     MOE_REQUIRE(T == 0 || (dx && dy), "backward: dx and dy must not be null");
   });
@@ -574,7 +575,7 @@ ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
   m.El = m.shard.count(m.comm.rank());
   m.Emax = (cfg.n_experts + P - 1) / P;
   m.shape = ::moe::detail::ExpertShape::of(cfg);
-  m.prec.precision = cfg.precision;
+  m.prec.configure(cfg);
   m.shape.E = m.El;
   for (const auto& n : full->parameter_names()) {
     m.index[n] = m.names.size();

@@ -452,6 +452,8 @@ void experts_forward(ExpertActs& acts, const float* xg, const ExpertWeights& w,
   if (R == 0) return;
   if (prec && prec->is_int8())
     return experts_forward_int8(acts, xg, w, off, s, prec->int8, prec->int8_ops);
+  if (prec && prec->is_low_bit())
+    return experts_forward_quant(acts, xg, w, off, s, prec->quant, prec->quant_ops);
   if (!prec || !prec->is_bf16())
     return forward_products(acts, xg, w.W1, w.W2, w.W3, acts.hid, w, off, s, gg);
   // bf16: the weights' copies (made again if the masters changed) and the rows rounded.

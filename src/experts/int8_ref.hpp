@@ -73,16 +73,19 @@ struct Int8RefExperts {
   }
 };
 
-// out (Do) = expert e of q applied to the row x (d).
-template <typename S>
-void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, int64_t e,
-                         const MoEConfig& cfg) {
+// out (Do) = expert e of q (dequantized weights W1, W2, W3, biases b1, b2, b3, width F)
+// applied to the row x (d), each product's rows rounded on entry as round_row(out, v, n) says:
+// the twin of every quantized precision (int8 here, the low-bit ones in
+// experts/lowbit_ref.hpp).
+template <typename S, typename Q, typename RoundRow>
+void expert_row_quantized_ref(S* out, const S* x, const Q& q, int64_t e, const MoEConfig& cfg,
+                              RoundRow&& round_row) {
   const int64_t d = cfg.d_model, F = q.F, Do = cfg.out_dim();
   const std::vector<S>&b1 = q.b1, &b2 = q.b2, &b3 = q.b3;
   const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;
   std::vector<S> xq(static_cast<size_t>(d)), a1(static_cast<size_t>(W1w)),
       hid(static_cast<size_t>(F)), hq(static_cast<size_t>(F));
-  int8_dequantized_row_ref(xq.data(), x, d);
+  round_row(xq.data(), x, d);
   for (int64_t c = 0; c < W1w; ++c) {
     S acc = 0;
     for (int64_t i = 0; i < d; ++i) acc += xq[i] * q.W1[(e * d + i) * W1w + c];
@@ -105,12 +108,21 @@ void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, int64_t
                    : silu(a1[f]) * a3;
     }
   }
-  int8_dequantized_row_ref(hq.data(), hid.data(), F);
+  round_row(hq.data(), hid.data(), F);
   for (int64_t c = 0; c < Do; ++c) {
     S acc = 0;
     for (int64_t f = 0; f < F; ++f) acc += hq[f] * q.W2[(e * F + f) * Do + c];
     out[c] = acc + (b2.empty() ? S(0) : b2[e * Do + c]);
   }
+}
+
+// out (Do) = expert e of q applied to the row x (d), rows quantized as the int8 path does.
+template <typename S>
+void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, int64_t e,
+                         const MoEConfig& cfg) {
+  expert_row_quantized_ref(out, x, q, e, cfg, [](S* o, const S* v, int64_t n) {
+    int8_dequantized_row_ref(o, v, n);
+  });
 }
 
 }  // namespace moe::detail

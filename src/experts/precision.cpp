@@ -17,7 +17,9 @@ const char* const kMatrixName[] = {"", "W1", "W2", "W3"};
 }  // namespace
 
 void ExpertPrecision::hold_only(const ExpertShape& s, bool zero) {
-  if (is_int8())
+  if (is_low_bit())
+    quant.hold_only(s);
+  else if (is_int8())
     int8.hold_only(s);
   else if (is_bf16())
     bf16.hold_only(s, zero);
@@ -25,7 +27,9 @@ void ExpertPrecision::hold_only(const ExpertShape& s, bool zero) {
 
 void ExpertPrecision::assign(int matrix, int64_t e, const float* src, const ExpertShape& s) {
   MOE_ASSERT(matrix >= 1 && matrix <= 3);
-  if (is_int8())
+  if (is_low_bit())
+    quant.assign(matrix, e, src, s);
+  else if (is_int8())
     int8.assign(kMatrixName[matrix], e, src);
   else if (is_bf16())
     bf16.assign(matrix, e, src, s);
@@ -37,7 +41,14 @@ void ExpertPrecision::assign_bf16(int matrix, int64_t e, const uint16_t* src, in
   bf16.assign_bf16(matrix, e, src, s_in, s_out, s);
 }
 
+void ExpertPrecision::assign_stored(int matrix, int64_t e, const QuantMatrix& v,
+                                    const ExpertShape& s) {
+  MOE_ASSERT(is_low_bit());
+  quant.assign_stored(matrix, e, v, s);
+}
+
 void ExpertPrecision::read(int matrix, float* out, const ExpertShape& s) const {
+  if (is_low_bit()) return quant.read(matrix, out, s);
   int64_t K, N;
   matrix_dims(matrix, s, &K, &N);
   if (is_int8()) {
@@ -59,7 +70,11 @@ void ExpertPrecision::read(int matrix, float* out, const ExpertShape& s) const {
 }
 
 void ExpertPrecision::fix_from(const ExpertWeights& w, const ExpertShape& s) {
-  if (is_int8()) {
+  if (is_low_bit()) {
+    quant.invalidate();
+    quant.prepare(w, s);
+    quant.fixed = true;
+  } else if (is_int8()) {
     int8.invalidate();
     int8.prepare(w, s);
     int8.fixed = true;
@@ -68,6 +83,15 @@ void ExpertPrecision::fix_from(const ExpertWeights& w, const ExpertShape& s) {
     bf16.prepare_forward(w, s);
     bf16.fixed = true;
   }
+}
+
+int64_t ExpertPrecision::held_bytes() const {
+  if (is_low_bit()) return quant.bytes();
+  if (is_int8()) return int8.bytes();
+  if (is_bf16())
+    return static_cast<int64_t>((bf16.W1.size() + bf16.W2.size() + bf16.W3.size()) *
+                                sizeof(uint16_t));
+  return 0;
 }
 
 }  // namespace moe::detail

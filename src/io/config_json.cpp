@@ -110,6 +110,10 @@ std::string config_to_json(const MoEConfig& c) {
   j["second_expert_policy"] = to_string(c.second_expert_policy);
   j["jitter"] = float_json(c.jitter);
   j["precision"] = to_string(c.precision);
+  if (c.precision == Precision::int4) {  // only where they mean something
+    j["int4_group"] = c.int4_group;
+    j["int4_zero_points"] = c.int4_zero_points;
+  }
   return j.dump();
 }
 
@@ -167,6 +171,8 @@ MoEConfig config_from_json(const std::string& text) {
       c.second_expert_policy = parse_second_expert_policy(get_string(v, k));
     else if (key == "jitter") c.jitter = get_float(v, k);
     else if (key == "precision") c.precision = parse_precision(get_string(v, k));
+    else if (key == "int4_group") c.int4_group = get_int(v, k);
+    else if (key == "int4_zero_points") c.int4_zero_points = get_bool(v, k);
     else throw Error(cat("config: unknown field '", key, "'"));
   }
   c.validate();

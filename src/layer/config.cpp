@@ -61,10 +61,22 @@ Precision parse_precision(const std::string& s) {
   if (s == "fp32") return Precision::fp32;
   if (s == "bf16") return Precision::bf16;
   if (s == "int8") return Precision::int8;
-  throw Error(cat("precision: unknown value '", s, "' (expected fp32, bf16 or int8)"));
+  if (s == "int4") return Precision::int4;
+  if (s == "mxfp4") return Precision::mxfp4;
+  if (s == "fp8") return Precision::fp8;
+  throw Error(cat("precision: unknown value '", s,
+                  "' (expected fp32, bf16, int8, int4, mxfp4 or fp8)"));
 }
 const char* to_string(Precision v) {
-  return v == Precision::fp32 ? "fp32" : v == Precision::bf16 ? "bf16" : "int8";
+  switch (v) {
+    case Precision::fp32: return "fp32";
+    case Precision::bf16: return "bf16";
+    case Precision::int8: return "int8";
+    case Precision::int4: return "int4";
+    case Precision::mxfp4: return "mxfp4";
+    case Precision::fp8: return "fp8";
+  }
+  return "?";
 }
 const char* to_string(ExpertKind v) {
   switch (v) {
@@ -172,6 +184,8 @@ void MoEConfig::validate() const {
                   std::max({d_model, hidden(), shared_hidden(), out_dim()}) <= detail::kInt8MaxWidth,
               "precision: 'int8' needs d_model, d_ff and d_out <= ", detail::kInt8MaxWidth,
               ", got ", d_model, ", ", hidden(), ", ", out_dim());
+  MOE_REQUIRE(int4_group == 32 || int4_group == 64 || int4_group == 128,
+              "int4_group: must be 32, 64 or 128, got ", int4_group);
   router().validate();
   validate_router_family();
   // Each width may be fine on its own while their product overflows int64 (and every

@@ -187,8 +187,8 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
   m.cfg = cfg;
   m.rcfg = cfg.router();
   m.shape = detail::ExpertShape::of(cfg);
-  m.prec.precision = cfg.precision;
-  m.shared.precision().precision = cfg.precision;
+  m.prec.configure(cfg);
+  m.shared.precision().configure(cfg);
   m.specs = detail::parameter_specs(cfg);
   const std::vector<detail::ParamSpec> all_specs = m.specs;
   m.masters = opt.masters || cfg.precision == Precision::fp32;
@@ -216,10 +216,14 @@ MoELayer::MoELayer(const MoEConfig& cfg, const LayerOptions& opt)
     int64_t held = 0;  // the copies in the layer's precision, 2 bytes a value in bf16
     for (const auto& spec : all_specs)
       if (expert_matrix_slot(spec.name)) held += Tensor::numel_of(spec.shape);
-    // A byte a value in int8 (and 8 per column), two in bf16.
-    const bool int8 = cfg.precision == Precision::int8;
-    allocate_or_throw(int8 ? "expert weights (int8)" : "expert weights (bf16)",
-                      int8 ? held / 4 : held / 2, [&] {
+    // Floats' worth: a byte a value in int8 (and 8 per column), two in bf16, about half a
+    // byte in the 4-bit formats, one in fp8.
+    const Precision p = cfg.precision;
+    const int64_t floats = p == Precision::bf16 ? held / 2
+                           : p == Precision::int8 || p == Precision::fp8 ? held / 4
+                                                                         : held / 7;
+    const std::string what = cat("expert weights (", to_string(p), ")");
+    allocate_or_throw(what.c_str(), floats, [&] {
                         m.prec.hold_only(stack_shape(all_specs, cfg, false), opt.initialise);
                         if (cfg.n_shared_experts > 0)
                           m.shared.precision().hold_only(stack_shape(all_specs, cfg, true),
@@ -388,8 +392,9 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
   MOE_REQUIRE(T >= 0, "T: must be >= 0, got ", T);
   MOE_REQUIRE(T * cfg.k <= int64_t{0x7fffffff}, "T: too many tokens for one batch, got ", T);
   MOE_REQUIRE(T == 0 || (x && y), "forward: x and y must not be null");
-  MOE_REQUIRE(!(opt.training && cfg.precision == Precision::int8),
-              "precision: 'int8' is for evaluation only; a training forward needs fp32 or bf16");
+  MOE_REQUIRE(!(opt.training && evaluation_only(cfg.precision)), "precision: '",
+              to_string(cfg.precision),
+              "' is for evaluation only; a training forward needs fp32 or bf16");
   MOE_REQUIRE(!opt.training || m.masters,
               "forward: training needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(cfg.precision),
@@ -475,8 +480,8 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
 void MoELayer::backward(float* dx, const float* dy) {
   Impl& m = *impl_;
-  MOE_REQUIRE(m.cfg.precision != Precision::int8,
-              "precision: 'int8' is for evaluation only; backward needs fp32 or bf16");
+  MOE_REQUIRE(!evaluation_only(m.cfg.precision), "precision: '", to_string(m.cfg.precision),
+              "' is for evaluation only; backward needs fp32 or bf16");
   MOE_REQUIRE(m.have_forward, "backward: called before forward (no saved state)");
   MOE_REQUIRE(m.masters, "backward: needs the fp32 masters of the experts (W1, ...); this layer "
               "holds them in ", to_string(m.cfg.precision), " only (evaluation only)");

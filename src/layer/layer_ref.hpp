@@ -17,6 +17,7 @@
 #include "dispatch/capacity_plan.hpp"
 #include "experts/activation.hpp"
 #include "experts/int8_ref.hpp"
+#include "experts/lowbit_ref.hpp"
 #include "losses/balancing.hpp"
 #include "losses/losses.hpp"
 #include "moe/layer.hpp"
@@ -200,11 +201,26 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   Int8RefExperts<S> i8;
   if (int8) i8 = Int8RefExperts<S>::of(p.W1, p.W2, p.W3, E, cfg.hidden(), cfg)
                      .with_biases(p.b1, p.b2, p.b3);
+  // low-bit precisions (evaluation): the twin on the held values (experts/lowbit_ref.hpp),
+  // with each expert's row count (which kernel, so which rounding); out only.
+  const bool lowbit = low_bit(cfg.precision);
+  LowbitRefExperts<S> lb;
+  std::vector<int64_t> rows_of(static_cast<size_t>(E), 0);
+  if (lowbit) {
+    lb = LowbitRefExperts<S>::of(p.W1, p.W2, p.W3, cfg.hidden(), cfg).with_biases(p.b1, p.b2, p.b3);
+    for (int64_t a = 0; a < A; ++a)
+      if (sv.plan.src_to_dest[a] >= 0) ++rows_of[static_cast<size_t>(sv.indices[a])];
+  }
   for (int64_t a = 0; a < A; ++a) {
     if (sv.plan.src_to_dest[a] < 0) continue;
     const int64_t e = sv.indices[a];
     if (int8) {
       expert_row_int8_ref(&sv.out[a * Do], x + (a / k) * d, i8, e, cfg);
+      continue;
+    }
+    if (lowbit) {
+      expert_row_lowbit_ref(&sv.out[a * Do], x + (a / k) * d, lb, e, cfg,
+                            rows_of[static_cast<size_t>(e)]);
       continue;
     }
     for (int64_t i = 0; i < d; ++i) xq[i] = q(x[(a / k) * d + i]);

@@ -19,6 +19,7 @@
 #include "experts/experts.hpp"
 #include "experts/int8.hpp"
 #include "experts/int8_ref.hpp"
+#include "experts/lowbit_ref.hpp"
 #include "experts/precision.hpp"
 #include "layer/init.hpp"
 #include "moe/layer.hpp"
@@ -93,15 +94,22 @@ void shared_forward_ref(S* y, const S* x, int64_t T, const SharedRefParams<S>& p
   Int8RefExperts<S> i8;
   if (int8) i8 = Int8RefExperts<S>::of(p.Ws1, p.Ws2, p.Ws3, n, F, cfg)
                      .with_biases(p.bs1, p.bs2, p.bs3);
-  std::vector<S> o8(static_cast<size_t>(int8 ? Do : 0));
+  // low-bit precisions (evaluation): every token is a row of every shared expert (M = T).
+  const bool lowbit = low_bit(cfg.precision);
+  LowbitRefExperts<S> lb;
+  if (lowbit) lb = LowbitRefExperts<S>::of(p.Ws1, p.Ws2, p.Ws3, F, cfg).with_biases(p.bs1, p.bs2, p.bs3);
+  std::vector<S> o8(static_cast<size_t>(int8 || lowbit ? Do : 0));
   for (int64_t t = 0; t < T; ++t) {
     const S* xg = x + t * d;
     for (int64_t i = 0; i < d; ++i) xq[i] = q(xg[i]);
     const S* xt = xq.data();
     std::fill(sum.begin(), sum.end(), S(0));
     for (int64_t s = 0; s < n; ++s) {
-      if (int8) {
-        expert_row_int8_ref(o8.data(), xg, i8, s, cfg);
+      if (int8 || lowbit) {
+        if (int8)
+          expert_row_int8_ref(o8.data(), xg, i8, s, cfg);
+        else
+          expert_row_lowbit_ref(o8.data(), xg, lb, s, cfg, T);
         for (int64_t c = 0; c < Do; ++c) sum[c] += o8[c];
         continue;
       }

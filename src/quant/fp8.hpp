@@ -34,4 +34,13 @@ struct Fp8Kernel {
   static std::string name(QuantPath path);
 };
 
+// W (K, N) fp32 row-major → FP8 as DeepSeek-V3's block quantization does: per 128 × 128 block
+// the fp32 scale max|w| / 448 (E4M3's largest value; 1 for an all-zero block), each w / scale
+// rounded to the nearest E4M3 value, ties to the even code. Non-finite weights are moe::Error
+// naming the block.
+Fp8Kernel::Weights quantize_fp8(const float* W, int64_t K, int64_t N);
+
+// The nearest E4M3 code of v (|v| ≤ 448 after rounding, else saturated), ties to even.
+uint8_t e4m3_code(float v);
+
 }  // namespace moe::detail

@@ -34,4 +34,11 @@ struct Mxfp4Kernel {
   static std::string name(QuantPath path);
 };
 
+// W (K, N) fp32 row-major → MXFP4 as the OCP MX specification (v1.0, §6.3) quantizes: per
+// column and block of 32 along K, the scale 2^(⌊log2 max|w|⌋ − 2) (E2M1's largest exponent
+// is 2), each w / scale rounded to the nearest E2M1 value, ties to the even code, beyond ±6
+// saturated to ±6; an all-zero block keeps scale 2^0. Non-finite weights are moe::Error
+// naming the column and block.
+Mxfp4Kernel::Weights quantize_mxfp4(const float* W, int64_t K, int64_t N);
+
 }  // namespace moe::detail

@@ -399,7 +399,7 @@ TEST(Errors, L15_BatchTooLargeForMemory) {
 
 TEST(Errors, L16_Precision) {
   expect_error([] { moe::parse_precision("fp16"); },
-               {"precision: unknown value 'fp16' (expected fp32, bf16 or int8)"});
+               {"precision: unknown value 'fp16' (expected fp32, bf16, int8, int4, mxfp4 or fp8)"});
   auto c = layer_cfg(8, 4, 2);
   c.precision = moe::Precision::int8;
   c.d_ff = 65537;

@@ -311,12 +311,17 @@ def test_L15_batch_too_large_for_memory():
 
 
 def test_L16_precision():
-    with raises("precision: unknown value 'fp16' (expected fp32, bf16 or int8)"):
+    with raises("precision: unknown value 'fp16' (expected fp32, bf16, int8, int4, mxfp4 or fp8)"):
         moe.MoE(8, 4, 2, precision="fp16")
     with raises("precision: 'int8' needs d_model, d_ff and d_out <= 65536, got 8, 65537, 8"):
         moe.MoE(8, 4, 2, precision="int8", d_ff=65537)
     with raises("precision: 'int8' is for evaluation only"):
         moe.MoE(8, 4, 2, precision="int8").forward(np.zeros((1, 8), np.float32), training=True)
+    for p in ("int4", "mxfp4", "fp8"):
+        with raises(f"precision: '{p}' is for evaluation only"):
+            moe.MoE(8, 4, 2, precision=p).forward(np.zeros((1, 8), np.float32), training=True)
+    with raises("int4_group: must be 32, 64 or 128, got 16"):
+        moe.MoE(8, 4, 2, precision="int4", int4_group=16)
     r = subprocess.run([MOE, "train", "--precision", "half"], capture_output=True, text=True)
     assert r.returncode == 2 and "precision" in r.stderr and not r.stdout
 

@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""Greedy generation with a transformers MoE model, its MoE blocks as transformers has them
+and replaced by libmoe's (issue 21, item 5: "a model that generates faster").
+
+    PYTHONPATH=build/python .venv/bin/python examples/generate.py --model qwen3
+    PYTHONPATH=build/python .venv/bin/python examples/generate.py --model gpt-oss --json
+
+The model is a published one's config.json (Qwen/Qwen3-30B-A3B or openai/gpt-oss-20b, written
+below: the hub is not reached) with only --layers decoder layers, bf16, with random weights
+drawn from --seed by the model's own initialiser (normal, std = initializer_range = 0.02, as
+transformers' _init_weights; norms at one), so that its logits are not degenerate. One
+prompt of --prompt random token ids (from the seed) is generated greedily for --new-tokens
+tokens (min_new_tokens = max_new_tokens: end-of-sequence does not stop it) by
+
+  1. transformers alone: the model's own bf16 MoE blocks;
+  2. for each P of --precisions: the blocks replaced by moe.hf.replace_moe_blocks(model,
+     precision=P). A precision the library refuses (ValueError, RuntimeError) prints a
+     "skipped" row. Names are passed through unchanged ("auto" included).
+
+Every variant runs on the same model object: replace_moe_blocks swaps the block modules and
+the originals are put back afterwards, so the weights are the same tensors, not a second
+draw. One short generate warms each variant up before the timed one (--repeat runs; the
+fastest is reported).
+
+Columns (one row a variant, or one JSON object a variant with --json):
+  prefill s      time to the first token: from the call of generate to the first call of
+                 its logits processors (a LogitsProcessor that records time.perf_counter),
+                 i.e. the prompt's forward and its last position's logits.
+  decode tok/s   the other new tokens over the time between the first and the last
+                 processor call (each step: one token's forward, the logits, the argmax).
+  moe % pre/dec  the MoE blocks' share of the prefill and of the decode time: forward
+                 pre-hooks and hooks on each block module (the modules replace_moe_blocks
+                 replaces; for transformers the same modules, found by hf.py's rule).
+  MB/token       bytes one decoded token reads from the weights: every parameter but the
+                 experts not chosen — attention, norms, one embedding row, lm_head, router,
+                 and top_k of the E experts per layer in the variant's precision (at one
+                 token a step exactly top_k experts run; the expert bytes are top_k/E of the
+                 layer's expert bytes). libmoe holds the router and biases in fp32. Neither
+                 the KV cache nor activations are counted.
+  bound tok/s    the decode rate that MB/token allows at --read-gbs (default: measured here,
+                 the best of 3 torch sums over a 1 GiB buffer on --threads threads).
+  tokens         the generated ids against transformers': "same", or the first position
+                 (0 = the first new token) where they differ.
+
+--check-tokens exits 1 if the bf16 variant's tokens differ from transformers'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import moe  # noqa: E402
+import moe.hf  # noqa: E402
+
+# https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# https://huggingface.co/openai/gpt-oss-20b/blob/main/config.json, less its
+# "quantization_config" (MXFP4 experts; here the experts are random bf16 tensors).
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": 200002,
+    "experts_per_token": 4,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "initial_context_length": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072,
+    "model_type": "gpt_oss",
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "output_router_logits": False,
+    "pad_token_id": 199999,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                     "truncate": False},
+    "rope_theta": 150000,
+    "router_aux_loss_coef": 0.9,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "transformers_version": "4.55.0.dev0",
+    "use_cache": True,
+    "vocab_size": 201088,
+}
+
+MODELS = {"qwen3": ("Qwen/Qwen3-30B-A3B", QWEN3_30B_A3B),
+          "gpt-oss": ("openai/gpt-oss-20b", GPT_OSS_20B)}
+
+# --tiny: the same family and structure (GQA, q/k norms or sinks and biases, sliding and
+# full layers, top-k of E), at sizes a test runs in seconds. Token ids move inside the vocab.
+TINY = {
+    "qwen3": {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+              "num_experts": 16, "num_experts_per_tok": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+              "bos_token_id": 509, "eos_token_id": 510},
+    "gpt-oss": {"hidden_size": 64, "intermediate_size": 64, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "experts_per_token": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+                "sliding_window": 8, "eos_token_id": 510, "pad_token_id": 511},
+}
+
+# Bits a decode reads per expert weight, and bytes per output column of each expert matrix,
+# in each precision: int8 has an fp32 scale and an int32 column sum a column
+# (docs/design.md, "Precision int8"); the low-bit formats as docs/quant.md gives them
+# (int4 at its default group of 128, mxfp4's E8M0 per 32, fp8's block scales).
+EXPERT_BITS = {"fp32": (32.0, 0), "bf16": (16.0, 0), "int8": (8.0, 8), "int4": (4.25, 0),
+               "mxfp4": (4.25, 0), "fp8": (8.002, 0)}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen3")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated (default 64)")
+    p.add_argument("--precisions", default="bf16,int8",
+                   help="libmoe precisions, comma-separated (default bf16,int8)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--read-gbs", type=float, default=None,
+                   help="read bandwidth in GB/s for the bound (default: measured)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs a variant; the fastest")
+    p.add_argument("--tiny", action="store_true",
+                   help="the family's structure at tiny sizes (tests)")
+    p.add_argument("--json", action="store_true", help="one JSON object a variant")
+    p.add_argument("--check-tokens", action="store_true",
+                   help="exit 1 if the bf16 tokens differ from transformers'")
+    args = p.parse_args(argv)
+    for name in ("layers", "prompt", "new_tokens", "threads", "repeat"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.read_gbs is not None and not args.read_gbs > 0:
+        p.error(f"--read-gbs: must be > 0, got {args.read_gbs}")
+    return args
+
+
+# ---- the model ----------------------------------------------------------------------------
+
+
+def build_model(args):
+    """The published config with --layers layers (and --tiny's sizes), bf16, weights drawn
+    from --seed by transformers' own initialiser."""
+    _, published = MODELS[args.model]
+    values = dict(published)
+    values["num_hidden_layers"] = args.layers
+    if "layer_types" in values:  # the published pattern, cycled over the layers kept
+        pattern = values["layer_types"]
+        values["layer_types"] = [pattern[i % len(pattern)] for i in range(args.layers)]
+    if args.tiny:
+        values.update(TINY[args.model])
+    model_type = values.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **values)
+    torch.manual_seed(args.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def is_block(mod):
+    """python/moe/hf.py's _is_block: what replace_moe_blocks replaces."""
+    experts = getattr(mod, "experts", None)
+    return (isinstance(experts, torch.nn.Module) and hasattr(experts, "gate_up_proj")
+            and (hasattr(mod, "gate") or hasattr(mod, "router")))
+
+
+def put_back(model, blocks):
+    """Undo replace_moe_blocks: the original block modules at their names again."""
+    for name, block in blocks.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, block)
+
+
+def top_k_of(config):
+    return config.num_experts_per_tok
+
+
+# ---- what a decoded token reads -----------------------------------------------------------
+
+
+def nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def expert_matrix_bytes(p, precision):
+    """Bytes of the (E, in, out) stack p held in `precision`, or None when unknown."""
+    bits, per_column = EXPERT_BITS.get(precision, (None, None))
+    if bits is None:
+        return None
+    E, _, n_out = p.shape
+    return p.numel() * bits / 8 + E * n_out * per_column
+
+
+def block_bytes(block, k, precision):
+    """Bytes one token at decode reads from one MoE block: its router and k of its E
+    experts. A transformers block holds everything in the model's dtype; a libmoe block
+    (precision not None) its router and biases in fp32, the expert matrices in `precision`
+    (its fp32 masters, which replace_moe_blocks keeps for training, are not read)."""
+    if precision is None:
+        router = getattr(block, "gate", None) or getattr(block, "router")
+        E = block.experts.gate_up_proj.shape[0]
+        return (sum(nbytes(p) for p in router.parameters())
+                + k / E * sum(nbytes(p) for p in block.experts.parameters()))
+    total = 0.0
+    E = block.config["n_experts"]
+    for name, p in block.named_parameters(recurse=False):
+        if name in ("W_g", "b_g"):
+            total += nbytes(p)
+        elif name in ("W1", "W2", "W3", "Ws1", "Ws2", "Ws3"):
+            b = expert_matrix_bytes(p, precision)
+            if b is None:
+                return None
+            total += b if name.startswith("Ws") else k / E * b
+        else:  # expert biases (E, n), shared-expert biases and gate: fp32
+            total += nbytes(p) if name.startswith(("bs", "w_shared")) else k / E * nbytes(p)
+    return total
+
+
+def decode_bytes(model, block_names, precision):
+    """Bytes one decoded token reads from the weights (see the module docstring)."""
+    blocks = [model.get_submodule(n) for n in block_names]
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is emb
+    rest = sum(nbytes(p) for p in model.parameters() if id(p) not in inside and p is not emb)
+    rest += nbytes(emb) if tied else emb.shape[1] * emb.element_size()
+    k = top_k_of(model.config)
+    per_block = [block_bytes(b, k, precision) for b in blocks]
+    if any(b is None for b in per_block):
+        return None
+    return rest + sum(per_block)
+
+
+def read_bandwidth_gbs():
+    """GB/s of a torch sum over a 1 GiB float32 buffer (written first), best of 3."""
+    buf = torch.ones(1 << 28, dtype=torch.float32)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        buf.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return nbytes(buf) / best / 1e9
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+
+class Stamps(transformers.LogitsProcessor):
+    """Records the time of each call: once a generated token, right after its forward."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+class BlockClock:
+    """(start, end) of every forward of the given modules (they never nest)."""
+
+    def __init__(self, modules):
+        self.spans = []
+        self._start = None
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, module, args):
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, out):
+        self.spans.append((self._start, time.perf_counter()))
+
+    def inside(self, lo, hi):
+        return sum(e - s for s, e in self.spans if s >= lo and e <= hi)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def generate(model, ids, new_tokens, processors=None):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=model.config.pad_token_id or 0,
+                          logits_processor=processors)
+
+
+def timed_generate(model, ids, new_tokens, block_names):
+    """(new token ids, prefill s, decode s, MoE s in the prefill, MoE s in the decode)."""
+    stamps = Stamps()
+    clock = BlockClock([model.get_submodule(n) for n in block_names])
+    try:
+        t0 = time.perf_counter()
+        out = generate(model, ids, new_tokens, transformers.LogitsProcessorList([stamps]))
+    finally:
+        clock.remove()
+    t1, tn = stamps.times[0], stamps.times[-1]
+    return (out[0, ids.shape[1]:].tolist(), t1 - t0, tn - t1, clock.inside(t0, t1),
+            clock.inside(t1, tn))
+
+
+def run_variant(model, ids, args, block_names, precision):
+    """One row: the variant's timings and tokens (precision None: transformers alone)."""
+    warm = ids[:, :min(ids.shape[1], 16)]
+    generate(model, warm, 2)
+    best = None
+    for _ in range(args.repeat):
+        r = timed_generate(model, ids, args.new_tokens, block_names)
+        if best is None or r[1] + r[2] < best[1] + best[2]:
+            if best is not None and r[0] != best[0]:
+                raise RuntimeError("two runs of the same variant generated different tokens")
+            best = r
+    tokens, prefill, decode, moe_pre, moe_dec = best
+    steps = args.new_tokens - 1
+    held = None
+    if precision is not None:  # what the library chose ("auto" resolved)
+        held = model.get_submodule(block_names[0]).config["precision"]
+    return {"prefill_s": prefill,
+            "decode_tok_s": steps / decode if steps else None,
+            "moe_share_prefill": moe_pre / prefill,
+            "moe_share_decode": moe_dec / decode if steps else None,
+            "bytes_per_token": decode_bytes(model, block_names, held),
+            "held_precision": held,
+            "tokens": tokens}
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def first_difference(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+COLUMNS = (("variant", 14, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
+           ("moe % pre/dec", 13, ">"), ("MB/token", 9, ">"), ("bound tok/s", 11, ">"),
+           ("tokens", 0, "<"))
+
+
+def table_line(cells):
+    return "  ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, COLUMNS)).rstrip()
+
+
+def row_cells(row):
+    if "skipped" in row:
+        return [row["variant"], f"skipped: {row['skipped']}"]
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.0f}"
+
+    tokens = ("reference" if row["precision"] is None
+              else "same" if row["tokens_equal"] else f"differ at {row['first_difference']}")
+    mb = row["bytes_per_token"]
+    return [row["variant"], f"{row['prefill_s']:.3f}",
+            "—" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.2f}",
+            f"{pct(row['moe_share_prefill'])} / {pct(row['moe_share_decode'])}",
+            "?" if mb is None else f"{mb / 1e6:.1f}",
+            "?" if row["bound_tok_s"] is None else f"{row['bound_tok_s']:.2f}", tokens]
+
+
+def print_row(row, as_json):
+    if as_json:
+        print(json.dumps(row), flush=True)
+    elif "skipped" in row:
+        print(f"{row['variant']:<14}  {row_cells(row)[1]}", flush=True)
+    else:
+        print(table_line(row_cells(row)), flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    torch.set_num_threads(args.threads)
+    moe.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+
+    read_gbs = args.read_gbs if args.read_gbs is not None else read_bandwidth_gbs()
+    model = build_model(args)
+    c = model.config
+    block_names = [n for n, m in model.named_modules() if is_block(m)]
+    ids = torch.randint(0, c.vocab_size, (1, args.prompt),
+                        generator=torch.Generator().manual_seed(args.seed))
+    source, _ = MODELS[args.model]
+    head = {"model": source + (" (tiny)" if args.tiny else ""), "layers": args.layers,
+            "moe_blocks": len(block_names), "seed": args.seed, "prompt": args.prompt,
+            "new_tokens": args.new_tokens, "threads": args.threads,
+            "read_gbs": read_gbs, "read_gbs_measured": args.read_gbs is None,
+            "experts_implementation": getattr(c, "_experts_implementation", None),
+            "attn_implementation": getattr(c, "_attn_implementation", None)}
+    if not args.json:
+        E = getattr(c, "num_local_experts", None) or c.num_experts
+        F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        print(f"{head['model']}: {args.layers} of {MODELS[args.model][1]['num_hidden_layers']} "
+              f"layers, d {c.hidden_size}, {E} experts of width {F}, top-{top_k_of(c)}, "
+              f"vocab {c.vocab_size}; bf16, random weights (seed {args.seed})")
+        print(f"prompt {args.prompt} tokens, {args.new_tokens} new (greedy), "
+              f"{args.threads} threads; transformers experts "
+              f"'{head['experts_implementation']}', attention '{head['attn_implementation']}'; "
+              f"read bandwidth {read_gbs:.1f} GB/s "
+              f"({'measured: 1 GiB sum, best of 3' if args.read_gbs is None else '--read-gbs'})")
+        print(table_line([name for name, _, _ in COLUMNS]))
+
+    rows = []
+    reference = None
+    status = 0
+    for precision in [None] + precisions:
+        row = dict(head, variant="transformers" if precision is None else f"libmoe {precision}",
+                   precision=precision)
+        originals = {n: model.get_submodule(n) for n in block_names}
+        try:
+            if precision is not None:
+                moe.hf.replace_moe_blocks(model, precision=precision)
+            row.update(run_variant(model, ids, args, block_names, precision))
+        except (ValueError, RuntimeError) as e:
+            if precision is None:
+                raise
+            row["skipped"] = str(e)
+        finally:
+            put_back(model, originals)
+        if "skipped" not in row:
+            mb = row["bytes_per_token"]
+            row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
+            if precision is None:
+                reference = row["tokens"]
+            row["first_difference"] = first_difference(row["tokens"], reference)
+            row["tokens_equal"] = row["first_difference"] is None
+            if precision == "bf16" and not row["tokens_equal"] and args.check_tokens:
+                status = 1
+        rows.append(row)
+        print_row(row, args.json)
+    if status:
+        print("bf16 tokens differ from transformers' (--check-tokens)", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+// The reference twin of the low-bit precisions (int4, mxfp4, fp8; STYLE.md items 2 and 13):
+// one expert applied to one row as obvious loops on any scalar type, on the operands the fast
+// path multiplies (experts/lowbit.hpp, quant/kernels.hpp):
+//   weights  the values the stored bytes hold (what expert_matrix returns of a layer without
+//            masters); where the expert's rows take the prefill kernel, those values rounded
+//            to bf16 as its widened panels hold them;
+//   rows     by the kernel the expert's row count M selects: prefill bf16; decode by the
+//            format's decode path: int8 per 32 values (avx512_vnni), bf16, or exact (fp32).
+// The layer and shared-expert twins call it when cfg.precision is low-bit.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/bf16.hpp"
+#include "experts/int8_ref.hpp"
+#include "experts/lowbit.hpp"
+#include "moe/layer.hpp"
+
+namespace moe::detail {
+
+template <typename S>
+struct LowbitRefExperts {
+  Int8RefExperts<S> exact, widened;  // used as plain holders of weights, biases and F
+  QuantFormatId format = QuantFormatId::int4;
+
+  static LowbitRefExperts of(const std::vector<S>& W1, const std::vector<S>& W2,
+                             const std::vector<S>& W3, int64_t F, const MoEConfig& cfg) {
+    LowbitRefExperts r;
+    r.format = quant_format_of(cfg.precision);
+    r.exact.W1 = W1;
+    r.exact.W2 = W2;
+    r.exact.W3 = W3;
+    r.exact.F = F;
+    const auto wide = [](const std::vector<S>& W) {
+      std::vector<S> o(W.size());
+      for (size_t i = 0; i < W.size(); ++i)
+        o[i] = static_cast<S>(round_bf16(static_cast<float>(W[i])));
+      return o;
+    };
+    r.widened.W1 = wide(W1);
+    r.widened.W2 = wide(W2);
+    r.widened.W3 = wide(W3);
+    r.widened.F = F;
+    return r;
+  }
+  LowbitRefExperts& with_biases(const std::vector<S>& b1, const std::vector<S>& b2,
+                                const std::vector<S>& b3) {
+    exact.with_biases(b1, b2, b3);
+    widened.with_biases(b1, b2, b3);
+    return *this;
+  }
+};
+
+// out (n) = the row v as the kernel for M rows of a matrix of `format` takes it.
+template <typename S>
+void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t M) {
+  const QuantRowsType rows = quant_method_for(M) == QuantMethod::prefill
+                                 ? QuantRowsType::bf16
+                                 : quant_rows_type(quant_decode_path(format));
+  if (rows == QuantRowsType::s8) {
+    std::vector<float> f(32);
+    for (int64_t b = 0; b < n; b += 32) {
+      const int64_t len = std::min<int64_t>(32, n - b);
+      for (int64_t i = 0; i < len; ++i) f[static_cast<size_t>(i)] = static_cast<float>(v[b + i]);
+      const float scale = quant_s8_scale(f.data(), len);
+      for (int64_t i = 0; i < len; ++i)
+        out[b + i] = static_cast<S>(quant_s8(f[static_cast<size_t>(i)], scale)) * static_cast<S>(scale);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = rows == QuantRowsType::bf16 ? static_cast<S>(round_bf16(static_cast<float>(v[i])))
+                                         : static_cast<S>(static_cast<float>(v[i]));
+}
+
+// out (Do) = expert e of q applied to the row x (d), the expert having M rows in this call.
+template <typename S>
+void expert_row_lowbit_ref(S* out, const S* x, const LowbitRefExperts<S>& q, int64_t e,
+                           const MoEConfig& cfg, int64_t M) {
+  const bool prefill = quant_method_for(M) == QuantMethod::prefill;
+  const QuantFormatId f = q.format;
+  expert_row_quantized_ref(out, x, prefill ? q.widened : q.exact, e, cfg,
+                           [f, M](S* o, const S* v, int64_t n) { lowbit_row_ref(o, v, n, f, M); });
+}
+
+}  // namespace moe::detail
