@@ -19,8 +19,8 @@ tokens (min_new_tokens = max_new_tokens: end-of-sequence does not stop it) by
 
 Every variant runs on the same model object: replace_moe_blocks swaps the block modules and
 the originals are put back afterwards, so the weights are the same tensors, not a second
-draw. One short generate warms each variant up before the timed one (--repeat runs; the
-fastest is reported).
+draw. A generate of 2 tokens from the same prompt warms each variant up before the timed
+one (--repeat runs; the fastest is reported).
 
 Columns (one row a variant, or one JSON object a variant with --json):
   prefill s      time to the first token: from the call of generate to the first call of
@@ -224,10 +224,6 @@ def put_back(model, blocks):
         setattr(model.get_submodule(parent), child, block)
 
 
-def top_k_of(config):
-    return config.num_experts_per_tok
-
-
 # ---- what a decoded token reads -----------------------------------------------------------
 
 
@@ -277,7 +273,7 @@ def decode_bytes(model, block_names, precision):
     tied = model.get_output_embeddings().weight is emb
     rest = sum(nbytes(p) for p in model.parameters() if id(p) not in inside and p is not emb)
     rest += nbytes(emb) if tied else emb.shape[1] * emb.element_size()
-    k = top_k_of(model.config)
+    k = model.config.num_experts_per_tok
     per_block = [block_bytes(b, k, precision) for b in blocks]
     if any(b is None for b in per_block):
         return None
@@ -357,8 +353,7 @@ def timed_generate(model, ids, new_tokens, block_names):
 
 def run_variant(model, ids, args, block_names, precision):
     """One row: the variant's timings and tokens (precision None: transformers alone)."""
-    warm = ids[:, :min(ids.shape[1], 16)]
-    generate(model, warm, 2)
+    generate(model, ids, 2)  # warm-up: buffers for the prompt's length, one decode step
     best = None
     for _ in range(args.repeat):
         r = timed_generate(model, ids, args.new_tokens, block_names)
@@ -449,7 +444,7 @@ def main(argv=None) -> int:
         E = getattr(c, "num_local_experts", None) or c.num_experts
         F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
         print(f"{head['model']}: {args.layers} of {MODELS[args.model][1]['num_hidden_layers']} "
-              f"layers, d {c.hidden_size}, {E} experts of width {F}, top-{top_k_of(c)}, "
+              f"layers, d {c.hidden_size}, {E} experts of width {F}, top-{c.num_experts_per_tok}, "
               f"vocab {c.vocab_size}; bf16, random weights (seed {args.seed})")
         print(f"prompt {args.prompt} tokens, {args.new_tokens} new (greedy), "
               f"{args.threads} threads; transformers experts "

@@ -156,6 +156,10 @@ struct LayerOptions {
   bool initialise = true;
 };
 
+namespace detail {
+struct LayerAccess;
+}
+
 class MoELayer {
  public:
   explicit MoELayer(const MoEConfig& cfg);  // validates cfg, initialises from cfg.seed
@@ -252,6 +256,7 @@ class MoELayer {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  friend struct detail::LayerAccess;  // the library's loaders (layer/layer_access.hpp)
 };
 
 // SPEC §2 balancing loss on its own: indices (T, k), probs (T, E). Returns

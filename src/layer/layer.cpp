@@ -21,6 +21,7 @@
 #include "experts/precision.hpp"
 #include "layer/expert_choice_layer.hpp"
 #include "layer/init.hpp"
+#include "layer/layer_access.hpp"
 #include "layer/shared_experts.hpp"
 #include "common/gemm.hpp"
 #include "layer/workspace.hpp"
@@ -288,6 +289,36 @@ void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const 
     for (int64_t o = 0; o < Out; ++o)
       wide[static_cast<size_t>(i * Out + o)] = detail::from_bf16(src[i * s_in + o * s_out]);
   set_expert_matrix(name, e, wide.data());
+}
+
+void detail::LayerAccess::set_expert_matrix_stored(MoELayer& L, const std::string& name,
+                                                   int64_t e, const QuantMatrix& v) {
+  MoELayer::Impl& m = *L.impl_;
+  MOE_REQUIRE(low_bit(m.cfg.precision) && !m.masters, "set_expert_matrix_stored: '", name,
+              "' of a layer of precision '", to_string(m.cfg.precision),
+              "' with masters: stored low-bit bytes go into a low-bit layer without masters");
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  expert_matrix_spec(specs, name, e, v.codes);
+  const bool shared = name[1] == 's';
+  (shared ? m.shared.precision() : m.prec)
+      .assign_stored(slot, e, v, stack_shape(specs, m.cfg, shared));
+}
+
+const detail::QuantMatrix& detail::LayerAccess::expert_matrix_stored(const MoELayer& L,
+                                                                    const std::string& name,
+                                                                    int64_t e) {
+  const MoELayer::Impl& m = *L.impl_;
+  MOE_REQUIRE(low_bit(m.cfg.precision) && !m.masters, "expert_matrix_stored: the layer holds ",
+              "no low-bit bytes (precision '", to_string(m.cfg.precision), "'",
+              m.masters ? ", with masters" : "", ")");
+  const int slot = expert_matrix_slot(name);
+  const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
+  const detail::ParamSpec& spec = find_expert_matrix(specs, name, "expert_matrix_stored");
+  MOE_REQUIRE(e >= 0 && e < spec.shape[0], "expert_matrix_stored: expert ", e, " of ", name,
+              " out of range 0..", spec.shape[0] - 1);
+  const bool shared = name[1] == 's';
+  return (shared ? m.shared.precision() : m.prec).quant.stack(slot)[static_cast<size_t>(e)].m;
 }
 
 bool MoELayer::holds_masters() const { return impl_->masters; }
