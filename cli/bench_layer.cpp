@@ -66,7 +66,12 @@ int64_t bytes_needed(const BenchCase& c, bool with_grads) {
   const bool bf16 = m.precision == Precision::bf16;
   return perf::layer_param_bytes(m) * (with_grads ? 2 : 1) + acts +
          (bf16 ? perf::layer_param_bytes(m) / 2 * (with_grads ? 2 : 1) : 0) +
-         (m.precision == Precision::int8 ? perf::layer_param_bytes(m) / 4 : 0);
+         (m.precision == Precision::int8 || m.precision == Precision::fp8
+              ? perf::layer_param_bytes(m) / 4
+              : 0) +
+         (m.precision == Precision::int4 || m.precision == Precision::mxfp4
+              ? perf::layer_param_bytes(m) / 7
+              : 0);
 }
 
 

@@ -422,6 +422,46 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
              "", na(mx8, false));
   }
 
+  // Low-bit formats (issue 21; evaluation): decode beside the memory roof of the format's
+  // bytes (values, scales, zero points); int4 decode against bf16 decode of the same block
+  // when both ran; prefill (the real-model blocks) no slower than bf16 when both ran.
+  for (const Precision lp : {Precision::int4, Precision::mxfp4, Precision::fp8}) {
+    const std::string pn = to_string(lp);
+    if (std::none_of(rs.begin(), rs.end(),
+                     [lp](const Result& r) { return r.c.cfg.precision == lp; }))
+      continue;
+    const std::pair<const char*, double> decode[] = {
+        {"B3-T1", 1.15}, {"B3-T4", 1.3}, {"B3-T16", 1.3}};
+    for (const auto& [name, limit] : decode) {
+      const std::string text = pn + " " + name + " within " + fmt(limit, 2) + "x of its memory roof";
+      if (const Result* d = find(rs, name, lp); d && d->ran) {
+        const double m = 1.0 / d->ratio_fwd;
+        g.push_back({text, m <= limit,
+                     fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 2) + " ms vs " +
+                         fmt(d->roof_s * 1e3, 2) + " ms at " + fmt(d->read_bw / 1e9, 1) +
+                         " GB/s)"});
+      } else {
+        g.push_back({text, std::nullopt, "not run"});
+      }
+    }
+    if (lp == Precision::int4) {
+      const Result* q = find(rs, "B3-T1", lp);
+      const Result* b = find(rs, "B3-T1", Precision::bf16);
+      at_least("int4 B3-T1 decode >= 3x faster than bf16 decode of the same block",
+               q && b && q->ran && b->ran ? ratio(b->fwd_s, q->fwd_s) : std::nullopt, 3.0, "x",
+               "needs the bf16 and int4 rows in one run (--precision bf16, then int4: run both "
+               "with --config B3-T1 and compare)");
+    }
+    for (const char* name : {"Qwen3-30B-A3B", "Mixtral-8x7B"}) {
+      const Result* q = find(rs, name, lp);
+      const Result* b = find(rs, name, Precision::bf16);
+      if (!q) continue;
+      at_least(pn + " " + name + " block (T 512) no slower than bf16",
+               q->ran && b && b->ran ? ratio(b->fwd_s, q->fwd_s) : std::nullopt, 1.0, "x",
+               "the bf16 row did not run in this run");
+    }
+  }
+
   // Checkpoint blocks (--model, --config real-models): against the family's transformers
   // module, the decode memory roof, and the load time against reading the bytes.
   for (const Result& r : rs) {

@@ -15,6 +15,7 @@
 // The parts, by what they measure: bench.hpp (and bench_heap.cpp for the heap accounting
 // that replaces the binary's operator new/delete).
 
+#include <set>
 #include <omp.h>
 
 #include <iostream>
@@ -41,11 +42,35 @@ int run_bench(const BenchOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   const int threads = omp_get_max_threads();
   if (o.repeat < 1) throw Error("--repeat: must be >= 1, got " + std::to_string(o.repeat));
+  // --precision: one precision, or several separated by commas (their rows in one run, so
+  // that one format stands beside another measured the same way).
+  std::vector<Precision> precs;
+  for (size_t at = 0; at < o.precision.size();) {
+    const size_t comma = std::min(o.precision.find(',', at), o.precision.size());
+    precs.push_back(parse_precision(o.precision.substr(at, comma - at)));
+    at = comma + 1;
+  }
   std::optional<Precision> precision;
-  if (!o.precision.empty()) precision = parse_precision(o.precision);
-  std::vector<BenchCase> cases =
-      o.config.empty() ? perf::default_cases(o.quick, precision.value_or(Precision::fp32))
-                       : perf::bench_cases(o.quick);
+  if (!precs.empty()) precision = precs.front();
+  // Every case once per precision asked for (each case keeps its own when none is).
+  const auto per_precision = [&](const std::vector<BenchCase>& in) {
+    if (precs.empty()) return in;
+    std::vector<BenchCase> out;
+    for (Precision p : precs)
+      for (BenchCase c : in) {
+        c.cfg.precision = p;
+        out.push_back(c);
+      }
+    return out;
+  };
+  std::vector<BenchCase> cases;
+  if (o.config.empty()) {
+    if (precs.empty()) cases = perf::default_cases(o.quick, Precision::fp32);
+    for (Precision p : precs)
+      for (const BenchCase& c : perf::default_cases(o.quick, p)) cases.push_back(c);
+  } else {
+    cases = perf::bench_cases(o.quick);
+  }
   const bool dist_only = o.config == "dist";
   if (o.config == "module") {  // moe.torch.MoE over the bare library, B1 in fp32 and bf16
     std::string note;
@@ -81,6 +106,7 @@ int run_bench(const BenchOptions& o) {
     if (o.layer < 0) throw Error("--layer: needed with --model (a decoder layer index)");
     if (!o.config.empty()) throw Error("--config: not with --model");
     cases = model_cases(o.model, o.layer, o.tokens, precision.value_or(Precision::bf16), "model");
+    cases = per_precision(cases);
   } else if (o.config == "real-models") {
     const std::string parent = o.workdir.empty() ? "/tmp/moe-bench-checkpoints" : o.workdir;
     ::mkdir(parent.c_str(), 0755);
@@ -91,9 +117,9 @@ int run_bench(const BenchOptions& o) {
                 << "...\n";
       const std::string dir = make_checkpoint(name, parent, o.quick, note);
       if (dir.empty()) throw Error(std::string("--config real-models: ") + name + ": " + note);
-      for (BenchCase& c : model_cases(dir, 0, o.quick ? 32 : o.tokens,
-                                      precision.value_or(Precision::bf16),
-                                      std::string("ckpt-") + name))
+      for (BenchCase& c : per_precision(model_cases(dir, 0, o.quick ? 32 : o.tokens,
+                                                    precision.value_or(Precision::bf16),
+                                                    std::string("ckpt-") + name)))
         cases.push_back(c);
     }
   }
@@ -107,10 +133,8 @@ int run_bench(const BenchOptions& o) {
       throw Error("--config: unknown configuration '" + o.config + "' (expected one of " + names +
                   ", B3, E-sweep, real or dist)");
     }
-    cases = pick;
+    cases = per_precision(pick);
   }
-  if (precision)
-    for (BenchCase& c : cases) c.cfg.precision = *precision;
   // --quick is a smoke test of seconds: no peer (a Python process with torch per row).
   const bool peer_ok = !o.no_peer && !o.quick && python_has_torch();
   const std::string peer_na = o.no_peer ? "n/a (--no-peer)"
@@ -147,8 +171,8 @@ int run_bench(const BenchOptions& o) {
       r.peer_note = "n/a (" + r.note + ")";
     } else if (!peer_ok) {
       r.peer_note = peer_na;
-    } else if (c.cfg.precision == Precision::int8) {
-      r.peer_note = "n/a (no int8 peer)";
+    } else if (evaluation_only(c.cfg.precision)) {
+      r.peer_note = std::string("n/a (no ") + to_string(c.cfg.precision) + " peer)";
     } else if (static_cast<double>(bytes_needed(c, c.backward)) >
                static_cast<double>(mem_available_bytes()) * o.mem_fraction) {
       r.peer_note = "n/a (not enough memory for the peer)";
@@ -258,12 +282,24 @@ void add_bench_command(CLI::App& app, int& status) {
                   "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
                   "bare library at B1)");
   sub->add_option("--precision", o->precision,
-                  "fp32 | bf16 | int8: run the configurations in this precision (default: fp32, "
-                  "and bf16 for the real-model blocks). Alone, bf16 runs B1, B3-T1 and the "
-                  "real-model blocks against the bf16 roof and a bf16 PyTorch peer; int8 "
-                  "(evaluation only) runs B3-T1, B3-T4, B3-T16 beside their memory roofs and "
-                  "the real-model blocks beside the bf16 roof")
-      ->check(CLI::IsMember({"fp32", "bf16", "int8"}));
+                  "fp32 | bf16 | int8 | int4 | mxfp4 | fp8, or several separated by commas "
+                  "(bf16,int4: each configuration in each, in one run): run the configurations "
+                  "in this precision (default: fp32, and bf16 for the real-model blocks). Alone, bf16 "
+                  "runs B1, B3-T1 and the real-model blocks against the bf16 roof and a bf16 "
+                  "PyTorch peer; int8, int4, mxfp4 and fp8 (evaluation only) run B3-T1, B3-T4, "
+                  "B3-T16 beside their memory roofs (the bytes of the format) and the "
+                  "real-model blocks beside the bf16 roof")
+      ->check([](const std::string& v) -> std::string {
+        const std::set<std::string> known{"fp32", "bf16", "int8", "int4", "mxfp4", "fp8"};
+        for (size_t at = 0; at <= v.size();) {
+          const size_t comma = std::min(v.find(',', at), v.size());
+          if (!known.count(v.substr(at, comma - at)))
+            return "'" + v.substr(at, comma - at) +
+                   "' is not one of fp32, bf16, int8, int4, mxfp4, fp8 (several: bf16,int4)";
+          at = comma + 1;
+        }
+        return "";
+      });
   sub->add_option("--model", o->model,
                   "A Hugging Face model folder: benchmark the MoE block of --layer (prefill at "
                   "--tokens, decode at T=1, load time) beside its roofs and the family's "

@@ -85,6 +85,16 @@ QuantFormatId quant_format_of(Precision p) {
                                  : QuantFormatId::fp8;
 }
 
+int64_t lowbit_matrix_bytes(Precision p, const Int4Options& opt, int64_t K, int64_t N) {
+  QuantMatrix m;
+  m.format = quant_format_of(p);
+  m.K = K;
+  m.N = N;
+  m.block_k = m.format == QuantFormatId::int4 ? opt.group : m.fmt().block_k;
+  m.zero_points = m.format == QuantFormatId::int4 && opt.zero_points;
+  return m.stored_bytes();
+}
+
 void QuantHeld::adopt(const QuantMatrix& v) {
   validate(v);
   const QuantFormat& f = v.fmt();

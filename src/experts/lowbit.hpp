@@ -40,6 +40,9 @@ struct QuantHeld {
 QuantHeld quantize_matrix(Precision p, const Int4Options& opt, const float* W, int64_t K,
                           int64_t N);
 QuantFormatId quant_format_of(Precision p);
+// The bytes one (K, N) matrix takes in precision p (codes, scales, zero points): what a full
+// read of it touches (the decode's memory roof).
+int64_t lowbit_matrix_bytes(Precision p, const Int4Options& opt, int64_t K, int64_t N);
 
 struct ExpertWeightsQuant {
   Precision precision = Precision::int4;

@@ -1,4 +1,5 @@
 #include "perf/suite.hpp"
+#include "experts/lowbit.hpp"
 
 #include <cmath>
 #include <cstdio>
@@ -123,7 +124,7 @@ std::vector<BenchCase> default_cases(bool quick, Precision p) {
   std::vector<BenchCase> out;
   for (BenchCase c : bench_cases(quick)) {
     if (p == Precision::fp32 && c.group != "real") out.push_back(c);
-    if (p == Precision::int8) {  // evaluation only: decode at T = 1, 4, 16 and prefill
+    if (evaluation_only(p)) {  // int8, int4, mxfp4, fp8: decode at T = 1, 4, 16 and prefill
       if (c.group == "B3" || c.group == "real") {
         c.cfg.precision = p;
         out.push_back(c);
@@ -184,6 +185,19 @@ int64_t expert_read_bytes(const MoEConfig& cfg) {
   if (cfg.expert_bias && cfg.expert == ExpertKind::clamped_swiglu) bias = 2 * f + o;
   bias *= static_cast<int64_t>(sizeof(float));
   if (cfg.precision == Precision::bf16) return (all - bias) / 2 + bias;
+  if (low_bit(cfg.precision)) {  // the stored bytes of each matrix (experts/lowbit.hpp)
+    const detail::Int4Options opt{cfg.int4_group, cfg.int4_zero_points, true};
+    const int64_t d = cfg.d_model;
+    const auto m = [&](int64_t K, int64_t N) {
+      return detail::lowbit_matrix_bytes(cfg.precision, opt, K, N);
+    };
+    switch (cfg.expert) {
+      case ExpertKind::linear_relu: return m(d, o) + bias;
+      case ExpertKind::mlp: return m(d, f) + m(f, o) + bias;
+      case ExpertKind::swiglu:
+      case ExpertKind::clamped_swiglu: return 2 * m(d, f) + m(f, o) + bias;
+    }
+  }
   // int8: a byte a weight, and per output column a scale and a column sum (4 bytes each).
   int64_t cols = 0;
   switch (cfg.expert) {
