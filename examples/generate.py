@@ -295,13 +295,16 @@ def read_bandwidth_gbs():
 
 
 class Stamps(transformers.LogitsProcessor):
-    """Records the time of each call: once a generated token, right after its forward."""
+    """Records the time of each call (once a generated token, right after its forward) and
+    the logits it sees, for the margins at a token difference."""
 
     def __init__(self):
         self.times = []
+        self.logits = []
 
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
+        self.logits.append(scores[0].clone())
         return scores
 
 
@@ -338,7 +341,8 @@ def generate(model, ids, new_tokens, processors=None):
 
 
 def timed_generate(model, ids, new_tokens, block_names):
-    """(new token ids, prefill s, decode s, MoE s in the prefill, MoE s in the decode)."""
+    """(new token ids, prefill s, decode s, MoE s in the prefill, MoE s in the decode,
+    the logits of each step)."""
     stamps = Stamps()
     clock = BlockClock([model.get_submodule(n) for n in block_names])
     try:
@@ -348,31 +352,30 @@ def timed_generate(model, ids, new_tokens, block_names):
         clock.remove()
     t1, tn = stamps.times[0], stamps.times[-1]
     return (out[0, ids.shape[1]:].tolist(), t1 - t0, tn - t1, clock.inside(t0, t1),
-            clock.inside(t1, tn))
+            clock.inside(t1, tn), stamps.logits)
 
 
 def run_variant(model, ids, args, block_names, precision):
-    """One row: the variant's timings and tokens (precision None: transformers alone)."""
+    """(the variant's row: timings and tokens, its logits of each step); precision None:
+    transformers alone."""
     generate(model, ids, 2)  # warm-up: buffers for the prompt's length, one decode step
-    best = None
-    for _ in range(args.repeat):
-        r = timed_generate(model, ids, args.new_tokens, block_names)
-        if best is None or r[1] + r[2] < best[1] + best[2]:
-            if best is not None and r[0] != best[0]:
-                raise RuntimeError("two runs of the same variant generated different tokens")
-            best = r
-    tokens, prefill, decode, moe_pre, moe_dec = best
+    runs = [timed_generate(model, ids, args.new_tokens, block_names)
+            for _ in range(args.repeat)]
+    if any(r[0] != runs[0][0] for r in runs):
+        raise RuntimeError("two runs of the same variant generated different tokens")
+    tokens, prefill, decode, moe_pre, moe_dec, logits = min(runs, key=lambda r: r[1] + r[2])
     steps = args.new_tokens - 1
     held = None
     if precision is not None:  # what the library chose ("auto" resolved)
         held = model.get_submodule(block_names[0]).config["precision"]
-    return {"prefill_s": prefill,
-            "decode_tok_s": steps / decode if steps else None,
-            "moe_share_prefill": moe_pre / prefill,
-            "moe_share_decode": moe_dec / decode if steps else None,
-            "bytes_per_token": decode_bytes(model, block_names, held),
-            "held_precision": held,
-            "tokens": tokens}
+    row = {"prefill_s": prefill,
+           "decode_tok_s": steps / decode if steps else None,
+           "moe_share_prefill": moe_pre / prefill,
+           "moe_share_decode": moe_dec / decode if steps else None,
+           "bytes_per_token": decode_bytes(model, block_names, held),
+           "held_precision": held,
+           "tokens": tokens}
+    return row, logits
 
 
 # ---- the report ---------------------------------------------------------------------------

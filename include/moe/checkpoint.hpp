@@ -24,7 +24,8 @@ namespace moe {
 class Optimizer;
 
 // One tensor read from a file. `dtype` is the file's dtype string ("F32", "F64", "F16",
-// "BF16" or "I8"); the values are converted to float32 in `tensor` (exactly, for I8).
+// "BF16", "I8" or "U8"); the values are converted to float32 in `tensor` (exactly, for I8
+// and U8).
 struct NamedTensor {
   std::string name;
   std::string dtype;
@@ -40,13 +41,15 @@ struct SafetensorsFile {
 
 // Writes tensors (as F32, in the given order, data contiguous) and metadata to `path`
 // atomically; the tensors named in `as_i8` are written as I8 (int8 weights, precision int8),
-// and every value of theirs must be an integer in [-128, 127]. Throws moe::Error on a null
+// and every value of theirs must be an integer in [-128, 127]; those in `as_u8` as U8 (the
+// codes and E8M0 scales of the low-bit precisions), integers in [0, 255]. Throws moe::Error on a null
 // tensor, a shape that does not match the data, a duplicate or reserved name
 // ("__metadata__"), a value I8 cannot hold, non-UTF-8 text, or any I/O failure.
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, const Tensor*>>& tensors,
                       const std::map<std::string, std::string>& metadata = {},
-                      const std::set<std::string>& as_i8 = {});
+                      const std::set<std::string>& as_i8 = {},
+                      const std::set<std::string>& as_u8 = {});
 
 // Reads and validates a whole file. Throws moe::Error naming `path` and the problem.
 SafetensorsFile load_safetensors(const std::string& path);

@@ -70,8 +70,7 @@ void ExpertPrecision::read(int matrix, float* out, const ExpertShape& s) const {
 }
 
 void ExpertPrecision::fix_from(const ExpertWeights& w, const ExpertShape& s) {
-  if (is_low_bit()) {
-    quant.invalidate();
+  if (is_low_bit()) {  // kept when current (e.g. a checkpoint's bytes): quantizing is costly
     quant.prepare(w, s);
     quant.fixed = true;
   } else if (is_int8()) {

@@ -75,7 +75,7 @@ struct DType {
 // ones it needs (F8_E4M3, U8).
 constexpr DType kDTypes[] = {
     {"F32", 4, true},      {"F64", 8, true},      {"F16", 2, true},     {"BF16", 2, true},
-    {"F8_E4M3", 1, false}, {"F8_E5M2", 1, false}, {"F8_E8M0", 1, false}, {"U8", 1, false},
+    {"F8_E4M3", 1, false}, {"F8_E5M2", 1, false}, {"F8_E8M0", 1, false}, {"U8", 1, true},
     {"I8", 1, true},       {"BOOL", 1, false},    {"I16", 2, false},    {"U16", 2, false},
     {"I32", 4, false},     {"U32", 4, false},     {"I64", 8, false},    {"U64", 8, false}};
 
@@ -102,6 +102,8 @@ void convert_to_f32(float* dst, const uint8_t* src, size_t n, const std::string&
     }
   } else if (dtype == "I8") {
     for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<int8_t>(src[i]));
+  } else if (dtype == "U8") {
+    for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   } else {
     MOE_ASSERT(dtype == "BF16");
     for (size_t i = 0; i < n; ++i) {
@@ -169,7 +171,7 @@ Entry check_entry(const std::string& name, const ojson& j, uint64_t data_size,
   if (!dtype)
     throw Error(cat(where, any_dtype ? ": unknown dtype '" : ": unsupported dtype '", e.dtype,
                     any_dtype ? "' (not a dtype of the safetensors format)"
-                              : "' (libmoe reads F32, F64, F16, BF16 and I8)"));
+                              : "' (libmoe reads F32, F64, F16, BF16, I8 and U8)"));
 
   const auto sh = j.find("shape");
   if (sh == j.end() || !sh->is_array()) throw Error(cat(where, ": missing array field 'shape'"));
@@ -430,7 +432,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, const Tensor*>>& tensors,
                       const std::map<std::string, std::string>& metadata,
-                      const std::set<std::string>& as_i8) {
+                      const std::set<std::string>& as_i8,
+                      const std::set<std::string>& as_u8) {
   const std::string what = cat("save_safetensors('", path, "')");
   MOE_REQUIRE(!path.empty(), "save_safetensors: path is empty");
 
@@ -462,15 +465,16 @@ void save_safetensors(const std::string& path,
     MOE_REQUIRE(numel == t->data.size(), what, ": tensor '", name, "' has shape ",
                 shape_str(t->shape), " (", numel, " elements) but holds ", t->data.size(),
                 " values");
-    const bool i8 = as_i8.count(name) > 0;
-    if (i8)
+    const bool i8 = as_i8.count(name) > 0, u8 = as_u8.count(name) > 0;
+    MOE_REQUIRE(!(i8 && u8), what, ": tensor '", name, "' is asked for as both I8 and U8");
+    if (i8 || u8)
       for (size_t i = 0; i < t->data.size(); ++i) {
-        const float v = t->data[i];
-        MOE_REQUIRE(v >= -128.0f && v <= 127.0f && v == std::nearbyint(v), what, ": tensor '",
-                    name, "' is written as I8 but holds ", v, " at index ", i);
+        const float v = t->data[i], lo = i8 ? -128.0f : 0.0f, hi = i8 ? 127.0f : 255.0f;
+        MOE_REQUIRE(v >= lo && v <= hi && v == std::nearbyint(v), what, ": tensor '", name,
+                    "' is written as ", i8 ? "I8" : "U8", " but holds ", v, " at index ", i);
       }
-    const uint64_t bytes = numel * (i8 ? 1 : sizeof(float));
-    header[name] = ojson{{"dtype", i8 ? "I8" : "F32"}, {"shape", t->shape},
+    const uint64_t bytes = numel * (i8 || u8 ? 1 : sizeof(float));
+    header[name] = ojson{{"dtype", i8 ? "I8" : u8 ? "U8" : "F32"}, {"shape", t->shape},
                          {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
@@ -483,14 +487,17 @@ void save_safetensors(const std::string& path,
   detail::AtomicFile f(path);
   f.write(len_bytes, 8);
   f.write(text.data(), text.size());
-  std::vector<int8_t> bytes;
+  std::vector<uint8_t> bytes;
   for (const auto& [name, t] : tensors) {
-    if (!as_i8.count(name)) {
+    const bool i8 = as_i8.count(name) > 0;
+    if (!i8 && !as_u8.count(name)) {
       f.write(t->data.data(), t->data.size() * sizeof(float));
       continue;
     }
     bytes.resize(t->data.size());
-    for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<int8_t>(t->data[i]);
+    for (size_t i = 0; i < bytes.size(); ++i)
+      bytes[i] = i8 ? static_cast<uint8_t>(static_cast<int8_t>(t->data[i]))
+                    : static_cast<uint8_t>(t->data[i]);
     f.write(bytes.data(), bytes.size());
   }
   f.commit();

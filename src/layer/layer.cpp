@@ -294,15 +294,25 @@ void MoELayer::set_expert_matrix_bf16(const std::string& name, int64_t e, const 
 void detail::LayerAccess::set_expert_matrix_stored(MoELayer& L, const std::string& name,
                                                    int64_t e, const QuantMatrix& v) {
   MoELayer::Impl& m = *L.impl_;
-  MOE_REQUIRE(low_bit(m.cfg.precision) && !m.masters, "set_expert_matrix_stored: '", name,
+  MOE_REQUIRE(low_bit(m.cfg.precision), "set_expert_matrix_stored: '", name,
               "' of a layer of precision '", to_string(m.cfg.precision),
-              "' with masters: stored low-bit bytes go into a low-bit layer without masters");
+              "': stored low-bit bytes go into a layer of their precision");
   const int slot = expert_matrix_slot(name);
   const std::vector<detail::ParamSpec> specs = detail::parameter_specs(m.cfg);
   expert_matrix_spec(specs, name, e, v.codes);
   const bool shared = name[1] == 's';
-  (shared ? m.shared.precision() : m.prec)
-      .assign_stored(slot, e, v, stack_shape(specs, m.cfg, shared));
+  detail::ExpertPrecision& p = shared ? m.shared.precision() : m.prec;
+  const detail::ExpertShape s = stack_shape(specs, m.cfg, shared);
+  // With masters the copies may not exist yet (made at the first forward): sized here.
+  if (static_cast<int64_t>(p.quant.stack(slot).size()) != s.E) p.quant.shape(s);
+  p.assign_stored(slot, e, v, s);
+}
+
+void detail::LayerAccess::stored_copies_current(MoELayer& L) {
+  MoELayer::Impl& m = *L.impl_;
+  MOE_ASSERT(low_bit(m.cfg.precision));
+  m.prec.quant.ready = true;
+  if (m.cfg.n_shared_experts > 0) m.shared.precision().quant.ready = true;
 }
 
 const detail::QuantMatrix& detail::LayerAccess::expert_matrix_stored(const MoELayer& L,

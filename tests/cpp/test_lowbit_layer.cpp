@@ -250,3 +250,63 @@ TEST(LowbitQuantizers, Fp8FollowsTheDefinition) {
     }
   EXPECT_LE(std::sqrt(num / den), 0.04);  // E4M3: 3 mantissa bits
 }
+
+// Checkpoints of a low-bit layer hold its bytes (codes, scales, zero points) and the layout:
+// a layer loads them as they are (the same forward, bit for bit), one with masters taking
+// their values as masters too. A file of another precision is refused naming both.
+TEST(LowbitLayer, CheckpointsHoldTheBytes) {
+  const std::string dir = ::testing::TempDir();
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(c.name);
+    for (bool shared : {false, true}) {
+      MoEConfig cfg = base_config(c, moe::ExpertKind::clamped_swiglu);
+      if (shared) cfg.n_shared_experts = 1;
+      MoELayer L(cfg);
+      Rng rng(9);
+      moe_test::randomize(L, rng);
+      const auto x = rng.vec(20 * cfg.d_model, 1.0);
+      const auto want = moe_test::eval_forward(L, x, 20);
+      const std::string a = dir + "/lowbit_" + c.name + "_a.safetensors";
+      moe::save_checkpoint(L, a);
+      moe::LayerOptions held;
+      held.masters = false;
+      MoELayer N(cfg, held);
+      moe::load_checkpoint(N, a);
+      EXPECT_EQ(moe_test::eval_forward(N, x, 20), want) << "without masters";
+      // Saved again from the bytes it holds: the same file content, the same forward.
+      const std::string b = dir + "/lowbit_" + c.name + "_b.safetensors";
+      moe::save_checkpoint(N, b);
+      MoELayer N2(cfg, held);
+      moe::load_checkpoint(N2, b);
+      EXPECT_EQ(moe_test::eval_forward(N2, x, 20), want) << "saved from the bytes";
+      MoELayer M(cfg);
+      moe::load_checkpoint(M, a);
+      EXPECT_EQ(moe_test::eval_forward(M, x, 20), want) << "with masters";
+      M.drop_masters();  // keeps the file's bytes (not quantized again)
+      EXPECT_EQ(moe_test::eval_forward(M, x, 20), want) << "masters dropped";
+    }
+    // Another precision's layer is refused, naming both.
+    MoEConfig other = base_config(c, moe::ExpertKind::clamped_swiglu);
+    other.precision = c.precision == Precision::fp8 ? Precision::mxfp4 : Precision::fp8;
+    MoELayer O(other);
+    const std::string stored = moe::to_string(c.precision);
+    expect_error([&] { moe::load_checkpoint(O, dir + "/lowbit_" + c.name + "_a.safetensors"); },
+                 {".codes' holds ", " weights (a checkpoint of precision '",
+                  "build the layer with precision '"});
+  }
+  // An fp32 checkpoint loads into a low-bit layer (quantized on the way).
+  MoEConfig c32 = base_config(kCases[0], moe::ExpertKind::mlp);
+  c32.precision = Precision::fp32;
+  MoELayer F(c32);
+  const std::string f = dir + "/lowbit_fp32.safetensors";
+  moe::save_checkpoint(F, f);
+  moe::LayerOptions held;
+  held.masters = false;
+  MoELayer Q(base_config(kCases[0], moe::ExpertKind::mlp), held);
+  moe::load_checkpoint(Q, f);
+  MoELayer Qm(base_config(kCases[0], moe::ExpertKind::mlp));
+  for (const auto& n : F.parameter_names()) Qm.param(n).data = F.param(n).data;
+  Rng xr(1);
+  const auto x = xr.vec(8 * 96, 1.0);
+  EXPECT_EQ(moe_test::eval_forward(Q, x, 8), moe_test::eval_forward(Qm, x, 8));
+}
