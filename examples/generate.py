@@ -388,6 +388,19 @@ def first_difference(a, b):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def compare_tokens(tokens, logits, ref_tokens, ref_logits):
+    """The first position where `tokens` leave transformers' and, there (same context
+    before it), how far each side's logits put its own token above the other's: a gap of 0
+    or one bf16 step (1/128 of the logit's power of two) is a rounding tie."""
+    i = first_difference(tokens, ref_tokens)
+    out = {"tokens_equal": i is None, "first_difference": i}
+    if i is not None and i < min(len(tokens), len(ref_tokens)):
+        mine, theirs = tokens[i], ref_tokens[i]
+        out["reference_gap"] = (ref_logits[i][theirs] - ref_logits[i][mine]).item()
+        out["variant_gap"] = (logits[i][mine] - logits[i][theirs]).item()
+    return out
+
+
 COLUMNS = (("variant", 14, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
            ("moe % pre/dec", 13, ">"), ("MB/token", 9, ">"), ("bound tok/s", 11, ">"),
            ("tokens", 0, "<"))
@@ -404,8 +417,15 @@ def row_cells(row):
     def pct(v):
         return "—" if v is None else f"{100 * v:.0f}"
 
-    tokens = ("reference" if row["precision"] is None
-              else "same" if row["tokens_equal"] else f"differ at {row['first_difference']}")
+    if row["precision"] is None:
+        tokens = "reference"
+    elif row["tokens_equal"]:
+        tokens = "same"
+    else:
+        tokens = f"differ at {row['first_difference']}"
+        if "reference_gap" in row:
+            tokens += (f" (gaps {row['reference_gap']:.3g} transformers, "
+                       f"{row['variant_gap']:.3g} libmoe)")
     mb = row["bytes_per_token"]
     return [row["variant"], f"{row['prefill_s']:.3f}",
             "—" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.2f}",
@@ -456,8 +476,7 @@ def main(argv=None) -> int:
               f"({'measured: 1 GiB sum, best of 3' if args.read_gbs is None else '--read-gbs'})")
         print(table_line([name for name, _, _ in COLUMNS]))
 
-    rows = []
-    reference = None
+    reference = None  # (tokens, logits) of transformers alone
     status = 0
     for precision in [None] + precisions:
         row = dict(head, variant="transformers" if precision is None else f"libmoe {precision}",
@@ -466,28 +485,26 @@ def main(argv=None) -> int:
         try:
             if precision is not None:
                 moe.hf.replace_moe_blocks(model, precision=precision)
-            row.update(run_variant(model, ids, args, block_names, precision))
-        except (ValueError, RuntimeError) as e:
-            if precision is None:
-                raise
+        except (ValueError, RuntimeError) as e:  # the library refuses this precision
             row["skipped"] = str(e)
+            print_row(row, args.json)
+            continue
+        try:
+            result, logits = run_variant(model, ids, args, block_names, precision)
         finally:
             put_back(model, originals)
-        if "skipped" not in row:
-            mb = row["bytes_per_token"]
-            row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
-            if precision is None:
-                reference = row["tokens"]
-            row["first_difference"] = first_difference(row["tokens"], reference)
-            row["tokens_equal"] = row["first_difference"] is None
-            if precision == "bf16" and not row["tokens_equal"] and args.check_tokens:
-                status = 1
-        rows.append(row)
+        row.update(result)
+        mb = row["bytes_per_token"]
+        row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
+        if reference is None:
+            reference = (row["tokens"], logits)
+        row.update(compare_tokens(row["tokens"], logits, *reference))
+        if precision == "bf16" and not row["tokens_equal"] and args.check_tokens:
+            status = 1
         print_row(row, args.json)
     if status:
         print("bf16 tokens differ from transformers' (--check-tokens)", file=sys.stderr)
     return status
-
 
 if __name__ == "__main__":
     sys.exit(main())
