@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "bench.hpp"
+#include "layer/layer_access.hpp"
 #include "moe/error.hpp"
 #include "moe/pretrained.hpp"
 #include "moe/router.hpp"
@@ -74,6 +75,30 @@ int64_t bytes_needed(const BenchCase& c, bool with_grads) {
               : 0);
 }
 
+
+// Another layer holding the same bytes as `src`, a low-bit layer without masters: its
+// parameters and its expert matrices' bytes copied.
+MoELayer low_bit_copy(const MoELayer& src) {
+  LayerOptions held;
+  held.masters = false;
+  held.initialise = false;
+  MoELayer c(src.config(), held);
+  for (const std::string& name : src.parameter_names()) c.param(name).data = src.param(name).data;
+  const MoEConfig& m = src.config();
+  for (const char* name : {"W1", "W2", "W3", "Ws1", "Ws2", "Ws3"}) {
+    const bool shared = name[1] == 's';
+    const bool glu = m.expert == ExpertKind::swiglu || m.expert == ExpertKind::clamped_swiglu;
+    if ((shared && m.n_shared_experts == 0) || (name[std::string(name).size() - 1] == '2' &&
+                                                m.expert == ExpertKind::linear_relu) ||
+        (name[std::string(name).size() - 1] == '3' && !glu))
+      continue;
+    const int64_t E = shared ? m.n_shared_experts : m.n_experts;
+    for (int64_t e = 0; e < E; ++e)
+      detail::LayerAccess::set_expert_matrix_stored(
+          c, name, e, detail::LayerAccess::expert_matrix_stored(src, name, e));
+  }
+  return c;
+}
 
 void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>& mem_roof,
                const perf::MachineInfo& machine) {
@@ -138,6 +163,9 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   const bool from_ckpt = !c.model_dir.empty();
   MoELayer layer = from_ckpt ? load_pretrained(c.model_dir, c.model_layer, m.precision)
                              : MoELayer(m);
+  // A low-bit layer is evaluation-only and held as a user serves it: its bytes, no masters
+  // (its cold copies below are copies of those bytes, not quantized again each).
+  if (low_bit(m.precision) && !from_ckpt) layer.drop_masters();
   if (from_ckpt)
     r.param_bytes = heap.live();
   else
@@ -209,8 +237,9 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
                 << " MiB read per call, LLC " << fmt(machine.llc_bytes / 1048576.0, 1)
                 << " MiB)...\n";
     for (int i = 1; i < r.cold_layers; ++i) {
-      copies.push_back(from_ckpt ? load_pretrained(c.model_dir, c.model_layer, m.precision)
-                                 : MoELayer(m));
+      copies.push_back(from_ckpt             ? load_pretrained(c.model_dir, c.model_layer, m.precision)
+                       : low_bit(m.precision) ? low_bit_copy(layer)
+                                              : MoELayer(m));
       copies.back().forward(y.data(), x.data(), T, fo);  // its warm-up (packing, workspace)
     }
   }

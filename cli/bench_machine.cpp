@@ -10,6 +10,7 @@
 #include "common/gemm.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "experts/int8.hpp"
+#include "experts/lowbit.hpp"
 
 namespace moe::cli::bench {
 
@@ -37,6 +38,9 @@ std::vector<std::string> kernel_report_lines() {
                                                  " rows (MOE_AMX_MIN_ROWS)"
                                            : std::string()),
           std::string("int8 experts: ") + detail::int8_kernel_name(),
+          std::string("int4 experts: ") + detail::lowbit_kernel_names(Precision::int4),
+          std::string("mxfp4 experts: ") + detail::lowbit_kernel_names(Precision::mxfp4),
+          std::string("fp8 experts: ") + detail::lowbit_kernel_names(Precision::fp8),
           std::string("fp32 products and roofs: oneDNN ") + detail::cpu_isa_name()};
 }
 

@@ -40,7 +40,13 @@ Columns (one row a variant, or one JSON object a variant with --json):
   bound tok/s    the decode rate that MB/token allows at --read-gbs (default: measured here,
                  the best of 3 torch sums over a 1 GiB buffer on --threads threads).
   tokens         the generated ids against transformers': "same", or the first position
-                 (0 = the first new token) where they differ.
+                 (0 = the first new token) where they differ and, there (the same context
+                 before it), by how much each side's logits put its own token above the
+                 other's: 0 or one bf16 step (1/128 of the logit's power of two) is a
+                 rounding tie. transformers' bf16 blocks round the router logits, the routing
+                 weights and each expert's intermediate results to bf16, libmoe's bf16
+                 accumulates and combines in fp32, so their hidden states differ by bf16
+                 rounding and a greedy choice between two near-tied logits can go either way.
 
 --check-tokens exits 1 if the bf16 variant's tokens differ from transformers'.
 """

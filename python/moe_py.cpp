@@ -20,6 +20,7 @@
 #include "common/cpu.hpp"
 #include "common/gemm.hpp"
 #include "experts/int8.hpp"
+#include "experts/lowbit.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "moe/optim.hpp"
 #include "moe/pretrained.hpp"
@@ -1078,14 +1079,19 @@ PYBIND11_MODULE(_moe, m) {
     d["isa"] = moe::detail::cpu_isa_name();
     d["bf16_experts"] = moe::detail::gemm_bf16_packed_impl();
     d["int8_kernel"] = moe::detail::int8_kernel_name();
+    py::dict lowbit;
+    for (moe::Precision p : {moe::Precision::int4, moe::Precision::mxfp4, moe::Precision::fp8})
+      lowbit[moe::to_string(p)] = moe::detail::lowbit_kernel_names(p);
+    d["lowbit_kernels"] = lowbit;
     return d;
   }, "What runs on this CPU: its name ('cpu'), the highest kernel level it supports ('best': "
      "avx2, avx512, avx512_bf16 or amx) and the level in use ('level', lowered by "
      "MOE_MAX_ISA, given as 'max_isa'), whether the AMX kernels run on their C++ emulation "
      "('amx_emulated', MOE_AMX_EMULATE=1, tests only) and from how many rows per product "
      "('amx_min_rows', MOE_AMX_MIN_ROWS), the ISA oneDNN uses for the fp32 products ('isa'), "
-     "and the kernels of the bf16 expert products ('bf16_experts') and of int8 "
-     "('int8_kernel').");
+     "and the kernels of the bf16 expert products ('bf16_experts'), of int8 "
+     "('int8_kernel') and of the low-bit formats ('lowbit_kernels': int4 (group 128), mxfp4, "
+     "fp8, at decode and at prefill).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -7,6 +7,7 @@
 #include <exception>
 
 #include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
 #include "experts/activation.hpp"
 #include "quant/fp8.hpp"
 #include "quant/mxfp4.hpp"
@@ -213,11 +214,14 @@ int64_t ExpertWeightsQuant::bytes() const {
   return b;
 }
 
-std::string lowbit_kernel_names(const ExpertWeightsQuant& wq) {
-  if (wq.W1.empty()) return to_string(wq.precision);
-  const QuantMatrix& m = wq.W1.front().m;
+std::string lowbit_kernel_names(Precision p, const Int4Options& opt) {
+  QuantMatrix m;
+  m.format = quant_format_of(p);
+  m.block_k = m.format == QuantFormatId::int4 ? opt.group : m.fmt().block_k;
+  m.zero_points = m.format == QuantFormatId::int4 && opt.zero_points;
   return "decode " + quant_kernel_name(m, quant_decode_path(m.format)) + "; prefill " +
-         quant_kernel_name(m, quant_best_path()) + " widened into bf16 panels";
+         quant_kernel_name(m, quant_best_path()) + " widening into bf16 panels for " +
+         gemm_bf16_packed_impl();
 }
 
 void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeights& w,

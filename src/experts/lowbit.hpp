@@ -81,8 +81,9 @@ struct ExpertScratchQuant {
   QuantWorkspace ws;
 };
 
-// The kernel names of an expert's W1 product at decode and at prefill, for reports.
-std::string lowbit_kernel_names(const ExpertWeightsQuant& wq);
+// The kernels an expert product in precision p runs on this CPU (MOE_MAX_ISA included), at
+// decode and at prefill, for reports: "decode int4_g128_sym:avx512_vnni (...); prefill ...".
+std::string lowbit_kernel_names(Precision p, const Int4Options& opt = {});
 
 // The low-bit forward of experts_forward: per expert with rows, its products by the decode
 // kernel (up to kQuantDecodeMaxRows rows) or the prefill kernel, each spread over the threads

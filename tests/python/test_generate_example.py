@@ -95,7 +95,20 @@ def test_check_tokens_fails_on_a_bf16_difference(gen, run, monkeypatch):
     monkeypatch.setattr(gen, "first_difference", lambda a, b: 0 if a is not b else None)
     status, out = run("--model", "qwen3", "--precisions", "bf16", "--check-tokens")
     assert status == 1
-    assert any(line.startswith("libmoe bf16") and line.endswith("differ at 0")
+    assert any(line.startswith("libmoe bf16") and "differ at 0 (gaps" in line
                for line in out.splitlines())
     status, _ = run("--model", "qwen3", "--precisions", "bf16")
     assert status == 0  # reported, not fatal, without --check-tokens
+
+
+def test_token_difference_and_its_gaps(gen):
+    ref, mine = [5, 1, 2], [5, 1, 3]
+    ref_logits = [torch.zeros(4) for _ in ref]
+    logits = [torch.zeros(4) for _ in mine]
+    ref_logits[2][2], ref_logits[2][3] = 4.0, 4.0  # a tie transformers broke its way
+    logits[2][3], logits[2][2] = 4.03125, 4.0  # one bf16 step at 4
+    out = gen.compare_tokens(mine, logits, ref, ref_logits)
+    assert out == {"tokens_equal": False, "first_difference": 2, "reference_gap": 0.0,
+                   "variant_gap": 0.03125}
+    assert gen.compare_tokens(ref, ref_logits, ref, ref_logits) == {
+        "tokens_equal": True, "first_difference": None}
