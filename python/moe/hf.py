@@ -173,7 +173,10 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
             f.write(config_json)
         cls = _TupleMoE if model_type in _TUPLE_OUTPUT else _HFMoE
         try:
-            out = cls.from_pretrained(tmp, layer, precision=precision, masters=True)
+            # fp32 / bf16 blocks keep fp32 masters (they can train); the evaluation-only
+            # precisions hold the experts in their own bytes only.
+            out = cls.from_pretrained(tmp, layer, precision=precision,
+                                      masters=precision in ("fp32", "bf16"))
         except ValueError as e:  # moe.Error names the temporary folder: name the block
             raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
     if router is not None:
@@ -198,10 +201,28 @@ def _refuse_router_logits(module: nn.Module, args, kwargs):
                          f"config.output_router_logits = False")
 
 
+def _auto_precision(model_type, config, blocks) -> str:
+    """precision="auto" for a loaded model: what its blocks hold (bf16 for bf16 or fp16
+    experts, fp32 for fp32 ones). A model transformers quantized in memory is refused: its
+    folder is what libmoe reads as stored (moe.MoE.from_pretrained(path, layer, "auto"))."""
+    q = getattr(config, "quantization_config", None)
+    if q:
+        method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", q)
+        raise ValueError(f"{model_type}: precision='auto' of a model loaded with "
+                         f"quantization_config ({method}): load the block from its folder "
+                         f"with moe.MoE.from_pretrained(path, layer, precision='auto'), or "
+                         f"load the model dequantised and pass an explicit precision")
+    import torch
+    dtypes = {p.dtype for _, b in blocks for p in b.parameters()}
+    return "fp32" if dtypes == {torch.float32} else "bf16"
+
+
 def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
     """Replaces every MoE block of ``model`` (a ``transformers`` model of one of FAMILIES)
     with a ``moe.torch.MoE`` holding the same weights, built by the pretrained loader;
-    returns how many were replaced."""
+    returns how many were replaced. ``precision``: fp32, bf16 (trainable), int8, int4, mxfp4,
+    fp8 (evaluation only: the experts held in that format alone, converted from the block's
+    weights), or "auto" (what the blocks hold: bf16 for bf16 / fp16 experts, fp32 for fp32)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -215,6 +236,8 @@ def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
     if not blocks:
         raise ValueError(f"{model_type}: no MoE block (a router 'gate' or 'router' and "
                          f"experts.gate_up_proj) found")
+    if precision == "auto":
+        precision = _auto_precision(model_type, config, blocks)
     config_json = _config_json(config)
     router = _router_spec(model)
     # Every block is built before any is replaced: an error leaves the model as it was.

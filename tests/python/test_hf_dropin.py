@@ -101,6 +101,37 @@ def test_bf16_precision():
         assert 0 < rel < 2e-2, (i, rel)
 
 
+@pytest.mark.parametrize("precision,bound", [("int4", 0.3), ("mxfp4", 0.3), ("fp8", 0.08),
+                                             ("int8", 0.05), ("auto", 1e-5)])
+def test_low_bit_precisions(precision, bound):
+    """The evaluation-only precisions: each replaced block holds its experts in that format
+    alone (no fp32 masters) and gives its original block's output within what the format
+    costs; "auto" of an fp32 model keeps fp32 (the same output to rounding)."""
+    model = tiny("qwen3_moe").eval()
+    layers = hf_models.moe_layers("qwen3_moe", model.config)
+    originals = [hf_models.moe_block(model, i) for i in layers]
+    moe.hf.replace_moe_blocks(model, precision=precision)
+    x = torch.randn(1, 23, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    for i, orig in zip(layers, originals):
+        block = hf_models.moe_block(model, i)
+        want = "fp32" if precision == "auto" else precision
+        assert isinstance(block, moe.torch.MoE) and block.config["precision"] == want
+        with torch.no_grad():
+            y_ref, y = orig(x), block(x)
+        rel = ((y - y_ref).norm() / y_ref.norm()).item()
+        assert rel < bound and (precision == "auto" or rel > 1e-4), (i, rel)
+    with torch.no_grad():  # and the model runs
+        assert torch.isfinite(model(ids_batch(model)).logits).all()
+
+
+def test_auto_of_a_quantized_model_is_refused_by_name():
+    model = tiny("qwen3_moe").eval()
+    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(ValueError, match=r"precision='auto' of a model loaded with "
+                                         r"quantization_config \(gptq\)"):
+        moe.hf.replace_moe_blocks(model, precision="auto")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ten_adamw_steps_give_the_same_losses(family):
     """AdamW with eps = 1e-5 rather than 1e-8: its first updates are lr * g / (|g| + eps), i.e.
