@@ -308,10 +308,12 @@ std::vector<Case> cases() {
   return v;
 }
 
-// precision int8 (evaluation only): the local experts quantize exactly the rows MoELayer gives
-// them and sum exactly, so y is bit-identical; backward is refused as in MoELayer.
-void run_int8_case() {
-  g_case = "swiglu precision int8, evaluation, uneven tokens";
+// precision int8 and the low-bit ones (evaluation only): the local experts get exactly the rows
+// MoELayer gives them (so the same kernels and roundings) and quantize the same weights, so y is
+// bit-identical; backward is refused as in MoELayer.
+void run_int8_case(moe::Precision precision) {
+  g_case = std::string("swiglu precision ") + moe::to_string(precision) +
+           ", evaluation, uneven tokens";
   moe::MoEConfig cfg;
   cfg.d_model = 12;
   cfg.n_experts = 8;
@@ -320,7 +322,7 @@ void run_int8_case() {
   cfg.router_init_std = 0.5f;
   cfg.seed = 7;
   cfg.expert = moe::ExpertKind::swiglu;
-  cfg.precision = moe::Precision::int8;
+  cfg.precision = precision;
   const int P = g_size, me = g_rank;
   int64_t Tg = 0, off = 0;
   for (int r = 0; r < P; ++r) {
@@ -410,7 +412,9 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
   try {
     for (const auto& c : cases()) run_case(c);
-    run_int8_case();
+    for (auto p : {moe::Precision::int8, moe::Precision::int4, moe::Precision::mxfp4,
+                   moe::Precision::fp8})
+      run_int8_case(p);
     run_fault_cases();
   } catch (const std::exception& e) {
     fail(std::string("unexpected exception: ") + e.what());
