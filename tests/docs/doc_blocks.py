@@ -116,6 +116,8 @@ STAND_INS = [
     # ... and its interpreter: the peer script runs on the suite's Python (it reports kt-kernel
     # as not importable there, and exits 0).
     (r"^\.venv-kt/bin/python\b", r"python3"),
+    # The A/B of two builds times for many minutes and needs an old build: its usage.
+    (r"^python3 bench/ab_compare\.py\b.*", r"python3 bench/ab_compare.py --help"),
     # moe_dist_bench: small sizes (its defaults are the docs' sizes; the last value counts).
     (r"(build/bin/moe_dist_bench\b.*)", r"\1 --tokens 64 --d 64 --dff 128 --steps 3"),
     # Presets: the name must be one CMake lists (configuring and building them is CI's:
