@@ -480,7 +480,8 @@ def test_C11_empty_batch_cli():
 
 # Rows whose tests live beside the feature they belong to (each calls errors_doc.check).
 ROW_FILES = ["test_errors.py", "test_router_scores.py", "test_real_model_semantics.py",
-             "test_expert_choice.py", "test_pretrained_loader.py", "test_router_losses.py"]
+             "test_expert_choice.py", "test_pretrained_loader.py", "test_router_losses.py",
+             "test_pretrained_formats.py"]
 # Rows only C++ can trigger: tests/cpp/test_errors.cpp holds them to the table.
 CPP_ONLY = {"R12", "L13", "L14", "M2"}
 # Rows no test can reach on the project's machines; the row says why.
