@@ -797,7 +797,28 @@ void execute(MoELayer& L, const Plan& p) {
     p.weights[p.jobs[decoded[g]].weight].prefetch(p.jobs[decoded[g]].we);
   };
   if (G > 0) prefetch(0);
-#pragma omp parallel if (G > 1)
+  // A low-bit block's load holds, per thread, one stored matrix's mapped pages and (GPTQ /
+  // AWQ) its repacked copy, or (a converted matrix) an fp32 scratch: as many threads as keep
+  // that within an eighth of the block's stored bytes (peak memory, SPEC §7), at least one.
+  int low_threads = omp_get_max_threads();
+  if (!masters && low_bit(precision) && G > 1) {
+    uint64_t all = 0, most_one = 0;
+    for (size_t first : decoded) {
+      const Job& j = p.jobs[first];
+      const StoredWeight& w = p.weights[j.weight];
+      const uint64_t per = static_cast<uint64_t>(w.file_bytes() / std::max<int64_t>(w.stack, 1));
+      const bool int4 = w.format == StoredWeight::Format::gptq ||
+                        w.format == StoredWeight::Format::awq;
+      all += per;
+      const uint64_t held = detail::keeps_stored(w, j.map, precision)
+                                ? (int4 ? 2 * per : per)
+                                : per + 4 * static_cast<uint64_t>(j.map.In * j.map.Out);
+      most_one = std::max(most_one, held);
+    }
+    low_threads = static_cast<int>(std::clamp<uint64_t>(
+        all / 8 / std::max<uint64_t>(most_one, 1), 1, static_cast<uint64_t>(low_threads)));
+  }
+#pragma omp parallel if (G > 1) num_threads(low_threads)
   {
     std::unique_ptr<float[]> scratch;  // made on first use (fp8 and mxfp4 never need it whole)
 #pragma omp for schedule(dynamic, 1)

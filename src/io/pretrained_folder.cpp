@@ -497,7 +497,41 @@ static void matrix_range(const StoredWeight& w, int64_t e, uint64_t& offset, uin
 void StoredWeight::release(int64_t e) const {
   uint64_t offset = 0, n = 0;
   matrix_range(*this, e, offset, n);
-  w.view->release(*w.entry, offset, n);
+  if (format == Format::plain) {
+    w.view->release(*w.entry, offset, n);
+    return;
+  }
+  // Low-bit formats read small companion tensors (scales, zero points, g_idx) beside the
+  // codes, and a fault maps the whole cached folio around it (up to 2 MiB on Linux 6.18: the
+  // kernel's fault-around maps entire large folios), codes of matrices already handed back
+  // among them: the release reaches that far on both sides, and covers the companions too.
+  // Without it, GPTQ's qzeros (stored between the qweights) kept 0.45x a block's bytes mapped
+  // until the folder closed; a page of another thread's matrix dropped too is only faulted in
+  // again from the page cache.
+  constexpr uint64_t kFaultAround = 2 << 20;
+  w.view->release(*w.entry, offset, n, kFaultAround);
+  const auto whole = [&](const PretrainedFolder::Ref& r) {
+    if (r.entry) r.view->release(*r.entry, 0, r.entry->end - r.entry->begin, kFaultAround);
+  };
+  switch (format) {
+    case Format::fp8_block: {
+      const uint64_t per = static_cast<uint64_t>(ceil_div(rows, block_rows) *
+                                                 ceil_div(cols, block_cols)) *
+                           safetensors_dtype_size(scale.entry->dtype);
+      scale.view->release(*scale.entry, static_cast<uint64_t>(e) * per, per, kFaultAround);
+      break;
+    }
+    case Format::mxfp4: {
+      const uint64_t per = static_cast<uint64_t>(rows * (cols / 32));
+      scale.view->release(*scale.entry, static_cast<uint64_t>(e) * per, per, kFaultAround);
+      break;
+    }
+    default:
+      whole(zeros);
+      whole(scale);
+      whole(g_idx);
+      break;
+  }
 }
 
 void StoredWeight::read_bytes(int64_t e, void* dst) const {
