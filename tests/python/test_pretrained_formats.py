@@ -454,3 +454,46 @@ def test_PQ4_int4_tensors_without_a_quantization_config(tmp_path):
     json.dump(cfg, open(p, "w"))
     err(path, "experts.0.gate_proj.qweight' is a GPTQ/AWQ tensor, but config.json's "
               "quantization_config.quant_method is 'none' (expected gptq or awq)")
+
+
+# ---- mutations: anything the loader reads gives a layer or one moe.Error -----------------------
+
+def test_mutated_int4_folders_load_or_refuse(tmp_path):
+    """The loader's fuzz in small (fuzz/fuzz_pretrained.cpp fuzzes the config reader and the
+    repacking in depth): a GPTQ and an AWQ folder with random bytes of their safetensors file
+    changed (header and data), and quantization_config keys set to odd values, each load
+    either builds a layer whose forward is finite-or-not but returns, or raises moe.Error on
+    one line; nothing else escapes."""
+    rng = np.random.default_rng(0)
+    odd_values = [None, 0, -1, 3, 8, 48, 4096, 2**40, "4", "gemv", "marlin", True, [], {},
+                  [1, 2], {"-:(": {}}, {"+:.*": {"bits": 3}}, 1.5]
+    keys = ["bits", "group_size", "sym", "desc_act", "checkpoint_format", "version",
+            "zero_point", "dynamic", "modules_to_not_convert", "quant_method", "w_bit",
+            "q_group_size", "weight_block_size", "fmt", "is_marlin_format"]
+    for method in ("gptq", "awq"):
+        path, c, held = make_int4(tmp_path, "qwen3_moe", name=method, method=method, group=32,
+                                  sym=False, act_order=method == "gptq")
+        f = os.path.join(path, "model.safetensors")
+        cfg_path = os.path.join(path, "config.json")
+        data, cfg = open(f, "rb").read(), open(cfg_path).read()
+        hlen = int.from_bytes(data[:8], "little")
+        x = tokens(c, T=4)
+        for trial in range(40):
+            mutated, q = bytearray(data), json.loads(cfg)
+            if trial % 2 == 0:  # bytes: a few in the header or in the data
+                for _ in range(int(rng.integers(1, 4))):
+                    at = int(rng.integers(8, 8 + hlen)) if rng.random() < 0.5 else \
+                        int(rng.integers(8 + hlen, len(data)))
+                    mutated[at] = int(rng.integers(0, 256))
+            else:  # a config key
+                k = keys[int(rng.integers(len(keys)))]
+                q["quantization_config"][k] = odd_values[int(rng.integers(len(odd_values)))]
+            open(f, "wb").write(bytes(mutated))
+            json.dump(q, open(cfg_path, "w"))
+            try:
+                layer = moe.MoE.from_pretrained(path, 1, precision="auto")
+                layer.forward(x)
+            except moe.Error as e:
+                assert "\n" not in str(e)
+        open(f, "wb").write(data)
+        open(cfg_path, "w").write(cfg)
