@@ -948,8 +948,15 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
                                        const std::string& precision, bool masters) {
     const std::string p = as_path(path);
     const bool automatic = precision == "auto";
-    const moe::Precision prec =
-        automatic ? moe::Precision::bf16 : moe::parse_precision(precision);
+    moe::Precision prec = moe::Precision::bf16;
+    if (!automatic) {
+      try {
+        prec = moe::parse_precision(precision);
+      } catch (const moe::Error&) {  // from_pretrained also takes "auto"
+        throw moe::Error(cat("precision: unknown value '", precision,
+                             "' (expected auto, fp32, bf16, int8, int4, mxfp4 or fp8)"));
+      }
+    }
     moe::LayerOptions opt;
     opt.masters = masters;
     std::unique_ptr<PyMoE> self;

@@ -322,6 +322,9 @@ def test_L16_precision():
             moe.MoE(8, 4, 2, precision=p).forward(np.zeros((1, 8), np.float32), training=True)
     with raises("int4_group: must be 32, 64 or 128, got 16"):
         moe.MoE(8, 4, 2, precision="int4", int4_group=16)
+    with raises("precision: unknown value 'fp16' (expected auto, fp32, bf16, int8, int4, mxfp4 "
+                "or fp8)"):
+        moe.MoE.from_pretrained("no-such-folder", 0, precision="fp16")
     r = subprocess.run([MOE, "train", "--precision", "half"], capture_output=True, text=True)
     assert r.returncode == 2 and "precision" in r.stderr and not r.stdout
 
