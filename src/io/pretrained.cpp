@@ -368,7 +368,17 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
     for (const json& x : *n) {
       MOE_REQUIRE(x.is_string(), w, ": key 'quantization_config.modules_to_not_convert' must ",
                   "be a list of module names, got ", x.dump());
-      s.not_converted.push_back(x.get<std::string>());
+      StoredQuant::Pattern p;
+      p.key = x.get<std::string>();
+      MOE_REQUIRE(p.key.size() <= 512, w, ": key 'quantization_config.modules_to_not_convert' ",
+                  "must be a list of module names or patterns, got one longer than 512 characters");
+      try {
+        p.re = std::regex(p.key, std::regex::ECMAScript);
+      } catch (const std::regex_error&) {
+        throw Error(cat(w, ": key 'quantization_config.modules_to_not_convert' must be a list ",
+                        "of module names or patterns, got '", p.key, "' (not a regular expression)"));
+      }
+      s.not_converted.push_back(std::move(p));
     }
   }
   if (s.method == StoredQuant::Method::fp8 || s.method == StoredQuant::Method::none) {

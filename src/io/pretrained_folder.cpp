@@ -217,11 +217,21 @@ void require_shape(const PretrainedFolder::Ref& r, const std::vector<int64_t>& w
 }  // namespace
 
 bool StoredQuant::excluded(const std::string& module, std::string* why) const {
-  for (const std::string& n : not_converted)
-    if (!n.empty() && module.find(n) != std::string::npos) {
-      if (why) *why = cat("quantization_config.modules_to_not_convert lists '", n, "'");
+  // transformers' should_convert_module: re.match(key + boundary, name) — some prefix of the
+  // name matched whole, ending on a "." or followed by one or by the end — or a suffix.
+  std::vector<size_t> ends{module.size()};
+  for (size_t i = 0; i < module.size(); ++i)
+    if (module[i] == '.') ends.insert(ends.end(), {i, i + 1});
+  for (const Pattern& p : not_converted) {
+    bool hit = module.size() >= p.key.size() &&
+               module.compare(module.size() - p.key.size(), p.key.size(), p.key) == 0;
+    for (size_t n : ends)
+      hit = hit || std::regex_match(module.begin(), module.begin() + static_cast<std::ptrdiff_t>(n), p.re);
+    if (hit) {
+      if (why) *why = cat("quantization_config.modules_to_not_convert lists '", p.key, "'");
       return true;
     }
+  }
   for (const Rule& r : dynamic)
     if (r.skip && std::regex_search(module, r.re, std::regex_constants::match_continuous)) {
       if (why) *why = cat("quantization_config.dynamic['", r.key, "'] skips it");

@@ -71,7 +71,13 @@ struct StoredQuant {
   bool desc_act = false;             // GPTQ act-order (g_idx)
   bool zeros_minus_one = true;       // GPTQ checkpoint_format "gptq" (v1): stored z - 1
   int64_t fp8_block[2] = {128, 128};  // weight_block_size (rows, cols) of the stored (out, in)
-  std::vector<std::string> not_converted;  // modules_to_not_convert (a module containing one)
+  // modules_to_not_convert, as transformers matches them: a pattern (a regular expression)
+  // matching the module's name from its start up to a "." boundary, or a suffix of the name.
+  struct Pattern {
+    std::string key;
+    std::regex re;
+  };
+  std::vector<Pattern> not_converted;
   // GPTQModel's `dynamic`: "-:regex" leaves matching modules unquantized; "+:regex" (or a
   // bare regex) overrides group_size for them. Matched from the start of the module's name.
   struct Rule {

@@ -483,6 +483,14 @@ def awq_dequant(t, group):
     return ((q - z[g]) * sc.astype(np.float64)[g]).T
 
 
+def not_converted_by(module, patterns):
+    """transformers' rule for modules_to_not_convert (quantizers_utils.should_convert_module,
+    inverted): a pattern matching the name from its start up to a "." boundary, or a suffix."""
+    import re
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module) or module.endswith(p)
+               for p in patterns)
+
+
 def int4_config(method, group=32, sym=True, act_order=False, v1=True, **extra):
     """config.json's quantization_config as GPTQ (optimum / GPTQModel) or AutoAWQ write it."""
     if method == "gptq":
@@ -525,7 +533,7 @@ def write_int4_folder(path, c, weights_by_layer, method="gptq", group=32, sym=Tr
             mods += [(sp + n, key, None) for key, n in
                      zip(("sgate", "sup", "sdown"), ("gate_proj", "up_proj", "down_proj"))]
         for mod, key, e in mods:
-            if any(n in mod for n in not_converted):
+            if not_converted_by(mod, not_converted):
                 continue
             w = t.pop(mod + ".weight").astype(np.float64)
             if method == "gptq":

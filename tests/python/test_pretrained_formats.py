@@ -284,9 +284,11 @@ def test_explicit_conversions(tmp_path, src, precision):
 # ---- modules kept unquantized ---------------------------------------------------------------
 
 def test_modules_to_not_convert(tmp_path):
-    # The shared expert listed as not converted: its F16 .weight is read as plain weights.
+    # The shared expert listed as not converted (transformers' matching: a pattern from the
+    # name's start to a "." boundary, or a suffix; "mlp.gate" is the router, not gate_proj):
+    # its F16 .weight is read as plain weights.
     path, c, held = make_int4(tmp_path, "qwen2_moe", method="gptq", group=32,
-                              not_converted=["shared_expert"])
+                              not_converted=["model.layers.*.mlp.shared_expert", "mlp.gate"])
     from safetensors.numpy import load_file
     t = load_file(os.path.join(path, "model.safetensors"))
     assert "model.layers.1.mlp.shared_expert.up_proj.weight" in t
@@ -299,12 +301,23 @@ def test_modules_to_not_convert(tmp_path):
         "gptq int4 g32 sym (v1 zeros); also f16"
 
 
+def test_not_converted_matches_as_transformers(tmp_path):
+    # AutoAWQ's MoE configs list "gate" (the router): a suffix of "mlp.gate", not of
+    # "experts.0.gate_proj", which stays quantized.
+    path, c, held = make_int4(tmp_path, "qwen3_moe", method="awq", group=32)
+    set_qconfig(path, modules_to_not_convert=["gate", "lm_head"])
+    layer = moe.MoE.from_pretrained(path, 1, precision="auto")
+    check_held(layer, held)
+    assert [pf.not_converted_by(m, ["gate"]) for m in
+            ("model.layers.1.mlp.gate", "model.layers.1.mlp.experts.0.gate_proj")] == [True, False]
+
+
 def test_dynamic_exclusion(tmp_path):
     # GPTQModel's dynamic: "-:regex" keeps the matching modules unquantized.
     q = pf.int4_config("gptq", 32, dynamic={r"-:.*shared_expert\.": {},
                                             r"+:.*experts\.0\.": {"group_size": 32}})
     path, c, held = make_int4(tmp_path, "qwen2_moe", method="gptq", group=32,
-                              not_converted=["shared_expert"], qconfig=q)
+                              not_converted=["model.layers.*.mlp.shared_expert"], qconfig=q)
     cfg = json.load(open(os.path.join(path, "config.json")))
     cfg["quantization_config"].pop("modules_to_not_convert")
     json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
@@ -388,6 +401,9 @@ def test_PQ1_quantization_config_keys(tmp_path):
     err(path, "quantization_config.dynamic['+:('] is not a regular expression")
     set_qconfig(path, dynamic={}, modules_to_not_convert="gate")
     err(path, "key 'quantization_config.modules_to_not_convert' must be a list of module names")
+    set_qconfig(path, modules_to_not_convert=["lm_head["])
+    err(path, "must be a list of module names or patterns, got 'lm_head[' (not a regular "
+              "expression)")
     # inspect reads the same config
     with pytest.raises(moe.Error, match="modules_to_not_convert"):
         moe.inspect_pretrained(path)
