@@ -80,9 +80,9 @@ def expert_tensors(t, module, w, fmt):
     else:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
         import pretrained_folders as pf
+        # as AutoGPTQ writes it: g_idx too (sorted, without act-order)
         for k, v in pf.gptq_pack(w.double().numpy(), 128, sym=True).items():
-            if k != "g_idx":
-                t[f"{module}.{k}"] = torch.from_numpy(v.copy())
+            t[f"{module}.{k}"] = torch.from_numpy(v.copy())
 
 
 def write_checkpoint(path, d, E, F, layers, family, fmt="bf16"):

@@ -327,9 +327,12 @@ StoredWeight open_int4(const PretrainedFolder& f, const std::string& name,
     w.g_idx = f.get(module + ".g_idx");
     dtype(w.g_idx, "I32", "g_idx");
     require_shape(w.g_idx, {K}, " (in_features)");
-    const uint8_t* p = w.g_idx.view->data(*w.g_idx.entry);
+    // Read, not mapped: a fault here would map the cached folio around it (codes of other
+    // matrices) long before the load hands those pages back.
+    std::vector<int32_t> gi(static_cast<size_t>(K));
+    w.g_idx.view->read(*w.g_idx.entry, 0, static_cast<uint64_t>(K) * 4, gi.data());
     for (int64_t k = 0; k < K; ++k) {
-      const int32_t v = load_i32(p, k);
+      const int32_t v = gi[static_cast<size_t>(k)];
       MOE_REQUIRE(v >= 0 && v < G, where(w.g_idx), ": g_idx[", k, "] = ", v,
                   " is outside the ", G, " groups of the scales");
     }
@@ -341,8 +344,10 @@ StoredWeight open_int4(const PretrainedFolder& f, const std::string& name,
     const PretrainedFolder::Ref b = f.get(module + ".bias");
     MOE_REQUIRE(plain_dtype(b.entry->dtype) && b.entry->shape == std::vector<int64_t>{N},
                 where(b), ": expected a bias of shape [", N, "] (F16, BF16, F32)");
+    std::vector<uint8_t> raw(static_cast<size_t>(b.entry->end - b.entry->begin));
+    b.view->read(*b.entry, 0, raw.size(), raw.data());
     std::vector<float> v(static_cast<size_t>(N));
-    decode_plain(v.data(), b.view->data(*b.entry), N, b.entry->dtype);
+    decode_plain(v.data(), raw.data(), N, b.entry->dtype);
     MOE_REQUIRE(std::all_of(v.begin(), v.end(), [](float x) { return x == 0.0f; }), where(b),
                 ": a non-zero bias, which this family's experts do not have");
   }
