@@ -3,7 +3,7 @@
 // sharded) as a MoELayer whose evaluation forward equals that family's transformers module.
 // Families by config model_type: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
 // deepseek_v3, gpt_oss, granitemoe (tensor names, router and expert semantics per family:
-// docs/models.md).
+// docs/models.md), with plain (F32, F16, BF16), FP8, MXFP4, GPTQ or AWQ expert weights.
 //
 // Only the requested layer's tensors are read: the files are mapped read-only and each
 // expert matrix is converted on its own (through one small scratch) into the layer, whose

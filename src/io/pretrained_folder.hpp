@@ -1,7 +1,8 @@
 // A Hugging Face model folder as the pretrained loader sees it: config.json, the tensor names
 // of its safetensors files (from model.safetensors.index.json when sharded, else from the
 // files' headers), files mapped on first use, and stored weights decoded row by row (F32, F64,
-// F16, BF16, F8_E4M3 with block scales, MXFP4). Errors name the file and the tensor.
+// F16, BF16, F8_E4M3 with block scales, MXFP4, GPTQ / AWQ int4) or handed over as the bytes of
+// a low-bit layer (keeps_stored / stored_view). Errors name the file and the tensor.
 #pragma once
 #include <cstdint>
 #include <map>
