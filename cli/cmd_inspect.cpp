@@ -1,5 +1,6 @@
 // `moe inspect PATH [--json]`: a Hugging Face model folder's MoE blocks (SPEC §7): family,
-// MoE and dense layers, E, k, d, d_ff, router, shared experts, dtypes and bytes per block.
+// MoE and dense layers, E, k, d, d_ff, router, shared experts, dtypes, the experts' stored
+// format (what precision "auto" keeps) and bytes per block.
 // Reads config.json and the safetensors headers only.
 #include <iostream>
 #include <memory>
@@ -61,6 +62,8 @@ nlohmann::ordered_json info_json(const PretrainedInfo& i) {
   j["shared_gate"] = i.shared_gate;
   j["layout"] = i.layout;
   j["dtypes"] = i.dtypes;
+  j["expert_format"] = i.expert_format;
+  j["auto_precision"] = i.auto_precision;
   j["file_bytes_per_block"] = i.file_bytes_per_block;
   j["bf16_bytes_per_block"] = i.bf16_bytes_per_block;
   j["fp32_bytes_per_block"] = i.fp32_bytes_per_block;
@@ -95,6 +98,8 @@ int run_inspect(const InspectOptions& o) {
     first = false;
   }
   os << "\n"
+     << "experts as    " << (i.expert_format.empty() ? "-" : i.expert_format)
+     << (i.auto_precision.empty() ? "" : " (precision auto: " + i.auto_precision + ")") << "\n"
      << "per block     " << mib(i.file_bytes_per_block) << " in the files, "
      << mib(i.bf16_bytes_per_block) << " loaded in bf16, " << mib(i.fp32_bytes_per_block)
      << " in fp32\n"
@@ -110,7 +115,8 @@ void add_inspect_command(CLI::App& app, int& status) {
   CLI::App* sub = app.add_subcommand(
       "inspect", "List the MoE blocks of a Hugging Face model folder (config.json and "
                  "*.safetensors): family, MoE layers, E, k, d, d_ff, router, shared experts, "
-                 "dtypes and bytes per block. Reads headers only.");
+                 "dtypes, the experts' stored format (bf16, fp8, mxfp4, gptq/awq int4: what precision "
+                 "auto keeps) and bytes per block. Reads headers only.");
   sub->add_option("path", o->path, "the model folder")->required();
   sub->add_flag("--json", o->json, "one JSON object instead of the table");
   sub->footer("Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, "

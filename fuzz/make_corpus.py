@@ -191,8 +191,33 @@ def pretrained():
                         "num_hidden_layers": 29007199254740993, "n_routed_experts": 8,
                         "num_experts_per_tok": 2, "moe_intermediate_size": 8},
     }
+    qwen3 = {"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 2,
+             "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+    configs.update({
+        "gptq_act_order": dict(qwen3, quantization_config={
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False,
+            "desc_act": True, "checkpoint_format": "gptq",
+            "dynamic": {"-:.*mlp\\.gate$": {}, "+:.*experts\\.0\\.": {"group_size": 64}}}),
+        "gptq_bits8": dict(qwen3, quantization_config={"quant_method": "gptq", "bits": 8,
+                                                       "group_size": 128}),
+        "awq_gemm": dict(qwen3, quantization_config={"quant_method": "awq", "bits": 4,
+                                                     "group_size": 128, "version": "gemm",
+                                                     "zero_point": True,
+                                                     "modules_to_not_convert": ["gate"]}),
+        "awq_gemv": dict(qwen3, quantization_config={"quant_method": "awq", "w_bit": 4,
+                                                     "q_group_size": 48, "version": "gemv"}),
+        "mxfp4": dict(configs["gpt_oss"], quantization_config={
+            "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.mlp.router"]}),
+        "unknown_method": dict(qwen3, quantization_config={"quant_method": "bitsandbytes"}),
+    })
     for n, c in configs.items():
         write("pretrained", "config_" + n + ".bin", b"\x02" + json.dumps(c).encode())
+    # GPTQ / AWQ matrices through the repacking: flags (gptq, g_idx, v1), K/8-1, N/8-1, group.
+    for n, head in {"int4_gptq_act": bytes([0x03 | 4 | 0, 15, 3, 0]),
+                    "int4_gptq_all_k": bytes([0x01 | 4, 9, 1, 4]),
+                    "int4_awq": bytes([0x03, 31, 2, 2]),
+                    "int4_bad_group": bytes([0x01, 7, 0, 5])}.items():
+        write("pretrained", n + ".bin", b"\x03" + head + bytes(range(256)) * 8)
 
 
 if __name__ == "__main__":

@@ -948,13 +948,24 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
   cls.def_static("from_pretrained", [](const py::object& path, int64_t layer,
                                        const std::string& precision, bool masters) {
     const std::string p = as_path(path);
-    const moe::Precision prec = moe::parse_precision(precision);
+    const bool automatic = precision == "auto";
+    moe::Precision prec = moe::Precision::bf16;
+    if (!automatic) {
+      try {
+        prec = moe::parse_precision(precision);
+      } catch (const moe::Error&) {  // from_pretrained also takes "auto"
+        throw moe::Error(cat("precision: unknown value '", precision,
+                             "' (expected auto, fp32, bf16, int8, int4, mxfp4 or fp8)"));
+      }
+    }
     moe::LayerOptions opt;
     opt.masters = masters;
     std::unique_ptr<PyMoE> self;
     {
       py::gil_scoped_release nogil;
-      self = std::make_unique<PyMoE>(moe::load_pretrained(p, layer, prec, opt));
+      self = std::make_unique<PyMoE>(
+          automatic ? moe::load_pretrained(p, layer, moe::precision_auto, opt)
+                    : moe::load_pretrained(p, layer, prec, opt));
     }
     return self;
   }, py::arg("path"), py::arg("layer"), py::arg("precision") = "bf16", py::arg("masters") = false,
@@ -963,7 +974,9 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
      "evaluation forward equals the family's transformers module (docs/models.md). With "
      "masters=False (the default) the expert matrices are held in `precision` only: an "
      "evaluation-only layer (its forward(x) evaluates) without W1/W2/W3 attributes in bf16. "
-     "masters=True keeps fp32 masters (trainable, three times the memory in bf16).");
+     "masters=True keeps fp32 masters (trainable, three times the memory in bf16). "
+     "precision='auto' keeps the format the folder stores the experts in (BF16/F16/F32 "
+     "files: bf16; FP8: fp8; MXFP4: mxfp4; GPTQ/AWQ: int4), the low-bit bytes as stored.");
   m.def("inspect_pretrained", [](const py::object& path) {
     const moe::PretrainedInfo i = moe::inspect_pretrained(as_path(path));
     py::dict d;
@@ -982,6 +995,8 @@ void bind_pretrained(py::module_& m, py::class_<PyMoE>& cls) {
     d["shared_gate"] = i.shared_gate;
     d["layout"] = i.layout;
     d["dtypes"] = i.dtypes;
+    d["expert_format"] = i.expert_format;
+    d["auto_precision"] = i.auto_precision;
     d["file_bytes_per_block"] = i.file_bytes_per_block;
     d["bf16_bytes_per_block"] = i.bf16_bytes_per_block;
     d["fp32_bytes_per_block"] = i.fp32_bytes_per_block;

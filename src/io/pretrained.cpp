@@ -6,6 +6,7 @@
 #include "moe/pretrained.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -20,12 +21,14 @@
 
 #include "common/check.hpp"
 #include "io/pretrained_folder.hpp"
+#include "layer/layer_access.hpp"
 
 namespace moe {
 
 using detail::cat;
 using detail::MatrixMap;
 using detail::PretrainedFolder;
+using detail::StoredQuant;
 using detail::StoredWeight;
 using json = nlohmann::ordered_json;
 
@@ -128,7 +131,7 @@ struct BlockSpec {
   bool router_bias = false;          // "<router>.bias"
   bool selection_bias = false;       // "<router>.e_score_correction_bias"
   bool expert_biases = false;        // gpt_oss: gate_up_proj_bias, down_proj_bias
-  int64_t fp8_block[2] = {128, 128};
+  StoredQuant quant;                 // config.json's quantization_config
 };
 
 struct Family {
@@ -293,18 +296,6 @@ void configure_deepseek_v3(const ConfigReader& c, BlockSpec& b) {
   b.cfg.group_score = GroupScore::top2_sum;
   b.cfg.selection_bias = true;
   b.selection_bias = true;
-  if (const json* q = c.find({"quantization_config"}); q && q->is_object()) {
-    auto bs = q->find("weight_block_size");
-    if (bs != q->end() && !bs->is_null()) {
-      MOE_REQUIRE(bs->is_array() && bs->size() == 2, c.what,
-                  ": quantization_config.weight_block_size must be [rows, cols], got ", bs->dump());
-      for (int i = 0; i < 2; ++i) {
-        b.fp8_block[i] = c.as_int((*bs)[i], "quantization_config.weight_block_size");
-        MOE_REQUIRE(b.fp8_block[i] >= 1, c.what, ": quantization_config.weight_block_size ",
-                    "entries must be >= 1");
-      }
-    }
-  }
   b.router = cat("sigmoid scores, ", topk_words(b.cfg), " by score + e_score_correction_bias",
                  b.cfg.n_groups > 1 ? cat(" within the best ", b.cfg.topk_groups, " of ",
                                           b.cfg.n_groups, " groups (a group scores its top-2 sum)")
@@ -324,6 +315,163 @@ void configure_gpt_oss(const ConfigReader& c, BlockSpec& b) {
   b.cfg.router_bias = true;
   b.router_bias = true;
   b.router = cat(topk_words(b.cfg), " of the logits (router with a bias), then softmax over the k");
+}
+
+// config.json's quantization_config (any family): which stored format the weights claim, and
+// for GPTQ / AWQ the keys the repacking needs, each checked (errors name the key).
+void read_quantization(const ConfigReader& c, BlockSpec& b) {
+  const json* q = c.find({"quantization_config"});
+  if (!q) return;
+  const std::string w = c.what;
+  MOE_REQUIRE(q->is_object(), w, ": key 'quantization_config' must be an object, got ", q->dump());
+  ConfigReader r{*q, w, c.family};
+  const auto key = [](const std::string& k) { return "quantization_config." + k; };
+  StoredQuant& s = b.quant;
+  const json* m = r.find({"quant_method"});
+  if (m) {
+    MOE_REQUIRE(m->is_string(), w, ": key 'quantization_config.quant_method' must be a string, got ",
+                m->dump());
+    s.method_name = m->get<std::string>();
+    std::string lower = s.method_name;
+    std::transform(lower.begin(), lower.end(), lower.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    if (lower == "gptq") s.method = StoredQuant::Method::gptq;
+    else if (lower == "awq") s.method = StoredQuant::Method::awq;
+    else if (lower == "fp8") s.method = StoredQuant::Method::fp8;
+    else if (lower == "mxfp4") s.method = StoredQuant::Method::mxfp4;
+    else
+      throw Error(cat(w, ": quantization_config.quant_method is '", s.method_name,
+                      "'; libmoe reads gptq, awq, fp8 and mxfp4 checkpoints"));
+  }
+  // Integers and booleans of the object, under their full name in errors.
+  const auto integer_or = [&](std::initializer_list<const char*> keys, int64_t def) {
+    std::string found;
+    const json* v = r.find(keys, &found);
+    return v ? c.as_int(*v, key(found)) : def;
+  };
+  const auto boolean_or = [&](const char* k, bool def) {
+    const json* v = r.find({k});
+    if (!v) return def;
+    MOE_REQUIRE(v->is_boolean(), w, ": key '", key(k), "' must be true or false, got ", v->dump());
+    return v->get<bool>();
+  };
+  const auto string_or = [&](const char* k, const std::string& def) {
+    const json* v = r.find({k});
+    if (!v) return def;
+    MOE_REQUIRE(v->is_string(), w, ": key '", key(k), "' must be a string, got ", v->dump());
+    return v->get<std::string>();
+  };
+  // modules_to_not_convert: modules kept unquantized (any method).
+  if (const json* n = r.find({"modules_to_not_convert"})) {
+    MOE_REQUIRE(n->is_array(), w, ": key 'quantization_config.modules_to_not_convert' must be a ",
+                "list of module names, got ", n->dump());
+    for (const json& x : *n) {
+      MOE_REQUIRE(x.is_string(), w, ": key 'quantization_config.modules_to_not_convert' must ",
+                  "be a list of module names, got ", x.dump());
+      StoredQuant::Pattern p;
+      p.key = x.get<std::string>();
+      MOE_REQUIRE(p.key.size() <= 512, w, ": key 'quantization_config.modules_to_not_convert' ",
+                  "must be a list of module names or patterns, got one longer than 512 characters");
+      try {
+        p.re = std::regex(p.key, std::regex::ECMAScript);
+      } catch (const std::regex_error&) {
+        throw Error(cat(w, ": key 'quantization_config.modules_to_not_convert' must be a list ",
+                        "of module names or patterns, got '", p.key, "' (not a regular expression)"));
+      }
+      s.not_converted.push_back(std::move(p));
+    }
+  }
+  if (s.method == StoredQuant::Method::fp8 || s.method == StoredQuant::Method::none) {
+    auto bs = q->find("weight_block_size");
+    if (bs != q->end() && !bs->is_null()) {
+      MOE_REQUIRE(bs->is_array() && bs->size() == 2, w,
+                  ": quantization_config.weight_block_size must be [rows, cols], got ", bs->dump());
+      for (int i = 0; i < 2; ++i) {
+        s.fp8_block[i] = c.as_int((*bs)[i], "quantization_config.weight_block_size");
+        MOE_REQUIRE(s.fp8_block[i] >= 1, w, ": quantization_config.weight_block_size ",
+                    "entries must be >= 1");
+      }
+    }
+    const std::string fmt = string_or("fmt", "e4m3");
+    MOE_REQUIRE(fmt == "e4m3", w, ": quantization_config.fmt is '", fmt,
+                "'; libmoe reads e4m3 (F8_E4M3) weights");
+    return;
+  }
+  if (!s.int4()) return;
+  const bool gptq = s.method == StoredQuant::Method::gptq;
+  std::string bits_key;
+  const json* bits = r.find({"bits", "w_bit"}, &bits_key);
+  MOE_REQUIRE(bits != nullptr, w, ": missing key 'quantization_config.bits', which ",
+              s.method_name, " needs");
+  const int64_t nbits = c.as_int(*bits, key(bits_key));
+  MOE_REQUIRE(nbits == 4, w, ": quantization_config.", bits_key, " is ", nbits,
+              "; libmoe reads 4-bit GPTQ and AWQ checkpoints only");
+  // A group size: a multiple of 32 (the kernel's sub-block), or -1 for GPTQ (one group).
+  const auto check_group = [&](int64_t g, const std::string& k) {
+    MOE_REQUIRE((g > 0 && g % 32 == 0) || (gptq && g == -1), w, ": ", k, " is ", g,
+                "; it must be a positive multiple of 32", gptq ? " (or -1: one group)" : "");
+  };
+  std::string group_key = "group_size";
+  if (!r.find({"group_size"}) && r.find({"q_group_size"})) group_key = "q_group_size";
+  MOE_REQUIRE(r.find({"group_size", "q_group_size"}) != nullptr, w,
+              ": missing key 'quantization_config.group_size', which ", s.method_name, " needs");
+  s.group = integer_or({"group_size", "q_group_size"}, 128);
+  check_group(s.group, key(group_key));
+  if (gptq) {
+    s.sym = boolean_or("sym", true);
+    s.desc_act = boolean_or("desc_act", false);
+    MOE_REQUIRE(!boolean_or("is_marlin_format", false), w,
+                ": quantization_config.is_marlin_format is true; libmoe reads GPTQ's own layout");
+    const std::string fmt = string_or("checkpoint_format", "gptq");
+    MOE_REQUIRE(fmt == "gptq" || fmt == "gptq_v2", w, ": quantization_config.checkpoint_format is '",
+                fmt, "'; libmoe reads 'gptq' (v1: zero points stored minus 1) and 'gptq_v2'");
+    s.zeros_minus_one = fmt == "gptq";
+    if (const json* dyn = r.find({"dynamic"})) {
+      MOE_REQUIRE(dyn->is_object(), w, ": key 'quantization_config.dynamic' must be an object, got ",
+                  dyn->dump());
+      for (auto it = dyn->begin(); it != dyn->end(); ++it) {
+        const std::string k = it.key();
+        const std::string dk = cat("quantization_config.dynamic['", k, "']");
+        StoredQuant::Rule rule;
+        rule.key = k;
+        std::string pattern = k;
+        if (k.rfind("-:", 0) == 0) {
+          rule.skip = true;
+          pattern = k.substr(2);
+        } else if (k.rfind("+:", 0) == 0) {
+          pattern = k.substr(2);
+        }
+        MOE_REQUIRE(pattern.size() <= 512, w, ": ", dk, ": the pattern is longer than 512 characters");
+        try {
+          rule.re = std::regex(pattern, std::regex::ECMAScript);
+        } catch (const std::regex_error&) {
+          throw Error(cat(w, ": ", dk, " is not a regular expression"));
+        }
+        if (!rule.skip) {
+          MOE_REQUIRE(it->is_object(), w, ": ", dk, " must be an object of overrides, got ",
+                      it->dump());
+          if (auto b2 = it->find("bits"); b2 != it->end()) {
+            const int64_t v = c.as_int(*b2, dk + ".bits");
+            MOE_REQUIRE(v == 4, w, ": ", dk, ".bits is ", v,
+                        "; libmoe reads 4-bit GPTQ and AWQ checkpoints only");
+          }
+          if (auto g2 = it->find("group_size"); g2 != it->end()) {
+            rule.group = c.as_int(*g2, dk + ".group_size");
+            check_group(rule.group, dk + ".group_size");
+          }
+        }
+        s.dynamic.push_back(std::move(rule));
+      }
+    }
+  } else {
+    std::string version = string_or("version", "gemm");
+    std::transform(version.begin(), version.end(), version.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    MOE_REQUIRE(version == "gemm", w, ": quantization_config.version is '",
+                string_or("version", "gemm"), "'; libmoe reads AWQ's 'gemm' layout only");
+    MOE_REQUIRE(boolean_or("zero_point", true), w, ": quantization_config.zero_point is false; ",
+                "libmoe reads AWQ checkpoints with zero points (qzeros)");
+  }
 }
 
 // clang-format off
@@ -390,6 +538,7 @@ BlockSpec describe(const json& config, const std::string& what, const Family** f
   b.cfg.capacity_factor.reset();
   b.cfg.precision = Precision::bf16;
   f.configure(c, b);
+  read_quantization(c, b);
   try {
     b.cfg.validate();
   } catch (const Error& e) {
@@ -462,7 +611,7 @@ Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const 
   p.base = block_base(f, fam, layer);
   const std::string& base = p.base;
   auto add_weight = [&](const std::string& name, const std::vector<int64_t>& shape) {
-    p.weights.push_back(detail::open_weight(f, name, shape, spec.fp8_block));
+    p.weights.push_back(detail::open_weight(f, name, shape, spec.quant));
     return p.weights.size() - 1;
   };
   auto add_job = [&](const char* target, int64_t e, size_t w, int64_t we, MatrixMap map) {
@@ -485,7 +634,11 @@ Plan resolve(const PretrainedFolder& f, int64_t layer, const Family& fam, const 
 
   // Routed experts: per-expert names when expert 0's gate is there, else a stacked pair.
   const std::vector<std::string> proj = split(fam.experts, ',');
-  const auto has_any = [&](const std::string& n) { return f.has(n) || f.has(n + "_blocks"); };
+  const auto has_any = [&](const std::string& n) {
+    const bool linear = n.size() > 7 && n.compare(n.size() - 7, 7, ".weight") == 0;
+    return f.has(n) || f.has(n + "_blocks") ||
+           (linear && f.has(n.substr(0, n.size() - 7) + ".qweight"));  // GPTQ / AWQ
+  };
   if (proj.size() == 3 && has_any(base + "experts.0." + proj[0] + ".weight")) {
     p.layout = "per-expert";
     for (int64_t e = 0; e < E; ++e) {
@@ -609,6 +762,12 @@ void execute(MoELayer& L, const Plan& p) {
         else
           L.set_expert_matrix_bf16(j.target, j.e, bytes + mm.in_base * C + mm.out_base, C,
                                    mm.out_step);
+      } else if (detail::keeps_stored(w, j.map, precision)) {
+        // fp8 / mxfp4 / GPTQ / AWQ into a layer of that precision: the stored bytes (GPTQ
+        // and AWQ repacked), never a wider copy of the matrix.
+        detail::StoredView sv;
+        detail::stored_view(w, j.we, j.map, sv);
+        detail::LayerAccess::set_expert_matrix_stored(L, j.target, j.e, sv.view);
       } else {
         if (!scratch) scratch.reset(new float[static_cast<size_t>(most)]);
         detail::read_matrix(scratch.get(), w, j.we, j.map);
@@ -648,7 +807,28 @@ void execute(MoELayer& L, const Plan& p) {
     p.weights[p.jobs[decoded[g]].weight].prefetch(p.jobs[decoded[g]].we);
   };
   if (G > 0) prefetch(0);
-#pragma omp parallel if (G > 1)
+  // A low-bit block's load holds, per thread, one stored matrix's mapped pages and (GPTQ /
+  // AWQ) its repacked copy, or (a converted matrix) an fp32 scratch: as many threads as keep
+  // that within an eighth of the block's stored bytes (peak memory, SPEC §7), at least one.
+  int low_threads = omp_get_max_threads();
+  if (!masters && low_bit(precision) && G > 1) {
+    uint64_t all = 0, most_one = 0;
+    for (size_t first : decoded) {
+      const Job& j = p.jobs[first];
+      const StoredWeight& w = p.weights[j.weight];
+      const uint64_t per = static_cast<uint64_t>(w.file_bytes() / std::max<int64_t>(w.stack, 1));
+      const bool int4 = w.format == StoredWeight::Format::gptq ||
+                        w.format == StoredWeight::Format::awq;
+      all += per;
+      const uint64_t held = detail::keeps_stored(w, j.map, precision)
+                                ? (int4 ? 2 * per : per)
+                                : per + 4 * static_cast<uint64_t>(j.map.In * j.map.Out);
+      most_one = std::max(most_one, held);
+    }
+    low_threads = static_cast<int>(std::clamp<uint64_t>(
+        all / 8 / std::max<uint64_t>(most_one, 1), 1, static_cast<uint64_t>(low_threads)));
+  }
+#pragma omp parallel if (G > 1) num_threads(low_threads)
   {
     std::unique_ptr<float[]> scratch;  // made on first use (fp8 and mxfp4 never need it whole)
 #pragma omp for schedule(dynamic, 1)
@@ -840,19 +1020,91 @@ MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precis
   return load_pretrained(dir, layer, precision, opt);
 }
 
+namespace {
+
+// A stored expert matrix's format in words, for `moe inspect`.
+std::string stored_format_words(const StoredWeight& w, const StoredQuant& q) {
+  switch (w.format) {
+    case StoredWeight::Format::fp8_block:
+      return cat("fp8 e4m3 (block ", w.block_rows, "x", w.block_cols, ")");
+    case StoredWeight::Format::mxfp4:
+      return "mxfp4 (e2m1, e8m0 scale per 32)";
+    case StoredWeight::Format::gptq:
+    case StoredWeight::Format::awq: {
+      const bool gptq = w.format == StoredWeight::Format::gptq;
+      std::string s = cat(gptq ? "gptq" : "awq", " int4 ",
+                          w.group == -1 ? std::string("g-1 (one group)") : cat("g", w.group));
+      if (gptq) {
+        s += q.sym ? " sym" : " asym";
+        if (q.desc_act) s += " act-order";
+        s += w.zeros_minus_one ? " (v1 zeros)" : " (v2 zeros)";
+      } else {
+        s += " (gemm)";
+      }
+      return s;
+    }
+    default: {
+      std::string s = w.dtype;
+      std::transform(s.begin(), s.end(), s.begin(),
+                     [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+      return s;
+    }
+  }
+}
+
+// The precision of the block's routed experts as stored ("auto"): fp8, mxfp4, int4 (GPTQ /
+// AWQ), else bf16.
+Precision plan_stored_precision(const Plan& p) {
+  for (const Job& j : p.jobs)
+    if (j.target == "W1") return detail::stored_precision(p.weights[j.weight].format);
+  return Precision::bf16;
+}
+
+// int4 layers: libmoe's own quantizer (for any matrix not stored as int4) takes the
+// checkpoint's group and symmetry where it can hold them.
+void int4_like_stored(MoEConfig& cfg, const StoredQuant& q) {
+  if (!q.int4()) return;
+  if (q.group == 32 || q.group == 64 || q.group == 128) cfg.int4_group = q.group;
+  cfg.int4_zero_points = q.method == StoredQuant::Method::awq || !q.sym;
+}
+
+MoELayer load_plan(PretrainedFolder& f, int64_t layer, const Family& fam, BlockSpec& b,
+                   const Precision* precision, const LayerOptions& options) {
+  Plan plan = resolve(f, layer, fam, b);  // every name and shape checked first
+  b.cfg.precision = precision ? *precision : plan_stored_precision(plan);
+  if (b.cfg.precision == Precision::int4) int4_like_stored(b.cfg, b.quant);
+  plan.spec.cfg = b.cfg;
+  LayerOptions opt = options;
+  opt.initialise = false;  // every parameter is read from the folder
+  MoELayer L(b.cfg, opt);
+  execute(L, plan);
+  return L;
+}
+
+}  // namespace
+
+MoELayer load_pretrained(const std::string& dir, int64_t layer, AutoPrecision) {
+  LayerOptions opt;
+  opt.masters = false;
+  return load_pretrained(dir, layer, precision_auto, opt);
+}
+
+MoELayer load_pretrained(const std::string& dir, int64_t layer, AutoPrecision,
+                         const LayerOptions& options) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  check_layer(b, layer, f.config_what(), fam->model_type);
+  return load_plan(f, layer, *fam, b, nullptr, options);
+}
+
 MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precision,
                          const LayerOptions& options) {
   PretrainedFolder f(dir);
   const Family* fam = nullptr;
   BlockSpec b = describe(f.config(), f.config_what(), &fam);
   check_layer(b, layer, f.config_what(), fam->model_type);
-  b.cfg.precision = precision;
-  const Plan plan = resolve(f, layer, *fam, b);  // every name and shape checked first
-  LayerOptions opt = options;
-  opt.initialise = false;  // every parameter is read from the folder
-  MoELayer L(b.cfg, opt);
-  execute(L, plan);
-  return L;
+  return load_plan(f, layer, *fam, b, &precision, options);
 }
 
 PretrainedInfo inspect_pretrained(const std::string& dir) {
@@ -882,6 +1134,18 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
   const Plan p = resolve(f, b.moe_layers.front(), *fam, b);
   info.layout = p.layout;
   int64_t values_experts = 0, values_rest = 0;
+  info.auto_precision = to_string(plan_stored_precision(p));
+  {
+    // Each format of the expert matrices, the routed experts' first.
+    std::vector<std::string> formats;
+    for (const Job& j : p.jobs) {
+      if (!is_matrix_target(j.target)) continue;
+      const std::string s = stored_format_words(p.weights[j.weight], b.quant);
+      if (std::find(formats.begin(), formats.end(), s) == formats.end()) formats.push_back(s);
+    }
+    for (size_t i = 0; i < formats.size(); ++i)
+      info.expert_format += (i == 0 ? "" : i == 1 ? "; also " : ", ") + formats[i];
+  }
   for (const StoredWeight& w : p.weights) {
     info.dtypes[w.dtype] += 1;
     info.file_bytes_per_block += w.file_bytes();

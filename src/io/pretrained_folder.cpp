@@ -14,6 +14,9 @@
 #include "common/check.hpp"
 #include "common/parallel.hpp"
 #include "moe/tensor.hpp"
+#include "quant/fp8.hpp"
+#include "quant/int4_import.hpp"
+#include "quant/mxfp4.hpp"
 
 namespace moe::detail {
 
@@ -213,8 +216,155 @@ void require_shape(const PretrainedFolder::Ref& r, const std::vector<int64_t>& w
 
 }  // namespace
 
+bool StoredQuant::excluded(const std::string& module, std::string* why) const {
+  // transformers' should_convert_module: re.match(key + boundary, name) — some prefix of the
+  // name matched whole, ending on a "." or followed by one or by the end — or a suffix.
+  std::vector<size_t> ends{module.size()};
+  for (size_t i = 0; i < module.size(); ++i)
+    if (module[i] == '.') ends.insert(ends.end(), {i, i + 1});
+  for (const Pattern& p : not_converted) {
+    bool hit = module.size() >= p.key.size() &&
+               module.compare(module.size() - p.key.size(), p.key.size(), p.key) == 0;
+    for (size_t n : ends)
+      hit = hit || std::regex_match(module.begin(), module.begin() + static_cast<std::ptrdiff_t>(n), p.re);
+    if (hit) {
+      if (why) *why = cat("quantization_config.modules_to_not_convert lists '", p.key, "'");
+      return true;
+    }
+  }
+  for (const Rule& r : dynamic)
+    if (r.skip && std::regex_search(module, r.re, std::regex_constants::match_continuous)) {
+      if (why) *why = cat("quantization_config.dynamic['", r.key, "'] skips it");
+      return true;
+    }
+  return false;
+}
+
+int64_t StoredQuant::group_of(const std::string& module) const {
+  for (const Rule& r : dynamic)
+    if (!r.skip && r.group != 0 &&
+        std::regex_search(module, r.re, std::regex_constants::match_continuous))
+      return r.group;
+  return group;
+}
+
+Precision stored_precision(StoredWeight::Format f) {
+  switch (f) {
+    case StoredWeight::Format::fp8_block: return Precision::fp8;
+    case StoredWeight::Format::mxfp4: return Precision::mxfp4;
+    case StoredWeight::Format::gptq:
+    case StoredWeight::Format::awq: return Precision::int4;
+    default: return Precision::bf16;
+  }
+}
+
+namespace {
+
+int32_t load_i32(const uint8_t* p, int64_t i) {
+  int32_t v;
+  std::memcpy(&v, p + 4 * i, 4);
+  return v;
+}
+uint16_t load_u16(const uint8_t* p, int64_t i) {
+  uint16_t v;
+  std::memcpy(&v, p + 2 * i, 2);
+  return v;
+}
+
+// GPTQ / AWQ: "<module>.qweight" (I32), ".qzeros" (I32), ".scales" (F16), ".g_idx" (I32,
+// GPTQ, optional), ".bias" (refused unless all zero: these families' experts have none).
+StoredWeight open_int4(const PretrainedFolder& f, const std::string& name,
+                       const std::string& module, const std::vector<int64_t>& shape,
+                       const StoredQuant& q) {
+  StoredWeight w;
+  w.name = name;
+  w.rows = shape[0];
+  w.cols = shape[1];
+  const std::string qw = module + ".qweight";
+  MOE_REQUIRE(q.int4(), "pretrained folder '", f.dir(), "': tensor '", qw,
+              "' is a GPTQ/AWQ tensor, but config.json's quantization_config.quant_method is '",
+              q.method_name, "' (expected gptq or awq)");
+  std::string why;
+  MOE_REQUIRE(!q.excluded(module, &why), "pretrained folder '", f.dir(), "': tensor '", qw,
+              "' is quantized, but ", why, " (expected '", name, "')");
+  const bool gptq = q.method == StoredQuant::Method::gptq;
+  w.format = gptq ? StoredWeight::Format::gptq : StoredWeight::Format::awq;
+  w.dtype = gptq ? "GPTQ-INT4" : "AWQ-INT4";
+  w.group = q.group_of(module);
+  w.zeros_minus_one = q.zeros_minus_one;
+  const auto need = [&](const std::string& suffix) {
+    MOE_REQUIRE(f.has(module + suffix), "pretrained folder '", f.dir(), "': tensor '", qw,
+                "' has no '", module, suffix, "' beside it (", gptq ? "GPTQ" : "AWQ",
+                " stores qweight, qzeros and scales)");
+    return f.get(module + suffix);
+  };
+  w.w = f.get(qw);
+  w.zeros = need(".qzeros");
+  w.scale = need(".scales");
+  w.file = w.w.view->path();
+  const auto dtype = [](const PretrainedFolder::Ref& r, const char* want, const char* what) {
+    MOE_REQUIRE(r.entry->dtype == want, where(r), ": ", what, " must be ", want, ", got ",
+                r.entry->dtype);
+  };
+  dtype(w.w, "I32", "packed int4 codes");
+  dtype(w.zeros, "I32", "packed int4 zero points");
+  dtype(w.scale, "F16", "scales");
+  const int64_t K = w.cols, N = w.rows;
+  const int64_t g = w.group == -1 ? K : w.group;
+  const int64_t G = ceil_div(K, g);
+  MOE_REQUIRE(N % 8 == 0, where(w.w), ": out_features ", N,
+              " must be a multiple of 8 (qzeros packs 8 columns a word)");
+  if (gptq) {
+    MOE_REQUIRE(K % 8 == 0, where(w.w), ": in_features ", K,
+                " must be a multiple of 8 (GPTQ's qweight packs 8 rows a word)");
+    require_shape(w.w, {K / 8, N}, " (GPTQ qweight: in_features / 8, out_features)");
+  } else {
+    require_shape(w.w, {K, N / 8}, " (AWQ qweight: in_features, out_features / 8)");
+  }
+  require_shape(w.zeros, {G, N / 8}, cat(" (groups of ", g, ", out_features / 8)").c_str());
+  require_shape(w.scale, {G, N}, cat(" (groups of ", g, ", out_features)").c_str());
+  if (gptq && f.has(module + ".g_idx")) {
+    w.g_idx = f.get(module + ".g_idx");
+    dtype(w.g_idx, "I32", "g_idx");
+    require_shape(w.g_idx, {K}, " (in_features)");
+    // Read, not mapped: a fault here would map the cached folio around it (codes of other
+    // matrices) long before the load hands those pages back.
+    std::vector<int32_t> gi(static_cast<size_t>(K));
+    w.g_idx.view->read(*w.g_idx.entry, 0, static_cast<uint64_t>(K) * 4, gi.data());
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t v = gi[static_cast<size_t>(k)];
+      MOE_REQUIRE(v >= 0 && v < G, where(w.g_idx), ": g_idx[", k, "] = ", v,
+                  " is outside the ", G, " groups of the scales");
+    }
+  }
+  MOE_REQUIRE(!gptq || !q.desc_act || w.g_idx.entry, "pretrained folder '", f.dir(),
+              "': tensor '", qw, "' has no '", module,
+              ".g_idx' beside it, which quantization_config.desc_act = true needs");
+  if (f.has(module + ".bias")) {
+    const PretrainedFolder::Ref b = f.get(module + ".bias");
+    MOE_REQUIRE(plain_dtype(b.entry->dtype) && b.entry->shape == std::vector<int64_t>{N},
+                where(b), ": expected a bias of shape [", N, "] (F16, BF16, F32)");
+    std::vector<uint8_t> raw(static_cast<size_t>(b.entry->end - b.entry->begin));
+    b.view->read(*b.entry, 0, raw.size(), raw.data());
+    std::vector<float> v(static_cast<size_t>(N));
+    decode_plain(v.data(), raw.data(), N, b.entry->dtype);
+    MOE_REQUIRE(std::all_of(v.begin(), v.end(), [](float x) { return x == 0.0f; }), where(b),
+                ": a non-zero bias, which this family's experts do not have");
+  }
+  return w;
+}
+
+}  // namespace
+
 StoredWeight open_weight(const PretrainedFolder& f, const std::string& name,
-                         const std::vector<int64_t>& shape, const int64_t fp8_block[2]) {
+                         const std::vector<int64_t>& shape, const StoredQuant& q) {
+  const int64_t fp8_block[2] = {q.fp8_block[0], q.fp8_block[1]};
+  constexpr const char* kWeight = ".weight";
+  if (shape.size() == 2 && !f.has(name) && name.size() > 7 &&
+      name.compare(name.size() - 7, 7, kWeight) == 0) {
+    const std::string module = name.substr(0, name.size() - 7);
+    if (f.has(module + ".qweight")) return open_int4(f, name, module, shape, q);
+  }
   MOE_ASSERT(shape.size() >= 1 && shape.size() <= 3);
   StoredWeight w;
   w.name = name;
@@ -307,6 +457,34 @@ void StoredWeight::row(float* out, int64_t e, int64_t r) const {
       }
       break;
     }
+    case Format::gptq:
+    case Format::awq: {
+      // Row r of the stored (out, in) matrix: output j = r over every input k.
+      const int64_t K = cols, N = rows, j = r;
+      const int64_t g = group == -1 ? K : group;
+      const uint8_t* qw = w.view->data(*w.entry);
+      const uint8_t* qz = zeros.view->data(*zeros.entry);
+      const uint8_t* sc = scale.view->data(*scale.entry);
+      const uint8_t* gi = g_idx.entry ? g_idx.view->data(*g_idx.entry) : nullptr;
+      const auto nib = [](int32_t word, int pos) {
+        return static_cast<int>((static_cast<uint32_t>(word) >> (4 * pos)) & 15u);
+      };
+      const bool gptq = format == Format::gptq;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t grp = gi ? load_i32(gi, k) : k / g;
+        int q, z;
+        if (gptq) {
+          q = nib(load_i32(qw, (k / 8) * N + j), static_cast<int>(k % 8));
+          z = nib(load_i32(qz, grp * (N / 8) + j / 8), static_cast<int>(j % 8));
+          if (zeros_minus_one) z = (z + 1) & 15;
+        } else {
+          q = nib(load_i32(qw, k * (N / 8) + j / 8), kAwqNibbleOf[j % 8]);
+          z = nib(load_i32(qz, grp * (N / 8) + j / 8), kAwqNibbleOf[j % 8]);
+        }
+        out[k] = static_cast<float>(q - z) * f16_to_float(load_u16(sc, grp * N + j));
+      }
+      break;
+    }
   }
 }
 
@@ -323,6 +501,10 @@ static void matrix_range(const StoredWeight& w, int64_t e, uint64_t& offset, uin
     case StoredWeight::Format::mxfp4:
       n = static_cast<uint64_t>(w.rows * w.cols / 2);
       break;
+    case StoredWeight::Format::gptq:
+    case StoredWeight::Format::awq:
+      n = w.w.entry->end - w.w.entry->begin;
+      break;
   }
   offset = static_cast<uint64_t>(e) * n;
 }
@@ -330,7 +512,41 @@ static void matrix_range(const StoredWeight& w, int64_t e, uint64_t& offset, uin
 void StoredWeight::release(int64_t e) const {
   uint64_t offset = 0, n = 0;
   matrix_range(*this, e, offset, n);
-  w.view->release(*w.entry, offset, n);
+  if (format == Format::plain) {
+    w.view->release(*w.entry, offset, n);
+    return;
+  }
+  // Low-bit formats read small companion tensors (scales, zero points, g_idx) beside the
+  // codes, and a fault maps the whole cached folio around it (up to 2 MiB on Linux 6.18: the
+  // kernel's fault-around maps entire large folios), codes of matrices already handed back
+  // among them: the release reaches that far on both sides, and covers the companions too.
+  // Without it, GPTQ's qzeros (stored between the qweights) kept 0.45x a block's bytes mapped
+  // until the folder closed; a page of another thread's matrix dropped too is only faulted in
+  // again from the page cache.
+  constexpr uint64_t kFaultAround = 2 << 20;
+  w.view->release(*w.entry, offset, n, kFaultAround);
+  const auto whole = [&](const PretrainedFolder::Ref& r) {
+    if (r.entry) r.view->release(*r.entry, 0, r.entry->end - r.entry->begin, kFaultAround);
+  };
+  switch (format) {
+    case Format::fp8_block: {
+      const uint64_t per = static_cast<uint64_t>(ceil_div(rows, block_rows) *
+                                                 ceil_div(cols, block_cols)) *
+                           safetensors_dtype_size(scale.entry->dtype);
+      scale.view->release(*scale.entry, static_cast<uint64_t>(e) * per, per, kFaultAround);
+      break;
+    }
+    case Format::mxfp4: {
+      const uint64_t per = static_cast<uint64_t>(rows * (cols / 32));
+      scale.view->release(*scale.entry, static_cast<uint64_t>(e) * per, per, kFaultAround);
+      break;
+    }
+    default:
+      whole(zeros);
+      whole(scale);
+      whole(g_idx);
+      break;
+  }
 }
 
 void StoredWeight::read_bytes(int64_t e, void* dst) const {
@@ -354,7 +570,8 @@ void StoredWeight::prefetch(int64_t e) const {
 
 int64_t StoredWeight::file_bytes() const {
   int64_t n = static_cast<int64_t>(w.entry->end - w.entry->begin);
-  if (scale.entry) n += static_cast<int64_t>(scale.entry->end - scale.entry->begin);
+  for (const PretrainedFolder::Ref* r : {&scale, &zeros, &g_idx})
+    if (r->entry) n += static_cast<int64_t>(r->entry->end - r->entry->begin);
   return n;
 }
 
@@ -399,6 +616,120 @@ void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& 
         for (int64_t o = 0; o < Out; ++o) d[o] = tmp[m.out_base + m.out_step * o];
       }
     }
+  }
+}
+
+bool keeps_stored(const StoredWeight& w, const MatrixMap& m, Precision precision) {
+  if (precision != stored_precision(w.format) || w.format == StoredWeight::Format::plain)
+    return false;
+  const bool whole_rows = m.out_major && m.in_base == 0 && m.In == w.cols;
+  switch (w.format) {
+    case StoredWeight::Format::fp8_block:
+      // The layer's fp8 has 128 x 128 blocks: the stored ones must be those, and the matrix
+      // must start on a block row (a stacked gate_up split at F).
+      return whole_rows && w.block_rows == 128 && w.block_cols == 128 && m.out_step == 1 &&
+             m.out_base % 128 == 0;
+    case StoredWeight::Format::mxfp4:
+      return whole_rows;
+    default: {  // GPTQ / AWQ: the kernel's groups (the repacking's rule)
+      const int64_t g = w.group;
+      const bool kernel_group = g == 32 || g == 64 || (g > 0 && g % 128 == 0) ||
+                                (g == -1 && w.format == StoredWeight::Format::gptq);
+      return whole_rows && m.out_base == 0 && m.out_step == 1 && m.Out == w.rows && kernel_group;
+    }
+  }
+}
+
+namespace {
+
+// p as an array of T: in place when aligned, else copied into `copy` (int32 words).
+template <typename T>
+const T* aligned_as(const uint8_t* p, size_t bytes, std::vector<int32_t>& copy) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) == 0) return reinterpret_cast<const T*>(p);
+  copy.resize((bytes + 3) / 4);
+  std::memcpy(copy.data(), p, bytes);
+  return reinterpret_cast<const T*>(copy.data());
+}
+
+}  // namespace
+
+void stored_view(const StoredWeight& w, int64_t e, const MatrixMap& m, StoredView& out) {
+  MOE_ASSERT(m.out_major && m.in_base == 0 && m.In == w.cols);
+  MOE_ASSERT(e >= 0 && (w.stack == 0 ? e == 0 : e < w.stack));
+  const int64_t row0 = e * w.rows + m.out_base;  // first stored row of the matrix
+  switch (w.format) {
+    case StoredWeight::Format::fp8_block: {
+      const int64_t nbr = ceil_div(w.rows, 128), nbc = ceil_div(w.cols, 128);
+      const int64_t srow = e * nbr + m.out_base / 128, sn = ceil_div(m.Out, 128) * nbc;
+      const uint8_t* sp = w.scale.view->data(*w.scale.entry);
+      const std::string& sdt = w.scale.entry->dtype;
+      const float* s = nullptr;
+      if (sdt == "F32" && reinterpret_cast<uintptr_t>(sp) % alignof(float) == 0) {
+        s = reinterpret_cast<const float*>(sp) + srow * nbc;
+      } else {  // a few scales: widened (or aligned) into out.scales
+        out.scales.resize(static_cast<size_t>(sn));
+        decode_plain(out.scales.data(), sp + srow * nbc * safetensors_dtype_size(sdt), sn, sdt);
+        s = out.scales.data();
+      }
+      for (int64_t i = 0; i < sn; ++i)
+        MOE_REQUIRE(std::isfinite(s[i]), where(w.scale), ": a non-finite block scale (block ",
+                    srow + i / nbc, ", ", i % nbc, ")");
+      out.view = Fp8Kernel::view(w.w.view->data(*w.w.entry) + row0 * w.cols, w.cols, s, m.In,
+                                 m.Out);
+      return;
+    }
+    case StoredWeight::Format::mxfp4: {
+      const int64_t G = w.cols / 32;
+      out.view = Mxfp4Kernel::view(w.w.view->data(*w.w.entry) + row0 * G * 16,
+                                   w.scale.view->data(*w.scale.entry) + row0 * G, m.In, m.Out);
+      out.view.code_stride *= m.out_step;  // GPT-OSS's gate / up rows interleave
+      out.view.scale_stride *= m.out_step;
+      return;
+    }
+    case StoredWeight::Format::gptq:
+    case StoredWeight::Format::awq: {
+      std::vector<int32_t> c_qw, c_qz, c_sc, c_gi;
+      const auto bytes = [](const PretrainedFolder::Ref& r) {
+        return static_cast<size_t>(r.entry->end - r.entry->begin);
+      };
+      const int32_t* qw = aligned_as<int32_t>(w.w.view->data(*w.w.entry), bytes(w.w), c_qw);
+      const int32_t* qz =
+          aligned_as<int32_t>(w.zeros.view->data(*w.zeros.entry), bytes(w.zeros), c_qz);
+      const uint16_t* sc =
+          aligned_as<uint16_t>(w.scale.view->data(*w.scale.entry), bytes(w.scale), c_sc);
+      try {
+        if (w.format == StoredWeight::Format::gptq) {
+          GptqInt4 t;
+          t.K = w.cols;
+          t.N = w.rows;
+          t.group = w.group;
+          t.qweight = qw;
+          t.qzeros = qz;
+          t.scales = sc;
+          t.g_idx = w.g_idx.entry ? aligned_as<int32_t>(w.g_idx.view->data(*w.g_idx.entry),
+                                                        bytes(w.g_idx), c_gi)
+                                  : nullptr;
+          t.zeros_minus_one = w.zeros_minus_one;
+          out.int4 = int4_from_gptq(t);
+        } else {
+          AwqInt4 t;
+          t.K = w.cols;
+          t.N = w.rows;
+          t.group = w.group;
+          t.qweight = qw;
+          t.qzeros = qz;
+          t.scales = sc;
+          out.int4 = int4_from_awq(t);
+        }
+      } catch (const Error& err) {
+        const bool gidx = w.g_idx.entry && std::string(err.what()).find("g_idx") != std::string::npos;
+        throw Error(cat(where(gidx ? w.g_idx : w.w), ": ", err.what()));
+      }
+      out.view = out.int4.view();
+      return;
+    }
+    default:
+      MOE_ASSERT(false);
   }
 }
 

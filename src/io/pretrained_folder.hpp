@@ -1,17 +1,20 @@
 // A Hugging Face model folder as the pretrained loader sees it: config.json, the tensor names
 // of its safetensors files (from model.safetensors.index.json when sharded, else from the
 // files' headers), files mapped on first use, and stored weights decoded row by row (F32, F64,
-// F16, BF16, F8_E4M3 with block scales, MXFP4). Errors name the file and the tensor.
+// F16, BF16, F8_E4M3 with block scales, MXFP4, GPTQ / AWQ int4) or handed over as the bytes of
+// a low-bit layer (keeps_stored / stored_view). Errors name the file and the tensor.
 #pragma once
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <string>
 #include <vector>
 
 #include "io/safetensors_view.hpp"
 #include "moe/layer.hpp"
+#include "quant/int4.hpp"
 
 namespace moe::detail {
 
@@ -58,18 +61,56 @@ std::map<std::string, std::string> parse_index_json(const std::string& text,
 // fuzzer's door to the family table). Throws moe::Error naming `what`.
 MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what);
 
+// config.json's quantization_config as the loader uses it (read and checked by pretrained.cpp:
+// docs/models.md, "Stored formats").
+struct StoredQuant {
+  enum class Method { none, gptq, awq, fp8, mxfp4 };
+  Method method = Method::none;
+  std::string method_name = "none";  // as config.json spells it
+  int64_t group = 128;               // GPTQ / AWQ group_size (-1: GPTQ's one group over K)
+  bool sym = true;                   // GPTQ
+  bool desc_act = false;             // GPTQ act-order (g_idx)
+  bool zeros_minus_one = true;       // GPTQ checkpoint_format "gptq" (v1): stored z - 1
+  int64_t fp8_block[2] = {128, 128};  // weight_block_size (rows, cols) of the stored (out, in)
+  // modules_to_not_convert, as transformers matches them: a pattern (a regular expression)
+  // matching the module's name from its start up to a "." boundary, or a suffix of the name.
+  struct Pattern {
+    std::string key;
+    std::regex re;
+  };
+  std::vector<Pattern> not_converted;
+  // GPTQModel's `dynamic`: "-:regex" leaves matching modules unquantized; "+:regex" (or a
+  // bare regex) overrides group_size for them. Matched from the start of the module's name.
+  struct Rule {
+    std::string key;
+    std::regex re;
+    bool skip = false;
+    int64_t group = 0;  // 0: the default
+  };
+  std::vector<Rule> dynamic;
+  bool int4() const { return method == Method::gptq || method == Method::awq; }
+  // Whether `module` (a linear's name without ".weight") stays unquantized, and why.
+  bool excluded(const std::string& module, std::string* why = nullptr) const;
+  int64_t group_of(const std::string& module) const;
+};
+
 // One weight as stored: a matrix (rows, cols) or a stack of them (stack, rows, cols), in its
-// format. For MXFP4, `name` is the logical name and the data are name_blocks / name_scales.
+// format. For MXFP4, `name` is the logical name and the data are name_blocks / name_scales;
+// for GPTQ / AWQ (a single (rows = out, cols = in) matrix) the data are <module>.qweight,
+// .qzeros, .scales and (GPTQ) .g_idx.
 struct StoredWeight {
-  enum class Format { plain, fp8_block, mxfp4 };
+  enum class Format { plain, fp8_block, mxfp4, gptq, awq };
   std::string name;
   std::string file;
   Format format = Format::plain;
   PretrainedFolder::Ref w, scale;
+  PretrainedFolder::Ref zeros, g_idx;  // GPTQ / AWQ (g_idx: GPTQ, optional)
   int64_t stack = 0;             // 0: a single matrix
   int64_t rows = 0, cols = 0;
   int64_t block_rows = 128, block_cols = 128;  // fp8 block scales
-  std::string dtype;             // of w ("MXFP4" for the packed pair)
+  int64_t group = 0;             // GPTQ / AWQ group_size (-1: one group)
+  bool zeros_minus_one = true;   // GPTQ v1
+  std::string dtype;             // of w ("MXFP4" for the packed pair, "GPTQ-INT4", "AWQ-INT4")
 
   // out (cols) = row r of matrix e (e = 0 when not stacked), dequantised to float32.
   void row(float* out, int64_t e, int64_t r) const;
@@ -82,15 +123,20 @@ struct StoredWeight {
   void read_bytes(int64_t e, void* dst) const;
   // Where matrix e's data starts in its file (for reading in file order).
   uint64_t file_offset(int64_t e) const;
-  int64_t file_bytes() const;    // bytes of the data (and scales) in the file
+  int64_t file_bytes() const;    // bytes of the data (and scales, zeros, g_idx) in the file
 };
 
+// The precision a stored format keeps ("auto"): fp8_block -> fp8, mxfp4 -> mxfp4, gptq / awq
+// -> int4, plain -> bf16.
+Precision stored_precision(StoredWeight::Format f);
+
 // The weight `name` with the logical shape `shape` ({rows, cols} or {stack, rows, cols}):
-// plain, F8_E4M3 with name + "_scale_inv", or MXFP4 name + "_blocks" / "_scales". Throws
-// naming the file and tensor on a missing tensor, a wrong shape or an unknown dtype.
-// fp8_block is config.json's quantization_config.weight_block_size (default 128 × 128).
+// plain, F8_E4M3 with name + "_scale_inv", MXFP4 name + "_blocks" / "_scales", or (for a
+// "<module>.weight" matrix) GPTQ / AWQ "<module>.qweight" ... as q.method says. Throws
+// naming the file and tensor on a missing tensor, a wrong shape or dtype, or an int4 tensor
+// the config does not describe.
 StoredWeight open_weight(const PretrainedFolder& f, const std::string& name,
-                         const std::vector<int64_t>& shape, const int64_t fp8_block[2]);
+                         const std::vector<int64_t>& shape, const StoredQuant& q);
 
 // How one of the library's "in × out" matrices dst (In, Out) is taken from a stored matrix:
 // out_major: stored rows are outputs (nn.Linear's (out, in)), dst[i][o] =
@@ -105,6 +151,23 @@ struct MatrixMap {
 // dst (In, Out) from matrix e of w as m says. Parallel over blocks of rows; each thread
 // decodes through its own row scratch.
 void read_matrix(float* dst, const StoredWeight& w, int64_t e, const MatrixMap& m);
+
+// Whether matrix e of w, taken as m says, goes into a layer of `precision` as its stored bytes
+// (no decoding): fp8 with 128 x 128 blocks on block boundaries, mxfp4 whole rows (GPT-OSS's
+// interleaved gate/up rows as a doubled stride), GPTQ / AWQ with a group the int4 kernel holds.
+bool keeps_stored(const StoredWeight& w, const MatrixMap& m, Precision precision);
+
+// The stored bytes of matrix e of w taken as m says, as the layer's format reads them: a view
+// of the mapped file (fp8, mxfp4; scales widened to fp32 or copies of misaligned data go into
+// `scales` / `copy`), or GPTQ / AWQ repacked into `int4` (int4_from_gptq / int4_from_awq).
+// Errors name the tensor.
+struct StoredView {
+  QuantMatrix view;
+  Int4Kernel::Weights int4;
+  std::vector<float> scales;
+  std::vector<int32_t> copy;
+};
+void stored_view(const StoredWeight& w, int64_t e, const MatrixMap& m, StoredView& out);
 
 // The float32 value of every F8_E4M3 (fn: no infinities) byte, and of every e2m1 nibble.
 float fp8_e4m3_to_float(uint8_t v);

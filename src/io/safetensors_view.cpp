@@ -54,18 +54,22 @@ const StEntry* SafetensorsView::find(const std::string& name) const {
   return it == index_.end() ? nullptr : &header_.entries[it->second];
 }
 
-void SafetensorsView::advise(const StEntry& e, uint64_t offset, uint64_t n, int advice) const {
+void SafetensorsView::advise(const StEntry& e, uint64_t offset, uint64_t n, int advice,
+                             uint64_t margin) const {
   if (!base_ || n == 0) return;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  const uint64_t a = header_.data_start + e.begin + offset;
+  const uint64_t a0 = header_.data_start + e.begin + offset;
+  const uint64_t a = a0 > margin ? a0 - margin : 0;
+  n += a0 - a + margin;
   // Whole pages around the range: a neighbour's page dropped too is only read again.
   const uint64_t lo = a / page * page;
   const uint64_t hi = std::min<uint64_t>((a + n + page - 1) / page * page, (size_ + page - 1) / page * page);
   ::madvise(const_cast<uint8_t*>(base_) + lo, hi - lo, advice);
 }
 
-void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n) const {
-  advise(e, offset, n, MADV_DONTNEED);
+void SafetensorsView::release(const StEntry& e, uint64_t offset, uint64_t n,
+                              uint64_t margin) const {
+  advise(e, offset, n, MADV_DONTNEED, margin);
 }
 
 void SafetensorsView::prefetch(const StEntry& e, uint64_t offset, uint64_t n) const {

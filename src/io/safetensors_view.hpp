@@ -27,7 +27,9 @@ class SafetensorsView {
   const uint8_t* data(const StEntry& e) const { return base_ + header_.data_start + e.begin; }
   // Drops the pages of bytes [offset, offset + n) of e's data from this process (they stay in
   // the page cache); later reads fault them in again. A hint: never fails.
-  void release(const StEntry& e, uint64_t offset, uint64_t n) const;
+  // margin: bytes on either side dropped too (a fault maps the whole cached folio around it,
+  // so a small tensor read between large ones maps pages of matrices already handed back).
+  void release(const StEntry& e, uint64_t offset, uint64_t n, uint64_t margin = 0) const;
   // Asks the kernel to start reading those bytes now (MADV_WILLNEED), so that the disk works
   // while the caller converts the bytes before them. A hint: never fails.
   void prefetch(const StEntry& e, uint64_t offset, uint64_t n) const;
@@ -39,7 +41,7 @@ class SafetensorsView {
   uint64_t file_size() const { return size_; }
 
  private:
-  void advise(const StEntry& e, uint64_t offset, uint64_t n, int advice) const;
+  void advise(const StEntry& e, uint64_t offset, uint64_t n, int advice, uint64_t margin = 0) const;
   std::string path_;
   int fd_ = -1;  // kept open for read()
   const uint8_t* base_ = nullptr;

@@ -32,6 +32,17 @@ def tiny_pretrained(name, family, layers):
     return make
 
 
+def tiny_gptq(name, family, layers):
+    """A random GPTQ int4 block folder of `family` (d_model 64, group 32) at ./name."""
+    def make(cwd):
+        import pretrained_folders as pf
+        c = pf.tiny_config(family, num_hidden_layers=layers, hidden_size=64,
+                           moe_intermediate_size=64)
+        ws = {l: pf.random_weights(c, seed=l) for l in range(layers)}
+        pf.write_int4_folder(str(cwd / name), c, ws, method="gptq", group=32)
+    return make
+
+
 def tiny_hf_model(name, model_type):
     """A tiny transformers causal LM of model_type saved with save_pretrained at ./name."""
     def make(cwd):
@@ -46,6 +57,8 @@ STANDINS = {
     "tiny-mixtral": tiny_pretrained("Mixtral-8x7B-v0.1", "mixtral", 4),
     # docs/models.md: Qwen3-30B-A3B's layer 12.
     "tiny-qwen3": tiny_pretrained("Qwen3-30B-A3B", "qwen3_moe", 13),
+    # docs/models.md "Stored formats": a GPTQ Qwen3-MoE folder.
+    "tiny-qwen3-gptq": tiny_gptq("Qwen3-30B-A3B-GPTQ-Int4", "qwen3_moe", 3),
     # docs/pytorch.md: a transformers Mixtral model folder.
     "tiny-hf-mixtral": tiny_hf_model("path/to/mixtral", "mixtral"),
 }

@@ -318,25 +318,47 @@ def _silu(z):
     return z / (1.0 + np.exp(-z))
 
 
-def expert(c, h, e, x):
+def _exact(a):
+    return a
+
+
+def expert(c, h, e, x, rows=_exact):
+    """rows: how the experts' products see their input rows (exact, or rounded as a low-bit
+    kernel rounds them: int8_rows)."""
+    x = rows(x)
     if c["model_type"] == "gpt_oss":
         L, a = c.get("swiglu_limit", 7.0), c.get("swiglu_alpha", 1.702)
         g = np.minimum(x @ h["gate"][e].T + h["bg"][e], L)
         u = np.clip(x @ h["up"][e].T + h["bu"][e], -L, L)
-        return ((u + 1.0) * g / (1.0 + np.exp(-a * g))) @ h["down"][e].T + h["bd"][e]
-    return (_silu(x @ h["gate"][e].T) * (x @ h["up"][e].T)) @ h["down"][e].T
+        return rows((u + 1.0) * g / (1.0 + np.exp(-a * g))) @ h["down"][e].T + h["bd"][e]
+    return rows(_silu(x @ h["gate"][e].T) * (x @ h["up"][e].T)) @ h["down"][e].T
 
 
-def reference(c, h, x):
+def int8_rows(a):
+    """Rows as the int4 / mxfp4 decode kernels with int8 rows take them (docs/quant.md): each
+    32 values along a row scaled by their max |x| / 127 (an fp32 scale), rounded to the
+    nearest integer, ties to even."""
+    a = np.asarray(a, np.float64)
+    out = a.copy()
+    for s in range(0, a.shape[-1], 32):
+        blk = a[..., s:s + 32]
+        m = (np.abs(blk).max(-1, keepdims=True) / 127).astype(np.float32).astype(np.float64)
+        m = np.where(m > 0, m, 1.0)
+        out[..., s:s + 32] = np.round(blk / m) * m
+    return out
+
+
+def reference(c, h, x, rows=_exact):
     """y (T, d) of the block on x (T, d), and the chosen experts (T, k) as sorted rows."""
     x = np.asarray(x, np.float64)
     idx, w = route(c, h, x)
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(idx.shape[1]):
-            y[t] += w[t, j] * expert(c, h, idx[t, j], x[t:t + 1])[0]
+            y[t] += w[t, j] * expert(c, h, idx[t, j], x[t:t + 1], rows)[0]
     if "sgate" in h:
-        s = (_silu(x @ h["sgate"].T) * (x @ h["sup"].T)) @ h["sdown"].T
+        xr = rows(x)
+        s = rows(_silu(xr @ h["sgate"].T) * (xr @ h["sup"].T)) @ h["sdown"].T
         if "sgw" in h:
             s = s / (1.0 + np.exp(-(x @ h["sgw"].T)))
         y += s
@@ -346,3 +368,188 @@ def reference(c, h, x):
 def round_bf16(a):
     return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(torch.bfloat16).to(
         torch.float64).numpy()
+
+
+# ---- GPTQ and AWQ checkpoints (an independent NumPy writer and reader, from the formats'
+# definitions: AutoGPTQ's and AutoAWQ's packing; not libmoe's code) -------------------------------
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble p of a word holds column AWQ_ORDER[p]
+
+
+def _quantize_groups(w, groups, G, sym):
+    """w (N, K) float64, groups (K) the group of each input row -> codes (K, N) in 0..15,
+    zero points (G, N) in 0..15, fp16 scales (G, N). Symmetric: zero 8, scale max|w| / 7.5;
+    else AutoGPTQ's min/max range (both ends widened to include 0)."""
+    N, K = w.shape
+    q = np.zeros((K, N), np.int64)
+    z = np.zeros((G, N), np.int64)
+    s = np.zeros((G, N), np.float16)
+    for g in range(G):
+        rows = np.nonzero(groups == g)[0]
+        blk = w[:, rows].T  # (rows, N)
+        if sym:
+            sc = np.abs(blk).max(axis=0) / 7.5
+            zero = np.full(N, 8)
+        else:
+            lo, hi = np.minimum(blk.min(axis=0), 0), np.maximum(blk.max(axis=0), 0)
+            sc = (hi - lo) / 15.0
+            sc = np.where(sc > 0, sc, 1.0)
+            zero = np.clip(np.round(-lo / sc), 0, 15).astype(np.int64)
+        sc = np.where(sc > 0, sc, 1.0).astype(np.float16)
+        s[g] = sc
+        z[g] = zero
+        q[rows] = np.clip(np.round(blk / sc.astype(np.float64)) + zero, 0, 15)
+    return q, z, s
+
+
+def _pack_rows(q):
+    """(K, N) codes -> (K/8, N) int32: row k at bits 4·(k % 8) of word (k/8, j)."""
+    K, N = q.shape
+    out = np.zeros((K // 8, N), np.uint32)
+    for i in range(8):
+        out |= (q[i::8].astype(np.uint32) & 15) << np.uint32(4 * i)
+    return out.view(np.int32)
+
+
+def _pack_cols(a, order=None):
+    """(R, N) nibbles -> (R, N/8) int32: column j at bits 4·(j % 8) of word (r, j/8), or
+    with AutoAWQ's order, nibble p holding column order[p] of each 8."""
+    R, N = a.shape
+    out = np.zeros((R, N // 8), np.uint32)
+    for p in range(8):
+        col = order[p] if order else p
+        out |= (a[:, col::8].astype(np.uint32) & 15) << np.uint32(4 * p)
+    return out.view(np.int32)
+
+
+def _nibbles(words, pos):
+    return (words.view(np.uint32) >> np.uint32(4 * pos)) & 15
+
+
+def gptq_pack(w, group, sym=True, act_order=False, v1=True, rng=None):
+    """w (N, K) (nn.Linear's out x in) -> AutoGPTQ's tensors {qweight (K/8, N), qzeros
+    (G, N/8), scales (G, N) fp16, g_idx (K)}. act_order: GPTQ visited the rows in a random
+    order, so g_idx numbers a row's group by its rank in that order (scattered groups). v1
+    stores each zero point minus one (AutoGPTQ's format)."""
+    N, K = w.shape
+    g = K if group == -1 else group
+    G = -(-K // g)
+    rank = np.arange(K)
+    if act_order:
+        rank = np.empty(K, np.int64)
+        rank[(rng or np.random.default_rng(0)).permutation(K)] = np.arange(K)
+    g_idx = (rank // g).astype(np.int32)
+    q, z, s = _quantize_groups(w, g_idx, G, sym)
+    return {"qweight": _pack_rows(q), "qzeros": _pack_cols((z - 1) & 15 if v1 else z),
+            "scales": s, "g_idx": g_idx}
+
+
+def gptq_dequant(t, v1=True):
+    """The values (N, K) float64 the GPTQ tensors mean, read from the stored words:
+    W[k][j] = (q[k][j] - z[g][j]) · scales[g][j] with g = g_idx[k]; v1: z = (stored + 1) & 15."""
+    qw, qz, sc, gi = t["qweight"], t["qzeros"], t["scales"], t["g_idx"]
+    K, N = qw.shape[0] * 8, qw.shape[1]
+    q = np.empty((K, N), np.int64)
+    for i in range(8):
+        q[i::8] = _nibbles(qw, i)
+    z = np.empty((qz.shape[0], N), np.int64)
+    for p in range(8):
+        z[:, p::8] = _nibbles(qz, p)
+    if v1:
+        z = (z + 1) & 15
+    return ((q - z[gi]) * sc.astype(np.float64)[gi]).T
+
+
+def awq_pack(w, group):
+    """w (N, K) -> AutoAWQ "gemm" tensors {qweight (K, N/8), qzeros (G, N/8), scales (G, N)}:
+    min/max zero points, nibble order AWQ_ORDER."""
+    N, K = w.shape
+    G = -(-K // group)
+    q, z, s = _quantize_groups(w, np.arange(K) // group, G, sym=False)
+    return {"qweight": _pack_cols(q, AWQ_ORDER), "qzeros": _pack_cols(z, AWQ_ORDER), "scales": s}
+
+
+def awq_dequant(t, group):
+    qw, qz, sc = t["qweight"], t["qzeros"], t["scales"]
+    K, N = qw.shape[0], qw.shape[1] * 8
+
+    def unpack(words):
+        out = np.empty((words.shape[0], N), np.int64)
+        for p in range(8):
+            out[:, AWQ_ORDER[p]::8] = _nibbles(words, p)
+        return out
+    q, z = unpack(qw), unpack(qz)
+    g = np.arange(K) // group
+    return ((q - z[g]) * sc.astype(np.float64)[g]).T
+
+
+def not_converted_by(module, patterns):
+    """transformers' rule for modules_to_not_convert (quantizers_utils.should_convert_module,
+    inverted): a pattern matching the name from its start up to a "." boundary, or a suffix."""
+    import re
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", module) or module.endswith(p)
+               for p in patterns)
+
+
+def int4_config(method, group=32, sym=True, act_order=False, v1=True, **extra):
+    """config.json's quantization_config as GPTQ (optimum / GPTQModel) or AutoAWQ write it."""
+    if method == "gptq":
+        q = {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym,
+             "desc_act": act_order, "checkpoint_format": "gptq" if v1 else "gptq_v2",
+             "true_sequential": True, "damp_percent": 0.01}
+    else:
+        q = {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm",
+             "zero_point": True}
+    q.update(extra)
+    return q
+
+
+def write_int4_folder(path, c, weights_by_layer, method="gptq", group=32, sym=True,
+                      act_order=False, v1=True, not_converted=(), seed=3, qconfig=None):
+    """A published GPTQ / AWQ checkpoint: the plain parts F16 (the router, the shared expert's
+    gate), every expert linear (routed and shared) as <module>.qweight / .qzeros / .scales
+    (/ .g_idx for GPTQ) unless its name contains one of `not_converted` (kept as F16
+    <module>.weight, listed in modules_to_not_convert). Returns, per layer, the float64 values
+    the files mean (the dequantization of the stored words), for the reference."""
+    from safetensors.numpy import load_file, save_file as save_np
+    cfg = dict(c)
+    q = qconfig if qconfig is not None else int4_config(method, group, sym, act_order, v1)
+    if not_converted:
+        q = dict(q, modules_to_not_convert=list(not_converted))
+    cfg["quantization_config"] = q
+    held = write_folder(path, cfg, weights_by_layer, dtype="F16", stacked=False)
+    f = os.path.join(path, "model.safetensors")
+    t = load_file(f)
+    rng = np.random.default_rng(seed)
+    fam = c["model_type"]
+    for layer, h in held.items():
+        pre = block_prefix(fam, layer, False)
+        names = ("w1", "w3", "w2") if fam == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        d, E, F = dims(c)
+        mods = [(f"{pre}experts.{e}.{n}", key, e) for e in range(E)
+                for key, n in zip(("gate", "up", "down"), names)]
+        if "sgate" in h:
+            sp = pre + ("shared_expert." if fam == "qwen2_moe" else "shared_experts.")
+            mods += [(sp + n, key, None) for key, n in
+                     zip(("sgate", "sup", "sdown"), ("gate_proj", "up_proj", "down_proj"))]
+        for mod, key, e in mods:
+            if not_converted_by(mod, not_converted):
+                continue
+            w = t.pop(mod + ".weight").astype(np.float64)
+            if method == "gptq":
+                packed = gptq_pack(w, group, sym, act_order, v1, rng)
+                vals = gptq_dequant(packed, v1)
+                if not act_order:
+                    packed.pop("g_idx") if rng.random() < 0.5 else None  # optional when sorted
+            else:
+                packed = awq_pack(w, group)
+                vals = awq_dequant(packed, group)
+            for k, v in packed.items():
+                t[f"{mod}.{k}"] = np.ascontiguousarray(v)
+            if e is None:
+                h[key] = vals
+            else:
+                h[key] = h[key].copy()
+                h[key][e] = vals
+    save_np(t, f)
+    return held

@@ -322,6 +322,9 @@ def test_L16_precision():
             moe.MoE(8, 4, 2, precision=p).forward(np.zeros((1, 8), np.float32), training=True)
     with raises("int4_group: must be 32, 64 or 128, got 16"):
         moe.MoE(8, 4, 2, precision="int4", int4_group=16)
+    with raises("precision: unknown value 'fp16' (expected auto, fp32, bf16, int8, int4, mxfp4 "
+                "or fp8)"):
+        moe.MoE.from_pretrained("no-such-folder", 0, precision="fp16")
     r = subprocess.run([MOE, "train", "--precision", "half"], capture_output=True, text=True)
     assert r.returncode == 2 and "precision" in r.stderr and not r.stdout
 
@@ -480,7 +483,8 @@ def test_C11_empty_batch_cli():
 
 # Rows whose tests live beside the feature they belong to (each calls errors_doc.check).
 ROW_FILES = ["test_errors.py", "test_router_scores.py", "test_real_model_semantics.py",
-             "test_expert_choice.py", "test_pretrained_loader.py", "test_router_losses.py"]
+             "test_expert_choice.py", "test_pretrained_loader.py", "test_router_losses.py",
+             "test_pretrained_formats.py"]
 # Rows only C++ can trigger: tests/cpp/test_errors.cpp holds them to the table.
 CPP_ONLY = {"R12", "L13", "L14", "M2"}
 # Rows no test can reach on the project's machines; the row says why.

@@ -126,6 +126,12 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def rel_fro(a, b):
+    """Relative Frobenius error: the low-bit kernels round their rows (int8 per 32 values or
+    bf16) in both products of an expert (docs/models.md, "Stored formats")."""
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def save_stacked(model, path, dtype=torch.float32):
     """The layout transformers 5 holds in memory (fused experts), written as it is."""
     os.makedirs(path, exist_ok=True)
@@ -311,6 +317,11 @@ def test_deepseek_v3_fp8(tmp_path):
         _, y, idx = ours(tmp_path, layer, x)
         np.testing.assert_array_equal(idx, idx_ref)
         assert rel(y, y_ref) < 1e-5, rel(y, y_ref)
+        # precision="auto": the FP8 bytes as stored, products on bf16 rows.
+        m, y, idx = ours(tmp_path, layer, x, "auto")
+        assert m.config["precision"] == "fp8"
+        np.testing.assert_array_equal(idx, idx_ref)
+        assert rel_fro(y, y_ref) < 3e-2, rel_fro(y, y_ref)
 
 
 def test_gpt_oss_mxfp4(tmp_path):
@@ -357,6 +368,11 @@ def test_gpt_oss_mxfp4(tmp_path):
         _, y, idx = ours(tmp_path, layer, x)
         np.testing.assert_array_equal(idx, idx_ref)
         assert rel(y, y_ref) < 1e-5, rel(y, y_ref)
+        # precision="auto": the MXFP4 bytes as stored, products on int8 (or bf16) rows.
+        m, y, idx = ours(tmp_path, layer, x, "auto")
+        assert m.config["precision"] == "mxfp4"
+        np.testing.assert_array_equal(idx, idx_ref)
+        assert rel_fro(y, y_ref) < 3e-2, rel_fro(y, y_ref)
 
 
 # ---- moe.torch and the routing-given entry point -------------------------------------------
