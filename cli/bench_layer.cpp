@@ -165,9 +165,16 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
                              : MoELayer(m);
   // A low-bit layer is evaluation-only and held as a user serves it: its bytes, no masters
   // (its cold copies below are copies of those bytes, not quantized again each).
-  if (low_bit(m.precision) && !from_ckpt) layer.drop_masters();
-  if (from_ckpt)
-    r.param_bytes = heap.live();
+  // The heap window opens again on the layer as held (the masters' quantization is not the
+  // forward's workspace); `held` keeps what the layer holds from before.
+  int64_t held = 0;
+  if (low_bit(m.precision) && !from_ckpt) {
+    layer.drop_masters();
+    held = heap.live();
+    heap.start();
+  }
+  if (from_ckpt || held > 0)  // what the layer holds: its format's bytes too
+    r.param_bytes = held + heap.live();
   else
     for (const auto& name : layer.parameter_names())
       r.param_bytes += layer.param(name).numel() * static_cast<int64_t>(sizeof(float));
@@ -175,7 +182,7 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   if (c.backward)
     for (const auto& name : layer.parameter_names())
       r.grad_bytes += layer.grad(name).numel() * static_cast<int64_t>(sizeof(float));
-  const int64_t constructed = heap.live();
+  const int64_t constructed = heap.live();  // since the window opened (held before it)
 
   ForwardOptions fo;
   fo.training = c.training;
@@ -219,12 +226,12 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
   // cold_margin × the LLC between two calls on one copy; a sample is one sweep over the copies,
   // divided by their count. The copies are what the memory allows; fewer than wanted is said.
   // The heap figures (peak, largest allocation) stay those of one layer.
-  const int64_t peak_one = heap.peak(), largest_one = heap.largest();
+  const int64_t peak_one = held + heap.peak(), largest_one = heap.largest();
   std::vector<MoELayer> copies;
   if (c.memory_roof) {
     r.cold_layers_wanted =
         perf::cold_layer_count(r.selected_bytes, machine.llc_bytes, o.cold_margin);
-    const int64_t per_copy = std::max<int64_t>(constructed, 1);
+    const int64_t per_copy = std::max<int64_t>(held + constructed, 1);
     const double budget = static_cast<double>(mem_available_bytes()) * o.mem_fraction;
     const int fit = 1 + static_cast<int>(std::min(budget / static_cast<double>(per_copy), 1e6));
     r.cold_layers = std::max(1, std::min(r.cold_layers_wanted, fit));
@@ -300,7 +307,7 @@ void run_layer(Result& r, const BenchOptions& o, std::unique_ptr<perf::ReadRoof>
     r.memory_bound = t_bytes > r.roof_s;
     r.roof_s = std::max(r.roof_s, t_bytes);
   }
-  r.peak_bytes = copies.empty() ? heap.peak() : peak_one;
+  r.peak_bytes = copies.empty() ? held + heap.peak() : peak_one;
   r.largest_alloc = copies.empty() ? heap.largest() : largest_one;
   r.workspace_bytes = std::max<int64_t>(0, r.peak_bytes - r.param_bytes - r.grad_bytes);
 
