@@ -18,8 +18,14 @@ namespace moe::detail {
 
 namespace {
 
+// AVX-512 code from here to the pop below (GCC's target pragma; clang's attribute pragma
+// does the same, as clang ignores GCC's).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#endif
 // 32×32 → 64-bit products of 16 lanes by a constant, as their low and high halves. The
 // compilers write uint64_t{m} * v over 16 lanes as vpmullq (a full 64-bit multiply, three
 // micro-ops); vpmuludq takes the low 32 bits of each 64-bit lane, so the even lanes and the
@@ -63,7 +69,11 @@ void philox_rounds_avx512(uint32_t* v0, uint32_t* v1, uint32_t* v2, uint32_t* v3
   _mm512_store_si512(v2, a2);
   _mm512_store_si512(v3, a3);
 }
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 }  // namespace
 

@@ -42,8 +42,14 @@ bool row_finite(const float* row, int64_t E) {
 // The AVX-512 kernels: compiled for AVX-512 whatever the build's baseline (no -march=native)
 // and called only where cpu() allows it (common/cpu.hpp). Each computes the same values as
 // its portable twin, in the same order, so the level never changes a result.
+// AVX-512 code from here to the pop below (GCC's target pragma; clang's attribute pragma
+// does the same, as clang ignores GCC's).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#endif
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxBlocks = 256;  // rows of up to 4096 experts take the vector path
@@ -385,7 +391,11 @@ void softmax_kept_avx512(float* w, const float* val, int64_t k) {
   sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, _MM_SHUFFLE(2, 3, 0, 1)));
   _mm512_mask_storeu_ps(w, valid, _mm512_div_ps(e, sum));
 }
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 bool wide() { return isa_at_least(Isa::avx512); }
 
