@@ -14,13 +14,18 @@ tokens (min_new_tokens = max_new_tokens: end-of-sequence does not stop it) by
 
   1. transformers alone: the model's own bf16 MoE blocks;
   2. for each P of --precisions: the blocks replaced by moe.hf.replace_moe_blocks(model,
-     precision=P). A precision the library refuses (ValueError, RuntimeError) prints a
-     "skipped" row. Names are passed through unchanged ("auto" included).
+     precision=P). A precision replace_moe_blocks refuses (ValueError, RuntimeError)
+     prints a "skipped" row. Names are passed through unchanged ("auto": the row names
+     what the library chose).
 
 Every variant runs on the same model object: replace_moe_blocks swaps the block modules and
 the originals are put back afterwards, so the weights are the same tensors, not a second
-draw. A generate of 2 tokens from the same prompt warms each variant up before the timed
-one (--repeat runs; the fastest is reported).
+draw. A generate of 2 tokens from the same prompt warms each variant up before its timed
+one. --repeat N runs N rounds, each over every variant in turn (replacing the blocks again),
+and reports each variant's fastest run (least prefill + decode time; --json lists every
+run's times): on a shared machine a slow spell then falls on all variants alike. Memory: the bf16 replacement keeps fp32
+masters beside its bf16 experts (3x the experts' bf16 bytes) while the original blocks wait
+to be put back; the defaults peak near 12 GB (qwen3) and 16.5 GB (gpt-oss) of RSS.
 
 Columns (one row a variant, or one JSON object a variant with --json):
   prefill s      time to the first token: from the call of generate to the first call of
@@ -31,6 +36,8 @@ Columns (one row a variant, or one JSON object a variant with --json):
   moe % pre/dec  the MoE blocks' share of the prefill and of the decode time: forward
                  pre-hooks and hooks on each block module (the modules replace_moe_blocks
                  replaces; for transformers the same modules, found by hf.py's rule).
+  moe ms/tok     the MoE blocks' time (all layers) per decoded token, from the same hooks:
+                 what the blocks cost at decode, apart from the rest of the step.
   MB/token       bytes one decoded token reads from the weights: every parameter but the
                  experts not chosen — attention, norms, one embedding row, lm_head, router,
                  and top_k of the E experts per layer in the variant's precision (at one
@@ -159,10 +166,10 @@ TINY = {
                 "sliding_window": 8, "eos_token_id": 510, "pad_token_id": 511},
 }
 
-# Bits a decode reads per expert weight, and bytes per output column of each expert matrix,
-# in each precision: int8 has an fp32 scale and an int32 column sum a column
-# (docs/design.md, "Precision int8"); the low-bit formats as docs/quant.md gives them
-# (int4 at its default group of 128, mxfp4's E8M0 per 32, fp8's block scales).
+# Bits one expert weight takes in each precision, and bytes a column of an expert matrix adds:
+# int8 holds an fp32 scale and an int32 column sum a column (docs/design.md, "Precision
+# int8"); the low-bit formats as docs/quant.md gives them (int4: 4 + 32/group, 4.25 at its
+# default group of 128; mxfp4's E8M0 a 32 values; fp8's fp32 a 128 × 128 block).
 EXPERT_BITS = {"fp32": (32.0, 0), "bf16": (16.0, 0), "int8": (8.0, 8), "int4": (4.25, 0),
                "mxfp4": (4.25, 0), "fp8": (8.002, 0)}
 
@@ -180,7 +187,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--read-gbs", type=float, default=None,
                    help="read bandwidth in GB/s for the bound (default: measured)")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs a variant; the fastest")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over the variants; each variant's fastest run is reported")
     p.add_argument("--tiny", action="store_true",
                    help="the family's structure at tiny sizes (tests)")
     p.add_argument("--json", action="store_true", help="one JSON object a variant")
@@ -237,41 +245,46 @@ def nbytes(t):
     return t.numel() * t.element_size()
 
 
-def expert_matrix_bytes(p, precision):
-    """Bytes of the (E, in, out) stack p held in `precision`, or None when unknown."""
-    bits, per_column = EXPERT_BITS.get(precision, (None, None))
-    if bits is None:
+def expert_bytes(config):
+    """Bytes of one expert's matrices as a libmoe layer (its `config`) holds them, or None
+    for a precision EXPERT_BITS does not know. The shapes come from the config: a layer in
+    an evaluation-only precision holds no fp32 masters to look at."""
+    precision = config["precision"]
+    if precision not in EXPERT_BITS:
         return None
-    E, _, n_out = p.shape
-    return p.numel() * bits / 8 + E * n_out * per_column
+    bits, per_column = EXPERT_BITS[precision]
+    if precision == "int4":
+        bits = 4 + 32 / config["int4_group"]
+    d, F, d_out = config["d_model"], config["d_ff"], config.get("d_out") or config["d_model"]
+    shapes = {"linear_relu": [(d, d_out)], "mlp": [(d, F), (F, d_out)]}.get(
+        config["expert"], [(d, F), (d, F), (F, d_out)])  # swiglu, clamped_swiglu: W1, W3, W2
+    return sum(n_in * n_out * bits / 8 + n_out * per_column for n_in, n_out in shapes)
 
 
-def block_bytes(block, k, precision):
+def block_bytes(block, k, libmoe):
     """Bytes one token at decode reads from one MoE block: its router and k of its E
-    experts. A transformers block holds everything in the model's dtype; a libmoe block
-    (precision not None) its router and biases in fp32, the expert matrices in `precision`
-    (its fp32 masters, which replace_moe_blocks keeps for training, are not read)."""
-    if precision is None:
+    experts. A transformers block holds everything in the model's dtype; a libmoe block its
+    router and expert biases in fp32 and its expert matrices in its precision (the fp32
+    masters replace_moe_blocks keeps in bf16, for training, are not read)."""
+    if not libmoe:
         router = getattr(block, "gate", None) or getattr(block, "router")
         E = block.experts.gate_up_proj.shape[0]
         return (sum(nbytes(p) for p in router.parameters())
                 + k / E * sum(nbytes(p) for p in block.experts.parameters()))
-    total = 0.0
-    E = block.config["n_experts"]
+    c = block.config
+    matrices = expert_bytes(c)
+    if matrices is None:
+        return None
+    total = k * matrices
     for name, p in block.named_parameters(recurse=False):
         if name in ("W_g", "b_g"):
             total += nbytes(p)
-        elif name in ("W1", "W2", "W3", "Ws1", "Ws2", "Ws3"):
-            b = expert_matrix_bytes(p, precision)
-            if b is None:
-                return None
-            total += b if name.startswith("Ws") else k / E * b
-        else:  # expert biases (E, n), shared-expert biases and gate: fp32
-            total += nbytes(p) if name.startswith(("bs", "w_shared")) else k / E * nbytes(p)
+        elif name in ("b1", "b2", "b3"):  # (E, n): the chosen experts' rows
+            total += k / c["n_experts"] * nbytes(p)
     return total
 
 
-def decode_bytes(model, block_names, precision):
+def decode_bytes(model, block_names, libmoe):
     """Bytes one decoded token reads from the weights (see the module docstring)."""
     blocks = [model.get_submodule(n) for n in block_names]
     inside = {id(p) for b in blocks for p in b.parameters()}
@@ -280,7 +293,7 @@ def decode_bytes(model, block_names, precision):
     rest = sum(nbytes(p) for p in model.parameters() if id(p) not in inside and p is not emb)
     rest += nbytes(emb) if tied else emb.shape[1] * emb.element_size()
     k = model.config.num_experts_per_tok
-    per_block = [block_bytes(b, k, precision) for b in blocks]
+    per_block = [block_bytes(b, k, libmoe) for b in blocks]
     if any(b is None for b in per_block):
         return None
     return rest + sum(per_block)
@@ -362,14 +375,11 @@ def timed_generate(model, ids, new_tokens, block_names):
 
 
 def run_variant(model, ids, args, block_names, precision):
-    """(the variant's row: timings and tokens, its logits of each step); precision None:
-    transformers alone."""
+    """One warmed-up, timed generate of the model as it stands: (its row: timings and
+    tokens, its logits of each step); precision None: transformers alone."""
     generate(model, ids, 2)  # warm-up: buffers for the prompt's length, one decode step
-    runs = [timed_generate(model, ids, args.new_tokens, block_names)
-            for _ in range(args.repeat)]
-    if any(r[0] != runs[0][0] for r in runs):
-        raise RuntimeError("two runs of the same variant generated different tokens")
-    tokens, prefill, decode, moe_pre, moe_dec, logits = min(runs, key=lambda r: r[1] + r[2])
+    tokens, prefill, decode, moe_pre, moe_dec, logits = timed_generate(
+        model, ids, args.new_tokens, block_names)
     steps = args.new_tokens - 1
     held = None
     if precision is not None:  # what the library chose ("auto" resolved)
@@ -378,11 +388,24 @@ def run_variant(model, ids, args, block_names, precision):
            "decode_tok_s": steps / decode if steps else None,
            "moe_share_prefill": moe_pre / prefill,
            "moe_share_decode": moe_dec / decode if steps else None,
-           "bytes_per_token": decode_bytes(model, block_names, held),
+           "moe_ms_per_token": 1e3 * moe_dec / steps if steps else None,
+           "bytes_per_token": decode_bytes(model, block_names, precision is not None),
            "held_precision": held,
            "tokens": tokens}
     return row, logits
 
+
+def fastest(runs):
+    """Of one variant's runs (row, logits), the one of least prefill + decode time, its row
+    holding every run's prefill time and decode rate. The runs must agree on the tokens."""
+    if any(row["tokens"] != runs[0][0]["tokens"] for row, _ in runs):
+        raise RuntimeError("two runs of the same variant generated different tokens")
+    rows = [row for row, _ in runs]
+    row, logits = min(runs, key=lambda r: r[0]["prefill_s"] + (
+        len(r[0]["tokens"]) - 1) / (r[0]["decode_tok_s"] or math.inf))
+    row = dict(row, runs=len(rows), prefill_s_runs=[r["prefill_s"] for r in rows],
+               decode_tok_s_runs=[r["decode_tok_s"] for r in rows])
+    return row, logits
 
 # ---- the report ---------------------------------------------------------------------------
 
@@ -407,8 +430,8 @@ def compare_tokens(tokens, logits, ref_tokens, ref_logits):
     return out
 
 
-COLUMNS = (("variant", 14, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
-           ("moe % pre/dec", 13, ">"), ("MB/token", 9, ">"), ("bound tok/s", 11, ">"),
+COLUMNS = (("variant", 18, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
+           ("moe % pre/dec", 13, ">"), ("moe ms/tok", 10, ">"), ("MB/token", 9, ">"), ("bound tok/s", 11, ">"),
            ("tokens", 0, "<"))
 
 
@@ -436,6 +459,7 @@ def row_cells(row):
     return [row["variant"], f"{row['prefill_s']:.3f}",
             "—" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.2f}",
             f"{pct(row['moe_share_prefill'])} / {pct(row['moe_share_decode'])}",
+            "—" if row["moe_ms_per_token"] is None else f"{row['moe_ms_per_token']:.2f}",
             "?" if mb is None else f"{mb / 1e6:.1f}",
             "?" if row["bound_tok_s"] is None else f"{row['bound_tok_s']:.2f}", tokens]
 
@@ -444,7 +468,7 @@ def print_row(row, as_json):
     if as_json:
         print(json.dumps(row), flush=True)
     elif "skipped" in row:
-        print(f"{row['variant']:<14}  {row_cells(row)[1]}", flush=True)
+        print(f"{row['variant']:<18}  {row_cells(row)[1]}", flush=True)
     else:
         print(table_line(row_cells(row)), flush=True)
 
@@ -482,24 +506,39 @@ def main(argv=None) -> int:
               f"({'measured: 1 GiB sum, best of 3' if args.read_gbs is None else '--read-gbs'})")
         print(table_line([name for name, _, _ in COLUMNS]))
 
+    variants = [None] + precisions
+    runs = [[] for _ in variants]
+    skipped = {}
+    # --repeat rounds, each over every variant in turn: a slow spell of the machine is shared
+    for _ in range(args.repeat):
+        for i, precision in enumerate(variants):
+            if i in skipped:
+                continue
+            originals = {n: model.get_submodule(n) for n in block_names}
+            try:
+                if precision is not None:
+                    moe.hf.replace_moe_blocks(model, precision=precision)
+            except (ValueError, RuntimeError) as e:  # the library refuses this precision
+                skipped[i] = str(e)
+                continue
+            try:
+                runs[i].append(run_variant(model, ids, args, block_names, precision))
+            finally:
+                put_back(model, originals)
+
     reference = None  # (tokens, logits) of transformers alone
     status = 0
-    for precision in [None] + precisions:
+    for i, precision in enumerate(variants):
         row = dict(head, variant="transformers" if precision is None else f"libmoe {precision}",
                    precision=precision)
-        originals = {n: model.get_submodule(n) for n in block_names}
-        try:
-            if precision is not None:
-                moe.hf.replace_moe_blocks(model, precision=precision)
-        except (ValueError, RuntimeError) as e:  # the library refuses this precision
-            row["skipped"] = str(e)
+        if i in skipped:
+            row["skipped"] = skipped[i]
             print_row(row, args.json)
             continue
-        try:
-            result, logits = run_variant(model, ids, args, block_names, precision)
-        finally:
-            put_back(model, originals)
+        result, logits = fastest(runs[i])
         row.update(result)
+        if precision is not None and row["held_precision"] != precision:
+            row["variant"] += f" ({row['held_precision']})"  # what "auto" chose
         mb = row["bytes_per_token"]
         row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
         if reference is None:
@@ -511,6 +550,7 @@ def main(argv=None) -> int:
     if status:
         print("bf16 tokens differ from transformers' (--check-tokens)", file=sys.stderr)
     return status
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,11 @@
 """examples/generate.py, greedy generation with transformers' MoE blocks and with libmoe's: run
 through its main() at tiny sizes (--tiny: the family's structure, d 64, 8–16 experts, vocab
 512; one layer, 16 prompt tokens, 4 new) for both models. The rows are printed, bf16 gives
-transformers' tokens, a precision the library refuses is a "skipped" row and not a crash, the
-bytes a decoded token reads are accounted as the docstring says, and --check-tokens turns a
-bf16 difference into exit status 1. No timing is checked."""
+transformers' tokens here (seed 0; not in general: transformers' bf16 blocks round more
+often than libmoe's, and a greedy choice between logits one bf16 step apart can go either
+way, as the script's docstring says), a precision the library refuses is a "skipped" row and
+not a crash, the bytes a decoded token reads are accounted as the docstring says, and
+--check-tokens turns a bf16 difference into exit status 1. No timing is checked."""
 import importlib.util
 import json
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors.torch")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "generate.py"
@@ -30,8 +32,10 @@ def gen():
 
 @pytest.fixture
 def run(gen, capsys, threads):
-    """main(argv) → (exit status, stdout); torch's thread count restored after."""
+    """main(argv) → (exit status, stdout); torch's thread count and transformers' logging
+    verbosity (main sets both) restored after."""
     n = torch.get_num_threads()
+    verbosity = transformers.logging.get_verbosity()
 
     def go(*argv):
         status = gen.main([*TINY, *argv])
@@ -39,6 +43,7 @@ def run(gen, capsys, threads):
 
     yield go
     torch.set_num_threads(n)
+    transformers.logging.set_verbosity(verbosity)
 
 
 def json_rows(out):
@@ -70,6 +75,7 @@ def test_json_rows(gen, run, model):
     for r in (ref, bf16, rows["libmoe int8"]):
         assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0
         assert 0 < r["moe_share_prefill"] <= 1 and 0 < r["moe_share_decode"] <= 1
+        assert r["moe_ms_per_token"] > 0 and r["runs"] == 1
         assert r["bound_tok_s"] == pytest.approx(10e9 / r["bytes_per_token"])
     assert "skipped" in rows[f"libmoe {REFUSED}"]
     assert rows["libmoe int8"]["bytes_per_token"] < ref["bytes_per_token"]
@@ -89,6 +95,11 @@ def test_json_rows(gen, run, model):
     router = E * d + (E if model == "gpt-oss" else 0)
     biases = k * (2 * c.intermediate_size + d) if model == "gpt-oss" else 0
     assert bf16["bytes_per_token"] - ref["bytes_per_token"] == pytest.approx(2 * (router + biases))
+    # int8: a byte a weight and 8 bytes a column (W1, W3: F columns; W2: d) for k experts
+    F = c.moe_intermediate_size if model == "qwen3" else c.intermediate_size
+    weights, columns = 3 * d * F, 2 * F + d
+    assert (bf16["bytes_per_token"] - rows["libmoe int8"]["bytes_per_token"]
+            == pytest.approx(k * (2 * weights - (weights + 8 * columns))))
 
 
 def test_check_tokens_fails_on_a_bf16_difference(gen, run, monkeypatch):
