@@ -23,9 +23,11 @@ the originals are put back afterwards, so the weights are the same tensors, not 
 draw. A generate of 2 tokens from the same prompt warms each variant up before its timed
 one. --repeat N runs N rounds, each over every variant in turn (replacing the blocks again),
 and reports each variant's fastest run (least prefill + decode time; --json lists every
-run's times): on a shared machine a slow spell then falls on all variants alike. Memory: the bf16 replacement keeps fp32
-masters beside its bf16 experts (3x the experts' bf16 bytes) while the original blocks wait
-to be put back; the defaults peak near 12 GB (qwen3) and 16.5 GB (gpt-oss) of RSS.
+run's times): on a shared machine a slow spell then falls on all variants alike.
+
+Memory: the bf16 replacement keeps fp32 masters beside its bf16 experts (3x the experts' bf16
+bytes; the evaluation-only precisions hold their format alone) while the original blocks
+wait to be put back; the defaults peak near 12.5 GB (qwen3) and 17 GB (gpt-oss) of RSS.
 
 Columns (one row a variant, or one JSON object a variant with --json):
   prefill s      time to the first token: from the call of generate to the first call of
@@ -40,12 +42,12 @@ Columns (one row a variant, or one JSON object a variant with --json):
                  what the blocks cost at decode, apart from the rest of the step.
   MB/token       bytes one decoded token reads from the weights: every parameter but the
                  experts not chosen — attention, norms, one embedding row, lm_head, router,
-                 and top_k of the E experts per layer in the variant's precision (at one
-                 token a step exactly top_k experts run; the expert bytes are top_k/E of the
-                 layer's expert bytes). libmoe holds the router and biases in fp32. Neither
-                 the KV cache nor activations are counted.
+                 and the top_k experts a token runs, per layer, in the variant's precision
+                 (EXPERT_BITS: the formats' scales included). libmoe holds the router and
+                 the expert biases in fp32. Neither the KV cache nor activations count.
   bound tok/s    the decode rate that MB/token allows at --read-gbs (default: measured here,
-                 the best of 3 torch sums over a 1 GiB buffer on --threads threads).
+                 a torch sum over a 1 GiB buffer on --threads threads, best of 3, before
+                 the model is built).
   tokens         the generated ids against transformers': "same", or the first position
                  (0 = the first new token) where they differ and, there (the same context
                  before it), by how much each side's logits put its own token above the
@@ -431,8 +433,8 @@ def compare_tokens(tokens, logits, ref_tokens, ref_logits):
 
 
 COLUMNS = (("variant", 18, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
-           ("moe % pre/dec", 13, ">"), ("moe ms/tok", 10, ">"), ("MB/token", 9, ">"), ("bound tok/s", 11, ">"),
-           ("tokens", 0, "<"))
+           ("moe % pre/dec", 13, ">"), ("moe ms/tok", 10, ">"), ("MB/token", 9, ">"),
+           ("bound tok/s", 11, ">"), ("tokens", 0, "<"))
 
 
 def table_line(cells):
@@ -486,25 +488,6 @@ def main(argv=None) -> int:
     block_names = [n for n, m in model.named_modules() if is_block(m)]
     ids = torch.randint(0, c.vocab_size, (1, args.prompt),
                         generator=torch.Generator().manual_seed(args.seed))
-    source, _ = MODELS[args.model]
-    head = {"model": source + (" (tiny)" if args.tiny else ""), "layers": args.layers,
-            "moe_blocks": len(block_names), "seed": args.seed, "prompt": args.prompt,
-            "new_tokens": args.new_tokens, "threads": args.threads,
-            "read_gbs": read_gbs, "read_gbs_measured": args.read_gbs is None,
-            "experts_implementation": getattr(c, "_experts_implementation", None),
-            "attn_implementation": getattr(c, "_attn_implementation", None)}
-    if not args.json:
-        E = getattr(c, "num_local_experts", None) or c.num_experts
-        F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
-        print(f"{head['model']}: {args.layers} of {MODELS[args.model][1]['num_hidden_layers']} "
-              f"layers, d {c.hidden_size}, {E} experts of width {F}, top-{c.num_experts_per_tok}, "
-              f"vocab {c.vocab_size}; bf16, random weights (seed {args.seed})")
-        print(f"prompt {args.prompt} tokens, {args.new_tokens} new (greedy), "
-              f"{args.threads} threads; transformers experts "
-              f"'{head['experts_implementation']}', attention '{head['attn_implementation']}'; "
-              f"read bandwidth {read_gbs:.1f} GB/s "
-              f"({'measured: 1 GiB sum, best of 3' if args.read_gbs is None else '--read-gbs'})")
-        print(table_line([name for name, _, _ in COLUMNS]))
 
     variants = [None] + precisions
     runs = [[] for _ in variants]
@@ -525,6 +508,27 @@ def main(argv=None) -> int:
                 runs[i].append(run_variant(model, ids, args, block_names, precision))
             finally:
                 put_back(model, originals)
+
+    source, _ = MODELS[args.model]
+    head = {"model": source + (" (tiny)" if args.tiny else ""), "layers": args.layers,
+            "moe_blocks": len(block_names), "seed": args.seed, "prompt": args.prompt,
+            "new_tokens": args.new_tokens, "threads": args.threads,
+            "read_gbs": read_gbs, "read_gbs_measured": args.read_gbs is None,
+            "experts_implementation": getattr(c, "_experts_implementation", None),
+            "attn_implementation": getattr(c, "_attn_implementation", None)}
+    if not args.json:
+        E = getattr(c, "num_local_experts", None) or c.num_experts
+        F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        how = "--read-gbs" if args.read_gbs is not None else "measured: 1 GiB sum, best of 3"
+        print(f"{head['model']}: {args.layers} of {MODELS[args.model][1]['num_hidden_layers']} "
+              f"layers, d {c.hidden_size}, {E} experts of width {F}, "
+              f"top-{c.num_experts_per_tok}, vocab {c.vocab_size}; bf16, random weights "
+              f"(seed {args.seed})")
+        print(f"prompt {args.prompt} tokens, {args.new_tokens} new (greedy), "
+              f"{args.threads} threads, {args.repeat} round(s); transformers experts "
+              f"'{head['experts_implementation']}', attention '{head['attn_implementation']}'; "
+              f"read bandwidth {read_gbs:.1f} GB/s ({how})")
+        print(table_line([name for name, _, _ in COLUMNS]))
 
     reference = None  # (tokens, logits) of transformers alone
     status = 0
