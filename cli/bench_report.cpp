@@ -395,6 +395,26 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     }
   }
 
+  // The decode rows of an evaluation precision beside the memory roof of its bytes: T 1 within
+  // 1.15x, T 4 and 16 within 1.3x (int8, and the low-bit formats of issue 21).
+  auto decode_goals = [&](Precision p) {
+    const std::pair<const char*, double> decode[] = {
+        {"B3-T1", 1.15}, {"B3-T4", 1.3}, {"B3-T16", 1.3}};
+    for (const auto& [name, limit] : decode) {
+      const std::string text = std::string(to_string(p)) + " " + name + " within " +
+                               fmt(limit, 2) + "x of its memory roof";
+      if (const Result* d = find(rs, name, p)) {
+        const double m = 1.0 / d->ratio_fwd;
+        g.push_back({text, m <= limit,
+                     fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 2) + " ms vs " +
+                         fmt(d->roof_s * 1e3, 2) + " ms at " + fmt(d->read_bw / 1e9, 1) +
+                         " GB/s)"});
+      } else {
+        g.push_back({text, std::nullopt, "not run"});
+      }
+    }
+  };
+
   // int8 (evaluation): decode beside the memory roof of its int8 bytes and scales; prefill
   // beside the bf16 roof, so that a share >= 1.3 is >= 1.3x bf16's GEMM rate (and so at least
   // that much faster than the bf16 layer, which runs below its roof).
@@ -402,21 +422,7 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     return r.c.cfg.precision == Precision::int8;
   });
   if (any_int8) {
-    const std::pair<const char*, double> decode[] = {
-        {"B3-T1", 1.15}, {"B3-T4", 1.3}, {"B3-T16", 1.3}};
-    for (const auto& [name, limit] : decode) {
-      const std::string text =
-          std::string("int8 ") + name + " within " + fmt(limit, 2) + "x of its memory roof";
-      if (const Result* d = find(rs, name, Precision::int8)) {
-        const double m = 1.0 / d->ratio_fwd;
-        g.push_back({text, m <= limit,
-                     fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 1) + " ms vs " +
-                         fmt(d->roof_s * 1e3, 1) + " ms at " + fmt(d->read_bw / 1e9, 1) +
-                         " GB/s)"});
-      } else {
-        g.push_back({text, std::nullopt, "not run"});
-      }
-    }
+    decode_goals(Precision::int8);
     const Result* mx8 = find(rs, "Mixtral-8x7B", Precision::int8);
     at_least("int8 Mixtral-8x7B block forward >= 1.3x the bf16 roof's rate", roof_ratio(mx8), 1.3,
              "", na(mx8, false));
@@ -430,20 +436,7 @@ std::vector<Goal> evaluate_goals(const std::vector<Result>& rs) {
     if (std::none_of(rs.begin(), rs.end(),
                      [lp](const Result& r) { return r.c.cfg.precision == lp; }))
       continue;
-    const std::pair<const char*, double> decode[] = {
-        {"B3-T1", 1.15}, {"B3-T4", 1.3}, {"B3-T16", 1.3}};
-    for (const auto& [name, limit] : decode) {
-      const std::string text = pn + " " + name + " within " + fmt(limit, 2) + "x of its memory roof";
-      if (const Result* d = find(rs, name, lp); d && d->ran) {
-        const double m = 1.0 / d->ratio_fwd;
-        g.push_back({text, m <= limit,
-                     fmt(m, 2) + "x the roof (" + fmt(d->fwd_s * 1e3, 2) + " ms vs " +
-                         fmt(d->roof_s * 1e3, 2) + " ms at " + fmt(d->read_bw / 1e9, 1) +
-                         " GB/s)"});
-      } else {
-        g.push_back({text, std::nullopt, "not run"});
-      }
-    }
+    decode_goals(lp);
     if (lp == Precision::int4) {
       const Result* q = find(rs, "B3-T1", lp);
       const Result* b = find(rs, "B3-T1", Precision::bf16);

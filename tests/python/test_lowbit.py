@@ -18,14 +18,19 @@ from precision_oracle import rel, rounded_oracle
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
-def e2m1_round(v):
-    """Nearest E2M1 value of each v (|v| saturated at 6), ties to the even code."""
-    a = np.minimum(np.abs(v), 6.0)
-    i = np.searchsorted(E2M1, a)  # E2M1[i-1] < a <= E2M1[i]
-    i = np.clip(i, 1, 7)
-    lo, hi = E2M1[i - 1], E2M1[i]
+def nearest(v, values):
+    """Nearest of the ascending non-negative `values` (codes 0, 1, ...) to each |v|, saturated
+    at the largest, ties to the even code; v's sign kept."""
+    a = np.minimum(np.abs(v), values[-1])
+    i = np.clip(np.searchsorted(values, a), 1, len(values) - 1)  # values[i-1] < a <= values[i]
+    lo, hi = values[i - 1], values[i]
     pick_lo = (a - lo < hi - a) | ((a - lo == hi - a) & ((i - 1) % 2 == 0))
     return np.sign(v) * np.where(pick_lo, lo, hi)
+
+
+def e2m1_round(v):
+    """Nearest E2M1 value of each v (|v| saturated at 6), ties to the even code."""
+    return nearest(v, E2M1)
 
 
 def mxfp4_numpy(W):
@@ -53,11 +58,8 @@ E4M3 = e4m3_values()
 
 
 def e4m3_round(v):
-    a = np.minimum(np.abs(v), 448.0)
-    i = np.clip(np.searchsorted(E4M3, a), 1, 126)
-    lo, hi = E4M3[i - 1], E4M3[i]
-    pick_lo = (a - lo < hi - a) | ((a - lo == hi - a) & ((i - 1) % 2 == 0))
-    return np.sign(v) * np.where(pick_lo, lo, hi)
+    """Nearest E4M3 value of each v (|v| saturated at 448), ties to the even code."""
+    return nearest(v, E4M3)
 
 
 def fp8_numpy(W):
