@@ -352,22 +352,28 @@ int main(int argc, char** argv) {
       {"fp8", QuantFormatId::fp8, 0, false, false},
   };
   benchmark::RegisterBenchmark("read_roof", BM_read_roof)->Arg(8)->Arg(32)->UseManualTime()->MinTime(0.5);
-  // M 1, 4, 16 on every path; M 64 (where prefill takes over) on the fastest ones.
-  for (const int64_t M : {1, 4, 16, 64}) {
+  // M 1, 4, 16 on every path; M 32 and 64 (where prefill takes over) on the fastest ones.
+  for (const int64_t M : {1, 4, 16, 32, 64}) {
     for (const Format& f : formats) {
       for (const QuantPath p : {QuantPath::avx512_vnni, QuantPath::avx512_bf16, QuantPath::avx512,
                                 QuantPath::avx2}) {
         if (!quant_path_supports(p, f.id)) continue;
-        if (M == 64 && p != quant_decode_path(f.id)) continue;
+        if (M >= 32 && p != quant_decode_path(f.id)) continue;
         benchmark::RegisterBenchmark(
             (f.label + "/decode/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
             [=](benchmark::State& s) { BM_quant(s, f, Method::decode, p, M); })
             ->UseManualTime()->MinTime(0.5);
       }
-      benchmark::RegisterBenchmark(
-          (f.label + "/prefill/M:" + std::to_string(M) + "/avx512").c_str(),
-          [=](benchmark::State& s) { BM_quant(s, f, Method::prefill, QuantPath::avx512_bf16, M); })
-          ->UseManualTime()->MinTime(0.5);
+      if (M < 32) continue;
+      // Prefill on both of its paths: bf16 panels (vdpbf16ps, or AMX tiles on an AMX CPU) and,
+      // for 4-bit codes, int8 panels (vpdpbusd).
+      for (const QuantPath p : {QuantPath::avx512_bf16, QuantPath::avx512_vnni}) {
+        if (!quant_path_supports(p, f.id)) continue;
+        benchmark::RegisterBenchmark(
+            (f.label + "/prefill/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
+            [=](benchmark::State& s) { BM_quant(s, f, Method::prefill, p, M); })
+            ->UseManualTime()->MinTime(0.5);
+      }
     }
     const Format bf16{"bf16_packed", QuantFormatId::int4, 0, false, true};
     benchmark::RegisterBenchmark(("bf16_packed/M:" + std::to_string(M)).c_str(),

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <functional>
 
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
@@ -220,8 +221,7 @@ std::string lowbit_kernel_names(Precision p, const Int4Options& opt) {
   m.block_k = m.format == QuantFormatId::int4 ? opt.group : m.fmt().block_k;
   m.zero_points = m.format == QuantFormatId::int4 && opt.zero_points;
   return "decode " + quant_kernel_name(m, quant_decode_path(m.format)) + "; prefill " +
-         quant_kernel_name(m, quant_best_path()) + " widening into bf16 panels for " +
-         gemm_bf16_packed_impl();
+         quant_prefill_kernel_name(m, quant_prefill_path(m.format));
 }
 
 void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeights& w,
@@ -230,19 +230,23 @@ void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeight
   const int64_t d = s.d, F = s.F, Do = s.Do;
   if (off[s.E] == 0) return;
   wq.prepare(w, s);
-  // C (M, N) = X · W with the kernel M rows take; spread over the threads by columns.
-  const auto product = [&](const QuantHeld& W, const float* X, int64_t ldx, int64_t M, float* C,
-                           int64_t ldc) {
+  // C_m (M, N) = X · W_m with the kernel M rows take, spread over the threads by column tiles,
+  // then epi(n0, n) on each tile's columns of all rows while in cache (the bias, the
+  // activation). Several matrices share one preparation of the rows where their K orders agree
+  // (a GLU's W1 and W3; everywhere but act-order checkpoints with two permutations).
+  using Epi = std::function<void(int64_t, int64_t)>;
+  const auto products = [&](const QuantHeld* const* Ws, float* const* Cs, int count,
+                            const float* X, int64_t ldx, int64_t M, int64_t ldc, const Epi& epi) {
     const QuantMethod method = quant_method_for(M);
-    const QuantPath path =
-        method == QuantMethod::decode ? quant_decode_path(W.m.format) : quant_best_path();
-    quant_matmul(W.m, path, method, X, ldx, M, C, ldc, sc.ws);
-  };
-  // The bias of row block [r0, r0 + M), then f(index) on every value, parallel when large.
-  const auto rows_apply = [](int64_t M, int64_t N, auto&& f) {
-#pragma omp parallel for schedule(static) if (M * N >= (int64_t{1} << 16))
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < N; ++j) f(r, j);
+    const QuantPath path = method == QuantMethod::decode ? quant_decode_path(Ws[0]->m.format)
+                                                         : quant_prefill_path(Ws[0]->m.format);
+    const QuantMatrix* ms[2] = {&Ws[0]->m, count > 1 ? &Ws[1]->m : nullptr};
+    if (count == 1 || quant_rows_shared(*ms[0], *ms[1])) {
+      quant_matmul_shared(ms, Cs, count, path, method, X, ldx, M, ldc, sc.ws, epi);
+      return;
+    }
+    quant_matmul_shared(ms, Cs, 1, path, method, X, ldx, M, ldc, sc.ws);
+    quant_matmul_shared(ms + 1, Cs + 1, 1, path, method, X, ldx, M, ldc, sc.ws, epi);
   };
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t r0 = off[e], M = off[e + 1] - off[e];
@@ -252,23 +256,31 @@ void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeight
     switch (s.kind) {
       case ExpertKind::linear_relu: {
         float* out = acts.out + r0 * Do;
-        product(wq.W1[ei], x, d, M, out, Do);
         const float* b1 = w.b1 ? w.b1 + e * Do : nullptr;
-        rows_apply(M, Do, [&](int64_t r, int64_t j) {
-          const float z = out[r * Do + j] + (b1 ? b1[j] : 0.0f);
-          out[r * Do + j] = z > 0.0f ? z : 0.0f;
+        const QuantHeld* Ws[1] = {&wq.W1[ei]};
+        float* Cs[1] = {out};
+        products(Ws, Cs, 1, x, d, M, Do, [&](int64_t n0, int64_t n) {
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = n0; j < n0 + n; ++j) {
+              const float z = out[r * Do + j] + (b1 ? b1[j] : 0.0f);
+              out[r * Do + j] = z > 0.0f ? z : 0.0f;
+            }
         });
         continue;
       }
       case ExpertKind::mlp: {
         float* a1 = acts.a1 + r0 * F;
         float* hid = acts.hid + r0 * F;
-        product(wq.W1[ei], x, d, M, a1, F);
         const float* b1 = w.b1 ? w.b1 + e * F : nullptr;
-        rows_apply(M, F, [&](int64_t r, int64_t j) {
-          const float z = a1[r * F + j] + (b1 ? b1[j] : 0.0f);
-          a1[r * F + j] = z;
-          hid[r * F + j] = act_forward(s.act, z);
+        const QuantHeld* Ws[1] = {&wq.W1[ei]};
+        float* Cs[1] = {a1};
+        products(Ws, Cs, 1, x, d, M, F, [&](int64_t n0, int64_t n) {
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = n0; j < n0 + n; ++j) {
+              const float z = a1[r * F + j] + (b1 ? b1[j] : 0.0f);
+              a1[r * F + j] = z;
+              hid[r * F + j] = act_forward(s.act, z);
+            }
         });
         break;
       }
@@ -277,28 +289,39 @@ void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeight
         float* a1 = acts.a1 + r0 * F;
         float* a3 = acts.a3 + r0 * F;
         float* hid = acts.hid + r0 * F;
-        product(wq.W1[ei], x, d, M, a1, F);
-        product(wq.W3[ei], x, d, M, a3, F);
         const float* b1 = w.b1 ? w.b1 + e * F : nullptr;
         const float* b3 = w.b3 ? w.b3 + e * F : nullptr;
         const bool clamped = s.kind == ExpertKind::clamped_swiglu;
         const float alpha = s.alpha, limit = s.limit;
-        rows_apply(M, F, [&](int64_t r, int64_t j) {
-          const float g = a1[r * F + j] + (b1 ? b1[j] : 0.0f);
-          const float u = a3[r * F + j] + (b3 ? b3[j] : 0.0f);
-          a1[r * F + j] = g;
-          a3[r * F + j] = u;
-          hid[r * F + j] = clamped ? clamped_swiglu_f32(g, u, alpha, limit) : silu_f32(g) * u;
+        const QuantHeld* Ws[2] = {&wq.W1[ei], &wq.W3[ei]};
+        float* Cs[2] = {a1, a3};
+        products(Ws, Cs, 2, x, d, M, F, [&](int64_t n0, int64_t n) {
+          for (int64_t r = 0; r < M; ++r) {
+            float* g = a1 + r * F + n0;
+            float* u = a3 + r * F + n0;
+            float* h = hid + r * F + n0;
+            if (b1)
+              for (int64_t j = 0; j < n; ++j) g[j] += b1[n0 + j];
+            if (b3)
+              for (int64_t j = 0; j < n; ++j) u[j] += b3[n0 + j];
+            if (clamped)
+              for (int64_t j = 0; j < n; ++j) h[j] = clamped_swiglu_f32(g[j], u[j], alpha, limit);
+            else
+              for (int64_t j = 0; j < n; ++j) h[j] = silu_f32(g[j]) * u[j];
+          }
         });
         break;
       }
     }
     float* out = acts.out + r0 * Do;
-    product(wq.W2[ei], acts.hid + r0 * F, F, M, out, Do);
-    if (w.b2) {
-      const float* b2 = w.b2 + e * Do;
-      rows_apply(M, Do, [&](int64_t r, int64_t j) { out[r * Do + j] += b2[j]; });
-    }
+    const float* b2 = w.b2 ? w.b2 + e * Do : nullptr;
+    const QuantHeld* Ws[1] = {&wq.W2[ei]};
+    float* Cs[1] = {out};
+    products(Ws, Cs, 1, acts.hid + r0 * F, F, M, Do, [&](int64_t n0, int64_t n) {
+      if (b2)
+        for (int64_t r = 0; r < M; ++r)
+          for (int64_t j = n0; j < n0 + n; ++j) out[r * Do + j] += b2[j];
+    });
   }
 }
 

@@ -2,10 +2,11 @@
 // one expert applied to one row as obvious loops on any scalar type, on the operands the fast
 // path multiplies (experts/lowbit.hpp, quant/kernels.hpp):
 //   weights  the values the stored bytes hold (what expert_matrix returns of a layer without
-//            masters); where the expert's rows take the prefill kernel, those values rounded
-//            to bf16 as its widened panels hold them;
-//   rows     by the kernel the expert's row count M selects: prefill bf16; decode by the
-//            format's decode path: int8 per 32 values (avx512_vnni), bf16, or exact (fp32).
+//            masters); where the expert's rows take the prefill kernel on a bf16 path, those
+//            values rounded to bf16 as its widened panels hold them (the int8 panels of
+//            avx512_vnni hold them exactly);
+//   rows     by the kernel the expert's row count M selects and its path: int8 per 32 values
+//            (decode on avx512_vnni) or per 128 (prefill on avx512_vnni), bf16, or exact (fp32).
 // The layer and shared-expert twins call it when cfg.precision is low-bit.
 #pragma once
 #include <cmath>
@@ -52,16 +53,24 @@ struct LowbitRefExperts {
   }
 };
 
+// The path M rows of a matrix of `format` take.
+inline QuantPath lowbit_path_ref(QuantFormatId format, int64_t M) {
+  return quant_method_for(M) == QuantMethod::prefill ? quant_prefill_path(format)
+                                                     : quant_decode_path(format);
+}
+
 // out (n) = the row v as the kernel for M rows of a matrix of `format` takes it.
 template <typename S>
 void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t M) {
-  const QuantRowsType rows = quant_method_for(M) == QuantMethod::prefill
-                                 ? QuantRowsType::bf16
-                                 : quant_rows_type(quant_decode_path(format));
+  const bool prefill = quant_method_for(M) == QuantMethod::prefill;
+  const QuantPath path = lowbit_path_ref(format, M);
+  const QuantRowsType rows = prefill && path != QuantPath::avx512_vnni ? QuantRowsType::bf16
+                                                                         : quant_rows_type(path);
   if (rows == QuantRowsType::s8) {
-    std::vector<float> f(32);
-    for (int64_t b = 0; b < n; b += 32) {
-      const int64_t len = std::min<int64_t>(32, n - b);
+    const int64_t block = prefill ? 128 : 32;
+    std::vector<float> f(static_cast<size_t>(block));
+    for (int64_t b = 0; b < n; b += block) {
+      const int64_t len = std::min<int64_t>(block, n - b);
       for (int64_t i = 0; i < len; ++i) f[static_cast<size_t>(i)] = static_cast<float>(v[b + i]);
       const float scale = quant_s8_scale(f.data(), len);
       for (int64_t i = 0; i < len; ++i)
@@ -78,9 +87,10 @@ void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t
 template <typename S>
 void expert_row_lowbit_ref(S* out, const S* x, const LowbitRefExperts<S>& q, int64_t e,
                            const MoEConfig& cfg, int64_t M) {
-  const bool prefill = quant_method_for(M) == QuantMethod::prefill;
+  const bool widened = quant_method_for(M) == QuantMethod::prefill &&
+                       lowbit_path_ref(q.format, M) != QuantPath::avx512_vnni;
   const QuantFormatId f = q.format;
-  expert_row_quantized_ref(out, x, prefill ? q.widened : q.exact, e, cfg,
+  expert_row_quantized_ref(out, x, widened ? q.widened : q.exact, e, cfg,
                            [f, M](S* o, const S* v, int64_t n) { lowbit_row_ref(o, v, n, f, M); });
 }
 

@@ -68,6 +68,10 @@ QuantPath quant_decode_path(QuantFormatId format) {
   return quant_best_path();
 }
 
+QuantPath quant_prefill_path(QuantFormatId format) {
+  return amx_kernels() ? quant_best_path() : quant_decode_path(format);
+}
+
 bool quant_path_allowed(QuantPath p) {
   switch (p) {
     case QuantPath::avx2: return true;

@@ -138,6 +138,11 @@ QuantPath quant_best_path();
 // The decode path for a matrix, by measurement (docs/quant.md): avx512_vnni for 4-bit codes
 // where the CPU has AVX512-VNNI (and MOE_MAX_ISA allows avx512), else quant_best_path().
 QuantPath quant_decode_path(QuantFormatId format);
+// The prefill path for a matrix, by measurement (docs/quant.md, "Prefill"): avx512_vnni (int8
+// rows, int8 panels, vpdpbusd) for 4-bit codes where the CPU has AVX512-VNNI and the level is
+// below amx; else quant_best_path(), whose bf16 panels go to gemm_bf16_packed_serial (AMX tiles
+// on an AMX CPU).
+QuantPath quant_prefill_path(QuantFormatId format);
 // Whether this CPU (and MOE_MAX_ISA) allows the path: the tests run each allowed one.
 bool quant_path_allowed(QuantPath p);
 // Whether the path reads the format (avx512_vnni: 4-bit codes only).

@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
@@ -165,12 +166,26 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk;
   r.ld = ld;
   r.data = buf;
-  MOE_ASSERT(method == QuantMethod::prefill || quant_path_supports(path, W.format));
+  MOE_ASSERT(quant_path_supports(path, W.format));
   const QuantRowsType type =
       method == QuantMethod::prefill ? QuantRowsType::bf16 : quant_rows_type(path);
   r.interleaved = method == QuantMethod::decode &&
                   (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
                   W.fmt().code_bits == 4;
+  if (method == QuantMethod::prefill && path == QuantPath::avx512_vnni) {
+    // u8 rows (M, ld) and their scales (M, chunks), each row on its own.
+    auto* u8 = static_cast<uint8_t*>(buf);
+    float* scales = reinterpret_cast<float*>(u8 + M * ld);
+    r.scales = scales;
+#pragma omp parallel for schedule(static) if (M * ld >= (int64_t{1} << 16))
+    for (int64_t i = 0; i < M; ++i) {
+      thread_local std::vector<float> v;
+      if (v.size() < static_cast<size_t>(ld)) v.resize(static_cast<size_t>(ld));
+      gather_row(W, X + i * ldx, v.data(), ld);
+      quant_impl::prefill_vnni_rows(v.data(), ld, u8 + i * ld, scales + i * chunks);
+    }
+    return r;
+  }
   // Each row once in kernel order (fp32 rows are that), then converted by plain loops.
   thread_local std::vector<float> row;
   if (row.size() < static_cast<size_t>(ld)) row.resize(static_cast<size_t>(ld));
@@ -261,7 +276,9 @@ void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
 // ---- prefill ---------------------------------------------------------------------------------
 
 int64_t quant_prefill_workspace_size(const QuantMatrix& W) {
-  return packed_bf16_size(std::min(W.K, kQuantPanelK), kPanelCols);
+  const int64_t bf16 = packed_bf16_size(std::min(W.K, kQuantPanelK), kPanelCols);
+  return W.fmt().code_bits == 4 ? std::max(bf16, (quant_impl::prefill_vnni_workspace_bytes(W) + 1) / 2)
+                                : bf16;
 }
 
 namespace {
@@ -306,6 +323,8 @@ void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_
 void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
                           int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws) {
   MOE_ASSERT(rows.method == QuantMethod::prefill && n0 >= 0 && n0 + n <= W.N);
+  if (rows.path == QuantPath::avx512_vnni)
+    return quant_impl::prefill_vnni_serial(W, rows, n0, n, C, ldc, reinterpret_cast<unsigned char*>(ws));
   const auto* A = static_cast<const uint16_t*>(rows.data);
   for (int64_t j = 0; j < n; j += kPanelCols) {
     const int64_t nc = std::min(kPanelCols, n - j);
@@ -327,28 +346,61 @@ void QuantWorkspace::reserve(const QuantMatrix& W, int64_t M, int threads) {
   if (panels.size() < panel) panels.resize(panel);
 }
 
-void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
-                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
-  MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
-              " is not allowed on this CPU (MOE_MAX_ISA or its features)");
-  MOE_REQUIRE(method == QuantMethod::prefill || quant_path_supports(path, W.format),
-              "quant_matmul: path ", quant_path_name(path), " does not decode ", W.fmt().name);
-  validate(W);
+namespace {
+// Whether two matrices take their rows in the same K order (so one preparation serves both).
+bool same_rows(const QuantMatrix& a, const QuantMatrix& b) {
+  if (a.K != b.K || a.act_order != b.act_order) return false;
+  return !a.act_order || a.perm == b.perm ||
+         std::equal(a.perm, a.perm + a.K, b.perm);
+}
+}  // namespace
+
+void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
+                         QuantPath path, QuantMethod method, const float* X, int64_t ldx,
+                         int64_t M, int64_t ldc, QuantWorkspace& ws,
+                         const std::function<void(int64_t, int64_t)>& epilogue) {
+  MOE_REQUIRE(count >= 1 && quant_path_allowed(path), "quant_matmul: path ",
+              quant_path_name(path), " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  for (int m = 0; m < count; ++m) {
+    const QuantMatrix& W = *Ws[m];
+    MOE_REQUIRE(quant_path_supports(path, W.format), "quant_matmul: path ",
+                quant_path_name(path), " does not read ", W.fmt().name);
+    validate(W);
+    MOE_ASSERT(same_rows(W, *Ws[0]) && W.N == Ws[0]->N && W.format == Ws[0]->format &&
+               W.block_k == Ws[0]->block_k);
+  }
   if (M <= 0) return;
+  const QuantMatrix& W0 = *Ws[0];
   const int threads = omp_get_max_threads();
-  ws.reserve(W, M, threads);
-  const QuantRows rows = quant_prepare_rows(W, path, method, X, ldx, M, ws.rows.data());
-  const int64_t tiles = (W.N + kQuantTileN - 1) / kQuantTileN;
-  const int64_t panel = quant_prefill_workspace_size(W);
+  ws.reserve(W0, M, threads);
+  const QuantRows rows = quant_prepare_rows(W0, path, method, X, ldx, M, ws.rows.data());
+  // Tasks: column tiles, each every matrix's columns summed over the whole K (the split never
+  // changes a value), then the epilogue on them while they are in cache.
+  const int64_t tiles = (W0.N + kQuantTileN - 1) / kQuantTileN;
+  const int64_t panel = quant_prefill_workspace_size(W0);
 #pragma omp parallel for schedule(static) if (tiles > 1)
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * kQuantTileN, n = std::min(kQuantTileN, W.N - n0);
-    if (method == QuantMethod::decode)
-      quant_decode_serial(W, rows, n0, n, C + n0, ldc);
-    else
-      quant_prefill_serial(W, rows, path, n0, n, C + n0, ldc,
-                           ws.panels.data() + omp_get_thread_num() * panel);
+    const int64_t n0 = t * kQuantTileN, n = std::min(kQuantTileN, W0.N - n0);
+    for (int m = 0; m < count; ++m) {
+      if (method == QuantMethod::decode)
+        quant_decode_serial(*Ws[m], rows, n0, n, Cs[m] + n0, ldc);
+      else
+        quant_prefill_serial(*Ws[m], rows, path, n0, n, Cs[m] + n0, ldc,
+                             ws.panels.data() + omp_get_thread_num() * panel);
+    }
+    if (epilogue) epilogue(n0, n);
   }
+}
+
+bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b) {
+  return same_rows(a, b) && a.N == b.N && a.format == b.format && a.block_k == b.block_k;
+}
+
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
+  const QuantMatrix* Ws[1] = {&W};
+  float* Cs[1] = {C};
+  quant_matmul_shared(Ws, Cs, 1, path, method, X, ldx, M, ldc, ws);
 }
 
 std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
@@ -380,6 +432,13 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
       break;
   }
   return name;
+}
+
+std::string quant_prefill_kernel_name(const QuantMatrix& W, QuantPath path) {
+  const std::string name = quant_kernel_name(W, path);
+  if (path == QuantPath::avx512_vnni)
+    return name.substr(0, name.find(' ')) + " (int8 rows per 128 values, int8 panels, vpdpbusd)";
+  return name + " widening into bf16 panels for " + gemm_bf16_packed_impl();
 }
 
 }  // namespace moe::detail

@@ -22,16 +22,22 @@
 //            Columns are independent: a column's bits depend on the path only — not on M,
 //            n0, n, the tiling or the thread that ran it.
 //   prefill  the same product for many rows: each panel of 64 columns and 2048 rows of K is
-//            widened once per call into a bf16 panel in gemm_bf16_packed's layout
-//            (bf16(value · scale), rounded to nearest even) in the caller's workspace, which
-//            stays in cache, and handed to gemm_bf16_packed_serial (so prefill runs on whatever
-//            engine that kernel uses: vdpbf16ps, AMX). K is summed chunk after chunk in order.
+//            widened once per call into the caller's workspace, which stays in cache:
+//            avx512_vnni (4-bit codes below AMX; quant/prefill_vnni.cpp): int8 rows (each 128
+//            values quantized to their own scale, + 128 as u8) against a panel of the exact
+//            signed values (int4: code − zero point; mxfp4: 2·E2M1) in experts/int8.hpp's
+//            u8·s8 layout; vpdpbusd sums each scale block exactly in int32, then the block's
+//            row and weight scales multiply it into fp32.
+//            other paths: a bf16 panel in gemm_bf16_packed's layout (bf16(value · scale),
+//            rounded to nearest even) handed to gemm_bf16_packed_serial (vdpbf16ps, or AMX
+//            tiles on an AMX CPU). K is summed chunk after chunk in order.
 //
 // Rows are prepared once per call (quant_prepare_rows): rounded to bf16, quantized to int8 or
 // kept fp32 as the path takes them, gathered into the kernel's K order (int4 act-order, and
 // the decode's interleave), zero-padded to whole chunks.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -59,6 +65,8 @@ constexpr int64_t kQuantChunk = 128;
 //              quantized to their own scale; per (row, chunk) 16 lane scales (lane t: its
 //              sub-block's scale, times 1/2 for mxfp4's doubled codes) and 16 lane sums (the
 //              int8 values lane t of vpdpbusd adds: values 8t .. 8t + 7).
+//   u8         (prefill on avx512_vnni) (M, ld) bytes in K order, int8 per 128 values + 128,
+//              and per (row, chunk) the scale (scales; M × chunks).
 struct QuantRows {
   QuantPath path = QuantPath::avx2;
   QuantMethod method = QuantMethod::decode;
@@ -78,7 +86,7 @@ int8_t quant_s8(float v, float scale);
 // Bytes quant_prepare_rows writes for M rows of W (whatever the path and method).
 int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
 // X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, M) bytes).
-// Prefill rows are bf16 in K order whatever the path.
+// Prefill rows are u8 on avx512_vnni, else bf16 in K order whatever the path.
 QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
                              const float* X, int64_t ldx, int64_t M, void* buf);
 
@@ -123,7 +131,21 @@ struct QuantWorkspace {
 void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
                   int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws);
 
+// The same for `count` matrices that take the same rows (quant_rows_shared: the same K order,
+// N, format and block), C_m = X · dequant(W_m): the rows prepared once, the column tiles spread
+// over the threads in one parallel loop, each tile of every matrix (a GLU's W1 and W3), then
+// epilogue(n0, n) on those columns of all M rows while they are in cache (the bias and the
+// activation). Each C_m is what quant_matmul gives it alone.
+void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
+                         QuantPath path, QuantMethod method, const float* X, int64_t ldx,
+                         int64_t M, int64_t ldc, QuantWorkspace& ws,
+                         const std::function<void(int64_t, int64_t)>& epilogue = {});
+bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b);
+
 // "int4_g128_zp:avx512_bf16 (vpermw, vdpbf16ps)" and the like, for reports.
 std::string quant_kernel_name(const QuantMatrix& W, QuantPath path);
+// The prefill kernel on a path: "int4_g128_sym:avx512_vnni (int8 rows per 128 values, int8
+// panels, vpdpbusd)", or the bf16 widening and the kernel its panels go to.
+std::string quant_prefill_kernel_name(const QuantMatrix& W, QuantPath path);
 
 }  // namespace moe::detail

@@ -54,4 +54,12 @@ void decode_avx2(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, i
 void widen_panel_avx512(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
                         uint16_t* panel);
 
+// Prefill on avx512_vnni (quant/prefill_vnni.cpp, 4-bit codes): the bytes of workspace it
+// needs, one row (kernel order, ld values, zero-padded to whole chunks) quantized to u8 rows
+// (int8 per 128 values + 128) with its scales per chunk, and the product of rows prepared so.
+int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W);
+void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales);
+void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc, unsigned char* ws);
+
 }  // namespace moe::detail::quant_impl

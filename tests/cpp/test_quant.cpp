@@ -100,23 +100,28 @@ Held random_weights(const Variant& v, int64_t K, int64_t N, Rng& rng) {
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
-// The rows (M, K) as the path rounds them, in W's own K order: bf16, fp32, or int8 per 32
-// values of the kernel's K order (act-order gathers them) times their scale.
-std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>& X, QuantPath p) {
+// The rows (M, K) as the path and method round them, in W's own K order: bf16, fp32, or int8
+// per 32 (decode) or 128 (prefill) values of the kernel's K order (act-order gathers them)
+// times their scale. Prefill rows are bf16 except on avx512_vnni.
+std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>& X, QuantPath p,
+                                 QuantMethod m = QuantMethod::decode) {
   const int64_t K = W.K, M = static_cast<int64_t>(X.size()) / K;
+  const bool s8 = quant_rows_type(p) == QuantRowsType::s8;
+  const bool bf16 = m == QuantMethod::prefill ? !s8 : quant_rows_bf16(p);
+  const int64_t block = m == QuantMethod::prefill ? 128 : 32;
   std::vector<double> r(X.size());
   for (int64_t i = 0; i < M; ++i) {
     const float* x = X.data() + i * K;
-    if (quant_rows_type(p) != QuantRowsType::s8) {
-      for (int64_t k = 0; k < K; ++k) r[i * K + k] = quant_rows_bf16(p) ? round_bf16(x[k]) : x[k];
+    if (!s8) {
+      for (int64_t k = 0; k < K; ++k) r[i * K + k] = bf16 ? round_bf16(x[k]) : x[k];
       continue;
     }
-    for (int64_t k0 = 0; k0 < K; k0 += 32) {
-      float v[32] = {};
-      const int64_t n = std::min<int64_t>(32, K - k0);
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
+      float v[128] = {};
+      const int64_t n = std::min<int64_t>(block, K - k0);
       auto src = [&](int64_t k) { return W.act_order ? W.perm[k] : k; };
       for (int64_t t = 0; t < n; ++t) v[t] = x[src(k0 + t)];
-      const float s = quant_s8_scale(v, 32);
+      const float s = quant_s8_scale(v, block);
       for (int64_t t = 0; t < n; ++t) r[i * K + src(k0 + t)] = static_cast<double>(quant_s8(v[t], s)) * s;
     }
   }
@@ -341,6 +346,12 @@ TEST(QuantPrefill, MatchesTheTwinOnTheWidenedWeights) {
           const std::string what = v.label() + " K " + std::to_string(s.K) + " N " +
                                    std::to_string(s.N) + " M " + std::to_string(M) + " " +
                                    quant_path_name(p);
+          if (p == QuantPath::avx512_vnni) {
+            // int8 rows per 128 values against the exact stored values.
+            expect_rel(C, twin(h.view, rounded_rows(h.view, X, p, QuantMethod::prefill), M), 1e-5,
+                       what);
+            continue;
+          }
           expect_rel(C, twin_bf16_weights(h.view, Xr, M), 1e-5, what);
           // Against the unrounded weights: what widening to bf16 costs (over enough outputs
           // that the largest one is not a cancellation).
@@ -605,8 +616,7 @@ TEST(Int4Import, GptqRepackedHoldsTheDefinition) {
       if (!runs(p, w.view())) continue;
       for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
         const std::vector<float> C = run(w.view(), p, m, X, 3);
-        const std::vector<double> Xr =
-            rounded_rows(w.view(), X, m == QuantMethod::prefill ? QuantPath::avx512_bf16 : p);
+        const std::vector<double> Xr = rounded_rows(w.view(), X, p, m);
         std::vector<double> want(static_cast<size_t>(3 * c.N), 0.0);
         for (int64_t i = 0; i < 3; ++i)
           for (int64_t k = 0; k < c.K; ++k)

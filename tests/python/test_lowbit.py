@@ -221,6 +221,19 @@ def test_every_kernel_level_agrees():
     AVX2) against this CPU's best, within what that rounding costs; cpu_info names them."""
     base = run_with({})
     assert set(base["info"]["lowbit_kernels"]) == {"int4", "mxfp4", "fp8"}
+    prefill = {k: v.split("; prefill ")[1] for k, v in base["info"]["lowbit_kernels"].items()}
+    if base["info"]["int8_kernel"] == "avx512_vnni":  # VNNI below AMX: 4-bit prefill in int8
+        assert "int8 panels" in prefill["int4"] and "int8 panels" in prefill["mxfp4"], prefill
+    assert "bf16 panels" in prefill["fp8"], prefill
+    if moe.cpu_info()["level"] in ("avx512_bf16", "amx"):
+        # On AMX (here its emulation) every prefill widens into bf16 panels for the tiles.
+        amx = run_with({"MOE_AMX_EMULATE": "1"})
+        assert all("bf16 panels for packed:amx_bf16" in v.split("; prefill ")[1]
+                   for v in amx["info"]["lowbit_kernels"].values()), amx["info"]["lowbit_kernels"]
+        for key in base:
+            if key != "info":
+                a, b = np.array(base[key]), np.array(amx[key])
+                assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a), ("amx", key)
     for level in ("avx2", "avx512", "avx512_bf16"):
         got = run_with({"MOE_MAX_ISA": level})
         names = got["info"]["lowbit_kernels"]

@@ -1,0 +1,370 @@
+// Prefill of 4-bit codes on AVX512-VNNI (quant/kernels.hpp, "prefill, avx512_vnni"): the rows
+// quantized to int8 per 128 values, each weight panel widened once per call into the signed
+// bytes it holds exactly (int4: code − zero point; mxfp4: 2·E2M1), in the u8·s8 panel layout
+// of experts/int8.hpp (per group of 4 values of K, 64 columns × 4 bytes), and the products
+// summed by vpdpbusd exactly in int32, one conversion to fp32 per scale block.
+//
+// For a row x (kernel K order, zero beyond K) and column j, per block g of G = min(block_k, 128)
+// values (the rows' scale r is constant on it, so is the weight's s):
+//   C[i][j] = Σ_g (r_i,c(g) · s_j,g) · Σ_{k ∈ g} qx_k · v_kj,
+// where qx are the rows' int8 values. vpdpbusd takes the rows as unsigned bytes qx + 128, so
+// the block's sum comes out as Σ (qx + 128) · v − 128 · Σ v, with the column sums Σ_{k∈g} v
+// made while widening (over the same padded K, so the padding cancels exactly). Every C
+// element is the same instructions over its blocks in order whatever M, the row block or the
+// thread: a row's bits do not depend on which call computed it.
+//
+// Why int8 and not bf16 here: on AVX-512 without AMX a vpdpbusd does 64 products to a
+// vdpbf16ps's 32, and the codes need no lookup or scale multiply to become its operands
+// (docs/quant.md, "Prefill"). On an AMX CPU prefill keeps the bf16 panels and AMX tiles.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/check.hpp"
+#include "common/gemm_bf16_packed.hpp"
+#include "quant/kernels_impl.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define MOE_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+
+namespace moe::detail::quant_impl {
+
+namespace {
+
+constexpr int64_t kCols = kPanelCols;  // a panel's columns
+constexpr int64_t kStep = 4 * kCols;   // bytes of one K step (4 values) of a panel
+constexpr int64_t kAhead = 16;         // chunks the widening prefetches ahead (a column group)
+
+// rows[i] (16 dwords each) → rows[l][i] = old rows[i][l].
+MOE_VNNI inline void transpose_16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i z = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_i32x4(x, z, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(x, z, 0xDD);
+    t[4 + c] = _mm512_shuffle_i32x4(y, v, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(y, v, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// The zero points of column j over chunk ch as bytes: lane L (32 values) holds its block's.
+template <Codes Cd>
+MOE_VNNI inline __m512i zero_bytes(const QuantMatrix& W, int64_t j, int64_t ch) {
+  if constexpr (Cd != Codes::int4_zp) {
+    return _mm512_set1_epi8(Cd == Codes::int4_sym ? 8 : 0);
+  } else {
+    const uint8_t* z = W.zeros + j * W.zero_stride;
+    if (W.block_k >= kQuantChunk) return _mm512_set1_epi8(static_cast<char>(z[kQuantChunk * ch / W.block_k]));
+    const int64_t last = W.blocks_k() - 1;
+    int32_t l[4];
+    for (int L = 0; L < 4; ++L)
+      l[L] = static_cast<int32_t>(0x01010101u *
+                                  z[std::min(last, (kQuantChunk * ch + 32 * L) / W.block_k)]);
+    return _mm512_setr_epi32(l[0], l[0], l[0], l[0], l[1], l[1], l[1], l[1], l[2], l[2], l[2],
+                             l[2], l[3], l[3], l[3], l[3]);
+  }
+}
+
+// The panel of columns [j0, j0 + nc) and K [k0, k0 + kc) (k0 a multiple of 128): per group of
+// 4 values of K a 256-byte step (column c's 4 bytes at 4c), whole chunks of 128 (what lies
+// past K or past the column's bytes is read as code 0: its value meets a zero row and is in
+// the column sum alike); columns ≥ nc are zero. Per block g of the panel: cs[64g + c] =
+// 128 · Σ v over the block, sc[64g + c] = the weight's scale (× 1/2 for mxfp4's doubled values).
+template <Codes Cd, int G>
+MOE_VNNI void widen_s8(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                       int8_t* panel, int32_t* cs, float* sc) {
+  const int64_t S = W.sub_blocks();
+  const int64_t chunks = (kc + kQuantChunk - 1) / kQuantChunk, per_chunk = kQuantChunk / G;
+  const __m512i nib = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+  // mxfp4: 2·E2M1 of each code as a signed byte.
+  const __m512i e2m1 = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
+  for (int64_t c0 = 0; c0 < kCols; c0 += 16) {
+    for (int64_t cl = 0; cl < chunks; ++cl) {
+      const int64_t ch = k0 / kQuantChunk + cl, nsub = std::clamp<int64_t>(S - 4 * ch, 0, 4);
+      // The codes stream from memory, 16 columns at a time: ask for the chunk kAhead on in
+      // the order (column group, chunk) they are read.
+      {
+        const int64_t next = (c0 / 16) * chunks + cl + kAhead;
+        const int64_t nc0 = next / chunks * 16, ach = k0 / kQuantChunk + next % chunks;
+        for (int64_t i = 0; i < 16 && nc0 + i < nc; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(W.codes + (j0 + nc0 + i) * W.code_stride + 64 * ach),
+                       _MM_HINT_T0);
+      }
+      __m512i D0[16], D1[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        if (c0 + i >= nc || nsub == 0) {
+          D0[i] = D1[i] = _mm512_setzero_si512();
+          continue;
+        }
+        const int64_t j = j0 + c0 + i;
+        const uint8_t* p = W.codes + j * W.code_stride + 64 * ch;
+        const __m512i v = nsub == 4 ? _mm512_loadu_si512(p)
+                                    : _mm512_maskz_loadu_epi8(~0ull >> (64 - 16 * nsub), p);
+        __m512i lo = _mm512_and_si512(v, nib);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if constexpr (Cd == Codes::mxfp4) {
+          lo = _mm512_shuffle_epi8(e2m1, lo);
+          hi = _mm512_shuffle_epi8(e2m1, hi);
+        } else {
+          const __m512i z = zero_bytes<Cd>(W, j, ch);
+          lo = _mm512_sub_epi8(lo, z);
+          hi = _mm512_sub_epi8(hi, z);
+        }
+        // Lane L of each: bytes 16L .. 16L + 7 (D0) or 16L + 8 .. 15 (D1) as values in K order.
+        D0[i] = _mm512_unpacklo_epi8(lo, hi);
+        D1[i] = _mm512_unpackhi_epi8(lo, hi);
+      }
+      transpose_16x16(D0);
+      transpose_16x16(D1);
+      // D0[t]: step 8·(t / 4) + t % 4 of the chunk; D1[t]: the 4 after each of those.
+      __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+      int8_t* base = panel + (cl * 32) * kStep + 4 * c0;
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        const int s0 = 8 * (t / 4) + t % 4, s1 = s0 + 4;
+        _mm512_storeu_si512(base + s0 * kStep, D0[t]);
+        _mm512_storeu_si512(base + s1 * kStep, D1[t]);
+        // Steps s0 and s1 (values 4s .. 4s + 3 of the chunk) lie in block 4·s0 / G of it.
+        constexpr int per_block = G / 8;
+        sum[t / per_block] = _mm512_dpbusd_epi32(sum[t / per_block], ones, D0[t]);
+        sum[t / per_block] = _mm512_dpbusd_epi32(sum[t / per_block], ones, D1[t]);
+      }
+      for (int64_t g = 0; g < per_chunk; ++g)
+        _mm512_storeu_si512(cs + (cl * per_chunk + g) * kCols + c0, _mm512_slli_epi32(sum[g], 7));
+    }
+  }
+  // The scales per block and column (a column's scales are contiguous along K).
+  const int64_t groups = chunks * per_chunk, last = W.blocks_k() - 1;
+  int64_t block[kQuantPanelK / 32];
+  for (int64_t g = 0; g < groups; ++g) block[g] = std::min(last, (k0 + g * G) / W.block_k);
+  std::fill(sc, sc + groups * kCols, 0.0f);
+  const float* e8m0 = e8m0_table();
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t row = (j0 + c) / W.fmt().block_n * W.scale_stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t b = block[g];
+      if constexpr (Cd == Codes::mxfp4)  // × 1/2: the panel holds 2·E2M1
+        sc[g * kCols + c] = 0.5f * e8m0[static_cast<const uint8_t*>(W.scales)[row + b]];
+      else
+        sc[g * kCols + c] = _cvtsh_ss(static_cast<const uint16_t*>(W.scales)[row + b]);
+    }
+  }
+}
+
+using WidenFn = void (*)(const QuantMatrix&, int64_t, int64_t, int64_t, int64_t, int8_t*,
+                         int32_t*, float*);
+template <Codes Cd>
+WidenFn widen_for_block(int64_t G) {
+  return G == 32 ? widen_s8<Cd, 32> : G == 64 ? widen_s8<Cd, 64> : widen_s8<Cd, 128>;
+}
+WidenFn widen_for(const QuantMatrix& W) {
+  const int64_t G = std::min<int64_t>(W.block_k, kQuantChunk);
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return widen_for_block<Codes::int4_sym>(G);
+    case Codes::int4_zp: return widen_for_block<Codes::int4_zp>(G);
+    case Codes::mxfp4: return widen_for_block<Codes::mxfp4>(G);
+    case Codes::fp8: break;
+  }
+  MOE_ASSERT(!"avx512_vnni reads 4-bit codes only");
+  return nullptr;
+}
+
+// C rows (MR, nc ≤ 64) += (or =, first) the panel's blocks [0, groups) of G values against MR
+// rows A (u8, stride lda, at the panel's first value) whose scales per chunk are
+// rs[r·rs_ld + c0 + chunk].
+template <int MR>
+MOE_VNNI void tile_blocks(const uint8_t* A, int64_t lda, const float* rs, int64_t rs_ld,
+                          int64_t c0, const int8_t* B, const int32_t* cs, const float* sc,
+                          int64_t groups, int64_t G, float* C, int64_t ldc, int64_t nc,
+                          bool first) {
+  __mmask16 m[4];
+  for (int v = 0; v < 4; ++v)
+    m[v] = static_cast<__mmask16>(nc >= 16 * (v + 1) ? 0xffff
+                                  : nc <= 16 * v     ? 0
+                                                     : (1u << (nc - 16 * v)) - 1u);
+  const int64_t steps = G / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i c[MR][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) c[r][v] = _mm512_setzero_si512();
+    const int8_t* Bg = B + g * steps * kStep;
+    const uint8_t* Ag = A + g * G;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int8_t* b = Bg + s * kStep;
+      const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64),
+                    b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, Ag + r * lda + 4 * s, 4);
+        const __m512i a = _mm512_set1_epi32(a4);
+        c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, b0);
+        c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, b1);
+        c[r][2] = _mm512_dpbusd_epi32(c[r][2], a, b2);
+        c[r][3] = _mm512_dpbusd_epi32(c[r][3], a, b3);
+      }
+    }
+    // Through memory (L1): converted in the same loop, GCC 12 kept c[][] on the stack in the
+    // loop above as well (a store per vpdpbusd), at a third of the speed.
+    alignas(64) int32_t acc[MR][4][16];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) _mm512_store_si512(acc[r][v], c[r][v]);
+    const int64_t chunk = c0 + g * G / kQuantChunk;
+    const bool init = first && g == 0;
+    for (int v = 0; v < 4; ++v) {
+      const __m512i csv = _mm512_loadu_si512(cs + g * kCols + 16 * v);
+      const __m512 scv = _mm512_loadu_ps(sc + g * kCols + 16 * v);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc[r][v]), csv));
+        const __m512 s = _mm512_mul_ps(scv, _mm512_set1_ps(rs[r * rs_ld + chunk]));
+        float* out = C + r * ldc + 16 * v;
+        const __m512 y = init ? _mm512_mul_ps(x, s)
+                              : _mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(m[v], out));
+        _mm512_mask_storeu_ps(out, m[v], y);
+      }
+    }
+  }
+}
+
+// Part `part` of `parts` of the lines a panel (columns [j0, j0 + nc), K [k0, k0 + kc)) will
+// read, codes and scales, into L2: the next panel's, asked for while this one's products run
+// (the codes come from memory, and the widening alone stalled on them for half its time).
+void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                    int64_t part, int64_t parts) {
+  const int64_t b0 = k0 / 2, b1 = std::min((k0 + kc + 1) / 2, W.sub_blocks() * 16);
+  const int64_t per_col = (b1 - b0 + 63) / 64, lines = nc * per_col;
+  const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
+  for (int64_t l = from; l < to; ++l) {
+    const int64_t c = l / per_col;
+    _mm_prefetch(reinterpret_cast<const char*>(W.codes + (j0 + c) * W.code_stride + b0 + 64 * (l % per_col)),
+                 _MM_HINT_T1);
+  }
+  if (part + 1 == parts) {  // the scales (and zero points): a line or two a column
+    const int64_t sb = W.fmt().scale == QuantScale::e8m0 ? 1 : 2;
+    for (int64_t c = 0; c < nc; c += W.fmt().block_n) {
+      const auto* sp = static_cast<const uint8_t*>(W.scales) +
+                       ((j0 + c) / W.fmt().block_n * W.scale_stride + k0 / W.block_k) * sb;
+      _mm_prefetch(reinterpret_cast<const char*>(sp), _MM_HINT_T1);
+      if (W.zero_points)
+        _mm_prefetch(reinterpret_cast<const char*>(W.zeros + (j0 + c) * W.zero_stride + k0 / W.block_k),
+                     _MM_HINT_T1);
+    }
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, const int8_t*,
+                        const int32_t*, const float*, int64_t, int64_t, float*, int64_t, int64_t,
+                        bool);
+constexpr TileFn kTiles[] = {tile_blocks<1>, tile_blocks<2>, tile_blocks<3>,
+                             tile_blocks<4>, tile_blocks<5>, tile_blocks<6>};
+constexpr int64_t kMaxRows = 6;  // 6 × 4 int32 accumulators, 4 panel vectors, 1 broadcast
+
+}  // namespace
+
+namespace {
+// The panel's values of K (whole chunks) and its blocks, for the largest panel of W.
+int64_t panel_values(const QuantMatrix& W) {
+  return (std::min(W.K, kQuantPanelK) + kQuantChunk - 1) / kQuantChunk * kQuantChunk;
+}
+int64_t block_values(const QuantMatrix& W) { return std::min<int64_t>(W.block_k, kQuantChunk); }
+}  // namespace
+
+int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W) {
+  // The panel, then per block the column sums (int32) and the scales (fp32) of 64 columns.
+  return panel_values(W) / 4 * kStep + panel_values(W) / block_values(W) * kCols * 8;
+}
+
+MOE_VNNI void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), off = _mm512_set1_epi32(128);
+  const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  for (int64_t c = 0; c < ld; c += kQuantChunk) {
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < kQuantChunk; k += 16) {
+      const __m512 x = _mm512_loadu_ps(v + c + k);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      amax = _mm512_max_ps(amax, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)));
+    }
+    // quant_s8_scale's value: max |v| / 127, NaN when a value is NaN.
+    const float s = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax) / 127.0f;
+    scales[c / kQuantChunk] = s;
+    if (s == 0.0f) {
+      std::memset(dst + c, 128, kQuantChunk);
+      continue;
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t k = 0; k < kQuantChunk; k += 16) {
+      // quant_s8: nearest even of v / s, clamped to ±127 (NaN → 127: min returns its second
+      // operand), then the u8 offset.
+      __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + c + k), sv),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), off);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c + k), _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+
+void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
+                         float* C, int64_t ldc, unsigned char* ws) {
+  MOE_ASSERT(rows.method == QuantMethod::prefill && rows.path == QuantPath::avx512_vnni &&
+             W.fmt().code_bits == 4);
+  const int64_t G = block_values(W), chunks = rows.ld / kQuantChunk;
+  auto* panel = reinterpret_cast<int8_t*>(ws);
+  auto* cs = reinterpret_cast<int32_t*>(ws + panel_values(W) / 4 * kStep);
+  const auto* A = static_cast<const uint8_t*>(rows.data);
+  const WidenFn widen = widen_for(W);
+  const int64_t blocks = (rows.M + kMaxRows - 1) / kMaxRows;
+  for (int64_t j = 0; j < n; j += kCols) {
+    const int64_t nc = std::min(kCols, n - j);
+    for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
+      const int64_t kc = std::min(kQuantPanelK, W.K - k0);
+      const int64_t groups = (kc + kQuantChunk - 1) / kQuantChunk * (kQuantChunk / G);
+      float* sc = reinterpret_cast<float*>(cs + groups * kCols);
+      widen(W, n0 + j, nc, k0, kc, panel, cs, sc);
+      // The next panel of this call, else the next 64 columns of W (the next task's, as the
+      // tasks of a thread are consecutive): asked for a part per row block.
+      const bool last_k = k0 + kQuantPanelK >= W.K;
+      const int64_t pj = last_k ? n0 + j + kCols : n0 + j, pk = last_k ? 0 : k0 + kQuantPanelK;
+      const int64_t pn = std::min(kCols, W.N - pj), pkc = std::min(kQuantPanelK, W.K - pk);
+      // Row blocks as even as possible (at most 6 rows each).
+      for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
+        if (pn > 0) prefetch_panel(W, pj, pn, pk, pkc, bi, blocks);
+        const int64_t m = (rows.M - i0) / (blocks - bi);
+        kTiles[m - 1](A + i0 * rows.ld + k0, rows.ld, rows.scales + i0 * chunks, chunks,
+                      k0 / kQuantChunk, panel, cs, sc, groups, G, C + i0 * ldc + j, ldc, nc,
+                      k0 == 0);
+        i0 += m;
+      }
+    }
+  }
+}
+
+}  // namespace moe::detail::quant_impl
