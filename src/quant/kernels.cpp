@@ -326,13 +326,24 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
   if (rows.path == QuantPath::avx512_vnni)
     return quant_impl::prefill_vnni_serial(W, rows, n0, n, C, ldc, reinterpret_cast<unsigned char*>(ws));
   const auto* A = static_cast<const uint16_t*>(rows.data);
+  // Rows in blocks, the next panel's lines asked for between them (quant_impl::prefetch_panel);
+  // a row's sums do not depend on its block.
+  constexpr int64_t kRowBlock = 16;
+  const int64_t blocks = (rows.M + kRowBlock - 1) / kRowBlock;
   for (int64_t j = 0; j < n; j += kPanelCols) {
     const int64_t nc = std::min(kPanelCols, n - j);
     for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
       const int64_t kc = std::min(kQuantPanelK, W.K - k0);
       quant_widen_panel(W, widen, n0 + j, nc, k0, kc, ws);
-      gemm_bf16_packed_serial(rows.M, 0, nc, kc, A + k0, rows.ld, ws, k0 > 0 ? 1.0f : 0.0f,
-                              C + j, ldc);
+      const bool last_k = k0 + kQuantPanelK >= W.K;
+      const int64_t pj = last_k ? n0 + j + kPanelCols : n0 + j, pk = last_k ? 0 : k0 + kQuantPanelK;
+      const int64_t pn = std::min(kPanelCols, W.N - pj), pkc = std::min(kQuantPanelK, W.K - pk);
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (pn > 0) quant_impl::prefetch_panel(W, pj, pn, pk, pkc, b, blocks);
+        const int64_t i0 = b * kRowBlock, m = std::min(kRowBlock, rows.M - i0);
+        gemm_bf16_packed_serial(m, 0, nc, kc, A + i0 * rows.ld + k0, rows.ld, ws,
+                                k0 > 0 ? 1.0f : 0.0f, C + i0 * ldc + j, ldc);
+      }
     }
   }
 }

@@ -62,4 +62,10 @@ void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales);
 void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc, unsigned char* ws);
 
+// Part `part` of `parts` of the lines a panel (columns [j0, j0 + nc), K [k0, k0 + kc)) reads,
+// codes and scales, into L2: prefill asks for the next panel's while this one's products run
+// (the codes come from memory; the widening alone stalled on them for half its time).
+void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                    int64_t part, int64_t parts);
+
 }  // namespace moe::detail::quant_impl

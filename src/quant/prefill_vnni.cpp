@@ -253,32 +253,6 @@ MOE_VNNI void tile_blocks(const uint8_t* A, int64_t lda, const float* rs, int64_
   }
 }
 
-// Part `part` of `parts` of the lines a panel (columns [j0, j0 + nc), K [k0, k0 + kc)) will
-// read, codes and scales, into L2: the next panel's, asked for while this one's products run
-// (the codes come from memory, and the widening alone stalled on them for half its time).
-void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
-                    int64_t part, int64_t parts) {
-  const int64_t b0 = k0 / 2, b1 = std::min((k0 + kc + 1) / 2, W.sub_blocks() * 16);
-  const int64_t per_col = (b1 - b0 + 63) / 64, lines = nc * per_col;
-  const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
-  for (int64_t l = from; l < to; ++l) {
-    const int64_t c = l / per_col;
-    _mm_prefetch(reinterpret_cast<const char*>(W.codes + (j0 + c) * W.code_stride + b0 + 64 * (l % per_col)),
-                 _MM_HINT_T1);
-  }
-  if (part + 1 == parts) {  // the scales (and zero points): a line or two a column
-    const int64_t sb = W.fmt().scale == QuantScale::e8m0 ? 1 : 2;
-    for (int64_t c = 0; c < nc; c += W.fmt().block_n) {
-      const auto* sp = static_cast<const uint8_t*>(W.scales) +
-                       ((j0 + c) / W.fmt().block_n * W.scale_stride + k0 / W.block_k) * sb;
-      _mm_prefetch(reinterpret_cast<const char*>(sp), _MM_HINT_T1);
-      if (W.zero_points)
-        _mm_prefetch(reinterpret_cast<const char*>(W.zeros + (j0 + c) * W.zero_stride + k0 / W.block_k),
-                     _MM_HINT_T1);
-    }
-  }
-}
-
 using TileFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t, const int8_t*,
                         const int32_t*, const float*, int64_t, int64_t, float*, int64_t, int64_t,
                         bool);
@@ -363,6 +337,32 @@ void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
                       k0 == 0);
         i0 += m;
       }
+    }
+  }
+}
+
+void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                    int64_t part, int64_t parts) {
+  const bool four = W.fmt().code_bits == 4;
+  const int64_t b0 = four ? k0 / 2 : k0;
+  const int64_t b1 = four ? std::min((k0 + kc + 1) / 2, W.sub_blocks() * 16) : k0 + kc;
+  const int64_t per_col = (b1 - b0 + 63) / 64, lines = nc * per_col;
+  const int64_t from = lines * part / parts, to = lines * (part + 1) / parts;
+  for (int64_t c = from / per_col, l = from % per_col, done = from; done < to; ++c, l = 0) {
+    const uint8_t* col = W.codes + (j0 + c) * W.code_stride + b0;
+    for (; l < per_col && done < to; ++l, ++done)
+      _mm_prefetch(reinterpret_cast<const char*>(col + 64 * l), _MM_HINT_T1);
+  }
+  if (part + 1 == parts) {  // the scales (and zero points): a line or two a column
+    const QuantFormat& f = W.fmt();
+    const int64_t sb = f.scale == QuantScale::e8m0 ? 1 : f.scale == QuantScale::f16 ? 2 : 4;
+    for (int64_t c = 0; c < nc; c += f.block_n) {
+      const auto* sp = static_cast<const uint8_t*>(W.scales) +
+                       ((j0 + c) / f.block_n * W.scale_stride + k0 / W.block_k) * sb;
+      _mm_prefetch(reinterpret_cast<const char*>(sp), _MM_HINT_T1);
+      if (W.zero_points)
+        _mm_prefetch(reinterpret_cast<const char*>(W.zeros + (j0 + c) * W.zero_stride + k0 / W.block_k),
+                     _MM_HINT_T1);
     }
   }
 }
