@@ -353,7 +353,7 @@ int main(int argc, char** argv) {
   };
   benchmark::RegisterBenchmark("read_roof", BM_read_roof)->Arg(8)->Arg(32)->UseManualTime()->MinTime(0.5);
   // M 1, 4, 16 on every path; M 32 and 64 (where prefill takes over) on the fastest ones.
-  for (const int64_t M : {1, 4, 16, 32, 64}) {
+  for (const int64_t M : {1, 4, 8, 16, 32, 64}) {
     for (const Format& f : formats) {
       for (const QuantPath p : {QuantPath::avx512_vnni, QuantPath::avx512_bf16, QuantPath::avx512,
                                 QuantPath::avx2}) {
@@ -364,7 +364,7 @@ int main(int argc, char** argv) {
             [=](benchmark::State& s) { BM_quant(s, f, Method::decode, p, M); })
             ->UseManualTime()->MinTime(0.5);
       }
-      if (M < 32) continue;
+      if (M < 4) continue;
       // Prefill on both of its paths: bf16 panels (vdpbf16ps, or AMX tiles on an AMX CPU) and,
       // for 4-bit codes, int8 panels (vpdpbusd).
       for (const QuantPath p : {QuantPath::avx512_bf16, QuantPath::avx512_vnni}) {

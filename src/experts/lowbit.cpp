@@ -237,7 +237,7 @@ void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeight
   using Epi = std::function<void(int64_t, int64_t)>;
   const auto products = [&](const QuantHeld* const* Ws, float* const* Cs, int count,
                             const float* X, int64_t ldx, int64_t M, int64_t ldc, const Epi& epi) {
-    const QuantMethod method = quant_method_for(M);
+    const QuantMethod method = quant_method_for(M, Ws[0]->m.format);
     const QuantPath path = method == QuantMethod::decode ? quant_decode_path(Ws[0]->m.format)
                                                          : quant_prefill_path(Ws[0]->m.format);
     const QuantMatrix* ms[2] = {&Ws[0]->m, count > 1 ? &Ws[1]->m : nullptr};

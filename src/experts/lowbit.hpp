@@ -86,8 +86,9 @@ struct ExpertScratchQuant {
 std::string lowbit_kernel_names(Precision p, const Int4Options& opt = {});
 
 // The low-bit forward of experts_forward: per expert with rows, its products by the decode
-// kernel (up to kQuantDecodeMaxRows rows) or the prefill kernel, each spread over the threads
-// by columns; biases, activation and the glu product in fp32 as in every precision.
+// kernel or the prefill kernel (quant_method_for: by the row count), spread over the threads
+// by column tiles, W1 and W3 on the same rows; biases, activation and the glu product in fp32
+// on each tile as it finishes, as in every precision.
 // acts.out is assigned; acts.a1 (a3) and acts.hid hold the pre-activations and the hidden
 // rows.
 void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeights& w,

@@ -55,14 +55,14 @@ struct LowbitRefExperts {
 
 // The path M rows of a matrix of `format` take.
 inline QuantPath lowbit_path_ref(QuantFormatId format, int64_t M) {
-  return quant_method_for(M) == QuantMethod::prefill ? quant_prefill_path(format)
+  return quant_method_for(M, format) == QuantMethod::prefill ? quant_prefill_path(format)
                                                      : quant_decode_path(format);
 }
 
 // out (n) = the row v as the kernel for M rows of a matrix of `format` takes it.
 template <typename S>
 void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t M) {
-  const bool prefill = quant_method_for(M) == QuantMethod::prefill;
+  const bool prefill = quant_method_for(M, format) == QuantMethod::prefill;
   const QuantPath path = lowbit_path_ref(format, M);
   const QuantRowsType rows = prefill && path != QuantPath::avx512_vnni ? QuantRowsType::bf16
                                                                          : quant_rows_type(path);
@@ -87,7 +87,7 @@ void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t
 template <typename S>
 void expert_row_lowbit_ref(S* out, const S* x, const LowbitRefExperts<S>& q, int64_t e,
                            const MoEConfig& cfg, int64_t M) {
-  const bool widened = quant_method_for(M) == QuantMethod::prefill &&
+  const bool widened = quant_method_for(M, q.format) == QuantMethod::prefill &&
                        lowbit_path_ref(q.format, M) != QuantPath::avx512_vnni;
   const QuantFormatId f = q.format;
   expert_row_quantized_ref(out, x, widened ? q.widened : q.exact, e, cfg,

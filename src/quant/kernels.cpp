@@ -80,6 +80,12 @@ const float* e8m0_table() {
 
 }  // namespace quant_impl
 
+QuantMethod quant_method_for(int64_t M, QuantFormatId format) {
+  const int64_t most = quant_prefill_path(format) == QuantPath::avx512_vnni ? kQuantDecodeMaxRowsInt8
+                                                                             : kQuantDecodeMaxRows;
+  return M <= most ? QuantMethod::decode : QuantMethod::prefill;
+}
+
 // ---- rows ------------------------------------------------------------------------------------
 
 namespace {

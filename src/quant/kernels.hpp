@@ -45,13 +45,13 @@
 
 namespace moe::detail {
 
-// Which kernel runs M rows: decode (registers) or prefill (panels). By measurement
-// (docs/quant.md): decode up to kQuantDecodeMaxRows rows.
+// Which kernel runs M rows of a matrix of `format`: decode (registers) or prefill (panels). By
+// measurement (docs/quant.md): decode up to kQuantDecodeMaxRows rows where prefill widens bf16
+// panels, up to kQuantDecodeMaxRowsInt8 where it takes int8 panels (quant_prefill_path).
 enum class QuantMethod : int { decode, prefill };
 constexpr int64_t kQuantDecodeMaxRows = 16;
-constexpr QuantMethod quant_method_for(int64_t M) {
-  return M <= kQuantDecodeMaxRows ? QuantMethod::decode : QuantMethod::prefill;
-}
+constexpr int64_t kQuantDecodeMaxRowsInt8 = 8;
+QuantMethod quant_method_for(int64_t M, QuantFormatId format);
 
 // Values of K per decode chunk (one 64-byte load of 4-bit codes).
 constexpr int64_t kQuantChunk = 128;

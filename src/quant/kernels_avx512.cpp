@@ -541,12 +541,47 @@ MOE_AVX512 inline void transpose_16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// fp8: the table of one (128 columns, 128 values of K) block's 128 magnitudes times its
+// scale, bf16(value(m) · scale) — the products rounded once per block instead of once per
+// value, the same numbers; the code's sign bit is XORed onto the word (bf16(−x) = −bf16(x),
+// NaN codes included, whatever the scale's sign).
+MOE_AVX512 inline Tables scaled_fp8_table(float scale) {
+  const float* v = f32_code_table(QuantFormatId::fp8);
+  const __m512 sv = _mm512_set1_ps(scale);
+  Tables T;
+  for (int i = 0; i < 4; ++i) {
+    const __m256i lo = to_bf16_16(_mm512_mul_ps(_mm512_loadu_ps(v + 32 * i), sv));
+    const __m256i hi = to_bf16_16(_mm512_mul_ps(_mm512_loadu_ps(v + 32 * i + 16), sv));
+    T.t[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  }
+  return T;
+}
+
+MOE_AVX512 inline __m512i widen_fp8_scaled(const uint8_t* col, int64_t s, int64_t K,
+                                           const Tables& T) {
+  const uint8_t* p = col + 32 * s;
+  const int64_t valid = K - 32 * s;
+  const __m256i raw = valid >= 32
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << valid) - 1u), p);
+  const __m512i c = _mm512_cvtepu8_epi16(raw);
+  const __m512i lo = _mm512_permutex2var_epi16(T.t[0], c, T.t[1]);
+  const __m512i hi = _mm512_permutex2var_epi16(T.t[2], c, T.t[3]);
+  const __mmask32 upper = _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40));
+  const __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
+  // mag ^ (c << 8 & 0x8000)
+  return _mm512_ternarylogic_epi32(mag, _mm512_slli_epi16(c, 8),
+                                   _mm512_set1_epi16(static_cast<short>(0x8000)), 0x78);
+}
+
 // 16 columns (c0 ..) of the panel, sub-blocks [0, ns) of the chunk: each column's 32 values
 // widened, scaled, rounded and masked past kc, then transposed into 16 pair rows.
 template <Codes Cd>
 MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0, int64_t c0,
                               int64_t ncols, int64_t k0, int64_t kc, uint16_t* panel) {
   const int64_t ns = (kc + 31) / 32, pairs = (kc + 1) / 2;
+  Tables scaled{};
+  int64_t scaled_for = -1;  // fp8: the (column block, K block) the scaled table is of
   for (int64_t sub = 0; sub < ns; ++sub) {
     const int64_t s = k0 / 32 + sub, b = 32 * s / W.block_k;
     const int64_t left = kc - 32 * sub;
@@ -558,6 +593,15 @@ MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0,
         continue;
       }
       const int64_t j = j0 + c0 + i;
+      if constexpr (Cd == Codes::fp8) {
+        const int64_t key = (j / 128) * W.scale_stride + b;
+        if (key != scaled_for) {
+          scaled = scaled_fp8_table(block_params<Cd>(W, j, b).scale);
+          scaled_for = key;
+        }
+        r[i] = _mm512_maskz_mov_epi16(keep, widen_fp8_scaled(W.codes + j * W.code_stride, s, W.K, scaled));
+        continue;
+      }
       const BlockParams p = block_params<Cd>(W, j, b);
       const __m512i w = widen_bf16<Cd>(W.codes + j * W.code_stride, s, W.K, T,
                                       _mm512_set1_epi16(static_cast<short>(p.offset)));

@@ -110,8 +110,9 @@ double check_twin(const MoEConfig& cfg, int64_t T, uint64_t seed) {
 
 }  // namespace
 
-// Decode (T 1 and 5: a few rows an expert), prefill (T 64: ~32 rows an expert, above
-// kQuantDecodeMaxRows) and both in one call, every kind, every format.
+// Decode (T 1 and 5: a few rows an expert), prefill (T 40: ~20 rows an expert, above
+// quant_method_for's decode limit on every path) and both in one call, every kind, every
+// format.
 TEST(LowbitLayer, MatchesTheTwinOnTheStoredValues) {
   double worst = 0.0;
   for (const Case& c : kCases)
