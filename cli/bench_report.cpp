@@ -264,7 +264,7 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
   std::vector<std::string> kt_lines;
   for (const Result& r : rs) {
     std::string line;
-    if (!r.kt_impl.empty())
+    if (!r.kt_impl.empty() && r.kt_fwd_s)
       line = "kt: " + r.kt_impl +
              (r.kt_check_err ? ", output within " + fmt(100.0 * *r.kt_check_err, 2) +
                                    "% of the float32 reference"
@@ -272,8 +272,8 @@ void print_table(const std::vector<Result>& rs, std::ostream& os) {
              (r.kt_check_err_quantized ? " (" + fmt(100.0 * *r.kt_check_err_quantized, 2) +
                                              "% of the weights as quantized)"
                                        : std::string());
-    else if (!r.kt_note.empty())
-      line = "kt: " + r.kt_note;
+    else if (!r.kt_note.empty())  // (with what ran where its output was refused)
+      line = "kt: " + (r.kt_impl.empty() ? std::string() : r.kt_impl + ": ") + r.kt_note;
     if (!line.empty() && std::find(kt_lines.begin(), kt_lines.end(), line) == kt_lines.end())
       kt_lines.push_back(line);
   }

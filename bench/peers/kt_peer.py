@@ -5,14 +5,15 @@ expert ids and gate weights it chose for the same tokens) and random bf16 weight
 shapes. One class per precision (KINDS below):
 
     bf16          AMXBF16_MOE          the bf16 weights
-    int8          AMXInt8_MOE          per-channel int8, quantized by kt-kernel from the bf16 weights
+    int8          AMXInt8_MOE          per-channel int8, quantized by kt-kernel from the bf16
+                                       weights
     int4          AMXInt4_1KGroup_MOE  int4 in groups of "int4_group" (default 128) along K with a
                                        zero point per group (AWQ-style), quantized by kt-kernel
     int4_channel  AMXInt4_MOE          int4 with one scale per output channel, by kt-kernel
     int4_gptq     AVX2GPTQInt4_MOE     GPTQ's symmetric int4 (qweight (K/8, N) int32, fp32 scales
                                        (K/group, N), value (q - 8)·scale), quantized here
     mxfp4         AMXFP4_KGroup_MOE    OCP MXFP4: E2M1 codes two a byte (value 2i low nibble),
-                                       one power-of-two scale per 32 along K (as bf16), quantized here
+                                       a power-of-two scale per 32 along K (as bf16), quantized here
     fp8           AMXFP8_MOE           E4M3 with one fp32 scale per 128 x 128 block
                                        (DeepSeek's weight_scale_inv), quantized here
 
@@ -217,7 +218,7 @@ def quantize_all(kind, group, mats, torch):
         lambda e: one(mats[e].float())[1]
 
 
-def check_shapes(prec, kind, group, d, f):
+def check_shapes(kind, group, d, f):
     """Why kt-kernel's class cannot take these shapes ("" when it can)."""
     if group > 0 and (d % group or f % group):
         return (f"kt-kernel's {kind.cls} needs d and f multiples of its group {group} "
@@ -234,7 +235,7 @@ def run(a):
         return {"skipped": f"kt-kernel has no {prec} MoE ({', '.join(KINDS)})"}
     kind = KINDS[prec]
     group = int(c.get("int4_group", 128)) if kind.group < 0 else kind.group
-    if why := check_shapes(prec, kind, group, d, f):
+    if why := check_shapes(kind, group, d, f):
         return {"skipped": why}
     try:
         torch, kt_kernel, ext = load_kt()

@@ -383,9 +383,9 @@ def test_kt_peer_gets_the_low_bit_precision_and_int4_group(tmp_path, precision):
     assert row["kt_check_rel_err_quantized"] == 0.004
     assert row["kt_impl"] == (f"kt-kernel 9.9 Fake_{precision} (fake {precision}; fake variant, "
                               "torch 0)")
+    # The goal is listed (at --quick sizes not judged: the full-size rows judge it).
     goal = f"{precision} B3-T1 decode no slower than kt-kernel's {precision}: "
-    line = next(ln for ln in err.splitlines() if goal in ln)
-    assert "[MISSED]" in line and "(target >= 1.00x)" in line  # 1 µs: no libmoe row is faster
+    assert any(goal in ln for ln in err.splitlines()), err
 
 
 @pytest.mark.parametrize("mode, note", [
@@ -395,12 +395,13 @@ def test_kt_peer_gets_the_low_bit_precision_and_int4_group(tmp_path, precision):
 ])
 def test_kt_peer_low_bit_skips_carry_the_reason(tmp_path, mode, note):
     """A class the peer cannot run, or an output far from the weights it was given (a misread
-    layout), is a skip with the reason: no time, and the goal against kt-kernel is n/a."""
+    layout), is a skip with the reason, never a time."""
     row, _, err = fake_kt_bench(tmp_path, mode, "mxfp4")
-    assert row["kt_fwd_s"] is None and row["kt_note"] == note
-    goal = "mxfp4 B3-T1 decode no slower than kt-kernel's mxfp4: "
-    line = next(ln for ln in err.splitlines() if goal in ln)
-    assert "[n/a   ]" in line and line.endswith(goal + note)
+    assert row["kt_fwd_s"] is None and row["kt_speedup_fwd"] is None
+    assert row["kt_note"] == note
+    if mode == "misread":  # what ran and how far off it was stay in the row
+        assert row["kt_impl"].startswith("kt-kernel 9.9 Fake_mxfp4 (fake mxfp4; ")
+        assert row["kt_check_rel_err_quantized"] == 0.2
 
 
 KT_PEER = ROOT / "bench" / "peers" / "kt_peer.py"
