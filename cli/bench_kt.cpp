@@ -5,13 +5,16 @@
 // rows, in the row's precision: bf16, int8, int4 (kt-kernel's group-wise class at the row's
 // group), mxfp4, fp8 (bench/peers/kt_peer.py names the classes and how each is fed). Where it
 // cannot run, the row says "skipped: <reason>", never a number.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "bench.hpp"
 #include "moe/error.hpp"
@@ -80,6 +83,37 @@ std::string write_routing(const Result& r) {
   return path;
 }
 
+// The signal that ended the peer, 0 when none (see exit_text).
+int exit_signal(int status) {
+  if (WIFSIGNALED(status)) return WTERMSIG(status);
+  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+  return code > 128 && code < 128 + 65 ? code - 128 : 0;
+}
+
+// How the peer's process ended, from pclose's wait status: "exited with status 134 (signal 6,
+// Aborted)" where the shell reports a signal as 128 + its number, "was killed (signal 11,
+// Segmentation fault)" where the shell had handed its process over.
+std::string exit_text(int status) {
+  const int s = exit_signal(status);
+  const std::string sig = s ? "signal " + std::to_string(s) + ", " + ::strsignal(s) : "";
+  if (WIFSIGNALED(status)) return "was killed (" + sig + ")";
+  if (!WIFEXITED(status)) return "ended with wait status " + std::to_string(status);
+  return "exited with status " + std::to_string(WEXITSTATUS(status)) +
+         (s ? " (" + sig + ")" : "");
+}
+
+// The peer's last line of standard error (at most 200 characters; "" when none), passing over
+// the shell's own report of the signal ("Aborted", "Segmentation fault (core dumped)").
+std::string last_words(const std::string& path, int status) {
+  std::ifstream f(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(f, line);)
+    if (line.find_first_not_of(" \t\r") != std::string::npos) lines.push_back(line);
+  const int s = exit_signal(status);
+  if (s && !lines.empty() && lines.back().rfind(::strsignal(s), 0) == 0) lines.pop_back();
+  return lines.empty() ? std::string() : lines.back().substr(0, 200);
+}
+
 }  // namespace
 
 json kt_probe(const BenchOptions& o) {
@@ -144,17 +178,26 @@ void run_kt_peer(Result& r, const BenchOptions& o, int threads) {
                           shell_quote(routing) + " --threads " + std::to_string(threads) +
                           " --repeat " + std::to_string(std::max(o.repeat, 1)) + " --layers " +
                           std::to_string(std::max(r.cold_layers, 1));
+  // kt-kernel's own output (and the last words of a kernel that kills its process) goes to a
+  // temporary file rather than the bench's standard error.
+  char err_path[] = "/tmp/moe-bench-kt-err-XXXXXX";
+  const int err_fd = ::mkstemp(err_path);
+  if (err_fd >= 0) ::close(err_fd);
   int rc = 0;
-  const json res = run_json_command(cmd, rc);
+  const json res =
+      run_json_command(cmd + (err_fd >= 0 ? " 2>" + shell_quote(err_path) : std::string()), rc);
   std::remove(routing.c_str());
+  const std::string words = err_fd >= 0 ? last_words(err_path, rc) : std::string();
+  if (err_fd >= 0) std::remove(err_path);
   if (!res.is_discarded() && res.is_object() && res.contains("skipped")) {
     r.kt_note = "skipped: " + res["skipped"].get<std::string>();
     return;
   }
   if (rc != 0 || res.is_discarded() || !res.contains("fwd_s")) {
-    // A kernel that kills its process (an instruction this CPU lacks, an assertion) ends here.
-    r.kt_note = "skipped: the kt-kernel peer exited with status " + std::to_string(rc) +
-                " and no result";
+    // A kernel that kills its process (an instruction this CPU lacks, an assertion, a stack
+    // check) ends here.
+    r.kt_note = "skipped: the kt-kernel peer " + exit_text(rc) + " and no result" +
+                (words.empty() ? "" : "; its last line: " + words);
     return;
   }
   const std::string format = res.value("format", std::string());

@@ -341,6 +341,9 @@ with open(os.environ["FAKE_KT_LOG"], "a") as f:
 mode = os.environ["FAKE_KT_MODE"]
 if "--probe" in args:
     print(json.dumps({{"ok": True, "kt_kernel": "9.9", "variant": "fake", "torch": "0"}}))
+elif mode == "crash":  # as kt-kernel's MXFP4 decode does at d_ff >= 8192 (0.7.2)
+    print("*** fake smash ***", file=sys.stderr, flush=True)
+    os.abort()
 elif mode == "skip":
     print(json.dumps({{"skipped": "fake: no such class here"}}))
 else:
@@ -390,6 +393,7 @@ def test_kt_peer_gets_the_low_bit_precision_and_int4_group(tmp_path, precision):
 
 @pytest.mark.parametrize("mode, note", [
     ("skip", "skipped: fake: no such class here"),
+    ("crash", "(signal 6, Aborted) and no result; its last line: *** fake smash ***"),
     ("misread", "skipped: kt-kernel's output differs from the float32 evaluation of the mxfp4 "
                 "weights it was given by 20.0% of its largest value"),
 ])
@@ -398,7 +402,11 @@ def test_kt_peer_low_bit_skips_carry_the_reason(tmp_path, mode, note):
     layout), is a skip with the reason, never a time."""
     row, _, err = fake_kt_bench(tmp_path, mode, "mxfp4")
     assert row["kt_fwd_s"] is None and row["kt_speedup_fwd"] is None
-    assert row["kt_note"] == note
+    if mode == "crash":  # the status as the shell or the wait status says it, then the signal
+        assert row["kt_note"].startswith("skipped: the kt-kernel peer ")
+        assert row["kt_note"].endswith(note), row["kt_note"]
+    else:
+        assert row["kt_note"] == note
     if mode == "misread":  # what ran and how far off it was stay in the row
         assert row["kt_impl"].startswith("kt-kernel 9.9 Fake_mxfp4 (fake mxfp4; ")
         assert row["kt_check_rel_err_quantized"] == 0.2
