@@ -130,6 +130,8 @@ struct Result {
   std::optional<double> kt_fwd_s;
   std::string kt_note, kt_impl;
   std::optional<double> kt_check_err;  // its output against a float32 evaluation, relative
+  // The formats the peer quantizes itself (mxfp4, fp8): against the weights as quantized.
+  std::optional<double> kt_check_err_quantized;
   std::optional<LoadTiming> load;  // checkpoint rows: the block's load time
 };
 
@@ -159,9 +161,9 @@ std::vector<json> run_module_overhead(const BenchOptions& o, int threads, std::s
 // The interpreter: --kt-python, else MOE_KT_PYTHON, else $MOE_KT_VENV/bin/python, else the
 // source tree's .venv-kt/bin/python (scripts/bench_setup.sh makes it).
 std::string kt_python(const BenchOptions& o);
-// Why the kt-kernel peer does not apply to the row ("" when it does): its precision is not
-// bf16 or int8, its experts are not plain swiglu without biases, it has shared experts, it
-// trains.
+// Why the kt-kernel peer does not apply to the row ("" when it does): its precision is fp32
+// (kt-kernel runs bf16, int8, int4, mxfp4, fp8), its experts are not plain swiglu without
+// biases, it has shared experts, it trains.
 std::string kt_not_applicable(const BenchCase& c);
 // What kt-kernel offers in this environment ({"ok": true, "variant": ..., "classes": [...]} or
 // {"ok": false, "reason": ...}); probed once per run (bench/peers/kt_peer.py --probe).

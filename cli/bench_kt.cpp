@@ -2,14 +2,19 @@
 // under the interpreter of its own environment (.venv-kt/, scripts/bench_setup.sh: kt-kernel
 // pins torch 2.9.1, the project's .venv/ has torch 2.15). Given the row's tokens and the routing
 // libmoe chose for them through a temporary file, so that both run the same experts on the same
-// rows. Where it cannot run, the row says "skipped: <reason>", never a number.
+// rows, in the row's precision: bf16, int8, int4 (kt-kernel's group-wise class at the row's
+// group), mxfp4, fp8 (bench/peers/kt_peer.py names the classes and how each is fed). Where it
+// cannot run, the row says "skipped: <reason>", never a number.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "bench.hpp"
 #include "moe/error.hpp"
@@ -25,8 +30,8 @@ std::string kt_python(const BenchOptions& o) {
 
 std::string kt_not_applicable(const BenchCase& c) {
   const MoEConfig& m = c.cfg;
-  if (m.precision != Precision::bf16 && m.precision != Precision::int8)
-    return std::string("kt-kernel has no ") + to_string(m.precision) + " MoE (bf16 and int8 only)";
+  if (m.precision == Precision::fp32)
+    return "kt-kernel has no fp32 MoE (bf16, int8, int4, mxfp4, fp8 only)";
   if (m.expert != ExpertKind::swiglu)  // (the activation field is mlp's: swiglu's is silu)
     return std::string("kt-kernel's MoE runs swiglu experts, this row's are ") + to_string(m.expert);
   if (m.expert_bias) return "kt-kernel's MoE has no expert biases";
@@ -36,6 +41,23 @@ std::string kt_not_applicable(const BenchCase& c) {
 }
 
 namespace {
+
+// How far the peer's output may be from the float32 evaluation of the unquantized weights
+// (relative to the largest reference value) before it is taken for a block the peer did not
+// compute (a misread layout: ~100%) rather than a figure. bf16 and int8: rounding, a few
+// percent. fp8: its rounding, ~4%. int4 (kt-kernel's own quantization, group-wise with zero
+// points) and mxfp4: their quantization alone errs 14-20% on random weights.
+double kt_check_limit(Precision p) {
+  switch (p) {
+    case Precision::int4:
+    case Precision::mxfp4: return 0.4;
+    case Precision::fp8: return 0.15;
+    default: return 0.1;
+  }
+}
+// The formats the peer quantizes itself (mxfp4, fp8) are also held to the weights as quantized:
+// there only kt-kernel's bf16 activations and the output's bf16 rounding remain.
+constexpr double kKtQuantizedLimit = 0.05;
 
 std::string peer_script() { return std::string(MOE_SOURCE_DIR) + "/bench/peers/kt_peer.py"; }
 
@@ -59,6 +81,37 @@ std::string write_routing(const Result& r) {
     return "";
   }
   return path;
+}
+
+// The signal that ended the peer, 0 when none (see exit_text).
+int exit_signal(int status) {
+  if (WIFSIGNALED(status)) return WTERMSIG(status);
+  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+  return code > 128 && code < 128 + 65 ? code - 128 : 0;
+}
+
+// How the peer's process ended, from pclose's wait status: "exited with status 134 (signal 6,
+// Aborted)" where the shell reports a signal as 128 + its number, "was killed (signal 11,
+// Segmentation fault)" where the shell had handed its process over.
+std::string exit_text(int status) {
+  const int s = exit_signal(status);
+  const std::string sig = s ? "signal " + std::to_string(s) + ", " + ::strsignal(s) : "";
+  if (WIFSIGNALED(status)) return "was killed (" + sig + ")";
+  if (!WIFEXITED(status)) return "ended with wait status " + std::to_string(status);
+  return "exited with status " + std::to_string(WEXITSTATUS(status)) +
+         (s ? " (" + sig + ")" : "");
+}
+
+// The peer's last line of standard error (at most 200 characters; "" when none), passing over
+// the shell's own report of the signal ("Aborted", "Segmentation fault (core dumped)").
+std::string last_words(const std::string& path, int status) {
+  std::ifstream f(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(f, line);)
+    if (line.find_first_not_of(" \t\r") != std::string::npos) lines.push_back(line);
+  const int s = exit_signal(status);
+  if (s && !lines.empty() && lines.back().rfind(::strsignal(s), 0) == 0) lines.pop_back();
+  return lines.empty() ? std::string() : lines.back().substr(0, 200);
 }
 
 }  // namespace
@@ -110,45 +163,70 @@ void run_kt_peer(Result& r, const BenchOptions& o, int threads) {
     r.kt_note = "skipped: could not write the routing file";
     return;
   }
-  const json cs = {{"T", c.T},
-                   {"d", m.d_model},
-                   {"f", m.hidden()},
-                   {"E", m.n_experts},
-                   {"k", m.k},
-                   {"precision", to_string(m.precision)},
-                   {"seed", m.seed}};
+  json cs = {{"T", c.T},
+             {"d", m.d_model},
+             {"f", m.hidden()},
+             {"E", m.n_experts},
+             {"k", m.k},
+             {"precision", to_string(m.precision)},
+             {"seed", m.seed}};
+  // kt-kernel's group-wise int4 at libmoe's group size (kt-kernel's class always has zero
+  // points; libmoe's row has them when int4_zero_points is set).
+  if (m.precision == Precision::int4) cs["int4_group"] = m.int4_group;
   const std::string cmd = shell_quote(kt_python(o)) + " " + shell_quote(peer_script()) +
                           " --case " + shell_quote(cs.dump()) + " --routing " +
                           shell_quote(routing) + " --threads " + std::to_string(threads) +
                           " --repeat " + std::to_string(std::max(o.repeat, 1)) + " --layers " +
                           std::to_string(std::max(r.cold_layers, 1));
+  // kt-kernel's own output (and the last words of a kernel that kills its process) goes to a
+  // temporary file rather than the bench's standard error.
+  char err_path[] = "/tmp/moe-bench-kt-err-XXXXXX";
+  const int err_fd = ::mkstemp(err_path);
+  if (err_fd >= 0) ::close(err_fd);
   int rc = 0;
-  const json res = run_json_command(cmd, rc);
+  const json res =
+      run_json_command(cmd + (err_fd >= 0 ? " 2>" + shell_quote(err_path) : std::string()), rc);
   std::remove(routing.c_str());
+  const std::string words = err_fd >= 0 ? last_words(err_path, rc) : std::string();
+  if (err_fd >= 0) std::remove(err_path);
   if (!res.is_discarded() && res.is_object() && res.contains("skipped")) {
     r.kt_note = "skipped: " + res["skipped"].get<std::string>();
     return;
   }
   if (rc != 0 || res.is_discarded() || !res.contains("fwd_s")) {
-    // A kernel that kills its process (an instruction this CPU lacks, an assertion) ends here.
-    r.kt_note = "skipped: the kt-kernel peer exited with status " + std::to_string(rc) +
-                " and no result";
+    // A kernel that kills its process (an instruction this CPU lacks, an assertion, a stack
+    // check) ends here.
+    r.kt_note = "skipped: the kt-kernel peer " + exit_text(rc) + " and no result" +
+                (words.empty() ? "" : "; its last line: " + words);
     return;
   }
+  const std::string format = res.value("format", std::string());
   r.kt_impl = "kt-kernel " + res.value("kt_kernel", std::string("?")) + " " +
-              res.value("class", std::string("?")) + " (" + res.value("variant", std::string("?")) +
-              " variant" +
+              res.value("class", std::string("?")) + " (" +
+              (m.precision != Precision::bf16 && !format.empty() ? format + "; " : std::string()) +
+              res.value("variant", std::string("?")) + " variant" +
               (m.precision == Precision::int8
                    ? ", int8 kernel " + res.value("int8_kernel", std::string("?"))
                    : std::string()) +
               ", torch " + res.value("torch", std::string("?")) + ")";
+  if (res.contains("check_rel_err_quantized") && res["check_rel_err_quantized"].is_number()) {
+    r.kt_check_err_quantized = res["check_rel_err_quantized"].get<double>();
+    if (*r.kt_check_err_quantized > kKtQuantizedLimit) {
+      r.kt_note = "skipped: kt-kernel's output differs from the float32 evaluation of the " +
+                  std::string(to_string(m.precision)) + " weights it was given by " +
+                  fmt(100.0 * *r.kt_check_err_quantized, 1) + "% of its largest value";
+      return;
+    }
+  }
   if (res.contains("check_rel_err") && res["check_rel_err"].is_number()) {
     r.kt_check_err = res["check_rel_err"].get<double>();
-    // bf16 rounding of the output and, for int8, the quantization: a few percent at most. A
-    // larger error means the peer did not compute the block (a layout misread): not a figure.
-    if (*r.kt_check_err > 0.1) {
+    // Beyond rounding and quantization (kt_check_limit) the peer did not compute the block (a
+    // layout misread): not a figure.
+    if (*r.kt_check_err > kt_check_limit(m.precision)) {
       r.kt_note = "skipped: kt-kernel's output differs from the float32 reference by " +
-                  fmt(100.0 * *r.kt_check_err, 1) + "% of its largest value";
+                  fmt(100.0 * *r.kt_check_err, 1) + "% of its largest value (" +
+                  to_string(m.precision) + ": at most " +
+                  fmt(100.0 * kt_check_limit(m.precision), 0) + "%)";
       return;
     }
   }

@@ -181,7 +181,8 @@ int run_bench(const BenchOptions& o) {
                 << "...\n";
       ckpt ? run_hf_peer(r, o, threads) : run_peer(r, o, threads);
     }
-    // The kt-kernel peer: rows whose experts it runs (swiglu, bf16 / int8, evaluation).
+    // The kt-kernel peer: rows whose experts it runs (swiglu; bf16, int8, int4, mxfp4, fp8;
+    // evaluation).
     if (!r.ran) {
       r.kt_note = "skipped: the row did not run";
     } else if (o.no_peer) {

@@ -331,6 +331,87 @@ def test_kt_peer_does_not_apply_to_mlp_experts():
     assert row["kt_note"] == "skipped: kt-kernel's MoE runs swiglu experts, this row's are mlp"
 
 
+FAKE_KT = """#!{python}
+# A stand-in for .venv-kt's interpreter: records how the bench called the peer script and
+# answers as the peer would, per FAKE_KT_MODE.
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_KT_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+mode = os.environ["FAKE_KT_MODE"]
+if "--probe" in args:
+    print(json.dumps({{"ok": True, "kt_kernel": "9.9", "variant": "fake", "torch": "0"}}))
+elif mode == "crash":  # as kt-kernel's MXFP4 decode does at d_ff >= 8192 (0.7.2)
+    print("*** fake smash ***", file=sys.stderr, flush=True)
+    os.abort()
+elif mode == "skip":
+    print(json.dumps({{"skipped": "fake: no such class here"}}))
+else:
+    case = json.loads(args[args.index("--case") + 1])
+    quantized = 0.2 if mode == "misread" else 0.004
+    print(json.dumps({{"fwd_s": 1e-6, "fwd_median_s": 1e-6, "samples": [1e-6], "class":
+                      "Fake_" + case["precision"], "format": "fake " + case["precision"],
+                      "variant": "fake", "kt_kernel": "9.9", "torch": "0", "check_rel_err": 0.12,
+                      "check_rel_err_quantized": quantized}}))
+"""
+
+
+def fake_kt_bench(tmp_path, mode, precision):
+    py = tmp_path / "python"
+    py.write_text(FAKE_KT.format(python=sys.executable))
+    py.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = dict(os.environ, MOE_PYTHON="/nonexistent/python", FAKE_KT_LOG=str(log),
+               FAKE_KT_MODE=mode)
+    r = subprocess.run([MOE, "bench", "--quick", "--threads", "2", "--repeat", "1", "--no-dist",
+                        "--precision", precision, "--config", "B3-T1", "--json",
+                        "--kt-python", str(py)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return json.loads(r.stdout.splitlines()[0]), calls, r.stderr
+
+
+@pytest.mark.parametrize("precision", ["int4", "mxfp4", "fp8"])
+def test_kt_peer_gets_the_low_bit_precision_and_int4_group(tmp_path, precision):
+    """The low-bit rows run the peer (kt-kernel has a class for each): the case carries the
+    precision and, for int4, the row's group; the row names the class and its format, and the
+    decode goal against kt-kernel's class is evaluated."""
+    row, calls, err = fake_kt_bench(tmp_path, "ok", precision)
+    assert calls[0][1:] == ["--probe"]
+    case = json.loads(calls[1][calls[1].index("--case") + 1])
+    assert case["precision"] == precision and case["T"] == 1
+    assert case.get("int4_group") == (128 if precision == "int4" else None)
+    assert row["kt_fwd_s"] == 1e-6 and row["kt_check_rel_err"] == 0.12
+    assert row["kt_check_rel_err_quantized"] == 0.004
+    assert row["kt_impl"] == (f"kt-kernel 9.9 Fake_{precision} (fake {precision}; fake variant, "
+                              "torch 0)")
+    # The goal is listed (at --quick sizes not judged: the full-size rows judge it).
+    goal = f"{precision} B3-T1 decode no slower than kt-kernel's {precision}: "
+    assert any(goal in ln for ln in err.splitlines()), err
+
+
+@pytest.mark.parametrize("mode, note", [
+    ("skip", "skipped: fake: no such class here"),
+    ("crash", "(signal 6, Aborted) and no result; its last line: *** fake smash ***"),
+    ("misread", "skipped: kt-kernel's output differs from the float32 evaluation of the mxfp4 "
+                "weights it was given by 20.0% of its largest value"),
+])
+def test_kt_peer_low_bit_skips_carry_the_reason(tmp_path, mode, note):
+    """A class the peer cannot run, or an output far from the weights it was given (a misread
+    layout), is a skip with the reason, never a time."""
+    row, _, err = fake_kt_bench(tmp_path, mode, "mxfp4")
+    assert row["kt_fwd_s"] is None and row["kt_speedup_fwd"] is None
+    if mode == "crash":  # the status as the shell or the wait status says it, then the signal
+        assert row["kt_note"].startswith("skipped: the kt-kernel peer ")
+        assert row["kt_note"].endswith(note), row["kt_note"]
+    else:
+        assert row["kt_note"] == note
+    if mode == "misread":  # what ran and how far off it was stay in the row
+        assert row["kt_impl"].startswith("kt-kernel 9.9 Fake_mxfp4 (fake mxfp4; ")
+        assert row["kt_check_rel_err_quantized"] == 0.2
+
+
 KT_PEER = ROOT / "bench" / "peers" / "kt_peer.py"
 KT_PY = Path(os.environ.get("MOE_KT_PYTHON", ROOT / ".venv-kt" / "bin" / "python"))
 
@@ -356,11 +437,54 @@ def test_kt_peer_without_kt_kernel_reports_why():
     case["precision"] = "fp32"
     r = subprocess.run([sys.executable, str(KT_PEER), "--case", json.dumps(case)],
                        capture_output=True, text=True, timeout=120)
-    assert json.loads(r.stdout) == {"skipped": "kt-kernel has no fp32 MoE (bf16 and int8 only)"}
+    assert json.loads(r.stdout) == {"skipped": "kt-kernel has no fp32 MoE (bf16, int8, int4, "
+                                               "int4_channel, int4_gptq, mxfp4, fp8)"}
+
+
+@pytest.mark.parametrize("precision, int4_group, why", [
+    ("int4", None, "kt-kernel's AMXInt4_1KGroup_MOE needs d and f multiples of its group 128 "
+                   "(d 96, f 64)"),
+    ("int4", 32, None),  # the case's group reaches the class: 96 and 64 are multiples of 32
+    ("int4", 64, "kt-kernel's AMXInt4_1KGroup_MOE needs d and f multiples of its group 64 "
+                 "(d 96, f 64)"),
+    ("int4_gptq", 64, "kt-kernel's AVX2GPTQInt4_MOE needs d and f multiples of its group 64 "
+                      "(d 96, f 64)"),
+    ("mxfp4", 64, None),  # MXFP4's group is 32 whatever int4_group says
+    ("fp8", None, "kt-kernel's AMXFP8_MOE needs d and f multiples of its group 128 (d 96, f 64)"),
+])
+def test_kt_peer_refuses_shapes_off_its_groups(precision, int4_group, why):
+    """The low-bit classes quantize in groups along K: a block whose d or f is not a multiple
+    is a skip that names the class, its group (int4's from the case) and the shapes, decided
+    before kt-kernel is imported (so under any interpreter)."""
+    case = {"T": 2, "d": 96, "f": 64, "E": 4, "k": 2, "precision": precision}
+    if int4_group is not None:
+        case["int4_group"] = int4_group
+    r = subprocess.run([sys.executable, str(KT_PEER), "--case", json.dumps(case)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    if why is not None:
+        assert res == {"skipped": why}
+    else:  # past the shape check: here a result, or a skip for another reason (no kt-kernel)
+        assert "fwd_s" in res or "needs d and f" not in res["skipped"], res
+
+
+# precision -> (class, error against the unquantized weights at most, at least): the quantized
+# formats must differ by their quantization (a lower bound: the weights were quantized), and the
+# ones the peer quantizes itself agree with the weights as quantized within bf16 rounding.
+KT_EXPECT = {
+    "bf16": ("AMXBF16_MOE", 0.02, 0.0),
+    "int8": ("AMXInt8_MOE", 0.1, 0.002),
+    "int4": ("AMXInt4_1KGroup_MOE", 0.4, 0.02),
+    "int4_channel": ("AMXInt4_MOE", 0.4, 0.02),
+    "int4_gptq": ("AVX2GPTQInt4_MOE", 0.4, 0.02),
+    "mxfp4": ("AMXFP4_KGroup_MOE", 0.4, 0.02),
+    "fp8": ("AMXFP8_MOE", 0.15, 0.005),
+}
 
 
 @pytest.mark.skipif(not KT_PY.exists(), reason="no .venv-kt (scripts/bench_setup.sh)")
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", list(KT_EXPECT))
 def test_kt_peer_runs_with_the_routing_given(tmp_path, precision):
     """In .venv-kt: kt-kernel's MoE on a small block with the routing of a file, its output
     checked against a float32 evaluation of the same weights, cold copies rotated."""
@@ -373,6 +497,8 @@ def test_kt_peer_runs_with_the_routing_given(tmp_path, precision):
     path.write_bytes(struct.pack(f"<{T * d}f", *xs) + struct.pack(f"<{T * k}i", *ids)
                      + struct.pack(f"<{T * k}f", *ws))
     case = {"T": T, "d": d, "f": f, "E": E, "k": k, "precision": precision}
+    if precision in ("int4", "int4_gptq"):
+        case["int4_group"] = 64
     r = subprocess.run([str(KT_PY), str(KT_PEER), "--case", json.dumps(case), "--routing",
                         str(path), "--threads", "1", "--repeat", "2", "--layers", "2"],
                        capture_output=True, text=True, timeout=600)
@@ -380,7 +506,14 @@ def test_kt_peer_runs_with_the_routing_given(tmp_path, precision):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if "skipped" in res:
         pytest.skip(res["skipped"])
-    assert res["class"] == {"bf16": "AMXBF16_MOE", "int8": "AMXInt8_MOE"}[precision]
+    cls, most, least = KT_EXPECT[precision]
+    assert res["class"] == cls
     assert res["layers"] == 2 and len(res["samples"]) == 2
     assert res["fwd_s"] == min(res["samples"])
-    assert res["check_rel_err"] < (0.02 if precision == "bf16" else 0.1), res
+    assert least <= res["check_rel_err"] < most, res
+    if precision in ("int4", "int4_gptq"):
+        assert res["group"] == 64 and "group 64" in res["format"], res
+    if precision in ("int4_gptq", "mxfp4", "fp8"):
+        assert res["check_rel_err_quantized"] < 0.05, res
+    else:
+        assert "check_rel_err_quantized" not in res
