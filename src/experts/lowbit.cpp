@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
-#include <functional>
 
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
@@ -224,105 +223,146 @@ std::string lowbit_kernel_names(Precision p, const Int4Options& opt) {
          quant_prefill_kernel_name(m, quant_prefill_path(m.format));
 }
 
+namespace {
+// The epilogues of experts_forward_quant, on columns [n0, n0 + n) of an expert's M rows.
+void epilogue_relu(const void* ctx, int64_t n0, int64_t n) {
+  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
+  const int64_t Do = e.s->Do;
+  for (int64_t r = 0; r < e.M; ++r)
+    for (int64_t j = n0; j < n0 + n; ++j) {
+      const float z = e.out[r * Do + j] + (e.b1 ? e.b1[j] : 0.0f);
+      e.out[r * Do + j] = z > 0.0f ? z : 0.0f;
+    }
+}
+void epilogue_act(const void* ctx, int64_t n0, int64_t n) {
+  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
+  const int64_t F = e.s->F;
+  for (int64_t r = 0; r < e.M; ++r)
+    for (int64_t j = n0; j < n0 + n; ++j) {
+      const float z = e.a1[r * F + j] + (e.b1 ? e.b1[j] : 0.0f);
+      e.a1[r * F + j] = z;
+      e.hid[r * F + j] = act_forward(e.s->act, z);
+    }
+}
+void epilogue_glu(const void* ctx, int64_t n0, int64_t n) {
+  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
+  const int64_t F = e.s->F;
+  const bool clamped = e.s->kind == ExpertKind::clamped_swiglu;
+  const float alpha = e.s->alpha, limit = e.s->limit;
+  for (int64_t r = 0; r < e.M; ++r) {
+    float* g = e.a1 + r * F + n0;
+    float* u = e.a3 + r * F + n0;
+    float* h = e.hid + r * F + n0;
+    if (e.b1)
+      for (int64_t j = 0; j < n; ++j) g[j] += e.b1[n0 + j];
+    if (e.b3)
+      for (int64_t j = 0; j < n; ++j) u[j] += e.b3[n0 + j];
+    if (clamped)
+      for (int64_t j = 0; j < n; ++j) h[j] = clamped_swiglu_f32(g[j], u[j], alpha, limit);
+    else
+      for (int64_t j = 0; j < n; ++j) h[j] = silu_f32(g[j]) * u[j];
+  }
+}
+void epilogue_bias2(const void* ctx, int64_t n0, int64_t n) {
+  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
+  const int64_t Do = e.s->Do;
+  for (int64_t r = 0; r < e.M; ++r)
+    for (int64_t j = n0; j < n0 + n; ++j) e.out[r * Do + j] += e.b2[j];
+}
+}  // namespace
+
 void experts_forward_quant(ExpertActs& acts, const float* xg, const ExpertWeights& w,
                            const int64_t* off, const ExpertShape& s, ExpertWeightsQuant& wq,
                            ExpertScratchQuant& sc) {
   const int64_t d = s.d, F = s.F, Do = s.Do;
   if (off[s.E] == 0) return;
   wq.prepare(w, s);
-  // C_m (M, N) = X · W_m with the kernel M rows take, spread over the threads by column tiles,
-  // then epi(n0, n) on each tile's columns of all rows while in cache (the bias, the
-  // activation). Several matrices share one preparation of the rows where their K orders agree
-  // (a GLU's W1 and W3; everywhere but act-order checkpoints with two permutations).
-  using Epi = std::function<void(int64_t, int64_t)>;
-  const auto products = [&](const QuantHeld* const* Ws, float* const* Cs, int count,
-                            const float* X, int64_t ldx, int64_t M, int64_t ldc, const Epi& epi) {
-    const QuantMethod method = quant_method_for(M, Ws[0]->m.format);
-    const QuantPath path = method == QuantMethod::decode ? quant_decode_path(Ws[0]->m.format)
-                                                         : quant_prefill_path(Ws[0]->m.format);
-    const QuantMatrix* ms[2] = {&Ws[0]->m, count > 1 ? &Ws[1]->m : nullptr};
-    if (count == 1 || quant_rows_shared(*ms[0], *ms[1])) {
-      quant_matmul_shared(ms, Cs, count, path, method, X, ldx, M, ldc, sc.ws, epi);
-      return;
-    }
-    quant_matmul_shared(ms, Cs, 1, path, method, X, ldx, M, ldc, sc.ws);
-    quant_matmul_shared(ms + 1, Cs + 1, 1, path, method, X, ldx, M, ldc, sc.ws, epi);
-  };
+  // Two groups of products over every expert with rows (quant_matmul_grouped: no barrier per
+  // expert): W1 (and W3 on the same rows) with the bias and the activation on each tile, then
+  // W2 with its bias.
+  sc.epis.resize(static_cast<size_t>(s.E));
+  sc.products.clear();
+  sc.products.reserve(static_cast<size_t>(s.E));
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t r0 = off[e], M = off[e + 1] - off[e];
     if (M == 0) continue;
-    const float* x = xg + r0 * d;
     const size_t ei = static_cast<size_t>(e);
+    QuantExpertEpilogue& ep = sc.epis[ei];
+    ep.s = &s;
+    ep.M = M;
+    ep.a1 = acts.a1 ? acts.a1 + r0 * F : nullptr;
+    ep.a3 = acts.a3 ? acts.a3 + r0 * F : nullptr;
+    ep.hid = acts.hid ? acts.hid + r0 * F : nullptr;
+    ep.out = acts.out + r0 * Do;
+    ep.b1 = w.b1 ? w.b1 + e * (s.kind == ExpertKind::linear_relu ? Do : F) : nullptr;
+    ep.b2 = w.b2 ? w.b2 + e * Do : nullptr;
+    ep.b3 = w.b3 ? w.b3 + e * F : nullptr;
+    QuantProduct p;
+    p.X = xg + r0 * d;
+    p.ldx = d;
+    p.M = M;
+    p.ctx = &ep;
+    p.W[0] = &wq.W1[ei].m;
     switch (s.kind) {
-      case ExpertKind::linear_relu: {
-        float* out = acts.out + r0 * Do;
-        const float* b1 = w.b1 ? w.b1 + e * Do : nullptr;
-        const QuantHeld* Ws[1] = {&wq.W1[ei]};
-        float* Cs[1] = {out};
-        products(Ws, Cs, 1, x, d, M, Do, [&](int64_t n0, int64_t n) {
-          for (int64_t r = 0; r < M; ++r)
-            for (int64_t j = n0; j < n0 + n; ++j) {
-              const float z = out[r * Do + j] + (b1 ? b1[j] : 0.0f);
-              out[r * Do + j] = z > 0.0f ? z : 0.0f;
-            }
-        });
-        continue;
-      }
-      case ExpertKind::mlp: {
-        float* a1 = acts.a1 + r0 * F;
-        float* hid = acts.hid + r0 * F;
-        const float* b1 = w.b1 ? w.b1 + e * F : nullptr;
-        const QuantHeld* Ws[1] = {&wq.W1[ei]};
-        float* Cs[1] = {a1};
-        products(Ws, Cs, 1, x, d, M, F, [&](int64_t n0, int64_t n) {
-          for (int64_t r = 0; r < M; ++r)
-            for (int64_t j = n0; j < n0 + n; ++j) {
-              const float z = a1[r * F + j] + (b1 ? b1[j] : 0.0f);
-              a1[r * F + j] = z;
-              hid[r * F + j] = act_forward(s.act, z);
-            }
-        });
+      case ExpertKind::linear_relu:
+        p.C[0] = ep.out;
+        p.ldc = Do;
+        p.epilogue = epilogue_relu;
         break;
-      }
+      case ExpertKind::mlp:
+        p.C[0] = ep.a1;
+        p.ldc = F;
+        p.epilogue = epilogue_act;
+        break;
       case ExpertKind::swiglu:
-      case ExpertKind::clamped_swiglu: {
-        float* a1 = acts.a1 + r0 * F;
-        float* a3 = acts.a3 + r0 * F;
-        float* hid = acts.hid + r0 * F;
-        const float* b1 = w.b1 ? w.b1 + e * F : nullptr;
-        const float* b3 = w.b3 ? w.b3 + e * F : nullptr;
-        const bool clamped = s.kind == ExpertKind::clamped_swiglu;
-        const float alpha = s.alpha, limit = s.limit;
-        const QuantHeld* Ws[2] = {&wq.W1[ei], &wq.W3[ei]};
-        float* Cs[2] = {a1, a3};
-        products(Ws, Cs, 2, x, d, M, F, [&](int64_t n0, int64_t n) {
-          for (int64_t r = 0; r < M; ++r) {
-            float* g = a1 + r * F + n0;
-            float* u = a3 + r * F + n0;
-            float* h = hid + r * F + n0;
-            if (b1)
-              for (int64_t j = 0; j < n; ++j) g[j] += b1[n0 + j];
-            if (b3)
-              for (int64_t j = 0; j < n; ++j) u[j] += b3[n0 + j];
-            if (clamped)
-              for (int64_t j = 0; j < n; ++j) h[j] = clamped_swiglu_f32(g[j], u[j], alpha, limit);
-            else
-              for (int64_t j = 0; j < n; ++j) h[j] = silu_f32(g[j]) * u[j];
-          }
-        });
+      case ExpertKind::clamped_swiglu:
+        p.C[0] = ep.a1;
+        p.ldc = F;
+        p.epilogue = epilogue_glu;
+        if (quant_rows_shared(wq.W1[ei].m, wq.W3[ei].m)) {
+          p.W[1] = &wq.W3[ei].m;
+          p.C[1] = ep.a3;
+          p.count = 2;
+        } else {  // two permutations (act-order): W3 first, on its own rows
+          QuantProduct p3 = p;
+          p3.W[0] = &wq.W3[ei].m;
+          p3.C[0] = ep.a3;
+          p3.epilogue = nullptr;
+          sc.products.push_back(p3);
+        }
         break;
-      }
     }
-    float* out = acts.out + r0 * Do;
-    const float* b2 = w.b2 ? w.b2 + e * Do : nullptr;
-    const QuantHeld* Ws[1] = {&wq.W2[ei]};
-    float* Cs[1] = {out};
-    products(Ws, Cs, 1, acts.hid + r0 * F, F, M, Do, [&](int64_t n0, int64_t n) {
-      if (b2)
-        for (int64_t r = 0; r < M; ++r)
-          for (int64_t j = n0; j < n0 + n; ++j) out[r * Do + j] += b2[j];
-    });
+    sc.products.push_back(p);
   }
+  // (An act-order W3 on its own rows must finish before its W1's glu epilogue: run them apart.)
+  const auto run = [&](bool w3_alone) {
+    std::vector<QuantProduct>& ps = sc.products;
+    if (!w3_alone) return quant_matmul_grouped(ps, sc.ws);
+    std::vector<QuantProduct> first, second;
+    for (const QuantProduct& q : ps) (q.epilogue ? second : first).push_back(q);
+    quant_matmul_grouped(first, sc.ws);
+    quant_matmul_grouped(second, sc.ws);
+  };
+  run(std::any_of(sc.products.begin(), sc.products.end(),
+                  [](const QuantProduct& q) { return !q.epilogue; }));
+  if (s.kind == ExpertKind::linear_relu) return;
+  sc.products.clear();
+  for (int64_t e = 0; e < s.E; ++e) {
+    const int64_t r0 = off[e], M = off[e + 1] - off[e];
+    if (M == 0) continue;
+    const size_t ei = static_cast<size_t>(e);
+    QuantProduct p;
+    p.W[0] = &wq.W2[ei].m;
+    p.C[0] = sc.epis[ei].out;
+    p.X = acts.hid + r0 * F;
+    p.ldx = F;
+    p.M = M;
+    p.ldc = Do;
+    p.ctx = &sc.epis[ei];
+    p.epilogue = sc.epis[ei].b2 ? epilogue_bias2 : nullptr;
+    sc.products.push_back(p);
+  }
+  quant_matmul_grouped(sc.products, sc.ws);
 }
 
 }  // namespace moe::detail

@@ -77,8 +77,18 @@ struct ExpertWeightsQuant {
   }
 };
 
+// What one expert's epilogues need (experts_forward_quant; lowbit.cpp).
+struct QuantExpertEpilogue {
+  const ExpertShape* s = nullptr;
+  int64_t M = 0;
+  float *a1 = nullptr, *a3 = nullptr, *hid = nullptr, *out = nullptr;
+  const float *b1 = nullptr, *b2 = nullptr, *b3 = nullptr;
+};
+
 struct ExpertScratchQuant {
-  QuantWorkspace ws;
+  QuantGroupWorkspace ws;
+  std::vector<QuantProduct> products;      // reserved: one per expert and phase
+  std::vector<QuantExpertEpilogue> epis;   // one per expert
 };
 
 // The kernels an expert product in precision p runs on this CPU (MOE_MAX_ISA included), at

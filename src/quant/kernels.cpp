@@ -6,7 +6,6 @@
 #include <array>
 #include <cmath>
 #include <cstring>
-#include <functional>
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
@@ -374,8 +373,7 @@ bool same_rows(const QuantMatrix& a, const QuantMatrix& b) {
 
 void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
                          QuantPath path, QuantMethod method, const float* X, int64_t ldx,
-                         int64_t M, int64_t ldc, QuantWorkspace& ws,
-                         const std::function<void(int64_t, int64_t)>& epilogue) {
+                         int64_t M, int64_t ldc, QuantWorkspace& ws) {
   MOE_REQUIRE(count >= 1 && quant_path_allowed(path), "quant_matmul: path ",
               quant_path_name(path), " is not allowed on this CPU (MOE_MAX_ISA or its features)");
   for (int m = 0; m < count; ++m) {
@@ -392,7 +390,7 @@ void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int cou
   ws.reserve(W0, M, threads);
   const QuantRows rows = quant_prepare_rows(W0, path, method, X, ldx, M, ws.rows.data());
   // Tasks: column tiles, each every matrix's columns summed over the whole K (the split never
-  // changes a value), then the epilogue on them while they are in cache.
+  // changes a value).
   const int64_t tiles = (W0.N + kQuantTileN - 1) / kQuantTileN;
   const int64_t panel = quant_prefill_workspace_size(W0);
 #pragma omp parallel for schedule(static) if (tiles > 1)
@@ -405,12 +403,75 @@ void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int cou
         quant_prefill_serial(*Ws[m], rows, path, n0, n, Cs[m] + n0, ldc,
                              ws.panels.data() + omp_get_thread_num() * panel);
     }
-    if (epilogue) epilogue(n0, n);
   }
 }
 
 bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b) {
   return same_rows(a, b) && a.N == b.N && a.format == b.format && a.block_k == b.block_k;
+}
+
+void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspace& ws) {
+  const int64_t np = static_cast<int64_t>(ps.size());
+  if (np == 0) return;
+  const int threads = omp_get_max_threads();
+  // Each product's path and method, its rows' place, the panel the largest one needs.
+  ws.offsets.assign(static_cast<size_t>(np + 1), 0);
+  int64_t panel = 0;
+  for (int64_t p = 0; p < np; ++p) {
+    const QuantProduct& q = ps[static_cast<size_t>(p)];
+    MOE_ASSERT(q.count >= 1 && q.count <= 2 && q.M > 0 &&
+               (q.count == 1 || quant_rows_shared(*q.W[0], *q.W[1])));
+    for (int m = 0; m < q.count; ++m) validate(*q.W[m]);
+    ws.offsets[static_cast<size_t>(p + 1)] =
+        ws.offsets[static_cast<size_t>(p)] + (quant_rows_bytes(*q.W[0], q.M) + 63) / 64 * 64;
+    panel = std::max(panel, quant_prefill_workspace_size(*q.W[0]));
+  }
+  if (ws.rows.size() < static_cast<size_t>(ws.offsets.back()))
+    ws.rows.resize(static_cast<size_t>(ws.offsets.back()));
+  if (ws.panels.size() < static_cast<size_t>(panel * threads))
+    ws.panels.resize(static_cast<size_t>(panel * threads));
+  ws.prepared.resize(static_cast<size_t>(np));
+  const auto prepare = [&](int64_t p) {
+    const QuantProduct& q = ps[static_cast<size_t>(p)];
+    const QuantFormatId f = q.W[0]->format;
+    const QuantMethod method = quant_method_for(q.M, f);
+    const QuantPath path =
+        method == QuantMethod::decode ? quant_decode_path(f) : quant_prefill_path(f);
+    ws.prepared[static_cast<size_t>(p)] = quant_prepare_rows(
+        *q.W[0], path, method, q.X, q.ldx, q.M, ws.rows.data() + ws.offsets[static_cast<size_t>(p)]);
+  };
+  // Many products: one thread each (its rows serially); few: one after another, each spread
+  // over the threads by rows (quant_prepare_rows).
+  if (np >= 2 * threads) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t p = 0; p < np; ++p) prepare(p);
+  } else {
+    for (int64_t p = 0; p < np; ++p) prepare(p);
+  }
+  ws.tasks.clear();
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t tiles = (ps[static_cast<size_t>(p)].W[0]->N + kQuantTileN - 1) / kQuantTileN;
+    for (int64_t t = 0; t < tiles; ++t)
+      ws.tasks.emplace_back(static_cast<int32_t>(p), static_cast<int32_t>(t));
+  }
+  // Static: a thread's tasks are consecutive, so the panel a prefill asks for ahead (the next
+  // 64 columns of its matrix) is mostly its own next one.
+  const int64_t nt = static_cast<int64_t>(ws.tasks.size());
+#pragma omp parallel for schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < nt; ++i) {
+    const QuantProduct& q = ps[static_cast<size_t>(ws.tasks[static_cast<size_t>(i)].first)];
+    const QuantRows& rows = ws.prepared[static_cast<size_t>(ws.tasks[static_cast<size_t>(i)].first)];
+    const int64_t n0 = ws.tasks[static_cast<size_t>(i)].second * kQuantTileN;
+    const int64_t n = std::min(kQuantTileN, q.W[0]->N - n0);
+    for (int m = 0; m < q.count; ++m) {
+      if (rows.method == QuantMethod::decode)
+        quant_decode_serial(*q.W[m], rows, n0, n, q.C[m] + n0, q.ldc);
+      else
+        quant_prefill_serial(*q.W[m], rows, rows.path, n0, n, q.C[m] + n0, q.ldc,
+                             ws.panels.data() + omp_get_thread_num() * panel);
+    }
+    if (q.epilogue) q.epilogue(q.ctx, n0, n);
+  }
 }
 
 void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,

@@ -37,8 +37,8 @@
 // the decode's interleave), zero-padded to whole chunks.
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "quant/quant_matrix.hpp"
@@ -133,14 +133,38 @@ void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, cons
 
 // The same for `count` matrices that take the same rows (quant_rows_shared: the same K order,
 // N, format and block), C_m = X · dequant(W_m): the rows prepared once, the column tiles spread
-// over the threads in one parallel loop, each tile of every matrix (a GLU's W1 and W3), then
-// epilogue(n0, n) on those columns of all M rows while they are in cache (the bias and the
-// activation). Each C_m is what quant_matmul gives it alone.
+// over the threads in one parallel loop, each tile of every matrix. Each C_m is what
+// quant_matmul gives it alone.
 void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
                          QuantPath path, QuantMethod method, const float* X, int64_t ldx,
-                         int64_t M, int64_t ldc, QuantWorkspace& ws,
-                         const std::function<void(int64_t, int64_t)>& epilogue = {});
+                         int64_t M, int64_t ldc, QuantWorkspace& ws);
 bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b);
+
+// One product of a group: C_m (M, N) = X · dequant(W_m) for m < count (count 1, or 2 matrices
+// that quant_rows_shared allows), then epilogue(ctx, n0, n) on each column tile's columns of
+// all M rows while they are in cache (the bias, the activation, a GLU's product).
+struct QuantProduct {
+  const QuantMatrix* W[2] = {nullptr, nullptr};
+  float* C[2] = {nullptr, nullptr};
+  int count = 1;
+  const float* X = nullptr;
+  int64_t ldx = 0, M = 0, ldc = 0;
+  void (*epilogue)(const void* ctx, int64_t n0, int64_t n) = nullptr;
+  const void* ctx = nullptr;
+};
+// Buffers quant_matmul_grouped uses, grown to the largest group (reused call after call).
+struct QuantGroupWorkspace {
+  std::vector<unsigned char> rows;
+  std::vector<uint16_t> panels;  // one panel per thread
+  std::vector<int64_t> offsets;
+  std::vector<QuantRows> prepared;
+  std::vector<std::pair<int32_t, int32_t>> tasks;
+};
+// Every product of the group (an MoE layer's experts: each its own rows, method and path by
+// quant_method_for / quant_decode_path / quant_prefill_path): the rows of all prepared, then
+// all their (product, column tile) tasks in one parallel loop — no barrier per expert, and the
+// threads' shares even over the whole layer. Each C_m is what quant_matmul gives it alone.
+void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspace& ws);
 
 // "int4_g128_zp:avx512_bf16 (vpermw, vdpbf16ps)" and the like, for reports.
 std::string quant_kernel_name(const QuantMatrix& W, QuantPath path);
