@@ -529,8 +529,11 @@ def tokens_verdict(row, new_tokens):
              f"({row['reference_gap_steps']:.2g} bf16 steps) above its logit for the variant's: ")
     if row["near_tie"]:
         line += "a near-tie, below the resolution of its bf16 logits."
-    else:
+    elif row.get("precision") in (None, "fp32", "bf16"):
         line += "NOT a near-tie: bf16 rounding does not explain this difference."
+    else:  # quantized experts: their weights are not the bf16 ones
+        line += (f"NOT a near-tie ({row['precision']} experts are a quantization of the bf16 "
+                 f"weights, not a rounding of the same sums).")
     if "router_near_ties" in row:
         line += (f" Up to that token {row['router_near_ties']} of transformers' "
                  f"{row['router_choices']} top-k router choices had the k-th and (k+1)-th "
@@ -549,7 +552,7 @@ def goals(rows, tiny):
     def goal(text, num, den, what, target, judged=True, why=""):
         if num is None or den is None or not den:
             out.append({"goal": text, "value": None, "target": target, "met": None,
-                        "detail": f"not measured ({what})"})
+                        "detail": f"not measured: {what}"})
             return
         value = num / den
         met = (value >= target) if judged and not tiny else None
@@ -568,7 +571,7 @@ def goals(rows, tiny):
     text = "bf16 tokens equal transformers' (the unreplaced model's)"
     if bf16 is None or "tokens_equal" not in bf16:
         out.append({"goal": text, "value": None, "target": True, "met": None,
-                    "detail": "not measured (needs the transformers and libmoe bf16 rows)"})
+                    "detail": "not measured: needs the transformers and libmoe bf16 rows"})
     else:
         equal = bf16["tokens_equal"]
         if equal:
@@ -590,10 +593,11 @@ def print_goals(gs):
     print("Goals (issue 21, part 5):")
     for g in gs:
         state = {True: "met", False: "MISSED", None: "not judged"}[g["met"]]
+        if g["value"] is None:
+            print(f"  {g['goal']}: {g['detail']}")
+            continue
         if isinstance(g["value"], bool):
             figure = "yes" if g["value"] else "no"
-        elif g["value"] is None:
-            figure = "n/a"
         else:
             figure = f"{g['value']:.2f}x (target >= {g['target']:g}x)"
         print(f"  {g['goal']}: {figure}: {state}" + (f" ({g['detail']})" if g["detail"] else ""))

@@ -144,8 +144,10 @@ def test_token_difference_and_its_gaps(gen):
     ref_logits[2][2] = 4.0625  # two steps: not a tie, and the verdict says so
     out = gen.compare_tokens(mine, logits, ref, ref_logits)
     assert not out["near_tie"] and out["reference_gap_steps"] == 2.0
-    line = gen.tokens_verdict(dict(out, variant="libmoe bf16"), 3)
-    assert "tokens NOT equal" in line and "NOT a near-tie" in line
+    line = gen.tokens_verdict(dict(out, variant="libmoe bf16", precision="bf16"), 3)
+    assert "tokens NOT equal" in line and "NOT a near-tie: bf16 rounding does not explain" in line
+    line = gen.tokens_verdict(dict(out, variant="libmoe int4", precision="int4"), 3)
+    assert "NOT a near-tie (int4 experts are a quantization" in line
     # the step is the larger logit's: at -8 (|x| in [8, 16)) one step is 1/16
     ref_logits[2][2], ref_logits[2][3] = -8.0, -8.0625
     out = gen.compare_tokens(mine, logits, ref, ref_logits)
