@@ -1,7 +1,8 @@
 // `moe bench`, split by what it measures: the layer against its roofs (bench_layer.cpp), the
 // PyTorch peers and moe.torch's overhead (bench_peers.cpp), expert parallelism under mpirun
-// (bench_dist.cpp), the JSON, table and goals (bench_report.cpp), the heap accounting that
-// replaces the binary's operator new (bench_heap.cpp); cmd_bench.cpp runs them.
+// (bench_dist.cpp), generation with a transformers model (bench_generate.cpp), the JSON, table
+// and goals (bench_report.cpp), the heap accounting that replaces the binary's operator new
+// (bench_heap.cpp); cmd_bench.cpp runs them.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -181,6 +182,17 @@ std::string make_checkpoint(const std::string& model, const std::string& parent,
                             std::string& note);
 void run_hf_peer(Result& r, const BenchOptions& o, int threads);
 LoadTiming measure_load(const std::string& dir, int64_t layer, Precision p, int repeat);
+
+// bench_generate.cpp: --config generate-qwen3 | generate-gpt-oss, examples/generate.py.
+// The script's --model for a generation config ("" for any other config).
+std::string generate_model(const std::string& config);
+// MOE_GENERATE_SCRIPT, else examples/generate.py of the source tree.
+std::string generate_script();
+// The script's arguments: --threads, --repeat, --tokens (its --prompt), --precision (its
+// --precisions; default bf16,int8,int4,published), --quick (its --tiny sizes), --json.
+std::vector<std::string> generate_args(const BenchOptions& o, int threads);
+// Runs it, its output on ours; 1 when it fails.
+int run_generate(const BenchOptions& o, int threads);
 
 // bench_dist.cpp: expert parallelism on loopback.
 DistResult run_dist(int P, bool quick);

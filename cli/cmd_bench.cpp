@@ -42,6 +42,9 @@ int run_bench(const BenchOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   const int threads = omp_get_max_threads();
   if (o.repeat < 1) throw Error("--repeat: must be >= 1, got " + std::to_string(o.repeat));
+  if (!generate_model(o.config).empty()) return run_generate(o, threads);
+  if (("," + o.precision + ",").find(",published,") != std::string::npos)
+    throw Error("--precision: 'published' is for --config generate-qwen3 / generate-gpt-oss only");
   // --precision: one precision, or several separated by commas (their rows in one run, so
   // that one format stands beside another measured the same way).
   std::vector<Precision> precs;
@@ -131,7 +134,8 @@ int run_bench(const BenchOptions& o) {
       std::string names;
       for (const auto& c : cases) names += (names.empty() ? "" : ", ") + c.name;
       throw Error("--config: unknown configuration '" + o.config + "' (expected one of " + names +
-                  ", B3, E-sweep, real or dist)");
+                  ", B3, E-sweep, real, real-models, dist, module, generate-qwen3 or "
+                  "generate-gpt-oss)");
     }
     cases = per_precision(pick);
   }
@@ -281,7 +285,12 @@ void add_bench_command(CLI::App& app, int& status) {
                   "(random full-size Qwen3-30B-A3B and Mixtral-8x7B checkpoints loaded by "
                   "load_pretrained, beside transformers), or dist (only "
                   "the expert-parallel rows), or module (moe.torch.MoE's overhead over the "
-                  "bare library at B1)");
+                  "bare library at B1), or generate-qwen3 / generate-gpt-oss (greedy "
+                  "generation with a 2-layer Qwen3-30B-A3B / GPT-OSS-20B-shaped transformers "
+                  "model, its MoE blocks as transformers has them and replaced by libmoe's: "
+                  "examples/generate.py, or MOE_GENERATE_SCRIPT, given --threads, --repeat, "
+                  "--tokens as its prompt, --precision as its precisions (default "
+                  "bf16,int8,int4,published), --quick as its tiny sizes, --json)");
   sub->add_option("--precision", o->precision,
                   "fp32 | bf16 | int8 | int4 | mxfp4 | fp8, or several separated by commas "
                   "(bf16,int4: each configuration in each, in one run): run the configurations "
@@ -289,14 +298,17 @@ void add_bench_command(CLI::App& app, int& status) {
                   "runs B1, B3-T1 and the real-model blocks against the bf16 roof and a bf16 "
                   "PyTorch peer; int8, int4, mxfp4 and fp8 (evaluation only) run B3-T1, B3-T4, "
                   "B3-T16 beside their memory roofs (the bytes of the format) and the "
-                  "real-model blocks beside the bf16 roof")
+                  "real-model blocks beside the bf16 roof; with --config generate-*, also "
+                  "published (the model's published expert format)")
       ->check([](const std::string& v) -> std::string {
-        const std::set<std::string> known{"fp32", "bf16", "int8", "int4", "mxfp4", "fp8"};
+        const std::set<std::string> known{"fp32", "bf16", "int8", "int4", "mxfp4", "fp8",
+                                          "published"};
         for (size_t at = 0; at <= v.size();) {
           const size_t comma = std::min(v.find(',', at), v.size());
           if (!known.count(v.substr(at, comma - at)))
             return "'" + v.substr(at, comma - at) +
-                   "' is not one of fp32, bf16, int8, int4, mxfp4, fp8 (several: bf16,int4)";
+                   "' is not one of fp32, bf16, int8, int4, mxfp4, fp8 (several: bf16,int4; "
+                   "published with --config generate-*)";
           at = comma + 1;
         }
         return "";

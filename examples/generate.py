@@ -13,10 +13,17 @@ prompt of --prompt random token ids (from the seed) is generated greedily for --
 tokens (min_new_tokens = max_new_tokens: end-of-sequence does not stop it) by
 
   1. transformers alone: the model's own bf16 MoE blocks;
-  2. for each P of --precisions: the blocks replaced by moe.hf.replace_moe_blocks(model,
-     precision=P). A precision replace_moe_blocks refuses (ValueError, RuntimeError)
-     prints a "skipped" row. Names are passed through unchanged ("auto": the row names
-     what the library chose).
+  2. for each P of --precisions (default bf16,int8,int4,published): the blocks replaced by
+     moe.hf.replace_moe_blocks(model, precision=P). A precision replace_moe_blocks refuses
+     (ValueError, RuntimeError) prints a "skipped" row. Names are passed through unchanged
+     ("auto": the row names what the library chose), but for "published": the format the
+     model's experts are published in (PUBLISHED: fp8 for Qwen3, as Qwen/Qwen3-30B-A3B-FP8;
+     mxfp4 for GPT-OSS, as openai/gpt-oss-20b), converted from the random bf16 weights by
+     replace_moe_blocks — the published checkpoint itself is not read. Its row is labelled
+     "libmoe published (<format>)". transformers 5.24 has no CPU kernels for these formats
+     here (its FP8 quantizer dequantizes to bf16 without a GPU, its MXFP4 one without the
+     `kernels` package), so on this CPU the published model under transformers is the
+     transformers row.
 
 Every variant runs on the same model object: replace_moe_blocks swaps the block modules and
 the originals are put back afterwards, so the weights are the same tensors, not a second
@@ -48,14 +55,28 @@ Columns (one row a variant, or one JSON object a variant with --json):
   bound tok/s    the decode rate that MB/token allows at --read-gbs (default: measured here,
                  a torch sum over a 1 GiB buffer on --threads threads, best of 3, before
                  the model is built).
+  % bound        decode tok/s as a share of bound tok/s.
   tokens         the generated ids against transformers': "same", or the first position
-                 (0 = the first new token) where they differ and, there (the same context
-                 before it), by how much each side's logits put its own token above the
-                 other's: 0 or one bf16 step (1/128 of the logit's power of two) is a
-                 rounding tie. transformers' bf16 blocks round the router logits, the routing
-                 weights and each expert's intermediate results to bf16, libmoe's bf16
-                 accumulates and combines in fp32, so their hidden states differ by bf16
-                 rounding and a greedy choice between two near-tied logits can go either way.
+                 (0 = the first new token) where they differ and whether transformers' own
+                 greedy choice there (the same context before it) was a near-tie: its logit
+                 for its token at most one bf16 step (2^-7 of the logit's power of two: the
+                 resolution of the bf16 logits) above its logit for the variant's token.
+                 transformers' bf16 blocks round the router logits, the routing weights and
+                 each expert's intermediate results to bf16, libmoe's bf16 computes router
+                 logits in fp32 and accumulates and combines in fp32, so their hidden states
+                 differ by bf16 rounding and a greedy choice between two near-tied logits can
+                 go either way. --json also gives both sides' gaps, and, for a difference,
+                 how many of transformers' top-k router choices up to that token had their
+                 k-th and (k+1)-th logits within one bf16 step (router_near_ties of
+                 router_choices: one more untimed generate of transformers with hooks on its
+                 routers, run only when some variant differs).
+
+After the table: the bf16 tokens' verdict (equal, or where they leave transformers' and
+whether that is a near-tie) and issue 21's goals: the MoE blocks' time per new token with
+int4 blocks against transformers' bf16 blocks (>= 3x), the time to first token with bf16
+blocks against transformers' (>= 1.5x, on a machine with AMX: elsewhere the figure is given
+and not judged), and bf16 tokens equal. --tiny sizes list the goals without judging them.
+--json ends with one object {"goals": [...]}.
 
 --check-tokens exits 1 if the bf16 variant's tokens differ from transformers'.
 """
@@ -155,6 +176,16 @@ GPT_OSS_20B = {
 MODELS = {"qwen3": ("Qwen/Qwen3-30B-A3B", QWEN3_30B_A3B),
           "gpt-oss": ("openai/gpt-oss-20b", GPT_OSS_20B)}
 
+# --precisions "published": the libmoe precision of the format each model's experts are
+# published in, and what is published so. The row converts this script's random bf16
+# experts to that format (replace_moe_blocks); it reads no published file. Qwen3-30B-A3B is
+# also published as Qwen/Qwen3-30B-A3B-GPTQ-Int4, which libmoe loads as precision int4: the
+# int4 row (libmoe's own round-to-nearest quantizer here, not GPTQ's).
+PUBLISHED = {
+    "qwen3": ("fp8", "Qwen/Qwen3-30B-A3B-FP8: E4M3 experts with 128 x 128 block scales"),
+    "gpt-oss": ("mxfp4", "openai/gpt-oss-20b: MXFP4 experts, E2M1 with an E8M0 scale per 32"),
+}
+
 # --tiny: the same family and structure (GQA, q/k norms or sinks and biases, sliding and
 # full layers, top-k of E), at sizes a test runs in seconds. Token ids move inside the vocab.
 TINY = {
@@ -184,8 +215,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated (default 64)")
-    p.add_argument("--precisions", default="bf16,int8",
-                   help="libmoe precisions, comma-separated (default bf16,int8)")
+    p.add_argument("--precisions", default="bf16,int8,int4,published",
+                   help="libmoe precisions, comma-separated; 'published': the model's "
+                        "published expert format (default bf16,int8,int4,published)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--read-gbs", type=float, default=None,
                    help="read bandwidth in GB/s for the bound (default: measured)")
@@ -419,22 +451,161 @@ def first_difference(a, b):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def bf16_step(x):
+    """The spacing of bf16 values at |x| (8 significant bits): 2^(e - 8) for |x| = m * 2^e,
+    1/2 <= m < 1; 0 for 0."""
+    if x == 0 or not math.isfinite(x):
+        return 0.0
+    return math.ldexp(1.0, math.frexp(x)[1] - 8)
+
+
 def compare_tokens(tokens, logits, ref_tokens, ref_logits):
     """The first position where `tokens` leave transformers' and, there (same context
-    before it), how far each side's logits put its own token above the other's: a gap of 0
-    or one bf16 step (1/128 of the logit's power of two) is a rounding tie."""
+    before it), how far each side's logits put its own token above the other's, and
+    whether transformers' own choice was a near-tie: its gap at most one bf16 step at the
+    larger of the two logits (the resolution of its bf16 logits)."""
     i = first_difference(tokens, ref_tokens)
     out = {"tokens_equal": i is None, "first_difference": i}
     if i is not None and i < min(len(tokens), len(ref_tokens)):
         mine, theirs = tokens[i], ref_tokens[i]
-        out["reference_gap"] = (ref_logits[i][theirs] - ref_logits[i][mine]).item()
+        gap = (ref_logits[i][theirs] - ref_logits[i][mine]).item()
+        step = bf16_step(max(abs(ref_logits[i][theirs].item()), abs(ref_logits[i][mine].item())))
+        out["reference_gap"] = gap
         out["variant_gap"] = (logits[i][mine] - logits[i][theirs]).item()
+        out["reference_gap_steps"] = gap / step if step else (0.0 if gap == 0 else math.inf)
+        out["near_tie"] = gap <= step
     return out
 
 
-COLUMNS = (("variant", 18, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
+def router_of(block):
+    return getattr(block, "gate", None) or getattr(block, "router")
+
+
+def router_near_ties(model, ids, args, block_names):
+    """One untimed greedy generate of the model as it stands (transformers' own blocks) with
+    hooks on its routers: (its tokens, near-ties by step, choices by step). Step j is the
+    forward whose logits choose new token j (0: the prompt's). A choice is one token's top-k
+    in one block; a near-tie, one whose k-th and (k+1)-th router logits (bf16, as the
+    router computes them) lie within one bf16 step at the k-th: libmoe, routing on fp32
+    logits, can order such a pair the other way."""
+    k = model.config.num_experts_per_tok
+    stamps = Stamps()
+    ties = [0] * (args.new_tokens + 1)
+    choices = [0] * (args.new_tokens + 1)
+
+    def hook(module, inputs, out):
+        logits = out[0].detach().float().reshape(-1, out[0].shape[-1])
+        if k >= logits.shape[-1]:
+            return
+        top = logits.topk(k + 1, dim=-1).values
+        kth = top[:, k - 1]
+        step = torch.ldexp(torch.ones_like(kth), torch.frexp(kth)[1] - 8)
+        j = len(stamps.times)
+        ties[j] += int(((kth - top[:, k]) <= step).sum())
+        choices[j] += logits.shape[0]
+
+    handles = [router_of(model.get_submodule(n)).register_forward_hook(hook)
+               for n in block_names]
+    try:
+        out = generate(model, ids, args.new_tokens, transformers.LogitsProcessorList([stamps]))
+    finally:
+        for h in handles:
+            h.remove()
+    return out[0, ids.shape[1]:].tolist(), ties, choices
+
+
+def tokens_verdict(row, new_tokens):
+    """One line: whether the variant's tokens equal transformers', and where not, whether
+    transformers' choice there was a near-tie."""
+    name = row["variant"]
+    if row["tokens_equal"]:
+        return (f"{name}: tokens equal transformers' (the unreplaced model's), all "
+                f"{new_tokens} new tokens.")
+    i = row["first_difference"]
+    line = f"{name}: tokens NOT equal: they leave transformers' at new token {i} of {new_tokens}."
+    if "reference_gap" not in row:
+        return line
+    line += (f" There transformers' logit for its token is {row['reference_gap']:.3g} "
+             f"({row['reference_gap_steps']:.2g} bf16 steps) above its logit for the variant's: ")
+    if row["near_tie"]:
+        line += "a near-tie, below the resolution of its bf16 logits."
+    elif row.get("precision") in (None, "fp32", "bf16"):
+        line += "NOT a near-tie: bf16 rounding does not explain this difference."
+    else:  # quantized experts: their weights are not the bf16 ones
+        line += (f"NOT a near-tie ({row['precision']} experts are a quantization of the bf16 "
+                 f"weights, not a rounding of the same sums).")
+    if "router_near_ties" in row:
+        line += (f" Up to that token {row['router_near_ties']} of transformers' "
+                 f"{row['router_choices']} top-k router choices had the k-th and (k+1)-th "
+                 f"logits within one bf16 step (libmoe routes on fp32 logits).")
+    return line
+
+
+def goals(rows, tiny):
+    """Issue 21 part 5's goals from the rows (by variant): [{goal, value, target, met,
+    detail}]; met None when not judged (not measured, --tiny sizes, no AMX)."""
+    by = {r["variant"]: r for r in rows if "skipped" not in r}
+    ref, bf16, int4 = by.get("transformers"), by.get("libmoe bf16"), by.get("libmoe int4")
+    amx = moe.cpu_info().get("best") == "amx"
+    out = []
+
+    def goal(text, num, den, what, target, judged=True, why=""):
+        if num is None or den is None or not den:
+            out.append({"goal": text, "value": None, "target": target, "met": None,
+                        "detail": f"not measured: {what}"})
+            return
+        value = num / den
+        met = (value >= target) if judged and not tiny else None
+        detail = why or ("--tiny sizes" if tiny else "")
+        out.append({"goal": text, "value": value, "target": target, "met": met,
+                    "detail": detail})
+
+    goal("MoE blocks' time per new token, transformers bf16 / libmoe int4",
+         ref and ref["moe_ms_per_token"], int4 and int4["moe_ms_per_token"],
+         "needs the transformers and libmoe int4 rows with --new-tokens >= 2", 3.0)
+    goal("time to first token, transformers bf16 / libmoe bf16 [AMX machine]",
+         ref and ref["prefill_s"], bf16 and bf16["prefill_s"],
+         "needs the transformers and libmoe bf16 rows", 1.5, judged=amx,
+         why="" if amx else (f"this CPU has no AMX (moe.cpu_info() best: "
+                             f"{moe.cpu_info().get('best')}); the goal is for an AMX machine"))
+    text = "bf16 tokens equal transformers' (the unreplaced model's)"
+    if bf16 is None or "tokens_equal" not in bf16:
+        out.append({"goal": text, "value": None, "target": True, "met": None,
+                    "detail": "not measured: needs the transformers and libmoe bf16 rows"})
+    else:
+        equal = bf16["tokens_equal"]
+        if equal:
+            detail = f"all {len(bf16['tokens'])} new tokens"
+        else:
+            detail = f"they leave transformers' at new token {bf16['first_difference']}"
+            if "near_tie" in bf16:
+                detail += (", where transformers' own choice was a near-tie" if bf16["near_tie"]
+                           else ", where transformers' own choice was NOT a near-tie")
+        if tiny:
+            detail += "; --tiny sizes"
+        out.append({"goal": text, "value": equal, "target": True,
+                    "met": None if tiny else equal, "detail": detail,
+                    "verdict": tokens_verdict(bf16, len(bf16["tokens"]))})
+    return out
+
+
+def print_goals(gs):
+    print("Goals (issue 21, part 5):")
+    for g in gs:
+        state = {True: "met", False: "MISSED", None: "not judged"}[g["met"]]
+        if g["value"] is None:
+            print(f"  {g['goal']}: {g['detail']}")
+            continue
+        if isinstance(g["value"], bool):
+            figure = "yes" if g["value"] else "no"
+        else:
+            figure = f"{g['value']:.2f}x (target >= {g['target']:g}x)"
+        print(f"  {g['goal']}: {figure}: {state}" + (f" ({g['detail']})" if g["detail"] else ""))
+
+
+COLUMNS = (("variant", 24, "<"), ("prefill s", 9, ">"), ("decode tok/s", 12, ">"),
            ("moe % pre/dec", 13, ">"), ("moe ms/tok", 10, ">"), ("MB/token", 9, ">"),
-           ("bound tok/s", 11, ">"), ("tokens", 0, "<"))
+           ("bound tok/s", 11, ">"), ("% bound", 7, ">"), ("tokens", 0, "<"))
 
 
 def table_line(cells):
@@ -455,22 +626,23 @@ def row_cells(row):
     else:
         tokens = f"differ at {row['first_difference']}"
         if "reference_gap" in row:
-            tokens += (f" (gaps {row['reference_gap']:.3g} transformers, "
-                       f"{row['variant_gap']:.3g} libmoe)")
-    mb = row["bytes_per_token"]
+            tokens += (f" ({'near-tie' if row['near_tie'] else 'NOT a near-tie'}: "
+                       f"{row['reference_gap_steps']:.2g} bf16 steps)")
+    mb, bound, rate = row["bytes_per_token"], row["bound_tok_s"], row["decode_tok_s"]
     return [row["variant"], f"{row['prefill_s']:.3f}",
-            "—" if row["decode_tok_s"] is None else f"{row['decode_tok_s']:.2f}",
+            "—" if rate is None else f"{rate:.2f}",
             f"{pct(row['moe_share_prefill'])} / {pct(row['moe_share_decode'])}",
             "—" if row["moe_ms_per_token"] is None else f"{row['moe_ms_per_token']:.2f}",
             "?" if mb is None else f"{mb / 1e6:.1f}",
-            "?" if row["bound_tok_s"] is None else f"{row['bound_tok_s']:.2f}", tokens]
+            "?" if bound is None else f"{bound:.2f}",
+            "?" if bound is None or rate is None else pct(rate / bound), tokens]
 
 
 def print_row(row, as_json):
     if as_json:
         print(json.dumps(row), flush=True)
     elif "skipped" in row:
-        print(f"{row['variant']:<18}  {row_cells(row)[1]}", flush=True)
+        print(f"{row['variant']:<24}  {row_cells(row)[1]}", flush=True)
     else:
         print(table_line(row_cells(row)), flush=True)
 
@@ -489,12 +661,16 @@ def main(argv=None) -> int:
     ids = torch.randint(0, c.vocab_size, (1, args.prompt),
                         generator=torch.Generator().manual_seed(args.seed))
 
-    variants = [None] + precisions
+    # (row label, precision given to replace_moe_blocks); None: transformers alone
+    published, published_as = PUBLISHED[args.model]
+    variants = [("transformers", None)] + [
+        (f"libmoe published ({published})", published) if p == "published"
+        else (f"libmoe {p}", p) for p in precisions]
     runs = [[] for _ in variants]
     skipped = {}
     # --repeat rounds, each over every variant in turn: a slow spell of the machine is shared
     for _ in range(args.repeat):
-        for i, precision in enumerate(variants):
+        for i, (_, precision) in enumerate(variants):
             if i in skipped:
                 continue
             originals = {n: model.get_submodule(n) for n in block_names}
@@ -516,6 +692,40 @@ def main(argv=None) -> int:
             "read_gbs": read_gbs, "read_gbs_measured": args.read_gbs is None,
             "experts_implementation": getattr(c, "_experts_implementation", None),
             "attn_implementation": getattr(c, "_attn_implementation", None)}
+
+    rows = []
+    reference = None  # (tokens, logits) of transformers alone
+    for i, (label, precision) in enumerate(variants):
+        row = dict(head, variant=label, precision=precision)
+        if label.startswith("libmoe published"):
+            row["published_as"] = published_as
+        if i in skipped:
+            row["skipped"] = skipped[i]
+            rows.append(row)
+            continue
+        result, logits = fastest(runs[i])
+        row.update(result)
+        if precision is not None and row["held_precision"] != precision:
+            row["variant"] += f" ({row['held_precision']})"  # what "auto" chose
+        mb = row["bytes_per_token"]
+        row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
+        if reference is None and precision is None:
+            reference = (row["tokens"], logits)
+        if reference is not None:
+            row.update(compare_tokens(row["tokens"], logits, *reference))
+        rows.append(row)
+
+    # Where a variant's tokens differ: transformers' router near-ties up to that token.
+    differ = [r for r in rows if "reference_gap" in r]
+    if differ:
+        tokens, ties, choices = router_near_ties(model, ids, args, block_names)
+        for r in differ:
+            if tokens != reference[0]:
+                r["router_note"] = "the hooked rerun of transformers generated other tokens"
+                continue
+            upto = r["first_difference"] + 1
+            r["router_near_ties"], r["router_choices"] = sum(ties[:upto]), sum(choices[:upto])
+
     if not args.json:
         E = getattr(c, "num_local_experts", None) or c.num_experts
         F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
@@ -528,32 +738,30 @@ def main(argv=None) -> int:
               f"{args.threads} threads, {args.repeat} round(s); transformers experts "
               f"'{head['experts_implementation']}', attention '{head['attn_implementation']}'; "
               f"read bandwidth {read_gbs:.1f} GB/s ({how})")
+        if "published" in precisions:
+            print(f"published: {published_as}; the row converts the random bf16 experts to "
+                  f"{published} (replace_moe_blocks(precision=\"{published}\")), reading no "
+                  f"published file. transformers 5.24 loads that format on a CPU dequantized "
+                  f"to bf16 (without the `kernels` package): for it, the transformers row.")
         print(table_line([name for name, _, _ in COLUMNS]))
-
-    reference = None  # (tokens, logits) of transformers alone
-    status = 0
-    for i, precision in enumerate(variants):
-        row = dict(head, variant="transformers" if precision is None else f"libmoe {precision}",
-                   precision=precision)
-        if i in skipped:
-            row["skipped"] = skipped[i]
-            print_row(row, args.json)
-            continue
-        result, logits = fastest(runs[i])
-        row.update(result)
-        if precision is not None and row["held_precision"] != precision:
-            row["variant"] += f" ({row['held_precision']})"  # what "auto" chose
-        mb = row["bytes_per_token"]
-        row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb
-        if reference is None:
-            reference = (row["tokens"], logits)
-        row.update(compare_tokens(row["tokens"], logits, *reference))
-        if precision == "bf16" and not row["tokens_equal"] and args.check_tokens:
-            status = 1
+    for row in rows:
         print_row(row, args.json)
-    if status:
+    gs = goals(rows, args.tiny)
+    if args.json:
+        print(json.dumps({"goals": gs}), flush=True)
+    else:
+        print()
+        for row in rows:  # every variant's tokens, then the goals
+            if "tokens_equal" in row and row["precision"] is not None:
+                print(tokens_verdict(row, len(row["tokens"])))
+        print()
+        print_goals(gs)
+
+    bf16 = [r for r in rows if r["variant"] == "libmoe bf16" and "tokens_equal" in r]
+    if args.check_tokens and bf16 and not bf16[0]["tokens_equal"]:
         print("bf16 tokens differ from transformers' (--check-tokens)", file=sys.stderr)
-    return status
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
