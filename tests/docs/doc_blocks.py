@@ -116,6 +116,9 @@ STAND_INS = [
     # ... and its interpreter: the peer script runs on the suite's Python (it reports kt-kernel
     # as not importable there, and exits 0).
     (r"^\.venv-kt/bin/python\b", r"python3"),
+    # examples/generate.py at full size builds and times a model for minutes: its tiny sizes
+    # (argparse keeps the last value of a repeated flag).
+    (r"(examples/generate\.py\b(?!.*--tiny).*)", r"\1 --tiny --layers 1 --prompt 16 --new-tokens 4"),
     # The A/B of two builds times for many minutes and needs an old build: its usage.
     (r"^python3 bench/ab_compare\.py\b.*", r"python3 bench/ab_compare.py --help"),
     # moe_dist_bench: small sizes (its defaults are the docs' sizes; the last value counts).
