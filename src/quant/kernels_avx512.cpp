@@ -10,6 +10,7 @@
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "quant/kernels_impl.hpp"
+#include "quant/transpose_avx512.hpp"
 
 // GCC 12's AVX-512 intrinsics pass an undefined merge source, which its
 // -W(maybe-)uninitialized reports inside its own header (as in common/philox.cpp).
@@ -94,9 +95,10 @@ MOE_AVX512 inline __m512i widen_bf16(const uint8_t* col, int64_t s, int64_t K, c
     const __m512i hi = _mm512_permutex2var_epi16(T.t[2], c, T.t[3]);
     const __mmask32 upper = _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40));
     const __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
-    // mag | (c << 8 & 0x8000): the code's sign bit onto the word's
+    // mag ^ (c << 8 & 0x8000): the code's sign bit onto the word's (the plain table's
+    // magnitudes have no sign; a scaled table's may: bf16(−x) = −bf16(x) either way)
     return _mm512_ternarylogic_epi32(mag, _mm512_slli_epi16(c, 8),
-                                     _mm512_set1_epi16(static_cast<short>(0x8000)), 0xF8);
+                                     _mm512_set1_epi16(static_cast<short>(0x8000)), 0x78);
   } else {
     (void)K;
     const __m512i d =
@@ -514,37 +516,11 @@ MOE_AVX512 inline __m256i to_bf16_16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// rows[i] (16 dwords each) → rows[l][i] = old rows[i][l].
-MOE_AVX512 inline void transpose_16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane q: column 4q + c of rows 4i .. 4i + 3
-    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  #pragma GCC unroll 16
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
-    const __m512i y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    const __m512i z = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512i v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_i32x4(x, z, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(x, z, 0xDD);
-    t[4 + c] = _mm512_shuffle_i32x4(y, v, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(y, v, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // fp8: the table of one (128 columns, 128 values of K) block's 128 magnitudes times its
 // scale, bf16(value(m) · scale) — the products rounded once per block instead of once per
-// value, the same numbers; the code's sign bit is XORed onto the word (bf16(−x) = −bf16(x),
-// NaN codes included, whatever the scale's sign).
+// value, the same numbers; widen_bf16 XORs the code's sign bit onto the word (bf16(−x) =
+// −bf16(x), NaN codes included, whatever the scale's sign).
 MOE_AVX512 inline Tables scaled_fp8_table(float scale) {
   const float* v = f32_code_table(QuantFormatId::fp8);
   const __m512 sv = _mm512_set1_ps(scale);
@@ -555,23 +531,6 @@ MOE_AVX512 inline Tables scaled_fp8_table(float scale) {
     T.t[i] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   }
   return T;
-}
-
-MOE_AVX512 inline __m512i widen_fp8_scaled(const uint8_t* col, int64_t s, int64_t K,
-                                           const Tables& T) {
-  const uint8_t* p = col + 32 * s;
-  const int64_t valid = K - 32 * s;
-  const __m256i raw = valid >= 32
-                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                          : _mm256_maskz_loadu_epi8(static_cast<__mmask32>((1u << valid) - 1u), p);
-  const __m512i c = _mm512_cvtepu8_epi16(raw);
-  const __m512i lo = _mm512_permutex2var_epi16(T.t[0], c, T.t[1]);
-  const __m512i hi = _mm512_permutex2var_epi16(T.t[2], c, T.t[3]);
-  const __mmask32 upper = _mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40));
-  const __m512i mag = _mm512_mask_blend_epi16(upper, lo, hi);
-  // mag ^ (c << 8 & 0x8000)
-  return _mm512_ternarylogic_epi32(mag, _mm512_slli_epi16(c, 8),
-                                   _mm512_set1_epi16(static_cast<short>(0x8000)), 0x78);
 }
 
 // 16 columns (c0 ..) of the panel, sub-blocks [0, ns) of the chunk: each column's 32 values
@@ -599,7 +558,8 @@ MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0,
           scaled = scaled_fp8_table(block_params<Cd>(W, j, b).scale);
           scaled_for = key;
         }
-        r[i] = _mm512_maskz_mov_epi16(keep, widen_fp8_scaled(W.codes + j * W.code_stride, s, W.K, scaled));
+        r[i] = _mm512_maskz_mov_epi16(
+            keep, widen_bf16<Cd>(W.codes + j * W.code_stride, s, W.K, scaled, _mm512_setzero_si512()));
         continue;
       }
       const BlockParams p = block_params<Cd>(W, j, b);

@@ -24,6 +24,7 @@
 #include "common/check.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "quant/kernels_impl.hpp"
+#include "quant/transpose_avx512.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -41,32 +42,6 @@ constexpr int64_t kCols = kPanelCols;  // a panel's columns
 constexpr int64_t kStep = 4 * kCols;   // bytes of one K step (4 values) of a panel
 constexpr int64_t kAhead = 16;         // chunks the widening prefetches ahead (a column group)
 
-// rows[i] (16 dwords each) → rows[l][i] = old rows[i][l].
-MOE_VNNI inline void transpose_16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    const __m512i x = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
-    const __m512i y = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    const __m512i z = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512i v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_i32x4(x, z, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(x, z, 0xDD);
-    t[4 + c] = _mm512_shuffle_i32x4(y, v, 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(y, v, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
 
 // The zero points of column j over chunk ch as bytes: lane L (32 values) holds its block's.
 template <Codes Cd>
