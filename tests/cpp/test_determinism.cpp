@@ -139,7 +139,10 @@ TEST(Determinism, AcrossProcessesAndThreadCounts) {
   const std::string dir = ::testing::TempDir();
   std::vector<std::vector<char>> outs;
   for (int threads : {1, 2}) {
-    const std::string out = dir + "moe_determinism_" + std::to_string(threads) + ".bin";
+    // The pid keeps the name apart from other copies of this test that ctest runs at the
+    // same time (the whole binary runs again under each ISA level).
+    const std::string out = dir + "moe_determinism_" + std::to_string(getpid()) + "_" +
+                            std::to_string(threads) + ".bin";
     std::remove(out.c_str());
     const std::string cmd = "OMP_NUM_THREADS=" + std::to_string(threads) +
                             " MOE_DETERMINISM_OUT='" + out + "' '" + std::string(exe) +
