@@ -61,6 +61,10 @@ int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W);
 void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales);
 void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc, unsigned char* ws);
+// Whether prefill_vnni_serial sums mxfp4's panel of columns [j0, j0 + nc) and K [k0, k0 + kc)
+// in blocks of 128 (each column's four exponents of a chunk within 3 of their least), not 32.
+bool prefill_vnni_mxfp4_shared(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
+                               int64_t kc);
 
 // Part `part` of `parts` of the lines a panel (columns [j0, j0 + nc), K [k0, k0 + kc)) reads,
 // codes and scales, into L2: prefill asks for the next panel's while this one's products run

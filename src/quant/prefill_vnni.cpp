@@ -13,6 +13,13 @@
 // element is the same instructions over its blocks in order whatever M, the row block or the
 // thread: a row's bits do not depend on which call computed it.
 //
+// mxfp4 (a scale per 32 values) on a 128-value block: where a column's four E8M0 exponents e_L
+// of a chunk lie within 3 of their least, e_min, the panel holds 2·E2M1 · 2^(e_L − e_min) (at
+// most 12 · 8 = 96, still an exact signed byte) and the block's scale is 2^(e_min − 127) / 2:
+// the same products, one conversion per 128 values instead of four. A panel where some column's
+// chunk spreads wider (or holds a NaN scale) keeps blocks of 32. The choice depends on the
+// weights of the panel alone, so a row's bits still do not depend on M or the thread.
+//
 // Why int8 and not bf16 here: on AVX-512 without AMX a vpdpbusd does 64 products to a
 // vdpbf16ps's 32, and the codes need no lookup or scale multiply to become its operands
 // (docs/quant.md, "Prefill"). On an AMX CPU prefill keeps the bf16 panels and AMX tiles.
@@ -61,20 +68,59 @@ MOE_VNNI inline __m512i zero_bytes(const QuantMatrix& W, int64_t j, int64_t ch) 
   }
 }
 
+// mxfp4's shared exponents of the panel of columns [j0, j0 + nc) and K [k0, k0 + kc): per chunk
+// cl and column c, idx[cl·64 + c] is the permutation of the four shifted tables that gives each
+// sub-block L (128-bit lane L) its table 2^(e_L − e_min) · 2·E2M1 (qword pairs 2d_L, 2d_L + 1),
+// and emin[cl·64 + c] the chunk's least exponent. False (the panel keeps blocks of 32) when a
+// chunk's exponents spread more than 3 or one is NaN (0xff).
+bool mxfp4_shared_exponents(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
+                            uint64_t* idx, uint8_t* emin) {
+  const int64_t S = W.sub_blocks(), chunks = (kc + kQuantChunk - 1) / kQuantChunk;
+  const auto* scales = static_cast<const uint8_t*>(W.scales);
+  constexpr uint64_t kLaneZero = 0x0100010001000100ull;  // every lane from lane 0: d_L = 0
+  for (int64_t cl = 0; cl < chunks; ++cl) {
+    const int64_t ch = k0 / kQuantChunk + cl, nsub = std::min<int64_t>(4, S - 4 * ch);
+    for (int64_t c = 0; c < kCols; ++c) {
+      idx[cl * kCols + c] = kLaneZero;
+      emin[cl * kCols + c] = 0;
+      if (c >= nc) continue;
+      const uint8_t* e = scales + (j0 + c) * W.scale_stride + 4 * ch;
+      uint8_t lo = 0xff, hi = 0;
+      for (int64_t L = 0; L < nsub; ++L) {
+        lo = std::min(lo, e[L]);
+        hi = std::max(hi, e[L]);
+      }
+      if (hi == 0xff || hi - lo > 3) return false;
+      uint64_t d = 0;
+      for (int64_t L = 0; L < nsub; ++L) d |= static_cast<uint64_t>(2 * (e[L] - lo)) << (16 * L);
+      idx[cl * kCols + c] = kLaneZero + d * 0x101;  // bytes 2L, 2L + 1: 2d_L, 2d_L + 1
+      emin[cl * kCols + c] = lo;
+    }
+  }
+  return true;
+}
+
 // The panel of columns [j0, j0 + nc) and K [k0, k0 + kc) (k0 a multiple of 128): per group of
 // 4 values of K a 256-byte step (column c's 4 bytes at 4c), whole chunks of 128 (what lies
 // past K or past the column's bytes is read as code 0: its value meets a zero row and is in
 // the column sum alike); columns ≥ nc are zero. Per block g of the panel: cs[64g + c] =
 // 128 · Σ v over the block, sc[64g + c] = the weight's scale (× 1/2 for mxfp4's doubled values).
-template <Codes Cd, int G>
+// Shared (mxfp4, G = 128): the values and scales of mxfp4_shared_exponents' idx and emin.
+template <Codes Cd, int G, bool Shared = false>
 MOE_VNNI void widen_s8(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
-                       int8_t* panel, int32_t* cs, float* sc) {
+                       int8_t* panel, int32_t* cs, float* sc, const uint64_t* idx = nullptr,
+                       const uint8_t* emin = nullptr) {
+  static_assert(!Shared || (Cd == Codes::mxfp4 && G == kQuantChunk));
   const int64_t S = W.sub_blocks();
   const int64_t chunks = (kc + kQuantChunk - 1) / kQuantChunk, per_chunk = kQuantChunk / G;
   const __m512i nib = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
-  // mxfp4: 2·E2M1 of each code as a signed byte.
-  const __m512i e2m1 = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12));
+  // mxfp4: 2·E2M1 of each code as a signed byte; lane d of `shifted` holds it times 2^d.
+  const __m128i e2m1_128 = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+  const __m512i e2m1 = _mm512_broadcast_i32x4(e2m1_128);
+  const __m128i x2 = _mm_add_epi8(e2m1_128, e2m1_128), x4 = _mm_add_epi8(x2, x2),
+                x8 = _mm_add_epi8(x4, x4);
+  const __m512i shifted = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_set_m128i(x2, e2m1_128)), _mm256_set_m128i(x8, x4), 1);
   for (int64_t c0 = 0; c0 < kCols; c0 += 16) {
     for (int64_t cl = 0; cl < chunks; ++cl) {
       const int64_t ch = k0 / kQuantChunk + cl, nsub = std::clamp<int64_t>(S - 4 * ch, 0, 4);
@@ -99,7 +145,14 @@ MOE_VNNI void widen_s8(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
                                     : _mm512_maskz_loadu_epi8(~0ull >> (64 - 16 * nsub), p);
         __m512i lo = _mm512_and_si512(v, nib);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        if constexpr (Cd == Codes::mxfp4) {
+        if constexpr (Shared) {
+          const __m512i table = _mm512_permutexvar_epi64(
+              _mm512_cvtepu8_epi64(_mm_loadl_epi64(
+                  reinterpret_cast<const __m128i*>(idx + cl * kCols + c0 + i))),
+              shifted);
+          lo = _mm512_shuffle_epi8(table, lo);
+          hi = _mm512_shuffle_epi8(table, hi);
+        } else if constexpr (Cd == Codes::mxfp4) {
           lo = _mm512_shuffle_epi8(e2m1, lo);
           hi = _mm512_shuffle_epi8(e2m1, hi);
         } else {
@@ -141,7 +194,9 @@ MOE_VNNI void widen_s8(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
     const int64_t row = (j0 + c) / W.fmt().block_n * W.scale_stride;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t b = block[g];
-      if constexpr (Cd == Codes::mxfp4)  // × 1/2: the panel holds 2·E2M1
+      if constexpr (Shared)
+        sc[g * kCols + c] = 0.5f * e8m0[emin[g * kCols + c]];
+      else if constexpr (Cd == Codes::mxfp4)  // × 1/2: the panel holds 2·E2M1
         sc[g * kCols + c] = 0.5f * e8m0[static_cast<const uint8_t*>(W.scales)[row + b]];
       else
         sc[g * kCols + c] = _cvtsh_ss(static_cast<const uint16_t*>(W.scales)[row + b]);
@@ -150,7 +205,7 @@ MOE_VNNI void widen_s8(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
 }
 
 using WidenFn = void (*)(const QuantMatrix&, int64_t, int64_t, int64_t, int64_t, int8_t*,
-                         int32_t*, float*);
+                         int32_t*, float*, const uint64_t*, const uint8_t*);
 template <Codes Cd>
 WidenFn widen_for_block(int64_t G) {
   return G == 32 ? widen_s8<Cd, 32> : G == 64 ? widen_s8<Cd, 64> : widen_s8<Cd, 128>;
@@ -243,11 +298,20 @@ int64_t panel_values(const QuantMatrix& W) {
   return (std::min(W.K, kQuantPanelK) + kQuantChunk - 1) / kQuantChunk * kQuantChunk;
 }
 int64_t block_values(const QuantMatrix& W) { return std::min<int64_t>(W.block_k, kQuantChunk); }
+
+// The bytes of the panel, then of its column sums (int32) and scales (fp32) per block of 64
+// columns; mxfp4 then has mxfp4_shared_exponents' idx (8 bytes) and emin per chunk and column.
+int64_t panel_bytes(const QuantMatrix& W) { return panel_values(W) / 4 * kStep; }
+int64_t block_bytes(const QuantMatrix& W) {
+  return panel_values(W) / block_values(W) * kCols * 8;
+}
+int64_t shared_bytes(const QuantMatrix& W) {
+  return W.format == QuantFormatId::mxfp4 ? panel_values(W) / kQuantChunk * kCols * 9 : 0;
+}
 }  // namespace
 
 int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W) {
-  // The panel, then per block the column sums (int32) and the scales (fp32) of 64 columns.
-  return panel_values(W) / 4 * kStep + panel_values(W) / block_values(W) * kCols * 8;
+  return panel_bytes(W) + block_bytes(W) + shared_bytes(W);
 }
 
 MOE_VNNI void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales) {
@@ -285,19 +349,25 @@ void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
                          float* C, int64_t ldc, unsigned char* ws) {
   MOE_ASSERT(rows.method == QuantMethod::prefill && rows.path == QuantPath::avx512_vnni &&
              W.fmt().code_bits == 4);
-  const int64_t G = block_values(W), chunks = rows.ld / kQuantChunk;
+  const int64_t chunks = rows.ld / kQuantChunk;
   auto* panel = reinterpret_cast<int8_t*>(ws);
-  auto* cs = reinterpret_cast<int32_t*>(ws + panel_values(W) / 4 * kStep);
+  auto* cs = reinterpret_cast<int32_t*>(ws + panel_bytes(W));
+  auto* idx = reinterpret_cast<uint64_t*>(ws + panel_bytes(W) + block_bytes(W));
+  auto* emin = reinterpret_cast<uint8_t*>(idx + panel_values(W) / kQuantChunk * kCols);
   const auto* A = static_cast<const uint8_t*>(rows.data);
   const WidenFn widen = widen_for(W);
+  const bool mxfp4 = W.format == QuantFormatId::mxfp4;
   const int64_t blocks = (rows.M + kMaxRows - 1) / kMaxRows;
   for (int64_t j = 0; j < n; j += kCols) {
     const int64_t nc = std::min(kCols, n - j);
     for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
       const int64_t kc = std::min(kQuantPanelK, W.K - k0);
+      const bool shared = mxfp4 && mxfp4_shared_exponents(W, n0 + j, nc, k0, kc, idx, emin);
+      const int64_t G = shared ? kQuantChunk : block_values(W);
       const int64_t groups = (kc + kQuantChunk - 1) / kQuantChunk * (kQuantChunk / G);
       float* sc = reinterpret_cast<float*>(cs + groups * kCols);
-      widen(W, n0 + j, nc, k0, kc, panel, cs, sc);
+      (shared ? widen_s8<Codes::mxfp4, kQuantChunk, true> : widen)(W, n0 + j, nc, k0, kc, panel,
+                                                                   cs, sc, idx, emin);
       // The next panel of this call, else the next 64 columns of W (the next task's, as the
       // tasks of a thread are consecutive): asked for a part per row block.
       const bool last_k = k0 + kQuantPanelK >= W.K;
@@ -314,6 +384,14 @@ void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
       }
     }
   }
+}
+
+bool prefill_vnni_mxfp4_shared(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
+                               int64_t kc) {
+  MOE_ASSERT(W.format == QuantFormatId::mxfp4 && nc <= kCols && kc <= kQuantPanelK);
+  uint64_t idx[kQuantPanelK / kQuantChunk * kCols];
+  uint8_t emin[kQuantPanelK / kQuantChunk * kCols];
+  return mxfp4_shared_exponents(W, j0, nc, k0, kc, idx, emin);
 }
 
 void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,

@@ -24,6 +24,7 @@
 #include "quant/int4.hpp"
 #include "quant/int4_import.hpp"
 #include "quant/kernels.hpp"
+#include "quant/kernels_impl.hpp"
 #include "quant/mxfp4.hpp"
 #include "test_layer_util.hpp"
 
@@ -362,6 +363,48 @@ TEST(QuantPrefill, MatchesTheTwinOnTheWidenedWeights) {
     }
   RecordProperty("worst_vs_unrounded_weights", std::to_string(worst_unrounded));
   EXPECT_LE(worst_unrounded, 4e-3);
+}
+
+// mxfp4 on int8 panels sums a chunk's four blocks of 32 as one block of 128 where each column's
+// four exponents lie within 3 of their least (the values shifted up to 8×, still exact bytes),
+// and keeps blocks of 32 in a panel where one column's spread is wider or a scale is NaN. Both
+// kinds of panel, side by side in one matrix, against the twin on the stored values.
+TEST(QuantPrefill, Mxfp4SharesAChunksExponentWhereTheySpreadAtMost3) {
+  if (!runs(QuantPath::avx512_vnni, Mxfp4Kernel::Weights{}.view()))
+    GTEST_SKIP() << "no AVX512-VNNI path here";
+  Rng rng(21);
+  const int64_t K = 300, N = 200;  // chunks of 128, 128 and 44 values; panels of 64, …, 8 columns
+  Held h = random_weights({QuantFormatId::mxfp4, 0, false}, K, N, rng);
+  const int64_t stride = h.view.scale_stride;
+  uint8_t* e = h.mx.scales.data();
+  const auto at = [&](int64_t j, int64_t b) -> uint8_t& { return e[j * stride + b]; };
+  // Panel 0: spread 3 with the largest code (6 · 2 · 8 = 96) in the shifted block.
+  at(5, 0) = 118, at(5, 1) = 121, at(5, 2) = 119, at(5, 3) = 120;
+  for (int64_t k = 32; k < 64; k += 2) h.mx.blocks[5 * h.view.code_stride + k / 2] = 0x77;  // +6, +6
+  // Panel 1: one column's chunk spreads 4 → blocks of 32.
+  at(70, 4) = 118, at(70, 6) = 122;
+  // Panel 2: a NaN scale (0xff) → blocks of 32, and that column's outputs NaN.
+  at(140, 9) = 0xff;
+  // Panel 3 (8 columns): the partial last chunk (two blocks) spreads 3.
+  at(195, 8) = 117, at(195, 9) = 120;
+  h.view = h.mx.view();
+  const QuantMatrix& W = h.view;
+  EXPECT_TRUE(quant_impl::prefill_vnni_mxfp4_shared(W, 0, 64, 0, K));
+  EXPECT_FALSE(quant_impl::prefill_vnni_mxfp4_shared(W, 64, 64, 0, K));
+  EXPECT_FALSE(quant_impl::prefill_vnni_mxfp4_shared(W, 128, 64, 0, K));
+  EXPECT_TRUE(quant_impl::prefill_vnni_mxfp4_shared(W, 192, 8, 0, K));
+  for (const int64_t M : {1, 7, 37}) {
+    SCOPED_TRACE("M " + std::to_string(M));
+    const std::vector<float> X = rng.vec(M * K, 1.0);
+    std::vector<float> C = run(W, QuantPath::avx512_vnni, QuantMethod::prefill, X, M);
+    std::vector<double> want = twin(W, rounded_rows(W, X, QuantPath::avx512_vnni, QuantMethod::prefill), M);
+    for (int64_t i = 0; i < M; ++i) {
+      EXPECT_TRUE(std::isnan(C[i * N + 140])) << "row " << i;
+      C[i * N + 140] = 0.0f;
+      want[i * N + 140] = 0.0;
+    }
+    expect_rel(C, want, 1e-5, "mxfp4, both kinds of panel");
+  }
 }
 
 TEST(QuantPrefill, WidenedPanelsAreTheDefinitionOnEveryPath) {
