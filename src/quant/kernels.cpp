@@ -325,11 +325,37 @@ void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_
     std::memset(panel + packed_bf16_index(kc, k, 0), 0, sizeof(uint16_t) * 2 * kPanelCols);
 }
 
+namespace quant_impl {
+void next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t k0,
+                QuantNext next, const QuantMatrix** pW, int64_t* pj, int64_t* pn, int64_t* pk,
+                int64_t* pkc) {
+  const QuantMatrix* to = &W;
+  // Without a `next`, W's columns past this call's are taken to come next.
+  int64_t col = n0 + j, k = k0 + kQuantPanelK, end = next.W ? n0 + n : W.N;
+  if (k >= W.K) {  // this column tile's last K panel: the next 64 columns, or the caller's next
+    k = 0;
+    col += kPanelCols;
+    if (col >= end && next.W) {
+      to = next.W;
+      col = next.j;
+      end = next.W->N;
+    }
+  }
+  *pW = to;
+  *pj = col;
+  *pn = std::min(kPanelCols, std::min(end, to->N) - col);
+  *pk = k;
+  *pkc = std::min(kQuantPanelK, to->K - k);
+}
+}  // namespace quant_impl
+
 void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
-                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws) {
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws,
+                          QuantNext next) {
   MOE_ASSERT(rows.method == QuantMethod::prefill && n0 >= 0 && n0 + n <= W.N);
   if (rows.path == QuantPath::avx512_vnni)
-    return quant_impl::prefill_vnni_serial(W, rows, n0, n, C, ldc, reinterpret_cast<unsigned char*>(ws));
+    return quant_impl::prefill_vnni_serial(W, rows, n0, n, C, ldc,
+                                           reinterpret_cast<unsigned char*>(ws), next);
   const auto* A = static_cast<const uint16_t*>(rows.data);
   // Rows in blocks, the next panel's lines asked for between them (quant_impl::prefetch_panel);
   // a row's sums do not depend on its block.
@@ -340,11 +366,11 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
     for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
       const int64_t kc = std::min(kQuantPanelK, W.K - k0);
       quant_widen_panel(W, widen, n0 + j, nc, k0, kc, ws);
-      const bool last_k = k0 + kQuantPanelK >= W.K;
-      const int64_t pj = last_k ? n0 + j + kPanelCols : n0 + j, pk = last_k ? 0 : k0 + kQuantPanelK;
-      const int64_t pn = std::min(kPanelCols, W.N - pj), pkc = std::min(kQuantPanelK, W.K - pk);
+      const QuantMatrix* pW;
+      int64_t pj, pn, pk, pkc;
+      quant_impl::next_panel(W, n0, n, j, k0, next, &pW, &pj, &pn, &pk, &pkc);
       for (int64_t b = 0; b < blocks; ++b) {
-        if (pn > 0) quant_impl::prefetch_panel(W, pj, pn, pk, pkc, b, blocks);
+        if (pn > 0) quant_impl::prefetch_panel(*pW, pj, pn, pk, pkc, b, blocks);
         const int64_t i0 = b * kRowBlock, m = std::min(kRowBlock, rows.M - i0);
         gemm_bf16_packed_serial(m, 0, nc, kc, A + i0 * rows.ld + k0, rows.ld, ws,
                                 k0 > 0 ? 1.0f : 0.0f, C + i0 * ldc + j, ldc);
@@ -399,9 +425,11 @@ void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int cou
     for (int m = 0; m < count; ++m) {
       if (method == QuantMethod::decode)
         quant_decode_serial(*Ws[m], rows, n0, n, Cs[m] + n0, ldc);
-      else
+      else  // then the next matrix's same columns, or the first's next tile
         quant_prefill_serial(*Ws[m], rows, path, n0, n, Cs[m] + n0, ldc,
-                             ws.panels.data() + omp_get_thread_num() * panel);
+                             ws.panels.data() + omp_get_thread_num() * panel,
+                             m + 1 < count ? QuantNext{Ws[m + 1], n0}
+                                           : QuantNext{Ws[0], n0 + kQuantTileN});
     }
   }
 }
@@ -464,11 +492,21 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
     const int64_t n0 = ws.tasks[static_cast<size_t>(i)].second * kQuantTileN;
     const int64_t n = std::min(kQuantTileN, q.W[0]->N - n0);
     for (int m = 0; m < q.count; ++m) {
-      if (rows.method == QuantMethod::decode)
+      if (rows.method == QuantMethod::decode) {
         quant_decode_serial(*q.W[m], rows, n0, n, q.C[m] + n0, q.ldc);
-      else
-        quant_prefill_serial(*q.W[m], rows, rows.path, n0, n, q.C[m] + n0, q.ldc,
-                             ws.panels.data() + omp_get_thread_num() * panel);
+        continue;
+      }
+      // Then the product's next matrix on the same columns, or the next task's (a thread's
+      // tasks are consecutive).
+      QuantNext next;
+      if (m + 1 < q.count) {
+        next = {q.W[m + 1], n0};
+      } else if (i + 1 < nt) {
+        const auto& [p1, t1] = ws.tasks[static_cast<size_t>(i + 1)];
+        next = {ps[static_cast<size_t>(p1)].W[0], int64_t{t1} * kQuantTileN};
+      }
+      quant_prefill_serial(*q.W[m], rows, rows.path, n0, n, q.C[m] + n0, q.ldc,
+                           ws.panels.data() + omp_get_thread_num() * panel, next);
     }
     if (q.epilogue) q.epilogue(q.ctx, n0, n);
   }

@@ -106,8 +106,16 @@ int64_t quant_prefill_workspace_size(const QuantMatrix& W);
 // C (M, n) = rows · dequant(W)[:, n0 : n0 + n] through widened bf16 panels and
 // gemm_bf16_packed_serial; rows prepared for prefill (bf16, K order), `widen` picks the
 // widening's instructions, ws holds quant_prefill_workspace_size(W) values.
+// `next`: the panel the caller runs after this call (its matrix and first column; its first
+// K panel), whose lines the last panel's products ask for ahead; by default W's next 64
+// columns. Only a prefetch: the values never depend on it.
+struct QuantNext {
+  const QuantMatrix* W = nullptr;
+  int64_t j = 0;
+};
 void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath widen,
-                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws);
+                          int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws,
+                          QuantNext next = {});
 
 // The panel widening itself (public for tests): panel (packed_bf16_size(kc, 64) values) =
 // the packed bf16 form of the (kc, 64) matrix whose (k, j) is bf16(value · scale) at kernel

@@ -74,6 +74,9 @@ inline int64_t prefetch_columns(const QuantMatrix& W, int NC) {
   const int64_t tile = NC * W.code_stride;
   return (kPrefetchBytes + tile - 1) / tile * NC;
 }
+MOE_AVX512 inline void prefetch_l1(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
 MOE_AVX512 inline void prefetch(const void* p) {
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
@@ -553,6 +556,9 @@ MOE_AVX512 void widen_columns(const QuantMatrix& W, const Tables& T, int64_t j0,
       }
       const int64_t j = j0 + c0 + i;
       if constexpr (Cd == Codes::fp8) {
+        // Into L1 two lines ahead: sixteen columns at a stride of K bytes are more streams
+        // than the hardware prefetchers follow, and each line here came to L2 only.
+        if (sub % 2 == 0) prefetch_l1(W.codes + j * W.code_stride + 32 * (s + 4));
         const int64_t key = (j / 128) * W.scale_stride + b;
         if (key != scaled_for) {
           scaled = scaled_fp8_table(block_params<Cd>(W, j, b).scale);

@@ -346,7 +346,7 @@ MOE_VNNI void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float*
 }
 
 void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
-                         float* C, int64_t ldc, unsigned char* ws) {
+                         float* C, int64_t ldc, unsigned char* ws, QuantNext next) {
   MOE_ASSERT(rows.method == QuantMethod::prefill && rows.path == QuantPath::avx512_vnni &&
              W.fmt().code_bits == 4);
   const int64_t chunks = rows.ld / kQuantChunk;
@@ -368,14 +368,13 @@ void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
       float* sc = reinterpret_cast<float*>(cs + groups * kCols);
       (shared ? widen_s8<Codes::mxfp4, kQuantChunk, true> : widen)(W, n0 + j, nc, k0, kc, panel,
                                                                    cs, sc, idx, emin);
-      // The next panel of this call, else the next 64 columns of W (the next task's, as the
-      // tasks of a thread are consecutive): asked for a part per row block.
-      const bool last_k = k0 + kQuantPanelK >= W.K;
-      const int64_t pj = last_k ? n0 + j + kCols : n0 + j, pk = last_k ? 0 : k0 + kQuantPanelK;
-      const int64_t pn = std::min(kCols, W.N - pj), pkc = std::min(kQuantPanelK, W.K - pk);
+      // The next panel (of this call, else the caller's next): asked for a part per row block.
+      const QuantMatrix* pW;
+      int64_t pj, pn, pk, pkc;
+      next_panel(W, n0, n, j, k0, next, &pW, &pj, &pn, &pk, &pkc);
       // Row blocks as even as possible (at most 6 rows each).
       for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
-        if (pn > 0) prefetch_panel(W, pj, pn, pk, pkc, bi, blocks);
+        if (pn > 0) prefetch_panel(*pW, pj, pn, pk, pkc, bi, blocks);
         const int64_t m = (rows.M - i0) / (blocks - bi);
         kTiles[m - 1](A + i0 * rows.ld + k0, rows.ld, rows.scales + i0 * chunks, chunks,
                       k0 / kQuantChunk, panel, cs, sc, groups, G, C + i0 * ldc + j, ldc, nc,
