@@ -1132,6 +1132,20 @@ std::string stored_format_words(const StoredWeight& w, const StoredQuant& q) {
   }
 }
 
+// Each format of the block's expert matrices in words, the routed experts' first.
+std::string expert_format_words(const Plan& p, const StoredQuant& q) {
+  std::vector<std::string> formats;
+  for (const Job& j : p.jobs) {
+    if (!is_matrix_target(j.target)) continue;
+    const std::string s = stored_format_words(p.weights[j.weight], q);
+    if (std::find(formats.begin(), formats.end(), s) == formats.end()) formats.push_back(s);
+  }
+  std::string out;
+  for (size_t i = 0; i < formats.size(); ++i)
+    out += (i == 0 ? "" : i == 1 ? "; also " : ", ") + formats[i];
+  return out;
+}
+
 // The precision of the block's routed experts as stored ("auto"): fp8, mxfp4, int4 (GPTQ /
 // AWQ), else bf16.
 Precision plan_stored_precision(const Plan& p) {
@@ -1215,17 +1229,7 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
   info.layout = p.layout;
   int64_t values_experts = 0, values_rest = 0;
   info.auto_precision = to_string(plan_stored_precision(p));
-  {
-    // Each format of the expert matrices, the routed experts' first.
-    std::vector<std::string> formats;
-    for (const Job& j : p.jobs) {
-      if (!is_matrix_target(j.target)) continue;
-      const std::string s = stored_format_words(p.weights[j.weight], b.quant);
-      if (std::find(formats.begin(), formats.end(), s) == formats.end()) formats.push_back(s);
-    }
-    for (size_t i = 0; i < formats.size(); ++i)
-      info.expert_format += (i == 0 ? "" : i == 1 ? "; also " : ", ") + formats[i];
-  }
+  info.expert_format = expert_format_words(p, b.quant);
   for (const StoredWeight& w : p.weights) {
     info.dtypes[w.dtype] += 1;
     info.file_bytes_per_block += w.file_bytes();
@@ -1246,3 +1250,18 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
 }
 
 }  // namespace moe
+
+namespace moe::detail {
+
+StoredBlockFormat stored_block_format(const std::string& dir, int64_t layer) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  BlockSpec b = describe(f, &fam);
+  check_layer(b, layer, f.config_what(), fam->model_type);
+  const Plan p = resolve(f, layer, *fam, b);
+  b.cfg.precision = plan_stored_precision(p);
+  if (b.cfg.precision == Precision::int4) int4_like_stored(b.cfg, b.quant);
+  return {b.cfg.precision, expert_format_words(p, b.quant), b.cfg};
+}
+
+}  // namespace moe::detail

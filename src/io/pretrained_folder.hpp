@@ -145,6 +145,17 @@ struct StoredWeight {
 // -> int4, plain -> bf16.
 Precision stored_precision(StoredWeight::Format f);
 
+// What load_pretrained(dir, layer, precision_auto) keeps of decoder layer `layer`'s block: the
+// precision, how its expert matrices are stored, in words (as PretrainedInfo's
+// expert_format), and the layer's config (int4: the checkpoint's group and zero points).
+// Headers only (pretrained.cpp; `moe bench --model --precision auto`).
+struct StoredBlockFormat {
+  Precision precision = Precision::bf16;
+  std::string words;
+  MoEConfig config;
+};
+StoredBlockFormat stored_block_format(const std::string& dir, int64_t layer);
+
 // The weight `name` with the logical shape `shape` ({rows, cols} or {stack, rows, cols}):
 // plain, F8_E4M3 with name + "_scale_inv", MXFP4 name + "_blocks" / "_scales", or (for a
 // "<module>.weight" matrix) GPTQ / AWQ "<module>.qweight" ... as q.method says. Throws
