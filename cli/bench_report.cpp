@@ -127,6 +127,10 @@ json to_json(const Result& r, int threads, int repeat) {
     j["model_dir"] = r.c.model_dir;
     j["model_layer"] = r.c.model_layer;
   }
+  if (!r.c.stored_format.empty()) {  // --precision auto: what "precision" resolved from
+    j["precision_asked"] = "auto";
+    j["stored_format"] = r.c.stored_format;
+  }
   j["peer_fwd_s"] = opt_num(r.peer_fwd_s);
   j["peer_fwdbwd_s"] = opt_num(r.peer_fwdbwd_s);
   j["peer_speedup_fwd"] = opt_num(ratio(r.peer_fwd_s, r.fwd_s));

@@ -27,6 +27,7 @@
 
 #include "bench.hpp"
 #include "commands.hpp"
+#include "io/pretrained_folder.hpp"
 #include "moe/error.hpp"
 #include "moe/layer.hpp"
 
@@ -42,16 +43,35 @@ int run_bench(const BenchOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   const int threads = omp_get_max_threads();
   if (o.repeat < 1) throw Error("--repeat: must be >= 1, got " + std::to_string(o.repeat));
+  const bool auto_asked = ("," + o.precision + ",").find(",auto,") != std::string::npos;
+  if (auto_asked && o.model.empty())
+    throw Error("--precision: 'auto' (the folder's stored format) is for --model only");
   if (!generate_model(o.config).empty()) return run_generate(o, threads);
   if (("," + o.precision + ",").find(",published,") != std::string::npos)
     throw Error("--precision: 'published' is for --config generate-qwen3 / generate-gpt-oss only");
+  // --model: "auto" (its default) is the precision that keeps the block's experts as stored.
+  detail::StoredBlockFormat stored;
+  const bool model_auto = !o.model.empty() && (auto_asked || o.precision.empty());
+  if (model_auto) {
+    if (o.layer < 0) throw Error("--layer: needed with --model (a decoder layer index)");
+    stored = detail::stored_block_format(o.model, o.layer);
+    std::cerr << "bench: --model layer " << o.layer << ": precision auto = "
+              << to_string(stored.precision) << " (stored as " << stored.words << ")\n";
+  }
   // --precision: one precision, or several separated by commas (their rows in one run, so
   // that one format stands beside another measured the same way).
   std::vector<Precision> precs;
+  std::vector<bool> precs_auto;  // which of them "auto" named
   for (size_t at = 0; at < o.precision.size();) {
     const size_t comma = std::min(o.precision.find(',', at), o.precision.size());
-    precs.push_back(parse_precision(o.precision.substr(at, comma - at)));
+    const std::string name = o.precision.substr(at, comma - at);
+    precs.push_back(name == "auto" ? stored.precision : parse_precision(name));
+    precs_auto.push_back(name == "auto");
     at = comma + 1;
+  }
+  if (model_auto && precs.empty()) {
+    precs.push_back(stored.precision);
+    precs_auto.push_back(true);
   }
   std::optional<Precision> precision;
   if (!precs.empty()) precision = precs.front();
@@ -59,9 +79,13 @@ int run_bench(const BenchOptions& o) {
   const auto per_precision = [&](const std::vector<BenchCase>& in) {
     if (precs.empty()) return in;
     std::vector<BenchCase> out;
-    for (Precision p : precs)
+    for (size_t i = 0; i < precs.size(); ++i)
       for (BenchCase c : in) {
-        c.cfg.precision = p;
+        c.cfg.precision = precs[i];
+        if (precs_auto[i]) {  // the layer's own config: an int4 checkpoint's group, zero points
+          c.cfg = stored.config;
+          c.stored_format = stored.words;
+        }
         out.push_back(c);
       }
     return out;
@@ -242,6 +266,10 @@ int run_bench(const BenchOptions& o) {
               << fmt(load_average(), 2) << " at the end on " << std::thread::hardware_concurrency()
               << " CPU(s)\n";
     print_machine_header(std::cout, machine, mem_roof.get());
+    if (model_auto)
+      std::cout << "model: " << o.model << ", layer " << o.layer << ", precision auto = "
+                << to_string(stored.precision) << " (experts stored as " << stored.words
+                << ")\n";
     std::cout << '\n';
     print_table(results, std::cout);
     std::cout << '\n';
@@ -294,7 +322,10 @@ void add_bench_command(CLI::App& app, int& status) {
   sub->add_option("--precision", o->precision,
                   "fp32 | bf16 | int8 | int4 | mxfp4 | fp8, or several separated by commas "
                   "(bf16,int4: each configuration in each, in one run): run the configurations "
-                  "in this precision (default: fp32, and bf16 for the real-model blocks). Alone, bf16 "
+                  "in this precision (default: fp32, bf16 for --config real-models, auto for "
+                  "--model). With --model, also auto: the precision that keeps the block's "
+                  "experts as the folder stores them (bf16 for BF16 / F16 / F32 files, fp8, "
+                  "mxfp4, int4 for GPTQ / AWQ), named in the header. Alone, bf16 "
                   "runs B1, B3-T1 and the real-model blocks against the bf16 roof and a bf16 "
                   "PyTorch peer; int8, int4, mxfp4 and fp8 (evaluation only) run B3-T1, B3-T4, "
                   "B3-T16 beside their memory roofs (the bytes of the format) and the "
@@ -302,13 +333,13 @@ void add_bench_command(CLI::App& app, int& status) {
                   "published (the model's published expert format)")
       ->check([](const std::string& v) -> std::string {
         const std::set<std::string> known{"fp32", "bf16", "int8", "int4", "mxfp4", "fp8",
-                                          "published"};
+                                          "published", "auto"};
         for (size_t at = 0; at <= v.size();) {
           const size_t comma = std::min(v.find(',', at), v.size());
           if (!known.count(v.substr(at, comma - at)))
             return "'" + v.substr(at, comma - at) +
                    "' is not one of fp32, bf16, int8, int4, mxfp4, fp8 (several: bf16,int4; "
-                   "published with --config generate-*)";
+                   "published with --config generate-*; auto with --model)";
           at = comma + 1;
         }
         return "";
@@ -316,7 +347,8 @@ void add_bench_command(CLI::App& app, int& status) {
   sub->add_option("--model", o->model,
                   "A Hugging Face model folder: benchmark the MoE block of --layer (prefill at "
                   "--tokens, decode at T=1, load time) beside its roofs and the family's "
-                  "transformers module");
+                  "transformers module, in the precision the folder stores it in unless "
+                  "--precision names one");
   sub->add_option("--layer", o->layer, "Decoder layer of --model")->check(CLI::NonNegativeNumber);
   sub->add_option("--tokens", o->tokens, "Prefill tokens of --model / real-models (default 512)")
       ->check(CLI::PositiveNumber);

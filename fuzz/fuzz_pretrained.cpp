@@ -8,6 +8,8 @@
 //   3: one GPTQ or AWQ matrix (shape, group, qweight, qzeros, scales, g_idx from the bytes)
 //      through the loader's repacking: refused with moe::Error, or held to the published
 //      definition bit for bit.
+//   4: config.json, a NUL byte, quantize_config.json (AutoGPTQ's settings file: used when
+//      config.json has no quantization_config, else held to agree with it) to a valid MoEConfig.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -75,7 +77,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const int once = moe::fuzz::init_once();
   (void)once;
   if (size == 0) return 0;
-  const int which = data[0] % 4;
+  const int which = data[0] % 5;
   ++data;
   --size;
   const std::string text(reinterpret_cast<const char*>(data), size);
@@ -111,6 +113,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case 3:
         int4_matrix(data, size);
         break;
+      case 4: {
+        const size_t nul = text.find('\0');
+        if (nul == std::string::npos) break;
+        const moe::MoEConfig c = moe::detail::pretrained_config_from_json(
+            text.substr(0, nul), "fuzz", text.substr(nul + 1), "fuzz quantize_config.json");
+        c.validate();
+        break;
+      }
       default: {
         const moe::MoEConfig c = moe::detail::pretrained_config_from_json(text, "fuzz");
         c.validate();  // what the loader builds is a valid layer

@@ -150,7 +150,8 @@ def config():
 
 
 def pretrained():
-    """fuzz_pretrained: byte 0 picks the reader (0 header, 1 index, 2 config.json)."""
+    """fuzz_pretrained: byte 0 picks the reader (0 header, 1 index, 2 config.json, 3 an int4
+    matrix, 4 config.json + NUL + quantize_config.json)."""
     q = safetensors({"w": {"dtype": "F8_E4M3", "shape": [2, 4], "data_offsets": [0, 8]},
                      "w_scale_inv": {"dtype": "F32", "shape": [1, 1], "data_offsets": [8, 12]},
                      "b": {"dtype": "U8", "shape": [2, 1, 16], "data_offsets": [12, 44]}},
@@ -218,6 +219,19 @@ def pretrained():
                     "int4_awq": bytes([0x03, 31, 2, 2]),
                     "int4_bad_group": bytes([0x01, 7, 0, 5])}.items():
         write("pretrained", n + ".bin", b"\x03" + head + bytes(range(256)) * 8)
+    # AutoGPTQ's quantize_config.json beside config.json: alone, agreeing, disagreeing, malformed.
+    autogptq = {"bits": 4, "group_size": 128, "desc_act": True, "sym": False,
+                "true_sequential": True, "model_file_base_name": "model"}
+    pairs = {
+        "alone": (qwen3, autogptq),
+        "agree": (configs["gptq_act_order"], dict(autogptq, quant_method="gptq")),
+        "disagree": (configs["gptq_act_order"], dict(autogptq, group_size=64)),
+        "not_object": (qwen3, [autogptq]),
+        "wrong_type": (qwen3, dict(autogptq, model_file_base_name=3)),
+    }
+    for n, (c, q) in pairs.items():
+        write("pretrained", "quantize_config_" + n + ".bin",
+              b"\x04" + json.dumps(c).encode() + b"\x00" + json.dumps(q).encode())
 
 
 if __name__ == "__main__":

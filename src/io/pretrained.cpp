@@ -317,19 +317,23 @@ void configure_gpt_oss(const ConfigReader& c, BlockSpec& b) {
   b.router = cat(topk_words(b.cfg), " of the logits (router with a bias), then softmax over the k");
 }
 
-// config.json's quantization_config (any family): which stored format the weights claim, and
-// for GPTQ / AWQ the keys the repacking needs, each checked (errors name the key).
-void read_quantization(const ConfigReader& c, BlockSpec& b) {
-  const json* q = c.find({"quantization_config"});
-  if (!q) return;
-  const std::string w = c.what;
-  MOE_REQUIRE(q->is_object(), w, ": key 'quantization_config' must be an object, got ", q->dump());
-  ConfigReader r{*q, w, c.family};
-  const auto key = [](const std::string& k) { return "quantization_config." + k; };
-  StoredQuant& s = b.quant;
+// quantize_config.json beside config.json: its object (null: none) and how errors name it.
+struct QuantizeFile {
+  const json* j = nullptr;
+  std::string what;  // "quantize_config.json of '<dir>'"
+};
+
+// The quantization settings object `q` (any family): which stored format the weights claim,
+// and for GPTQ / AWQ the keys the repacking needs, each checked. Errors name `w` (the file)
+// and the key as `p` + key: config.json's quantization_config (p = "quantization_config.") or
+// quantize_config.json's top level (p = "", quant_method absent meaning gptq).
+void read_quant_settings(const json& q, const std::string& w, const std::string& p,
+                         const std::string& family, StoredQuant& s) {
+  ConfigReader r{q, w, family};
+  const auto key = [&p](const std::string& k) { return p + k; };
   const json* m = r.find({"quant_method"});
   if (m) {
-    MOE_REQUIRE(m->is_string(), w, ": key 'quantization_config.quant_method' must be a string, got ",
+    MOE_REQUIRE(m->is_string(), w, ": key '", key("quant_method"), "' must be a string, got ",
                 m->dump());
     s.method_name = m->get<std::string>();
     std::string lower = s.method_name;
@@ -340,14 +344,14 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
     else if (lower == "fp8") s.method = StoredQuant::Method::fp8;
     else if (lower == "mxfp4") s.method = StoredQuant::Method::mxfp4;
     else
-      throw Error(cat(w, ": quantization_config.quant_method is '", s.method_name,
+      throw Error(cat(w, ": ", key("quant_method"), " is '", s.method_name,
                       "'; libmoe reads gptq, awq, fp8 and mxfp4 checkpoints"));
   }
   // Integers and booleans of the object, under their full name in errors.
   const auto integer_or = [&](std::initializer_list<const char*> keys, int64_t def) {
     std::string found;
     const json* v = r.find(keys, &found);
-    return v ? c.as_int(*v, key(found)) : def;
+    return v ? r.as_int(*v, key(found)) : def;
   };
   const auto boolean_or = [&](const char* k, bool def) {
     const json* v = r.find({k});
@@ -363,37 +367,37 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
   };
   // modules_to_not_convert: modules kept unquantized (any method).
   if (const json* n = r.find({"modules_to_not_convert"})) {
-    MOE_REQUIRE(n->is_array(), w, ": key 'quantization_config.modules_to_not_convert' must be a ",
+    MOE_REQUIRE(n->is_array(), w, ": key '", key("modules_to_not_convert"), "' must be a ",
                 "list of module names, got ", n->dump());
     for (const json& x : *n) {
-      MOE_REQUIRE(x.is_string(), w, ": key 'quantization_config.modules_to_not_convert' must ",
+      MOE_REQUIRE(x.is_string(), w, ": key '", key("modules_to_not_convert"), "' must ",
                   "be a list of module names, got ", x.dump());
-      StoredQuant::Pattern p;
-      p.key = x.get<std::string>();
-      MOE_REQUIRE(p.key.size() <= 512, w, ": key 'quantization_config.modules_to_not_convert' ",
+      StoredQuant::Pattern pat;
+      pat.key = x.get<std::string>();
+      MOE_REQUIRE(pat.key.size() <= 512, w, ": key '", key("modules_to_not_convert"), "' ",
                   "must be a list of module names or patterns, got one longer than 512 characters");
       try {
-        p.re = std::regex(p.key, std::regex::ECMAScript);
+        pat.re = std::regex(pat.key, std::regex::ECMAScript);
       } catch (const std::regex_error&) {
-        throw Error(cat(w, ": key 'quantization_config.modules_to_not_convert' must be a list ",
-                        "of module names or patterns, got '", p.key, "' (not a regular expression)"));
+        throw Error(cat(w, ": key '", key("modules_to_not_convert"), "' must be a list ",
+                        "of module names or patterns, got '", pat.key, "' (not a regular expression)"));
       }
-      s.not_converted.push_back(std::move(p));
+      s.not_converted.push_back(std::move(pat));
     }
   }
   if (s.method == StoredQuant::Method::fp8 || s.method == StoredQuant::Method::none) {
-    auto bs = q->find("weight_block_size");
-    if (bs != q->end() && !bs->is_null()) {
-      MOE_REQUIRE(bs->is_array() && bs->size() == 2, w,
-                  ": quantization_config.weight_block_size must be [rows, cols], got ", bs->dump());
+    auto bs = q.find("weight_block_size");
+    if (bs != q.end() && !bs->is_null()) {
+      MOE_REQUIRE(bs->is_array() && bs->size() == 2, w, ": ", key("weight_block_size"),
+                  " must be [rows, cols], got ", bs->dump());
       for (int i = 0; i < 2; ++i) {
-        s.fp8_block[i] = c.as_int((*bs)[i], "quantization_config.weight_block_size");
-        MOE_REQUIRE(s.fp8_block[i] >= 1, w, ": quantization_config.weight_block_size ",
-                    "entries must be >= 1");
+        s.fp8_block[i] = r.as_int((*bs)[i], key("weight_block_size"));
+        MOE_REQUIRE(s.fp8_block[i] >= 1, w, ": ", key("weight_block_size"),
+                    " entries must be >= 1");
       }
     }
     const std::string fmt = string_or("fmt", "e4m3");
-    MOE_REQUIRE(fmt == "e4m3", w, ": quantization_config.fmt is '", fmt,
+    MOE_REQUIRE(fmt == "e4m3", w, ": ", key("fmt"), " is '", fmt,
                 "'; libmoe reads e4m3 (F8_E4M3) weights");
     return;
   }
@@ -401,10 +405,10 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
   const bool gptq = s.method == StoredQuant::Method::gptq;
   std::string bits_key;
   const json* bits = r.find({"bits", "w_bit"}, &bits_key);
-  MOE_REQUIRE(bits != nullptr, w, ": missing key 'quantization_config.bits', which ",
-              s.method_name, " needs");
-  const int64_t nbits = c.as_int(*bits, key(bits_key));
-  MOE_REQUIRE(nbits == 4, w, ": quantization_config.", bits_key, " is ", nbits,
+  MOE_REQUIRE(bits != nullptr, w, ": missing key '", key("bits"), "', which ", s.method_name,
+              " needs");
+  const int64_t nbits = r.as_int(*bits, key(bits_key));
+  MOE_REQUIRE(nbits == 4, w, ": ", key(bits_key), " is ", nbits,
               "; libmoe reads 4-bit GPTQ and AWQ checkpoints only");
   // A group size: a multiple of 32 (the kernel's sub-block), or -1 for GPTQ (one group).
   const auto check_group = [&](int64_t g, const std::string& k) {
@@ -413,25 +417,25 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
   };
   std::string group_key = "group_size";
   if (!r.find({"group_size"}) && r.find({"q_group_size"})) group_key = "q_group_size";
-  MOE_REQUIRE(r.find({"group_size", "q_group_size"}) != nullptr, w,
-              ": missing key 'quantization_config.group_size', which ", s.method_name, " needs");
+  MOE_REQUIRE(r.find({"group_size", "q_group_size"}) != nullptr, w, ": missing key '",
+              key("group_size"), "', which ", s.method_name, " needs");
   s.group = integer_or({"group_size", "q_group_size"}, 128);
   check_group(s.group, key(group_key));
   if (gptq) {
     s.sym = boolean_or("sym", true);
     s.desc_act = boolean_or("desc_act", false);
-    MOE_REQUIRE(!boolean_or("is_marlin_format", false), w,
-                ": quantization_config.is_marlin_format is true; libmoe reads GPTQ's own layout");
+    MOE_REQUIRE(!boolean_or("is_marlin_format", false), w, ": ", key("is_marlin_format"),
+                " is true; libmoe reads GPTQ's own layout");
     const std::string fmt = string_or("checkpoint_format", "gptq");
-    MOE_REQUIRE(fmt == "gptq" || fmt == "gptq_v2", w, ": quantization_config.checkpoint_format is '",
+    MOE_REQUIRE(fmt == "gptq" || fmt == "gptq_v2", w, ": ", key("checkpoint_format"), " is '",
                 fmt, "'; libmoe reads 'gptq' (v1: zero points stored minus 1) and 'gptq_v2'");
     s.zeros_minus_one = fmt == "gptq";
     if (const json* dyn = r.find({"dynamic"})) {
-      MOE_REQUIRE(dyn->is_object(), w, ": key 'quantization_config.dynamic' must be an object, got ",
+      MOE_REQUIRE(dyn->is_object(), w, ": key '", key("dynamic"), "' must be an object, got ",
                   dyn->dump());
       for (auto it = dyn->begin(); it != dyn->end(); ++it) {
         const std::string k = it.key();
-        const std::string dk = cat("quantization_config.dynamic['", k, "']");
+        const std::string dk = cat(key("dynamic"), "['", k, "']");
         StoredQuant::Rule rule;
         rule.key = k;
         std::string pattern = k;
@@ -451,12 +455,12 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
           MOE_REQUIRE(it->is_object(), w, ": ", dk, " must be an object of overrides, got ",
                       it->dump());
           if (auto b2 = it->find("bits"); b2 != it->end()) {
-            const int64_t v = c.as_int(*b2, dk + ".bits");
+            const int64_t v = r.as_int(*b2, dk + ".bits");
             MOE_REQUIRE(v == 4, w, ": ", dk, ".bits is ", v,
                         "; libmoe reads 4-bit GPTQ and AWQ checkpoints only");
           }
           if (auto g2 = it->find("group_size"); g2 != it->end()) {
-            rule.group = c.as_int(*g2, dk + ".group_size");
+            rule.group = r.as_int(*g2, dk + ".group_size");
             check_group(rule.group, dk + ".group_size");
           }
         }
@@ -467,10 +471,69 @@ void read_quantization(const ConfigReader& c, BlockSpec& b) {
     std::string version = string_or("version", "gemm");
     std::transform(version.begin(), version.end(), version.begin(),
                    [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-    MOE_REQUIRE(version == "gemm", w, ": quantization_config.version is '",
+    MOE_REQUIRE(version == "gemm", w, ": ", key("version"), " is '",
                 string_or("version", "gemm"), "'; libmoe reads AWQ's 'gemm' layout only");
-    MOE_REQUIRE(boolean_or("zero_point", true), w, ": quantization_config.zero_point is false; ",
+    MOE_REQUIRE(boolean_or("zero_point", true), w, ": ", key("zero_point"), " is false; ",
                 "libmoe reads AWQ checkpoints with zero points (qzeros)");
+  }
+}
+
+// quantize_config.json's other AutoGPTQ keys, unused here, are still checked for their type:
+// a file that is not what it claims to be is refused, naming the key.
+void check_quantize_file(const QuantizeFile& qf, const std::string& family) {
+  const ConfigReader r{*qf.j, qf.what, family};
+  for (const char* k : {"bits", "group_size"})
+    if (const json* v = r.find({k})) r.as_int(*v, k);
+  for (const char* k : {"sym", "desc_act", "true_sequential"}) r.boolean_or(k, false);
+  for (const char* k : {"quant_method", "checkpoint_format", "model_file_base_name"})
+    r.string_or(k, "");
+}
+
+// config.json's quantization_config `q` is the one read (as transformers reads it); a
+// quantize_config.json beside it must not contradict it on what decides the values.
+void check_files_agree(const json& q, const ConfigReader& c, const QuantizeFile& qf) {
+  const ConfigReader a{q, c.what, c.family}, b{*qf.j, qf.what, c.family};
+  const auto differ = [&](const std::string& k, const std::string& x, const char* k2,
+                          const std::string& y) {
+    throw Error(cat(c.what, ": quantization_config.", k, " is ", x, ", but ", qf.what, " has ",
+                    k2, " = ", y, "; the two files must agree"));
+  };
+  const auto integers = [&](std::initializer_list<const char*> keys) {
+    std::string found;
+    const json* x = a.find(keys, &found);
+    const char* k2 = *keys.begin();
+    const json* y = b.find({k2});
+    if (!x || !y) return;  // a missing key is the reader's error, or a default not compared
+    const int64_t vx = a.as_int(*x, "quantization_config." + found), vy = b.as_int(*y, k2);
+    if (vx != vy) differ(found, cat(vx), k2, cat(vy));
+  };
+  integers({"bits", "w_bit"});
+  integers({"group_size", "q_group_size"});
+  for (const auto& [k, def] : {std::pair<const char*, bool>{"sym", true}, {"desc_act", false}}) {
+    const json* x = a.find({k});
+    MOE_REQUIRE(!x || x->is_boolean(), c.what, ": key 'quantization_config.", k,
+                "' must be true or false, got ", x ? x->dump() : "");
+    const bool vx = x ? x->get<bool>() : def, vy = b.boolean_or(k, def);
+    if (vx != vy) differ(k, vx ? "true" : "false", k, vy ? "true" : "false");
+  }
+}
+
+// The folder's quantization settings (any family): config.json's quantization_config, else
+// quantize_config.json's (AutoGPTQ before transformers' quantization_config: the same keys at
+// its top level, quant_method absent meaning gptq). When both are there, config.json's is read
+// and the two must agree on bits, group_size, sym and desc_act.
+void read_quantization(const ConfigReader& c, const QuantizeFile& qf, BlockSpec& b) {
+  if (qf.j) check_quantize_file(qf, c.family);
+  if (const json* q = c.find({"quantization_config"})) {
+    MOE_REQUIRE(q->is_object(), c.what, ": key 'quantization_config' must be an object, got ",
+                q->dump());
+    read_quant_settings(*q, c.what, "quantization_config.", c.family, b.quant);
+    if (qf.j) check_files_agree(*q, c, qf);
+  } else if (qf.j) {
+    b.quant.from_quantize_file = true;
+    b.quant.method = StoredQuant::Method::gptq;
+    b.quant.method_name = "gptq";
+    read_quant_settings(*qf.j, qf.what, "", c.family, b.quant);
   }
 }
 
@@ -527,7 +590,8 @@ const Family& family_of(const ConfigReader& c) {
   throw Error(cat(c.what, ": model_type '", t, "' is not a family libmoe loads (", known, ")"));
 }
 
-BlockSpec describe(const json& config, const std::string& what, const Family** fam) {
+BlockSpec describe(const json& config, const std::string& what, const Family** fam,
+                   const QuantizeFile& qf = {}) {
   ConfigReader c{config, what, ""};
   const Family& f = family_of(c);
   c.family = f.model_type;
@@ -538,7 +602,7 @@ BlockSpec describe(const json& config, const std::string& what, const Family** f
   b.cfg.capacity_factor.reset();
   b.cfg.precision = Precision::bf16;
   f.configure(c, b);
-  read_quantization(c, b);
+  read_quantization(c, qf, b);
   try {
     b.cfg.validate();
   } catch (const Error& e) {
@@ -546,6 +610,12 @@ BlockSpec describe(const json& config, const std::string& what, const Family** f
   }
   if (fam) *fam = &f;
   return b;
+}
+
+BlockSpec describe(const PretrainedFolder& f, const Family** fam) {
+  QuantizeFile qf;
+  if (!f.quantize_config().is_null()) qf = {&f.quantize_config(), f.quantize_config_what()};
+  return describe(f.config(), f.config_what(), fam, qf);
 }
 
 void check_layer(const BlockSpec& b, int64_t layer, const std::string& what,
@@ -1004,12 +1074,22 @@ MoEConfig pretrained_config_from_json(const std::string& text, const std::string
   return describe(j, what, nullptr).cfg;
 }
 
+MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what,
+                                      const std::string& quantize_text,
+                                      const std::string& quantize_what) {
+  const json j = parse_json_checked(text, what, "the file");
+  MOE_REQUIRE(j.is_object(), what, ": expected a JSON object, got ", j.type_name());
+  const json q = parse_json_checked(quantize_text, quantize_what, "the file");
+  MOE_REQUIRE(q.is_object(), quantize_what, ": expected a JSON object, got ", q.type_name());
+  return describe(j, what, nullptr, {&q, quantize_what}).cfg;
+}
+
 }  // namespace detail
 
 MoEConfig pretrained_config(const std::string& dir, int64_t layer) {
   PretrainedFolder f(dir);
   const Family* fam = nullptr;
-  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  BlockSpec b = describe(f, &fam);
   check_layer(b, layer, f.config_what(), fam->model_type);
   return b.cfg;
 }
@@ -1050,6 +1130,20 @@ std::string stored_format_words(const StoredWeight& w, const StoredQuant& q) {
       return s;
     }
   }
+}
+
+// Each format of the block's expert matrices in words, the routed experts' first.
+std::string expert_format_words(const Plan& p, const StoredQuant& q) {
+  std::vector<std::string> formats;
+  for (const Job& j : p.jobs) {
+    if (!is_matrix_target(j.target)) continue;
+    const std::string s = stored_format_words(p.weights[j.weight], q);
+    if (std::find(formats.begin(), formats.end(), s) == formats.end()) formats.push_back(s);
+  }
+  std::string out;
+  for (size_t i = 0; i < formats.size(); ++i)
+    out += (i == 0 ? "" : i == 1 ? "; also " : ", ") + formats[i];
+  return out;
 }
 
 // The precision of the block's routed experts as stored ("auto"): fp8, mxfp4, int4 (GPTQ /
@@ -1093,7 +1187,7 @@ MoELayer load_pretrained(const std::string& dir, int64_t layer, AutoPrecision,
                          const LayerOptions& options) {
   PretrainedFolder f(dir);
   const Family* fam = nullptr;
-  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  BlockSpec b = describe(f, &fam);
   check_layer(b, layer, f.config_what(), fam->model_type);
   return load_plan(f, layer, *fam, b, nullptr, options);
 }
@@ -1102,7 +1196,7 @@ MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precis
                          const LayerOptions& options) {
   PretrainedFolder f(dir);
   const Family* fam = nullptr;
-  BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  BlockSpec b = describe(f, &fam);
   check_layer(b, layer, f.config_what(), fam->model_type);
   return load_plan(f, layer, *fam, b, &precision, options);
 }
@@ -1110,7 +1204,7 @@ MoELayer load_pretrained(const std::string& dir, int64_t layer, Precision precis
 PretrainedInfo inspect_pretrained(const std::string& dir) {
   PretrainedFolder f(dir);
   const Family* fam = nullptr;
-  const BlockSpec b = describe(f.config(), f.config_what(), &fam);
+  const BlockSpec b = describe(f, &fam);
   PretrainedInfo info;
   const MoEConfig& m = b.cfg;
   info.family = fam->model_type;
@@ -1135,17 +1229,7 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
   info.layout = p.layout;
   int64_t values_experts = 0, values_rest = 0;
   info.auto_precision = to_string(plan_stored_precision(p));
-  {
-    // Each format of the expert matrices, the routed experts' first.
-    std::vector<std::string> formats;
-    for (const Job& j : p.jobs) {
-      if (!is_matrix_target(j.target)) continue;
-      const std::string s = stored_format_words(p.weights[j.weight], b.quant);
-      if (std::find(formats.begin(), formats.end(), s) == formats.end()) formats.push_back(s);
-    }
-    for (size_t i = 0; i < formats.size(); ++i)
-      info.expert_format += (i == 0 ? "" : i == 1 ? "; also " : ", ") + formats[i];
-  }
+  info.expert_format = expert_format_words(p, b.quant);
   for (const StoredWeight& w : p.weights) {
     info.dtypes[w.dtype] += 1;
     info.file_bytes_per_block += w.file_bytes();
@@ -1166,3 +1250,18 @@ PretrainedInfo inspect_pretrained(const std::string& dir) {
 }
 
 }  // namespace moe
+
+namespace moe::detail {
+
+StoredBlockFormat stored_block_format(const std::string& dir, int64_t layer) {
+  PretrainedFolder f(dir);
+  const Family* fam = nullptr;
+  BlockSpec b = describe(f, &fam);
+  check_layer(b, layer, f.config_what(), fam->model_type);
+  const Plan p = resolve(f, layer, *fam, b);
+  b.cfg.precision = plan_stored_precision(p);
+  if (b.cfg.precision == Precision::int4) int4_like_stored(b.cfg, b.quant);
+  return {b.cfg.precision, expert_format_words(p, b.quant), b.cfg};
+}
+
+}  // namespace moe::detail

@@ -86,6 +86,14 @@ PretrainedFolder::PretrainedFolder(const std::string& dir) : dir_(dir) {
                                config_what(), "the file");
   MOE_REQUIRE(config_.is_object(), config_what(), ": expected a JSON object, got ",
               config_.type_name());
+  const std::string quantize_path = dir + "/quantize_config.json";
+  if (is_regular_file(quantize_path)) {
+    const std::string what = quantize_config_what();
+    quantize_config_ =
+        parse_json_checked(read_text(quantize_path, kConfigJsonMaxBytes, what), what, "the file");
+    MOE_REQUIRE(quantize_config_.is_object(), what, ": expected a JSON object, got ",
+                quantize_config_.type_name());
+  }
 
   const std::string index_path = dir + "/model.safetensors.index.json";
   if (is_regular_file(index_path)) {
@@ -123,6 +131,10 @@ PretrainedFolder::~PretrainedFolder() = default;
 
 std::string PretrainedFolder::config_what() const {
   return cat("config.json of '", dir_, "'");
+}
+
+std::string PretrainedFolder::quantize_config_what() const {
+  return cat("quantize_config.json of '", dir_, "'");
 }
 
 const SafetensorsView& PretrainedFolder::view(const std::string& file) const {
@@ -228,13 +240,13 @@ bool StoredQuant::excluded(const std::string& module, std::string* why) const {
     for (size_t n : ends)
       hit = hit || std::regex_match(module.begin(), module.begin() + static_cast<std::ptrdiff_t>(n), p.re);
     if (hit) {
-      if (why) *why = cat("quantization_config.modules_to_not_convert lists '", p.key, "'");
+      if (why) *why = cat(key("modules_to_not_convert"), " lists '", p.key, "'");
       return true;
     }
   }
   for (const Rule& r : dynamic)
     if (r.skip && std::regex_search(module, r.re, std::regex_constants::match_continuous)) {
-      if (why) *why = cat("quantization_config.dynamic['", r.key, "'] skips it");
+      if (why) *why = cat(key("dynamic"), "['", r.key, "'] skips it");
       return true;
     }
   return false;
@@ -282,8 +294,8 @@ StoredWeight open_int4(const PretrainedFolder& f, const std::string& name,
   w.cols = shape[1];
   const std::string qw = module + ".qweight";
   MOE_REQUIRE(q.int4(), "pretrained folder '", f.dir(), "': tensor '", qw,
-              "' is a GPTQ/AWQ tensor, but config.json's quantization_config.quant_method is '",
-              q.method_name, "' (expected gptq or awq)");
+              "' is a GPTQ/AWQ tensor, but ", q.from_quantize_file ? "" : "config.json's ",
+              q.key("quant_method"), " is '", q.method_name, "' (expected gptq or awq)");
   std::string why;
   MOE_REQUIRE(!q.excluded(module, &why), "pretrained folder '", f.dir(), "': tensor '", qw,
               "' is quantized, but ", why, " (expected '", name, "')");
@@ -339,7 +351,7 @@ StoredWeight open_int4(const PretrainedFolder& f, const std::string& name,
   }
   MOE_REQUIRE(!gptq || !q.desc_act || w.g_idx.entry, "pretrained folder '", f.dir(),
               "': tensor '", qw, "' has no '", module,
-              ".g_idx' beside it, which quantization_config.desc_act = true needs");
+              ".g_idx' beside it, which ", q.key("desc_act"), " = true needs");
   if (f.has(module + ".bias")) {
     const PretrainedFolder::Ref b = f.get(module + ".bias");
     MOE_REQUIRE(plain_dtype(b.entry->dtype) && b.entry->shape == std::vector<int64_t>{N},

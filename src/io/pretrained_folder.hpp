@@ -31,6 +31,10 @@ class PretrainedFolder {
   const std::string& dir() const { return dir_; }
   const nlohmann::ordered_json& config() const { return config_; }
   std::string config_what() const;   // "config.json of '<dir>'"
+  // quantize_config.json (AutoGPTQ's settings file, older than transformers'
+  // quantization_config): an object, or null when the folder has none.
+  const nlohmann::ordered_json& quantize_config() const { return quantize_config_; }
+  std::string quantize_config_what() const;  // "quantize_config.json of '<dir>'"
   const std::vector<std::string>& files() const { return files_; }
   bool has(const std::string& name) const { return where_.count(name) != 0; }
   const std::map<std::string, std::string>& tensor_files() const { return where_; }
@@ -46,6 +50,7 @@ class PretrainedFolder {
  private:
   std::string dir_;
   nlohmann::ordered_json config_;
+  nlohmann::ordered_json quantize_config_;    // null: no quantize_config.json
   std::vector<std::string> files_;            // relative to dir_
   std::map<std::string, std::string> where_;  // tensor → file
   std::string index_name_;                    // empty when unsharded
@@ -58,11 +63,16 @@ std::map<std::string, std::string> parse_index_json(const std::string& text,
                                                     const std::string& what);
 
 // The MoEConfig of the first MoE block that config.json text describes (pretrained.cpp; the
-// fuzzer's door to the family table). Throws moe::Error naming `what`.
+// fuzzer's door to the family table). Throws moe::Error naming `what`. The second form also
+// has a quantize_config.json beside it (`quantize_text`, errors naming `quantize_what`).
 MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what);
+MoEConfig pretrained_config_from_json(const std::string& text, const std::string& what,
+                                      const std::string& quantize_text,
+                                      const std::string& quantize_what);
 
-// config.json's quantization_config as the loader uses it (read and checked by pretrained.cpp:
-// docs/models.md, "Stored formats").
+// The quantization settings as the loader uses them (read and checked by pretrained.cpp:
+// docs/models.md, "Stored formats"): config.json's quantization_config, or, when config.json
+// has none, quantize_config.json's (older AutoGPTQ checkpoints).
 struct StoredQuant {
   enum class Method { none, gptq, awq, fp8, mxfp4 };
   Method method = Method::none;
@@ -88,6 +98,11 @@ struct StoredQuant {
     int64_t group = 0;  // 0: the default
   };
   std::vector<Rule> dynamic;
+  bool from_quantize_file = false;  // the settings are quantize_config.json's
+  // A settings key as errors name it: "quantization_config.<k>" or "quantize_config.json's <k>".
+  std::string key(const std::string& k) const {
+    return (from_quantize_file ? "quantize_config.json's " : "quantization_config.") + k;
+  }
   bool int4() const { return method == Method::gptq || method == Method::awq; }
   // Whether `module` (a linear's name without ".weight") stays unquantized, and why.
   bool excluded(const std::string& module, std::string* why = nullptr) const;
@@ -129,6 +144,17 @@ struct StoredWeight {
 // The precision a stored format keeps ("auto"): fp8_block -> fp8, mxfp4 -> mxfp4, gptq / awq
 // -> int4, plain -> bf16.
 Precision stored_precision(StoredWeight::Format f);
+
+// What load_pretrained(dir, layer, precision_auto) keeps of decoder layer `layer`'s block: the
+// precision, how its expert matrices are stored, in words (as PretrainedInfo's
+// expert_format), and the layer's config (int4: the checkpoint's group and zero points).
+// Headers only (pretrained.cpp; `moe bench --model --precision auto`).
+struct StoredBlockFormat {
+  Precision precision = Precision::bf16;
+  std::string words;
+  MoEConfig config;
+};
+StoredBlockFormat stored_block_format(const std::string& dir, int64_t layer);
 
 // The weight `name` with the logical shape `shape` ({rows, cols} or {stack, rows, cols}):
 // plain, F8_E4M3 with name + "_scale_inv", MXFP4 name + "_blocks" / "_scales", or (for a

@@ -35,6 +35,9 @@ struct BenchCase {
   // load_pretrained(model_dir, model_layer, cfg.precision), cfg is its pretrained_config.
   std::string model_dir;
   int64_t model_layer = -1;
+  // `--precision auto`: the block's experts as the folder stores them, in words (cfg.precision
+  // is the precision that keeps them); empty when the precision was asked for by name.
+  std::string stored_format;
 };
 
 // Every configuration, in order: B1, B2, B3-T{1,4,16}, the E-sweep, and the real-model

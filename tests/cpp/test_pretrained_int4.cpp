@@ -2,7 +2,9 @@
 // ASan/UBSan by scripts/sanitize.sh: a Mixtral-layout GPTQ folder (act-order g_idx, v1 zero
 // points) whose int32 tensors start 2 bytes off their alignment (an F16 tensor of odd length
 // first), loaded with precision_auto (int4 as stored, repacked) and with fp32 (decoded row by
-// row): both hold gptq_dequant_ref of the same words, bit for bit.
+// row): both hold gptq_dequant_ref of the same words, bit for bit. The same settings in
+// quantize_config.json (older AutoGPTQ) give the same layer; the two files disagreeing are an
+// error naming both.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -17,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "moe/error.hpp"
 #include "moe/pretrained.hpp"
 #include "quant/format.hpp"
 #include "quant/int4_import.hpp"
@@ -135,6 +138,51 @@ TEST(PretrainedInt4, GptqActOrderMisalignedLoadsAsStoredAndDecoded) {
         ASSERT_EQ(a.data[static_cast<size_t>(e) * ref.size() + i], static_cast<float>(ref[i]))
             << m->name << " at " << i;
     }
+  }
+
+  // The same settings in quantize_config.json (AutoGPTQ before quantization_config: no
+  // quant_method, meaning gptq), config.json without them: the same layer.
+  nlohmann::json bare = config;
+  bare.erase("quantization_config");
+  const nlohmann::json quantize = {{"bits", 4},           {"group_size", group},
+                                   {"sym", false},        {"desc_act", true},
+                                   {"true_sequential", true}, {"model_file_base_name", "model"}};
+  std::ofstream(dir / "config.json", std::ios::trunc) << bare.dump();
+  std::ofstream(dir / "quantize_config.json") << quantize.dump();
+  {
+    const moe::MoELayer old = moe::load_pretrained(dir.string(), 0, moe::precision_auto);
+    EXPECT_EQ(old.config().precision, moe::Precision::int4);
+    for (const char* name : {"W1", "W2", "W3"})
+      EXPECT_EQ(old.expert_matrix(name).data, stored.expert_matrix(name).data) << name;
+    const int64_t T = 5;
+    const std::vector<float> x = rng.vec(T * d, 1.0);
+    std::vector<float> y_old(static_cast<size_t>(T * d)), y_new(y_old.size());
+    moe::ForwardOptions fo;
+    fo.training = false;
+    moe::MoELayer a = moe::load_pretrained(dir.string(), 0, moe::precision_auto);
+    moe::MoELayer b = moe::load_pretrained(dir.string(), 0, moe::Precision::int4);
+    a.forward(y_old.data(), x.data(), T, fo);
+    std::ofstream(dir / "config.json", std::ios::trunc) << config.dump();  // both files, agreeing
+    moe::MoELayer c = moe::load_pretrained(dir.string(), 0, moe::precision_auto);
+    c.forward(y_new.data(), x.data(), T, fo);
+    EXPECT_EQ(y_old, y_new);
+    b.forward(y_new.data(), x.data(), T, fo);
+    EXPECT_EQ(y_old, y_new);
+  }
+  // Both files, disagreeing on group_size: an error naming both files and the key.
+  nlohmann::json other = quantize;
+  other["group_size"] = 2 * group;
+  std::ofstream(dir / "quantize_config.json", std::ios::trunc) << other.dump();
+  try {
+    (void)moe::load_pretrained(dir.string(), 0, moe::precision_auto);
+    ADD_FAILURE() << "disagreeing files loaded";
+  } catch (const moe::Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("config.json of '" + dir.string() + "': quantization_config.group_size is "
+                     "32, but quantize_config.json of '" + dir.string() + "' has group_size = "
+                     "64; the two files must agree"),
+              std::string::npos)
+        << m;
   }
   std::filesystem::remove_all(dir);
 }

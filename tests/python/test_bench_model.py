@@ -71,6 +71,83 @@ def test_model_needs_layer(tmp_path):
     assert r.returncode == 2 and "--layer" in r.stderr
 
 
+# ---- --precision auto: the folder's stored format ---------------------------------------------
+
+def stored_folder(tmp_path, fmt):
+    """A tiny folder in one stored format, its MoE layer and the precision "auto" keeps."""
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    import pretrained_folders as pf
+    path = str(tmp_path / fmt)
+    if fmt == "bf16":
+        c = pf.tiny_config("mixtral")
+        pf.write_folder(path, c, {l: pf.random_weights(c, seed=l) for l in (0, 1)}, dtype="BF16")
+        return path, 1, "bf16", "bf16"
+    if fmt == "fp8":
+        c = pf.tiny_config("deepseek_v3", quantization_config={
+            "quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e4m3"})
+        pf.write_folder(path, c, {l: pf.random_weights(c, seed=l) for l in (1, 2)},
+                        fp8=(128, 128))
+        return path, 2, "fp8", "fp8 e4m3 (block 128x128)"
+    if fmt == "mxfp4":
+        c = pf.tiny_config("gpt_oss", quantization_config={"quant_method": "mxfp4"})
+        pf.write_folder(path, c, {l: pf.random_weights(c, seed=l) for l in (0, 1)},
+                        stacked=True, mxfp4=True)
+        return path, 1, "mxfp4", "mxfp4 (e2m1, e8m0 scale per 32)"
+    c = pf.tiny_config("qwen3_moe", hidden_size=64, moe_intermediate_size=64)
+    pf.write_int4_folder(path, c, {l: pf.random_weights(c, seed=l) for l in (0, 1)},
+                         method=fmt, group=32)
+    return path, 1, "int4", "gptq int4 g32 sym (v1 zeros)" if fmt == "gptq" else \
+        "awq int4 g32 (gemm)"
+
+
+def bench_tiny(path, layer, *extra):
+    """One --model run at the smallest sizes: T = 2 and decode, one repeat, no peers, no cold
+    copies."""
+    r = subprocess.run([MOE, "bench", "--model", path, "--layer", str(layer), "--tokens", "2",
+                        "--quick", "--no-peer", "--repeat", "1", "--cold-margin", "0",
+                        "--threads", "1", *extra], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "mxfp4", "gptq", "awq"])
+def test_model_precision_auto_is_the_stored_format(tmp_path, fmt):
+    path, layer, precision, words = stored_folder(tmp_path, fmt)
+    # --model without --precision: auto, each row in the stored format and saying so
+    rows = [json.loads(line) for line in bench_tiny(path, layer, "--json").stdout.splitlines()
+            if line.strip()]
+    assert [row["name"] for row in rows] == ["model-T2", "model-decode"]
+    for row in rows:
+        assert row["precision"] == precision and row["fwd_s"] > 0
+        assert row["precision_asked"] == "auto" and row["stored_format"] == words
+    # --precision auto, the table: the header names what auto resolved to, the rows carry it
+    out = bench_tiny(path, layer, "--precision", "auto").stdout
+    assert f"model: {path}, layer {layer}, precision auto = {precision} (experts stored as " \
+           f"{words})" in out, out
+    labels = [line.split()[:2] for line in out.splitlines() if line.lstrip().startswith("model-")]
+    assert labels == [["model-T2", precision], ["model-decode", precision]], out
+
+
+def test_model_precision_auto_beside_a_named_one(tmp_path):
+    path, layer, _, words = stored_folder(tmp_path, "gptq")
+    rows = [json.loads(line) for line in
+            bench_tiny(path, layer, "--precision", "auto,bf16", "--json").stdout.splitlines()
+            if line.strip()]
+    assert [(r["name"], r["precision"], r.get("stored_format")) for r in rows] == [
+        ("model-T2", "int4", words), ("model-decode", "int4", words),
+        ("model-T2", "bf16", None), ("model-decode", "bf16", None)]
+
+
+@pytest.mark.parametrize("args", [["--config", "B1"], [], ["--config", "real-models"],
+                                  ["--config", "generate-qwen3"]])
+def test_precision_auto_needs_model(args):
+    r = subprocess.run([MOE, "bench", "--precision", "auto", "--quick", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "moe: --precision: 'auto' (the folder's stored format) is for " \
+                               "--model only", r.stderr
+
+
 def test_hf_block_peer_script(tmp_path):
     d = tmp_path / "q"
     subprocess.run([PY, str(ROOT / "bench/peers/make_checkpoint.py"), "--model",

@@ -513,3 +513,129 @@ def test_mutated_int4_folders_load_or_refuse(tmp_path):
                 assert "\n" not in str(e)
         open(f, "wb").write(data)
         open(cfg_path, "w").write(cfg)
+
+
+# ---- quantize_config.json: AutoGPTQ's settings file, older than quantization_config ------------
+
+def to_quantize_config(path, keep_config=False, drop=("quant_method", "checkpoint_format"),
+                       **over):
+    """Writes config.json's quantization_config into quantize_config.json as AutoGPTQ wrote it
+    (no quant_method or checkpoint_format unless `drop` keeps them; true_sequential,
+    model_file_base_name beside the values), removed from config.json unless keep_config."""
+    p = os.path.join(path, "config.json")
+    cfg = json.load(open(p))
+    q = {k: v for k, v in cfg["quantization_config"].items() if k not in drop}
+    q.update({"true_sequential": True, "model_file_base_name": "model", "static_groups": False})
+    q.update(over)
+    if not keep_config:
+        del cfg["quantization_config"]
+    json.dump(cfg, open(p, "w"))
+    json.dump(q, open(os.path.join(path, "quantize_config.json"), "w"))
+    return q
+
+
+@pytest.mark.parametrize("drop", [("quant_method", "checkpoint_format"), ()])
+def test_gptq_settings_in_quantize_config_json(tmp_path, drop):
+    # asym, act-order, v1 zero points: every setting that changes the values read, taken from
+    # quantize_config.json alone gives the layer the same folder with quantization_config gives.
+    path, c, held = make_int4(tmp_path, "qwen3_moe", method="gptq", group=32, sym=False,
+                              act_order=True)
+    x = tokens(c)
+    want = moe.MoE.from_pretrained(path, 1, precision="auto").forward(x, training=False)
+    want_bf16 = moe.MoE.from_pretrained(path, 1, precision="bf16").forward(x, training=False)
+    want_info = moe.inspect_pretrained(path)
+    to_quantize_config(path, drop=drop)
+    assert "quantization_config" not in json.load(open(os.path.join(path, "config.json")))
+    layer = moe.MoE.from_pretrained(path, 1, precision="auto")
+    assert layer.config["precision"] == "int4" and not layer.holds_masters
+    check_held(layer, held)
+    np.testing.assert_array_equal(layer.forward(x, training=False), want)
+    np.testing.assert_array_equal(
+        moe.MoE.from_pretrained(path, 1, precision="bf16").forward(x, training=False), want_bf16)
+    info = moe.inspect_pretrained(path)
+    assert info["auto_precision"] == "int4"
+    assert info["expert_format"] == want_info["expert_format"] == \
+        "gptq int4 g32 asym act-order (v1 zeros)"
+    out = subprocess.run([CLI, "inspect", path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "experts as    gptq int4 g32 asym act-order (v1 zeros) (precision auto: int4)" \
+        in out.stdout
+
+
+def test_gptq_v2_in_quantize_config_json(tmp_path):
+    path, c, held = make_int4(tmp_path, "mixtral", method="gptq", group=64, v1=False)
+    x = tokens(c)
+    want = moe.MoE.from_pretrained(path, 1, precision="auto").forward(x, training=False)
+    to_quantize_config(path, drop=("quant_method",))  # checkpoint_format gptq_v2 kept
+    layer = moe.MoE.from_pretrained(path, 1, precision="auto")
+    np.testing.assert_array_equal(layer.forward(x, training=False), want)
+    assert moe.inspect_pretrained(path)["expert_format"] == "gptq int4 g64 sym (v2 zeros)"
+
+
+def test_quantize_config_json_beside_an_agreeing_quantization_config(tmp_path):
+    path, c, held = make_int4(tmp_path, "qwen3_moe", method="gptq", group=32, sym=False,
+                              act_order=True)
+    x = tokens(c)
+    want = moe.MoE.from_pretrained(path, 1, precision="auto").forward(x, training=False)
+    # the same values, sym and desc_act left to their defaults where they are the default
+    to_quantize_config(path, keep_config=True, drop=("quant_method",))
+    np.testing.assert_array_equal(
+        moe.MoE.from_pretrained(path, 1, precision="auto").forward(x, training=False), want)
+
+
+@pytest.mark.parametrize("key,value,shown", [("bits", 8, "4"), ("group_size", 64, "32"),
+                                             ("sym", True, "false"), ("desc_act", False, "true")])
+def test_PQ5_quantize_config_json_disagrees(tmp_path, key, value, shown):
+    path, c, held = make_int4(tmp_path, "qwen3_moe", method="gptq", group=32, sym=False,
+                              act_order=True)
+    to_quantize_config(path, keep_config=True, **{key: value})
+    v = json.dumps(value)
+    m = err(path, f"config.json of '{path}': quantization_config.{key} is {shown}, but "
+                  f"quantize_config.json of '{path}' has {key} = {v}; the two files must agree")
+    with pytest.raises(moe.Error, match="the two files must agree"):
+        moe.inspect_pretrained(path)
+    assert m.count("config.json") == 2
+
+
+def test_PQ5_quantize_config_json_malformed(tmp_path):
+    path, c, held = make_int4(tmp_path, "qwen3_moe", method="gptq", group=32)
+    q = to_quantize_config(path)
+    qpath = os.path.join(path, "quantize_config.json")
+    what = f"quantize_config.json of '{path}'"
+
+    def case(text, match):
+        with open(qpath, "w") as f:
+            f.write(text if isinstance(text, str) else json.dumps(text))
+        m = err(path, what + ": " + match)
+        with pytest.raises(moe.Error, match="quantize_config.json"):
+            moe.inspect_pretrained(path)
+        out = subprocess.run([CLI, "inspect", path], capture_output=True, text=True)
+        assert out.returncode == 2 and m in out.stderr, out.stderr
+        return m
+
+    case([q], "expected a JSON object, got array")
+    case('"gptq"', "expected a JSON object, got string")
+    case('{"bits": 4,', "the file is not valid JSON")
+    for key, value, words in [("bits", "4", "an integer"), ("group_size", 32.5, "an integer"),
+                              ("sym", "yes", "true or false"), ("desc_act", 1, "true or false"),
+                              ("true_sequential", "y", "true or false"),
+                              ("model_file_base_name", 3, "a string"),
+                              ("checkpoint_format", 2, "a string"),
+                              ("quant_method", ["gptq"], "a string")]:
+        case(dict(q, **{key: value}), f"key '{key}' must be {words}, got {json.dumps(value)}")
+    # Values refused as in config.json's quantization_config, named by their key in this file.
+    case(dict(q, bits=8), "bits is 8; libmoe reads 4-bit GPTQ and AWQ checkpoints only")
+    case(dict(q, group_size=48), "group_size is 48; it must be a positive multiple of 32 "
+                                 "(or -1: one group)")
+    case(dict(q, checkpoint_format="marlin"), "checkpoint_format is 'marlin'; libmoe reads "
+                                              "'gptq' (v1: zero points stored minus 1) and 'gptq_v2'")
+    case({k: v for k, v in q.items() if k != "group_size"},
+         "missing key 'group_size', which gptq needs")
+    # The folder's tensors are held to the settings this file gives.
+    with open(qpath, "w") as f:
+        json.dump(dict(q, desc_act=True), f)
+    err(path, "' beside it, which quantize_config.json's desc_act = true needs")
+    with open(qpath, "w") as f:
+        json.dump(dict(q, quant_method="fp8"), f)
+    err(path, "is a GPTQ/AWQ tensor, but quantize_config.json's quant_method is 'fp8' "
+              "(expected gptq or awq)")
