@@ -225,24 +225,27 @@ std::string lowbit_kernel_names(Precision p, const Int4Options& opt) {
 
 namespace {
 // The epilogues of experts_forward_quant, on columns [n0, n0 + n) of an expert's M rows.
-void epilogue_relu(const void* ctx, int64_t n0, int64_t n) {
-  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
-  const int64_t Do = e.s->Do;
+// z = pre + b1, then act(z) into post (pre keeps z), or into pre itself when post is null.
+void bias_act(const QuantExpertEpilogue& e, float* pre, float* post, int64_t ld, Activation a,
+              int64_t n0, int64_t n) {
   for (int64_t r = 0; r < e.M; ++r)
     for (int64_t j = n0; j < n0 + n; ++j) {
-      const float z = e.out[r * Do + j] + (e.b1 ? e.b1[j] : 0.0f);
-      e.out[r * Do + j] = z > 0.0f ? z : 0.0f;
+      const float z = pre[r * ld + j] + (e.b1 ? e.b1[j] : 0.0f);
+      if (post) {
+        pre[r * ld + j] = z;
+        post[r * ld + j] = act_forward(a, z);
+      } else {
+        pre[r * ld + j] = act_forward(a, z);
+      }
     }
+}
+void epilogue_relu(const void* ctx, int64_t n0, int64_t n) {
+  const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
+  bias_act(e, e.out, nullptr, e.s->Do, Activation::relu, n0, n);
 }
 void epilogue_act(const void* ctx, int64_t n0, int64_t n) {
   const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
-  const int64_t F = e.s->F;
-  for (int64_t r = 0; r < e.M; ++r)
-    for (int64_t j = n0; j < n0 + n; ++j) {
-      const float z = e.a1[r * F + j] + (e.b1 ? e.b1[j] : 0.0f);
-      e.a1[r * F + j] = z;
-      e.hid[r * F + j] = act_forward(e.s->act, z);
-    }
+  bias_act(e, e.a1, e.hid, e.s->F, e.s->act, n0, n);
 }
 void epilogue_glu(const void* ctx, int64_t n0, int64_t n) {
   const auto& e = *static_cast<const QuantExpertEpilogue*>(ctx);
