@@ -469,7 +469,8 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
                                 bool selection_bias, const py::object& shared_d_ff,
                                 double swiglu_alpha, double swiglu_limit,
                                 int64_t int4_group, bool int4_zero_points,
-                                const py::kwargs& unknown) {
+                                bool round_router_logits, bool round_gate_weights,
+                                bool round_each_op, const py::kwargs& unknown) {
   refuse_unknown_keywords(unknown);
   moe::MoEConfig c;
   c.d_model = d_model;
@@ -528,6 +529,9 @@ std::unique_ptr<PyMoE> make_moe(int64_t d_model, int64_t n_experts, int64_t k,
   c.swiglu_limit = static_cast<float>(swiglu_limit);
   c.int4_group = int4_group;
   c.int4_zero_points = int4_zero_points;
+  c.round_router_logits = round_router_logits;
+  c.round_gate_weights = round_gate_weights;
+  c.round_each_op = round_each_op;
   return std::make_unique<PyMoE>(c);
 }
 
@@ -555,7 +559,8 @@ checking the shape. forward(x) → y, backward(dy) → dx accumulating `grads`.)
           py::arg("group_score") = "top2_sum", py::arg("selection_bias") = false,
           py::arg("shared_d_ff") = py::none(), py::arg("swiglu_alpha") = 1.702,
           py::arg("swiglu_limit") = 7.0, py::arg("int4_group") = 128,
-          py::arg("int4_zero_points") = false);
+          py::arg("int4_zero_points") = false, py::arg("round_router_logits") = false,
+          py::arg("round_gate_weights") = false, py::arg("round_each_op") = false);
   for (const char* name : kParamNames) {
     const std::string n = name;
     cls.def_property(
@@ -623,6 +628,17 @@ dweights (T, k)); the routed experts' gradients accumulate into `grads`.)");
           "b_i += bias_update_rate·sign(mean load - load_i) from the last training forward's "
           "load (before capacity); call once after each optimizer step. No-op when the rate "
           "is 0 or no training forward came since the last update.");
+  cls.def("set_rounding",
+          [](PyMoE& self, bool router_logits, bool gate_weights, bool each_op,
+             const std::string& tie_break) {
+            self.layer.set_rounding(router_logits, gate_weights, each_op,
+                                    moe::parse_tie_break(tie_break));
+          },
+          py::arg("round_router_logits"), py::arg("round_gate_weights"),
+          py::arg("round_each_op"), py::arg("tie_break"),
+          "Changes the rounding switches and tie_break of a built layer (as the keywords of "
+          "the same names set them; what moe.hf.replace_moe_blocks does for a bf16 model's "
+          "blocks: docs/routing.md, \"Rounding as transformers\").");
   cls.def("weights_changed", [](PyMoE& self) { self.layer.weights_changed(); },
           "precision bf16 / int8: the bf16 / int8 copies of the expert weights are made again "
           "at the next forward. Assigning a parameter and backward() already do this.");

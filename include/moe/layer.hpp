@@ -106,6 +106,14 @@ struct MoEConfig {
   // same decode speed as 64 (docs/quant.md, "Measured").
   int64_t int4_group = 128;
   bool int4_zero_points = false;
+  // Rounding as a transformers block computes in a bf16 model (docs/routing.md, "Rounding as
+  // transformers"; set by moe.hf.replace_moe_blocks on bf16 models): the router logits rounded
+  // to bf16 before the scores; the gate weights rounded to bf16, and each weighted expert
+  // output w·y rounded to bf16 before the fp32 sum over k; in precision bf16, each expert
+  // step's result rounded to bf16 (product, bias, activation, gate·up). Off: SPEC §6.
+  bool round_router_logits = false;
+  bool round_gate_weights = false;
+  bool round_each_op = false;
 
   void validate() const;  // throws moe::Error naming the bad field
   void validate_router_family() const;  // part of validate()
@@ -213,6 +221,11 @@ class MoELayer {
   // param() without a backward in between (an optimizer step does follow a backward) calls
   // weights_changed(). Harmless in fp32.
   void weights_changed();
+
+  // The config's rounding switches (round_router_logits, round_gate_weights, round_each_op)
+  // and tie_break, changed on a built layer (moe.hf.replace_moe_blocks sets them on the blocks
+  // it loads from a bf16 model); checked as validate() checks them. Nothing else changes.
+  void set_rounding(bool router_logits, bool gate_weights, bool each_op, TieBreak tie_break);
 
   // Expert e's matrix of W1, W2, W3, Ws1, Ws2 or Ws3 from src, laid out like one slice of the
   // stacked parameter (e.g. W1: (d, F) row-major, "in × out"), written into whatever form the

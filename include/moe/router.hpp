@@ -13,7 +13,10 @@ namespace moe {
 
 enum class Noise { none, fixed, learned };
 enum class NoiseScale { softplus, linear };
-enum class TieBreak { high, low };
+// Ties of the top-k selection: to the higher or lower index, or as torch.topk on the CPU
+// breaks them (torch: the order of its partial selection over (value, index) pairs; what a
+// transformers router in the model's dtype chooses among equal logits, docs/routing.md).
+enum class TieBreak { high, low, torch };
 // The router family (docs/routing.md). Names in strings are those of SPEC §5; parsed in
 // src/layer/config.cpp.
 enum class RouterKind { topk_softmax, softmax_topk, sigmoid, expert_choice };
@@ -24,7 +27,7 @@ enum class GroupScore { top2_sum, max };
 
 Noise parse_noise(const std::string& s);            // "none" | "fixed" | "learned"
 NoiseScale parse_noise_scale(const std::string& s);  // "softplus" | "linear"
-TieBreak parse_tie_break(const std::string& s);      // "high" | "low"
+TieBreak parse_tie_break(const std::string& s);      // "high" | "low" | "torch"
 GroupScore parse_group_score(const std::string& s);  // "top2_sum" | "max"
 const char* to_string(Noise v);
 const char* to_string(NoiseScale v);
@@ -48,6 +51,10 @@ struct RouterConfig {
   int64_t topk_groups = 1;      // ... of which the best topk_groups are eligible
   GroupScore group_score = GroupScore::top2_sum;  // ... ranked by this score of each group
   float jitter = 0.0f;          // training: router input x·U(1-jitter, 1+jitter)
+  // As a bf16 torch router computes (docs/routing.md, "Rounding as transformers"): the logits
+  // h (+ b_g) rounded to bf16 before the scores, and the final gate weights rounded to bf16.
+  bool round_logits = false;
+  bool round_weights = false;
 
   void validate() const;  // throws moe::Error naming the bad field
 };

@@ -62,6 +62,13 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Families whose router returns float32 logits whatever the model's dtype.
 _FLOAT_LOGITS = ("deepseek_v2", "deepseek_v3", "granitemoe")
+# Rounding as transformers computes a bf16 model's block (docs/routing.md, "Rounding as
+# transformers"), per family: whether its router casts the kept weights to the model's dtype
+# (then each weighted expert output is a bf16 product), and whether its experts are
+# transformers' fused experts alone (no shared expert or gate beside them), so that
+# round_each_op reproduces every step of the block.
+_WEIGHTS_IN_MODEL_DTYPE = ("qwen3_moe", "qwen2_moe", "olmoe")
+_EXPERTS_ALONE = ("qwen3_moe", "olmoe", "mixtral")
 
 
 def _recorder_init(self, index: int, float_logits: bool):
@@ -181,8 +188,28 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
             raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
     if router is not None:
         out.router_logits = _make_recorder(router[0], router[1], model_type in _FLOAT_LOGITS)
+    if _bf16_block(block):
+        _round_as_transformers(out, model_type, precision)
     out.train(block.training)
     return out
+
+
+def _bf16_block(block: nn.Module) -> bool:
+    return all(p.dtype == torch.bfloat16 for p in block.parameters())
+
+
+def _round_as_transformers(module, model_type: str, precision: str) -> None:
+    """A block of a bf16 model computes in bf16 under transformers: its router's logits are
+    bf16 (but for the families whose router runs in float32), torch.topk breaks their ties, and
+    its experts round each op. The replacement rounds where the family does, so that it
+    chooses the same experts and, in precision bf16 for the families whose block is the fused
+    experts alone, gives the same bits (docs/routing.md, "Rounding as transformers")."""
+    bf16_router = model_type not in _FLOAT_LOGITS
+    module.layer.set_rounding(
+        round_router_logits=bf16_router,
+        round_gate_weights=bf16_router and model_type in _WEIGHTS_IN_MODEL_DTYPE,
+        round_each_op=precision == "bf16" and model_type in _EXPERTS_ALONE,
+        tie_break="torch" if bf16_router else module.layer.config["tie_break"])
 
 
 def _refuse_router_logits(module: nn.Module, args, kwargs):

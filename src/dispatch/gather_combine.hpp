@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/bf16.hpp"
 #include "common/parallel.hpp"
 
 namespace moe::detail {
@@ -22,9 +23,12 @@ inline void gather_rows(float* xg, const float* x, const int32_t* d2s, int64_t R
 }
 
 // y (T, Do) = x (the residual, when given; Do = d) + Σ_j w[t·k + j] · out[slot of (t, j)],
-// j in rank order, dropped assignments skipped.
+// j in rank order, dropped assignments skipped. round_products (MoEConfig's
+// round_gate_weights): each w·out rounded to bf16 before it is added, as a bf16 model's
+// transformers block weights its experts' outputs.
 inline void combine_rows(float* y, const float* out, const int32_t* s2d, const float* w,
-                         int64_t T, int64_t k, int64_t Do, const float* residual) {
+                         int64_t T, int64_t k, int64_t Do, const float* residual,
+                         bool round_products = false) {
 #pragma omp parallel for schedule(static) if (T * k * Do >= kParallelMin)
   for (int64_t t = 0; t < T; ++t) {
     float* yt = y + t * Do;
@@ -37,7 +41,10 @@ inline void combine_rows(float* y, const float* out, const int32_t* s2d, const f
       if (s < 0) continue;
       const float g = w[t * k + j];
       const float* o = out + int64_t{s} * Do;
-      for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
+      if (round_products)
+        for (int64_t c = 0; c < Do; ++c) yt[c] += round_bf16(g * o[c]);
+      else
+        for (int64_t c = 0; c < Do; ++c) yt[c] += g * o[c];
     }
   }
 }

@@ -548,12 +548,14 @@ ExpertParallelMoE::ExpertParallelMoE(const MoEConfig& cfg, MPI_Comm comm)
                     cfg.expert != ExpertKind::clamped_swiglu &&
                     cfg.n_groups == 1 && cfg.n_shared_experts == 0 &&
                     cfg.second_expert_policy == d.second_expert_policy && cfg.jitter == 0.0f &&
+                    cfg.tie_break != TieBreak::torch && !cfg.round_router_logits &&
+                    !cfg.round_gate_weights && !cfg.round_each_op &&
                     (cfg.drop_policy == DropPolicy::position ||
                      cfg.drop_policy == DropPolicy::probs),
                 "expert parallel: supports the reference router only (router topk_softmax, "
                 "aux_loss switch, drop_policy position|probs, no groups, shared experts, bias "
-                "balancing or selection bias, random second expert, jitter or clamped_swiglu "
-                "experts)");
+                "balancing or selection bias, random second expert, jitter, clamped_swiglu "
+                "experts, tie_break torch or the round_* switches)");
     fp = config_fingerprint(cfg);
   });
   std::vector<int64_t> all(fp.size() * static_cast<size_t>(P));

@@ -24,11 +24,13 @@ struct ExpertShape {
   Activation act = Activation::relu;
   int64_t E = 0, d = 0, F = 0, Do = 0;  // F: hidden width (mlp, swiglu, clamped_swiglu)
   float alpha = 1.702f, limit = 7.0f;   // clamped_swiglu
+  bool round_steps = false;             // round_each_op (bf16): each step's result to bf16
   static ExpertShape of(const MoEConfig& cfg) {
     return {cfg.expert,        cfg.expert == ExpertKind::mlp ? cfg.activation : Activation::relu,
             cfg.n_experts,     cfg.d_model,
             cfg.hidden(),      cfg.out_dim(),
-            cfg.swiglu_alpha,  cfg.swiglu_limit};
+            cfg.swiglu_alpha,  cfg.swiglu_limit,
+            cfg.round_each_op};
   }
 };
 

@@ -46,10 +46,63 @@ void with_act(Activation a, F&& f) {
 
 // The epilogue of rows [m0, m0+m), columns [n0, n0+n) of problem p. The activation is a
 // template constant inside the loops so that they vectorise.
+// apply_epilogue with every step rounded to bf16 (TileEpilogue::round_steps), in the order
+// transformers' bf16 experts run them: the product; the bias added; the activation; for the
+// glu, silu(gate) then ·up, or GPT-OSS's clamped form op by op (α·g, σ, g·σ, u + 1, the
+// product). Clamps are exact. Rare (a drop-in's bf16 model), so scalar and unfused.
+template <class P>
+void apply_epilogue_rounded(const P& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
+  using Op = TileEpilogue::Op;
+  const TileEpilogue& e = p.epi;
+  const float* b = e.bias ? e.bias + n0 : nullptr;
+  const float* b2 = e.bias2 ? e.bias2 + n0 : nullptr;
+  auto linear = [](float* c, const float* bias, int64_t j) {
+    c[j] = round_bf16(c[j]);
+    if (bias) c[j] = round_bf16(c[j] + bias[j]);
+  };
+  for (int64_t i = m0; i < m0 + m; ++i) {
+    const int64_t o = i * p.ldc + n0;
+    float* c = p.C + o;
+    float* h = e.out ? e.out + o : nullptr;
+    uint16_t* hb = e.out_bf16 ? e.out_bf16 + o : nullptr;
+    for (int64_t j = 0; j < n; ++j) {
+      linear(c, b, j);
+      float a = 0.0f;
+      switch (e.op) {
+        case Op::none:
+        case Op::bias:
+          continue;
+        case Op::glu: {
+          float* c2 = p.C2 + o;
+          linear(c2, b2, j);
+          if (e.clamped) {
+            const float g = std::min(c[j], e.limit);
+            const float u = std::min(std::max(c2[j], -e.limit), e.limit);
+            const float sg = round_bf16(sigmoid_f32(round_bf16(g * e.alpha)));
+            a = round_bf16(round_bf16(u + 1.0f) * round_bf16(g * sg));
+          } else {
+            a = round_bf16(round_bf16(silu_f32(c[j])) * c2[j]);
+          }
+          break;
+        }
+        case Op::bias_act:
+          a = round_bf16(act_forward(e.act, c[j]));
+          break;
+        case Op::bias_act_inplace:
+          c[j] = round_bf16(act_forward(e.act, c[j]));
+          continue;
+      }
+      if (h) h[j] = a;
+      if (hb) hb[j] = to_bf16(a);
+    }
+  }
+}
+
 template <class P>
 void apply_epilogue(const P& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
   using Op = TileEpilogue::Op;
   const TileEpilogue& e = p.epi;
+  if (e.round_steps) return apply_epilogue_rounded(p, m0, m, n0, n);
   const float* b = e.bias ? e.bias + n0 : nullptr;
   auto rows = [&](auto&& f) {
     for (int64_t i = m0; i < m0 + m; ++i) f(i * p.ldc + n0);

@@ -35,6 +35,9 @@ struct TileEpilogue {
   const float* bias2 = nullptr;
   bool clamped = false;
   float alpha = 1.702f, limit = 7.0f;
+  // Each step's result rounded to bf16, as a bf16 torch module computes (MoEConfig's
+  // round_each_op): the product, the bias added, the activation, and each op of the glu.
+  bool round_steps = false;
 };
 
 // The kernels a grouped product runs: each a type that owns the layout of its weights, says

@@ -91,6 +91,9 @@ std::string config_to_json(const MoEConfig& c) {
   j["normalize_by_k"] = c.normalize_by_k;
   j["residual"] = c.residual;
   j["tie_break"] = to_string(c.tie_break);
+  j["round_router_logits"] = c.round_router_logits;
+  j["round_gate_weights"] = c.round_gate_weights;
+  j["round_each_op"] = c.round_each_op;
   j["router_bias"] = c.router_bias;
   j["router_init_std"] = float_json(c.router_init_std);
   j["seed"] = c.seed;
@@ -151,6 +154,9 @@ MoEConfig config_from_json(const std::string& text) {
     else if (key == "normalize_by_k") c.normalize_by_k = get_bool(v, k);
     else if (key == "residual") c.residual = get_bool(v, k);
     else if (key == "tie_break") c.tie_break = parse_tie_break(get_string(v, k));
+    else if (key == "round_router_logits") c.round_router_logits = get_bool(v, k);
+    else if (key == "round_gate_weights") c.round_gate_weights = get_bool(v, k);
+    else if (key == "round_each_op") c.round_each_op = get_bool(v, k);
     else if (key == "router_bias") c.router_bias = get_bool(v, k);
     else if (key == "router_init_std") c.router_init_std = get_float(v, k);
     else if (key == "seed") c.seed = get_uint(v, k);

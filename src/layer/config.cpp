@@ -139,6 +139,8 @@ RouterConfig MoEConfig::router() const {
   r.topk_groups = topk_groups;
   r.group_score = group_score;
   r.jitter = jitter;
+  r.round_logits = round_router_logits;
+  r.round_weights = round_gate_weights;
   return r;
 }
 
@@ -240,6 +242,13 @@ void MoEConfig::validate_router_family() const {
                   router_kind == RouterKind::sigmoid,
               "renormalize: applies to router softmax_topk or sigmoid, not ",
               to_string(router_kind));
+  MOE_REQUIRE(tie_break != TieBreak::torch || (n_groups == 1 &&
+                                                 router_kind != RouterKind::expert_choice),
+              "tie_break: 'torch' applies to token-choice routing without groups (n_groups 1), "
+              "not router ", to_string(router_kind), " with n_groups ", n_groups);
+  MOE_REQUIRE(!round_each_op || precision == Precision::bf16,
+              "round_each_op: rounds each step of the bf16 experts; needs precision bf16, not ",
+              to_string(precision));
   detail::validate_expert_choice(*this);
 }
 

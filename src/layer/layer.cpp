@@ -399,6 +399,20 @@ void MoELayer::zero_grad() {
   for (auto& g : impl_->grads) std::fill(g.data.begin(), g.data.end(), 0.0f);
 }
 void MoELayer::reset_global_load() { impl_->balance.reset_global(); }
+void MoELayer::set_rounding(bool router_logits, bool gate_weights, bool each_op,
+                            TieBreak tie_break) {
+  Impl& m = *impl_;
+  MoEConfig c = m.cfg;
+  c.round_router_logits = router_logits;
+  c.round_gate_weights = gate_weights;
+  c.round_each_op = each_op;
+  c.tie_break = tie_break;
+  c.validate();
+  m.cfg = c;
+  m.rcfg = c.router();
+  m.shape.round_steps = c.round_each_op;
+}
+
 void MoELayer::weights_changed() {
   impl_->prec.invalidate();
   impl_->shared.weights_changed();
@@ -498,7 +512,7 @@ void MoELayer::forward(float* y, const float* x, int64_t T, const ForwardOptions
 
   // Combine: a k-way weighted sum per token in rank order; no atomics.
   detail::combine_rows(y, b.out, plan.src_to_dest.data(), m.routing.weights.data(), T, k, Do,
-                       cfg.residual ? x : nullptr);
+                       cfg.residual ? x : nullptr, cfg.round_gate_weights);
 
   if (cfg.n_shared_experts > 0) m.shared.forward(y, x, T, m.shared_weights(), cfg);
 

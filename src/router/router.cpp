@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/bf16.hpp"
 #include "common/check.hpp"
 #include "common/cpu.hpp"
 #include "common/gemm.hpp"
@@ -39,13 +40,16 @@ NoiseScale parse_noise_scale(const std::string& s) {
 TieBreak parse_tie_break(const std::string& s) {
   if (s == "high") return TieBreak::high;
   if (s == "low") return TieBreak::low;
-  throw Error(cat("tie_break: unknown value '", s, "' (expected high or low)"));
+  if (s == "torch") return TieBreak::torch;
+  throw Error(cat("tie_break: unknown value '", s, "' (expected high, low or torch)"));
 }
 const char* to_string(Noise v) {
   return v == Noise::none ? "none" : v == Noise::fixed ? "fixed" : "learned";
 }
 const char* to_string(NoiseScale v) { return v == NoiseScale::softplus ? "softplus" : "linear"; }
-const char* to_string(TieBreak v) { return v == TieBreak::high ? "high" : "low"; }
+const char* to_string(TieBreak v) {
+  return v == TieBreak::high ? "high" : v == TieBreak::low ? "low" : "torch";
+}
 GroupScore parse_group_score(const std::string& s) {
   if (s == "top2_sum") return GroupScore::top2_sum;
   if (s == "max") return GroupScore::max;
@@ -154,8 +158,9 @@ inline void scale_weights(float* w, int64_t k, const RouterConfig& cfg) {
     for (int64_t j = 0; j < k; ++j) w[j] *= cfg.scaling_factor;
 }
 
-// Token t's h (with bias) into its logits row.
-void copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
+// Token t's h (with bias) into its logits row, rounded to bf16 where cfg.round_logits.
+void copy_logits_row(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
+                     int64_t t) {
   const int64_t E = s.E;
   float* h = &s.logits[t * E];
   const float* hsrc = in.h + t * in.ldh;
@@ -164,6 +169,8 @@ void copy_logits_row(RouterState& s, const RouterRowsInput& in, int64_t t) {
   } else if (h != hsrc) {
     std::copy(hsrc, hsrc + E, h);
   }
+  if (cfg.round_logits)
+    for (int64_t e = 0; e < E; ++e) h[e] = round_bf16(h[e]);
 }
 
 // The first token of [t0, t1) whose h, ε or H is not finite, as 4·t + code, in that order of
@@ -188,7 +195,7 @@ int64_t prepare_chunk_f32(RouterState& s, const RouterRowsInput& in, const Route
                           int64_t t1) {
   const int64_t E = s.E, n = (t1 - t0) * E;
   for (int64_t t = t0; t < t1; ++t) {
-    copy_logits_row(s, in, t);
+    copy_logits_row(s, in, cfg, t);
     if (!noisy) continue;
     if (noise.eps) std::copy(noise.eps + t * E, noise.eps + (t + 1) * E, &s.eps[t * E]);
     if (in.pre) std::copy(in.pre + t * in.ldpre, in.pre + t * in.ldpre + E, &s.noise_pre[t * E]);

@@ -11,6 +11,7 @@
 #include "common/philox.hpp"
 #include "common/row_math.hpp"
 #include "moe/router.hpp"
+#include "common/bf16.hpp"
 #include "router/scores.hpp"
 
 namespace moe::detail {
@@ -83,7 +84,7 @@ void router_forward_ref_t(RouterRefOut<S>& o, const S* x, const RouterRefParams<
     for (int64_t e = 0; e < E; ++e) {
       S acc = cfg.use_bias ? p.b_g[e] : S(0);
       for (int64_t i = 0; i < d; ++i) acc += xt[i] * p.W_g[i * E + e];
-      h[e] = acc;
+      h[e] = cfg.round_logits ? S(round_bf16(static_cast<float>(acc))) : acc;
       if (!std::isfinite(acc)) throw_non_finite("router logits h", t, noise);
     }
     if (noisy) {

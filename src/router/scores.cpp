@@ -41,6 +41,7 @@ inline float sigmoid_f32(float z) {
 struct RowScratch {
   std::vector<float> sel, gval;
   std::vector<int32_t> gidx;
+  std::vector<std::pair<float, int64_t>> pairs;  // tie_break torch
 };
 
 }  // namespace
@@ -111,7 +112,10 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
   }
 
   // w temporarily holds the selection values; the weights come from s.
-  topk_rows_f32(idx, w, sel, E, 1, E, k, high);
+  if (cfg.tie_break == TieBreak::torch)
+    topk_torch(idx, sel, E, k, scr.pairs);
+  else
+    topk_rows_f32(idx, w, sel, E, 1, E, k, high);
 
   if (kept_softmax_kind(cfg.kind)) {
     float top = H[idx[0]];
@@ -130,6 +134,8 @@ void route_scores_row_f32(int32_t* idx, float* w, float* probs, float* scores, c
   }
   if (cfg.scaling_factor != 1.0f)
     for (int64_t j = 0; j < k; ++j) w[j] *= cfg.scaling_factor;
+  if (cfg.round_weights)
+    for (int64_t j = 0; j < k; ++j) w[j] = round_bf16(w[j]);
 }
 
 }  // namespace moe::detail

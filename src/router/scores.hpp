@@ -11,7 +11,8 @@
 // (bias_update_rate > 0 or selection_bias; never part of the weights), among the experts of
 // the best topk_groups groups when n_groups > 1 (a group scores the sum of its two best s + b,
 // or with group_score max its best s + b).
-// Ties go to the higher (or lower) index everywhere, as cfg.tie_break says.
+// Ties go to the higher (or lower) index everywhere, as cfg.tie_break says; tie_break torch
+// selects as torch.topk does (topk_torch below; n_groups 1 only).
 //
 // The reference twin here is templated on the scalar type (plain loops, full sorts); the
 // fast float row (scores.cpp) is tested against it.
@@ -22,6 +23,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/bf16.hpp"
 #include "moe/router.hpp"
 
 namespace moe::detail {
@@ -31,6 +33,29 @@ template <typename S>
 inline bool outranks(S va, int32_t ia, S vb, int32_t ib, bool tie_high) {
   if (va != vb) return va > vb;
   return tie_high ? ia > ib : ia < ib;
+}
+
+// The k largest of v (n values) in the order torch.topk(v, k) returns them on the CPU
+// (largest, sorted): over (value, index) pairs laid out in index order, comparing values only,
+// a partial sort of the first k when k·64 <= n, else a selection that puts the k-th in place
+// and a sort of the k-1 before it — the algorithm of torch's CPU topk (ATen's TopKImpl.h),
+// on the same libstdc++ algorithms, so that among equal values the same experts win, in the
+// same order. (Values are finite here: the router refuses others before selecting.)
+template <typename S>
+void topk_torch(int32_t* idx, const S* v, int64_t n, int64_t k,
+                std::vector<std::pair<S, int64_t>>& q) {
+  q.resize(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) q[static_cast<size_t>(j)] = {v[j], j};
+  auto larger = [](const std::pair<S, int64_t>& a, const std::pair<S, int64_t>& b) {
+    return a.first > b.first;
+  };
+  if (k * 64 <= n) {
+    std::partial_sort(q.begin(), q.begin() + k, q.end(), larger);
+  } else {
+    std::nth_element(q.begin(), q.begin() + (k - 1), q.end(), larger);
+    std::sort(q.begin(), q.begin() + (k - 1), larger);
+  }
+  for (int64_t j = 0; j < k; ++j) idx[j] = static_cast<int32_t>(q[static_cast<size_t>(j)].second);
 }
 
 // Added to Σ s[kept] before renormalising (as DeepSeek-V3 does): below float's ulp of any
@@ -47,7 +72,8 @@ inline bool kept_softmax_kind(RouterKind k) {
 // True when a token's routing is the default's KeepTopK(H) with the kept softmax, which the
 // fast router runs with its own kernels; scaling_factor applies after either path.
 inline bool router_scores_default(const RouterConfig& cfg, const float* sel_bias) {
-  return kept_softmax_kind(cfg.kind) && cfg.n_groups == 1 && sel_bias == nullptr;
+  return kept_softmax_kind(cfg.kind) && cfg.n_groups == 1 && sel_bias == nullptr &&
+         cfg.tie_break != TieBreak::torch && !cfg.round_weights;
 }
 
 template <typename S>
@@ -112,8 +138,13 @@ void route_row_ref(int32_t* idx, S* w, S* probs, S* scores, const S* H, const fl
     order.resize(static_cast<size_t>(E));
     std::iota(order.begin(), order.end(), 0);
   }
-  std::sort(order.begin(), order.end(), before);
-  for (int64_t j = 0; j < k; ++j) idx[j] = order[j];
+  if (cfg.tie_break == TieBreak::torch) {
+    std::vector<std::pair<S, int64_t>> q;
+    topk_torch(idx, sel.data(), E, k, q);
+  } else {
+    std::sort(order.begin(), order.end(), before);
+    for (int64_t j = 0; j < k; ++j) idx[j] = order[j];
+  }
 
   if (kept_softmax_kind(cfg.kind)) {
     S top = H[idx[0]];
@@ -129,6 +160,8 @@ void route_row_ref(int32_t* idx, S* w, S* probs, S* scores, const S* H, const fl
   }
   if (cfg.scaling_factor != 1.0f)
     for (int64_t j = 0; j < k; ++j) w[j] *= S(cfg.scaling_factor);
+  if (cfg.round_weights)
+    for (int64_t j = 0; j < k; ++j) w[j] = S(round_bf16(static_cast<float>(w[j])));
 }
 
 // dH (E) += ∂L/∂H of one token through its gate weights and probs (docs/math.md), for every

@@ -748,3 +748,57 @@ TEST(Errors, RS2_SelectionBiasShapeAndValues) {
   L.expert_bias() = moe::Tensor({4});
   L.forward(y.data(), x.data(), 4);
 }
+
+// ---- rounding as transformers: bf16 logits, torch's tie order, bf16 weights -------------------
+
+// Logits rounded to bf16 tie often at the k-th place; tie_break torch must then agree between
+// the fast row and the reference, and differ from both fixed orders somewhere.
+TEST(RouterScoresRounded, BothPathsRoundAndBreakTiesAsTorch) {
+  for (auto kind : {moe::RouterKind::topk_softmax, moe::RouterKind::softmax_topk,
+                    moe::RouterKind::sigmoid})
+    for (bool renorm : {false, true}) {
+      if (renorm && kind == moe::RouterKind::topk_softmax) continue;
+      Family f;
+      f.kind = kind;
+      f.renormalize = renorm;
+      FCase fc = make(200, 8, 128, 8, moe::Noise::none, f, 42);
+      // Inputs on a coarse grid: many logits fall on the same bf16 value.
+      for (float& v : fc.c.x) v = std::round(v * 2.0f) / 2.0f;
+      fc.c.cfg.round_logits = true;
+      fc.c.cfg.round_weights = true;
+      fc.c.cfg.tie_break = moe::TieBreak::torch;
+      SCOPED_TRACE(f.name());
+      const moe::RouterState a = fc.route(false, true), b = fc.route(false, false);
+      ASSERT_EQ(a.indices, b.indices);
+      expect_near_all(a.weights, b.weights, 4e-3f, "weights");  // a bf16 step
+      for (float h : a.logits) ASSERT_EQ(h, moe::detail::round_bf16(h));
+      for (float w : a.weights) ASSERT_EQ(w, moe::detail::round_bf16(w));
+      int differs_high = 0, differs_low = 0;
+      for (auto tb : {moe::TieBreak::high, moe::TieBreak::low}) {
+        FCase g = fc;
+        g.c.cfg.tie_break = tb;
+        const moe::RouterState c = g.route(false, true);
+        (tb == moe::TieBreak::high ? differs_high : differs_low) += c.indices != a.indices;
+      }
+      EXPECT_EQ(differs_high + differs_low, 2) << "no tie decided differently: a vacuous case";
+    }
+}
+
+TEST(RouterScoresRounded, TorchTieBreakNeedsTokenChoiceWithoutGroups) {
+  moe::MoEConfig c;
+  c.d_model = 8;
+  c.n_experts = 8;
+  c.k = 2;
+  c.tie_break = moe::TieBreak::torch;
+  c.validate();
+  c.n_groups = 2;
+  EXPECT_THROW(c.validate(), moe::Error);
+  c.n_groups = 1;
+  c.router_kind = moe::RouterKind::expert_choice;
+  EXPECT_THROW(c.validate(), moe::Error);
+  c.router_kind = moe::RouterKind::topk_softmax;
+  c.round_each_op = true;
+  EXPECT_THROW(c.validate(), moe::Error);  // needs precision bf16
+  c.precision = moe::Precision::bf16;
+  c.validate();
+}
