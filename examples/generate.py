@@ -62,10 +62,12 @@ Columns (one row a variant, or one JSON object a variant with --json):
                  for its token at most one bf16 step (2^-7 of the logit's power of two: the
                  resolution of the bf16 logits) above its logit for the variant's token.
                  transformers' bf16 blocks round the router logits, the routing weights and
-                 each expert's intermediate results to bf16, libmoe's bf16 computes router
-                 logits in fp32 and accumulates and combines in fp32, so their hidden states
-                 differ by bf16 rounding and a greedy choice between two near-tied logits can
-                 go either way. --json also gives both sides' gaps, and, for a difference,
+                 each expert's intermediate results to bf16; replace_moe_blocks makes
+                 libmoe's blocks of a bf16 model round at the same places and break router
+                 ties as torch.topk does (docs/routing.md, "Rounding as transformers"), but
+                 its products sum in another order than torch's, so a few intermediate values
+                 a token still differ by a bf16 step, and a greedy choice between two
+                 near-tied logits can go either way. --json also gives both sides' gaps, and, for a difference,
                  how many of transformers' top-k router choices up to that token had their
                  k-th and (k+1)-th logits within one bf16 step (router_near_ties of
                  router_choices: one more untimed generate of transformers with hooks on its

@@ -185,7 +185,7 @@ TEST(Errors, R6_UnknownNoiseScale) {
 
 TEST(Errors, R7_UnknownTieBreak) {
   expect_error([] { moe::parse_tie_break("random"); },
-               {"tie_break: unknown value 'random'", "high or low"});
+               {"tie_break: unknown value 'random'", "high, low or torch"});
 }
 
 TEST(Errors, R8_NonFiniteInputNamesTheToken) {

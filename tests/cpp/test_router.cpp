@@ -256,7 +256,7 @@ TEST(RouterErrors, NameTheArgumentAndTheFirstBadToken) {
     expect_error(c, "noisy logits H: non-finite value at token 3");
   }
   EXPECT_EQ(router_test::error_of([] { moe::parse_tie_break("middle"); }),
-            "tie_break: unknown value 'middle' (expected high or low)");
+            "tie_break: unknown value 'middle' (expected high, low or torch)");
   EXPECT_EQ(router_test::error_of([] { moe::parse_noise_scale("exp"); }),
             "noise_scale: unknown value 'exp' (expected softplus or linear)");
   EXPECT_EQ(router_test::error_of([] { moe::parse_noise("loud"); }),

@@ -126,7 +126,7 @@ def test_R6_cli():
 
 
 def test_R7_unknown_tie_break():
-    with raises("tie_break: unknown value 'random'", "high or low"):
+    with raises("tie_break: unknown value 'random'", "high, low or torch"):
         moe.route(X, W, 2, tie_break="random")
 
 
@@ -559,3 +559,18 @@ def test_V1_environment_settings_refused_by_name():
         assert c.stderr.startswith("moe: ") and part in c.stderr, c.stderr
         errors_doc.check(c.stderr.splitlines()[0], "V1")
 
+
+
+@needs_layer
+def test_RS3_rounding_switches_where_they_mean_nothing():
+    with raises("tie_break: 'torch' applies to token-choice routing without groups"):
+        moe.MoE(8, 4, 2, tie_break="torch", n_groups=2)
+    with raises("tie_break: 'torch' applies to token-choice routing", "expert_choice"):
+        moe.MoE(8, 4, 2, tie_break="torch", router="expert_choice")
+    with raises("round_each_op: rounds each step of the bf16 experts; needs precision bf16, "
+                "not int8"):
+        moe.MoE(8, 4, 2, precision="int8", round_each_op=True)
+    layer = moe.MoE(8, 4, 2, precision="fp32")
+    with raises("round_each_op: ", "not fp32"):
+        layer.set_rounding(True, True, True, "torch")
+    assert layer.config["round_each_op"] is False  # refused: nothing changed
