@@ -67,8 +67,8 @@ _FLOAT_LOGITS = ("deepseek_v2", "deepseek_v3", "granitemoe")
 # (then each weighted expert output is a bf16 product), and whether its experts are
 # transformers' fused experts alone (no shared expert or gate beside them), so that
 # round_each_op reproduces every step of the block.
-_WEIGHTS_IN_MODEL_DTYPE = ("qwen3_moe", "qwen2_moe", "olmoe")
-_EXPERTS_ALONE = ("qwen3_moe", "olmoe", "mixtral")
+_WEIGHTS_IN_MODEL_DTYPE = ("qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
+_EXPERTS_ALONE = ("qwen3_moe", "olmoe", "mixtral", "gpt_oss")
 
 
 def _recorder_init(self, index: int, float_logits: bool):

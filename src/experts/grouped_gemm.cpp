@@ -49,51 +49,59 @@ void with_act(Activation a, F&& f) {
 // apply_epilogue with every step rounded to bf16 (TileEpilogue::round_steps), in the order
 // transformers' bf16 experts run them: the product; the bias added; the activation; for the
 // glu, silu(gate) then ·up, or GPT-OSS's clamped form op by op (α·g, σ, g·σ, u + 1, the
-// product). Clamps are exact. Rare (a drop-in's bf16 model), so scalar and unfused.
+// product). Clamps are exact. One loop per op, so that each vectorises.
 template <class P>
 void apply_epilogue_rounded(const P& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
   using Op = TileEpilogue::Op;
   const TileEpilogue& e = p.epi;
   const float* b = e.bias ? e.bias + n0 : nullptr;
   const float* b2 = e.bias2 ? e.bias2 + n0 : nullptr;
-  auto linear = [](float* c, const float* bias, int64_t j) {
-    c[j] = round_bf16(c[j]);
-    if (bias) c[j] = round_bf16(c[j] + bias[j]);
+  auto linear = [n](float* c, const float* bias) {
+    for (int64_t j = 0; j < n; ++j) c[j] = round_bf16(c[j]);
+    if (bias)
+      for (int64_t j = 0; j < n; ++j) c[j] = round_bf16(c[j] + bias[j]);
   };
+  const float alpha = e.alpha, limit = e.limit;
   for (int64_t i = m0; i < m0 + m; ++i) {
     const int64_t o = i * p.ldc + n0;
     float* c = p.C + o;
     float* h = e.out ? e.out + o : nullptr;
     uint16_t* hb = e.out_bf16 ? e.out_bf16 + o : nullptr;
-    for (int64_t j = 0; j < n; ++j) {
-      linear(c, b, j);
-      float a = 0.0f;
-      switch (e.op) {
-        case Op::none:
-        case Op::bias:
-          continue;
-        case Op::glu: {
-          float* c2 = p.C2 + o;
-          linear(c2, b2, j);
-          if (e.clamped) {
-            const float g = std::min(c[j], e.limit);
-            const float u = std::min(std::max(c2[j], -e.limit), e.limit);
-            const float sg = round_bf16(sigmoid_f32(round_bf16(g * e.alpha)));
-            a = round_bf16(round_bf16(u + 1.0f) * round_bf16(g * sg));
-          } else {
-            a = round_bf16(round_bf16(silu_f32(c[j])) * c2[j]);
-          }
-          break;
-        }
-        case Op::bias_act:
-          a = round_bf16(act_forward(e.act, c[j]));
-          break;
-        case Op::bias_act_inplace:
-          c[j] = round_bf16(act_forward(e.act, c[j]));
-          continue;
+    linear(c, b);
+    auto put = [&](auto&& act) {
+      if (h)
+        for (int64_t j = 0; j < n; ++j) h[j] = act(j);
+      if (hb)
+        for (int64_t j = 0; j < n; ++j) hb[j] = to_bf16(act(j));
+    };
+    switch (e.op) {
+      case Op::none:
+      case Op::bias:
+        break;
+      case Op::glu: {
+        const float* c2 = p.C2 + o;
+        linear(p.C2 + o, b2);
+        if (e.clamped)
+          put([&](int64_t j) {
+            const float g = std::min(c[j], limit);
+            const float u = std::min(std::max(c2[j], -limit), limit);
+            const float sg = round_bf16(sigmoid_f32(round_bf16(g * alpha)));
+            return round_bf16(round_bf16(u + 1.0f) * round_bf16(g * sg));
+          });
+        else
+          put([&](int64_t j) { return round_bf16(round_bf16(silu_f32(c[j])) * c2[j]); });
+        break;
       }
-      if (h) h[j] = a;
-      if (hb) hb[j] = to_bf16(a);
+      case Op::bias_act:
+        with_act(e.act, [&](auto A) {
+          put([&](int64_t j) { return round_bf16(act_forward(A.value, c[j])); });
+        });
+        break;
+      case Op::bias_act_inplace:
+        with_act(e.act, [&](auto A) {
+          for (int64_t j = 0; j < n; ++j) c[j] = round_bf16(act_forward(A.value, c[j]));
+        });
+        break;
     }
   }
 }
