@@ -32,9 +32,9 @@ one. --repeat N runs N rounds, each over every variant in turn (replacing the bl
 and reports each variant's fastest run (least prefill + decode time; --json lists every
 run's times): on a shared machine a slow spell then falls on all variants alike.
 
-Memory: the bf16 replacement keeps fp32 masters beside its bf16 experts (3x the experts' bf16
-bytes; the evaluation-only precisions hold their format alone) while the original blocks
-wait to be put back; the defaults peak near 12.5 GB (qwen3) and 17 GB (gpt-oss) of RSS.
+Memory: every replacement holds its experts in its own precision alone (bf16 too:
+replace_moe_blocks(..., masters=False), since nothing here trains) beside the original blocks,
+which wait to be put back.
 
 Columns (one row a variant, or one JSON object a variant with --json):
   prefill s      time to the first token: from the call of generate to the first call of
@@ -301,7 +301,7 @@ def block_bytes(block, k, libmoe):
     """Bytes one token at decode reads from one MoE block: its router and k of its E
     experts. A transformers block holds everything in the model's dtype; a libmoe block its
     router and expert biases in fp32 and its expert matrices in its precision (the fp32
-    masters replace_moe_blocks keeps in bf16, for training, are not read)."""
+    masters replace_moe_blocks keeps in bf16 with masters=True are not read)."""
     if not libmoe:
         router = getattr(block, "gate", None) or getattr(block, "router")
         E = block.experts.gate_up_proj.shape[0]
@@ -680,7 +680,7 @@ def main(argv=None) -> int:
             originals = {n: model.get_submodule(n) for n in block_names}
             try:
                 if precision is not None:
-                    moe.hf.replace_moe_blocks(model, precision=precision)
+                    moe.hf.replace_moe_blocks(model, precision=precision, masters=False)
             except (ValueError, RuntimeError) as e:  # the library refuses this precision
                 skipped[i] = str(e)
                 continue

@@ -156,7 +156,7 @@ def _config_json(config) -> str:
 
 
 def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
-             precision: str, router) -> nn.Module:
+             precision: str, router, masters: bool) -> nn.Module:
     m = re.search(r"(?:^|\.)layers\.(\d+)\.[^.]+$", name)
     if m is None:
         raise ValueError(f"{model_type}: MoE block '{name}' is not named "
@@ -180,10 +180,10 @@ def _convert(name: str, block: nn.Module, model_type: str, config_json: str,
             f.write(config_json)
         cls = _TupleMoE if model_type in _TUPLE_OUTPUT else _HFMoE
         try:
-            # fp32 / bf16 blocks keep fp32 masters (they can train); the evaluation-only
-            # precisions hold the experts in their own bytes only.
+            # fp32 / bf16 blocks keep fp32 masters (they can train) unless masters=False;
+            # the evaluation-only precisions hold the experts in their own bytes only.
             out = cls.from_pretrained(tmp, layer, precision=precision,
-                                      masters=precision in ("fp32", "bf16"))
+                                      masters=masters and precision in ("fp32", "bf16"))
         except ValueError as e:  # moe.Error names the temporary folder: name the block
             raise _moe.Error(f"{model_type}: MoE block '{name}': {e}") from e
     if router is not None:
@@ -244,12 +244,14 @@ def _auto_precision(model_type, config, blocks) -> str:
     return "fp32" if dtypes == {torch.float32} else "bf16"
 
 
-def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
+def replace_moe_blocks(model: nn.Module, precision: str = "fp32", masters: bool = True) -> int:
     """Replaces every MoE block of ``model`` (a ``transformers`` model of one of FAMILIES)
     with a ``moe.torch.MoE`` holding the same weights, built by the pretrained loader;
     returns how many were replaced. ``precision``: fp32, bf16 (trainable), int8, int4, mxfp4,
     fp8 (evaluation only: the experts held in that format alone, converted from the block's
-    weights), or "auto" (what the blocks hold: bf16 for bf16 / fp16 experts, fp32 for fp32)."""
+    weights), or "auto" (what the blocks hold: bf16 for bf16 / fp16 experts, fp32 for fp32).
+    ``masters=False``: bf16 blocks hold their bf16 experts alone, without fp32 masters (a third
+    of the memory; evaluation only, so the model must be in eval mode)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -265,10 +267,13 @@ def replace_moe_blocks(model: nn.Module, precision: str = "fp32") -> int:
                          f"experts.gate_up_proj) found")
     if precision == "auto":
         precision = _auto_precision(model_type, config, blocks)
+    if not masters and model.training:
+        raise ValueError(f"{model_type}: masters=False makes the blocks evaluation-only; call "
+                         f"model.eval() before replace_moe_blocks, or keep masters=True to train")
     config_json = _config_json(config)
     router = _router_spec(model)
     # Every block is built before any is replaced: an error leaves the model as it was.
-    built = [(name, _convert(name, block, model_type, config_json, precision, router))
+    built = [(name, _convert(name, block, model_type, config_json, precision, router, masters))
              for name, block in blocks]
     for name, new in built:
         parent_name, _, child = name.rpartition(".")

@@ -281,3 +281,26 @@ def test_replaced_model_copies():
     d, e = run_with_router_logits(fresh, ids), run_with_router_logits(back, ids)
     assert torch.equal(d.logits, e.logits)
     assert all(torch.equal(x, y) for x, y in zip(d.router_logits, e.router_logits))
+
+
+def test_bf16_without_masters_holds_the_same_blocks_in_a_third_of_the_memory():
+    """masters=False: the bf16 blocks hold their bf16 experts alone (no W1/W2/W3 masters),
+    evaluate bit for bit as the blocks with masters do, and are refused for a model in
+    training mode (they could not train)."""
+    model = tiny("qwen3_moe").to(torch.bfloat16).eval()
+    layers = hf_models.moe_layers("qwen3_moe", model.config)
+    with_masters = copy.deepcopy(model)
+    moe.hf.replace_moe_blocks(with_masters, precision="bf16")
+    moe.hf.replace_moe_blocks(model, precision="bf16", masters=False)
+    x = torch.randn(1, 9, model.config.hidden_size,
+                    generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    for i in layers:
+        lean, full = hf_models.moe_block(model, i), hf_models.moe_block(with_masters, i)
+        assert "W1" in dict(full.named_parameters()) and "W1" not in dict(lean.named_parameters())
+        with torch.no_grad():
+            assert torch.equal(lean(x), full(x))
+    training = tiny("qwen3_moe").to(torch.bfloat16).train()
+    with pytest.raises(ValueError, match="masters=False makes the blocks evaluation-only"):
+        moe.hf.replace_moe_blocks(training, precision="bf16", masters=False)
+    assert n_moe_layers(training) and not any(isinstance(m, moe.torch.MoE)
+                                              for m in training.modules())
