@@ -1,7 +1,7 @@
 // `moe route --input F`: the router of SPEC §1 on given weights (SPEC §5).
 //   in:  {"X": [[..]], "W_g": [[..]], "k": 2, "b_g": [..]?, "W_noise": [[..]]?, "N": [[..]]?,
-//         "noise_scale": "softplus"|"linear"?, "tie_break": "high"|"low"?, "training": true?,
-//         "seed": 0?, "round": 3?}
+//         "noise_scale": "softplus"|"linear"?, "tie_break": "high"|"low"|"torch"?,
+//         "training": true?, "seed": 0?, "round": 3?}
 //   out: {"gates": [[..]], "indices": [[..]], "weights": [[..]]}
 // Without W_noise there is no noise; W_noise without N draws ε from the seed.
 #include <iostream>
@@ -117,8 +117,8 @@ void add_route_command(CLI::App& app, int& status) {
   sub->add_option("-i,--input", o->input,
                   "JSON file, or - for standard input: {\"X\": [[..]], \"W_g\": [[..]], \"k\": 2, "
                   "\"b_g\": [..]?, \"W_noise\": [[..]]?, \"N\": [[..]]?, \"noise_scale\": "
-                  "\"softplus\"|\"linear\"?, \"tie_break\": \"high\"|\"low\"?, \"training\": "
-                  "true?, \"seed\": 0?, \"round\": 3?}")
+                  "\"softplus\"|\"linear\"?, \"tie_break\": \"high\"|\"low\"|\"torch\"?, "
+                  "\"training\": true?, \"seed\": 0?, \"round\": 3?}")
       ->required();
   sub->footer(
       "Output: {\"gates\": [[..]] (T×E, dense), \"indices\": [[..]] (T×k, best first), "

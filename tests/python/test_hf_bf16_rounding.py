@@ -2,7 +2,8 @@
 (docs/routing.md, "Rounding as transformers"): router logits rounded to bf16 and their ties
 broken in torch.topk's order, gate weights in the model's dtype where the family casts them,
 and, in precision bf16, each expert step rounded. Oracles: torch.topk itself, and the
-families' own transformers modules (tiny models built in code, tests/python/test_pretrained_hf.py)."""
+families' own transformers modules (tiny models built in code:
+tests/python/test_pretrained_hf.py)."""
 import os
 
 import numpy as np
@@ -88,14 +89,19 @@ def test_bf16_blocks_choose_transformers_experts_and_round_as_it_does(family):
         assert mismatched[True] * 5 < mismatched[False], mismatched
 
 
+def first_block_config(model):
+    layer = hf_models.moe_layers("qwen3_moe", model.config)[0]
+    return hf_models.moe_block(model, layer).layer.config
+
+
 def test_rounding_stays_off_for_fp32_models_and_other_precisions():
     model = hf_models.build("qwen3_moe").eval()  # fp32: SPEC §6 as it stands
     moe.hf.replace_moe_blocks(model, precision="bf16")
-    cfg = hf_models.moe_block(model, hf_models.moe_layers("qwen3_moe", model.config)[0]).layer.config
+    cfg = first_block_config(model)
     assert not (cfg["round_router_logits"] or cfg["round_gate_weights"] or cfg["round_each_op"])
     model = hf_models.build("qwen3_moe").to(torch.bfloat16).eval()
     moe.hf.replace_moe_blocks(model, precision="int4")
-    cfg = hf_models.moe_block(model, hf_models.moe_layers("qwen3_moe", model.config)[0]).layer.config
+    cfg = first_block_config(model)
     assert cfg["round_router_logits"] and cfg["tie_break"] == "torch" and not cfg["round_each_op"]
 
 
