@@ -74,7 +74,9 @@ struct QuantRows {
   int64_t M = 0;             // rows
   int64_t ld = 0;            // elements between rows (whole chunks)
   const void* data = nullptr;  // float, uint16_t (bf16; prefill always) or int8_t
-  const float* sums = nullptr;    // (M, chunks, 16): bf16 int4 with zero points, and s8 rows
+  // (M, chunks, 16): bf16 int4 with zero points, and s8 rows (there, for formats with one
+  // fixed zero z, already z · Σ · the row scale)
+  const float* sums = nullptr;
   const float* scales = nullptr;  // (M, chunks, 16): s8 rows
 };
 

@@ -354,7 +354,7 @@ MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const Qua
   const float* rs = R.scales + i0 * chunks * 16;
   const float* sums = R.sums + i0 * chunks * 16;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const __m512 fixed_zero = _mm512_set1_ps(Cd == Codes::mxfp4 ? 12.0f : 8.0f);
+  [[maybe_unused]] const __m512 fixed_zero = _mm512_set1_ps(Cd == Codes::mxfp4 ? 12.0f : 8.0f);
   const uint8_t* col[NC];
   const char* srow[NC];
   const uint8_t* zrow[NC];
@@ -388,7 +388,7 @@ MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const Qua
         hi = _mm512_shuffle_epi8(mx_table, hi);
       }
       const __m512 sv = chunk_scale<Cd>(srow[c], blocks.b0, mask, one, spread);
-      __m512 zv = fixed_zero;
+      [[maybe_unused]] __m512 zv = fixed_zero;
       if constexpr (zp) zv = chunk_zero(zrow[c], blocks.b0, mask, one, spread);
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
@@ -396,8 +396,15 @@ MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const Qua
         const int64_t at = (m * chunks + ch) * 16;
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a));
         d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(a + 64));
-        const __m512 f = _mm512_fnmadd_ps(zv, _mm512_loadu_ps(sums + at), _mm512_cvtepi32_ps(d));
-        acc[m][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_loadu_ps(rs + at)), acc[m][c]);
+        if constexpr (zp) {
+          const __m512 f =
+              _mm512_fnmadd_ps(zv, _mm512_loadu_ps(sums + at), _mm512_cvtepi32_ps(d));
+          acc[m][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, _mm512_loadu_ps(rs + at)), acc[m][c]);
+        } else {  // sums = z · Σ · rs (quant_prepare_rows): (d − z·Σ)·rs in one fmsub
+          const __m512 f = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(rs + at),
+                                           _mm512_loadu_ps(sums + at));
+          acc[m][c] = _mm512_fmadd_ps(f, sv, acc[m][c]);
+        }
       }
     }
   }
