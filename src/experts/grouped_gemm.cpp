@@ -44,8 +44,6 @@ void with_act(Activation a, F&& f) {
   }
 }
 
-// The epilogue of rows [m0, m0+m), columns [n0, n0+n) of problem p. The activation is a
-// template constant inside the loops so that they vectorise.
 // apply_epilogue with every step rounded to bf16 (TileEpilogue::round_steps), in the order
 // transformers' bf16 experts run them: the product; the bias added; the activation; for the
 // glu, silu(gate) then ·up, or GPT-OSS's clamped form op by op (α·g, σ, g·σ, u + 1, the
@@ -79,8 +77,8 @@ void apply_epilogue_rounded(const P& p, int64_t m0, int64_t m, int64_t n0, int64
       case Op::bias:
         break;
       case Op::glu: {
-        const float* c2 = p.C2 + o;
-        linear(p.C2 + o, b2);
+        float* c2 = p.C2 + o;
+        linear(c2, b2);
         if (e.clamped)
           put([&](int64_t j) {
             const float g = std::min(c[j], limit);
@@ -106,6 +104,8 @@ void apply_epilogue_rounded(const P& p, int64_t m0, int64_t m, int64_t n0, int64
   }
 }
 
+// The epilogue of rows [m0, m0+m), columns [n0, n0+n) of problem p. The activation is a
+// template constant inside the loops so that they vectorise.
 template <class P>
 void apply_epilogue(const P& p, int64_t m0, int64_t m, int64_t n0, int64_t n) {
   using Op = TileEpilogue::Op;
