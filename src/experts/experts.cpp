@@ -172,6 +172,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
                       GroupedGemm& gg) {
   using Op = TileEpilogue::Op;
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  const bool rounded = bf16 && s.round_steps;  // round_each_op (validate(): bf16 only)
   const int64_t E = s.E, d = s.d, F = s.F, Do = s.Do;
   switch (s.kind) {
     case ExpertKind::linear_relu: {
@@ -179,7 +180,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       epi.op = Op::bias_act_inplace;
       epi.act = Activation::relu;
       epi.bias = w.b1;
-      epi.round_steps = bf16 && s.round_steps;
+      epi.round_steps = rounded;
       add_rowwise(gg, acts.out, Do, x, d, W1, false, Do, d, 0.0f, off, E, epi);
       gg.run();
       break;
@@ -189,7 +190,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       epi1.op = Op::bias_act;
       epi1.act = s.act;
       epi1.bias = w.b1;
-      epi1.round_steps = bf16 && s.round_steps;
+      epi1.round_steps = rounded;
       if constexpr (bf16)
         epi1.out_bf16 = hid;
       else
@@ -199,7 +200,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       TileEpilogue epi2;  // out = hid·W2 + b2
       epi2.op = Op::bias;
       epi2.bias = w.b2;
-      epi2.round_steps = bf16 && s.round_steps;
+      epi2.round_steps = rounded;
       add_rowwise(gg, acts.out, Do, static_cast<const T*>(hid), F, W2, false, Do, F, 0.0f, off,
                   E, epi2);
       gg.run();
@@ -216,7 +217,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
       glu.clamped = clamped;
       glu.alpha = s.alpha;
       glu.limit = s.limit;
-      glu.round_steps = e2.round_steps = bf16 && s.round_steps;
+      glu.round_steps = e2.round_steps = rounded;
       if constexpr (bf16)
         glu.out_bf16 = hid;
       else

@@ -66,10 +66,12 @@ void apply_epilogue_rounded(const P& p, int64_t m0, int64_t m, int64_t n0, int64
     float* h = e.out ? e.out + o : nullptr;
     uint16_t* hb = e.out_bf16 ? e.out_bf16 + o : nullptr;
     linear(c, b);
-    auto put = [&](auto&& act) {
+    auto put = [&](auto&& act) {  // the fp32 output, the bf16 one, or both from one act
       if (h)
         for (int64_t j = 0; j < n; ++j) h[j] = act(j);
-      if (hb)
+      if (hb && h)
+        for (int64_t j = 0; j < n; ++j) hb[j] = to_bf16(h[j]);
+      else if (hb)
         for (int64_t j = 0; j < n; ++j) hb[j] = to_bf16(act(j));
     };
     switch (e.op) {

@@ -410,7 +410,7 @@ void MoELayer::set_rounding(bool router_logits, bool gate_weights, bool each_op,
   c.validate();
   m.cfg = c;
   m.rcfg = c.router();
-  m.shape.round_steps = c.round_each_op;
+  m.shape = detail::ExpertShape::of(c);
 }
 
 void MoELayer::weights_changed() {

@@ -156,11 +156,11 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
     // Formats whose zero is one constant (int4 symmetric: 8; mxfp4's bytes: 12) take it
     // here, scaled: su = z · Σ · row scale, so the kernel's per-row step is one fmsub
     // (cvt(d) · rs − su) and one fma into the accumulator (kernels.hpp, QuantRows).
-    const float z = W.zero_points ? 1.0f : W.format == QuantFormatId::mxfp4 ? 12.0f : 8.0f;
     for (int l = 0; l < 16; ++l) {
       int sum = 0;
       for (int k = 8 * l; k < 8 * l + 8; ++k) sum += t[k];
-      su[l] = W.zero_points ? static_cast<float>(sum) : z * static_cast<float>(sum) * sc[l];
+      su[l] = static_cast<float>(sum);
+      if (!W.zero_points) su[l] *= quant_impl::s8_rows_fixed_zero(W) * sc[l];
     }
   }
 }

@@ -340,8 +340,10 @@ MOE_AVX512 inline __m512i mxfp4_byte_table() {
 
 // MR rows × NC columns: per chunk, two vpdpbusd sum a column's codes (low nibbles against the
 // rows' even values, high against the odd ones) into exact int32 lane sums; converted, the
-// zero point (int4: 8 or z; mxfp4: 12) comes off as z · the rows' lane sums, and the
-// weights' and the rows' scales multiply the result into the accumulators.
+// zero point comes off as z · the rows' lane sums, and the weights' and the rows' scales
+// multiply the result into the accumulators. With zero points (int4 z per block) the kernel
+// takes z · Σ; with a fixed zero (int4 8, mxfp4 12: s8_rows_fixed_zero) the rows arrive with
+// z · Σ · row scale made (quant_prepare_rows), one fmsub.
 template <Codes Cd, int MR, int NC>
 MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
                                int64_t i0, int64_t j0, float* C, int64_t ldc) {
@@ -354,7 +356,6 @@ MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const Qua
   const float* rs = R.scales + i0 * chunks * 16;
   const float* sums = R.sums + i0 * chunks * 16;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  [[maybe_unused]] const __m512 fixed_zero = _mm512_set1_ps(Cd == Codes::mxfp4 ? 12.0f : 8.0f);
   const uint8_t* col[NC];
   const char* srow[NC];
   const uint8_t* zrow[NC];
@@ -388,7 +389,7 @@ MOE_AVX512_VNNI void tile_vnni(const QuantMatrix& W, __m512i mx_table, const Qua
         hi = _mm512_shuffle_epi8(mx_table, hi);
       }
       const __m512 sv = chunk_scale<Cd>(srow[c], blocks.b0, mask, one, spread);
-      [[maybe_unused]] __m512 zv = fixed_zero;
+      __m512 zv = _mm512_setzero_ps();
       if constexpr (zp) zv = chunk_zero(zrow[c], blocks.b0, mask, one, spread);
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {

@@ -18,6 +18,13 @@ inline Codes codes_of(const QuantMatrix& W) {
   return Codes::int4_sym;
 }
 
+// The unsigned byte vpdpbusd reads for a code that stands for zero, in the formats whose
+// zero is one constant (int4 symmetric: the code 8; mxfp4: 2·E2M1 + 12, the 12 of its byte
+// table); formats with zero points carry theirs per block.
+inline float s8_rows_fixed_zero(const QuantMatrix& W) {
+  return W.format == QuantFormatId::mxfp4 ? 12.0f : 8.0f;
+}
+
 // The bf16 words of a format's code table (quant_code_values), as the widening reads them:
 // 4-bit codes: 32 entries — linear codes (int4) hold t − 16 (the index is code + 16 − zero),
 // table codes (mxfp4) the 16 values; 8-bit codes: 128 magnitudes (the sign is bit 7).
