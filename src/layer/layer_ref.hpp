@@ -7,6 +7,7 @@
 // formulas (losses/losses.hpp) and the activations (experts/activation.hpp).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <string>
@@ -25,6 +26,12 @@
 #include "router/router_rows.hpp"
 
 namespace moe::detail {
+
+// v rounded to the nearest bf16 (through float), in the twin's own type.
+template <typename S>
+S bf16_of(S v) {
+  return static_cast<S>(round_bf16(static_cast<float>(v)));
+}
 
 // Parameters (or their gradients) with the layer's names and shapes; absent ones are empty.
 template <typename S>
@@ -146,6 +153,7 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     for (int64_t e = 0; e < E; ++e) {
       h[e] = cfg.router_bias ? p.b_g[e] : S(0);
       for (int64_t i = 0; i < d; ++i) h[e] += xt[i] * p.W_g[i * E + e];
+      if (cfg.round_router_logits) h[e] = bf16_of(h[e]);  // the logits as the model's dtype
       if (sv.noisy && cfg.noise == Noise::learned)
         for (int64_t i = 0; i < d; ++i) pre[e] += xt[i] * p.W_noise[i * E + e];
     }
@@ -192,10 +200,24 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   sv.hid.assign(static_cast<size_t>(A * F), S(0));
   sv.out.assign(static_cast<size_t>(A * Do), S(0));
   // precision bf16: every expert product's operands rounded to bf16 (SPEC §6), the sums in S.
-  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
-    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
-  };
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) { return bf ? bf16_of(v) : v; };
   std::vector<S> xq(static_cast<size_t>(d));
+  // round_each_op (bf16, transformers' order): each step's result rounded to bf16 — the
+  // product, then the bias added, the activation, and each op of the glu (r is q's rounding).
+  const bool each_op = cfg.round_each_op;
+  const auto r = [each_op](S v) { return each_op ? bf16_of(v) : v; };
+  const auto linear = [&](S sum, const std::vector<S>& bias, int64_t at) {
+    const S b = bias.empty() ? S(0) : bias[at];
+    return each_op ? (bias.empty() ? r(sum) : r(r(sum) + b)) : b + sum;
+  };
+  // GPT-OSS's clamped glu op by op: g·σ(α·g) with α·g and σ rounded, u + 1, the product.
+  const auto clamped_swiglu_by_op = [&](S g, S u) {
+    const S L = S(cfg.swiglu_limit);
+    g = std::min(g, L);
+    u = std::min(std::max(u, -L), L);
+    const S sg = r(S(1) / (S(1) + std::exp(-r(g * S(cfg.swiglu_alpha)))));
+    return r(r(u + S(1)) * r(g * sg));
+  };
   // precision int8 (evaluation): the quantized twin (experts/int8_ref.hpp); out only.
   const bool int8 = cfg.precision == Precision::int8;
   Int8RefExperts<S> i8;
@@ -231,34 +253,41 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     S* out = &sv.out[a * Do];
     const S* W1 = &p.W1[e * d * W1w];
     for (int64_t c = 0; c < W1w; ++c) {
-      a1[c] = p.b1.empty() ? S(0) : p.b1[e * W1w + c];
-      for (int64_t i = 0; i < d; ++i) a1[c] += xt[i] * q(W1[i * W1w + c]);
+      S sum = 0;
+      for (int64_t i = 0; i < d; ++i) sum += xt[i] * q(W1[i * W1w + c]);
+      a1[c] = linear(sum, p.b1, e * W1w + c);
     }
     switch (cfg.expert) {
       case ExpertKind::linear_relu:
-        for (int64_t c = 0; c < Do; ++c) out[c] = act_forward(Activation::relu, a1[c]);
+        for (int64_t c = 0; c < Do; ++c) out[c] = r(act_forward(Activation::relu, a1[c]));
         continue;
       case ExpertKind::mlp:
         for (int64_t f = 0; f < F; ++f) hid[f] = q(act_forward(cfg.activation, a1[f]));
         break;
       case ExpertKind::swiglu:
         for (int64_t f = 0; f < F; ++f) {
-          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
-          hid[f] = q(silu(a1[f]) * a3[f]);
+          S sum = 0;
+          for (int64_t i = 0; i < d; ++i) sum += xt[i] * q(p.W3[(e * d + i) * F + f]);
+          a3[f] = r(sum);
+          hid[f] = q(r(silu(a1[f])) * a3[f]);
         }
         break;
       case ExpertKind::clamped_swiglu:
         for (int64_t f = 0; f < F; ++f) {
-          a3[f] = p.b3.empty() ? S(0) : p.b3[e * F + f];
-          for (int64_t i = 0; i < d; ++i) a3[f] += xt[i] * q(p.W3[(e * d + i) * F + f]);
-          hid[f] = q(clamped_swiglu(a1[f], a3[f], S(cfg.swiglu_alpha), S(cfg.swiglu_limit)));
+          S sum = 0;
+          for (int64_t i = 0; i < d; ++i) sum += xt[i] * q(p.W3[(e * d + i) * F + f]);
+          a3[f] = linear(sum, p.b3, e * F + f);
+          hid[f] = q(each_op ? clamped_swiglu_by_op(a1[f], a3[f])
+                             : clamped_swiglu(a1[f], a3[f], S(cfg.swiglu_alpha),
+                                              S(cfg.swiglu_limit)));
         }
         break;
     }
     // hid is saved rounded: backward's dW2 product takes it as its bf16 operand.
     for (int64_t c = 0; c < Do; ++c) {
-      out[c] = p.b2.empty() ? S(0) : p.b2[e * Do + c];
-      for (int64_t f = 0; f < F; ++f) out[c] += hid[f] * q(p.W2[(e * F + f) * Do + c]);
+      S sum = 0;
+      for (int64_t f = 0; f < F; ++f) sum += hid[f] * q(p.W2[(e * F + f) * Do + c]);
+      out[c] = linear(sum, p.b2, e * Do + c);
     }
   }
 
@@ -270,7 +299,11 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
     for (int64_t j = 0; j < k; ++j) {
       const int64_t a = t * k + j;
       if (sv.plan.src_to_dest[a] < 0) continue;
-      for (int64_t c = 0; c < Do; ++c) y[t * Do + c] += sv.weights[a] * sv.out[a * Do + c];
+      // round_gate_weights: each weighted output rounded to bf16 before the sum over k.
+      for (int64_t c = 0; c < Do; ++c) {
+        const S wy = sv.weights[a] * sv.out[a * Do + c];
+        y[t * Do + c] += cfg.round_gate_weights ? bf16_of(wy) : wy;
+      }
     }
   }
   if (cfg.n_shared_experts > 0) shared_forward_ref<S>(y.data(), x, T, p.shared, cfg);
@@ -292,9 +325,7 @@ void layer_backward_ref(std::vector<S>& dx, RefParams<S>& g, const S* dy, const 
   // Combine and experts, one kept assignment at a time. precision bf16: the products'
   // operands (x, dout, da1, da3, the weights) rounded to bf16; the bias gradients are not
   // products and take the unrounded values.
-  const auto q = [bf = cfg.precision == Precision::bf16](S v) {
-    return bf ? static_cast<S>(round_bf16(static_cast<float>(v))) : v;
-  };
+  const auto q = [bf = cfg.precision == Precision::bf16](S v) { return bf ? bf16_of(v) : v; };
   std::vector<S> xq(static_cast<size_t>(d)), doutq(static_cast<size_t>(Do)),
       da1q(static_cast<size_t>(W1w)), da3q(static_cast<size_t>(F));
   for (int64_t a = 0; a < T * k; ++a) {

@@ -351,6 +351,48 @@ Fp32AndBf16 run_fp32_and_bf16(const MoEConfig& c32, uint64_t seed, int64_t T) {
 
 // Not a tautology: the same layer in fp32 differs by bf16's rounding, within 2e-2 (the
 // experts here are smooth: gelu, silu; ReLU's forward only).
+// Rounding as transformers (round_router_logits, round_gate_weights, round_each_op, torch's
+// tie order) against the twin, which rounds the same steps (layer/layer_ref.hpp): every
+// expert kind, a router that weights before and one that weights after the top-k, forward
+// and backward. Not vacuous: the twin with the switches off is further from the layer than
+// the tolerance.
+TEST(LayerBf16, RoundingAsTransformersMatchesTheTwin) {
+  double worst_y = 0.0, worst_g = 0.0;
+  int seed = 700;
+  for (auto kind : {moe::ExpertKind::swiglu, moe::ExpertKind::clamped_swiglu,
+                    moe::ExpertKind::mlp, moe::ExpertKind::linear_relu})
+    for (auto router : {moe::RouterKind::softmax_topk, moe::RouterKind::topk_softmax}) {
+      moe_test::Case cs{kind, moe::Activation::gelu, 2, std::nullopt, moe::DropPolicy::position,
+                        false, moe::Noise::none, moe::NoiseScale::softplus};
+      MoEConfig cfg = moe_test::config_of(cs, 48, 6, 40, 24, ++seed);
+      SCOPED_TRACE(cs.name() + (router == moe::RouterKind::softmax_topk ? " softmax_topk"
+                                                                        : " topk_softmax"));
+      cfg.precision = Precision::bf16;
+      cfg.router_kind = router;
+      cfg.renormalize = router == moe::RouterKind::softmax_topk;
+      cfg.tie_break = moe::TieBreak::torch;
+      cfg.round_router_logits = cfg.round_gate_weights = cfg.round_each_op = true;
+      const moe_test::LayerRun f = moe_test::check_rounded_oracle(cfg, 33, seed, worst_y, worst_g);
+      if (::testing::Test::HasFailure()) return;
+      // The same layer and operands against the twin of the unrounded config.
+      MoELayer L(cfg);
+      Rng rng(static_cast<uint64_t>(seed));
+      moe_test::randomize(L, rng);
+      const auto x = rng.vec(33 * cfg.d_model, 1.0);
+      MoEConfig plain = cfg;
+      plain.tie_break = moe::TieBreak::high;
+      plain.round_router_logits = plain.round_gate_weights = plain.round_each_op = false;
+      const auto p = moe::detail::RefParams<double>::from(L);
+      moe::detail::RefSaved<double> sv;
+      std::vector<double> y;
+      const auto xd = moe_test::convert<double>(x);
+      moe::detail::layer_forward_ref<double>(y, sv, xd.data(), p, plain, 33, true, nullptr);
+      EXPECT_GT(rel_max_err(f.y, y), 1e-3) << "the rounding changed nothing: a vacuous case";
+    }
+  RecordProperty("worst_forward", std::to_string(worst_y));
+  RecordProperty("worst_gradient", std::to_string(worst_g));
+}
+
 TEST(LayerBf16, WithinBf16ToleranceOfFp32) {
   for (auto kind : {moe::ExpertKind::linear_relu, moe::ExpertKind::mlp, moe::ExpertKind::swiglu}) {
     SCOPED_TRACE(moe::to_string(kind));
