@@ -272,7 +272,9 @@ void BM_quant(benchmark::State& state, Format f, Method method, QuantPath path, 
   std::vector<unsigned char> rows_buf;
   std::vector<uint16_t> panels;
   if (!f.bf16) {
-    rows_buf.resize(static_cast<size_t>(quant_rows_bytes(c.views[0], M)));
+    rows_buf.resize(static_cast<size_t>(quant_rows_bytes(
+        c.views[0], path, method == Method::decode ? QuantMethod::decode : QuantMethod::prefill,
+        M)));
     panels.resize(static_cast<size_t>(quant_prefill_workspace_size(c.views[0]) * threads));
   }
   const int64_t panel = f.bf16 ? 0 : quant_prefill_workspace_size(c.views[0]);

@@ -91,9 +91,17 @@ namespace {
 int64_t chunks_of(const QuantMatrix& W) { return (W.K + kQuantChunk - 1) / kQuantChunk; }
 }  // namespace
 
-int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M) {
-  // fp32 rows of whole chunks at most, and the lane sums and scales.
-  return M * chunks_of(W) * (kQuantChunk * 4 + 2 * 16 * 4);
+int64_t quant_rows_bytes(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M) {
+  const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk, lanes = M * chunks * 16 * 4;
+  if (method == QuantMethod::prefill)  // u8 rows and a scale a chunk, or bf16 rows
+    return path == QuantPath::avx512_vnni ? M * ld + M * chunks * 4 : M * ld * 2;
+  switch (quant_rows_type(path)) {
+    case QuantRowsType::f32: return M * ld * 4;
+    case QuantRowsType::s8: return M * ld + 2 * lanes;  // the lane scales and sums
+    case QuantRowsType::bf16: break;
+  }
+  const bool sums = W.fmt().code_bits == 4 && W.zero_points;  // interleaved with zero points
+  return M * ld * 2 + (sums ? lanes : 0);
 }
 
 float quant_s8_scale(const float* v, int64_t n) {
@@ -330,9 +338,8 @@ void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_
 }
 
 namespace quant_impl {
-void next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t k0,
-                QuantNext next, const QuantMatrix** pW, int64_t* pj, int64_t* pn, int64_t* pk,
-                int64_t* pkc) {
+QuantPanel next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t k0,
+                      QuantNext next) {
   const QuantMatrix* to = &W;
   // Without a `next`, W's columns past this call's are taken to come next.
   int64_t col = n0 + j, k = k0 + kQuantPanelK, end = next.W ? n0 + n : W.N;
@@ -345,11 +352,8 @@ void next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t 
       end = next.W->N;
     }
   }
-  *pW = to;
-  *pj = col;
-  *pn = std::min(kPanelCols, std::min(end, to->N) - col);
-  *pk = k;
-  *pkc = std::min(kQuantPanelK, to->K - k);
+  return {to, col, std::min(kPanelCols, std::min(end, to->N) - col), k,
+          std::min(kQuantPanelK, to->K - k)};
 }
 }  // namespace quant_impl
 
@@ -370,11 +374,9 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
     for (int64_t k0 = 0; k0 < W.K; k0 += kQuantPanelK) {
       const int64_t kc = std::min(kQuantPanelK, W.K - k0);
       quant_widen_panel(W, widen, n0 + j, nc, k0, kc, ws);
-      const QuantMatrix* pW;
-      int64_t pj, pn, pk, pkc;
-      quant_impl::next_panel(W, n0, n, j, k0, next, &pW, &pj, &pn, &pk, &pkc);
+      const quant_impl::QuantPanel after = quant_impl::next_panel(W, n0, n, j, k0, next);
       for (int64_t b = 0; b < blocks; ++b) {
-        if (pn > 0) quant_impl::prefetch_panel(*pW, pj, pn, pk, pkc, b, blocks);
+        quant_impl::prefetch_panel(after, b, blocks);
         const int64_t i0 = b * kRowBlock, m = std::min(kRowBlock, rows.M - i0);
         gemm_bf16_packed_serial(m, 0, nc, kc, A + i0 * rows.ld + k0, rows.ld, ws,
                                 k0 > 0 ? 1.0f : 0.0f, C + i0 * ldc + j, ldc);
@@ -385,8 +387,9 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
 
 // ---- the parallel driver ---------------------------------------------------------------------
 
-void QuantWorkspace::reserve(const QuantMatrix& W, int64_t M, int threads) {
-  const auto need = static_cast<size_t>(quant_rows_bytes(W, M));
+void QuantWorkspace::reserve(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M,
+                             int threads) {
+  const auto need = static_cast<size_t>(quant_rows_bytes(W, path, method, M));
   if (rows.size() < need) rows.resize(need);
   const auto panel = static_cast<size_t>(quant_prefill_workspace_size(W) * threads);
   if (panels.size() < panel) panels.resize(panel);
@@ -417,7 +420,7 @@ void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int cou
   if (M <= 0) return;
   const QuantMatrix& W0 = *Ws[0];
   const int threads = omp_get_max_threads();
-  ws.reserve(W0, M, threads);
+  ws.reserve(W0, path, method, M, threads);
   const QuantRows rows = quant_prepare_rows(W0, path, method, X, ldx, M, ws.rows.data());
   // Tasks: column tiles, each every matrix's columns summed over the whole K (the split never
   // changes a value).
@@ -448,29 +451,31 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
   const int threads = omp_get_max_threads();
   // Each product's path and method, its rows' place, the panel the largest one needs.
   ws.offsets.assign(static_cast<size_t>(np + 1), 0);
+  ws.prepared.resize(static_cast<size_t>(np));
   int64_t panel = 0;
   for (int64_t p = 0; p < np; ++p) {
     const QuantProduct& q = ps[static_cast<size_t>(p)];
     MOE_ASSERT(q.count >= 1 && q.count <= 2 && q.M > 0 &&
                (q.count == 1 || quant_rows_shared(*q.W[0], *q.W[1])));
     for (int m = 0; m < q.count; ++m) validate(*q.W[m]);
+    QuantRows& r = ws.prepared[static_cast<size_t>(p)];
+    const QuantFormatId f = q.W[0]->format;
+    r.method = quant_method_for(q.M, f);
+    r.path = r.method == QuantMethod::decode ? quant_decode_path(f) : quant_prefill_path(f);
     ws.offsets[static_cast<size_t>(p + 1)] =
-        ws.offsets[static_cast<size_t>(p)] + (quant_rows_bytes(*q.W[0], q.M) + 63) / 64 * 64;
+        ws.offsets[static_cast<size_t>(p)] +
+        (quant_rows_bytes(*q.W[0], r.path, r.method, q.M) + 63) / 64 * 64;
     panel = std::max(panel, quant_prefill_workspace_size(*q.W[0]));
   }
   if (ws.rows.size() < static_cast<size_t>(ws.offsets.back()))
     ws.rows.resize(static_cast<size_t>(ws.offsets.back()));
   if (ws.panels.size() < static_cast<size_t>(panel * threads))
     ws.panels.resize(static_cast<size_t>(panel * threads));
-  ws.prepared.resize(static_cast<size_t>(np));
   const auto prepare = [&](int64_t p) {
     const QuantProduct& q = ps[static_cast<size_t>(p)];
-    const QuantFormatId f = q.W[0]->format;
-    const QuantMethod method = quant_method_for(q.M, f);
-    const QuantPath path =
-        method == QuantMethod::decode ? quant_decode_path(f) : quant_prefill_path(f);
-    ws.prepared[static_cast<size_t>(p)] = quant_prepare_rows(
-        *q.W[0], path, method, q.X, q.ldx, q.M, ws.rows.data() + ws.offsets[static_cast<size_t>(p)]);
+    QuantRows& r = ws.prepared[static_cast<size_t>(p)];
+    r = quant_prepare_rows(*q.W[0], r.path, r.method, q.X, q.ldx, q.M,
+                           ws.rows.data() + ws.offsets[static_cast<size_t>(p)]);
   };
   // Many products: one thread each (its rows serially); few: one after another, each spread
   // over the threads by rows (quant_prepare_rows).

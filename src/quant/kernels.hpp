@@ -85,9 +85,10 @@ struct QuantRows {
 float quant_s8_scale(const float* v, int64_t n);
 int8_t quant_s8(float v, float scale);
 
-// Bytes quant_prepare_rows writes for M rows of W (whatever the path and method).
-int64_t quant_rows_bytes(const QuantMatrix& W, int64_t M);
-// X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, M) bytes).
+// Bytes quant_prepare_rows writes for M rows of W on that path and method.
+int64_t quant_rows_bytes(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M);
+// X (M, K) fp32 with stride ldx, in W's own K order → buf (quant_rows_bytes(W, path, method, M)
+// bytes).
 // Prefill rows are u8 on avx512_vnni, else bf16 in K order whatever the path.
 QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
                              const float* X, int64_t ldx, int64_t M, void* buf);
@@ -133,7 +134,7 @@ constexpr int64_t kQuantTileN = 64;
 struct QuantWorkspace {
   std::vector<unsigned char> rows;
   std::vector<uint16_t> panels;  // one panel per thread
-  void reserve(const QuantMatrix& W, int64_t M, int threads);
+  void reserve(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M, int threads);
 };
 
 // C (M, N) = X (M, K) · dequant(W): rows prepared once, column tiles of kQuantTileN spread

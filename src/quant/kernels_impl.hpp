@@ -68,21 +68,23 @@ int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W);
 void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales);
 void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc, unsigned char* ws, QuantNext next);
+// One prefill panel: columns [j, j + n) and K [k, k + kc) of W; none when n ≤ 0.
+struct QuantPanel {
+  const QuantMatrix* W = nullptr;
+  int64_t j = 0, n = 0, k = 0, kc = 0;
+};
 // The panel after (columns [n0 + j, +64), K from k0) of a serial prefill over columns
 // [n0, n0 + n): the next K panel, else the next 64 columns, else `next` (its first panel).
-// Sets *pW, *pj, *pn, *pk, *pkc; *pn ≤ 0 when there is none.
-void next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t k0,
-                QuantNext next, const QuantMatrix** pW, int64_t* pj, int64_t* pn, int64_t* pk,
-                int64_t* pkc);
+QuantPanel next_panel(const QuantMatrix& W, int64_t n0, int64_t n, int64_t j, int64_t k0,
+                      QuantNext next);
 // Whether prefill_vnni_serial sums mxfp4's panel of columns [j0, j0 + nc) and K [k0, k0 + kc)
 // in blocks of 128 (each column's four exponents of a chunk within 3 of their least), not 32.
 bool prefill_vnni_mxfp4_shared(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0,
                                int64_t kc);
 
-// Part `part` of `parts` of the lines a panel (columns [j0, j0 + nc), K [k0, k0 + kc)) reads,
-// codes and scales, into L2: prefill asks for the next panel's while this one's products run
-// (the codes come from memory; the widening alone stalled on them for half its time).
-void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
-                    int64_t part, int64_t parts);
+// Part `part` of `parts` of the lines panel p reads, codes and scales, into L2: prefill asks
+// for the next panel's while this one's products run (the codes come from memory; the
+// widening alone stalled on them for half its time). Nothing when p is none.
+void prefetch_panel(const QuantPanel& p, int64_t part, int64_t parts);
 
 }  // namespace moe::detail::quant_impl

@@ -369,12 +369,10 @@ void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
       (shared ? widen_s8<Codes::mxfp4, kQuantChunk, true> : widen)(W, n0 + j, nc, k0, kc, panel,
                                                                    cs, sc, idx, emin);
       // The next panel (of this call, else the caller's next): asked for a part per row block.
-      const QuantMatrix* pW;
-      int64_t pj, pn, pk, pkc;
-      next_panel(W, n0, n, j, k0, next, &pW, &pj, &pn, &pk, &pkc);
+      const QuantPanel after = next_panel(W, n0, n, j, k0, next);
       // Row blocks as even as possible (at most 6 rows each).
       for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
-        if (pn > 0) prefetch_panel(*pW, pj, pn, pk, pkc, bi, blocks);
+        prefetch_panel(after, bi, blocks);
         const int64_t m = (rows.M - i0) / (blocks - bi);
         kTiles[m - 1](A + i0 * rows.ld + k0, rows.ld, rows.scales + i0 * chunks, chunks,
                       k0 / kQuantChunk, panel, cs, sc, groups, G, C + i0 * ldc + j, ldc, nc,
@@ -393,8 +391,10 @@ bool prefill_vnni_mxfp4_shared(const QuantMatrix& W, int64_t j0, int64_t nc, int
   return mxfp4_shared_exponents(W, j0, nc, k0, kc, idx, emin);
 }
 
-void prefetch_panel(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
-                    int64_t part, int64_t parts) {
+void prefetch_panel(const QuantPanel& p, int64_t part, int64_t parts) {
+  if (p.n <= 0) return;
+  const QuantMatrix& W = *p.W;
+  const int64_t j0 = p.j, nc = p.n, k0 = p.k, kc = p.kc;
   const bool four = W.fmt().code_bits == 4;
   const int64_t b0 = four ? k0 / 2 : k0;
   const int64_t b1 = four ? std::min((k0 + kc + 1) / 2, W.sub_blocks() * 16) : k0 + kc;

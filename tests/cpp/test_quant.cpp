@@ -276,6 +276,31 @@ TEST(QuantDecode, ZeroRowsGiveZerosAndNoRowsWriteNothing) {
   }
 }
 
+// quant_rows_bytes is what quant_prepare_rows writes on each path and method: the bytes past it
+// stay as they were, and it is no more than the rows themselves and their per-chunk lanes.
+TEST(QuantDecode, PreparedRowsFitTheirSizeExactly) {
+  Rng rng(5);
+  for (const Variant& v : kVariants) {
+    const Held h = random_weights(v, 300, 20, rng);
+    for (const int64_t M : {int64_t{1}, int64_t{7}}) {
+      const std::vector<float> X = rng.vec(M * 300, 1.0);
+      for (const QuantPath p : kPaths) {
+        if (!runs(p, h.view)) continue;
+        for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
+          const int64_t bytes = quant_rows_bytes(h.view, p, m, M);
+          const int64_t ld = (300 + kQuantChunk - 1) / kQuantChunk * kQuantChunk;
+          EXPECT_LE(bytes, M * ld * 4 + M * ld / kQuantChunk * 2 * 16 * 4) << v.label();
+          std::vector<unsigned char> buf(static_cast<size_t>(bytes + 256), 0xa5);
+          quant_prepare_rows(h.view, p, m, X.data(), 300, M, buf.data());
+          for (int64_t i = bytes; i < bytes + 256; ++i)
+            ASSERT_EQ(buf[static_cast<size_t>(i)], 0xa5)
+                << v.label() << " " << quant_path_name(p) << " M " << M << " wrote byte " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(QuantDecode, BitsDependOnNeitherThreadsNorTilingNorRowCount) {
   Rng rng(11);
   for (const Variant& v : kVariants) {
@@ -297,7 +322,8 @@ TEST(QuantDecode, BitsDependOnNeitherThreadsNorTilingNorRowCount) {
         omp_set_num_threads(saved);
         if (method == QuantMethod::prefill) continue;
         // Decode: each row alone, and odd column ranges, give the same bits as the whole call.
-        std::vector<unsigned char> buf(static_cast<size_t>(quant_rows_bytes(h.view, M)));
+        std::vector<unsigned char> buf(
+            static_cast<size_t>(quant_rows_bytes(h.view, p, QuantMethod::decode, M)));
         for (int64_t i = 0; i < M; i += 5) {
           const QuantRows r = quant_prepare_rows(h.view, p, QuantMethod::decode,
                                                  X.data() + i * 300, 300, 1, buf.data());
