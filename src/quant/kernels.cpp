@@ -387,14 +387,6 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
 
 // ---- the parallel driver ---------------------------------------------------------------------
 
-void QuantWorkspace::reserve(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M,
-                             int threads) {
-  const auto need = static_cast<size_t>(quant_rows_bytes(W, path, method, M));
-  if (rows.size() < need) rows.resize(need);
-  const auto panel = static_cast<size_t>(quant_prefill_workspace_size(W) * threads);
-  if (panels.size() < panel) panels.resize(panel);
-}
-
 namespace {
 // Whether two matrices take their rows in the same K order (so one preparation serves both).
 bool same_rows(const QuantMatrix& a, const QuantMatrix& b) {
@@ -403,43 +395,6 @@ bool same_rows(const QuantMatrix& a, const QuantMatrix& b) {
          std::equal(a.perm, a.perm + a.K, b.perm);
 }
 }  // namespace
-
-void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
-                         QuantPath path, QuantMethod method, const float* X, int64_t ldx,
-                         int64_t M, int64_t ldc, QuantWorkspace& ws) {
-  MOE_REQUIRE(count >= 1 && quant_path_allowed(path), "quant_matmul: path ",
-              quant_path_name(path), " is not allowed on this CPU (MOE_MAX_ISA or its features)");
-  for (int m = 0; m < count; ++m) {
-    const QuantMatrix& W = *Ws[m];
-    MOE_REQUIRE(quant_path_supports(path, W.format), "quant_matmul: path ",
-                quant_path_name(path), " does not read ", W.fmt().name);
-    validate(W);
-    MOE_ASSERT(same_rows(W, *Ws[0]) && W.N == Ws[0]->N && W.format == Ws[0]->format &&
-               W.block_k == Ws[0]->block_k);
-  }
-  if (M <= 0) return;
-  const QuantMatrix& W0 = *Ws[0];
-  const int threads = omp_get_max_threads();
-  ws.reserve(W0, path, method, M, threads);
-  const QuantRows rows = quant_prepare_rows(W0, path, method, X, ldx, M, ws.rows.data());
-  // Tasks: column tiles, each every matrix's columns summed over the whole K (the split never
-  // changes a value).
-  const int64_t tiles = (W0.N + kQuantTileN - 1) / kQuantTileN;
-  const int64_t panel = quant_prefill_workspace_size(W0);
-#pragma omp parallel for schedule(static) if (tiles > 1)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * kQuantTileN, n = std::min(kQuantTileN, W0.N - n0);
-    for (int m = 0; m < count; ++m) {
-      if (method == QuantMethod::decode)
-        quant_decode_serial(*Ws[m], rows, n0, n, Cs[m] + n0, ldc);
-      else  // then the next matrix's same columns, or the first's next tile
-        quant_prefill_serial(*Ws[m], rows, path, n0, n, Cs[m] + n0, ldc,
-                             ws.panels.data() + omp_get_thread_num() * panel,
-                             m + 1 < count ? QuantNext{Ws[m + 1], n0}
-                                           : QuantNext{Ws[0], n0 + kQuantTileN});
-    }
-  }
-}
 
 bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b) {
   return same_rows(a, b) && a.N == b.N && a.format == b.format && a.block_k == b.block_k;
@@ -460,8 +415,10 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
     for (int m = 0; m < q.count; ++m) validate(*q.W[m]);
     QuantRows& r = ws.prepared[static_cast<size_t>(p)];
     const QuantFormatId f = q.W[0]->format;
-    r.method = quant_method_for(q.M, f);
-    r.path = r.method == QuantMethod::decode ? quant_decode_path(f) : quant_prefill_path(f);
+    r.method = q.pinned ? q.method : quant_method_for(q.M, f);
+    r.path = q.pinned                           ? q.path
+             : r.method == QuantMethod::decode ? quant_decode_path(f)
+                                                : quant_prefill_path(f);
     ws.offsets[static_cast<size_t>(p + 1)] =
         ws.offsets[static_cast<size_t>(p)] +
         (quant_rows_bytes(*q.W[0], r.path, r.method, q.M) + 63) / 64 * 64;
@@ -522,10 +479,24 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
 }
 
 void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
-                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws) {
-  const QuantMatrix* Ws[1] = {&W};
-  float* Cs[1] = {C};
-  quant_matmul_shared(Ws, Cs, 1, path, method, X, ldx, M, ldc, ws);
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantGroupWorkspace& ws) {
+  MOE_REQUIRE(quant_path_allowed(path), "quant_matmul: path ", quant_path_name(path),
+              " is not allowed on this CPU (MOE_MAX_ISA or its features)");
+  MOE_REQUIRE(quant_path_supports(path, W.format), "quant_matmul: path ", quant_path_name(path),
+              " does not read ", W.fmt().name);
+  validate(W);
+  if (M <= 0) return;
+  QuantProduct q;
+  q.W[0] = &W;
+  q.C[0] = C;
+  q.X = X;
+  q.ldx = ldx;
+  q.M = M;
+  q.ldc = ldc;
+  q.pinned = true;
+  q.path = path;
+  q.method = method;
+  quant_matmul_grouped({q}, ws);
 }
 
 std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {

@@ -126,29 +126,12 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
 void quant_widen_panel(const QuantMatrix& W, QuantPath widen, int64_t j0, int64_t nc, int64_t k0,
                        int64_t kc, uint16_t* panel);
 
-// Columns per parallel task of quant_matmul (fixed: results never depend on the thread count).
+// Columns per parallel task of quant_matmul_grouped (fixed: results never depend on the
+// thread count).
 constexpr int64_t kQuantTileN = 64;
 
-// Buffers quant_matmul uses, sized once by reserve() (STYLE.md 5: no allocation per call
-// once reserved for the largest call).
-struct QuantWorkspace {
-  std::vector<unsigned char> rows;
-  std::vector<uint16_t> panels;  // one panel per thread
-  void reserve(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M, int threads);
-};
-
-// C (M, N) = X (M, K) · dequant(W): rows prepared once, column tiles of kQuantTileN spread
-// over the OpenMP threads. X is fp32 in W's own K order.
-void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
-                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantWorkspace& ws);
-
-// The same for `count` matrices that take the same rows (quant_rows_shared: the same K order,
-// N, format and block), C_m = X · dequant(W_m): the rows prepared once, the column tiles spread
-// over the threads in one parallel loop, each tile of every matrix. Each C_m is what
-// quant_matmul gives it alone.
-void quant_matmul_shared(const QuantMatrix* const* Ws, float* const* Cs, int count,
-                         QuantPath path, QuantMethod method, const float* X, int64_t ldx,
-                         int64_t M, int64_t ldc, QuantWorkspace& ws);
+// Whether a and b take the same rows (the same K order, N, format and block): one preparation
+// serves both (QuantProduct's count 2).
 bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b);
 
 // One product of a group: C_m (M, N) = X · dequant(W_m) for m < count (count 1, or 2 matrices
@@ -162,6 +145,11 @@ struct QuantProduct {
   int64_t ldx = 0, M = 0, ldc = 0;
   void (*epilogue)(const void* ctx, int64_t n0, int64_t n) = nullptr;
   const void* ctx = nullptr;
+  // The kernel: by quant_method_for and the CPU's paths (quant_decode_path, quant_prefill_path)
+  // unless pinned (quant_matmul: tests and benchmarks run each path).
+  bool pinned = false;
+  QuantPath path = QuantPath::avx2;
+  QuantMethod method = QuantMethod::decode;
 };
 // Buffers quant_matmul_grouped uses, grown to the largest group (reused call after call).
 struct QuantGroupWorkspace {
@@ -171,11 +159,16 @@ struct QuantGroupWorkspace {
   std::vector<QuantRows> prepared;
   std::vector<std::pair<int32_t, int32_t>> tasks;
 };
-// Every product of the group (an MoE layer's experts: each its own rows, method and path by
-// quant_method_for / quant_decode_path / quant_prefill_path): the rows of all prepared, then
-// all their (product, column tile) tasks in one parallel loop — no barrier per expert, and the
-// threads' shares even over the whole layer. Each C_m is what quant_matmul gives it alone.
+// Every product of the group (an MoE layer's experts: each its own rows, method and path): the
+// rows of all prepared, then all their (product, column tile of kQuantTileN) tasks in one
+// parallel loop — no barrier per expert, and the threads' shares even over the whole layer. A
+// column's bits depend on its product's path and method only, never on the group or threads.
 void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspace& ws);
+
+// C (M, N) = X (M, K) · dequant(W) with the kernel given (a path allowed on this CPU that
+// reads W's format): one pinned product of quant_matmul_grouped. X is fp32 in W's own K order.
+void quant_matmul(const QuantMatrix& W, QuantPath path, QuantMethod method, const float* X,
+                  int64_t ldx, int64_t M, float* C, int64_t ldc, QuantGroupWorkspace& ws);
 
 // "int4_g128_zp:avx512_bf16 (vpermw, vdpbf16ps)" and the like, for reports.
 std::string quant_kernel_name(const QuantMatrix& W, QuantPath path);

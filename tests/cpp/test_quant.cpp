@@ -131,7 +131,7 @@ std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>&
 
 std::vector<float> run(const QuantMatrix& W, QuantPath p, QuantMethod m, const std::vector<float>& X,
                        int64_t M) {
-  QuantWorkspace ws;
+  QuantGroupWorkspace ws;
   std::vector<float> C(static_cast<size_t>(M * W.N), -7.0f);
   quant_matmul(W, p, m, X.data(), W.K, M, C.data(), W.N, ws);
   return C;
@@ -267,7 +267,7 @@ TEST(QuantDecode, ZeroRowsGiveZerosAndNoRowsWriteNothing) {
       for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
         const std::vector<float> C = run(h.view, p, m, X, 3);
         for (int64_t j = 0; j < 70; ++j) EXPECT_EQ(C[70 + j], 0.0f) << v.label();
-        QuantWorkspace ws;
+        QuantGroupWorkspace ws;
         std::vector<float> none(5, 3.0f);
         quant_matmul(h.view, p, m, X.data(), 200, 0, none.data(), 70, ws);
         EXPECT_EQ(none, std::vector<float>(5, 3.0f));
