@@ -11,6 +11,11 @@
 //                      bench/peers/router_peer.py) or, as routing runs it, also probs =
 //                      softmax over all E (probs = 1; compared with torch adding that softmax)
 //   BM_Sgemm/N         one oneDNN sgemm call (T, d)·(d, N), for the machine's GEMM rate
+//   BM_DecodeStep/T/cold  evaluation routing of T tokens (1, 8) with a Qwen3-30B-A3B router
+//                      (d 2048, E 128, top-8 softmax then renormalized): a decode step. cold 1:
+//                      each call on the next of 64 copies of W_g (64 MiB, past the last-level
+//                      cache), as a decode step finds it after the rest of the model ran;
+//                      GB/s counts W_g's bytes.
 //
 // Run with OMP_NUM_THREADS=2; bench/run_router_bench.sh prints the table of docs/benchmarks.md.
 #include <benchmark/benchmark.h>
@@ -83,7 +88,6 @@ void route_bench(benchmark::State& st, bool training) {
   moe::RouterState s, parts;
   const int64_t N = training ? 2 * E : E;
   std::vector<float> wcat(static_cast<size_t>(kD * N)), prod(static_cast<size_t>(kT * N));
-  std::vector<float> pad(static_cast<size_t>(moe::detail::gemm_row_invariant_scratch(kD, N)));
   for (int64_t i = 0; i < kD; ++i)
     for (int64_t e = 0; e < E; ++e) {
       wcat[i * N + e] = in.W_g[i * E + e];
@@ -101,8 +105,7 @@ void route_bench(benchmark::State& st, bool training) {
     route_s += r;
 
     t0 = Clock::now();
-    moe::detail::gemm_f32_row_invariant(prod.data(), N, in.x.data(), wcat.data(), kT, kD, N,
-                                        pad.data());
+    moe::detail::gemm_f32_rows(prod.data(), N, in.x.data(), wcat.data(), kT, kD, N);
     gemm_s += seconds_since(t0);
     moe::detail::RouterRowsInput rin;
     rin.h = prod.data();
@@ -164,6 +167,34 @@ void shapes(benchmark::internal::Benchmark* b) {
 
 }  // namespace
 
+void BM_DecodeStep(benchmark::State& st) {
+  const int64_t T = st.range(0), d = 2048, E = 128, copies = st.range(1) ? 64 : 1;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(T * d)), W(static_cast<size_t>(copies * d * E));
+  for (auto& v : x) v = nd(rng);
+  for (auto& v : W) v = nd(rng) * 0.02f;
+  moe::RouterConfig cfg;
+  cfg.d_model = d;
+  cfg.n_experts = E;
+  cfg.k = 8;
+  cfg.kind = moe::RouterKind::softmax_topk;
+  cfg.renormalize = true;
+  moe::RouterParams p;
+  moe::RouterState s;
+  moe::NoiseSource ns;
+  int64_t next = 0;
+  for (auto _ : st) {
+    p.W_g = W.data() + next * d * E;
+    next = (next + 1) % copies;
+    moe::router_forward(s, x.data(), p, cfg, T, false, ns);
+    benchmark::DoNotOptimize(s.weights.data());
+  }
+  st.counters["GB/s"] = benchmark::Counter(static_cast<double>(d * E * 4),
+                                           benchmark::Counter::kIsIterationInvariantRate);
+  st.counters["threads"] = omp_get_max_threads();
+}
+
 BENCHMARK(BM_RouteEval)->Apply(shapes)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RouteTrain)->Apply(shapes)->UseManualTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SelectSoftmax)
@@ -176,4 +207,8 @@ BENCHMARK(BM_SelectSoftmax)
 BENCHMARK(BM_Sgemm)->Arg(8)->Arg(16)->Arg(64)->Arg(128)->Arg(256)->Arg(512)->Unit(
     benchmark::kMillisecond);
 
+BENCHMARK(BM_DecodeStep)
+    ->ArgsProduct({{1, 8}, {0, 1}})
+    ->ArgNames({"T", "cold"})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK_MAIN();

@@ -273,28 +273,6 @@ int64_t route_chunk_f32(RouterState& s, const RouterRowsInput& in, const RouterC
 
 }  // namespace
 
-void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
-                            int64_t d, int64_t N, float* pad) {
-  const int64_t n_full = T / kGemmRows, rem = T - n_full * kGemmRows;
-  const int64_t n_blocks = n_full + (rem > 0);
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t t0 = b * kGemmRows;
-    if (b < n_full) {
-      gemm_f32_serial(false, false, kGemmRows, N, d, 1.0f, x + t0 * d, d, B, N, 0.0f,
-                      C + t0 * ldc, ldc);
-      continue;
-    }
-    const int64_t m = (rem + kGemmTile - 1) / kGemmTile * kGemmTile;
-    float* xp = pad;
-    float* cp = pad + m * d;
-    std::copy(x + t0 * d, x + T * d, xp);
-    std::fill(xp + rem * d, xp + m * d, 0.0f);
-    gemm_f32_serial(false, false, m, N, d, 1.0f, xp, d, B, N, 0.0f, cp, N);
-    for (int64_t r = 0; r < rem; ++r) std::copy(cp + r * N, cp + (r + 1) * N, C + (t0 + r) * ldc);
-  }
-}
-
 void router_rows_f32(RouterState& s, const RouterRowsInput& in, const RouterConfig& cfg,
                      bool noisy, const NoiseSource& noise) {
   const int64_t T = s.T, E = s.E;
@@ -367,15 +345,12 @@ void router_forward(RouterState& s, const float* x, const RouterParams& p,
   in.d = d;
   const bool learned = !s.noise_pre.empty();
   const int64_t N = learned ? 2 * E : E;
-  // Scratch: the GEMM's padded tail, then [W_g | W_noise] (d, 2E) and the (T, 2E) product,
-  // then the jittered input (T, d).
-  const int64_t n_pad = detail::gemm_row_invariant_scratch(d, N);
+  // Scratch: [W_g | W_noise] (d, 2E) and the (T, 2E) product, then the jittered input (T, d).
   const int64_t n_cat = learned ? (d + T) * N : 0;
-  s.work.resize(static_cast<size_t>(n_pad + n_cat + (jit ? T * d : 0)));
-  float* pad = s.work.data();
+  s.work.resize(static_cast<size_t>(n_cat + (jit ? T * d : 0)));
   if (jit) {
     // The router alone sees x·u, u ~ U(1 - jitter, 1 + jitter) per element (Switch).
-    float* xj = pad + n_pad + n_cat;
+    float* xj = s.work.data() + n_cat;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       float* u = &s.jitter[t * d];
@@ -385,19 +360,19 @@ void router_forward(RouterState& s, const float* x, const RouterParams& p,
     x = xj;
   }
   if (!learned) {
-    detail::gemm_f32_row_invariant(s.logits.data(), E, x, p.W_g, T, d, E, pad);
+    detail::gemm_f32_rows(s.logits.data(), E, x, p.W_g, T, d, E);
     in.h = s.logits.data();
     in.ldh = E;
   } else {
     // One GEMM against [W_g | W_noise] (d, 2E); the rows read h and x·W_noise straight out
     // of the (T, 2E) product.
-    float* wcat = pad + n_pad;
+    float* wcat = s.work.data();
     float* prod = wcat + d * N;
     for (int64_t i = 0; i < d; ++i) {
       std::copy(p.W_g + i * E, p.W_g + (i + 1) * E, wcat + i * N);
       std::copy(p.W_noise + i * E, p.W_noise + (i + 1) * E, wcat + i * N + E);
     }
-    detail::gemm_f32_row_invariant(prod, N, x, wcat, T, d, N, pad);
+    detail::gemm_f32_rows(prod, N, x, wcat, T, d, N);
     in.h = prod;
     in.ldh = 2 * E;
     in.pre = prod + E;

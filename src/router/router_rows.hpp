@@ -111,18 +111,14 @@ struct RouterRowsInput {
   bool probs = true;  // false: skip probs (left unset), only for benchmarking the kept part
 };
 
-// C (T, ldc) = x (T, d) · B (d, N) such that every row's bits depend on that row alone, not
-// on T, the thread count or where the row sits in the batch: routing a batch whole or in
-// parts with token offsets must give the same bits. oneDNN's sgemm sums a row differently
-// in an M-tail of 1–3 rows than in a full micro-tile, and threads internally when called
-// outside a parallel region; so every call here is serial, inside our own parallel loop,
-// with M a multiple of kGemmTile (the tail is zero-padded). pad holds
-// gemm_row_invariant_scratch(d, N) floats.
-constexpr int64_t kGemmTile = 48;    // a multiple of the 6-, 8-, 16-, 24- and 48-row kernels
-constexpr int64_t kGemmRows = 192;   // rows per call
-inline int64_t gemm_row_invariant_scratch(int64_t d, int64_t N) { return kGemmRows * (d + N); }
-void gemm_f32_row_invariant(float* C, int64_t ldc, const float* x, const float* B, int64_t T,
-                            int64_t d, int64_t N, float* pad);
+// C (T, ldc) = x (T, d) · B (d, N), B row-major: every element one fp32 fma chain over
+// i = 0 .. d − 1 in order, from 0 (router_gemm.cpp). A row's bits depend on that row alone —
+// not on T, the thread count, the tiling or where the row sits in the batch — so routing a
+// batch whole or in parts with token offsets gives the same bits, and one token (a decode
+// step) reads B once: no padding to a block of rows, as a library GEMM that picks its kernel
+// by shape would need. The same bits on the AVX2 and AVX-512 paths (an fma is exact).
+void gemm_f32_rows(float* C, int64_t ldc, const float* x, const float* B, int64_t T, int64_t d,
+                   int64_t N);
 
 // e^{H - max} into ex (E) and its sum, in a fixed lane order (bits independent of where the
 // row sits in memory).

@@ -9,7 +9,11 @@
 #include <random>
 #include <vector>
 
+#include <omp.h>
+
+#include "common/cpu.hpp"
 #include "common/gemm.hpp"
+#include "router/router_rows.hpp"
 
 namespace {
 
@@ -66,3 +70,49 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmRows,
                                            Shape{5, 600, 17, true, 1.0f}));
 
 }  // namespace
+
+// The router's product (router/router_rows.hpp: gemm_f32_rows): each element is the fp32 fma
+// chain over K in order, from 0 — bit for bit against that chain written as plain loops, on
+// the AVX2 and the AVX-512 path, for 1, 2 and 3 threads, and a row alone against the batch.
+TEST(RouterGemm, EveryElementIsTheFmaChainInOrderOnEveryPathAndSplit) {
+  struct Case {
+    int64_t T, d, N;
+  };
+  const Case cases[] = {{1, 2048, 128}, {1, 7, 5},   {3, 300, 17},  {13, 257, 64},
+                        {50, 65, 200},  {97, 513, 33}, {6, 1, 16},  {200, 40, 130}};
+  const int saved = omp_get_max_threads();
+  for (const Case& c : cases) {
+    const auto x = rand_vec(static_cast<size_t>(c.T * c.d), 11);
+    const auto B = rand_vec(static_cast<size_t>(c.d * c.N), 12);
+    std::vector<float> want(static_cast<size_t>(c.T * c.N));
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t j = 0; j < c.N; ++j) {
+        float acc = 0.0f;
+        for (int64_t i = 0; i < c.d; ++i) acc = std::fma(x[t * c.d + i], B[i * c.N + j], acc);
+        want[t * c.N + j] = acc;
+      }
+    for (moe::detail::Isa level : {moe::detail::Isa::avx2, moe::detail::Isa::avx512}) {
+      if (static_cast<int>(level) > static_cast<int>(moe::detail::cpu().best)) continue;
+      moe::detail::IsaOverride at(level, false);
+      for (int threads : {1, 2, 3}) {
+        omp_set_num_threads(threads);
+        // Padding columns past N (ldc > N) stay as they were.
+        const int64_t ldc = c.N + 3;
+        std::vector<float> got(static_cast<size_t>(c.T * ldc), -7.0f);
+        moe::detail::gemm_f32_rows(got.data(), ldc, x.data(), B.data(), c.T, c.d, c.N);
+        for (int64_t t = 0; t < c.T; ++t) {
+          ASSERT_EQ(0, std::memcmp(&got[t * ldc], &want[t * c.N], c.N * sizeof(float)))
+              << "T " << c.T << " d " << c.d << " N " << c.N << " row " << t << " level "
+              << static_cast<int>(level) << " threads " << threads;
+          for (int64_t j = c.N; j < ldc; ++j) ASSERT_EQ(got[t * ldc + j], -7.0f);
+        }
+        // The last row alone.
+        std::vector<float> one(static_cast<size_t>(c.N));
+        moe::detail::gemm_f32_rows(one.data(), c.N, x.data() + (c.T - 1) * c.d, B.data(), 1, c.d,
+                                   c.N);
+        ASSERT_EQ(0, std::memcmp(one.data(), &want[(c.T - 1) * c.N], c.N * sizeof(float)));
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+}
