@@ -206,9 +206,9 @@ void layer_forward_ref(std::vector<S>& y, RefSaved<S>& sv, const S* x, const Ref
   // product, then the bias added, the activation, and each op of the glu (r is q's rounding).
   const bool each_op = cfg.round_each_op;
   const auto r = [each_op](S v) { return each_op ? bf16_of(v) : v; };
+  // The product, then its bias (0 adds nothing to a bf16 value; r is the identity when off).
   const auto linear = [&](S sum, const std::vector<S>& bias, int64_t at) {
-    const S b = bias.empty() ? S(0) : bias[at];
-    return each_op ? (bias.empty() ? r(sum) : r(r(sum) + b)) : b + sum;
+    return r(r(sum) + (bias.empty() ? S(0) : bias[at]));
   };
   // GPT-OSS's clamped glu op by op: g·σ(α·g) with α·g and σ rounded, u + 1, the product.
   const auto clamped_swiglu_by_op = [&](S g, S u) {
