@@ -12,7 +12,9 @@ buffers: an optimizer's in-place update is what the next forward computes with, 
 
 Forward and backward run as two ``torch.library`` custom ops, ``moe::forward`` and
 ``moe::backward``, with fake implementations, so ``torch.compile(model, fullgraph=True)``
-traces the layer without graph breaks.
+traces the layer without graph breaks. A forward autograd does not record and nothing traces
+(``torch.no_grad()``, ``torch.inference_mode()``) calls the layer directly: the same forward
+without the op's dispatch.
 
 Gradient rule. ``module.aux_loss`` and ``module.z_loss`` are differentiable 0-d tensors made
 by each forward. The gradient of whatever you differentiate is exact: each loss term counts
@@ -117,11 +119,10 @@ def _forward_key(x: torch.Tensor, step: int, training: bool):
 # ---- the custom ops -------------------------------------------------------------------
 
 
-@torch.library.custom_op("moe::forward", mutates_args=())
-def _forward(x: torch.Tensor, params: list[torch.Tensor], handle: int,
-             training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y (T, d_out) in x's dtype, aux_loss, z_loss (0-d float32) and the forward's state
-    (int64 [step, training]) of the layer `handle` on x (T, d_model)."""
+def _run_forward(x: torch.Tensor, params: list[torch.Tensor], handle: int, training: bool):
+    """The layer `handle`'s forward on x (T, d_model): (y (T, d_out) in x's dtype, the layer,
+    the noise step it used). The body of moe::forward, and of a forward autograd does not
+    record (MoE.forward calls it without the op then)."""
     e, layer = _entry(handle)
     _sync_params(e, layer, params)
     step = int(layer.step)
@@ -130,7 +131,29 @@ def _forward(x: torch.Tensor, params: list[torch.Tensor], handle: int,
     if training:
         layer.step = step + 1
     e.last_key = _forward_key(x, step, training)
-    out = torch.from_numpy(y).to(x.dtype)
+    return torch.from_numpy(y).to(x.dtype), layer, step
+
+
+def _untraced(x: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether a forward on x needs no custom op: autograd records nothing (grad mode off, or
+    nothing requires grad) and nothing traces or intercepts torch calls (torch.compile, fake
+    or subclass tensors, a dispatch or torch-function mode). Then the layer is called
+    directly, without the op's dispatch and its returned tensors (in a decode step, where
+    the weights streamed since the last call have evicted the interpreter's working set,
+    those cost ~65 us a call: docs/pytorch.md, "torch.compile, custom ops, checks")."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled())
+
+
+@torch.library.custom_op("moe::forward", mutates_args=())
+def _forward(x: torch.Tensor, params: list[torch.Tensor], handle: int,
+             training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (T, d_out) in x's dtype, aux_loss, z_loss (0-d float32) and the forward's state
+    (int64 [step, training]) of the layer `handle` on x (T, d_model)."""
+    out, layer, step = _run_forward(x, params, handle, training)
     aux = torch.tensor(layer.aux_loss, dtype=torch.float32)
     z = torch.tensor(layer.z_loss, dtype=torch.float32)
     return out, aux, z, torch.tensor([step, int(training)], dtype=torch.int64)
@@ -287,8 +310,8 @@ class MoE(nn.Module):
         self._d_out = int(layer.d_out)
         for n in self._names:
             setattr(self, n, nn.Parameter(torch.from_numpy(layer._buffer(n))))
-        self.aux_loss = None
-        self.z_loss = None
+        self._aux = None  # the last forward's losses (aux_loss, z_loss)
+        self._z = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self._d_model:
@@ -299,11 +322,32 @@ class MoE(nn.Module):
                              f"{x.device}")
         lead = x.shape[:-1]
         params = [getattr(self, n) for n in self._names]
-        y, aux, z, _ = torch.ops.moe.forward(x.reshape(-1, self._d_model), params,
-                                             self._handle, self.training)
-        self.aux_loss = aux
-        self.z_loss = z
+        x2 = x.reshape(-1, self._d_model)
+        if _untraced(x, params):
+            y, layer, _ = _run_forward(x2, params, self._handle, self.training)
+            self._aux, self._z = float(layer.aux_loss), float(layer.z_loss)  # made on access
+        else:
+            y, self._aux, self._z, _ = torch.ops.moe.forward(x2, params, self._handle,
+                                                             self.training)
         return y.reshape(*lead, self._d_out)
+
+    def _loss(self, name: str):
+        v = getattr(self, name)
+        if isinstance(v, float):  # a forward autograd did not record: the tensor on demand
+            v = torch.tensor(v, dtype=torch.float32)
+            setattr(self, name, v)
+        return v
+
+    @property
+    def aux_loss(self):
+        """The last forward's balancing loss, a 0-d float32 tensor (part of the autograd graph
+        when autograd recorded that forward); None before the first forward."""
+        return self._loss("_aux")
+
+    @property
+    def z_loss(self):
+        """The last forward's router z-loss, as aux_loss."""
+        return self._loss("_z")
 
     # -- what moe.MoE has besides the parameters ------------------------------------------
 
@@ -340,7 +384,7 @@ class MoE(nn.Module):
         state = self.__dict__.copy()
         # The last forward's losses are non-leaf tensors of an autograd graph, which neither
         # deepcopy nor pickle accepts: the copy keeps their values, detached.
-        for name in ("aux_loss", "z_loss"):
+        for name in ("_aux", "_z"):
             if isinstance(state.get(name), torch.Tensor):
                 state[name] = state[name].detach().clone()
         state["layer"] = None
@@ -356,6 +400,9 @@ class MoE(nn.Module):
         config = state.pop("_layer_config")
         step = state.pop("_layer_step")
         bias = state.pop("_layer_expert_bias", None)
+        for old, new in (("aux_loss", "_aux"), ("z_loss", "_z")):  # pickled before the rename
+            if old in state:
+                state[new] = state.pop(old)
         self.__dict__.update(state)
         layer = _moe.MoE(**config)
         layer.step = step

@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,74 @@ def test_forward_and_backward_are_the_plain_layers_bit_for_bit():
     with torch.no_grad():
         np.testing.assert_array_equal(m(x).numpy(), plain.forward(x.numpy(), training=False))
     np.testing.assert_array_equal(m.routing.noisy_logits, m.routing.logits)
+
+
+def test_a_forward_autograd_does_not_record_skips_the_op_and_is_the_same_forward():
+    # Under no_grad, inference_mode, or when nothing requires grad, MoE.forward calls the
+    # layer without the moe::forward op (a decode step's dispatch); it must be the same
+    # forward: output, losses, statistics and the training noise counter.
+    calls = []
+    real = mt._run_forward
+
+    def counting(*a):
+        calls.append(sys._getframe(1).f_code.co_name)  # "forward": MoE.forward; "_forward": the op
+        return real(*a)
+
+    for ctx, grad in ((torch.no_grad, True), (torch.inference_mode, True),
+                      (torch.enable_grad, False)):
+        m, plain = make(capacity_factor=1.0)
+        if not grad:
+            m.requires_grad_(False)
+        for step in range(3):  # training: fresh noise per forward, on both sides alike
+            x = randn(3, 5, 8, seed=step).to(torch.bfloat16)
+            mt._run_forward = counting
+            try:
+                calls.clear()
+                with ctx():
+                    assert mt._untraced(x, list(m.parameters()))
+                    y = m(x)
+            finally:
+                mt._run_forward = real
+            assert calls == ["forward"]
+            assert m.layer.step == step + 1
+            yp = plain.forward(x.float().reshape(15, 8).numpy())
+            assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 8)
+            assert torch.equal(y, torch.from_numpy(yp).to(torch.bfloat16).reshape(3, 5, 8))
+            assert m.aux_loss.dtype == torch.float32 and m.aux_loss.dim() == 0
+            assert m.aux_loss.item() == np.float32(plain.aux_loss)
+            assert m.z_loss.item() == np.float32(plain.z_loss)
+            assert m.aux_loss is m.aux_loss  # made once, on demand
+            assert m.stats == plain.stats
+        # After such a forward the module still pickles and copies.
+        other = copy.deepcopy(m)
+        assert other.aux_loss.item() == m.aux_loss.item()
+
+
+def test_the_op_runs_when_autograd_or_a_tracer_is_watching():
+    m, _ = make(noise="none")
+    params = list(m.parameters())
+    x = randn(4, 8, seed=1)
+    assert not mt._untraced(x, params)  # grad mode on, parameters require grad
+    assert not mt._untraced(x.clone().requires_grad_(True), [p.detach() for p in params])
+    with torch.no_grad():
+        assert mt._untraced(x, params)
+
+        class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Watch():
+            assert not mt._untraced(x, params)
+        with torch.device("cpu"):  # a torch-function mode
+            assert not mt._untraced(x, params)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as fake:
+            assert not mt._untraced(fake.from_tensor(x), params)
+        # The op under a dispatch mode computes the same forward as the direct call.
+        direct = m(x)
+        with Watch():
+            watched = m(x)
+    assert torch.equal(direct, watched)
 
 
 def test_one_token_and_empty_batches():
