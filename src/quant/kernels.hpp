@@ -41,6 +41,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/parallel.hpp"
 #include "quant/quant_matrix.hpp"
 
 namespace moe::detail {
@@ -158,6 +159,7 @@ struct QuantGroupWorkspace {
   std::vector<int64_t> offsets;
   std::vector<QuantRows> prepared;
   std::vector<std::pair<int32_t, int32_t>> tasks;
+  std::vector<TaskShare> shares;  // the threads' shares of the tasks
 };
 // Every product of the group (an MoE layer's experts: each its own rows, method and path): the
 // rows of all prepared, then all their (product, column tile of kQuantTileN) tasks in one
