@@ -80,12 +80,12 @@ MOE_AVX512 inline void prefetch_l1(const void* p) {
 MOE_AVX512 inline void prefetch(const void* p) {
   _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
 }
-// The tile that far ahead is fetched in address order: at step (chunk ch, column c) of a tile
-// of NC columns, the bytes bytes at (ch·NC + c)·bytes of it, so its NC columns' lines arrive
-// front to back as one stream (the steps' bytes cover the tile: code_stride ≤ chunks · bytes in
-// every layout) rather than as NC short streams one code_stride apart. A Qwen3-30B-A3B int4
-// decode step (E 32 of its shape, cold, 2 threads, Zen 4 VM) took 592, 598, 483 µs with each
-// column fetching its own next lines and 558, 526, 446 µs so (docs/quant.md, "Decode").
+// The tile that far ahead, fetched in address order: step (chunk ch, column c) of a tile of NC
+// columns asks for `bytes` bytes (a chunk of one column: 64 for 4-bit codes, 128 for 8-bit) at
+// offset (ch·NC + c)·bytes of it, so its lines arrive front to back as one stream rather than
+// as NC short streams one code_stride apart. The steps cover the tile, as code_stride ≤
+// chunks · bytes in every layout. A Qwen3-30B-A3B int4 decode step ran 13% faster so, fp8 7%
+// (docs/quant.md, "Decode").
 template <int NC>
 MOE_AVX512 inline void prefetch_in_order(const uint8_t* tile_ahead, int64_t ch, int c,
                                          int64_t bytes) {
