@@ -13,21 +13,26 @@
 namespace moe::detail {
 namespace {
 
+// OpenMP's thread count for one test, given back after it (the suite runs in one process).
+struct Threads {
+  explicit Threads(int n) : saved(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~Threads() { omp_set_num_threads(saved); }
+  int saved;
+};
+
 // Runs n tasks on `threads` threads; returns which thread ran each (-1: none) and checks
 // that no task ran twice.
 std::vector<int> run(int64_t n, int threads, std::vector<TaskShare>& shares,
                      int slow_thread = -1) {
   std::vector<std::atomic<int>> count(static_cast<size_t>(n));
   std::vector<int> who(static_cast<size_t>(n), -1);
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(threads);
+  const Threads team(threads);
   parallel_tasks_stealing(n, shares, [&](int64_t i) {
     const int me = omp_get_thread_num();
     if (me == slow_thread) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     count[static_cast<size_t>(i)].fetch_add(1);
     who[static_cast<size_t>(i)] = me;
   });
-  omp_set_num_threads(saved);
   for (int64_t i = 0; i < n; ++i) EXPECT_EQ(count[static_cast<size_t>(i)].load(), 1) << "task " << i;
   return who;
 }
@@ -45,7 +50,7 @@ TEST(ParallelTasks, AThreadTakesItsOwnShareFromTheFrontInOrder) {
   const int threads = 3;
   const int64_t n = 300;
   std::vector<std::vector<int64_t>> order(threads);
-  omp_set_num_threads(threads);
+  const Threads team(threads);
   parallel_tasks_stealing(n, shares, [&](int64_t i) {
     order[static_cast<size_t>(omp_get_thread_num())].push_back(i);
   });
@@ -75,7 +80,7 @@ TEST(ParallelTasks, InsideAParallelRegionOneThreadTakesEveryShare) {
   // Nested: the inner team has one thread, which finds the other shares unowned.
   std::vector<TaskShare> shares;
   std::vector<std::atomic<int>> count(100);
-  omp_set_num_threads(3);
+  const Threads team(3);
 #pragma omp parallel num_threads(1)
   parallel_tasks_stealing(100, shares, [&](int64_t i) { count[static_cast<size_t>(i)]++; });
   for (auto& c : count) EXPECT_EQ(c.load(), 1);
