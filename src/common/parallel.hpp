@@ -54,7 +54,7 @@ class TaskShare {
 // tasks from their backs. A thread slowed by its neighbours (interrupts, another tenant,
 // memory) thus never holds the team at the join, while each share is still read in order
 // (what hardware and panel prefetch depend on; a dynamic schedule dealing tasks one by one
-// to alternating threads made a decode step 20–40% slower, docs/quant.md). Which thread
+// to alternating threads made a decode step 25–70% slower, docs/quant.md). Which thread
 // runs a task never changes its result. n < 2^31; shares is the caller's, reused.
 template <class Body>
 void parallel_tasks_stealing(int64_t n, std::vector<TaskShare>& shares, const Body& body) {

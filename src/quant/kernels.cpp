@@ -409,6 +409,7 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
   ws.offsets.assign(static_cast<size_t>(np + 1), 0);
   ws.prepared.resize(static_cast<size_t>(np));
   int64_t panel = 0;
+  bool decode = true;  // every product decodes
   for (int64_t p = 0; p < np; ++p) {
     const QuantProduct& q = ps[static_cast<size_t>(p)];
     MOE_ASSERT(q.count >= 1 && q.count <= 2 && q.M > 0 &&
@@ -420,6 +421,7 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
     r.path = q.pinned                           ? q.path
              : r.method == QuantMethod::decode ? quant_decode_path(f)
                                                 : quant_prefill_path(f);
+    decode = decode && r.method == QuantMethod::decode;
     ws.offsets[static_cast<size_t>(p + 1)] =
         ws.offsets[static_cast<size_t>(p)] +
         (quant_rows_bytes(*q.W[0], r.path, r.method, q.M) + 63) / 64 * 64;
@@ -479,8 +481,6 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
   // Decode, bound by memory, lets a thread done early take the others' last tasks (a
   // Qwen3-30B-A3B int4 decode step 4-8% faster on a shared VM); prefill keeps the static
   // shares (stealing measured no faster there: docs/quant.md, "Workspace and threads").
-  const bool decode = std::all_of(ws.prepared.begin(), ws.prepared.begin() + np,
-                                  [](const QuantRows& r) { return r.method == QuantMethod::decode; });
   if (decode) {
     parallel_tasks_stealing(nt, ws.shares, task);
   } else {
