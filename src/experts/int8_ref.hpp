@@ -74,7 +74,8 @@ struct Int8RefExperts {
 };
 
 // out (Do) = expert e of q (dequantized weights W1, W2, W3, biases b1, b2, b3, width F)
-// applied to the row x (d), each product's rows rounded on entry as round_row(out, v, n) says:
+// applied to the row x (d), each product's rows rounded on entry as round_row(out, v, n, N)
+// says (n values, for a product of N columns):
 // the twin of every quantized precision (int8 here, the low-bit ones in
 // experts/lowbit_ref.hpp).
 template <typename S, typename Q, typename RoundRow>
@@ -85,7 +86,7 @@ void expert_row_quantized_ref(S* out, const S* x, const Q& q, int64_t e, const M
   const int64_t W1w = cfg.expert == ExpertKind::linear_relu ? Do : F;
   std::vector<S> xq(static_cast<size_t>(d)), a1(static_cast<size_t>(W1w)),
       hid(static_cast<size_t>(F)), hq(static_cast<size_t>(F));
-  round_row(xq.data(), x, d);
+  round_row(xq.data(), x, d, W1w);
   for (int64_t c = 0; c < W1w; ++c) {
     S acc = 0;
     for (int64_t i = 0; i < d; ++i) acc += xq[i] * q.W1[(e * d + i) * W1w + c];
@@ -108,7 +109,7 @@ void expert_row_quantized_ref(S* out, const S* x, const Q& q, int64_t e, const M
                    : silu(a1[f]) * a3;
     }
   }
-  round_row(hq.data(), hid.data(), F);
+  round_row(hq.data(), hid.data(), F, Do);
   for (int64_t c = 0; c < Do; ++c) {
     S acc = 0;
     for (int64_t f = 0; f < F; ++f) acc += hq[f] * q.W2[(e * F + f) * Do + c];
@@ -120,7 +121,7 @@ void expert_row_quantized_ref(S* out, const S* x, const Q& q, int64_t e, const M
 template <typename S>
 void expert_row_int8_ref(S* out, const S* x, const Int8RefExperts<S>& q, int64_t e,
                          const MoEConfig& cfg) {
-  expert_row_quantized_ref(out, x, q, e, cfg, [](S* o, const S* v, int64_t n) {
+  expert_row_quantized_ref(out, x, q, e, cfg, [](S* o, const S* v, int64_t n, int64_t) {
     int8_dequantized_row_ref(o, v, n);
   });
 }

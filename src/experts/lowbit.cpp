@@ -98,6 +98,11 @@ int64_t lowbit_matrix_bytes(Precision p, const Int4Options& opt, int64_t K, int6
 
 void QuantHeld::adopt(const QuantMatrix& v) {
   validate(v);
+  if (v.tiled) {  // back to columns first (then tiled again below where wanted)
+    QuantStorage s;
+    adopt(quant_untiled(v, 0, v.N, s));
+    return;
+  }
   const QuantFormat& f = v.fmt();
   QuantMatrix d = v;
   // Codes: each column's bytes, densely.
@@ -128,6 +133,17 @@ void QuantHeld::adopt(const QuantMatrix& v) {
   d.zeros = v.zero_points ? zeros.data() : nullptr;
   d.perm = v.act_order ? perm.data() : nullptr;
   m = d;
+  if (quant_tiling_wanted(m)) {  // the layout the decode kernel reads fastest
+    QuantStorage s;
+    const QuantMatrix t = quant_tiled(m, s);
+    codes.swap(s.codes);
+    scales.swap(s.scales);
+    zeros.swap(s.zeros);
+    m = t;
+    m.codes = codes.data();
+    m.scales = scales.data();
+    m.zeros = m.zero_points ? zeros.data() : nullptr;
+  }
 }
 
 QuantHeld quantize_matrix(Precision p, const Int4Options& opt, const float* W, int64_t K,

@@ -6,9 +6,12 @@
 //            values rounded to bf16 as its widened panels hold them (the int8 panels of
 //            avx512_vnni hold them exactly);
 //   rows     by the kernel the expert's row count M selects and its path: int8 per 32 values
-//            (decode on avx512_vnni) or per 128 (prefill on avx512_vnni), bf16, or exact (fp32).
+//            (decode on avx512_vnni), per min(block_k, 128) (the same on the tiled matrices the
+//            layer holds there: quant_tiling_wanted) or per 128 (prefill on avx512_vnni), bf16,
+//            or exact (fp32).
 // The layer and shared-expert twins call it when cfg.precision is low-bit.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -59,15 +62,23 @@ inline QuantPath lowbit_path_ref(QuantFormatId format, int64_t M) {
                                                      : quant_decode_path(format);
 }
 
-// out (n) = the row v as the kernel for M rows of a matrix of `format` takes it.
+// out (n) = the row v as the kernel for M rows of a matrix of `format` takes it, the matrix
+// (n, N) as the layer holds it (block_k values a scale; tiled where quant_tiling_wanted).
 template <typename S>
-void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t M) {
+void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t M, int64_t N,
+                    int64_t block_k) {
   const bool prefill = quant_method_for(M, format) == QuantMethod::prefill;
   const QuantPath path = lowbit_path_ref(format, M);
   const QuantRowsType rows = prefill && path != QuantPath::avx512_vnni ? QuantRowsType::bf16
                                                                          : quant_rows_type(path);
   if (rows == QuantRowsType::s8) {
-    const int64_t block = prefill ? 128 : 32;
+    QuantMatrix held;
+    held.format = format;
+    held.K = n;
+    held.N = N;
+    held.block_k = block_k;
+    const bool tiled = !prefill && quant_tiling_wanted(held);
+    const int64_t block = prefill ? 128 : tiled ? std::min<int64_t>(block_k, 128) : 32;
     std::vector<float> f(static_cast<size_t>(block));
     for (int64_t b = 0; b < n; b += block) {
       const int64_t len = std::min<int64_t>(block, n - b);
@@ -90,8 +101,11 @@ void expert_row_lowbit_ref(S* out, const S* x, const LowbitRefExperts<S>& q, int
   const bool widened = quant_method_for(M, q.format) == QuantMethod::prefill &&
                        lowbit_path_ref(q.format, M) != QuantPath::avx512_vnni;
   const QuantFormatId f = q.format;
+  const int64_t block_k = f == QuantFormatId::int4 ? cfg.int4_group : quant_format(f).block_k;
   expert_row_quantized_ref(out, x, widened ? q.widened : q.exact, e, cfg,
-                           [f, M](S* o, const S* v, int64_t n) { lowbit_row_ref(o, v, n, f, M); });
+                           [f, M, block_k](S* o, const S* v, int64_t n, int64_t N) {
+                             lowbit_row_ref(o, v, n, f, M, N, block_k);
+                           });
 }
 
 }  // namespace moe::detail

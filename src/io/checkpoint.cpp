@@ -92,6 +92,15 @@ LowbitTensors lowbit_tensors(const MoELayer& layer, const std::string& name,
     for (int64_t e = 0; e < E; ++e)
       ms.push_back(&detail::LayerAccess::expert_matrix_stored(layer, name, e));
   }
+  // The file holds the column layout (quant_matrix.hpp): tiled matrices are written untiled.
+  std::vector<detail::QuantStorage> untiled(static_cast<size_t>(E));
+  std::vector<detail::QuantMatrix> columns(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    const detail::QuantMatrix*& m = ms[static_cast<size_t>(e)];
+    if (!m->tiled) continue;
+    columns[static_cast<size_t>(e)] = detail::quant_untiled(*m, 0, m->N, untiled[static_cast<size_t>(e)]);
+    m = &columns[static_cast<size_t>(e)];
+  }
   LowbitTensors t;
   const detail::QuantMatrix& m0 = *ms.front();
   t.block_k = m0.block_k;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/bf16.hpp"
@@ -92,8 +93,26 @@ namespace {
 int64_t chunks_of(const QuantMatrix& W) { return (W.K + kQuantChunk - 1) / kQuantChunk; }
 }  // namespace
 
+namespace {
+// Rows of a tiled matrix on the vnni decode: one int8 scale per G values.
+bool tiled_rows(const QuantMatrix& W, QuantPath path, QuantMethod method) {
+  return W.tiled && path == QuantPath::avx512_vnni && method == QuantMethod::decode;
+}
+int64_t tiled_row_block(const QuantMatrix& W) { return std::min<int64_t>(W.block_k, kQuantChunk); }
+}  // namespace
+
+bool quant_tiling_wanted(const QuantMatrix& W) {
+  static const bool off = [] {
+    const char* e = std::getenv("MOE_QUANT_TILED");
+    return e && std::string(e) == "0";
+  }();
+  return !off && W.fmt().code_bits == 4 && W.N % kQuantTileCols == 0 &&
+         quant_decode_path(W.format) == QuantPath::avx512_vnni;
+}
+
 int64_t quant_rows_bytes(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M) {
   const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk, lanes = M * chunks * 16 * 4;
+  if (tiled_rows(W, path, method)) return M * ld + 2 * M * (ld / tiled_row_block(W)) * 4;
   if (method == QuantMethod::prefill)  // u8 rows and a scale a chunk, or bf16 rows
     return path == QuantPath::avx512_vnni ? M * ld + M * chunks * 4 : M * ld * 2;
   switch (quant_rows_type(path)) {
@@ -173,6 +192,37 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
     }
   }
 }
+
+// s8 rows of a tiled matrix (QuantRows::tiled): the values as prepare_s8_row places them (per
+// chunk even then odd), quantized per G = min(block_k, 128) values; scales (M, ld / G) and
+// after them sums (M, ld / G): Σ of the block's int8 values, or z · Σ · scale for a fixed
+// zero z. v: the row in kernel order, zero-padded to ld.
+void prepare_tiled_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
+                       int8_t* q, float* scales) {
+  const int64_t G = tiled_row_block(W), blocks = r.ld / G;
+  float* sc = scales + i * blocks;
+  float* su = scales + r.M * blocks + i * blocks;
+  const float half = W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
+  thread_local std::vector<int8_t> t;
+  if (t.size() < static_cast<size_t>(r.ld)) t.resize(static_cast<size_t>(r.ld));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float s = quant_s8_scale(v + b * G, G);
+    int sum = 0;
+    for (int64_t k = b * G; k < (b + 1) * G; ++k) {
+      t[static_cast<size_t>(k)] = quant_s8(v[k], s);
+      sum += t[static_cast<size_t>(k)];
+    }
+    sc[b] = s * half;
+    su[b] = static_cast<float>(sum);
+    if (!W.zero_points) su[b] *= quant_impl::s8_rows_fixed_zero(W) * sc[b];
+  }
+  int8_t* d = q + i * r.ld;
+  for (int64_t c = 0; c < r.ld; c += kQuantChunk)
+    for (int e = 0; e < 64; ++e) {
+      d[c + e] = t[static_cast<size_t>(c + 2 * e)];
+      d[c + 64 + e] = t[static_cast<size_t>(c + 2 * e + 1)];
+    }
+}
 }  // namespace
 
 QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod method,
@@ -190,6 +240,7 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   r.interleaved = method == QuantMethod::decode &&
                   (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
                   W.fmt().code_bits == 4;
+  r.tiled = tiled_rows(W, path, method);
   if (method == QuantMethod::prefill && path == QuantPath::avx512_vnni) {
     // u8 rows (M, ld) and their scales (M, chunks), each row on its own.
     auto* u8 = static_cast<uint8_t*>(buf);
@@ -218,7 +269,9 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
       continue;
     }
     gather_row(W, x, v, ld);
-    if (type == QuantRowsType::s8) {
+    if (r.tiled) {
+      prepare_tiled_row(W, r, v, i, q, s8_scales);
+    } else if (type == QuantRowsType::s8) {
       prepare_s8_row(W, r, v, i, q, s8_scales, s8_sums);
     } else if (!r.interleaved) {
       uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
@@ -228,6 +281,11 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
       for (int64_t c = 0; c < ld; c += kQuantChunk)
         for (int p = 0; p < kQuantChunk; ++p) d[c + p] = to_bf16(v[c + kInterleave.src[p]]);
     }
+  }
+  if (r.tiled) {
+    r.scales = s8_scales;
+    r.sums = s8_scales + M * (ld / tiled_row_block(W));
+    return r;
   }
   if (type == QuantRowsType::s8) {
     r.scales = s8_scales;
@@ -258,6 +316,21 @@ void quant_decode_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0
   MOE_ASSERT(n0 >= 0 && n0 + n <= W.N && rows.method == QuantMethod::decode &&
              rows.ld == chunks_of(W) * kQuantChunk);
   if (n <= 0) return;
+  if (W.tiled && !rows.tiled) {  // another path: its kernel on these columns in column layout
+    thread_local QuantStorage cols;
+    quant_decode_serial(quant_untiled(W, n0, n, cols), rows, 0, n, C, ldc);
+    return;
+  }
+  if (rows.tiled) {  // rows in passes of up to 8 (the kernel's accumulators)
+    MOE_ASSERT(W.tiled);
+    const int64_t blocks = (rows.M + 7) / 8;
+    for (int64_t bi = 0, i0 = 0; bi < blocks; ++bi) {
+      const int64_t m = (rows.M - i0) / (blocks - bi);
+      quant_impl::decode_avx512_vnni_tiled(W, rows, i0, m, n0, n, C + i0 * ldc, ldc);
+      i0 += m;
+    }
+    return;
+  }
   // Row blocks as even as possible (a row's bits do not depend on its block): on
   // avx512_bf16 as many rows (4 to 16) as keep a pass's rows in a 32 KiB L1 (each column
   // reads all of them: 16 rows of K 2048 from L2 took 2.3x as long as two passes of 8, 1048
@@ -362,6 +435,12 @@ void quant_prefill_serial(const QuantMatrix& W, const QuantRows& rows, QuantPath
                           int64_t n0, int64_t n, float* C, int64_t ldc, uint16_t* ws,
                           QuantNext next) {
   MOE_ASSERT(rows.method == QuantMethod::prefill && n0 >= 0 && n0 + n <= W.N);
+  if (W.tiled) {  // the panels widen from these columns in column layout (a copy of n columns)
+    if (n <= 0) return;
+    thread_local QuantStorage cols;
+    const QuantMatrix u = quant_untiled(W, n0, n, cols);
+    return quant_prefill_serial(u, rows, widen, 0, n, C, ldc, ws);
+  }
   if (rows.path == QuantPath::avx512_vnni)
     return quant_impl::prefill_vnni_serial(W, rows, n0, n, C, ldc,
                                            reinterpret_cast<unsigned char*>(ws), next);
@@ -398,7 +477,8 @@ bool same_rows(const QuantMatrix& a, const QuantMatrix& b) {
 }  // namespace
 
 bool quant_rows_shared(const QuantMatrix& a, const QuantMatrix& b) {
-  return same_rows(a, b) && a.N == b.N && a.format == b.format && a.block_k == b.block_k;
+  return same_rows(a, b) && a.N == b.N && a.format == b.format && a.block_k == b.block_k &&
+         a.tiled == b.tiled;
 }
 
 void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspace& ws) {

@@ -442,6 +442,142 @@ void rows_vnni_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M
   ((M == MR + 1 ? rows_vnni<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
 }
 
+// ---- decode with int8 rows on a tiled matrix -------------------------------------------------
+
+// The weights' scales of a tile's block b: one per column, as fp32 (fp16, or E8M0: 0 is 2^-127
+// and 255 NaN).
+template <Codes Cd>
+MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, int64_t b) {
+  const int64_t at = (tile * W.scale_stride + b) * kQuantTileCols;
+  if constexpr (Cd == Codes::mxfp4) {
+    const __m512i s = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(W.scales) + at)));
+    __m512i bits = _mm512_slli_epi32(s, 23);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512()),
+                                 _mm512_set1_epi32(0x00400000));
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(s, _mm512_set1_epi32(255)),
+                                 _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(bits);
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(W.scales) + at)));
+  }
+}
+
+// MR rows × NT tiles of 16 columns from tile t0, into out (MR, NT·16). Per step of 8 values,
+// one 64-byte load holds them for the tile's 16 columns (4 bytes each): its low nibbles (values
+// 8s, 8s + 2, 8s + 4, 8s + 6) and its high ones (the odd values) are two vpdpbusd against the
+// row's 4 even and 4 odd int8 values broadcast, into int32 lanes that are the columns. After
+// each G = min(block_k, 128) values (the rows' scale block; the weights' scale is constant on
+// it too) the sums become fp32: (d − z·Σ)·r, times the columns' scales, into the accumulators.
+template <Codes Cd, int MR, int NT>
+MOE_AVX512_VNNI void tiles_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
+                                int64_t i0, int64_t t0, float* out) {
+  constexpr bool zp = Cd == Codes::int4_zp;
+  const int64_t steps = W.sub_blocks() * 4;
+  const int64_t G = std::min<int64_t>(W.block_k, kQuantChunk), gsteps = G / 8, blocks = R.ld / G;
+  const int8_t* A = static_cast<const int8_t*>(R.data) + i0 * R.ld;
+  const float* rs = R.scales + i0 * blocks;
+  const float* sums = R.sums + i0 * blocks;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const uint8_t* base[NT];
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) base[t] = W.codes + (t0 + t) * W.code_stride;
+  const int64_t ahead = kPrefetchBytes / (64 * NT);  // steps
+  __m512 acc[MR][NT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int64_t g = 0, s0 = 0; s0 < steps; ++g, s0 += gsteps) {
+    const int64_t s1 = std::min(steps, s0 + gsteps);
+    __m512i dl[MR][NT], dh[MR][NT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) dl[m][t] = dh[m][t] = _mm512_setzero_si512();
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t ra = (s >> 4) * kQuantChunk + 4 * (s & 15);  // even values; odd ones at +64
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) {
+        const uint8_t* p = base[t] + 64 * s;
+        // 8 KiB ahead in the order the tiles are read (into the next NT tiles at the end)
+        prefetch(s + ahead < steps ? p + 64 * ahead : p + 64 * (ahead - steps) + NT * W.code_stride);
+        const __m512i v = _mm512_loadu_si512(p);
+        __m512i lo = _mm512_and_si512(v, nib);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if constexpr (Cd == Codes::mxfp4) {
+          lo = _mm512_shuffle_epi8(mx_table, lo);
+          hi = _mm512_shuffle_epi8(mx_table, hi);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          const int8_t* a = A + m * R.ld + ra;
+          int32_t even, odd;
+          std::memcpy(&even, a, 4);
+          std::memcpy(&odd, a + 64, 4);
+          dl[m][t] = _mm512_dpbusd_epi32(dl[m][t], lo, _mm512_set1_epi32(even));
+          dh[m][t] = _mm512_dpbusd_epi32(dh[m][t], hi, _mm512_set1_epi32(odd));
+        }
+      }
+    }
+    const int64_t b = g * G / W.block_k;  // the weights' block
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      const __m512 sv = tile_scales<Cd>(W, t0 + t, b);
+      __m512 zv = _mm512_setzero_ps();
+      if constexpr (zp)
+        zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+            W.zeros + ((t0 + t) * W.zero_stride + b) * kQuantTileCols))));
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dl[m][t], dh[m][t]));
+        const __m512 r = _mm512_set1_ps(rs[m * blocks + g]);
+        if constexpr (zp) {
+          const __m512 f = _mm512_fnmadd_ps(zv, _mm512_set1_ps(sums[m * blocks + g]), d);
+          acc[m][t] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, r), acc[m][t]);
+        } else {  // sums = z · Σ · r (quant_prepare_rows)
+          const __m512 f = _mm512_fmsub_ps(d, r, _mm512_set1_ps(sums[m * blocks + g]));
+          acc[m][t] = _mm512_fmadd_ps(f, sv, acc[m][t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + (m * NT + t) * kQuantTileCols, acc[m][t]);
+}
+
+// Columns [n0, n0 + n) of MR rows: the tiles that hold them, two at a time up to 4 rows (four
+// independent sums per row), one beyond; C gets the requested columns only.
+template <Codes Cd, int MR>
+MOE_AVX512_VNNI void rows_vnni_tiled(const QuantMatrix& W, const QuantRows& R, int64_t i0,
+                                     int64_t n0, int64_t n, float* C, int64_t ldc) {
+  constexpr int NT = MR <= 4 ? 2 : 1;
+  const __m512i table = mxfp4_byte_table();
+  const int64_t first = n0 / kQuantTileCols, last = (n0 + n + kQuantTileCols - 1) / kQuantTileCols;
+  alignas(64) float out[MR * NT * kQuantTileCols];
+  for (int64_t t = first; t < last; t += NT) {
+    const int nt = static_cast<int>(std::min<int64_t>(NT, last - t));
+    if (nt == NT)
+      tiles_vnni<Cd, MR, NT>(W, table, R, i0, t, out);
+    else
+      tiles_vnni<Cd, MR, 1>(W, table, R, i0, t, out);
+    const int64_t j0 = std::max(n0, t * kQuantTileCols);
+    const int64_t j1 = std::min(n0 + n, (t + nt) * kQuantTileCols);
+    for (int m = 0; m < MR; ++m)
+      for (int64_t j = j0; j < j1; ++j)
+        C[m * ldc + (j - n0)] = out[m * nt * kQuantTileCols + (j - t * kQuantTileCols)];
+  }
+}
+
+template <Codes Cd, int... MR>
+void rows_vnni_tiled_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M, int64_t n0,
+                       int64_t n, float* C, int64_t ldc, std::integer_sequence<int, MR...>) {
+  ((M == MR + 1 ? rows_vnni_tiled<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
+}
+
 // ---- decode with fp32 rows -----------------------------------------------------------------
 
 // The weights widened to fp32 with the block's scale folded in (exact for int4 and mxfp4, one
@@ -726,6 +862,18 @@ void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
     case Codes::int4_zp: return rows_vnni_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::mxfp4: return rows_vnni_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::fp8: MOE_ASSERT(!"avx512_vnni reads 4-bit codes only"); return;
+  }
+}
+
+void decode_avx512_vnni_tiled(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
+                              int64_t n0, int64_t n, float* C, int64_t ldc) {
+  MOE_ASSERT(M >= 1 && M <= 8 && W.tiled && rows.tiled);
+  constexpr auto mr = std::make_integer_sequence<int, 8>{};
+  switch (codes_of(W)) {
+    case Codes::int4_sym: return rows_vnni_tiled_m<Codes::int4_sym>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::int4_zp: return rows_vnni_tiled_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::mxfp4: return rows_vnni_tiled_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::fp8: MOE_ASSERT(!"a tiled matrix has 4-bit codes"); return;
   }
 }
 

@@ -51,6 +51,9 @@ void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
 // The same with int8 rows (4-bit codes).
 void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
                         int64_t n0, int64_t n, float* C, int64_t ldc);
+// The same on a tiled matrix (M ≤ 8; rows.tiled).
+void decode_avx512_vnni_tiled(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
+                              int64_t n0, int64_t n, float* C, int64_t ldc);
 // Rows (M ≤ 8) on the fp32 paths: A has stride lda.
 void decode_avx512(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
                    int64_t n, float* C, int64_t ldc);

@@ -1,5 +1,6 @@
 #include "quant/quant_matrix.hpp"
 
+#include <cstring>
 #include <vector>
 
 #include "common/check.hpp"
@@ -39,21 +40,103 @@ void validate(const QuantMatrix& W) {
               W.blocks_k());
   MOE_REQUIRE(!W.act_order || (W.format == QuantFormatId::int4 && W.perm), f.name,
               " weight: an act-order permutation is an int4 (GPTQ) feature and must be given");
+  MOE_REQUIRE(!W.tiled || (f.code_bits == 4 && f.block_n == 1 && W.N % kQuantTileCols == 0 &&
+                           W.code_stride >= kQuantTileCols * need),
+              f.name, " weight: the tiled layout needs 4-bit codes, N a multiple of ",
+              kQuantTileCols, " (got ", W.N, ") and code_stride >= ", kQuantTileCols * need);
+}
+
+namespace {
+// Where the layouts keep column j's byte i of codes, its block b's scale and zero point.
+const uint8_t* code_byte(const QuantMatrix& W, int64_t j, int64_t i) {
+  if (!W.tiled) return W.codes + j * W.code_stride + i;
+  return W.codes + (j / kQuantTileCols) * W.code_stride + (i / 4) * 64 + (j % kQuantTileCols) * 4 +
+         i % 4;
+}
+int64_t scale_index(const QuantMatrix& W, int64_t j, int64_t b) {
+  if (!W.tiled) return (j / W.fmt().block_n) * W.scale_stride + b;
+  return ((j / kQuantTileCols) * W.scale_stride + b) * kQuantTileCols + j % kQuantTileCols;
+}
+int zero_at(const QuantMatrix& W, int64_t j, int64_t b) {
+  if (!W.tiled) return W.zeros[j * W.zero_stride + b];
+  return W.zeros[((j / kQuantTileCols) * W.zero_stride + b) * kQuantTileCols + j % kQuantTileCols];
+}
+}  // namespace
+
+QuantMatrix quant_tiled(const QuantMatrix& W, QuantStorage& out) {
+  MOE_ASSERT(!W.tiled);
+  QuantMatrix t = W;
+  t.tiled = true;
+  const int64_t col = W.sub_blocks() * 16, tiles = W.N / kQuantTileCols, bk = W.blocks_k();
+  const int64_t sb = scale_bytes(W.fmt().scale);
+  t.code_stride = kQuantTileCols * col;
+  t.scale_stride = bk;
+  t.zero_stride = W.zero_points ? bk : 0;
+  out.codes.resize(static_cast<size_t>(tiles * t.code_stride));
+  out.scales.resize(static_cast<size_t>(W.N * bk * sb));
+  out.zeros.resize(W.zero_points ? static_cast<size_t>(W.N * bk) : 0);
+  for (int64_t j = 0; j < W.N; ++j) {
+    const int64_t tile = j / kQuantTileCols, c = j % kQuantTileCols;
+    uint8_t* dst = out.codes.data() + tile * t.code_stride + 4 * c;
+    const uint8_t* src = W.codes + j * W.code_stride;
+    for (int64_t s = 0; s < col / 4; ++s) std::memcpy(dst + 64 * s, src + 4 * s, 4);
+    for (int64_t b = 0; b < bk; ++b) {
+      const int64_t to = (tile * bk + b) * kQuantTileCols + c;
+      std::memcpy(out.scales.data() + to * sb,
+                  static_cast<const uint8_t*>(W.scales) + (j * W.scale_stride + b) * sb,
+                  static_cast<size_t>(sb));
+      if (W.zero_points) out.zeros[static_cast<size_t>(to)] = W.zeros[j * W.zero_stride + b];
+    }
+  }
+  t.codes = out.codes.data();
+  t.scales = out.scales.data();
+  t.zeros = W.zero_points ? out.zeros.data() : nullptr;
+  validate(t);
+  return t;
+}
+
+QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStorage& out) {
+  const QuantFormat& f = W.fmt();
+  MOE_ASSERT(j0 >= 0 && n >= 1 && j0 + n <= W.N && f.code_bits == 4);
+  const int64_t col = W.sub_blocks() * 16, bk = W.blocks_k(), sb = scale_bytes(f.scale);
+  QuantMatrix u = W;
+  u.tiled = false;
+  u.N = n;
+  u.code_stride = col;
+  u.scale_stride = bk;
+  u.zero_stride = W.zero_points ? bk : 0;
+  out.codes.resize(static_cast<size_t>(n * col));
+  out.scales.resize(static_cast<size_t>(n * bk * sb));
+  out.zeros.resize(W.zero_points ? static_cast<size_t>(n * bk) : 0);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t s = 0; s < col / 4; ++s)
+      std::memcpy(out.codes.data() + j * col + 4 * s, code_byte(W, j0 + j, 4 * s), 4);
+    for (int64_t b = 0; b < bk; ++b) {
+      std::memcpy(out.scales.data() + (j * bk + b) * sb,
+                  static_cast<const uint8_t*>(W.scales) + scale_index(W, j0 + j, b) * sb,
+                  static_cast<size_t>(sb));
+      if (W.zero_points) out.zeros[static_cast<size_t>(j * bk + b)] = static_cast<uint8_t>(zero_at(W, j0 + j, b));
+    }
+  }
+  u.codes = out.codes.data();
+  u.scales = out.scales.data();
+  u.zeros = W.zero_points ? out.zeros.data() : nullptr;
+  return u;
 }
 
 double quant_value_at(const QuantMatrix& W, int64_t r, int64_t j) {
   const QuantFormat& f = W.fmt();
   int code;
   if (f.code_bits == 4) {
-    const uint8_t b = W.codes[j * W.code_stride + r / 2];
+    const uint8_t b = *code_byte(W, j, r / 2);
     code = r % 2 ? b >> 4 : b & 15;
   } else {
-    code = W.codes[j * W.code_stride + r];
+    code = *code_byte(W, j, r);
   }
   const int64_t b = r / W.block_k;
   double v = quant_code_values(W.format)[code];
-  if (f.linear_codes) v -= W.zero_points ? W.zeros[j * W.zero_stride + b] : 8;
-  const double s = quant_scale_value(f.scale, W.scales, (j / f.block_n) * W.scale_stride + b);
+  if (f.linear_codes) v -= W.zero_points ? zero_at(W, j, b) : 8;
+  const double s = quant_scale_value(f.scale, W.scales, scale_index(W, j, b));
   return v * s;
 }
 

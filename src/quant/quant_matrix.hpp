@@ -14,8 +14,20 @@
 //   perm   int4 in GPTQ act-order: kernel position r along K holds W's row perm[r] (the rows
 //          sorted by group so that each group is contiguous); the rows are gathered in that
 //          order on entry (quant_prepare_rows), the weights never are.
+//
+// Tiled (4-bit codes, N a multiple of 16; the layer holds its int4 and mxfp4 matrices so where
+// the decode path is avx512_vnni, quant_tiling_wanted): the same bytes regrouped so that decode
+// reads 16 columns at once with no per-column reduction (docs/quant.md, "Decode"):
+//   codes  tile t (columns 16t .. 16t + 15) starts at codes + t·code_stride; its step s (values
+//          8s .. 8s + 7 along K) is 64 bytes at + 64s, column c's 4 bytes at + 64s + 4c, and
+//          those are the column's bytes 4s .. 4s + 3 of the layout above (byte i: values 2i
+//          and 2i + 1), so a tile is 16 columns' codes interleaved 4 bytes at a time.
+//   scales the scale of column j and block b at element ((j / 16)·scale_stride + b)·16 + j % 16.
+//   zeros  the same with zero_stride.
+// Every consumer but the tiled decode kernel reads tiled matrices through quant_untiled.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "quant/format.hpp"
 
@@ -34,6 +46,7 @@ struct QuantMatrix {
   int64_t zero_stride = 0;  // bytes
   bool act_order = false;   // int4: perm holds the K order of the rows
   const int32_t* perm = nullptr;
+  bool tiled = false;  // 4-bit codes in tiles of 16 columns (above)
 
   const QuantFormat& fmt() const { return quant_format(format); }
   int64_t sub_blocks() const { return (K + 31) / 32; }
@@ -48,6 +61,19 @@ struct QuantMatrix {
 
 // Checks the view's sizes and strides against its format (moe::Error naming the field).
 void validate(const QuantMatrix& W);
+
+// Columns per tile of the tiled layout.
+constexpr int64_t kQuantTileCols = 16;
+
+// Bytes a view points into, owned (quant_tiled, quant_untiled).
+struct QuantStorage {
+  std::vector<uint8_t> codes, scales, zeros;
+};
+// W (not tiled; 4-bit codes, N a multiple of 16) regrouped into tiles in `out`: the returned
+// view reads out's bytes (and W's perm).
+QuantMatrix quant_tiled(const QuantMatrix& W, QuantStorage& out);
+// Columns [j0, j0 + n) of W (tiled or not) in the column layout, in `out`: a view of n columns.
+QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStorage& out);
 
 // The float64 value at kernel position r along K (W's row perm[r] in act-order, else row r) of
 // column j, from the stored bytes: the reference every kernel is tested against.

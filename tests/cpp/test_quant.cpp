@@ -25,6 +25,7 @@
 #include "quant/int4_import.hpp"
 #include "quant/kernels.hpp"
 #include "quant/kernels_impl.hpp"
+#include "experts/lowbit.hpp"
 #include "quant/mxfp4.hpp"
 #include "test_layer_util.hpp"
 
@@ -102,14 +103,17 @@ Held random_weights(const Variant& v, int64_t K, int64_t N, Rng& rng) {
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 // The rows (M, K) as the path and method round them, in W's own K order: bf16, fp32, or int8
-// per 32 (decode) or 128 (prefill) values of the kernel's K order (act-order gathers them)
-// times their scale. Prefill rows are bf16 except on avx512_vnni.
+// per 32 (decode; a tiled matrix's: per min(block_k, 128)) or 128 (prefill) values of the
+// kernel's K order (act-order gathers them) times their scale. Prefill rows are bf16 except on avx512_vnni.
 std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>& X, QuantPath p,
                                  QuantMethod m = QuantMethod::decode) {
   const int64_t K = W.K, M = static_cast<int64_t>(X.size()) / K;
   const bool s8 = quant_rows_type(p) == QuantRowsType::s8;
   const bool bf16 = m == QuantMethod::prefill ? !s8 : quant_rows_bf16(p);
-  const int64_t block = m == QuantMethod::prefill ? 128 : 32;
+  // int8 per 128 (prefill), per min(block_k, 128) (decode of a tiled matrix), else per 32
+  const int64_t block = m == QuantMethod::prefill ? 128
+                        : W.tiled                 ? std::min<int64_t>(W.block_k, 128)
+                                                  : 32;
   std::vector<double> r(X.size());
   for (int64_t i = 0; i < M; ++i) {
     const float* x = X.data() + i * K;
@@ -335,6 +339,179 @@ TEST(QuantDecode, BitsDependOnNeitherThreadsNorTilingNorRowCount) {
         }
       }
     }
+  }
+}
+
+// ---- the tiled layout (quant_matrix.hpp) -----------------------------------------------------
+
+namespace {
+// The 4-bit variants, and int4 with blocks of 256 and in act-order.
+struct TiledCase {
+  Variant v;
+  bool act_order;
+};
+const TiledCase kTiledCases[] = {
+    {{QuantFormatId::int4, 32, false}, false}, {{QuantFormatId::int4, 64, true}, false},
+    {{QuantFormatId::int4, 128, false}, false}, {{QuantFormatId::int4, 128, true}, true},
+    {{QuantFormatId::int4, 256, true}, false},  {{QuantFormatId::mxfp4, 0, false}, false},
+};
+// K: one sub-block, off the sub-block, off the group and the chunk, long; N: 1 to 5 tiles.
+const Shape kTiledShapes[] = {{32, 16}, {100, 48}, {300, 80}, {2100, 32}};
+
+Held tiled_case_weights(const TiledCase& c, int64_t K, int64_t N, Rng& rng) {
+  Held h = random_weights(c.v, K, N, rng);
+  if (c.act_order) {  // any order of K serves the kernels: the rows are gathered by it
+    h.i4.perm.resize(static_cast<size_t>(K));
+    std::iota(h.i4.perm.begin(), h.i4.perm.end(), 0);
+    for (int64_t k = K - 1; k > 0; --k) std::swap(h.i4.perm[static_cast<size_t>(k)], h.i4.perm[static_cast<size_t>(rng.below(k + 1))]);
+    h.view = h.i4.view();
+  }
+  return h;
+}
+
+std::string tiled_label(const TiledCase& c, const Shape& s) {
+  return c.v.label() + (c.act_order ? "_act" : "") + " K " + std::to_string(s.K) + " N " +
+         std::to_string(s.N);
+}
+}  // namespace
+
+TEST(QuantTiled, HoldsTheSameValuesAndUntilesToTheSameBytes) {
+  Rng rng(21);
+  for (const TiledCase& c : kTiledCases)
+    for (const Shape& s : kTiledShapes) {
+      SCOPED_TRACE(tiled_label(c, s));
+      const Held h = tiled_case_weights(c, s.K, s.N, rng);
+      QuantStorage tiles, back, part;
+      const QuantMatrix T = quant_tiled(h.view, tiles);
+      ASSERT_TRUE(T.tiled);
+      EXPECT_EQ(T.stored_bytes(), h.view.stored_bytes());
+      for (int64_t r = 0; r < s.K; ++r)
+        for (int64_t j = 0; j < s.N; ++j)
+          ASSERT_EQ(quant_value_at(T, r, j), quant_value_at(h.view, r, j)) << r << " " << j;
+      // Untiled whole: the bytes the column layout had.
+      const QuantMatrix U = quant_untiled(T, 0, s.N, back);
+      const int64_t col = h.view.sub_blocks() * 16, bk = h.view.blocks_k();
+      const int64_t sb = c.v.format == QuantFormatId::int4 ? 2 : 1;
+      ASSERT_EQ(U.code_stride, col);
+      for (int64_t j = 0; j < s.N; ++j) {
+        EXPECT_EQ(std::memcmp(U.codes + j * col, h.view.codes + j * h.view.code_stride, col), 0);
+        EXPECT_EQ(std::memcmp(static_cast<const uint8_t*>(U.scales) + j * bk * sb,
+                              static_cast<const uint8_t*>(h.view.scales) + j * h.view.scale_stride * sb,
+                              bk * sb), 0);
+        if (h.view.zero_points) {
+          EXPECT_EQ(std::memcmp(U.zeros + j * bk, h.view.zeros + j * h.view.zero_stride, bk), 0);
+        }
+      }
+      // A range off the tiles: its columns.
+      const int64_t j0 = 5, n = s.N - 7;
+      const QuantMatrix P = quant_untiled(T, j0, n, part);
+      for (int64_t r = 0; r < s.K; r += 7)
+        for (int64_t j = 0; j < n; ++j)
+          ASSERT_EQ(quant_value_at(P, r, j), quant_value_at(h.view, r, j0 + j)) << r << " " << j;
+    }
+  // What the layout cannot hold.
+  Rng r2(2);
+  const Held odd = random_weights({QuantFormatId::int4, 128, false}, 256, 40, r2);
+  QuantMatrix bad = odd.view;
+  bad.tiled = true;
+  bad.code_stride = 16 * 128;
+  const auto refusal = [](const QuantMatrix& W) {
+    try {
+      validate(W);
+    } catch (const moe::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(refusal(bad).find("the tiled layout needs 4-bit codes, N a multiple of 16 (got 40)"),
+            std::string::npos) << refusal(bad);
+  const Held f8 = random_weights({QuantFormatId::fp8, 0, false}, 256, 32, r2);
+  bad = f8.view;
+  bad.tiled = true;
+  EXPECT_NE(refusal(bad).find("the tiled layout needs 4-bit codes"), std::string::npos)
+      << refusal(bad);
+}
+
+TEST(QuantTiled, DecodeMatchesTheTwinAndItsBitsDependOnNeitherThreadsNorColumnsNorRows) {
+  Rng rng(23);
+  int checked = 0;
+  for (const TiledCase& c : kTiledCases)
+    for (const Shape& s : kTiledShapes) {
+      const Held h = tiled_case_weights(c, s.K, s.N, rng);
+      if (!runs(QuantPath::avx512_vnni, h.view)) GTEST_SKIP() << "no AVX512-VNNI path here";
+      QuantStorage tiles;
+      const QuantMatrix T = quant_tiled(h.view, tiles);
+      for (const int64_t M : {1, 2, 3, 4, 5, 8, 9, 16}) {
+        const std::string what = tiled_label(c, s) + " M " + std::to_string(M);
+        const std::vector<float> X = rng.vec(M * s.K, 1.0);
+        const std::vector<float> C = run(T, QuantPath::avx512_vnni, QuantMethod::decode, X, M);
+        expect_rel(C, twin(T, rounded_rows(T, X, QuantPath::avx512_vnni), M), 1e-3, what);
+        ++checked;
+        if (M != 9) continue;
+        const int saved = omp_get_max_threads();
+        for (int t : {1, 3}) {
+          omp_set_num_threads(t);
+          const std::vector<float> other = run(T, QuantPath::avx512_vnni, QuantMethod::decode, X, M);
+          EXPECT_EQ(std::memcmp(C.data(), other.data(), C.size() * 4), 0) << what << " threads " << t;
+        }
+        omp_set_num_threads(saved);
+        // Each row alone, over column ranges off the tiles: the same bits.
+        std::vector<unsigned char> buf(
+            static_cast<size_t>(quant_rows_bytes(T, QuantPath::avx512_vnni, QuantMethod::decode, 1)));
+        for (int64_t i = 0; i < M; i += 4) {
+          const QuantRows r = quant_prepare_rows(T, QuantPath::avx512_vnni, QuantMethod::decode,
+                                                 X.data() + i * s.K, s.K, 1, buf.data());
+          ASSERT_TRUE(r.tiled);
+          std::vector<float> row(static_cast<size_t>(s.N), -1.0f);
+          const int64_t cut = std::min<int64_t>(13, s.N - 1);
+          quant_decode_serial(T, r, 0, cut, row.data(), s.N);
+          quant_decode_serial(T, r, cut, s.N - cut, row.data() + cut, s.N);
+          EXPECT_EQ(std::memcmp(row.data(), C.data() + i * s.N, s.N * 4), 0) << what << " row " << i;
+        }
+      }
+    }
+  RecordProperty("cases", checked);
+}
+
+TEST(QuantTiled, EveryOtherKernelReadsItAsTheColumnLayout) {
+  Rng rng(29);
+  for (const TiledCase& c : kTiledCases)
+    for (const Shape& s : kTiledShapes) {
+      const Held h = tiled_case_weights(c, s.K, s.N, rng);
+      QuantStorage tiles;
+      const QuantMatrix T = quant_tiled(h.view, tiles);
+      for (const int64_t M : {1, 5, 20}) {
+        const std::vector<float> X = rng.vec(M * s.K, 1.0);
+        for (const QuantPath p : kPaths) {
+          if (!runs(p, h.view)) continue;
+          for (const QuantMethod m : {QuantMethod::decode, QuantMethod::prefill}) {
+            if (m == QuantMethod::decode && (p == QuantPath::avx512_vnni || M > 16)) continue;
+            const std::vector<float> want = run(h.view, p, m, X, M);
+            const std::vector<float> got = run(T, p, m, X, M);
+            EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0)
+                << tiled_label(c, s) << " M " << M << " " << quant_path_name(p)
+                << (m == QuantMethod::decode ? " decode" : " prefill");
+          }
+        }
+      }
+    }
+}
+
+TEST(QuantTiled, TheLayerHoldsTiledMatricesWhereTheVnniDecodeReadsThem) {
+  Rng rng(31);
+  for (const int64_t N : {int64_t{48}, int64_t{40}}) {
+    const Held h = random_weights({QuantFormatId::int4, 64, true}, 300, N, rng);
+    QuantHeld held;
+    held.adopt(h.view);
+    const bool want = N % 16 == 0 && quant_decode_path(QuantFormatId::int4) == QuantPath::avx512_vnni;
+    EXPECT_EQ(held.m.tiled, want) << N;
+    EXPECT_EQ(quant_tiling_wanted(h.view), want) << N;
+    EXPECT_EQ(held.bytes(), h.view.stored_bytes());
+    const QuantHeld copy = held;  // adopts a tiled view: back to columns, tiled again
+    EXPECT_EQ(copy.m.tiled, want);
+    for (int64_t r = 0; r < 300; r += 3)
+      for (int64_t j = 0; j < N; ++j)
+        ASSERT_EQ(quant_value_at(copy.m, r, j), quant_value_at(h.view, r, j)) << r << " " << j;
   }
 }
 
