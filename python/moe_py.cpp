@@ -1114,6 +1114,9 @@ PYBIND11_MODULE(_moe, m) {
     for (moe::Precision p : {moe::Precision::int4, moe::Precision::mxfp4, moe::Precision::fp8})
       lowbit[moe::to_string(p)] = moe::detail::lowbit_kernel_names(p);
     d["lowbit_kernels"] = lowbit;
+    moe::detail::QuantMatrix tile16;  // int4 of 16 columns: held tiled where the layer tiles
+    tile16.N = 16;
+    d["lowbit_tiled"] = moe::detail::quant_tiling_wanted(tile16);
     return d;
   }, "What runs on this CPU: its name ('cpu'), the highest kernel level it supports ('best': "
      "avx2, avx512, avx512_bf16 or amx) and the level in use ('level', lowered by "
@@ -1122,7 +1125,9 @@ PYBIND11_MODULE(_moe, m) {
      "('amx_min_rows', MOE_AMX_MIN_ROWS), the ISA oneDNN uses for the fp32 products ('isa'), "
      "and the kernels of the bf16 expert products ('bf16_experts'), of int8 "
      "('int8_kernel') and of the low-bit formats ('lowbit_kernels': int4 (group 128), mxfp4, "
-     "fp8, at decode and at prefill).");
+     "fp8, at decode and at prefill), and whether a layer holds its int4 and mxfp4 matrices "
+     "of N a multiple of 16 in the tiled layout of the avx512_vnni decode ('lowbit_tiled'; "
+     "that decode rounds its rows to int8 per min(block, 128) values, else per 32).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

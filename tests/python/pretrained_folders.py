@@ -334,17 +334,17 @@ def expert(c, h, e, x, rows=_exact):
     return rows(_silu(x @ h["gate"][e].T) * (x @ h["up"][e].T)) @ h["down"][e].T
 
 
-def int8_rows(a):
+def int8_rows(a, block=32):
     """Rows as the int4 / mxfp4 decode kernels with int8 rows take them (docs/quant.md): each
-    32 values along a row scaled by their max |x| / 127 (an fp32 scale), rounded to the
-    nearest integer, ties to even."""
+    `block` values along a row (32; on a tiled matrix min(its block, 128)) scaled by their
+    max |x| / 127 (an fp32 scale), rounded to the nearest integer, ties to even."""
     a = np.asarray(a, np.float64)
     out = a.copy()
-    for s in range(0, a.shape[-1], 32):
-        blk = a[..., s:s + 32]
+    for s in range(0, a.shape[-1], block):
+        blk = a[..., s:s + block]
         m = (np.abs(blk).max(-1, keepdims=True) / 127).astype(np.float32).astype(np.float64)
         m = np.where(m > 0, m, 1.0)
-        out[..., s:s + 32] = np.round(blk / m) * m
+        out[..., s:s + block] = np.round(blk / m) * m
     return out
 
 
@@ -523,6 +523,7 @@ def write_int4_folder(path, c, weights_by_layer, method="gptq", group=32, sym=Tr
     rng = np.random.default_rng(seed)
     fam = c["model_type"]
     for layer, h in held.items():
+        h["_group"] = group  # the decode's int8 row block follows it (tests: kernel_rows)
         pre = block_prefix(fam, layer, False)
         names = ("w1", "w3", "w2") if fam == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         d, E, F = dims(c)

@@ -53,15 +53,36 @@ def rel_err(y, ref):
     return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
-def kernel_rows(precision):
+def kernel_rows(precision, c=None, held=None):
     """How this CPU's decode kernels round the rows of a low-bit product (docs/quant.md):
-    int8 per 32 values for int4 / mxfp4 where AVX512-VNNI runs them, bf16 for fp8 on
-    AVX512-BF16; None where another path runs (the tight check is skipped)."""
+    int8 per 32 values for int4 / mxfp4 where AVX512-VNNI runs them (per min(block, 128) on
+    the tiled matrices of N a multiple of 16 the layer holds there: cpu_info's 'lowbit_tiled'),
+    bf16 for fp8 on AVX512-BF16; None where another path runs or the block is not known (the
+    tight check is skipped)."""
     info = moe.cpu_info()
     if info.get("max_isa"):
         return None
     if precision in ("int4", "mxfp4") and info["int8_kernel"] == "avx512_vnni":
-        return pf.int8_rows
+        if not info["lowbit_tiled"]:
+            return pf.int8_rows
+        group = 32 if precision == "mxfp4" else (held or {}).get("_group")
+        if c is None or group is None:
+            return None
+        d, _, F = pf.dims(c)
+        outs = {}  # a product's row width -> the widths of its outputs
+        for w_in, w_out in [(d, F), (F, d)] + ([(held["sgate"].shape[0], d),
+                                                 (d, held["sgate"].shape[0])]
+                                                if "sgate" in held else []):
+            outs.setdefault(w_in, set()).add(w_out % 16 == 0)
+        if any(len(v) > 1 for v in outs.values()):
+            return None  # one width, products of both layouts
+
+        def rows(a):
+            w = a.shape[-1]
+            if not next(iter(outs[w])):
+                return pf.int8_rows(a)
+            return pf.int8_rows(a, min(w if group == -1 else group, 128))
+        return rows
     if precision == "fp8" and info["level"] in ("avx512_bf16", "amx"):
         return pf.round_bf16
     return None
@@ -82,7 +103,7 @@ def check_forward(layer, c, held, x, rel=3e-2, tight=True):
     assert np.isfinite(y).all()
     fro, worst = rel_err(y, ref), np.abs(y - ref).max() / scale
     assert fro < rel and worst < 3 * rel, (fro, worst)
-    rows = kernel_rows(layer.config["precision"]) if tight else None
+    rows = kernel_rows(layer.config["precision"], c, held) if tight else None
     if rows is not None:
         y8 = layer.forward(x[:8], training=False)
         ref8, _ = pf.reference(c, held, x[:8], rows)
