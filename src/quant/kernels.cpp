@@ -604,10 +604,14 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
   name += quant_path_name(path);
   const bool eight = W.fmt().code_bits == 8;
   switch (path) {
-    case QuantPath::avx512_vnni:
-      name += W.format == QuantFormatId::mxfp4 ? " (vpshufb widening, int8 rows, vpdpbusd)"
-                                               : " (nibbles as bytes, int8 rows, vpdpbusd)";
+    case QuantPath::avx512_vnni: {
+      name += W.format == QuantFormatId::mxfp4 ? " (vpshufb widening, int8 rows, vpdpbusd"
+                                               : " (nibbles as bytes, int8 rows, vpdpbusd";
+      QuantMatrix tile16 = W;  // the layer's matrices of N a multiple of 16
+      tile16.N = kQuantTileCols;
+      name += quant_tiling_wanted(tile16) ? "; 16-column tiles where N is a multiple of 16)" : ")";
       break;
+    }
     case QuantPath::avx512_bf16:
       name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpshufb widening, vdpbf16ps)";
       break;

@@ -22,8 +22,8 @@
 //            against 4 row bytes broadcast, into int32 lanes that are the 16 columns; the
 //            rows are quantized per G = min(block_k, 128) values, so the float work (convert,
 //            zero point, row and weight scales) is once per G values and 16 columns instead
-//            of per 128 values and column. Hot on one Zen 4 core, int4 K 2048 × N 1536: 1.76×
-//            (M 1) to 2.3× (M 4) the column kernel's rate (docs/quant.md, "Decode").
+//            of per 128 values and column. Hot on one Zen 4 core, int4 g128 K 2048 × N 1536:
+//            1.26× (M 1) to 2.6× (M 16) the column kernel's rate (docs/quant.md, "Decode").
 //            avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded in,
 //            vfmadd.
 //            Columns are independent: a column's bits depend on the path and the layout only
