@@ -865,6 +865,25 @@ void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
   }
 }
 
+MOE_AVX512 void untile_codes_avx512(const QuantMatrix& W, int64_t t0, int64_t tiles, uint8_t* dst) {
+  const int64_t steps = W.sub_blocks() * 4, col = 4 * steps;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* tile = W.codes + (t0 + t) * W.code_stride;
+    uint8_t* out = dst + t * kQuantTileCols * col;
+    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+      const int64_t ns = std::min<int64_t>(16, steps - s0);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < ns ? _mm512_loadu_si512(tile + 64 * (s0 + i)) : _mm512_setzero_si512();
+      transpose_16x16(r);  // r[c]: column c's dwords of steps s0 .. s0 + 15
+      const __mmask16 keep = static_cast<__mmask16>((1u << ns) - 1u);
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) _mm512_mask_storeu_epi32(out + c * col + 4 * s0, keep, r[c]);
+    }
+  }
+}
+
 void decode_avx512_vnni_tiled(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
                               int64_t n0, int64_t n, float* C, int64_t ldc) {
   MOE_ASSERT(M >= 1 && M <= 8 && W.tiled && rows.tiled);

@@ -54,6 +54,9 @@ void decode_avx512_vnni(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
 // The same on a tiled matrix (M ≤ 8; rows.tiled).
 void decode_avx512_vnni_tiled(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,
                               int64_t n0, int64_t n, float* C, int64_t ldc);
+// The codes of tiles [t0, t0 + tiles) of a tiled matrix in the column layout (dst: column
+// after column, 16·S bytes each), by 16 × 16 dword transposes.
+void untile_codes_avx512(const QuantMatrix& W, int64_t t0, int64_t tiles, uint8_t* dst);
 // Rows (M ≤ 8) on the fp32 paths: A has stride lda.
 void decode_avx512(const QuantMatrix& W, const float* A, int64_t lda, int64_t M, int64_t n0,
                    int64_t n, float* C, int64_t ldc);

@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "common/check.hpp"
+#include "common/cpu.hpp"
+#include "quant/kernels_impl.hpp"
 
 namespace moe::detail {
 
@@ -108,15 +110,42 @@ QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStor
   out.codes.resize(static_cast<size_t>(n * col));
   out.scales.resize(static_cast<size_t>(n * bk * sb));
   out.zeros.resize(W.zero_points ? static_cast<size_t>(n * bk) : 0);
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t s = 0; s < col / 4; ++s)
-      std::memcpy(out.codes.data() + j * col + 4 * s, code_byte(W, j0 + j, 4 * s), 4);
-    for (int64_t b = 0; b < bk; ++b) {
-      std::memcpy(out.scales.data() + (j * bk + b) * sb,
-                  static_cast<const uint8_t*>(W.scales) + scale_index(W, j0 + j, b) * sb,
-                  static_cast<size_t>(sb));
-      if (W.zero_points) out.zeros[static_cast<size_t>(j * bk + b)] = static_cast<uint8_t>(zero_at(W, j0 + j, b));
+  // Whole tiles by the AVX-512 transpose where the CPU has it (the layer tiles only there).
+  const bool whole = W.tiled && j0 % kQuantTileCols == 0 && n % kQuantTileCols == 0 &&
+                     isa_at_least(Isa::avx512);
+  if (whole) {
+    quant_impl::untile_codes_avx512(W, j0 / kQuantTileCols, n / kQuantTileCols, out.codes.data());
+  } else if (W.tiled) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint8_t* tile = W.codes + ((j0 + j) / kQuantTileCols) * W.code_stride +
+                            (j0 + j) % kQuantTileCols * 4;
+      for (int64_t s = 0; s < col / 4; ++s)
+        std::memcpy(out.codes.data() + j * col + 4 * s, tile + 64 * s, 4);
     }
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      std::memcpy(out.codes.data() + j * col, W.codes + (j0 + j) * W.code_stride,
+                  static_cast<size_t>(col));
+  }
+  const auto* scales = static_cast<const uint8_t*>(W.scales);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t jj = j0 + j;
+    // Element (jj, b) at first + b·step (quant_matrix.hpp: both layouts).
+    const int64_t first = W.tiled ? (jj / kQuantTileCols) * W.scale_stride * kQuantTileCols + jj % kQuantTileCols
+                                  : jj * W.scale_stride;
+    const int64_t step = W.tiled ? kQuantTileCols : 1;
+    const int64_t zfirst = W.tiled ? (jj / kQuantTileCols) * W.zero_stride * kQuantTileCols + jj % kQuantTileCols
+                                   : jj * W.zero_stride;
+    uint8_t* ds = out.scales.data() + j * bk * sb;
+    if (sb == 2) {
+      const auto* src = reinterpret_cast<const uint16_t*>(scales) + first;
+      auto* d = reinterpret_cast<uint16_t*>(ds);
+      for (int64_t b = 0; b < bk; ++b) d[b] = src[b * step];
+    } else {
+      for (int64_t b = 0; b < bk; ++b) std::memcpy(ds + b * sb, scales + (first + b * step) * sb, static_cast<size_t>(sb));
+    }
+    if (W.zero_points)
+      for (int64_t b = 0; b < bk; ++b) out.zeros[static_cast<size_t>(j * bk + b)] = W.zeros[zfirst + b * step];
   }
   u.codes = out.codes.data();
   u.scales = out.scales.data();
