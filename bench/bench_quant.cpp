@@ -20,6 +20,9 @@
 //
 //   OMP_NUM_THREADS=2 build/bin/bench_quant                      (everything, a few minutes)
 //   OMP_NUM_THREADS=2 build/bin/bench_quant --benchmark_filter='decode/M:1/'
+//
+// The *_tiled entries read the tiled layout the layer holds where the decode path is
+// avx512_vnni (quant/quant_matrix.hpp); the others the column layout as files store it.
 #include <benchmark/benchmark.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -89,6 +92,7 @@ struct Format {
   int64_t group = 128;
   bool zero_points = false;
   bool bf16 = false;  // the existing packed bf16 kernel instead
+  bool tiled = false;  // the layout the layer holds where the decode path is avx512_vnni
 };
 
 struct Copies {
@@ -97,6 +101,7 @@ struct Copies {
   std::vector<Fp8Kernel::Weights> f8;
   std::vector<std::vector<uint16_t>> b16;
   std::vector<QuantMatrix> views;
+  std::vector<QuantStorage> tiles;  // the tiled copies' bytes (Format::tiled)
   int64_t bytes_each = 0;
   int64_t count() const { return static_cast<int64_t>(b16.empty() ? views.size() : b16.size()); }
 };
@@ -155,6 +160,12 @@ Copies make_copies(const Format& f) {
   for (auto& w : c.i4) c.views.push_back(w.view());
   for (auto& w : c.mx) c.views.push_back(w.view());
   for (auto& w : c.f8) c.views.push_back(w.view());
+  if (f.tiled) {  // the same bytes in tiles of 16 columns; the column copies are dropped
+    c.tiles.resize(c.views.size());
+    for (size_t i = 0; i < c.views.size(); ++i) c.views[i] = quant_tiled(c.views[i], c.tiles[i]);
+    c.i4.clear();
+    c.mx.clear();
+  }
   return c;
 }
 
@@ -352,6 +363,12 @@ int main(int argc, char** argv) {
       {"int4_g128_zp", QuantFormatId::int4, 128, true, false},
       {"mxfp4", QuantFormatId::mxfp4, 0, false, false},
       {"fp8", QuantFormatId::fp8, 0, false, false},
+      // What the layer holds where the decode path is avx512_vnni (docs/quant.md, "Layouts"):
+      // the tiled kernel at decode, the column copy's at prefill.
+      {"int4_g32_sym_tiled", QuantFormatId::int4, 32, false, false, true},
+      {"int4_g128_sym_tiled", QuantFormatId::int4, 128, false, false, true},
+      {"int4_g128_zp_tiled", QuantFormatId::int4, 128, true, false, true},
+      {"mxfp4_tiled", QuantFormatId::mxfp4, 0, false, false, true},
   };
   benchmark::RegisterBenchmark("read_roof", BM_read_roof)->Arg(8)->Arg(32)->UseManualTime()->MinTime(0.5);
   // M 1, 4, 16 on every path; M 32 and 64 (where prefill takes over) on the fastest ones.
@@ -361,6 +378,7 @@ int main(int argc, char** argv) {
                                 QuantPath::avx2}) {
         if (!quant_path_supports(p, f.id)) continue;
         if (M >= 32 && p != quant_decode_path(f.id)) continue;
+        if (f.tiled && (p != QuantPath::avx512_vnni || !quant_path_allowed(p))) continue;
         benchmark::RegisterBenchmark(
             (f.label + "/decode/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
             [=](benchmark::State& s) { BM_quant(s, f, Method::decode, p, M); })
@@ -371,6 +389,7 @@ int main(int argc, char** argv) {
       // for 4-bit codes, int8 panels (vpdpbusd).
       for (const QuantPath p : {QuantPath::avx512_bf16, QuantPath::avx512_vnni}) {
         if (!quant_path_supports(p, f.id)) continue;
+        if (f.tiled && (p != QuantPath::avx512_vnni || !quant_path_allowed(p))) continue;
         benchmark::RegisterBenchmark(
             (f.label + "/prefill/M:" + std::to_string(M) + "/" + quant_path_name(p)).c_str(),
             [=](benchmark::State& s) { BM_quant(s, f, Method::prefill, p, M); })

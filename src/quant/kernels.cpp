@@ -102,9 +102,13 @@ int64_t tiled_row_block(const QuantMatrix& W) { return std::min<int64_t>(W.block
 }  // namespace
 
 bool quant_tiling_wanted(const QuantMatrix& W) {
-  static const bool off = [] {
+  static const bool off = [] {  // read once (a refusal is thrown again at every call)
     const char* e = std::getenv("MOE_QUANT_TILED");
-    return e && std::string(e) == "0";
+    const std::string v = e ? e : "1";
+    MOE_REQUIRE(v == "0" || v == "1", "MOE_QUANT_TILED: '", v,
+                "' is not 0 or 1 (1, the default: int4 and mxfp4 held in 16-column tiles where "
+                "the decode path is avx512_vnni; 0: the column layout)");
+    return v == "0";
   }();
   return !off && W.fmt().code_bits == 4 && W.N % kQuantTileCols == 0 &&
          quant_decode_path(W.format) == QuantPath::avx512_vnni;

@@ -561,6 +561,32 @@ def test_V1_environment_settings_refused_by_name():
 
 
 
+V2_SCRIPT = """
+import numpy as np
+import moe
+for _ in range(2):  # read once; refused again at the next layer
+    try:
+        layer = moe.MoE(32, 4, 2, expert="swiglu", d_ff=32, precision="int4")
+        layer.forward(np.ones((3, 32), np.float32), training=False)  # quantizes the masters
+    except moe.Error as e:
+        print(e)
+"""
+
+
+def test_V2_the_tiled_layout_switch_refused_by_name():
+    env = dict(os.environ, MOE_QUANT_TILED="no")
+    r = subprocess.run([sys.executable, "-c", V2_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], (r.stdout, r.stderr[-2000:])
+    assert lines[0].startswith("MOE_QUANT_TILED: 'no' is not 0 or 1"), lines
+    errors_doc.check(lines[0], "V2")
+    for value in ("0", "1"):  # both accepted
+        ok = subprocess.run([sys.executable, "-c", V2_SCRIPT], capture_output=True, text=True,
+                            env=dict(os.environ, MOE_QUANT_TILED=value), timeout=120)
+        assert ok.returncode == 0 and ok.stdout == "", (value, ok.stdout, ok.stderr[-2000:])
+
+
 @needs_layer
 def test_RS3_rounding_switches_where_they_mean_nothing():
     with raises("tie_break: 'torch' applies to token-choice routing without groups"):
