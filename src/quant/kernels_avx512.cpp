@@ -464,15 +464,18 @@ MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, in
   }
 }
 
-// MR rows × NT tiles of 16 columns from tile t0, into out (MR, NT·16). Per step of 8 values,
-// one 64-byte load holds them for the tile's 16 columns (4 bytes each): its low nibbles (values
-// 8s, 8s + 2, 8s + 4, 8s + 6) and its high ones (the odd values) are two vpdpbusd against the
-// row's 4 even and 4 odd int8 values broadcast, into int32 lanes that are the columns. After
-// each G = min(block_k, 128) values (the rows' scale block; the weights' scale is constant on
-// it too) the sums become fp32: (d − z·Σ)·r, times the columns' scales, into the accumulators.
-template <Codes Cd, int MR, int NT>
-MOE_AVX512_VNNI void tiles_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
-                                int64_t i0, int64_t t0, float* out) {
+// MR rows × one tile of 16 columns (tile t), into out (MR, 16). Per step of 8 values, one
+// 64-byte load holds them for the tile's 16 columns (4 bytes each): its low nibbles (values 8s,
+// 8s + 2, 8s + 4, 8s + 6) and its high ones (the odd values) are two vpdpbusd against the row's
+// 4 even and 4 odd int8 values broadcast, into int32 lanes that are the columns; P sets of sums
+// take alternate steps (independent chains where the rows are few). After each G = min(block_k,
+// 128) values (the rows' scale block; the weights' scale is constant on it too) the sums become
+// fp32: (d − z·Σ)·r, times the columns' scales, into the accumulators. One tile at a time: the
+// bytes are one stream a thread (two tiles read side by side, as two streams, ran a Qwen3-shaped
+// int4 decode step 25-35% slower cold than one; docs/quant.md, "Decode").
+template <Codes Cd, int MR, int P>
+MOE_AVX512_VNNI void tile16_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
+                                 int64_t i0, int64_t t, float* out) {
   constexpr bool zp = Cd == Codes::int4_zp;
   const int64_t steps = W.sub_blocks() * 4;
   const int64_t G = std::min<int64_t>(W.block_k, kQuantChunk), gsteps = G / 8, blocks = R.ld / G;
@@ -480,29 +483,25 @@ MOE_AVX512_VNNI void tiles_vnni(const QuantMatrix& W, __m512i mx_table, const Qu
   const float* rs = R.scales + i0 * blocks;
   const float* sums = R.sums + i0 * blocks;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const uint8_t* base[NT];
-#pragma GCC unroll 4
-  for (int t = 0; t < NT; ++t) base[t] = W.codes + (t0 + t) * W.code_stride;
-  const int64_t ahead = kPrefetchBytes / (64 * NT);  // steps
-  __m512 acc[MR][NT];
+  const uint8_t* base = W.codes + t * W.code_stride;
+  const int64_t ahead = kPrefetchBytes / 64;  // steps; past the tile: the next tile's
+  __m512 acc[MR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0, s0 = 0; s0 < steps; ++g, s0 += gsteps) {
     const int64_t s1 = std::min(steps, s0 + gsteps);
-    __m512i dl[MR][NT], dh[MR][NT];
+    __m512i dl[P][MR], dh[P][MR];
+#pragma GCC unroll 2
+    for (int q = 0; q < P; ++q)
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) dl[m][t] = dh[m][t] = _mm512_setzero_si512();
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t ra = (s >> 4) * kQuantChunk + 4 * (s & 15);  // even values; odd ones at +64
-#pragma GCC unroll 4
-      for (int t = 0; t < NT; ++t) {
-        const uint8_t* p = base[t] + 64 * s;
-        // 8 KiB ahead in the order the tiles are read (into the next NT tiles at the end)
-        prefetch(s + ahead < steps ? p + 64 * ahead : p + 64 * (ahead - steps) + NT * W.code_stride);
+      for (int m = 0; m < MR; ++m) dl[q][m] = dh[q][m] = _mm512_setzero_si512();
+    for (int64_t s = s0; s < s1; s += P) {
+#pragma GCC unroll 2
+      for (int q = 0; q < P; ++q) {
+        const int64_t st = s + q;
+        if (P > 1 && st >= s1) break;
+        const uint8_t* p = base + 64 * st;
+        prefetch(p + 64 * ahead);
         const __m512i v = _mm512_loadu_si512(p);
         __m512i lo = _mm512_and_si512(v, nib);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -510,65 +509,60 @@ MOE_AVX512_VNNI void tiles_vnni(const QuantMatrix& W, __m512i mx_table, const Qu
           lo = _mm512_shuffle_epi8(mx_table, lo);
           hi = _mm512_shuffle_epi8(mx_table, hi);
         }
+        const int64_t ra = (st >> 4) * kQuantChunk + 4 * (st & 15);  // even values; odd at +64
 #pragma GCC unroll 8
         for (int m = 0; m < MR; ++m) {
           const int8_t* a = A + m * R.ld + ra;
           int32_t even, odd;
           std::memcpy(&even, a, 4);
           std::memcpy(&odd, a + 64, 4);
-          dl[m][t] = _mm512_dpbusd_epi32(dl[m][t], lo, _mm512_set1_epi32(even));
-          dh[m][t] = _mm512_dpbusd_epi32(dh[m][t], hi, _mm512_set1_epi32(odd));
+          dl[q][m] = _mm512_dpbusd_epi32(dl[q][m], lo, _mm512_set1_epi32(even));
+          dh[q][m] = _mm512_dpbusd_epi32(dh[q][m], hi, _mm512_set1_epi32(odd));
         }
       }
     }
     const int64_t b = g * G / W.block_k;  // the weights' block
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) {
-      const __m512 sv = tile_scales<Cd>(W, t0 + t, b);
-      __m512 zv = _mm512_setzero_ps();
-      if constexpr (zp)
-        zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-            W.zeros + ((t0 + t) * W.zero_stride + b) * kQuantTileCols))));
+    const __m512 sv = tile_scales<Cd>(W, t, b);
+    __m512 zv = _mm512_setzero_ps();
+    if constexpr (zp)
+      zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(W.zeros + (t * W.zero_stride + b) * kQuantTileCols))));
 #pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(dl[m][t], dh[m][t]));
-        const __m512 r = _mm512_set1_ps(rs[m * blocks + g]);
-        if constexpr (zp) {
-          const __m512 f = _mm512_fnmadd_ps(zv, _mm512_set1_ps(sums[m * blocks + g]), d);
-          acc[m][t] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, r), acc[m][t]);
-        } else {  // sums = z · Σ · r (quant_prepare_rows)
-          const __m512 f = _mm512_fmsub_ps(d, r, _mm512_set1_ps(sums[m * blocks + g]));
-          acc[m][t] = _mm512_fmadd_ps(f, sv, acc[m][t]);
-        }
+    for (int m = 0; m < MR; ++m) {
+      __m512i di = _mm512_add_epi32(dl[0][m], dh[0][m]);
+      if constexpr (P > 1) di = _mm512_add_epi32(di, _mm512_add_epi32(dl[1][m], dh[1][m]));
+      const __m512 d = _mm512_cvtepi32_ps(di);
+      const __m512 r = _mm512_set1_ps(rs[m * blocks + g]);
+      if constexpr (zp) {
+        const __m512 f = _mm512_fnmadd_ps(zv, _mm512_set1_ps(sums[m * blocks + g]), d);
+        acc[m] = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, r), acc[m]);
+      } else {  // sums = z · Σ · r (quant_prepare_rows)
+        const __m512 f = _mm512_fmsub_ps(d, r, _mm512_set1_ps(sums[m * blocks + g]));
+        acc[m] = _mm512_fmadd_ps(f, sv, acc[m]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + (m * NT + t) * kQuantTileCols, acc[m][t]);
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kQuantTileCols, acc[m]);
 }
 
-// Columns [n0, n0 + n) of MR rows: the tiles that hold them, two at a time up to 4 rows (four
-// independent sums per row), one beyond; C gets the requested columns only.
+// Columns [n0, n0 + n) of MR rows: the tiles that hold them in order; C gets the requested
+// columns only. The first 8 KiB are asked for up front (the steps then fetch 8 KiB ahead).
 template <Codes Cd, int MR>
 MOE_AVX512_VNNI void rows_vnni_tiled(const QuantMatrix& W, const QuantRows& R, int64_t i0,
                                      int64_t n0, int64_t n, float* C, int64_t ldc) {
-  constexpr int NT = MR <= 4 ? 2 : 1;
+  constexpr int P = MR <= 4 ? 2 : 1;
   const __m512i table = mxfp4_byte_table();
   const int64_t first = n0 / kQuantTileCols, last = (n0 + n + kQuantTileCols - 1) / kQuantTileCols;
-  alignas(64) float out[MR * NT * kQuantTileCols];
-  for (int64_t t = first; t < last; t += NT) {
-    const int nt = static_cast<int>(std::min<int64_t>(NT, last - t));
-    if (nt == NT)
-      tiles_vnni<Cd, MR, NT>(W, table, R, i0, t, out);
-    else
-      tiles_vnni<Cd, MR, 1>(W, table, R, i0, t, out);
+  for (int64_t b = 0; b < kPrefetchBytes; b += 64) prefetch(W.codes + first * W.code_stride + b);
+  alignas(64) float out[MR * kQuantTileCols];
+  for (int64_t t = first; t < last; ++t) {
+    tile16_vnni<Cd, MR, P>(W, table, R, i0, t, out);
     const int64_t j0 = std::max(n0, t * kQuantTileCols);
-    const int64_t j1 = std::min(n0 + n, (t + nt) * kQuantTileCols);
+    const int64_t j1 = std::min(n0 + n, (t + 1) * kQuantTileCols);
     for (int m = 0; m < MR; ++m)
       for (int64_t j = j0; j < j1; ++j)
-        C[m * ldc + (j - n0)] = out[m * nt * kQuantTileCols + (j - t * kQuantTileCols)];
+        C[m * ldc + (j - n0)] = out[m * kQuantTileCols + (j - t * kQuantTileCols)];
   }
 }
 
