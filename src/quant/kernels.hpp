@@ -17,13 +17,14 @@
 //            On both, each 128-bit lane of a widened 4-bit chunk holds one 32-value
 //            sub-block, so block scales below 128 are one vector per chunk; the rows are
 //            gathered once per call into the order the widening leaves the values in.
-//            avx512_vnni on a tiled matrix (quant_matrix.hpp; what the layer holds): one
-//            64-byte load is 8 values of 16 columns, its low and high nibbles two vpdpbusd
+//            avx512_vnni on a tiled matrix (quant_matrix.hpp; what the layer holds), one tile
+//            at a time (one stream of bytes a thread): one 64-byte load is 8 values of 16
+//            columns, its low and high nibbles two vpdpbusd
 //            against 4 row bytes broadcast, into int32 lanes that are the 16 columns; the
 //            rows are quantized per G = min(block_k, 128) values, so the float work (convert,
 //            zero point, row and weight scales) is once per G values and 16 columns instead
 //            of per 128 values and column. Hot on one Zen 4 core, int4 g128 K 2048 × N 1536:
-//            1.26× (M 1) to 2.6× (M 16) the column kernel's rate (docs/quant.md, "Decode").
+//            1.3× (M 1) to 2.5× (M 16) the column kernel's rate (docs/quant.md, "Decode").
 //            avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded in,
 //            vfmadd.
 //            Columns are independent: a column's bits depend on the path and the layout only
