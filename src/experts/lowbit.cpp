@@ -98,12 +98,38 @@ int64_t lowbit_matrix_bytes(Precision p, const Int4Options& opt, int64_t K, int6
 
 void QuantHeld::adopt(const QuantMatrix& v) {
   validate(v);
-  if (v.tiled) {  // back to columns first (then tiled again below where wanted)
+  const QuantFormat& f = v.fmt();
+  if (v.tiled && quant_tiling_wanted(v)) {  // a held matrix's copy: its tiles as they are
+    const int64_t tiles = v.N / kQuantTileCols, bk = v.blocks_k(), sb = scale_size(f.scale);
+    const int64_t tile = kQuantTileCols * v.sub_blocks() * 16, block = kQuantTileCols * bk;
+    codes.resize(static_cast<size_t>(tiles * tile));
+    scales.resize(static_cast<size_t>(tiles * block * sb));
+    zeros.resize(v.zero_points ? static_cast<size_t>(tiles * block) : 0);
+    for (int64_t t = 0; t < tiles; ++t) {
+      std::memcpy(codes.data() + t * tile, v.codes + t * v.code_stride, static_cast<size_t>(tile));
+      std::memcpy(scales.data() + t * block * sb,
+                  static_cast<const uint8_t*>(v.scales) + t * v.scale_stride * kQuantTileCols * sb,
+                  static_cast<size_t>(block * sb));
+      if (v.zero_points)
+        std::memcpy(zeros.data() + t * block, v.zeros + t * v.zero_stride * kQuantTileCols,
+                    static_cast<size_t>(block));
+    }
+    perm.assign(v.act_order ? v.perm : nullptr, v.act_order ? v.perm + v.K : nullptr);
+    m = v;
+    m.code_stride = tile;
+    m.scale_stride = bk;
+    m.zero_stride = v.zero_points ? bk : 0;
+    m.codes = codes.data();
+    m.scales = scales.data();
+    m.zeros = v.zero_points ? zeros.data() : nullptr;
+    m.perm = v.act_order ? perm.data() : nullptr;
+    return;
+  }
+  if (v.tiled) {  // tiling not wanted here (another ISA level): back to columns
     QuantStorage s;
     adopt(quant_untiled(v, 0, v.N, s));
     return;
   }
-  const QuantFormat& f = v.fmt();
   QuantMatrix d = v;
   // Codes: each column's bytes, densely.
   const int64_t col = f.code_bits == 4 ? v.sub_blocks() * 16 : v.K;

@@ -163,6 +163,15 @@ struct InterleaveTable {
 };
 constexpr InterleaveTable kInterleave;
 
+// A chunk of 128 int8 values t into d as s8 rows hold it: value 2e to byte e of the even half,
+// 2e + 1 to byte 64 + e of the odd.
+void even_then_odd(const int8_t* t, int8_t* d) {
+  for (int e = 0; e < 64; ++e) {
+    d[e] = t[2 * e];
+    d[64 + e] = t[2 * e + 1];
+  }
+}
+
 // s8 rows (QuantRows, kernels.hpp): per row and chunk, 128 int8 values (even then odd), then
 // after all rows the lane scales and the lane sums. v: the row in kernel order.
 void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
@@ -181,10 +190,7 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
       for (int k = 32 * b; k < 32 * b + 32; ++k) t[k] = quant_s8(vc[k], s);
       for (int l = 4 * b; l < 4 * b + 4; ++l) sc[l] = s * half;
     }
-    for (int e = 0; e < 64; ++e) {  // value 2e to byte e of the even half, 2e + 1 of the odd
-      d[e] = t[2 * e];
-      d[64 + e] = t[2 * e + 1];
-    }
+    even_then_odd(t, d);
     // Formats whose zero is one constant (int4 symmetric: 8; mxfp4's bytes: 12) take it
     // here, scaled: su = z · Σ · row scale, so the kernel's per-row step is one fmsub
     // (cvt(d) · rs − su) and one fma into the accumulator (kernels.hpp, QuantRows).
@@ -220,12 +226,7 @@ void prepare_tiled_row(const QuantMatrix& W, const QuantRows& r, const float* v,
     su[b] = static_cast<float>(sum);
     if (!W.zero_points) su[b] *= quant_impl::s8_rows_fixed_zero(W) * sc[b];
   }
-  int8_t* d = q + i * r.ld;
-  for (int64_t c = 0; c < r.ld; c += kQuantChunk)
-    for (int e = 0; e < 64; ++e) {
-      d[c + e] = t[static_cast<size_t>(c + 2 * e)];
-      d[c + 64 + e] = t[static_cast<size_t>(c + 2 * e + 1)];
-    }
+  for (int64_t c = 0; c < r.ld; c += kQuantChunk) even_then_odd(t.data() + c, q + i * r.ld + c);
 }
 }  // namespace
 

@@ -55,13 +55,18 @@ const uint8_t* code_byte(const QuantMatrix& W, int64_t j, int64_t i) {
   return W.codes + (j / kQuantTileCols) * W.code_stride + (i / 4) * 64 + (j % kQuantTileCols) * 4 +
          i % 4;
 }
+// Element (j, b) of a per-(column, block) array with `stride` elements a scale row (or a tile's
+// block): at block_index(W, j, 0, stride) + b · block_step(W).
+int64_t block_step(const QuantMatrix& W) { return W.tiled ? kQuantTileCols : 1; }
+int64_t block_index(const QuantMatrix& W, int64_t j, int64_t b, int64_t stride) {
+  if (!W.tiled) return (j / W.fmt().block_n) * stride + b;
+  return ((j / kQuantTileCols) * stride + b) * kQuantTileCols + j % kQuantTileCols;
+}
 int64_t scale_index(const QuantMatrix& W, int64_t j, int64_t b) {
-  if (!W.tiled) return (j / W.fmt().block_n) * W.scale_stride + b;
-  return ((j / kQuantTileCols) * W.scale_stride + b) * kQuantTileCols + j % kQuantTileCols;
+  return block_index(W, j, b, W.scale_stride);
 }
 int zero_at(const QuantMatrix& W, int64_t j, int64_t b) {
-  if (!W.tiled) return W.zeros[j * W.zero_stride + b];
-  return W.zeros[((j / kQuantTileCols) * W.zero_stride + b) * kQuantTileCols + j % kQuantTileCols];
+  return W.zeros[block_index(W, j, b, W.zero_stride)];  // int4: block_n is 1
 }
 }  // namespace
 
@@ -116,12 +121,9 @@ QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStor
   if (whole) {
     quant_impl::untile_codes_avx512(W, j0 / kQuantTileCols, n / kQuantTileCols, out.codes.data());
   } else if (W.tiled) {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint8_t* tile = W.codes + ((j0 + j) / kQuantTileCols) * W.code_stride +
-                            (j0 + j) % kQuantTileCols * 4;
+    for (int64_t j = 0; j < n; ++j)
       for (int64_t s = 0; s < col / 4; ++s)
-        std::memcpy(out.codes.data() + j * col + 4 * s, tile + 64 * s, 4);
-    }
+        std::memcpy(out.codes.data() + j * col + 4 * s, code_byte(W, j0 + j, 4 * s), 4);
   } else {
     for (int64_t j = 0; j < n; ++j)
       std::memcpy(out.codes.data() + j * col, W.codes + (j0 + j) * W.code_stride,
@@ -129,13 +131,7 @@ QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStor
   }
   const auto* scales = static_cast<const uint8_t*>(W.scales);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t jj = j0 + j;
-    // Element (jj, b) at first + b·step (quant_matrix.hpp: both layouts).
-    const int64_t first = W.tiled ? (jj / kQuantTileCols) * W.scale_stride * kQuantTileCols + jj % kQuantTileCols
-                                  : jj * W.scale_stride;
-    const int64_t step = W.tiled ? kQuantTileCols : 1;
-    const int64_t zfirst = W.tiled ? (jj / kQuantTileCols) * W.zero_stride * kQuantTileCols + jj % kQuantTileCols
-                                   : jj * W.zero_stride;
+    const int64_t first = scale_index(W, j0 + j, 0), step = block_step(W);
     uint8_t* ds = out.scales.data() + j * bk * sb;
     if (sb == 2) {
       const auto* src = reinterpret_cast<const uint16_t*>(scales) + first;
@@ -144,8 +140,10 @@ QuantMatrix quant_untiled(const QuantMatrix& W, int64_t j0, int64_t n, QuantStor
     } else {
       for (int64_t b = 0; b < bk; ++b) std::memcpy(ds + b * sb, scales + (first + b * step) * sb, static_cast<size_t>(sb));
     }
-    if (W.zero_points)
-      for (int64_t b = 0; b < bk; ++b) out.zeros[static_cast<size_t>(j * bk + b)] = W.zeros[zfirst + b * step];
+    if (W.zero_points) {
+      const uint8_t* z = W.zeros + block_index(W, j0 + j, 0, W.zero_stride);
+      for (int64_t b = 0; b < bk; ++b) out.zeros[static_cast<size_t>(j * bk + b)] = z[b * step];
+    }
   }
   u.codes = out.codes.data();
   u.scales = out.scales.data();
