@@ -210,23 +210,9 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
 void prepare_tiled_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
                        int8_t* q, float* scales) {
   const int64_t G = tiled_row_block(W), blocks = r.ld / G;
-  float* sc = scales + i * blocks;
-  float* su = scales + r.M * blocks + i * blocks;
-  const float half = W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
-  thread_local std::vector<int8_t> t;
-  if (t.size() < static_cast<size_t>(r.ld)) t.resize(static_cast<size_t>(r.ld));
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float s = quant_s8_scale(v + b * G, G);
-    int sum = 0;
-    for (int64_t k = b * G; k < (b + 1) * G; ++k) {
-      t[static_cast<size_t>(k)] = quant_s8(v[k], s);
-      sum += t[static_cast<size_t>(k)];
-    }
-    sc[b] = s * half;
-    su[b] = static_cast<float>(sum);
-    if (!W.zero_points) su[b] *= quant_impl::s8_rows_fixed_zero(W) * sc[b];
-  }
-  for (int64_t c = 0; c < r.ld; c += kQuantChunk) even_then_odd(t.data() + c, q + i * r.ld + c);
+  quant_impl::tiled_vnni_rows(v, r.ld, G, W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f,
+                              W.zero_points ? 0.0f : quant_impl::s8_rows_fixed_zero(W),
+                              q + i * r.ld, scales + i * blocks, scales + r.M * blocks + i * blocks);
 }
 }  // namespace
 

@@ -464,6 +464,32 @@ MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, in
   }
 }
 
+// One step of tile16_vnni: 8 values of a tile's 16 columns (64 bytes at w) against MR rows'
+// 4 even and 4 odd int8 values (at a and a + 64, rows ld apart), into dl and dh. int4's high
+// nibbles stay in place (v & 0xf0, 16 times the code: one instruction fewer than a shift and a
+// mask), the sums shifted back once per G; mxfp4's go through the table, which reads low nibbles.
+template <Codes Cd, int MR>
+MOE_AVX512_VNNI __attribute__((always_inline)) inline void tile16_step(
+    __m512i (&dl)[MR], __m512i (&dh)[MR], const uint8_t* w, const int8_t* a, int64_t ld,
+    __m512i nib, __m512i mx_table) {
+  const __m512i v = _mm512_loadu_si512(w);
+  __m512i lo = _mm512_and_si512(v, nib), hi;
+  if constexpr (Cd == Codes::mxfp4) {
+    lo = _mm512_shuffle_epi8(mx_table, lo);
+    hi = _mm512_shuffle_epi8(mx_table, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+  } else {
+    hi = _mm512_andnot_si512(nib, v);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    int32_t even, odd;
+    std::memcpy(&even, a + m * ld, 4);
+    std::memcpy(&odd, a + m * ld + 64, 4);
+    dl[m] = _mm512_dpbusd_epi32(dl[m], lo, _mm512_set1_epi32(even));
+    dh[m] = _mm512_dpbusd_epi32(dh[m], hi, _mm512_set1_epi32(odd));
+  }
+}
+
 // MR rows × one tile of 16 columns (tile t), into out (MR, 16). Per step of 8 values, one
 // 64-byte load holds them for the tile's 16 columns (4 bytes each): its low nibbles (values 8s,
 // 8s + 2, 8s + 4, 8s + 6) and its high ones (the odd values) are two vpdpbusd against the row's
@@ -476,52 +502,37 @@ MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, in
 template <Codes Cd, int MR, int P>
 MOE_AVX512_VNNI void tile16_vnni(const QuantMatrix& W, __m512i mx_table, const QuantRows& R,
                                  int64_t i0, int64_t t, float* out) {
-  constexpr bool zp = Cd == Codes::int4_zp;
+  constexpr bool zp = Cd == Codes::int4_zp, mx = Cd == Codes::mxfp4;
   const int64_t steps = W.sub_blocks() * 4;
+  // G divides block_k (32, 64 or a multiple of 128) and lies in one chunk of the rows: its
+  // steps' even values sit 4 bytes apart (odd ones 64 further on), and it is 4, 8 or 16 steps.
   const int64_t G = std::min<int64_t>(W.block_k, kQuantChunk), gsteps = G / 8, blocks = R.ld / G;
+  const int64_t per_block = W.block_k / G;
   const int8_t* A = static_cast<const int8_t*>(R.data) + i0 * R.ld;
   const float* rs = R.scales + i0 * blocks;
   const float* sums = R.sums + i0 * blocks;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const uint8_t* base = W.codes + t * W.code_stride;
-  const int64_t ahead = kPrefetchBytes / 64;  // steps; past the tile: the next tile's
+  const uint8_t* p = W.codes + t * W.code_stride;
   __m512 acc[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0, s0 = 0; s0 < steps; ++g, s0 += gsteps) {
-    const int64_t s1 = std::min(steps, s0 + gsteps);
+    const int64_t n = std::min(steps - s0, gsteps);  // a multiple of 4
+    const int8_t* a = A + (s0 >> 4) * kQuantChunk + 4 * (s0 & 15);
     __m512i dl[P][MR], dh[P][MR];
 #pragma GCC unroll 2
     for (int q = 0; q < P; ++q)
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) dl[q][m] = dh[q][m] = _mm512_setzero_si512();
-    for (int64_t s = s0; s < s1; s += P) {
-#pragma GCC unroll 2
-      for (int q = 0; q < P; ++q) {
-        const int64_t st = s + q;
-        if (P > 1 && st >= s1) break;
-        const uint8_t* p = base + 64 * st;
-        prefetch(p + 64 * ahead);
-        const __m512i v = _mm512_loadu_si512(p);
-        __m512i lo = _mm512_and_si512(v, nib);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        if constexpr (Cd == Codes::mxfp4) {
-          lo = _mm512_shuffle_epi8(mx_table, lo);
-          hi = _mm512_shuffle_epi8(mx_table, hi);
-        }
-        const int64_t ra = (st >> 4) * kQuantChunk + 4 * (st & 15);  // even values; odd at +64
-#pragma GCC unroll 8
-        for (int m = 0; m < MR; ++m) {
-          const int8_t* a = A + m * R.ld + ra;
-          int32_t even, odd;
-          std::memcpy(&even, a, 4);
-          std::memcpy(&odd, a + 64, 4);
-          dl[q][m] = _mm512_dpbusd_epi32(dl[q][m], lo, _mm512_set1_epi32(even));
-          dh[q][m] = _mm512_dpbusd_epi32(dh[q][m], hi, _mm512_set1_epi32(odd));
-        }
-      }
+    for (int64_t s = 0; s < n; s += 4, p += 256, a += 16) {
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) prefetch(p + kPrefetchBytes + 64 * q);
+      tile16_step<Cd, MR>(dl[0], dh[0], p, a, R.ld, nib, mx_table);
+      tile16_step<Cd, MR>(dl[P - 1], dh[P - 1], p + 64, a + 4, R.ld, nib, mx_table);
+      tile16_step<Cd, MR>(dl[0], dh[0], p + 128, a + 8, R.ld, nib, mx_table);
+      tile16_step<Cd, MR>(dl[P - 1], dh[P - 1], p + 192, a + 12, R.ld, nib, mx_table);
     }
-    const int64_t b = g * G / W.block_k;  // the weights' block
+    const int64_t b = per_block == 1 ? g : g / per_block;  // the weights' block
     const __m512 sv = tile_scales<Cd>(W, t, b);
     __m512 zv = _mm512_setzero_ps();
     if constexpr (zp)
@@ -529,9 +540,10 @@ MOE_AVX512_VNNI void tile16_vnni(const QuantMatrix& W, __m512i mx_table, const Q
           reinterpret_cast<const __m128i*>(W.zeros + (t * W.zero_stride + b) * kQuantTileCols))));
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      __m512i di = _mm512_add_epi32(dl[0][m], dh[0][m]);
-      if constexpr (P > 1) di = _mm512_add_epi32(di, _mm512_add_epi32(dl[1][m], dh[1][m]));
-      const __m512 d = _mm512_cvtepi32_ps(di);
+      __m512i l = dl[0][m], h = dh[0][m];
+      if constexpr (P > 1) l = _mm512_add_epi32(l, dl[1][m]), h = _mm512_add_epi32(h, dh[1][m]);
+      if constexpr (!mx) h = _mm512_srai_epi32(h, 4);  // exact: 16 · the high codes' sums
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_add_epi32(l, h));
       const __m512 r = _mm512_set1_ps(rs[m * blocks + g]);
       if constexpr (zp) {
         const __m512 f = _mm512_fnmadd_ps(zv, _mm512_set1_ps(sums[m * blocks + g]), d);

@@ -72,6 +72,11 @@ void widen_panel_avx512(const QuantMatrix& W, int64_t j0, int64_t nc, int64_t k0
 // (int8 per 128 values + 128) with its scales per chunk, and the product of rows prepared so.
 int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W);
 void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales);
+// A row of a tiled matrix's decode (QuantRows::tiled; v as above): int8 per G (32, 64 or 128)
+// values, placed per chunk even then odd, into dst; scales[b] = the block's quant_s8_scale ·
+// half and sums[b] = Σ of its int8 values, times zero · scales[b] where zero is not 0.
+void tiled_vnni_rows(const float* v, int64_t ld, int64_t G, float half, float zero, int8_t* dst,
+                     float* scales, float* sums);
 void prefill_vnni_serial(const QuantMatrix& W, const QuantRows& rows, int64_t n0, int64_t n,
                          float* C, int64_t ldc, unsigned char* ws, QuantNext next);
 // One prefill panel: columns [j, j + n) and K [k, k + kc) of W; none when n ≤ 0.

@@ -314,33 +314,67 @@ int64_t prefill_vnni_workspace_bytes(const QuantMatrix& W) {
   return panel_bytes(W) + block_bytes(W) + shared_bytes(W);
 }
 
+namespace {
+// quant_s8_scale of n values (a multiple of 16): max |v| / 127, NaN when a value is NaN.
+MOE_VNNI inline float s8_scale(const float* v, int64_t n) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 x = _mm512_loadu_ps(v + k);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    amax = _mm512_max_ps(amax, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)));
+  }
+  return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax) / 127.0f;
+}
+// quant_s8 of 16 values at v with scale s: nearest even of v / s, clamped to ±127 (NaN → 127:
+// min returns its second operand); 0 where s is 0.
+MOE_VNNI inline __m512i s8_values(const float* v, float s) {
+  if (s == 0.0f) return _mm512_setzero_si512();
+  const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v), _mm512_set1_ps(s)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(
+      _mm512_max_ps(_mm512_min_ps(r, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-127.0f)));
+}
+}  // namespace
+
 MOE_VNNI void prefill_vnni_rows(const float* v, int64_t ld, uint8_t* dst, float* scales) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), off = _mm512_set1_epi32(128);
-  const __m512 hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  const __m512i off = _mm512_set1_epi32(128);
   for (int64_t c = 0; c < ld; c += kQuantChunk) {
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int64_t k = 0; k < kQuantChunk; k += 16) {
-      const __m512 x = _mm512_loadu_ps(v + c + k);
-      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      amax = _mm512_max_ps(amax, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude)));
-    }
-    // quant_s8_scale's value: max |v| / 127, NaN when a value is NaN.
-    const float s = nan ? __builtin_nanf("") : _mm512_reduce_max_ps(amax) / 127.0f;
+    const float s = s8_scale(v + c, kQuantChunk);
     scales[c / kQuantChunk] = s;
-    if (s == 0.0f) {
-      std::memset(dst + c, 128, kQuantChunk);
-      continue;
+    for (int64_t k = 0; k < kQuantChunk; k += 16)  // the u8 offset
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c + k),
+                       _mm512_cvtepi32_epi8(_mm512_add_epi32(s8_values(v + c + k, s), off)));
+  }
+}
+
+MOE_VNNI void tiled_vnni_rows(const float* v, int64_t ld, int64_t G, float half, float zero,
+                              int8_t* dst, float* scales, float* sums) {
+  MOE_ASSERT(G == 32 || G == 64 || G == 128);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const int64_t per = G / 16;  // vectors a block
+  for (int64_t c = 0; c < ld; c += kQuantChunk) {
+    __m512i q[8];
+    for (int64_t b = 0; b < 8 / per; ++b) {
+      const float s = s8_scale(v + c + b * G, G);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t u = 0; u < per; ++u) {
+        q[b * per + u] = s8_values(v + c + (b * per + u) * 16, s);
+        sum = _mm512_add_epi32(sum, q[b * per + u]);
+      }
+      const int64_t at = (c + b * G) / G;
+      scales[at] = s * half;
+      sums[at] = static_cast<float>(_mm512_reduce_add_epi32(sum));
+      if (zero != 0.0f) sums[at] *= zero * scales[at];
     }
-    const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t k = 0; k < kQuantChunk; k += 16) {
-      // quant_s8: nearest even of v / s, clamped to ±127 (NaN → 127: min returns its second
-      // operand), then the u8 offset.
-      __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + c + k), sv),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r = _mm512_max_ps(_mm512_min_ps(r, hi), lo);
-      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(r), off);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c + k), _mm512_cvtepi32_epi8(q));
+    // Per chunk the even values, then the odd ones (even_then_odd).
+    for (int j = 0; j < 4; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c + 16 * j),
+                       _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2 * j], even, q[2 * j + 1])));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c + 64 + 16 * j),
+                       _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(q[2 * j], odd, q[2 * j + 1])));
     }
   }
 }

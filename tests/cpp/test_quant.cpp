@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -430,6 +431,54 @@ TEST(QuantTiled, HoldsTheSameValuesAndUntilesToTheSameBytes) {
   bad.tiled = true;
   EXPECT_NE(refusal(bad).find("the tiled layout needs 4-bit codes"), std::string::npos)
       << refusal(bad);
+}
+
+// The rows of a tiled decode are quant_s8 per G = min(block_k, 128) values exactly (each value,
+// scale and sum), placed per chunk even then odd: rows with zeros, a NaN, an infinity and
+// ties at .5 included, in every block size and with and without zero points.
+TEST(QuantTiled, RowsAreQuantS8OfEachBlockExactly) {
+  Rng rng(31);
+  for (const TiledCase& c : kTiledCases) {
+    const int64_t K = 300, M = 5;
+    const Held h = tiled_case_weights(c, K, 32, rng);
+    if (!runs(QuantPath::avx512_vnni, h.view)) GTEST_SKIP() << "no AVX512-VNNI path here";
+    QuantStorage st;
+    const QuantMatrix T = quant_tiled(h.view, st);
+    std::vector<float> X = rng.vec(M * K, 2.0);
+    for (int64_t k = 0; k < 64; ++k) X[static_cast<size_t>(K + k)] = 0.0f;   // row 1: a zero block
+    X[2 * K + 7] = std::nanf("");                                              // row 2: NaN
+    X[3 * K + 40] = std::numeric_limits<float>::infinity();                    // row 3: inf
+    for (int64_t k = 0; k < K; ++k) X[static_cast<size_t>(4 * K + k)] = 0.5f * static_cast<float>(k % 9 - 4);  // ties
+    std::vector<unsigned char> buf(static_cast<size_t>(
+        quant_rows_bytes(T, QuantPath::avx512_vnni, QuantMethod::decode, M)));
+    const QuantRows r =
+        quant_prepare_rows(T, QuantPath::avx512_vnni, QuantMethod::decode, X.data(), K, M, buf.data());
+    ASSERT_TRUE(r.tiled);
+    const int64_t G = std::min<int64_t>(T.block_k, 128), blocks = r.ld / G;
+    const float half = c.v.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
+    const float zero = c.v.format == QuantFormatId::mxfp4 ? 12.0f : 8.0f;
+    for (int64_t i = 0; i < M; ++i) {
+      std::vector<float> v(static_cast<size_t>(r.ld), 0.0f);
+      for (int64_t k = 0; k < K; ++k)
+        v[static_cast<size_t>(k)] = X[static_cast<size_t>(i * K + (T.act_order ? T.perm[k] : k))];
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float s = quant_s8_scale(v.data() + b * G, G);
+        int sum = 0;
+        for (int64_t k = b * G; k < (b + 1) * G; ++k) {
+          const int8_t want = quant_s8(v[static_cast<size_t>(k)], s);
+          sum += want;
+          const int64_t ch = k / 128, o = k % 128;
+          const int8_t got = static_cast<const int8_t*>(r.data)[i * r.ld + ch * 128 + (o % 2) * 64 + o / 2];
+          ASSERT_EQ(got, want) << c.v.label() << " row " << i << " k " << k;
+        }
+        const float sc = r.scales[i * blocks + b], su = r.sums[i * blocks + b];
+        const float want_sc = s * half;
+        const float want_su = T.zero_points ? static_cast<float>(sum) : static_cast<float>(sum) * (zero * want_sc);
+        ASSERT_EQ(std::memcmp(&sc, &want_sc, 4), 0) << c.v.label() << " row " << i << " block " << b;
+        ASSERT_EQ(std::memcmp(&su, &want_su, 4), 0) << c.v.label() << " row " << i << " block " << b;
+      }
+    }
+  }
 }
 
 TEST(QuantTiled, DecodeMatchesTheTwinAndItsBitsDependOnNeitherThreadsNorColumnsNorRows) {
