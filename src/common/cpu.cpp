@@ -62,6 +62,7 @@ CpuFeatures read_features() {
   f.avx512bw = bit(l7.b, 30) && f.os_avx512;
   f.avx512vl = bit(l7.b, 31) && f.os_avx512;
   f.avx512_vnni = bit(l7.c, 11) && f.os_avx512;
+  f.avx512_vbmi = bit(l7.c, 1) && f.os_avx512;
   f.amx_bf16 = bit(l7.d, 22);
   f.amx_tile = bit(l7.d, 24);
   f.amx_int8 = bit(l7.d, 25);

@@ -33,6 +33,7 @@ struct CpuFeatures {
   bool avx2 = false, fma = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512_vnni = false, avx512_bf16 = false;
+  bool avx512_vbmi = false;  // vpermi2b (fp8's decode widening)
   bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_avx = false;     // XCR0: XMM and YMM state
   bool os_avx512 = false;  // XCR0: opmask and ZMM state

@@ -10,6 +10,7 @@
 
 #include "common/bf16.hpp"
 #include "common/check.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "common/parallel.hpp"
 #include "quant/kernels_impl.hpp"
@@ -114,6 +115,18 @@ bool quant_tiling_wanted(const QuantMatrix& W) {
          quant_decode_path(W.format) == QuantPath::avx512_vnni;
 }
 
+bool quant_fp8_vbmi() {
+  static const bool off = [] {  // read once (a refusal is thrown again at every call)
+    const char* e = std::getenv("MOE_FP8_VBMI");
+    const std::string v = e ? e : "1";
+    MOE_REQUIRE(v == "0" || v == "1", "MOE_FP8_VBMI: '", v,
+                "' is not 0 or 1 (1, the default: fp8's avx512_bf16 decode widens with vpermi2b "
+                "where the CPU has AVX512-VBMI; 0: with vpermi2w as on CPUs without it)");
+    return v == "0";
+  }();
+  return !off && cpu().has.avx512_vbmi;
+}
+
 int64_t quant_rows_bytes(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M) {
   const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk, lanes = M * chunks * 16 * 4;
   if (tiled_rows(W, path, method)) return M * ld + 2 * M * (ld / tiled_row_block(W)) * 4;
@@ -157,11 +170,12 @@ void gather_row(const QuantMatrix& W, const float* x, float* v, int64_t n) {
 // The interleaved order's sources (kernels_impl.hpp), as a table.
 struct InterleaveTable {
   int src[kQuantChunk];
-  constexpr InterleaveTable() : src() {
-    for (int p = 0; p < kQuantChunk; ++p) src[p] = quant_impl::interleaved_source(p);
+  constexpr explicit InterleaveTable(int bits) : src() {
+    for (int p = 0; p < kQuantChunk; ++p)
+      src[p] = bits == 4 ? quant_impl::interleaved_source(p) : quant_impl::interleaved8_source(p);
   }
 };
-constexpr InterleaveTable kInterleave;
+constexpr InterleaveTable kInterleave(4), kInterleave8(8);
 
 // A chunk of 128 int8 values t into d as s8 rows hold it: value 2e to byte e of the even half,
 // 2e + 1 to byte 64 + e of the odd.
@@ -229,8 +243,9 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   const QuantRowsType type =
       method == QuantMethod::prefill ? QuantRowsType::bf16 : quant_rows_type(path);
   r.interleaved = method == QuantMethod::decode &&
-                  (path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
-                  W.fmt().code_bits == 4;
+                  (((path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
+                    W.fmt().code_bits == 4) ||
+                   (path == QuantPath::avx512_bf16 && W.fmt().code_bits == 8 && quant_fp8_vbmi()));
   r.tiled = tiled_rows(W, path, method);
   if (method == QuantMethod::prefill && path == QuantPath::avx512_vnni) {
     // u8 rows (M, ld) and their scales (M, chunks), each row on its own.
@@ -269,8 +284,9 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
       for (int64_t k = 0; k < ld; ++k) d[k] = to_bf16(v[k]);
     } else {
       uint16_t* d = static_cast<uint16_t*>(buf) + i * ld;
+      const int* src = W.fmt().code_bits == 4 ? kInterleave.src : kInterleave8.src;
       for (int64_t c = 0; c < ld; c += kQuantChunk)
-        for (int p = 0; p < kQuantChunk; ++p) d[c + p] = to_bf16(v[c + kInterleave.src[p]]);
+        for (int p = 0; p < kQuantChunk; ++p) d[c + p] = to_bf16(v[c + src[p]]);
     }
   }
   if (r.tiled) {
@@ -604,7 +620,9 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
       break;
     }
     case QuantPath::avx512_bf16:
-      name += eight ? " (vpermi2w widening, vdpbf16ps)" : " (vpshufb widening, vdpbf16ps)";
+      name += !eight           ? " (vpshufb widening, vdpbf16ps)"
+              : quant_fp8_vbmi() ? " (vpermi2b widening at decode, vpermi2w into panels, vdpbf16ps)"
+                                 : " (vpermi2w widening, vdpbf16ps)";
       break;
     case QuantPath::avx512:
       name += eight ? " (vpermi2w widening, fp32 vfmadd)" : " (vpermw widening, fp32 vfmadd)";

@@ -59,6 +59,12 @@ namespace moe::detail {
 // panels, up to kQuantDecodeMaxRowsInt8 where it takes int8 panels (quant_prefill_path).
 enum class QuantMethod : int { decode, prefill };
 
+// Whether fp8's decode on avx512_bf16 widens 64 codes at a time with vpermi2b (rows interleaved
+// as kernels_impl.hpp's interleaved8_source says): where the CPU has AVX512-VBMI, unless
+// MOE_FP8_VBMI=0 (the vpermi2w widening of CPUs without it, kept for them and for tests; any
+// other value is refused by name).
+bool quant_fp8_vbmi();
+
 // Whether a matrix held by the layer takes the tiled layout (quant_matrix.hpp): 4-bit codes,
 // N a multiple of 16, and this CPU's decode path for the format avx512_vnni (whose tiled kernel
 // reads it; every other path reads tiled matrices through quant_untiled). MOE_QUANT_TILED=0 in
@@ -85,7 +91,7 @@ constexpr int64_t kQuantChunk = 128;
 struct QuantRows {
   QuantPath path = QuantPath::avx2;
   QuantMethod method = QuantMethod::decode;
-  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni
+  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni; fp8 where quant_fp8_vbmi
   // decode on avx512_vnni of a tiled matrix: int8 values as s8 rows, but one scale per G =
   // min(block_k, 128) values, scales (M, ld / G) and sums (M, ld / G)
   bool tiled = false;

@@ -23,6 +23,9 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")))
 #define MOE_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")))
+#define MOE_AVX512_BF16_VBMI                                                                  \
+  __attribute__((target(                                                                    \
+      "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c,bmi2")))
 #define MOE_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
 
@@ -336,6 +339,101 @@ void rows_bf16_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M
                  int64_t n, float* C, int64_t ldc, std::integer_sequence<int, MR...>) {
   // MR = 1 .. 16: the call whose MR is M.
   ((M == MR + 1 ? rows_bf16<Cd, MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
+}
+
+// ---- fp8 decode with bf16 rows, widened by vpermi2b ----------------------------------------
+
+// E4M3's bf16 words as byte tables for vpermi2b: the low bytes and the high bytes (without the
+// sign, which the code's bit 7 gives) of the 128 magnitudes, two registers each.
+struct Fp8ByteTables {
+  __m512i lo[2], hi[2];
+};
+MOE_AVX512 inline Fp8ByteTables fp8_byte_tables() {
+  const uint16_t* w = bf16_code_table(QuantFormatId::fp8);
+  alignas(64) uint8_t lo[128], hi[128];
+  for (int i = 0; i < 128; ++i) {
+    lo[i] = static_cast<uint8_t>(w[i] & 0xff);
+    hi[i] = static_cast<uint8_t>(w[i] >> 8);
+  }
+  return {{_mm512_load_si512(lo), _mm512_load_si512(lo + 64)},
+          {_mm512_load_si512(hi), _mm512_load_si512(hi + 64)}};
+}
+
+// 64 codes at p (n of them stored; zero beyond) → two vectors of 32 bf16 words, vpunpcklbw and
+// vpunpckhbw of their table bytes (interleaved8_source gives the order): two lookups, a sign
+// and two unpacks where vpermi2w took a widening, two lookups, a blend and a sign per 32.
+MOE_AVX512_BF16_VBMI inline void widen64_fp8(const uint8_t* p, int64_t n, const Fp8ByteTables& T,
+                                             __m512i& a, __m512i& b) {
+  const __m512i c = n >= 64 ? _mm512_loadu_si512(p)
+                            : _mm512_maskz_loadu_epi8(n <= 0 ? 0 : ~0ull >> (64 - n), p);
+  const __m512i lo = _mm512_permutex2var_epi8(T.lo[0], c, T.lo[1]);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(T.hi[0], c, T.hi[1]), c,
+                                               _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+  a = _mm512_unpacklo_epi8(lo, hi);
+  b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+// tile_bf16 for fp8 with rows in interleaved8 order: per chunk and column, four vdpbf16ps per
+// row into an fp32 chunk sum, times the 128 × 128 block's scale into the accumulators.
+template <int MR, int NC>
+MOE_AVX512_BF16_VBMI void tile_fp8_vbmi(const QuantMatrix& W, const Fp8ByteTables& T,
+                                        const QuantRows& R, int64_t i0, int64_t j0, float* C,
+                                        int64_t ldc) {
+  const int64_t chunks = R.ld / kQuantChunk;
+  const int64_t ahead = prefetch_columns(W, NC) * W.code_stride;
+  const uint16_t* A = static_cast<const uint16_t*>(R.data) + i0 * R.ld;
+  const uint8_t* col[NC];
+  const float* srow[NC];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c) {
+    col[c] = W.codes + (j0 + c) * W.code_stride;
+    srow[c] = static_cast<const float*>(W.scales) + ((j0 + c) / W.fmt().block_n) * W.scale_stride;
+  }
+  __m512 acc[MR][NC];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t left = W.K - kQuantChunk * ch, b = ch * kQuantChunk / W.block_k;
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) {
+      prefetch_in_order<NC>(col[0] + ahead, ch, c, 128);
+      __m512i w[4];
+      widen64_fp8(col[c] + kQuantChunk * ch, left, T, w[0], w[1]);
+      widen64_fp8(col[c] + kQuantChunk * ch + 64, left - 64, T, w[2], w[3]);
+      const __m512 sv = _mm512_set1_ps(srow[c][b]);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {
+        const uint16_t* a = A + m * R.ld + kQuantChunk * ch;
+        __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)w[0]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)w[1]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 64), (__m512bh)w[2]);
+        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 96), (__m512bh)w[3]);
+        acc[m][c] = _mm512_fmadd_ps(blk, sv, acc[m][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) C[m * ldc + c] = _mm512_reduce_add_ps(acc[m][c]);
+}
+
+template <int MR>
+MOE_AVX512_BF16_VBMI void rows_fp8_vbmi(const QuantMatrix& W, const QuantRows& R, int64_t i0,
+                                        int64_t n0, int64_t n, float* C, int64_t ldc) {
+  constexpr int NC = nc_bf16(MR);
+  const Fp8ByteTables T = fp8_byte_tables();
+  int64_t j = 0;
+  for (; j + NC <= n; j += NC) tile_fp8_vbmi<MR, NC>(W, T, R, i0, n0 + j, C + j, ldc);
+  for (; j < n; ++j) tile_fp8_vbmi<MR, 1>(W, T, R, i0, n0 + j, C + j, ldc);
+}
+
+template <int... MR>
+void rows_fp8_vbmi_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M, int64_t n0,
+                     int64_t n, float* C, int64_t ldc, std::integer_sequence<int, MR...>) {
+  ((M == MR + 1 ? rows_fp8_vbmi<MR + 1>(W, R, i0, n0, n, C, ldc) : void()), ...);
 }
 
 // ---- decode with int8 rows (4-bit codes) ---------------------------------------------------
@@ -855,7 +953,9 @@ void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0,
     case Codes::int4_sym: return rows_bf16_m<Codes::int4_sym>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::int4_zp: return rows_bf16_m<Codes::int4_zp>(W, rows, i0, M, n0, n, C, ldc, mr);
     case Codes::mxfp4: return rows_bf16_m<Codes::mxfp4>(W, rows, i0, M, n0, n, C, ldc, mr);
-    case Codes::fp8: return rows_bf16_m<Codes::fp8>(W, rows, i0, M, n0, n, C, ldc, mr);
+    case Codes::fp8:
+      if (rows.interleaved) return rows_fp8_vbmi_m(W, rows, i0, M, n0, n, C, ldc, mr);
+      return rows_bf16_m<Codes::fp8>(W, rows, i0, M, n0, n, C, ldc, mr);
   }
 }
 

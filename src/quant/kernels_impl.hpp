@@ -44,6 +44,14 @@ constexpr int interleaved_source(int p) {
   return 32 * L + 16 * (v & 1) + 2 * j + (v >> 1);
 }
 
+// The same for 8-bit codes (fp8) on avx512_bf16 with VBMI (decode_avx512_bf16): each 64 codes
+// of a chunk's 128 (half h) become two vectors by vpunpcklbw (v = 0) and vpunpckhbw (v = 1) of
+// their table bytes, so word p of vector v holds code 16·(p / 8) + 8·v + p % 8 of the half.
+constexpr int interleaved8_source(int p) {
+  const int h = p / 64, v = (p % 64) / 32, q = p % 32;
+  return 64 * h + 16 * (q / 8) + 8 * v + q % 8;
+}
+
 // Rows (M ≤ 16) of a decode over columns [n0, n0 + n): rows.data (bf16) from row i0 on, C
 // points at column n0 of row i0.
 void decode_avx512_bf16(const QuantMatrix& W, const QuantRows& rows, int64_t i0, int64_t M,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/bf16.hpp"
+#include "common/cpu.hpp"
 #include "common/gemm_bf16_packed.hpp"
 #include "moe/error.hpp"
 #include "quant/fp8.hpp"
@@ -259,6 +260,37 @@ TEST(QuantDecode, EveryPathMatchesTheTwin) {
     if (quant_path_allowed(p))
       RecordProperty(std::string("worst_vs_exact_rows_") + quant_path_name(p),
                      std::to_string(worst_exact[static_cast<int>(p)]));
+}
+
+// fp8's decode on avx512_bf16 widens with vpermi2b where the CPU has AVX512-VBMI (unless
+// MOE_FP8_VBMI=0, which ctest's quant.fp8_vpermi2w entry sets to run the other widening): its
+// rows are then bf16 in interleaved8_source's order, a permutation of each chunk. Both
+// widenings are held to the twin by EveryPathMatchesTheTwin.
+TEST(QuantDecode, Fp8RowsFollowTheWideningTheCpuTakes) {
+  Rng rng(41);
+  const Held h = random_weights({QuantFormatId::fp8, 128, false}, 300, 40, rng);
+  if (!runs(QuantPath::avx512_bf16, h.view)) GTEST_SKIP() << "no AVX512-BF16 path here";
+  const char* env = std::getenv("MOE_FP8_VBMI");
+  const bool want = cpu().has.avx512_vbmi && !(env && std::string(env) == "0");
+  EXPECT_EQ(quant_fp8_vbmi(), want);
+  const int64_t M = 3;
+  const std::vector<float> X = rng.vec(M * 300, 1.0);
+  std::vector<unsigned char> buf(static_cast<size_t>(
+      quant_rows_bytes(h.view, QuantPath::avx512_bf16, QuantMethod::decode, M)));
+  const QuantRows r = quant_prepare_rows(h.view, QuantPath::avx512_bf16, QuantMethod::decode,
+                                         X.data(), 300, M, buf.data());
+  EXPECT_EQ(r.interleaved, want);
+  std::vector<int> seen(128, 0);
+  for (int p = 0; p < 128; ++p) ++seen[static_cast<size_t>(quant_impl::interleaved8_source(p))];
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), 128);  // a permutation
+  const auto* d = static_cast<const uint16_t*>(r.data);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < r.ld; ++k) {
+      const int64_t c = k / 128, p = k % 128;
+      const int64_t src = c * 128 + (want ? quant_impl::interleaved8_source(static_cast<int>(p)) : p);
+      const uint16_t expect = src < 300 ? to_bf16(X[static_cast<size_t>(i * 300 + src)]) : 0;
+      ASSERT_EQ(d[i * r.ld + k], expect) << "row " << i << " position " << k;
+    }
 }
 
 TEST(QuantDecode, ZeroRowsGiveZerosAndNoRowsWriteNothing) {

@@ -587,6 +587,22 @@ def test_V2_the_tiled_layout_switch_refused_by_name():
         assert ok.returncode == 0 and ok.stdout == "", (value, ok.stdout, ok.stderr[-2000:])
 
 
+V3_SCRIPT = V2_SCRIPT.replace('precision="int4"', 'precision="fp8"')
+
+
+def test_V3_the_fp8_widening_switch_refused_by_name():
+    r = subprocess.run([sys.executable, "-c", V3_SCRIPT], capture_output=True, text=True,
+                       env=dict(os.environ, MOE_FP8_VBMI="yes"), timeout=120)
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], (r.stdout, r.stderr[-2000:])
+    assert lines[0].startswith("MOE_FP8_VBMI: 'yes' is not 0 or 1"), lines
+    errors_doc.check(lines[0], "V3")
+    for value in ("0", "1"):  # both accepted
+        ok = subprocess.run([sys.executable, "-c", V3_SCRIPT], capture_output=True, text=True,
+                            env=dict(os.environ, MOE_FP8_VBMI=value), timeout=120)
+        assert ok.returncode == 0 and ok.stdout == "", (value, ok.stdout, ok.stderr[-2000:])
+
+
 @needs_layer
 def test_RS3_rounding_switches_where_they_mean_nothing():
     with raises("tie_break: 'torch' applies to token-choice routing without groups"):
