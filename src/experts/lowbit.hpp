@@ -17,7 +17,7 @@ namespace moe::detail {
 // One matrix in a low-bit format, owning its bytes: m views the vectors (dense strides).
 struct QuantHeld {
   QuantMatrix m;
-  std::vector<uint8_t> codes, scales, zeros;
+  QuantBytes codes, scales, zeros;
   std::vector<int32_t> perm;
 
   QuantHeld() = default;

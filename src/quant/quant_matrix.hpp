@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/aligned.hpp"
+
 #include "quant/format.hpp"
 
 namespace moe::detail {
@@ -66,8 +68,10 @@ void validate(const QuantMatrix& W);
 constexpr int64_t kQuantTileCols = 16;
 
 // Bytes a view points into, owned (quant_tiled, quant_untiled).
+// Bytes on 64-byte lines (common/aligned.hpp): what the layer holds and the kernels read.
+using QuantBytes = std::vector<uint8_t, AlignedAllocator<uint8_t>>;
 struct QuantStorage {
-  std::vector<uint8_t> codes, scales, zeros;
+  QuantBytes codes, scales, zeros;
 };
 // W (not tiled; 4-bit codes, N a multiple of 16) regrouped into tiles in `out`: the returned
 // view reads out's bytes (and W's perm).
