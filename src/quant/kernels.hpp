@@ -11,7 +11,8 @@
 //            avx512_bf16: 4-bit codes split into nibbles and looked up in a 16-entry bf16
 //            table held as two vpshufb byte tables (low and high bytes, interleaved by
 //            vpunpck*bw); 8-bit codes through a 128-entry table (two vpermi2w) and the sign
-//            bit. vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
+//            bit, or with AVX512-VBMI 64 at a time (two vpermi2b byte lookups, the sign, two
+//            vpunpck*bw; rows in interleaved8 order: quant_fp8_vbmi). vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
 //            scale vector multiplies that sum into the accumulators (vfmadd), and int4's zero
 //            points come off as z · Σ rows (the row sums per lane prepared with the rows).
 //            On both, each 128-bit lane of a widened 4-bit chunk holds one 32-value
