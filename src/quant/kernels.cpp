@@ -102,28 +102,32 @@ bool tiled_rows(const QuantMatrix& W, QuantPath path, QuantMethod method) {
 int64_t tiled_row_block(const QuantMatrix& W) { return std::min<int64_t>(W.block_k, kQuantChunk); }
 }  // namespace
 
+namespace {
+// A 0|1 switch of the environment, 1 where unset: whether it is 0. Any other value is refused
+// by name, `what` saying what the two mean. Read once through a static it initialises (a
+// refusal is thrown again at every call).
+bool switched_off(const char* name, const char* what) {
+  const char* e = std::getenv(name);
+  const std::string v = e ? e : "1";
+  MOE_REQUIRE(v == "0" || v == "1", name, ": '", v, "' is not 0 or 1 (", what, ")");
+  return v == "0";
+}
+}  // namespace
+
 bool quant_tiling_wanted(const QuantMatrix& W) {
-  static const bool off = [] {  // read once (a refusal is thrown again at every call)
-    const char* e = std::getenv("MOE_QUANT_TILED");
-    const std::string v = e ? e : "1";
-    MOE_REQUIRE(v == "0" || v == "1", "MOE_QUANT_TILED: '", v,
-                "' is not 0 or 1 (1, the default: int4 and mxfp4 held in 16-column tiles where "
-                "the decode path is avx512_vnni; 0: the column layout)");
-    return v == "0";
-  }();
+  static const bool off = switched_off(
+      "MOE_QUANT_TILED",
+      "1, the default: int4 and mxfp4 held in 16-column tiles where the decode path is "
+      "avx512_vnni; 0: the column layout");
   return !off && W.fmt().code_bits == 4 && W.N % kQuantTileCols == 0 &&
          quant_decode_path(W.format) == QuantPath::avx512_vnni;
 }
 
 bool quant_fp8_vbmi() {
-  static const bool off = [] {  // read once (a refusal is thrown again at every call)
-    const char* e = std::getenv("MOE_FP8_VBMI");
-    const std::string v = e ? e : "1";
-    MOE_REQUIRE(v == "0" || v == "1", "MOE_FP8_VBMI: '", v,
-                "' is not 0 or 1 (1, the default: fp8's avx512_bf16 decode widens with vpermi2b "
-                "where the CPU has AVX512-VBMI; 0: with vpermi2w as on CPUs without it)");
-    return v == "0";
-  }();
+  static const bool off = switched_off(
+      "MOE_FP8_VBMI",
+      "1, the default: fp8's avx512_bf16 decode widens with vpermi2b where the CPU has "
+      "AVX512-VBMI; 0: with vpermi2w as on CPUs without it");
   return !off && cpu().has.avx512_vbmi;
 }
 

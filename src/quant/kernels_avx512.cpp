@@ -254,6 +254,16 @@ MOE_AVX512 inline __m512 chunk_zero(const uint8_t* row, int64_t b0, unsigned mas
   return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(f));
 }
 
+// A chunk of a column (four vectors of 32 bf16 values) against a row's 128 bf16 values at a:
+// four vdpbf16ps into an fp32 chunk sum.
+MOE_AVX512_BF16 __attribute__((always_inline)) inline __m512 chunk_dot_bf16(const uint16_t* a,
+                                                                            const __m512i w[4]) {
+  __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)w[0]);
+  blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)w[1]);
+  blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 64), (__m512bh)w[2]);
+  return _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 96), (__m512bh)w[3]);
+}
+
 // MR rows × NC columns (j0 ..): per chunk, four vdpbf16ps sum a column's exact widened values
 // against each row into an fp32 chunk sum; int4's zero points come off it (z · the row's lane
 // sums), and the chunk's scales multiply it into the accumulators.
@@ -304,10 +314,7 @@ MOE_AVX512_BF16 void tile_bf16(const QuantMatrix& W, const NibbleTables& NT, con
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         const uint16_t* a = A + m * R.ld + kQuantChunk * ch;
-        __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)w[0]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)w[1]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 64), (__m512bh)w[2]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 96), (__m512bh)w[3]);
+        __m512 blk = chunk_dot_bf16(a, w);
         if constexpr (zp) blk = _mm512_fnmadd_ps(zv, _mm512_loadu_ps(sums + (m * chunks + ch) * 16), blk);
         acc[m][c] = _mm512_fmadd_ps(blk, sv, acc[m][c]);
       }
@@ -406,10 +413,7 @@ MOE_AVX512_BF16_VBMI void tile_fp8_vbmi(const QuantMatrix& W, const Fp8ByteTable
 #pragma GCC unroll 16
       for (int m = 0; m < MR; ++m) {
         const uint16_t* a = A + m * R.ld + kQuantChunk * ch;
-        __m512 blk = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(a), (__m512bh)w[0]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 32), (__m512bh)w[1]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 64), (__m512bh)w[2]);
-        blk = _mm512_dpbf16_ps(blk, (__m512bh)_mm512_loadu_si512(a + 96), (__m512bh)w[3]);
+        __m512 blk = chunk_dot_bf16(a, w);
         acc[m][c] = _mm512_fmadd_ps(blk, sv, acc[m][c]);
       }
     }

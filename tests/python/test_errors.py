@@ -573,34 +573,29 @@ for _ in range(2):  # read once; refused again at the next layer
 """
 
 
-def test_V2_the_tiled_layout_switch_refused_by_name():
-    env = dict(os.environ, MOE_QUANT_TILED="no")
-    r = subprocess.run([sys.executable, "-c", V2_SCRIPT], capture_output=True, text=True,
-                       env=env, timeout=120)
+def check_switch_refused(var, bad, script, row):
+    """A 0|1 environment switch: `bad` refused by name at each of two layers, 0 and 1 taken."""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=dict(os.environ, **{var: bad}), timeout=120)
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0] == lines[1], (r.stdout, r.stderr[-2000:])
-    assert lines[0].startswith("MOE_QUANT_TILED: 'no' is not 0 or 1"), lines
-    errors_doc.check(lines[0], "V2")
+    assert lines[0].startswith(f"{var}: '{bad}' is not 0 or 1"), lines
+    errors_doc.check(lines[0], row)
     for value in ("0", "1"):  # both accepted
-        ok = subprocess.run([sys.executable, "-c", V2_SCRIPT], capture_output=True, text=True,
-                            env=dict(os.environ, MOE_QUANT_TILED=value), timeout=120)
+        ok = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, **{var: value}), timeout=120)
         assert ok.returncode == 0 and ok.stdout == "", (value, ok.stdout, ok.stderr[-2000:])
+
+
+def test_V2_the_tiled_layout_switch_refused_by_name():
+    check_switch_refused("MOE_QUANT_TILED", "no", V2_SCRIPT, "V2")
 
 
 V3_SCRIPT = V2_SCRIPT.replace('precision="int4"', 'precision="fp8"')
 
 
 def test_V3_the_fp8_widening_switch_refused_by_name():
-    r = subprocess.run([sys.executable, "-c", V3_SCRIPT], capture_output=True, text=True,
-                       env=dict(os.environ, MOE_FP8_VBMI="yes"), timeout=120)
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0] == lines[1], (r.stdout, r.stderr[-2000:])
-    assert lines[0].startswith("MOE_FP8_VBMI: 'yes' is not 0 or 1"), lines
-    errors_doc.check(lines[0], "V3")
-    for value in ("0", "1"):  # both accepted
-        ok = subprocess.run([sys.executable, "-c", V3_SCRIPT], capture_output=True, text=True,
-                            env=dict(os.environ, MOE_FP8_VBMI=value), timeout=120)
-        assert ok.returncode == 0 and ok.stdout == "", (value, ok.stdout, ok.stderr[-2000:])
+    check_switch_refused("MOE_FP8_VBMI", "yes", V3_SCRIPT, "V3")
 
 
 @needs_layer
