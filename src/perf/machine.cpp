@@ -15,8 +15,8 @@
 namespace moe::perf {
 
 const std::vector<std::string> kIsaFlags = {
-    "avx2",        "fma",         "avx512f",  "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"};
+    "avx2",        "fma",         "avx512f",  "avx512bw", "avx512vl",    "avx512_vnni",
+    "avx512_vbmi", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"};
 
 namespace {
 

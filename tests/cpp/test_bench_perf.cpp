@@ -292,6 +292,8 @@ TEST(BenchPerf, MachineTextParsers) {
   // The other spelling of a flag counts too.
   EXPECT_EQ(moe::perf::isa_flags("avx2 avx512bf16"),
             (std::vector<std::string>{"avx2", "avx512_bf16"}));
+  EXPECT_EQ(moe::perf::isa_flags("avx512vbmi avx2"),  // /proc/cpuinfo's spelling
+            (std::vector<std::string>{"avx2", "avx512_vbmi"}));
 
   const auto l = moe::perf::llc_from_lscpu(
       "L1d cache:   64 KiB (2 instances)\nL2 cache:    2 MiB (2 instances)\n"
