@@ -356,14 +356,20 @@ struct Fp8ByteTables {
   __m512i lo[2], hi[2];
 };
 MOE_AVX512 inline Fp8ByteTables fp8_byte_tables() {
-  const uint16_t* w = bf16_code_table(QuantFormatId::fp8);
-  alignas(64) uint8_t lo[128], hi[128];
-  for (int i = 0; i < 128; ++i) {
-    lo[i] = static_cast<uint8_t>(w[i] & 0xff);
-    hi[i] = static_cast<uint8_t>(w[i] >> 8);
-  }
-  return {{_mm512_load_si512(lo), _mm512_load_si512(lo + 64)},
-          {_mm512_load_si512(hi), _mm512_load_si512(hi + 64)}};
+  struct Bytes {
+    alignas(64) uint8_t lo[128], hi[128];
+  };
+  static const Bytes t = [] {  // made once from the code table
+    const uint16_t* w = bf16_code_table(QuantFormatId::fp8);
+    Bytes b;
+    for (int i = 0; i < 128; ++i) {
+      b.lo[i] = static_cast<uint8_t>(w[i] & 0xff);
+      b.hi[i] = static_cast<uint8_t>(w[i] >> 8);
+    }
+    return b;
+  }();
+  return {{_mm512_load_si512(t.lo), _mm512_load_si512(t.lo + 64)},
+          {_mm512_load_si512(t.hi), _mm512_load_si512(t.hi + 64)}};
 }
 
 // 64 codes at p (n of them stored; zero beyond) → two vectors of 32 bf16 words, vpunpcklbw and

@@ -588,12 +588,24 @@ TEST(QuantTiled, TheLayerHoldsTiledMatricesWhereTheVnniDecodeReadsThem) {
     EXPECT_EQ(held.m.tiled, want) << N;
     EXPECT_EQ(quant_tiling_wanted(h.view), want) << N;
     EXPECT_EQ(held.bytes(), h.view.stored_bytes());
-    const QuantHeld copy = held;  // adopts a tiled view: back to columns, tiled again
+    const QuantHeld copy = held;  // adopts a tiled view: its tiles as they are
     EXPECT_EQ(copy.m.tiled, want);
     for (int64_t r = 0; r < 300; r += 3)
       for (int64_t j = 0; j < N; ++j)
         ASSERT_EQ(quant_value_at(copy.m, r, j), quant_value_at(h.view, r, j)) << r << " " << j;
+    // The kernels' 64-byte loads start on lines (common/aligned.hpp).
+    for (const QuantHeld* q : std::initializer_list<const QuantHeld*>{&held, &copy}) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(q->m.codes) % 64, 0u) << N;
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(q->m.scales) % 64, 0u) << N;
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(q->m.zeros) % 64, 0u) << N;
+    }
   }
+  // 4 MiB of codes or more: mapped on their own, 2 MiB aligned (huge pages where advised).
+  const Held big = random_weights({QuantFormatId::fp8, 128, false}, 2048, 2048, rng);
+  QuantHeld held;
+  held.adopt(big.view);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(held.m.codes) % (uintptr_t{2} << 20), 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(held.m.scales) % 64, 0u);
 }
 
 // ---- prefill ---------------------------------------------------------------------------------
