@@ -1117,6 +1117,7 @@ PYBIND11_MODULE(_moe, m) {
     moe::detail::QuantMatrix tile16;  // int4 of 16 columns: held tiled where the layer tiles
     tile16.N = 16;
     d["lowbit_tiled"] = moe::detail::quant_tiling_wanted(tile16);
+    d["vbmi"] = moe::detail::quant_vbmi();
     return d;
   }, "What runs on this CPU: its name ('cpu'), the highest kernel level it supports ('best': "
      "avx2, avx512, avx512_bf16 or amx) and the level in use ('level', lowered by "
@@ -1127,7 +1128,9 @@ PYBIND11_MODULE(_moe, m) {
      "('int8_kernel') and of the low-bit formats ('lowbit_kernels': int4 (group 128), mxfp4, "
      "fp8, at decode and at prefill), and whether a layer holds its int4 and mxfp4 matrices "
      "of N a multiple of 16 in the tiled layout of the avx512_vnni decode ('lowbit_tiled'; "
-     "that decode rounds its rows to int8 per min(block, 128) values, else per 32).");
+     "that decode rounds its rows to int8 per min(block, 128) values, mxfp4's per 128 where 'vbmi', "
+     "else per 32), and whether the decode kernels that need AVX512-VBMI run ('vbmi': fp8's "
+     "vpermi2b widening, mxfp4's shared exponents; MOE_VBMI=0 turns them off).");
   m.def("get_num_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads libmoe uses.");
 

@@ -6,8 +6,8 @@
 //            values rounded to bf16 as its widened panels hold them (the int8 panels of
 //            avx512_vnni hold them exactly);
 //   rows     by the kernel the expert's row count M selects and its path: int8 per 32 values
-//            (decode on avx512_vnni), per min(block_k, 128) (the same on the tiled matrices the
-//            layer holds there: quant_tiling_wanted) or per 128 (prefill on avx512_vnni), bf16,
+//            (decode on avx512_vnni), per quant_tiled_row_block (the same on the tiled matrices
+//            the layer holds there: quant_tiling_wanted) or per 128 (prefill on avx512_vnni), bf16,
 //            or exact (fp32).
 // The layer and shared-expert twins call it when cfg.precision is low-bit.
 #pragma once
@@ -78,7 +78,7 @@ void lowbit_row_ref(S* out, const S* v, int64_t n, QuantFormatId format, int64_t
     held.N = N;
     held.block_k = block_k;
     const bool tiled = !prefill && quant_tiling_wanted(held);
-    const int64_t block = prefill ? 128 : tiled ? std::min<int64_t>(block_k, 128) : 32;
+    const int64_t block = prefill ? 128 : tiled ? quant_tiled_row_block(held) : 32;
     std::vector<float> f(static_cast<size_t>(block));
     for (int64_t b = 0; b < n; b += block) {
       const int64_t len = std::min<int64_t>(block, n - b);

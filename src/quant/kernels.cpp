@@ -99,7 +99,6 @@ namespace {
 bool tiled_rows(const QuantMatrix& W, QuantPath path, QuantMethod method) {
   return W.tiled && path == QuantPath::avx512_vnni && method == QuantMethod::decode;
 }
-int64_t tiled_row_block(const QuantMatrix& W) { return std::min<int64_t>(W.block_k, kQuantChunk); }
 }  // namespace
 
 namespace {
@@ -123,17 +122,24 @@ bool quant_tiling_wanted(const QuantMatrix& W) {
          quant_decode_path(W.format) == QuantPath::avx512_vnni;
 }
 
-bool quant_fp8_vbmi() {
+bool quant_vbmi() {
   static const bool off = switched_off(
-      "MOE_FP8_VBMI",
-      "1, the default: fp8's avx512_bf16 decode widens with vpermi2b where the CPU has "
-      "AVX512-VBMI; 0: with vpermi2w as on CPUs without it");
+      "MOE_VBMI",
+      "1, the default: where the CPU has AVX512-VBMI, fp8's avx512_bf16 decode widens with "
+      "vpermi2b and mxfp4's tiled decode shares exponents with vpermb; 0: the kernels of CPUs "
+      "without it");
   return !off && cpu().has.avx512_vbmi;
+}
+
+int64_t quant_tiled_row_block(const QuantMatrix& W) {
+  return W.format == QuantFormatId::mxfp4 && quant_vbmi()
+             ? kQuantChunk
+             : std::min<int64_t>(W.block_k, kQuantChunk);
 }
 
 int64_t quant_rows_bytes(const QuantMatrix& W, QuantPath path, QuantMethod method, int64_t M) {
   const int64_t chunks = chunks_of(W), ld = chunks * kQuantChunk, lanes = M * chunks * 16 * 4;
-  if (tiled_rows(W, path, method)) return M * ld + 2 * M * (ld / tiled_row_block(W)) * 4;
+  if (tiled_rows(W, path, method)) return M * ld + 2 * M * (ld / quant_tiled_row_block(W)) * 4;
   if (method == QuantMethod::prefill)  // u8 rows and a scale a chunk, or bf16 rows
     return path == QuantPath::avx512_vnni ? M * ld + M * chunks * 4 : M * ld * 2;
   switch (quant_rows_type(path)) {
@@ -227,9 +233,11 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
 // zero z. v: the row in kernel order, zero-padded to ld.
 void prepare_tiled_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
                        int8_t* q, float* scales) {
-  const int64_t G = tiled_row_block(W), blocks = r.ld / G;
-  quant_impl::tiled_vnni_rows(v, r.ld, G, W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f,
-                              W.zero_points ? 0.0f : quant_impl::s8_rows_fixed_zero(W),
+  const int64_t G = quant_tiled_row_block(W), blocks = r.ld / G;
+  const float zero = r.shared_exponents ? 128.0f
+                     : W.zero_points     ? 0.0f
+                                         : quant_impl::s8_rows_fixed_zero(W);
+  quant_impl::tiled_vnni_rows(v, r.ld, G, W.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f, zero,
                               q + i * r.ld, scales + i * blocks, scales + r.M * blocks + i * blocks);
 }
 }  // namespace
@@ -249,8 +257,9 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   r.interleaved = method == QuantMethod::decode &&
                   (((path == QuantPath::avx512_bf16 || path == QuantPath::avx512_vnni) &&
                     W.fmt().code_bits == 4) ||
-                   (path == QuantPath::avx512_bf16 && W.fmt().code_bits == 8 && quant_fp8_vbmi()));
+                   (path == QuantPath::avx512_bf16 && W.fmt().code_bits == 8 && quant_vbmi()));
   r.tiled = tiled_rows(W, path, method);
+  r.shared_exponents = r.tiled && W.format == QuantFormatId::mxfp4 && quant_vbmi();
   if (method == QuantMethod::prefill && path == QuantPath::avx512_vnni) {
     // u8 rows (M, ld) and their scales (M, chunks), each row on its own.
     auto* u8 = static_cast<uint8_t*>(buf);
@@ -295,7 +304,7 @@ QuantRows quant_prepare_rows(const QuantMatrix& W, QuantPath path, QuantMethod m
   }
   if (r.tiled) {
     r.scales = s8_scales;
-    r.sums = s8_scales + M * (ld / tiled_row_block(W));
+    r.sums = s8_scales + M * (ld / quant_tiled_row_block(W));
     return r;
   }
   if (type == QuantRowsType::s8) {
@@ -620,12 +629,17 @@ std::string quant_kernel_name(const QuantMatrix& W, QuantPath path) {
                                                : " (nibbles as bytes, int8 rows, vpdpbusd";
       QuantMatrix tile16 = W;  // the layer's matrices of N a multiple of 16
       tile16.N = kQuantTileCols;
-      name += quant_tiling_wanted(tile16) ? "; 16-column tiles where N is a multiple of 16)" : ")";
+      const bool tiles = quant_tiling_wanted(tile16);
+      name += !tiles ? ")"
+              : W.format == QuantFormatId::mxfp4 && quant_vbmi()
+                  ? "; 16-column tiles where N is a multiple of 16, there exponents shared per "
+                    "128 values with vpermb)"
+                  : "; 16-column tiles where N is a multiple of 16)";
       break;
     }
     case QuantPath::avx512_bf16:
       name += !eight           ? " (vpshufb widening, vdpbf16ps)"
-              : quant_fp8_vbmi() ? " (vpermi2b widening at decode, vpermi2w into panels, vdpbf16ps)"
+              : quant_vbmi() ? " (vpermi2b widening at decode, vpermi2w into panels, vdpbf16ps)"
                                  : " (vpermi2w widening, vdpbf16ps)";
       break;
     case QuantPath::avx512:

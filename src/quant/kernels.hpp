@@ -12,7 +12,7 @@
 //            table held as two vpshufb byte tables (low and high bytes, interleaved by
 //            vpunpck*bw); 8-bit codes through a 128-entry table (two vpermi2w) and the sign
 //            bit, or with AVX512-VBMI 64 at a time (two vpermi2b byte lookups, the sign, two
-//            vpunpck*bw; rows in interleaved8 order: quant_fp8_vbmi). vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
+//            vpunpck*bw; rows in interleaved8 order: quant_vbmi). vdpbf16ps sums the exact widened values of a chunk into fp32; the chunk's
 //            scale vector multiplies that sum into the accumulators (vfmadd), and int4's zero
 //            points come off as z · Σ rows (the row sums per lane prepared with the rows).
 //            On both, each 128-bit lane of a widened 4-bit chunk holds one 32-value
@@ -60,11 +60,17 @@ namespace moe::detail {
 // panels, up to kQuantDecodeMaxRowsInt8 where it takes int8 panels (quant_prefill_path).
 enum class QuantMethod : int { decode, prefill };
 
-// Whether fp8's decode on avx512_bf16 widens 64 codes at a time with vpermi2b (rows interleaved
-// as kernels_impl.hpp's interleaved8_source says): where the CPU has AVX512-VBMI, unless
-// MOE_FP8_VBMI=0 (the vpermi2w widening of CPUs without it, kept for them and for tests; any
-// other value is refused by name).
-bool quant_fp8_vbmi();
+// Whether the decode kernels that need AVX512-VBMI run: fp8's on avx512_bf16 widens 64 codes at
+// a time with vpermi2b (rows interleaved as kernels_impl.hpp's interleaved8_source says), and
+// mxfp4's on a tiled matrix shares each column's exponent over 128 values where its four E8M0
+// scales lie within 2^3 (vpermb into shifted tables; rows per 128: QuantRows::shared_exponents).
+// Where the CPU has AVX512-VBMI, unless MOE_VBMI=0 (the kernels of CPUs without it, kept for
+// them and for tests; any other value is refused by name).
+bool quant_vbmi();
+
+// Values per int8 row scale of the tiled decode (QuantRows::tiled): 128 for mxfp4 where
+// quant_vbmi, else min(block_k, 128).
+int64_t quant_tiled_row_block(const QuantMatrix& W);
 
 // Whether a matrix held by the layer takes the tiled layout (quant_matrix.hpp): 4-bit codes,
 // N a multiple of 16, and this CPU's decode path for the format avx512_vnni (whose tiled kernel
@@ -92,10 +98,13 @@ constexpr int64_t kQuantChunk = 128;
 struct QuantRows {
   QuantPath path = QuantPath::avx2;
   QuantMethod method = QuantMethod::decode;
-  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni; fp8 where quant_fp8_vbmi
+  bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni; fp8 where quant_vbmi
   // decode on avx512_vnni of a tiled matrix: int8 values as s8 rows, but one scale per G =
   // min(block_k, 128) values, scales (M, ld / G) and sums (M, ld / G)
   bool tiled = false;
+  // tiled mxfp4 where quant_vbmi: rows per 128 values (quant_tiled_row_block), sums 128 · Σ ·
+  // the row scale (the weights' bytes are 2·E2M1·2^d + 128)
+  bool shared_exponents = false;
   int64_t M = 0;             // rows
   int64_t ld = 0;            // elements between rows (whole chunks)
   const void* data = nullptr;  // float, uint16_t (bf16; prefill always) or int8_t

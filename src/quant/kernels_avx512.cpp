@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <utility>
 
@@ -28,6 +29,9 @@
       "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c,bmi2")))
 #define MOE_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
+#define MOE_AVX512_VNNI_VBMI                                                                  \
+  __attribute__((target(                                                                    \
+      "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx2,fma,f16c,bmi2")))
 
 namespace moe::detail::quant_impl {
 
@@ -666,6 +670,144 @@ MOE_AVX512_VNNI void tile16_vnni(const QuantMatrix& W, __m512i mx_table, const Q
   for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kQuantTileCols, acc[m]);
 }
 
+// ---- mxfp4 with shared exponents (QuantRows::shared_exponents) --------------------------------
+
+// Entry 16·d + q: 2·E2M1(q)·2^d + 128 as a byte (d = 0..3; at most 2·6·8 = 96 from 128).
+MOE_AVX512 inline __m512i mxfp4_shifted_table() {
+  static const std::array<uint8_t, 64> t = [] {
+    const float* v = f32_code_table(QuantFormatId::mxfp4);
+    std::array<uint8_t, 64> a{};
+    for (int d = 0; d < 4; ++d)
+      for (int q = 0; q < 16; ++q)
+        a[static_cast<size_t>(16 * d + q)] = static_cast<uint8_t>(128 + static_cast<int>(2.0f * v[q]) * (1 << d));
+    return a;
+  }();
+  return _mm512_loadu_si512(t.data());
+}
+
+// One step of tile16_mx_shared (tile16_step's shape): each nibble, with its column's 16·d in
+// `shift`, indexes the shifted table (one vpternlogd and one vpermb a nibble). Sum: also the
+// rows' own sums (vpdpbusd against bytes of 1), where the block's correction is not made.
+template <int MR, bool Sum>
+MOE_AVX512_VNNI_VBMI __attribute__((always_inline)) inline void mx_shared_step(
+    __m512i (&dl)[MR], __m512i (&dh)[MR], __m512i (&ds)[MR], const uint8_t* w, const int8_t* a,
+    int64_t ld, __m512i nib, __m512i shift, __m512i table) {
+  const __m512i v = _mm512_loadu_si512(w);
+  constexpr int kAndOr = 0xea;  // (v & nib) | shift
+  const __m512i lo = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(v, nib, shift, kAndOr), table);
+  const __m512i hi = _mm512_permutexvar_epi8(
+      _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, shift, kAndOr), table);
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    int32_t even, odd;
+    std::memcpy(&even, a + m * ld, 4);
+    std::memcpy(&odd, a + m * ld + 64, 4);
+    dl[m] = _mm512_dpbusd_epi32(dl[m], lo, _mm512_set1_epi32(even));
+    dh[m] = _mm512_dpbusd_epi32(dh[m], hi, _mm512_set1_epi32(odd));
+    if constexpr (Sum) {
+      const __m512i one = _mm512_set1_epi8(1);
+      ds[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ds[m], one, _mm512_set1_epi32(even)), one,
+                                  _mm512_set1_epi32(odd));
+    }
+  }
+}
+
+// E8M0 exponents as fp32 2^(e − 127), per 32-bit lane (0: 2^-127; 255 is never shared).
+MOE_AVX512 inline __m512 e8m0_scales(__m128i e) {
+  const __m512i s = _mm512_cvtepu8_epi32(e);
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(_mm512_slli_epi32(s, 23),
+                                                   _mm512_testn_epi32_mask(s, s),
+                                                   _mm512_set1_epi32(0x00400000)));
+}
+
+// tile16_vnni for mxfp4 with rows per 128 values: per chunk of 128 (four blocks of 32) and
+// column, where the four E8M0 exponents e_L lie within 3 of their least e, the codes widen to
+// 2·E2M1·2^(e_L − e) + 128 (exact bytes), so the chunk is one exact int32 sum a row and one
+// fp32 step (the rows' sums hold 128 · Σ · row scale), against four per-32 steps before. A
+// chunk where some column's exponents spread more (or one is 255, NaN), and a last chunk of
+// fewer than four blocks, takes a step per block, its correction from the rows' sums over the
+// block made in the same vpdpbusd (against bytes of 1).
+template <int MR, int P>
+MOE_AVX512_VNNI_VBMI void tile16_mx_shared(const QuantMatrix& W, const QuantRows& R, int64_t i0,
+                                           int64_t t, float* out) {
+  const int64_t S = W.sub_blocks(), blocks = R.ld / kQuantChunk;
+  const int8_t* A = static_cast<const int8_t*>(R.data) + i0 * R.ld;
+  const float* rs = R.scales + i0 * blocks;
+  const float* sums = R.sums + i0 * blocks;
+  const __m512i nib = _mm512_set1_epi8(0x0f), table = mxfp4_shifted_table();
+  const uint8_t* p = W.codes + t * W.code_stride;
+  const uint8_t* ex = static_cast<const uint8_t*>(W.scales) + t * W.scale_stride * kQuantTileCols;
+  // vpermb indices: lane L of a 64-byte vector of exponents → each column's byte in its 4 code
+  // bytes.
+  static const std::array<std::array<uint8_t, 64>, 4> kSpread = [] {
+    std::array<std::array<uint8_t, 64>, 4> b{};
+    for (int L = 0; L < 4; ++L)
+      for (int i = 0; i < 64; ++i) b[L][i] = static_cast<uint8_t>(16 * L + i / 4);
+    return b;
+  }();
+  __m512 acc[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  __m512i dl[P][MR], dh[P][MR], ds[MR];
+  for (int64_t g = 0; 4 * g < S; ++g) {
+    const int64_t nsub = std::min<int64_t>(4, S - 4 * g);
+    const int8_t* a = A + g * kQuantChunk;
+    if (nsub == 4) {
+      const __m512i e = _mm512_loadu_si512(ex + 4 * g * kQuantTileCols);
+      const __m512i m1 = _mm512_min_epu8(e, _mm512_shuffle_i32x4(e, e, 0xb1));
+      const __m512i emin = _mm512_min_epu8(m1, _mm512_shuffle_i32x4(m1, m1, 0x4e));
+      const __m512i d = _mm512_sub_epi8(e, emin);
+      if ((_mm512_cmpgt_epu8_mask(d, _mm512_set1_epi8(3)) |
+           _mm512_cmpeq_epi8_mask(e, _mm512_set1_epi8(-1))) == 0) {
+        const __m512i d16 = _mm512_slli_epi16(d, 4);  // 16·d a byte (d ≤ 3: nothing crosses)
+#pragma GCC unroll 2
+        for (int q = 0; q < P; ++q)
+#pragma GCC unroll 8
+          for (int m = 0; m < MR; ++m) dl[q][m] = dh[q][m] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int L = 0; L < 4; ++L, p += 256, a += 16) {
+          const __m512i shift = _mm512_permutexvar_epi8(_mm512_loadu_si512(kSpread[L].data()), d16);
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) prefetch(p + kPrefetchBytes + 64 * q);
+          mx_shared_step<MR, false>(dl[0], dh[0], ds, p, a, R.ld, nib, shift, table);
+          mx_shared_step<MR, false>(dl[P - 1], dh[P - 1], ds, p + 64, a + 4, R.ld, nib, shift, table);
+          mx_shared_step<MR, false>(dl[0], dh[0], ds, p + 128, a + 8, R.ld, nib, shift, table);
+          mx_shared_step<MR, false>(dl[P - 1], dh[P - 1], ds, p + 192, a + 12, R.ld, nib, shift, table);
+        }
+        const __m512 sv = e8m0_scales(_mm512_castsi512_si128(emin));
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          __m512i l = dl[0][m], h = dh[0][m];
+          if constexpr (P > 1) l = _mm512_add_epi32(l, dl[1][m]), h = _mm512_add_epi32(h, dh[1][m]);
+          const __m512 f = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(l, h)),
+                                           _mm512_set1_ps(rs[m * blocks + g]),
+                                           _mm512_set1_ps(sums[m * blocks + g]));
+          acc[m] = _mm512_fmadd_ps(f, sv, acc[m]);
+        }
+        continue;
+      }
+    }
+    for (int64_t L = 0; L < nsub; ++L, p += 256, a += 16) {  // a step per block of 32
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) dl[0][m] = dh[0][m] = ds[m] = _mm512_setzero_si512();
+      const __m512i shift = _mm512_setzero_si512();
+      for (int s = 0; s < 4; ++s)
+        mx_shared_step<MR, true>(dl[0], dh[0], ds, p + 64 * s, a + 4 * s, R.ld, nib, shift, table);
+      const __m512 sv = tile_scales<Codes::mxfp4>(W, t, 4 * g + L);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {  // Σ (2·E2M1 + 128)·x − 128 · Σ x, exact
+        const __m512i v = _mm512_sub_epi32(_mm512_add_epi32(dl[0][m], dh[0][m]),
+                                           _mm512_slli_epi32(ds[m], 7));
+        acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(rs[m * blocks + g])),
+                                 sv, acc[m]);
+      }
+    }
+    p += 256 * (4 - nsub);  // (nsub < 4 only in the last chunk)
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) _mm512_storeu_ps(out + m * kQuantTileCols, acc[m]);
+}
+
 // Columns [n0, n0 + n) of MR rows: the tiles that hold them in order; C gets the requested
 // columns only. The first 8 KiB are asked for up front (the steps then fetch 8 KiB ahead).
 template <Codes Cd, int MR>
@@ -677,7 +819,10 @@ MOE_AVX512_VNNI void rows_vnni_tiled(const QuantMatrix& W, const QuantRows& R, i
   for (int64_t b = 0; b < kPrefetchBytes; b += 64) prefetch(W.codes + first * W.code_stride + b);
   alignas(64) float out[MR * kQuantTileCols];
   for (int64_t t = first; t < last; ++t) {
-    tile16_vnni<Cd, MR, P>(W, table, R, i0, t, out);
+    if (Cd == Codes::mxfp4 && R.shared_exponents)
+      tile16_mx_shared<MR, P>(W, R, i0, t, out);
+    else
+      tile16_vnni<Cd, MR, P>(W, table, R, i0, t, out);
     const int64_t j0 = std::max(n0, t * kQuantTileCols);
     const int64_t j1 = std::min(n0 + n, (t + 1) * kQuantTileCols);
     for (int m = 0; m < MR; ++m)

@@ -104,17 +104,31 @@ Held random_weights(const Variant& v, int64_t K, int64_t N, Rng& rng) {
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
+// Whether the VBMI decode kernels should run (kernels.hpp's quant_vbmi, from the CPU and
+// MOE_VBMI as docs/quant.md states it; ctest's quant.no_vbmi sets MOE_VBMI=0).
+bool vbmi_expected() {
+  const char* env = std::getenv("MOE_VBMI");
+  return cpu().has.avx512_vbmi && !(env && std::string(env) == "0");
+}
+
+// Values per int8 row scale of a tiled decode: 128 for mxfp4's shared exponents (VBMI), else
+// min(block_k, 128).
+int64_t tiled_rows_block(const QuantMatrix& W) {
+  return W.format == QuantFormatId::mxfp4 && vbmi_expected() ? 128
+                                                             : std::min<int64_t>(W.block_k, 128);
+}
+
 // The rows (M, K) as the path and method round them, in W's own K order: bf16, fp32, or int8
-// per 32 (decode; a tiled matrix's: per min(block_k, 128)) or 128 (prefill) values of the
+// per 32 (decode; a tiled matrix's: per tiled_rows_block) or 128 (prefill) values of the
 // kernel's K order (act-order gathers them) times their scale. Prefill rows are bf16 except on avx512_vnni.
 std::vector<double> rounded_rows(const QuantMatrix& W, const std::vector<float>& X, QuantPath p,
                                  QuantMethod m = QuantMethod::decode) {
   const int64_t K = W.K, M = static_cast<int64_t>(X.size()) / K;
   const bool s8 = quant_rows_type(p) == QuantRowsType::s8;
   const bool bf16 = m == QuantMethod::prefill ? !s8 : quant_rows_bf16(p);
-  // int8 per 128 (prefill), per min(block_k, 128) (decode of a tiled matrix), else per 32
+  // int8 per 128 (prefill), per tiled_rows_block (decode of a tiled matrix), else per 32
   const int64_t block = m == QuantMethod::prefill ? 128
-                        : W.tiled                 ? std::min<int64_t>(W.block_k, 128)
+                        : W.tiled                 ? tiled_rows_block(W)
                                                   : 32;
   std::vector<double> r(X.size());
   for (int64_t i = 0; i < M; ++i) {
@@ -263,16 +277,15 @@ TEST(QuantDecode, EveryPathMatchesTheTwin) {
 }
 
 // fp8's decode on avx512_bf16 widens with vpermi2b where the CPU has AVX512-VBMI (unless
-// MOE_FP8_VBMI=0, which ctest's quant.fp8_vpermi2w entry sets to run the other widening): its
+// MOE_VBMI=0, which ctest's quant.no_vbmi entry sets to run the other widening): its
 // rows are then bf16 in interleaved8_source's order, a permutation of each chunk. Both
 // widenings are held to the twin by EveryPathMatchesTheTwin.
 TEST(QuantDecode, Fp8RowsFollowTheWideningTheCpuTakes) {
   Rng rng(41);
   const Held h = random_weights({QuantFormatId::fp8, 128, false}, 300, 40, rng);
   if (!runs(QuantPath::avx512_bf16, h.view)) GTEST_SKIP() << "no AVX512-BF16 path here";
-  const char* env = std::getenv("MOE_FP8_VBMI");
-  const bool want = cpu().has.avx512_vbmi && !(env && std::string(env) == "0");
-  EXPECT_EQ(quant_fp8_vbmi(), want);
+  const bool want = vbmi_expected();
+  EXPECT_EQ(quant_vbmi(), want);
   const int64_t M = 3;
   const std::vector<float> X = rng.vec(M * 300, 1.0);
   std::vector<unsigned char> buf(static_cast<size_t>(
@@ -465,9 +478,10 @@ TEST(QuantTiled, HoldsTheSameValuesAndUntilesToTheSameBytes) {
       << refusal(bad);
 }
 
-// The rows of a tiled decode are quant_s8 per G = min(block_k, 128) values exactly (each value,
-// scale and sum), placed per chunk even then odd: rows with zeros, a NaN, an infinity and
-// ties at .5 included, in every block size and with and without zero points.
+// The rows of a tiled decode are quant_s8 per G = min(block_k, 128) values (mxfp4 with shared
+// exponents: 128) exactly (each value, scale and sum), placed per chunk even then odd: rows
+// with zeros, a NaN, an infinity and ties at .5 included, in every block size and with and
+// without zero points.
 TEST(QuantTiled, RowsAreQuantS8OfEachBlockExactly) {
   Rng rng(31);
   for (const TiledCase& c : kTiledCases) {
@@ -486,9 +500,11 @@ TEST(QuantTiled, RowsAreQuantS8OfEachBlockExactly) {
     const QuantRows r =
         quant_prepare_rows(T, QuantPath::avx512_vnni, QuantMethod::decode, X.data(), K, M, buf.data());
     ASSERT_TRUE(r.tiled);
-    const int64_t G = std::min<int64_t>(T.block_k, 128), blocks = r.ld / G;
-    const float half = c.v.format == QuantFormatId::mxfp4 ? 0.5f : 1.0f;
-    const float zero = c.v.format == QuantFormatId::mxfp4 ? 12.0f : 8.0f;
+    const bool mx = c.v.format == QuantFormatId::mxfp4;
+    EXPECT_EQ(r.shared_exponents, mx && vbmi_expected());
+    const int64_t G = tiled_rows_block(T), blocks = r.ld / G;
+    const float half = mx ? 0.5f : 1.0f;
+    const float zero = !mx ? 8.0f : r.shared_exponents ? 128.0f : 12.0f;
     for (int64_t i = 0; i < M; ++i) {
       std::vector<float> v(static_cast<size_t>(r.ld), 0.0f);
       for (int64_t k = 0; k < K; ++k)
@@ -552,6 +568,50 @@ TEST(QuantTiled, DecodeMatchesTheTwinAndItsBitsDependOnNeitherThreadsNorColumnsN
       }
     }
   RecordProperty("cases", checked);
+}
+
+// mxfp4 on the tiled decode: chunks of 128 whose columns' four exponents lie within 3 of their
+// least share it (with VBMI), the others take a step per block of 32. Per chunk of K 576
+// (4 chunks and a last one of 2 blocks), N 48: 0 all within 3; 1 column 5 spread 4; 2 column
+// 40 with a 255 (NaN: its column NaN); the last chunk short. Columns 2, 9, ... have exponents
+// 0 (2^-127), 1, 2, 3 in every chunk (outputs ~1e-37). Each column against the twin on its
+// own, M 1 to 8 rows.
+TEST(QuantTiled, Mxfp4ChunksSharedOrNotMatchTheTwin) {
+  Rng rng(37);
+  const int64_t K = 576, N = 48, S = K / 32;
+  Held h = random_weights({QuantFormatId::mxfp4, 0, false}, K, N, rng);
+  if (!runs(QuantPath::avx512_vnni, h.view)) GTEST_SKIP() << "no AVX512-VNNI path here";
+  const auto e = [&](int64_t j, int64_t b) -> uint8_t& { return h.mx.scales[static_cast<size_t>(j * S + b)]; };
+  for (int64_t j = 0; j < N; ++j) {
+    for (int64_t b = 0; b < S; ++b) e(j, b) = static_cast<uint8_t>(118 + rng.below(4));
+    if (j % 7 == 2)
+      for (int64_t b = 0; b < S; ++b) e(j, b) = static_cast<uint8_t>(b % 4);
+  }
+  e(5, 4) = 118;  // a spread of 4 in chunk 1
+  e(5, 5) = 122;
+  e(40, 9) = 255;
+  QuantStorage tiles;
+  const QuantMatrix T = quant_tiled(h.view, tiles);
+  for (const int64_t M : {1, 3, 5, 8}) {
+    const std::vector<float> X = rng.vec(M * K, 1.0);
+    const std::vector<float> C = run(T, QuantPath::avx512_vnni, QuantMethod::decode, X, M);
+    const std::vector<double> want = twin(T, rounded_rows(T, X, QuantPath::avx512_vnni), M);
+    for (int64_t j = 0; j < N; ++j) {
+      double err = 0, norm = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        const double g = C[static_cast<size_t>(i * N + j)], w = want[static_cast<size_t>(i * N + j)];
+        if (j == 40) {
+          EXPECT_TRUE(std::isnan(g) && std::isnan(w)) << "M " << M << " row " << i;
+          continue;
+        }
+        err = std::max(err, std::abs(g - w));
+        norm = std::max(norm, std::abs(w));
+      }
+      if (j == 40) continue;
+      EXPECT_GT(norm, 0.0) << "M " << M << " column " << j;
+      EXPECT_LE(err, 1e-5 * norm) << "M " << M << " column " << j;
+    }
+  }
 }
 
 TEST(QuantTiled, EveryOtherKernelReadsItAsTheColumnLayout) {

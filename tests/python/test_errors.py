@@ -595,7 +595,7 @@ V3_SCRIPT = V2_SCRIPT.replace('precision="int4"', 'precision="fp8"')
 
 
 def test_V3_the_fp8_widening_switch_refused_by_name():
-    check_switch_refused("MOE_FP8_VBMI", "yes", V3_SCRIPT, "V3")
+    check_switch_refused("MOE_VBMI", "yes", V3_SCRIPT, "V3")
 
 
 @needs_layer

@@ -56,7 +56,8 @@ def rel_err(y, ref):
 def kernel_rows(precision, c=None, held=None):
     """How this CPU's decode kernels round the rows of a low-bit product (docs/quant.md):
     int8 per 32 values for int4 / mxfp4 where AVX512-VNNI runs them (per min(block, 128) on
-    the tiled matrices of N a multiple of 16 the layer holds there: cpu_info's 'lowbit_tiled'),
+    the tiled matrices of N a multiple of 16 the layer holds there: cpu_info's 'lowbit_tiled';
+    mxfp4's per 128 there where cpu_info's 'vbmi'),
     bf16 for fp8 on AVX512-BF16; None where another path runs or the block is not known (the
     tight check is skipped)."""
     info = moe.cpu_info()
@@ -65,7 +66,8 @@ def kernel_rows(precision, c=None, held=None):
     if precision in ("int4", "mxfp4") and info["int8_kernel"] == "avx512_vnni":
         if not info["lowbit_tiled"]:
             return pf.int8_rows
-        group = 32 if precision == "mxfp4" else (held or {}).get("_group")
+        group = ((128 if info["vbmi"] else 32) if precision == "mxfp4"
+                 else (held or {}).get("_group"))
         if c is None or group is None:
             return None
         d, _, F = pf.dims(c)
