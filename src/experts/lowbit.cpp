@@ -99,7 +99,7 @@ int64_t lowbit_matrix_bytes(Precision p, const Int4Options& opt, int64_t K, int6
 void QuantHeld::adopt(const QuantMatrix& v) {
   validate(v);
   const QuantFormat& f = v.fmt();
-  if (f.code_bits == 8) quant_vbmi();  // MOE_VBMI refused here, outside the kernels
+  if (f.code_bits == 8 || v.format == QuantFormatId::mxfp4) quant_vbmi();  // MOE_VBMI refused here
   if (v.tiled && quant_tiling_wanted(v)) {  // a held matrix's copy: its tiles as they are
     const int64_t tiles = v.N / kQuantTileCols, bk = v.blocks_k(), sb = scale_size(f.scale);
     const int64_t tile = kQuantTileCols * v.sub_blocks() * 16, block = kQuantTileCols * bk;

@@ -594,8 +594,9 @@ def test_V2_the_tiled_layout_switch_refused_by_name():
 V3_SCRIPT = V2_SCRIPT.replace('precision="int4"', 'precision="fp8"')
 
 
-def test_V3_the_fp8_widening_switch_refused_by_name():
+def test_V3_the_vbmi_switch_refused_by_name():
     check_switch_refused("MOE_VBMI", "yes", V3_SCRIPT, "V3")
+    check_switch_refused("MOE_VBMI", "2", V3_SCRIPT.replace('"fp8"', '"mxfp4"'), "V3")
 
 
 @needs_layer

@@ -147,8 +147,10 @@ def test_forward_matches_the_oracle_on_the_held_values(precision, expert, T):
 
     want = rounded_oracle(Held(m), x, exact_rows, exact_rows)
     assert np.count_nonzero(want) > want.size // 2
-    # Rows rounded to int8 per 32 values (4-bit decode on VNNI) or to bf16 cost up to ~1e-2.
-    assert rel(y, want) < 1.5e-2
+    # Rows rounded to int8 per 32 or 128 values (4-bit decode on VNNI: 128 on the tiled
+    # matrices of int4 g128 and of mxfp4 with VBMI) or to bf16 cost up to ~1.6e-2 (the tight
+    # checks, rows rounded as the kernel rounds them, are test_pretrained_formats.py's).
+    assert rel(y, want) < 2e-2
     assert 1e-4 < rel(y, y32) < (0.06 if precision == "fp8" else 0.3)
 
 
