@@ -228,9 +228,9 @@ void prepare_s8_row(const QuantMatrix& W, const QuantRows& r, const float* v, in
 }
 
 // s8 rows of a tiled matrix (QuantRows::tiled): the values as prepare_s8_row places them (per
-// chunk even then odd), quantized per G = min(block_k, 128) values; scales (M, ld / G) and
-// after them sums (M, ld / G): Σ of the block's int8 values, or z · Σ · scale for a fixed
-// zero z. v: the row in kernel order, zero-padded to ld.
+// chunk even then odd), quantized per G = quant_tiled_row_block values; scales (M, ld / G)
+// and after them sums (M, ld / G): Σ of the block's int8 values, or z · Σ · scale for a fixed
+// zero z (128 with mxfp4's shared exponents). v: the row in kernel order, zero-padded to ld.
 void prepare_tiled_row(const QuantMatrix& W, const QuantRows& r, const float* v, int64_t i,
                        int8_t* q, float* scales) {
   const int64_t G = quant_tiled_row_block(W), blocks = r.ld / G;

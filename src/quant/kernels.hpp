@@ -26,6 +26,9 @@
 //            zero point, row and weight scales) is once per G values and 16 columns instead
 //            of per 128 values and column. Hot on one Zen 4 core, int4 g128 K 2048 × N 1536:
 //            1.3× (M 1) to 2.5× (M 16) the column kernel's rate (docs/quant.md, "Decode").
+//            mxfp4 there with AVX512-VBMI (quant_vbmi): rows per 128, each column's exponent
+//            shared over a chunk where its four lie within 2^3 (vpermb into shifted tables),
+//            so one exact int32 sum and one fp32 step a chunk.
 //            avx512 / avx2: fp32 rows, the weights widened to fp32 with the scale folded in,
 //            vfmadd.
 //            Columns are independent: a column's bits depend on the path and the layout only
@@ -100,7 +103,7 @@ struct QuantRows {
   QuantMethod method = QuantMethod::decode;
   bool interleaved = false;  // 4-bit decode on avx512_bf16 / avx512_vnni; fp8 where quant_vbmi
   // decode on avx512_vnni of a tiled matrix: int8 values as s8 rows, but one scale per G =
-  // min(block_k, 128) values, scales (M, ld / G) and sums (M, ld / G)
+  // quant_tiled_row_block values, scales (M, ld / G) and sums (M, ld / G)
   bool tiled = false;
   // tiled mxfp4 where quant_vbmi: rows per 128 values (quant_tiled_row_block), sums 128 · Σ ·
   // the row scale (the weights' bytes are 2·E2M1·2^d + 128)

@@ -336,7 +336,8 @@ def expert(c, h, e, x, rows=_exact):
 
 def int8_rows(a, block=32):
     """Rows as the int4 / mxfp4 decode kernels with int8 rows take them (docs/quant.md): each
-    `block` values along a row (32; on a tiled matrix min(its block, 128)) scaled by their
+    `block` values along a row (32; on a tiled matrix min(its block, 128), mxfp4's 128 where
+    cpu_info's 'vbmi') scaled by their
     max |x| / 127 (an fp32 scale), rounded to the nearest integer, ties to even."""
     a = np.asarray(a, np.float64)
     out = a.copy()
