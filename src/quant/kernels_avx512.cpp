@@ -583,6 +583,21 @@ MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, in
   }
 }
 
+// The widened bytes of a tiled step, low (lo) and high (hi) nibbles, against MR rows' 4 even
+// and 4 odd int8 values (at a and a + 64, rows ld apart) broadcast, into dl and dh.
+template <int MR>
+MOE_AVX512_VNNI __attribute__((always_inline)) inline void dot_rows(
+    __m512i (&dl)[MR], __m512i (&dh)[MR], __m512i lo, __m512i hi, const int8_t* a, int64_t ld) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    int32_t even, odd;
+    std::memcpy(&even, a + m * ld, 4);
+    std::memcpy(&odd, a + m * ld + 64, 4);
+    dl[m] = _mm512_dpbusd_epi32(dl[m], lo, _mm512_set1_epi32(even));
+    dh[m] = _mm512_dpbusd_epi32(dh[m], hi, _mm512_set1_epi32(odd));
+  }
+}
+
 // One step of tile16_vnni: 8 values of a tile's 16 columns (64 bytes at w) against MR rows'
 // 4 even and 4 odd int8 values (at a and a + 64, rows ld apart), into dl and dh. int4's high
 // nibbles stay in place (v & 0xf0, 16 times the code: one instruction fewer than a shift and a
@@ -599,14 +614,7 @@ MOE_AVX512_VNNI __attribute__((always_inline)) inline void tile16_step(
   } else {
     hi = _mm512_andnot_si512(nib, v);
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    int32_t even, odd;
-    std::memcpy(&even, a + m * ld, 4);
-    std::memcpy(&odd, a + m * ld + 64, 4);
-    dl[m] = _mm512_dpbusd_epi32(dl[m], lo, _mm512_set1_epi32(even));
-    dh[m] = _mm512_dpbusd_epi32(dh[m], hi, _mm512_set1_epi32(odd));
-  }
+  dot_rows<MR>(dl, dh, lo, hi, a, ld);
 }
 
 // MR rows × one tile of 16 columns (tile t), into out (MR, 16). Per step of 8 values, one
@@ -706,18 +714,10 @@ MOE_AVX512_VNNI_VBMI __attribute__((always_inline)) inline void mx_shared_step(
   const __m512i lo = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(v, nib, shift, kAndOr), table);
   const __m512i hi = _mm512_permutexvar_epi8(
       _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, shift, kAndOr), table);
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    int32_t even, odd;
-    std::memcpy(&even, a + m * ld, 4);
-    std::memcpy(&odd, a + m * ld + 64, 4);
-    dl[m] = _mm512_dpbusd_epi32(dl[m], lo, _mm512_set1_epi32(even));
-    dh[m] = _mm512_dpbusd_epi32(dh[m], hi, _mm512_set1_epi32(odd));
-    if constexpr (Sum) {
-      const __m512i one = _mm512_set1_epi8(1);
-      ds[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ds[m], one, _mm512_set1_epi32(even)), one,
-                                  _mm512_set1_epi32(odd));
-    }
+  dot_rows<MR>(dl, dh, lo, hi, a, ld);
+  if constexpr (Sum) {
+    const __m512i one = _mm512_set1_epi8(1);
+    dot_rows<MR>(ds, ds, one, one, a, ld);  // Σ of the 4 even and the 4 odd values
   }
 }
 
