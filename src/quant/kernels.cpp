@@ -525,7 +525,7 @@ void quant_matmul_grouped(const std::vector<QuantProduct>& ps, QuantGroupWorkspa
     ws.offsets[static_cast<size_t>(p + 1)] =
         ws.offsets[static_cast<size_t>(p)] +
         (quant_rows_bytes(*q.W[0], r.path, r.method, q.M) + 63) / 64 * 64;
-    panel = std::max(panel, quant_prefill_workspace_size(*q.W[0]));
+    panel = std::max(panel, (quant_prefill_workspace_size(*q.W[0]) + 31) / 32 * 32);  // 64 B
   }
   if (ws.rows.size() < static_cast<size_t>(ws.offsets.back()))
     ws.rows.resize(static_cast<size_t>(ws.offsets.back()));
