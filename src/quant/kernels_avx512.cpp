@@ -436,9 +436,9 @@ MOE_AVX512_BF16_VBMI void tile_fp8_vbmi(const QuantMatrix& W, const Fp8ByteTable
 
 // Columns per tile of tile_fp8_vbmi: fewer than nc_bf16 from 3 rows, where its 4·NC widened
 // vectors, MR·NC accumulators and the byte tables spilled (4 rows × 5 columns: 20 accumulators).
-// One Zen 4 core, hot, K 2048 × N 768, G vdpbf16ps/s against nc_bf16: 3 rows 2.33 → 2.36, 4
-// rows 2.33–2.45 → 2.63, 5 rows 2.40–2.45 → 2.61, 6 rows 2.50 → 2.62, 8 rows 2.73 → 2.78, 12
-// rows 2.46 → 2.66.
+// One Zen 4 core, hot, K 2048 × N 768, rows on 64-byte lines, G vdpbf16ps/s against nc_bf16:
+// 3 rows 2.85 → 2.98, 4 rows 3.16 → 3.51, 5 rows 3.38 → 3.66, 6 rows 3.52 → 3.89, 8 rows 4.11 →
+// 4.03 (the same: 2 columns either way), 12 rows 3.49 → 3.92.
 constexpr int nc_fp8(int MR) { return MR <= 2 ? 8 : MR <= 5 ? 3 : MR <= 8 ? 2 : 1; }
 
 template <int MR>
