@@ -9,37 +9,44 @@
 #pragma once
 #include <cstddef>
 #include <new>
+#include <vector>
 
 #include "common/huge_pages.hpp"
 
 namespace moe::detail {
 
-template <typename T, std::size_t Align = 64>
+// Huge = false: always operator new (scratch that grows and is reused: workspaces), so that
+// `moe bench`'s heap accounting (cli/bench_heap.cpp, which counts operator new) sees it.
+template <typename T, std::size_t Align = 64, bool Huge = true>
 struct AlignedAllocator {
   using value_type = T;
   template <typename U>
   struct rebind {
-    using other = AlignedAllocator<U, Align>;
+    using other = AlignedAllocator<U, Align, Huge>;
   };
   AlignedAllocator() = default;
   template <typename U>
-  AlignedAllocator(const AlignedAllocator<U, Align>&) noexcept {}
+  AlignedAllocator(const AlignedAllocator<U, Align, Huge>&) noexcept {}
   T* allocate(std::size_t n) {
-    if (n * sizeof(T) >= kHugeAllocMin) return static_cast<T*>(huge_alloc(n * sizeof(T)));
+    if (Huge && n * sizeof(T) >= kHugeAllocMin) return static_cast<T*>(huge_alloc(n * sizeof(T)));
     return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{Align}));
   }
   void deallocate(T* p, std::size_t n) noexcept {
-    if (n * sizeof(T) >= kHugeAllocMin) return huge_free(p, n * sizeof(T));
+    if (Huge && n * sizeof(T) >= kHugeAllocMin) return huge_free(p, n * sizeof(T));
     ::operator delete(p, std::align_val_t{Align});
   }
   template <typename U>
-  bool operator==(const AlignedAllocator<U, Align>&) const noexcept {
+  bool operator==(const AlignedAllocator<U, Align, Huge>&) const noexcept {
     return true;
   }
   template <typename U>
-  bool operator!=(const AlignedAllocator<U, Align>&) const noexcept {
+  bool operator!=(const AlignedAllocator<U, Align, Huge>&) const noexcept {
     return false;
   }
 };
+
+// 64-byte aligned scratch, from operator new whatever its size.
+template <typename T>
+using AlignedScratch = std::vector<T, AlignedAllocator<T, 64, false>>;
 
 }  // namespace moe::detail

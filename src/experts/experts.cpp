@@ -157,8 +157,8 @@ inline T as_operand(float v) {
     return v;
 }
 
-template <typename T>
-T* grown(std::vector<T>& v, int64_t n) {
+template <typename T, typename A>
+T* grown(std::vector<T, A>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
 }
@@ -240,7 +240,7 @@ void forward_products(ExpertActs& acts, const T* x, const T* W1, const T* W2, co
 
 // Each expert's rows of D (R, N) rounded to bf16 and packed as a (n_e, N) weight matrix,
 // expert e's at Dp + poff[e]: the B operand of its weight gradient. One task per expert.
-void pack_per_expert(std::vector<uint16_t>& Dp, std::vector<int64_t>& poff, const float* D,
+void pack_per_expert(ExpertScratchBf16::Buffer& Dp, std::vector<int64_t>& poff, const float* D,
                      int64_t N, const int64_t* off, int64_t E) {
   poff.assign(static_cast<size_t>(E + 1), 0);
   for (int64_t e = 0; e < E; ++e) {
@@ -298,7 +298,7 @@ struct Bf16Operands {
   const uint16_t* D[3] = {};
   int64_t N[3] = {};
   void take(Upstream u, const float* v, int64_t n) {
-    std::vector<uint16_t>& rows = u == kDout ? sb.dout : u == kDh ? sb.dh : sb.da3;
+    ExpertScratchBf16::Buffer& rows = u == kDout ? sb.dout : u == kDh ? sb.dh : sb.da3;
     const int64_t R = off[s.E];
     uint16_t* dst = grown(rows, R * n);
     to_bf16_n(dst, v, R * n);

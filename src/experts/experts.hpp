@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/aligned.hpp"
 #include "common/huge_pages.hpp"
 #include "common/parallel.hpp"
 #include "experts/grouped_gemm.hpp"
@@ -136,9 +137,12 @@ struct ExpertWeightsBf16 {
 // for the weight gradients the rows of each expert transposed, (·, n_e) at row offset
 // off[e]·width, and the upstream gradients (dout, dh, da3) packed per expert as the B of
 // the weight gradients (packed_off: each expert's start). Grows, never shrinks.
+// On 64-byte lines (AlignedAllocator): the packed gradients are B operands, loaded 64 bytes at a
+// time (16 bytes off a line, as malloc leaves buffers from 128 KiB on, each load spans two).
 struct ExpertScratchBf16 {
-  std::vector<uint16_t> xg, hid, dout, dh, da3, xgT, hidT;
-  std::vector<uint16_t> packed[3];
+  using Buffer = AlignedScratch<uint16_t>;
+  Buffer xg, hid, dout, dh, da3, xgT, hidT;
+  Buffer packed[3];
   std::vector<int64_t> packed_off[3];
 };
 

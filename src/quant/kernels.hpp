@@ -190,13 +190,14 @@ struct QuantProduct {
   QuantMethod method = QuantMethod::decode;
 };
 // Buffers quant_matmul_grouped uses, grown to the largest group (reused call after call).
-// The rows and panels start on 64-byte lines (each product's rows and each thread's panel at a
-// multiple of 64 bytes from there): the bf16 decode loads a row's values 64 bytes at a time,
-// and rows 16 bytes off a line (malloc's alignment) ran fp8's decode at 2.65-2.84 G vdpbf16ps/s
-// against 3.63-4.24 on a line (one Zen 4 core, hot, K 2048, 4 and 8 rows; docs/quant.md).
+// The rows and panels start on 64-byte lines (AlignedScratch; each product's rows and each
+// thread's panel at a multiple of 64 bytes from there): the bf16 decode loads a row's values
+// 64 bytes at a time, and rows 16 bytes off a line (malloc's alignment from 128 KiB on) ran
+// fp8's decode at 2.65-2.84 G vdpbf16ps/s against 3.63-4.24 on a line (one Zen 4 core, hot,
+// K 2048, 4 and 8 rows; docs/quant.md).
 struct QuantGroupWorkspace {
-  std::vector<unsigned char, AlignedAllocator<unsigned char>> rows;
-  std::vector<uint16_t, AlignedAllocator<uint16_t>> panels;  // one panel per thread
+  AlignedScratch<unsigned char> rows;
+  AlignedScratch<uint16_t> panels;  // one panel per thread
   std::vector<int64_t> offsets;
   std::vector<QuantRows> prepared;
   std::vector<std::pair<int32_t, int32_t>> tasks;
