@@ -563,20 +563,24 @@ void rows_vnni_m(const QuantMatrix& W, const QuantRows& R, int64_t i0, int64_t M
 
 // ---- decode with int8 rows on a tiled matrix -------------------------------------------------
 
+// 16 E8M0 exponents as fp32 2^(e − 127), one a 32-bit lane: 0 is 2^-127 (a subnormal), 255 NaN.
+MOE_AVX512 inline __m512 e8m0_scales(__m128i e) {
+  const __m512i s = _mm512_cvtepu8_epi32(e);
+  __m512i bits = _mm512_slli_epi32(s, 23);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_testn_epi32_mask(s, s), _mm512_set1_epi32(0x00400000));
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(s, _mm512_set1_epi32(255)),
+                               _mm512_set1_epi32(0x7fc00000));
+  return _mm512_castsi512_ps(bits);
+}
+
 // The weights' scales of a tile's block b: one per column, as fp32 (fp16, or E8M0: 0 is 2^-127
 // and 255 NaN).
 template <Codes Cd>
 MOE_AVX512_VNNI inline __m512 tile_scales(const QuantMatrix& W, int64_t tile, int64_t b) {
   const int64_t at = (tile * W.scale_stride + b) * kQuantTileCols;
   if constexpr (Cd == Codes::mxfp4) {
-    const __m512i s = _mm512_cvtepu8_epi32(
+    return e8m0_scales(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(W.scales) + at)));
-    __m512i bits = _mm512_slli_epi32(s, 23);
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(s, _mm512_setzero_si512()),
-                                 _mm512_set1_epi32(0x00400000));
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(s, _mm512_set1_epi32(255)),
-                                 _mm512_set1_epi32(0x7fc00000));
-    return _mm512_castsi512_ps(bits);
   } else {
     return _mm512_cvtph_ps(_mm256_loadu_si256(
         reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(W.scales) + at)));
@@ -721,14 +725,6 @@ MOE_AVX512_VNNI_VBMI __attribute__((always_inline)) inline void mx_shared_step(
   }
 }
 
-// E8M0 exponents as fp32 2^(e − 127), per 32-bit lane (0: 2^-127; 255 is never shared).
-MOE_AVX512 inline __m512 e8m0_scales(__m128i e) {
-  const __m512i s = _mm512_cvtepu8_epi32(e);
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(_mm512_slli_epi32(s, 23),
-                                                   _mm512_testn_epi32_mask(s, s),
-                                                   _mm512_set1_epi32(0x00400000)));
-}
-
 // tile16_vnni for mxfp4 with rows per 128 values: per chunk of 128 (four blocks of 32) and
 // column, where the four E8M0 exponents e_L lie within 3 of their least e, the codes widen to
 // 2·E2M1·2^(e_L − e) + 128 (exact bytes), so the chunk is one exact int32 sum a row and one
@@ -808,28 +804,27 @@ MOE_AVX512_VNNI_VBMI void tile16_mx_shared(const QuantMatrix& W, const QuantRows
         const __m512i shift = _mm512_setzero_si512();
         for (int s = 0; s < 4; ++s)
           mx_shared_step<MR, true>(dl[0], dh[0], ds, p + 64 * s, a + 4 * s, R.ld, nib, shift, table);
-        if (shared) {  // d_L of each column as a 32-bit shift
-          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(4 * L)),
-                                                _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0,
-                                                                  0, 0, 0, 0, 0, 0));
-          const __m512i dL = _mm512_cvtepu8_epi32(
-              _mm512_castsi512_si128(_mm512_permutexvar_epi32(lane, d)));
+        // shared: d_L of each column as a 32-bit shift; else the block's scales.
+        __m512i dL = _mm512_setzero_si512();
+        __m512 sv = _mm512_setzero_ps();
+        if (shared)
+          dL = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(_mm512_permutexvar_epi32(
+              _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(4 * L)),
+                               _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+              d)));
+        else
+          sv = tile_scales<Codes::mxfp4>(W, t, 4 * g + L);
 #pragma GCC unroll 8
-          for (int m = 0; m < MR; ++m) {
-            const __m512i v = _mm512_sub_epi32(_mm512_add_epi32(dl[0][m], dh[0][m]),
-                                               _mm512_slli_epi32(ds[m], 7));
-            tot[m] = _mm512_add_epi32(tot[m], _mm512_sllv_epi32(v, dL));
-            sum[m] = _mm512_add_epi32(sum[m], ds[m]);
-          }
-          continue;
-        }
-        const __m512 sv = tile_scales<Codes::mxfp4>(W, t, 4 * g + L);
-#pragma GCC unroll 8
-        for (int m = 0; m < MR; ++m) {  // Σ (2·E2M1 + 128)·x − 128 · Σ x, exact
+        for (int m = 0; m < MR; ++m) {  // Σ 2·E2M1·x = Σ (2·E2M1 + 128)·x − 128 · Σ x, exact
           const __m512i v = _mm512_sub_epi32(_mm512_add_epi32(dl[0][m], dh[0][m]),
                                              _mm512_slli_epi32(ds[m], 7));
-          acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(rs[m * blocks + g])),
-                                   sv, acc[m]);
+          if (shared) {
+            tot[m] = _mm512_add_epi32(tot[m], _mm512_sllv_epi32(v, dL));
+            sum[m] = _mm512_add_epi32(sum[m], ds[m]);
+          } else {
+            acc[m] = _mm512_fmadd_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(rs[m * blocks + g])), sv, acc[m]);
+          }
         }
       }
       p += 256 * (4 - nsub);  // (nsub < 4 only in the last chunk)
