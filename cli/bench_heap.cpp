@@ -1,7 +1,9 @@
 // Heap accounting for `moe bench`: the `moe` binary's global operator new/delete are
 // replaced by counting versions (malloc + malloc_usable_size; a relaxed atomic add per call)
-// so that the layer's own allocations can be measured. oneDNN's internal buffers go through
-// malloc directly and are not counted.
+// so that the layer's own allocations can be measured. The buffers the library maps itself
+// (huge_alloc: packed bf16 stacks, low-bit codes of 4 MiB or more) are counted through its
+// observer, in whole huge pages as mapped. oneDNN's internal buffers go through malloc
+// directly and are not counted.
 #include <malloc.h>
 
 #include <algorithm>
@@ -10,13 +12,13 @@
 #include <new>
 
 #include "bench.hpp"
+#include "common/huge_pages.hpp"
 
 namespace {
 
 std::atomic<int64_t> g_live{0}, g_peak{0}, g_count{0}, g_largest{0};
 
-void note_alloc(void* p) {
-  const auto n = static_cast<int64_t>(malloc_usable_size(p));
+void note_bytes(int64_t n) {
   const int64_t live = g_live.fetch_add(n, std::memory_order_relaxed) + n;
   g_count.fetch_add(1, std::memory_order_relaxed);
   int64_t peak = g_peak.load(std::memory_order_relaxed);
@@ -27,9 +29,20 @@ void note_alloc(void* p) {
   }
 }
 
+void note_alloc(void* p) { note_bytes(static_cast<int64_t>(malloc_usable_size(p))); }
+
 void note_free(void* p) {
   g_live.fetch_sub(static_cast<int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
 }
+
+// huge_alloc's mappings: + bytes counted as an allocation, - bytes as its free.
+void note_mapped(int64_t bytes) {
+  if (bytes > 0)
+    note_bytes(bytes);
+  else
+    g_live.fetch_add(bytes, std::memory_order_relaxed);
+}
+const bool g_observing = (moe::detail::set_huge_observer(&note_mapped), true);
 
 void* counted_alloc(std::size_t n) {
   void* p = std::malloc(n ? n : 1);

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -12,7 +13,13 @@ namespace moe::detail {
 namespace {
 constexpr size_t kHugePage = size_t{2} << 20;
 size_t rounded(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHugePage; }
+std::atomic<HugeObserver> g_observer{nullptr};
+void observe(int64_t bytes) {
+  if (const HugeObserver f = g_observer.load(std::memory_order_relaxed)) f(bytes);
+}
 }  // namespace
+
+void set_huge_observer(HugeObserver f) noexcept { g_observer.store(f); }
 
 bool huge_pages_advised() {
   static const bool advised = [] {
@@ -37,11 +44,14 @@ void* huge_alloc(size_t bytes) {
   if (huge_pages_advised())  // advice: the kernel may refuse it
     ::madvise(reinterpret_cast<void*>(aligned), len, MADV_HUGEPAGE);
 #endif
+  observe(static_cast<int64_t>(len));
   return reinterpret_cast<void*>(aligned);
 }
 
 void huge_free(void* p, size_t bytes) noexcept {
-  if (p) ::munmap(p, rounded(bytes));
+  if (!p) return;
+  ::munmap(p, rounded(bytes));
+  observe(-static_cast<int64_t>(rounded(bytes)));
 }
 
 }  // namespace moe::detail

@@ -11,6 +11,7 @@
 // loaded (docs/design.md, "Loading a block").
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 namespace moe::detail {
 
@@ -24,5 +25,12 @@ void* huge_alloc(size_t bytes);
 bool huge_pages_advised();
 // Returns what huge_alloc(bytes) gave.
 void huge_free(void* p, size_t bytes) noexcept;
+
+// Told the bytes each huge_alloc maps (+) and each huge_free unmaps (-), rounded up to whole
+// huge pages. These buffers bypass operator new, so `moe bench`'s heap accounting
+// (cli/bench_heap.cpp) sets one to count the packed bf16 stacks and the low-bit codes in its
+// parameter and peak figures. nullptr (the default) observes nothing. Must not throw.
+using HugeObserver = void (*)(int64_t bytes);
+void set_huge_observer(HugeObserver f) noexcept;
 
 }  // namespace moe::detail

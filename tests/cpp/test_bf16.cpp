@@ -16,6 +16,7 @@
 #include "common/bf16.hpp"
 #include "common/gemm.hpp"
 #include "common/gemm_bf16_packed.hpp"
+#include "common/huge_pages.hpp"
 #include "experts/experts.hpp"
 #include "layer/layer_ref.hpp"
 #include "moe/layer.hpp"
@@ -170,6 +171,32 @@ TEST(Bf16Packed, StacksLargeAndSmallHoldTheirValues) {
     std::memset(s.data() + n, 0x5a, 2 * n * sizeof(uint16_t));
     EXPECT_EQ(s.back(), 0x5a5a);
   }
+}
+
+// huge_alloc's observer (what `moe bench` counts its mapped buffers by): told each mapping in
+// whole huge pages when made and when released, nothing for heap-sized stacks.
+namespace {
+std::vector<int64_t> g_mapped;
+void record_mapped(int64_t bytes) { g_mapped.push_back(bytes); }
+}  // namespace
+
+TEST(Bf16Packed, HugeMappingsAreToldToTheObserver) {
+  using namespace moe::detail;
+  constexpr int64_t kPage = int64_t{2} << 20;
+  g_mapped.clear();
+  set_huge_observer(&record_mapped);
+  {
+    PackedStack small(1000);
+    EXPECT_TRUE(g_mapped.empty());
+    PackedStack big(kHugeAllocMin / sizeof(uint16_t) + 1);  // one byte pair over: 3 pages
+    ASSERT_EQ(g_mapped.size(), 1u);
+    EXPECT_EQ(g_mapped[0], static_cast<int64_t>(kHugeAllocMin) + kPage);
+  }
+  set_huge_observer(nullptr);
+  ASSERT_EQ(g_mapped.size(), 2u);
+  EXPECT_EQ(g_mapped[1], -g_mapped[0]);
+  PackedStack unobserved(kHugeAllocMin);
+  EXPECT_EQ(g_mapped.size(), 2u);
 }
 
 namespace {
