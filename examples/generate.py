@@ -81,10 +81,20 @@ and not judged), and bf16 tokens equal. --tiny sizes list the goals without judg
 --json ends with one object {"goals": [...]}.
 
 --check-tokens exits 1 if the bf16 variant's tokens differ from transformers'.
+
+--fp64-sums adds the row "transformers, fp64 sums": transformers' own blocks with each of their
+grouped expert products (the gate_up and down products of transformers' "grouped_mm" experts,
+transformers.integrations.moe._grouped_mm) summed in float64 and rounded once to bf16, in place
+of torch's bf16 GEMMs and their fp32 summation order; everything else is transformers'. Its
+tokens are compared with transformers' as any row's: where they differ, the greedy tokens of
+the model at these sizes depend on the products' summation order, which no replacement shares
+with torch's GEMMs. Its timings are those of float64 products and are not printed (--json
+keeps them). A model whose experts do not run "grouped_mm" gives a "skipped" row.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -230,6 +240,9 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="one JSON object a variant")
     p.add_argument("--check-tokens", action="store_true",
                    help="exit 1 if the bf16 tokens differ from transformers'")
+    p.add_argument("--fp64-sums", action="store_true",
+                   help="add a row: transformers' own blocks, their expert products summed in "
+                        "float64 and rounded once to bf16")
     args = p.parse_args(argv)
     for name in ("layers", "prompt", "new_tokens", "threads", "repeat"):
         if getattr(args, name) < 1:
@@ -388,6 +401,50 @@ class BlockClock:
             h.remove()
 
 
+# The --fp64-sums row's "precision": transformers' blocks, their products summed in float64.
+FP64_SUMS = "fp64 sums"
+
+
+def libmoe_blocks(precision):
+    """Whether the variant runs libmoe's blocks (not transformers' own, as they are or with
+    float64 sums)."""
+    return precision not in (None, FP64_SUMS)
+
+
+def fp64_grouped_mm(input, weight, offs):
+    """transformers.integrations.moe._grouped_mm's product summed in float64: rows offs[e-1]
+    to offs[e] of input (S, K) times weight[e] (K, N), each result rounded once to the
+    input's dtype (float64 to bf16 directly: no float32 step between)."""
+    out = torch.empty(input.shape[0], weight.shape[-1], dtype=input.dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = (input[start:end].double() @ weight[e].double()).to(input.dtype)
+        start = end
+    return out
+
+
+class Fp64Sums:
+    """While open, transformers' grouped expert products are fp64_grouped_mm. Refuses
+    (ValueError) a model whose experts do not run "grouped_mm"."""
+
+    def __init__(self, model):
+        impl = getattr(model.config, "_experts_implementation", None)
+        if impl != "grouped_mm":
+            raise ValueError(f"transformers runs this model's experts as {impl!r}, not "
+                             f"'grouped_mm', whose products --fp64-sums replaces")
+        import transformers.integrations.moe as hf_moe
+        self.module = hf_moe
+
+    def __enter__(self):
+        self.saved = self.module._grouped_mm
+        self.module._grouped_mm = fp64_grouped_mm
+        return self
+
+    def __exit__(self, *exc):
+        self.module._grouped_mm = self.saved
+
+
 def generate(model, ids, new_tokens, processors=None):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False,
@@ -418,14 +475,14 @@ def run_variant(model, ids, args, block_names, precision):
         model, ids, args.new_tokens, block_names)
     steps = args.new_tokens - 1
     held = None
-    if precision is not None:  # what the library chose ("auto" resolved)
+    if libmoe_blocks(precision):  # what the library chose ("auto" resolved)
         held = model.get_submodule(block_names[0]).config["precision"]
     row = {"prefill_s": prefill,
            "decode_tok_s": steps / decode if steps else None,
            "moe_share_prefill": moe_pre / prefill,
            "moe_share_decode": moe_dec / decode if steps else None,
            "moe_ms_per_token": 1e3 * moe_dec / steps if steps else None,
-           "bytes_per_token": decode_bytes(model, block_names, precision is not None),
+           "bytes_per_token": decode_bytes(model, block_names, libmoe_blocks(precision)),
            "held_precision": held,
            "tokens": tokens}
     return row, logits
@@ -531,6 +588,10 @@ def tokens_verdict(row, new_tokens):
              f"({row['reference_gap_steps']:.2g} bf16 steps) above its logit for the variant's: ")
     if row["near_tie"]:
         line += "a near-tie, below the resolution of its bf16 logits."
+    elif row.get("precision") == FP64_SUMS:
+        line += ("NOT a near-tie: transformers' own blocks, their products summed in float64, "
+                 "leave its greedy tokens: at these sizes the tokens depend on the products' "
+                 "summation order.")
     elif row.get("precision") in (None, "fp32", "bf16"):
         line += "NOT a near-tie: bf16 rounding does not explain this difference."
     else:  # quantized experts: their weights are not the bf16 ones
@@ -585,6 +646,12 @@ def goals(rows, tiny):
             if "near_tie" in bf16:
                 detail += (", where transformers' own choice was a near-tie" if bf16["near_tie"]
                            else ", where transformers' own choice was NOT a near-tie")
+        fp64 = by.get("transformers, fp64 sums")
+        if fp64 is not None and "tokens_equal" in fp64:
+            detail += ("; transformers' own blocks with fp64 sums keep all its tokens"
+                       if fp64["tokens_equal"] else
+                       f"; transformers' own blocks with fp64 sums leave them at new token "
+                       f"{fp64['first_difference']}")
         if tiny:
             detail += "; --tiny sizes"
         out.append({"goal": text, "value": equal, "target": True,
@@ -633,6 +700,8 @@ def row_cells(row):
             tokens += (f" ({'near-tie' if row['near_tie'] else 'NOT a near-tie'}: "
                        f"{row['reference_gap_steps']:.2g} bf16 steps)")
     mb, bound, rate = row["bytes_per_token"], row["bound_tok_s"], row["decode_tok_s"]
+    if row["precision"] == FP64_SUMS:  # float64 products: their times say nothing here
+        return [row["variant"]] + ["—"] * (len(COLUMNS) - 2) + [tokens]
     return [row["variant"], f"{row['prefill_s']:.3f}",
             "—" if rate is None else f"{rate:.2f}",
             f"{pct(row['moe_share_prefill'])} / {pct(row['moe_share_decode'])}",
@@ -670,6 +739,8 @@ def main(argv=None) -> int:
     variants = [("transformers", None)] + [
         (f"libmoe published ({published})", published) if p == "published"
         else (f"libmoe {p}", p) for p in precisions]
+    if args.fp64_sums:
+        variants.append(("transformers, fp64 sums", FP64_SUMS))
     runs = [[] for _ in variants]
     skipped = {}
     # --repeat rounds, each over every variant in turn: a slow spell of the machine is shared
@@ -678,14 +749,18 @@ def main(argv=None) -> int:
             if i in skipped:
                 continue
             originals = {n: model.get_submodule(n) for n in block_names}
+            sums = contextlib.nullcontext()
             try:
-                if precision is not None:
+                if precision == FP64_SUMS:
+                    sums = Fp64Sums(model)
+                elif precision is not None:
                     moe.hf.replace_moe_blocks(model, precision=precision, masters=False)
             except (ValueError, RuntimeError) as e:  # the library refuses this precision
                 skipped[i] = str(e)
                 continue
             try:
-                runs[i].append(run_variant(model, ids, args, block_names, precision))
+                with sums:
+                    runs[i].append(run_variant(model, ids, args, block_names, precision))
             finally:
                 put_back(model, originals)
 
@@ -709,7 +784,7 @@ def main(argv=None) -> int:
             continue
         result, logits = fastest(runs[i])
         row.update(result)
-        if precision is not None and row["held_precision"] != precision:
+        if libmoe_blocks(precision) and row["held_precision"] != precision:
             row["variant"] += f" ({row['held_precision']})"  # what "auto" chose
         mb = row["bytes_per_token"]
         row["bound_tok_s"] = None if mb is None else read_gbs * 1e9 / mb

@@ -12,6 +12,7 @@ not to tie), the goals are computed from the rows and judged only where they app
 --check-tokens turns a bf16 difference into exit status 1. No timing is checked."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,62 @@ def test_router_near_ties(gen, threads, ties):
     # step 0 is the prompt's forward, then one token a step; each in every block
     assert choices == [args.prompt * len(blocks)] + [len(blocks)] * (args.new_tokens - 1) + [0]
     assert near == (choices if ties else [0] * len(choices))
+
+
+def test_fp64_grouped_mm_sums_each_group_in_float64(gen):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 40, generator=g).bfloat16()
+    w = torch.randn(3, 40, 5, generator=g).bfloat16()
+    offs = torch.tensor([2, 2, 7], dtype=torch.int32)  # expert 1 has no rows
+    out = gen.fp64_grouped_mm(x, w, offs)
+    assert out.dtype == torch.bfloat16 and out.shape == (7, 5)
+    for rows, e in ((slice(0, 2), 0), (slice(2, 7), 2)):
+        want = (x[rows].double() @ w[e].double()).to(torch.bfloat16)
+        assert torch.equal(out[rows], want)
+    # Each output is the float64 sum rounded once: within half a bf16 step of it.
+    exact = torch.cat([x[:2].double() @ w[0].double(), x[2:].double() @ w[2].double()])
+    step = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 8)
+    assert ((out.double() - exact).abs() <= step / 2).all()
+
+
+def test_fp64_sums_refuses_experts_not_grouped(gen):
+    from types import SimpleNamespace
+    model = SimpleNamespace(config=SimpleNamespace(_experts_implementation="eager"))
+    with pytest.raises(ValueError, match="'eager', not 'grouped_mm'"):
+        gen.Fp64Sums(model)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fp64_sums_row(gen, run, monkeypatch, model):
+    """--fp64-sums: transformers' own blocks with their grouped products summed in float64,
+    compared with transformers' tokens; its products really go through fp64_grouped_mm, and
+    transformers' own function is back afterwards."""
+    import transformers.integrations.moe as hf_moe
+    original = hf_moe._grouped_mm
+    calls, real = [], gen.fp64_grouped_mm
+
+    def counted(input, weight, offs):
+        calls.append(input.shape[0])
+        return real(input, weight, offs)
+
+    monkeypatch.setattr(gen, "fp64_grouped_mm", counted)
+    status, out = run("--model", model, "--precisions", "bf16", "--fp64-sums", "--json")
+    assert status == 0
+    assert hf_moe._grouped_mm is original
+    # two products a block call: the prompt's (16 tokens · k rows), then one token's
+    assert calls and 16 * (4 if model == "qwen3" else 2) in calls
+    rows = json_rows(out)
+    assert list(rows) == ["transformers", "libmoe bf16", "transformers, fp64 sums"]
+    fp64 = rows["transformers, fp64 sums"]
+    assert fp64["precision"] == "fp64 sums" and fp64["held_precision"] is None
+    assert len(fp64["tokens"]) == 4 and isinstance(fp64["tokens_equal"], bool)
+    # its bytes are transformers' (bf16 experts), not a libmoe block's
+    assert fp64["bytes_per_token"] == rows["transformers"]["bytes_per_token"]
+    goal = [g for g in json_goals(out) if g["goal"].startswith("bf16 tokens equal")][0]
+    assert "transformers' own blocks with fp64 sums" in goal["detail"]
+    # the table prints no timings for it
+    status, out = run("--model", model, "--precisions", "bf16", "--fp64-sums")
+    line = [ln for ln in out.splitlines() if ln.startswith("transformers, fp64 sums")][0]
+    cells = re.split(r"\s{2,}", line.strip())
+    assert cells[1:8] == ["—"] * 7 and line.rstrip().endswith(
+        "same" if fp64["tokens_equal"] else f"differ at {fp64['first_difference']}")
