@@ -600,9 +600,10 @@ def tokens_verdict(row, new_tokens):
     if "router_near_ties" in row:
         line += (f" Up to that token {row['router_near_ties']} of transformers' "
                  f"{row['router_choices']} top-k router choices had the k-th and (k+1)-th "
-                 f"logits within one bf16 step (libmoe rounds the router logits to bf16 and "
-                 f"breaks their ties as torch.topk does, so it chooses as transformers "
-                 f"wherever its inputs are the same).")
+                 f"logits within one bf16 step")
+        line += (" (libmoe rounds the router logits to bf16 and breaks their ties as "
+                 "torch.topk does, so it chooses as transformers wherever its inputs are the "
+                 "same)." if libmoe_blocks(row.get("precision")) else ".")
     return line
 
 

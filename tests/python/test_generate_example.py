@@ -149,6 +149,13 @@ def test_token_difference_and_its_gaps(gen):
     assert "tokens NOT equal" in line and "NOT a near-tie: bf16 rounding does not explain" in line
     line = gen.tokens_verdict(dict(out, variant="libmoe int4", precision="int4"), 3)
     assert "NOT a near-tie (int4 experts are a quantization" in line
+    ties = dict(out, router_near_ties=2, router_choices=9)
+    line = gen.tokens_verdict(dict(ties, variant="transformers, fp64 sums",
+                                   precision=gen.FP64_SUMS), 3)
+    assert "depend on the products' summation order" in line
+    assert line.endswith("within one bf16 step.") and "libmoe rounds" not in line
+    line = gen.tokens_verdict(dict(ties, variant="libmoe bf16", precision="bf16"), 3)
+    assert "2 of transformers' 9 top-k router choices" in line and "libmoe rounds" in line
     # the step is the larger logit's: at -8 (|x| in [8, 16)) one step is 1/16
     ref_logits[2][2], ref_logits[2][3] = -8.0, -8.0625
     out = gen.compare_tokens(mine, logits, ref, ref_logits)
