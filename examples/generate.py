@@ -87,8 +87,8 @@ grouped expert products (the gate_up and down products of transformers' "grouped
 transformers.integrations.moe._grouped_mm) summed in float64 and rounded once to bf16, in place
 of torch's bf16 GEMMs and their fp32 summation order; everything else is transformers'. Its
 tokens are compared with transformers' as any row's: where they differ, the greedy tokens of
-the model at these sizes depend on the products' summation order, which no replacement shares
-with torch's GEMMs. Its timings are those of float64 products and are not printed (--json
+the model at these sizes depend on the products' summation order, which libmoe's products do
+not share with torch's GEMMs (docs/models.md). Its timings are those of float64 products and are not printed (--json
 keeps them). A model whose experts do not run "grouped_mm" gives a "skipped" row.
 """
 from __future__ import annotations
@@ -411,15 +411,30 @@ def libmoe_blocks(precision):
     return precision not in (None, FP64_SUMS)
 
 
+def round_once(x, dtype):
+    """float64 x rounded once (to nearest, ties to even) to dtype (bf16 or fp16). torch's own
+    float64 -> bf16 cast goes through float32 and rounds twice (1 + 2^-8 + 2^-30 becomes 1.0,
+    not 1 + 2^-7). Here the float32 step rounds to odd (toward zero, the last bit set where
+    inexact), which keeps the rounding of the second step exact: float32 holds more than two
+    bits beyond either 16-bit format."""
+    f = x.float()
+    inexact = f.double() != x
+    toward_zero = torch.where(inexact & (f.double().abs() > x.abs()),
+                              torch.nextafter(f, torch.zeros_like(f)), f)
+    odd = toward_zero.view(torch.int32) | inexact.to(torch.int32)
+    return odd.view(torch.float32).to(dtype)
+
+
 def fp64_grouped_mm(input, weight, offs):
     """transformers.integrations.moe._grouped_mm's product summed in float64: rows offs[e-1]
     to offs[e] of input (S, K) times weight[e] (K, N), each result rounded once to the
-    input's dtype (float64 to bf16 directly: no float32 step between)."""
+    input's dtype (round_once)."""
     out = torch.empty(input.shape[0], weight.shape[-1], dtype=input.dtype)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = (input[start:end].double() @ weight[e].double()).to(input.dtype)
+            out[start:end] = round_once(input[start:end].double() @ weight[e].double(),
+                                        input.dtype)
         start = end
     return out
 
@@ -647,7 +662,7 @@ def goals(rows, tiny):
             if "near_tie" in bf16:
                 detail += (", where transformers' own choice was a near-tie" if bf16["near_tie"]
                            else ", where transformers' own choice was NOT a near-tie")
-        fp64 = by.get("transformers, fp64 sums")
+        fp64 = next((r for r in by.values() if r.get("precision") == FP64_SUMS), None)
         if fp64 is not None and "tokens_equal" in fp64:
             detail += ("; transformers' own blocks with fp64 sums keep all its tokens"
                        if fp64["tokens_equal"] else

@@ -294,7 +294,7 @@ def test_fp64_grouped_mm_sums_each_group_in_float64(gen):
     out = gen.fp64_grouped_mm(x, w, offs)
     assert out.dtype == torch.bfloat16 and out.shape == (7, 5)
     for rows, e in ((slice(0, 2), 0), (slice(2, 7), 2)):
-        want = (x[rows].double() @ w[e].double()).to(torch.bfloat16)
+        want = gen.round_once(x[rows].double() @ w[e].double(), torch.bfloat16)
         assert torch.equal(out[rows], want)
     # Each output is the float64 sum rounded once: within half a bf16 step of it.
     exact = torch.cat([x[:2].double() @ w[0].double(), x[2:].double() @ w[2].double()])
@@ -343,3 +343,35 @@ def test_fp64_sums_row(gen, run, monkeypatch, model):
     cells = re.split(r"\s{2,}", line.strip())
     assert cells[1:8] == ["—"] * 7 and line.rstrip().endswith(
         "same" if fp64["tokens_equal"] else f"differ at {fp64['first_difference']}")
+
+
+def test_round_once_rounds_float64_to_bf16_once(gen):
+    """round_once against the nearest bf16 chosen exactly (Fraction distances, ties to the even
+    mantissa), where torch's own cast rounds twice through float32."""
+    from fractions import Fraction
+
+    hand = torch.tensor([1 + 2 ** -8 + 2 ** -30, -(1 + 2 ** -8 + 2 ** -30), 1 + 2 ** -8,
+                         1 + 3 * 2 ** -8, 1 + 2 ** -8 - 2 ** -30, 0.0, 3.0], dtype=torch.float64)
+    assert hand[:1].to(torch.bfloat16).item() == 1.0  # torch's cast: twice, through float32
+    assert gen.round_once(hand, torch.bfloat16).tolist() == [
+        1 + 2 ** -7, -(1 + 2 ** -7), 1.0, 1 + 2 ** -6, 1.0, 0.0, 3.0]
+
+    def nearest(x):
+        b = torch.tensor([x], dtype=torch.float64).float().to(torch.bfloat16)
+        bits = b.view(torch.int16).item()
+        cands = [torch.tensor([bits + d], dtype=torch.int16).view(torch.bfloat16).item()
+                 for d in (-1, 0, 1)]
+        dist = [abs(Fraction(c) - Fraction(x)) for c in cands]
+        best = min(dist)
+        ties = [(bits + d) for d, dd in zip((-1, 0, 1), dist) if dd == best]
+        pick = min(ties, key=lambda t: t & 1)  # ties to the even last bit
+        return torch.tensor([pick], dtype=torch.int16).view(torch.bfloat16).item()
+
+    g = torch.Generator().manual_seed(5)
+    m = torch.rand(400, generator=g, dtype=torch.float64) + 1.0
+    # bf16 halfway points nudged by a float32-invisible amount: where double rounding goes wrong
+    base = torch.round(m * 2 ** 7) / 2 ** 7 + 2 ** -8
+    xs = torch.cat([m * 37.5, -m / 3, base + 2 ** -40, base - 2 ** -40])
+    got = gen.round_once(xs, torch.bfloat16).tolist()
+    assert got == [nearest(x) for x in xs.tolist()]
+    assert xs.to(torch.bfloat16).tolist() != got  # the nudged points: torch's cast differs
